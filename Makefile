@@ -1,0 +1,40 @@
+# make demo | test | bench | build | clean. The first target run on a fresh machine
+# creates .venv, installs torch (the local CPU build) and the rest, and builds _C.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUILD_STAMP := $(VENV)/.built
+TORCH_PIN ?= torch==2.13.0
+DEPS := numpy pybind11 safetensors pyyaml tqdm psutil hypothesis pytest pytest-benchmark \
+        scikit-learn matplotlib triton setuptools wheel
+
+.PHONY: demo test bench build clean repro
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN) $(DEPS)
+	touch $@
+
+$(BUILD_STAMP): $(STAMP) CMakeLists.txt setup.py $(shell find csrc python -type f 2>/dev/null)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import ame_kernels as ak; print('ame_kernels built:', ak.build_info())"
+	touch $@
+
+build: $(BUILD_STAMP)
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest -q -ra tests
+
+demo: $(BUILD_STAMP)
+	$(PY) -m ame_kernels.demo
+
+bench: $(BUILD_STAMP)
+	$(PY) benchmarks/run_all.py
+
+repro: $(BUILD_STAMP)
+	$(PY) benchmarks/repro/run_all.py
+
+clean:
+	rm -rf build *.egg-info ame_kernels/*.so $(BUILD_STAMP) demo_out .pytest_cache

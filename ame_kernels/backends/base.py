@@ -1,0 +1,93 @@
+"""The contract every backend implements: ``whole_run`` and ``step``.
+
+Both work on flat buffers; the API layer (``ame_kernels.api``) does the
+flattening, validation, scheduling and output placement, so a backend only
+computes. The schedule arrives as a ``StepPlan`` (``ame_kernels.schedule``):
+no backend re-derives t, batches, lr_t, zeta_t or bias corrections.
+
+Arithmetic (normative, DESIGN section 1), per element, all in fp32:
+
+    w_0 = pivot                      (soup: mean of all N inputs; k: inputs[k]; or a tensor)
+    for t in 1..T:                   (row t-1 of plan.coeffs = gscale, lr_eff, decay, inv_bc2_sqrt)
+        p   = w_{t-1} if adaptive_pivot else w_0
+        g   = gscale * sum_{i in batch(t)} (p - x_i)
+        if hyper.weight_decay: g += weight_decay * w          (coupled L2; 0 for adamw)
+        sgd:      momentum == 0: w -= lr_eff * g
+                  else buf = g if t == 1 else momentum*buf + (1-dampening)*g
+                       w -= lr_eff * (g + momentum*buf if nesterov else buf)
+        adagrad:  s += g*g;  w -= lr_eff * g / (sqrt(s) + eps)        [sqrt(s + eps) if eps_inside_sqrt]
+        adam(w):  w *= decay (adamw);  m += (1-b1)(g-m);  v = b2 v + (1-b2) g^2
+                  (amsgrad: vmax = max(vmax, v), used in place of v)
+                  w -= lr_eff * m / (sqrt(v) * inv_bc2_sqrt + eps)     [sqrt(v*inv_bc2_sqrt^2 + eps)]
+        adadelta: a = rho a + (1-rho) g^2;  d = sqrt(u + eps) / sqrt(a + eps) * g
+                  u = rho u + (1-rho) d^2;  w -= lr_eff * d
+    out = w_T rounded to out's dtype (round to nearest even)
+
+State slots (``Hyper.state_slots``), in this order: sgd [momentum_buffer];
+adagrad [sum]; adam/adamw [exp_avg, exp_avg_sq, (max_exp_avg_sq)];
+adadelta [square_avg, acc_delta]. Initial values: ``Hyper.initial_state()``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from ..schedule import Hyper, StepPlan
+
+#: dtypes a kernel must read and write.
+FLOAT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+Pivot = Union[None, int, "torch.Tensor"]  # noqa: F821  (None = soup)
+
+
+class Backend:
+    """One way to compute; subclasses override ``whole_run`` and ``step``."""
+
+    name = "base"
+
+    def available(self) -> tuple:
+        """(True, '') when usable here, else (False, reason)."""
+        return True, ""
+
+    def supports_device(self, device_type: str) -> bool:
+        """Whether tensors on ``device_type`` ('cpu', 'cuda', ...) can be given directly."""
+        raise NotImplementedError
+
+    def whole_run(
+        self,
+        inputs: Sequence["torch.Tensor"],  # noqa: F821
+        plan: StepPlan,
+        pivot: Pivot,
+        adaptive_pivot: bool,
+        out: "torch.Tensor",  # noqa: F821
+        threads: Optional[int] = None,
+    ) -> None:
+        """Run the whole schedule over one flat buffer.
+
+        inputs: N contiguous 1-D tensors of one numel C on one device, each float32,
+            bfloat16 or float16 (they may differ). Read only.
+        pivot: None (soup), an index into ``inputs``, or a 1-D tensor of numel C.
+        out: contiguous 1-D tensor of numel C (float32/bfloat16/float16), written once.
+        """
+        raise NotImplementedError
+
+    def step(
+        self,
+        w: "torch.Tensor",  # noqa: F821
+        state: "torch.Tensor",  # noqa: F821
+        batch: Sequence["torch.Tensor"],  # noqa: F821
+        pivot: Optional["torch.Tensor"],  # noqa: F821
+        coeffs: np.ndarray,
+        t: int,
+        hyper: Hyper,
+        threads: Optional[int] = None,
+    ) -> None:
+        """One fused optimizer step, in place.
+
+        w: fp32 [C] (read-modify-write); state: fp32 [hyper.state_slots, C] (read-modify-write);
+        batch: M >= 1 tensors of numel C (any float dtype); pivot: fp32 [C] or None
+        (adaptive: p = w); coeffs: float32 [4] row for global step ``t`` (1-based).
+        """
+        raise NotImplementedError

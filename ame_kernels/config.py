@@ -1,0 +1,263 @@
+"""AMEConfig: every hyperparameter of a merge, validated on construction.
+
+Names follow torch.optim (``lr``, ``betas``, ``eps``, ``weight_decay``, ...).
+``to_dict``/``from_dict`` round-trip through YAML-friendly plain values;
+``from_dict`` also accepts values as people type them in YAML (``eps: 1e-8``
+arrives as a string from a YAML 1.1 parser and is read as a float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+from .errors import MergeError
+
+OPTIMIZERS = ("sgd", "adagrad", "adam", "adamw", "adadelta")
+LR_SCHEDULES = ("constant", "harmonic", "power")
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+OUT_DTYPES = ("float32", "bfloat16", "float16")
+
+#: lr used when ``lr`` is None: torch.optim's defaults, except GD, whose
+#: natural AME step is 1 (the uniform soup is GD with lr 1).
+DEFAULT_LR = {"sgd": 1.0, "adagrad": 1e-2, "adam": 1e-3, "adamw": 1e-3, "adadelta": 1.0}
+#: eps used when ``eps`` is None: torch.optim's defaults.
+DEFAULT_EPS = {"sgd": 0.0, "adagrad": 1e-10, "adam": 1e-8, "adamw": 1e-8, "adadelta": 1e-6}
+
+ScheduleLike = Union[str, Sequence[float], Callable[[int], float]]
+ScalarSchedule = Union[float, Sequence[float], Callable[[int], float]]
+
+
+def _suggest(value: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"valid choices: {', '.join(map(repr, choices))}{hint}"
+
+
+def _as_float(name: str, value: Any) -> float:
+    """Read a float as people type it: 1e-8 may arrive as the string '1e-8'."""
+    if isinstance(value, bool):
+        raise MergeError(f"AMEConfig.{name}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"AMEConfig.{name}: expected a number, got {value!r}") from None
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise MergeError(f"AMEConfig.{name}: expected an integer, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"AMEConfig.{name}: expected an integer, got {value!r}") from None
+    if not f.is_integer():
+        raise MergeError(f"AMEConfig.{name}: expected an integer, got {value!r}")
+    return int(f)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise MergeError(f"AMEConfig.{name}: expected true/false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AMEConfig:
+    """Hyperparameters of one AME merge (defaults follow the AME paper's setup).
+
+    optimizer: 'sgd' (GD; momentum, dampening, nesterov), 'adagrad' (lr_decay,
+        initial_accumulator_value), 'adam' / 'adamw' (betas, eps, amsgrad),
+        'adadelta' (rho, eps). Default 'sgd'.
+    lr: base learning rate; None takes DEFAULT_LR[optimizer] (sgd 1, adagrad
+        1e-2, adam/adamw 1e-3, adadelta 1).
+    lr_schedule: 'harmonic' (lr/t, the paper's default), 'constant', 'power'
+        (lr * t**lr_power), a sequence with one lr per step, or a callable of t.
+    amplification: zeta_t, a scalar (default 1), a per-step sequence or a callable of t.
+    weight_decay: torch's meaning per optimizer (coupled L2; AdamW decoupled). Default 0
+        for every optimizer, AdamW included (torch's AdamW default of 1e-2 would
+        shrink the merged weights).
+    epochs, batch_size: passes over the ingredients and ingredients per step (1, 1).
+    shuffle, seed: a fresh seeded permutation per epoch (off, 0).
+    pivot: 'soup' (fp32 uniform mean, default), an ingredient index, or an explicit
+        tensor / state dict; adaptive_pivot: p_t = w_{t-1} (True, eq. 5) or w_0 (eq. 4).
+    order / scores, descending: ingredient order (a permutation) or scores to sort by
+        (stable, descending by default).
+    eps_inside_sqrt: the paper's printed Adam/Adagrad variant sqrt(v + eps); default
+        False = torch.optim's sqrt(v) + eps.
+    out_dtype: 'float32', 'bfloat16', 'float16' or None (the first ingredient's dtype).
+    backend: 'auto', 'reference', 'cpu', 'triton', 'cuda'; threads: CPU threads
+        (None: torch.get_num_threads() or the core count).
+    check_finite: raise on NaN/Inf in an ingredient (default True).
+    """
+
+    optimizer: str = "sgd"
+    lr: Optional[float] = None
+    lr_schedule: Any = "harmonic"
+    lr_power: float = -1.0
+    amplification: Any = 1.0
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    lr_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: Optional[float] = None
+    amsgrad: bool = False
+    rho: float = 0.9
+    epochs: int = 1
+    batch_size: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    pivot: Any = "soup"
+    adaptive_pivot: bool = True
+    order: Optional[tuple] = None
+    scores: Optional[tuple] = None
+    descending: bool = True
+    eps_inside_sqrt: bool = False
+    out_dtype: Optional[str] = None
+    backend: str = "auto"
+    threads: Optional[int] = None
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
+        opt = str(self.optimizer).lower()
+        if opt not in OPTIMIZERS:
+            raise MergeError(f"AMEConfig.optimizer: unknown optimizer {self.optimizer!r}; {_suggest(opt, OPTIMIZERS)}")
+        set_("optimizer", opt)
+        if self.lr is not None:
+            lr = _as_float("lr", self.lr)
+            if not (lr > 0 and math.isfinite(lr)):
+                raise MergeError(f"AMEConfig.lr: must be a finite number > 0, got {self.lr!r}")
+            set_("lr", lr)
+        if isinstance(self.lr_schedule, str):
+            if self.lr_schedule not in LR_SCHEDULES:
+                raise MergeError(
+                    f"AMEConfig.lr_schedule: unknown schedule {self.lr_schedule!r}; {_suggest(self.lr_schedule, LR_SCHEDULES)}"
+                )
+        elif not callable(self.lr_schedule):
+            set_("lr_schedule", tuple(_as_float("lr_schedule", v) for v in self.lr_schedule))
+        if not callable(self.amplification) and not isinstance(self.amplification, (int, float, str)):
+            set_("amplification", tuple(_as_float("amplification", v) for v in self.amplification))
+        elif isinstance(self.amplification, (int, float, str)) and not callable(self.amplification):
+            set_("amplification", _as_float("amplification", self.amplification))
+        for name in ("lr_power", "weight_decay", "momentum", "dampening", "lr_decay", "initial_accumulator_value", "rho"):
+            set_(name, _as_float(name, getattr(self, name)))
+        for name in ("nesterov", "shuffle", "adaptive_pivot", "descending", "eps_inside_sqrt", "amsgrad", "check_finite"):
+            set_(name, _as_bool(name, getattr(self, name)))
+        for name in ("epochs", "batch_size", "seed"):
+            set_(name, _as_int(name, getattr(self, name)))
+        if self.epochs < 1:
+            raise MergeError(f"AMEConfig.epochs: must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise MergeError(f"AMEConfig.batch_size: must be >= 1, got {self.batch_size}")
+        if self.weight_decay < 0:
+            raise MergeError(f"AMEConfig.weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise MergeError(f"AMEConfig.momentum: must be in [0, 1], got {self.momentum}")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise MergeError("AMEConfig.nesterov: requires momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+        if self.lr_decay < 0:
+            raise MergeError(f"AMEConfig.lr_decay: must be >= 0, got {self.lr_decay}")
+        if self.initial_accumulator_value < 0:
+            raise MergeError(f"AMEConfig.initial_accumulator_value: must be >= 0, got {self.initial_accumulator_value}")
+        if not 0.0 <= self.rho <= 1.0:
+            raise MergeError(f"AMEConfig.rho: must be in [0, 1], got {self.rho}")
+        try:
+            betas = tuple(_as_float("betas", b) for b in self.betas)
+        except TypeError:
+            raise MergeError(f"AMEConfig.betas: expected two numbers, got {self.betas!r}") from None
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise MergeError(f"AMEConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
+        set_("betas", betas)
+        if self.eps is not None:
+            eps = _as_float("eps", self.eps)
+            if not (eps >= 0 and math.isfinite(eps)):
+                raise MergeError(f"AMEConfig.eps: must be a finite number >= 0, got {self.eps!r}")
+            set_("eps", eps)
+        if self.order is not None and self.scores is not None:
+            raise MergeError("AMEConfig: give either order or scores, not both")
+        if self.order is not None:
+            set_("order", tuple(_as_int("order", i) for i in self.order))
+        if self.scores is not None:
+            set_("scores", tuple(_as_float("scores", s) for s in self.scores))
+        if self.out_dtype is not None:
+            od = str(self.out_dtype).replace("torch.", "")
+            od = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(od, od)
+            if od not in OUT_DTYPES:
+                raise MergeError(f"AMEConfig.out_dtype: unknown dtype {self.out_dtype!r}; {_suggest(od, OUT_DTYPES)}")
+            set_("out_dtype", od)
+        if self.backend not in BACKENDS:
+            raise MergeError(f"AMEConfig.backend: unknown backend {self.backend!r}; {_suggest(str(self.backend), BACKENDS)}")
+        if self.threads is not None:
+            threads = _as_int("threads", self.threads)
+            if threads < 1:
+                raise MergeError(f"AMEConfig.threads: must be >= 1, got {self.threads}")
+            set_("threads", threads)
+        if isinstance(self.pivot, str) and self.pivot != "soup":
+            try:
+                set_("pivot", _as_int("pivot", self.pivot))
+            except MergeError:
+                raise MergeError(
+                    f"AMEConfig.pivot: expected 'soup', an ingredient index or a tensor/state dict, got {self.pivot!r}"
+                ) from None
+        if isinstance(self.pivot, bool) or isinstance(self.pivot, float):
+            raise MergeError(f"AMEConfig.pivot: expected 'soup', an ingredient index or a tensor/state dict, got {self.pivot!r}")
+
+    # -- resolved values ---------------------------------------------------
+    @property
+    def resolved_lr(self) -> float:
+        return DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
+
+    @property
+    def resolved_eps(self) -> float:
+        return DEFAULT_EPS[self.optimizer] if self.eps is None else self.eps
+
+    def replace(self, **overrides: Any) -> "AMEConfig":
+        return dataclasses.replace(self, **check_field_names(overrides))
+
+    # -- YAML-friendly round trip -------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain values only; callables and tensors cannot be serialised and raise."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if callable(v) or hasattr(v, "shape") or isinstance(v, dict):
+                raise MergeError(f"AMEConfig.to_dict: field {f.name!r} holds a {type(v).__name__}, which has no plain form")
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AMEConfig":
+        return cls(**check_field_names(dict(d)))
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(AMEConfig))
+
+
+def check_field_names(d: dict) -> dict:
+    """Reject unknown keys, naming each and the closest valid field."""
+    for key in d:
+        if key not in FIELD_NAMES:
+            raise MergeError(f"AMEConfig: unknown option {key!r}; {_suggest(key, FIELD_NAMES)}")
+    return d
+
+
+def make_config(config: Optional[AMEConfig] = None, **overrides: Any) -> AMEConfig:
+    """``config`` with ``overrides`` applied (a fresh default config when None)."""
+    if config is None:
+        return AMEConfig(**check_field_names(overrides))
+    if isinstance(config, dict):
+        return AMEConfig.from_dict({**config, **overrides})
+    if not isinstance(config, AMEConfig):
+        raise MergeError(f"merge: config must be an AMEConfig or a dict, got {type(config).__name__}")
+    return config.replace(**overrides) if overrides else config

@@ -1,0 +1,242 @@
+"""The host schedule: one StepPlan per merge, consumed by every backend.
+
+All per-step scalars are derived here, once, so no backend re-derives t, the
+batch members, lr_t, zeta_t or a bias correction (and none can disagree).
+
+Kernel coefficient table ``coeffs`` (float32 ``[T, 4]``, computed in float64):
+
+====  ==============  =========================================================
+col   name            meaning
+====  ==============  =========================================================
+0     ``gscale``      g_t = gscale_t * sum_{i in B_t} (p_t - x_i);
+                      gscale_t = zeta_t / (N * |B_t|)  (DESIGN 1.4)
+1     ``lr_eff``      sgd, adadelta: lr_t; adagrad: lr_t / (1 + (t-1) lr_decay);
+                      adam, adamw: lr_t / (1 - beta1^t)
+2     ``decay``       adamw: 1 - lr_t * weight_decay (decoupled); else 1
+3     ``inv_bc2_sqrt`` adam, adamw: 1 / sqrt(1 - beta2^t); else 1
+====  ==============  =========================================================
+
+Scalar hyperparameters (same for every step) are in ``StepPlan.hyper``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import AMEConfig
+from .errors import MergeError
+
+OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2, "adamw": 3, "adadelta": 4}
+COEFF_COLUMNS = ("gscale", "lr_eff", "decay", "inv_bc2_sqrt")
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Scalar hyperparameters a kernel needs, already resolved (no None)."""
+
+    optimizer: str
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: float  # coupled L2 (grad += wd * w); 0 for adamw, whose decay is in coeffs
+    beta1: float
+    beta2: float
+    eps: float
+    rho: float
+    amsgrad: bool
+    eps_inside_sqrt: bool
+    initial_accumulator_value: float
+
+    @property
+    def code(self) -> int:
+        return OPTIMIZER_CODES[self.optimizer]
+
+    @property
+    def state_slots(self) -> int:
+        """fp32 state buffers per element: sgd 1 if momentum else 0; adagrad 1;
+        adam/adamw 2 (+1 max_exp_avg_sq with amsgrad); adadelta 2."""
+        return {
+            "sgd": 1 if self.momentum != 0 else 0,
+            "adagrad": 1,
+            "adam": 3 if self.amsgrad else 2,
+            "adamw": 3 if self.amsgrad else 2,
+            "adadelta": 2,
+        }[self.optimizer]
+
+    def initial_state(self) -> list:
+        """Initial value of each state slot (all zero except Adagrad's accumulator)."""
+        if self.optimizer == "adagrad":
+            return [self.initial_accumulator_value]
+        return [0.0] * self.state_slots
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything per step, for N ingredients and T steps.
+
+    batch_ptr: int32 [T+1]; step t (0-based row t-1) uses ingredients
+        batch_idx[batch_ptr[t-1]:batch_ptr[t]] (int32 indices in [0, N)).
+    lr, zeta: float64 [T], the schedules as the user defined them.
+    coeffs: float32 [T, 4], see the module docstring.
+    """
+
+    n: int
+    hyper: Hyper
+    order: tuple
+    batch_ptr: np.ndarray
+    batch_idx: np.ndarray
+    lr: np.ndarray
+    zeta: np.ndarray
+    coeffs: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return int(self.lr.shape[0])
+
+    def batch(self, t: int) -> list:
+        """0-based ingredient indices of step t (1-based, as in the paper)."""
+        return [int(i) for i in self.batch_idx[self.batch_ptr[t - 1] : self.batch_ptr[t]]]
+
+
+def resolve_hyper(config: AMEConfig) -> Hyper:
+    b1, b2 = config.betas
+    return Hyper(
+        optimizer=config.optimizer,
+        momentum=config.momentum,
+        dampening=config.dampening,
+        nesterov=config.nesterov,
+        weight_decay=0.0 if config.optimizer == "adamw" else config.weight_decay,
+        beta1=b1,
+        beta2=b2,
+        eps=config.resolved_eps,
+        rho=config.rho,
+        amsgrad=config.amsgrad,
+        eps_inside_sqrt=config.eps_inside_sqrt,
+        initial_accumulator_value=config.initial_accumulator_value,
+    )
+
+
+def ingredient_order(config: AMEConfig, n: int) -> list:
+    """The base order: given, sorted by scores (stable), or 0..n-1."""
+    if config.order is not None:
+        if sorted(config.order) != list(range(n)):
+            raise MergeError(f"AMEConfig.order: expected a permutation of 0..{n - 1}, got {list(config.order)}")
+        return list(config.order)
+    if config.scores is not None:
+        if len(config.scores) != n:
+            raise MergeError(f"AMEConfig.scores: expected {n} scores (one per ingredient), got {len(config.scores)}")
+        # Python's sort is stable also with reverse=True: ties keep their given order.
+        return sorted(range(n), key=lambda i: config.scores[i], reverse=config.descending)
+    return list(range(n))
+
+
+def epoch_orders(config: AMEConfig, n: int) -> list:
+    """One order per epoch; with shuffle, exactly the torch.randperm recipe of the API contract."""
+    base = ingredient_order(config, n)
+    if not config.shuffle:
+        return [base] * config.epochs
+    import torch  # only shuffle needs torch's generator
+
+    g = torch.Generator().manual_seed(config.seed)
+    return [[base[j] for j in torch.randperm(n, generator=g).tolist()] for _ in range(config.epochs)]
+
+
+def _per_step(name: str, spec: Any, steps: int, default: Callable[[int], float]) -> np.ndarray:
+    """Expand a scalar / sequence / callable into float64 [steps] (t = 1..steps)."""
+    if spec is None or isinstance(spec, str):
+        vals = [default(t) for t in range(1, steps + 1)]
+    elif callable(spec):
+        vals = [float(spec(t)) for t in range(1, steps + 1)]
+    elif isinstance(spec, (int, float)):
+        vals = [float(spec)] * steps
+    else:
+        vals = [float(v) for v in spec]
+        if len(vals) != steps:
+            raise MergeError(f"AMEConfig.{name}: expected {steps} values (one per step), got {len(vals)}")
+    out = np.asarray(vals, dtype=np.float64)
+    if not np.all(np.isfinite(out)):
+        raise MergeError(f"AMEConfig.{name}: every per-step value must be finite")
+    return out
+
+
+def lr_values(config: AMEConfig, steps: int) -> np.ndarray:
+    lr = config.resolved_lr
+    kind = config.lr_schedule
+    if kind == "constant":
+        fn = lambda t: lr  # noqa: E731
+    elif kind == "harmonic":
+        fn = lambda t: lr / t  # noqa: E731
+    elif kind == "power":
+        fn = lambda t: lr * t ** config.lr_power  # noqa: E731
+    else:
+        fn = None
+    out = _per_step("lr_schedule", None if fn else kind, steps, fn or (lambda t: lr))
+    if np.any(out <= 0):
+        raise MergeError("AMEConfig.lr_schedule: every lr_t must be > 0")
+    return out
+
+
+def _coeffs(hyper: Hyper, config: AMEConfig, lr: np.ndarray, t: np.ndarray, gscale: np.ndarray) -> np.ndarray:
+    """The coefficient table (module docstring) for steps ``t`` with learning rates ``lr``."""
+    coeffs = np.ones((len(t), 4), dtype=np.float64)
+    coeffs[:, 0] = gscale
+    coeffs[:, 1] = lr
+    if hyper.optimizer == "adagrad":
+        coeffs[:, 1] = lr / (1.0 + (t - 1.0) * config.lr_decay)
+    elif hyper.optimizer in ("adam", "adamw"):
+        coeffs[:, 1] = lr / (1.0 - hyper.beta1**t)
+        coeffs[:, 3] = 1.0 / np.sqrt(1.0 - hyper.beta2**t)
+        if hyper.optimizer == "adamw":
+            coeffs[:, 2] = 1.0 - lr * config.weight_decay
+    return np.ascontiguousarray(coeffs.astype(np.float32))
+
+
+def schedule(config: AMEConfig, n: int) -> StepPlan:
+    """Build the StepPlan of ``config`` for ``n`` ingredients (pure, host-side, tiny)."""
+    if n < 1:
+        raise MergeError(f"merge: need at least 1 ingredient, got {n}")
+    hyper = resolve_hyper(config)
+    orders = epoch_orders(config, n)
+    bsz = config.batch_size
+    batches = [order[s : s + bsz] for order in orders for s in range(0, n, bsz)]
+    steps = len(batches)
+    batch_ptr = np.zeros(steps + 1, dtype=np.int32)
+    batch_ptr[1:] = np.cumsum([len(b) for b in batches])
+    batch_idx = np.asarray([i for b in batches for i in b], dtype=np.int32)
+
+    lr = lr_values(config, steps)
+    zeta = _per_step("amplification", config.amplification, steps, lambda t: 1.0)
+    t = np.arange(1, steps + 1, dtype=np.float64)
+    sizes = np.diff(batch_ptr).astype(np.float64)
+
+    coeffs = _coeffs(hyper, config, lr, t, zeta / (n * sizes))
+    return StepPlan(
+        n=n,
+        hyper=hyper,
+        order=tuple(orders[0]),
+        batch_ptr=batch_ptr,
+        batch_idx=batch_idx,
+        lr=lr,
+        zeta=zeta,
+        coeffs=coeffs,
+    )
+
+
+def step_coeffs(config: AMEConfig, t: int, gscale: float) -> np.ndarray:
+    """Coefficient row (float32 [4]) of global step ``t`` for the step kernel (stateful APIs).
+
+    ``gscale`` is the caller's, since online ensembling defines its own
+    pseudogradient scale; lr_t, bias corrections and decay follow ``config``.
+    """
+    if t < 1:
+        raise MergeError(f"step_coeffs: step t counts from 1, got {t}")
+    if not isinstance(config.lr_schedule, str) and not callable(config.lr_schedule):
+        if t > len(config.lr_schedule):
+            raise MergeError(f"AMEConfig.lr_schedule: has {len(config.lr_schedule)} values, step {t} needs one more")
+        lr = np.array([config.lr_schedule[t - 1]], dtype=np.float64)
+    else:
+        lr = lr_values(config, t)[t - 1 :]
+    return _coeffs(resolve_hyper(config), config, lr, np.array([float(t)]), np.array([gscale]))[0]
