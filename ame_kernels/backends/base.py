@@ -63,13 +63,17 @@ class Backend:
         adaptive_pivot: bool,
         out: "torch.Tensor",  # noqa: F821
         threads: Optional[int] = None,
-    ) -> None:
+        check_finite: bool = False,
+    ) -> list:
         """Run the whole schedule over one flat buffer.
 
         inputs: N contiguous 1-D tensors of one numel C on one device, each float32,
             bfloat16 or float16 (they may differ). Read only.
         pivot: None (soup), an index into ``inputs``, or a 1-D tensor of numel C.
         out: contiguous 1-D tensor of numel C (float32/bfloat16/float16), written once.
+        check_finite: also report non-finite input values met while reading.
+        Returns the sorted indices of the inputs that held a NaN or Inf (always [] when
+        ``check_finite`` is False); the caller decides whether that is an error.
         """
         raise NotImplementedError
 

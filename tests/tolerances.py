@@ -1,0 +1,34 @@
+"""Tolerances for kernel-vs-reference parity, keyed by output dtype, each with its reason.
+
+fp32: the kernels and torch.optim evaluate the same formulas in fp32 but in a
+    different operation order (FMA contraction, a multiply by 1/sqrt(bc2) where
+    torch divides by sqrt(bc2)): a few ulp per step, growing slowly with T.
+bf16 / fp16: both sides compute in fp32 and round once at the end; a few-ulp fp32
+    difference can flip that final rounding, so at most one unit in the last place
+    of the output dtype (bf16 8 bits of mantissa: 2^-8 relative; fp16: 2^-11).
+"""
+
+import torch
+
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-6),
+    torch.float16: dict(rtol=2**-10, atol=1e-6),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what: str = "") -> None:
+    """Like torch.testing.assert_close with TOL[dtype], but reports the mismatch count and first indices."""
+    tol = TOL[dtype or expected.dtype]
+    a = actual.detach().float().cpu().reshape(-1)
+    e = expected.detach().float().cpu().reshape(-1)
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    nan_mismatch = torch.isnan(a) != torch.isnan(e)
+    bad = (a - e).abs() > tol["atol"] + tol["rtol"] * e.abs()
+    bad = (bad & ~(torch.isnan(a) & torch.isnan(e))) | nan_mismatch
+    if bad.any():
+        idx = torch.nonzero(bad).reshape(-1)[:5].tolist()
+        pairs = ", ".join(f"[{i}] {a[i].item():.8g} vs {e[i].item():.8g}" for i in idx)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.numel()} elements outside rtol={tol['rtol']:g} atol={tol['atol']:g}; first: {pairs}"
+        )
