@@ -5,10 +5,23 @@
 """
 
 from ._native import build_info
+from .api import merge
+from .backends import available as available_backends
+from .backends import get_backend
 from .config import AMEConfig
 from .errors import MergeError
 from .schedule import StepPlan, schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["AMEConfig", "MergeError", "StepPlan", "build_info", "schedule", "__version__"]
+__all__ = [
+    "AMEConfig",
+    "MergeError",
+    "StepPlan",
+    "available_backends",
+    "build_info",
+    "get_backend",
+    "merge",
+    "schedule",
+    "__version__",
+]

@@ -49,6 +49,9 @@ class Hyper:
     amsgrad: bool
     eps_inside_sqrt: bool
     initial_accumulator_value: float
+    # Folded into plan.coeffs for the kernels; kept so torch.optim (the reference) gets them.
+    lr_decay: float = 0.0
+    adamw_weight_decay: float = 0.0
 
     @property
     def code(self) -> int:
@@ -116,6 +119,8 @@ def resolve_hyper(config: AMEConfig) -> Hyper:
         amsgrad=config.amsgrad,
         eps_inside_sqrt=config.eps_inside_sqrt,
         initial_accumulator_value=config.initial_accumulator_value,
+        lr_decay=config.lr_decay,
+        adamw_weight_decay=config.weight_decay if config.optimizer == "adamw" else 0.0,
     )
 
 
@@ -179,18 +184,18 @@ def lr_values(config: AMEConfig, steps: int) -> np.ndarray:
     return out
 
 
-def _coeffs(hyper: Hyper, config: AMEConfig, lr: np.ndarray, t: np.ndarray, gscale: np.ndarray) -> np.ndarray:
+def _coeffs(hyper: Hyper, lr: np.ndarray, t: np.ndarray, gscale: np.ndarray) -> np.ndarray:
     """The coefficient table (module docstring) for steps ``t`` with learning rates ``lr``."""
     coeffs = np.ones((len(t), 4), dtype=np.float64)
     coeffs[:, 0] = gscale
     coeffs[:, 1] = lr
     if hyper.optimizer == "adagrad":
-        coeffs[:, 1] = lr / (1.0 + (t - 1.0) * config.lr_decay)
+        coeffs[:, 1] = lr / (1.0 + (t - 1.0) * hyper.lr_decay)
     elif hyper.optimizer in ("adam", "adamw"):
         coeffs[:, 1] = lr / (1.0 - hyper.beta1**t)
         coeffs[:, 3] = 1.0 / np.sqrt(1.0 - hyper.beta2**t)
         if hyper.optimizer == "adamw":
-            coeffs[:, 2] = 1.0 - lr * config.weight_decay
+            coeffs[:, 2] = 1.0 - lr * hyper.adamw_weight_decay
     return np.ascontiguousarray(coeffs.astype(np.float32))
 
 
@@ -212,7 +217,7 @@ def schedule(config: AMEConfig, n: int) -> StepPlan:
     t = np.arange(1, steps + 1, dtype=np.float64)
     sizes = np.diff(batch_ptr).astype(np.float64)
 
-    coeffs = _coeffs(hyper, config, lr, t, zeta / (n * sizes))
+    coeffs = _coeffs(hyper, lr, t, zeta / (n * sizes))
     return StepPlan(
         n=n,
         hyper=hyper,
@@ -239,4 +244,4 @@ def step_coeffs(config: AMEConfig, t: int, gscale: float) -> np.ndarray:
         lr = np.array([config.lr_schedule[t - 1]], dtype=np.float64)
     else:
         lr = lr_values(config, t)[t - 1 :]
-    return _coeffs(resolve_hyper(config), config, lr, np.array([float(t)]), np.array([gscale]))[0]
+    return _coeffs(resolve_hyper(config), lr, np.array([float(t)]), np.array([gscale]))[0]

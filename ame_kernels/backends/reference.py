@@ -1,0 +1,194 @@
+"""The reference backend: plain PyTorch on any device, stepping ``torch.optim``.
+
+It is the oracle every kernel is tested against, so clarity beats speed: an
+fp32 copy of w, one ``torch.optim.<Optimizer>([w])``, and per step
+``w.grad = g_t; group['lr'] = lr_t; opt.step()``. torch.optim derives its own
+bias corrections, Adagrad lr decay and SGD first-step momentum from its own step
+count, so only the batches, lr_t and zeta_t of the StepPlan are used here
+(``plan.coeffs`` is the kernels' business and is not read).
+
+The one thing torch.optim cannot do is the paper's printed eps-inside-sqrt
+variant of Adam/AdamW/Adagrad; for that option this file writes the update by
+hand, following torch's code line by line with only the eps placement moved.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..schedule import Hyper, StepPlan
+from .base import Backend, Pivot
+
+
+def _make_optimizer(w: torch.Tensor, hyper: Hyper) -> torch.optim.Optimizer:
+    common = dict(lr=1.0, foreach=False)
+    if hyper.optimizer == "sgd":
+        return torch.optim.SGD(
+            [w], momentum=hyper.momentum, dampening=hyper.dampening, nesterov=hyper.nesterov,
+            weight_decay=hyper.weight_decay, **common,
+        )
+    if hyper.optimizer == "adagrad":
+        # lr_decay is applied by the plan's lr_eff for kernels; torch applies it itself here.
+        return torch.optim.Adagrad(
+            [w], lr_decay=hyper.lr_decay, weight_decay=hyper.weight_decay,
+            initial_accumulator_value=hyper.initial_accumulator_value, eps=hyper.eps, **common,
+        )
+    if hyper.optimizer in ("adam", "adamw"):
+        cls = torch.optim.AdamW if hyper.optimizer == "adamw" else torch.optim.Adam
+        return cls(
+            [w], betas=(hyper.beta1, hyper.beta2), eps=hyper.eps, amsgrad=hyper.amsgrad,
+            weight_decay=hyper.adamw_weight_decay if hyper.optimizer == "adamw" else hyper.weight_decay,
+            **common,
+        )
+    if hyper.optimizer == "adadelta":
+        return torch.optim.Adadelta([w], rho=hyper.rho, eps=hyper.eps, weight_decay=hyper.weight_decay, **common)
+    raise ValueError(f"[reference] unknown optimizer {hyper.optimizer!r}")
+
+
+class _ManualEpsInside:
+    """Adam/AdamW/Adagrad with eps inside the square root (the paper's printed form)."""
+
+    def __init__(self, w: torch.Tensor, hyper: Hyper, state: Optional[list] = None):
+        self.w, self.h = w, hyper
+        self.t = 0
+        self.slots = state if state is not None else [
+            torch.full_like(w, v) for v in hyper.initial_state()
+        ]
+
+    def step(self, g: torch.Tensor, lr: float) -> None:
+        h, w = self.h, self.w
+        self.t += 1
+        t = self.t
+        if h.optimizer == "adagrad":
+            if h.weight_decay:
+                g = g.add(w, alpha=h.weight_decay)
+            clr = lr / (1 + (t - 1) * h.lr_decay)
+            s = self.slots[0]
+            s.addcmul_(g, g, value=1)
+            w.addcdiv_(g, s.add(h.eps).sqrt(), value=-clr)
+            return
+        if h.optimizer == "adamw":
+            w.mul_(1 - lr * h.adamw_weight_decay)
+        elif h.weight_decay:
+            g = g.add(w, alpha=h.weight_decay)
+        m, v = self.slots[0], self.slots[1]
+        m.lerp_(g, 1 - h.beta1)
+        v.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
+        if h.amsgrad:
+            torch.maximum(self.slots[2], v, out=self.slots[2])
+            v = self.slots[2]
+        bc1 = 1 - h.beta1**t
+        bc2 = 1 - h.beta2**t
+        w.addcdiv_(m, (v / bc2).add(h.eps).sqrt(), value=-lr / bc1)
+
+
+def _uses_manual(hyper: Hyper) -> bool:
+    return hyper.eps_inside_sqrt and hyper.optimizer in ("adam", "adamw", "adagrad")
+
+
+def _pseudogradient(p: torch.Tensor, batch: Sequence[torch.Tensor], zeta: float, n: int) -> torch.Tensor:
+    """g = mean over the batch of zeta * (p - x_i) / N, in fp32 (DESIGN 1.4)."""
+    g = torch.zeros_like(p)
+    for x in batch:
+        g += zeta * (p - x.float()) / n
+    return g / len(batch)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def supports_device(self, device_type: str) -> bool:
+        return True
+
+    def whole_run(self, inputs, plan: StepPlan, pivot: Pivot, adaptive_pivot: bool, out, threads=None, check_finite=False):
+        bad = sorted(i for i, x in enumerate(inputs) if check_finite and not torch.isfinite(x).all())
+        if pivot is None:
+            w0 = torch.stack([x.float() for x in inputs]).mean(0)
+        elif isinstance(pivot, int):
+            w0 = inputs[pivot].float().clone()
+        else:
+            w0 = pivot.float().clone()
+        w = w0.clone()
+        hyper = plan.hyper
+        opt = _ManualEpsInside(w, hyper) if _uses_manual(hyper) else _make_optimizer(w, hyper)
+        for t in range(1, plan.steps + 1):
+            p = w if adaptive_pivot else w0
+            g = _pseudogradient(p, [inputs[i] for i in plan.batch(t)], float(plan.zeta[t - 1]), plan.n)
+            lr = float(plan.lr[t - 1])
+            if isinstance(opt, _ManualEpsInside):
+                opt.step(g, lr)
+            else:
+                w.grad = g
+                opt.param_groups[0]["lr"] = lr
+                opt.step()
+        out.copy_(w)
+        return bad
+
+    def step(self, w, state, batch, pivot, coeffs, t, hyper: Hyper, threads=None):
+        """One torch.optim step whose state is loaded from / stored back to ``state``.
+
+        lr_t and the pseudogradient scale are taken from ``coeffs`` (gscale, and lr
+        recovered from lr_eff by undoing what schedule._coeffs applied).
+        """
+        gscale, lr_eff = float(coeffs[0]), float(coeffs[1])
+        lr = _lr_from_eff(lr_eff, t, hyper)
+        p = w if pivot is None else pivot
+        g = torch.zeros_like(w)
+        for x in batch:
+            g += p - x.float()
+        g *= gscale
+        slots = [state[k] for k in range(hyper.state_slots)]
+        if _uses_manual(hyper):
+            opt = _ManualEpsInside(w, hyper, slots)
+            opt.t = t - 1
+            opt.step(g, lr)
+            return
+        opt = _make_optimizer(w, hyper)
+        st = _torch_state(hyper, slots, t - 1, w)
+        if st:
+            opt.state[w] = st
+        w.grad = g
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        _store_state(hyper, opt.state[w], slots)
+        w.grad = None
+
+
+def _lr_from_eff(lr_eff: float, t: int, hyper: Hyper) -> float:
+    if hyper.optimizer == "adagrad":
+        return lr_eff * (1 + (t - 1) * hyper.lr_decay)
+    if hyper.optimizer in ("adam", "adamw"):
+        return lr_eff * (1 - hyper.beta1**t)
+    return lr_eff
+
+
+def _torch_state(hyper: Hyper, slots: list, steps_done: int, w: torch.Tensor) -> dict:
+    """torch.optim state dict for one parameter, built from our slot buffers."""
+    step = torch.tensor(float(steps_done))
+    if hyper.optimizer == "sgd":
+        return {"momentum_buffer": slots[0].clone() if slots and steps_done > 0 else None}
+    if hyper.optimizer == "adagrad":
+        return {"step": step, "sum": slots[0].clone()}
+    if hyper.optimizer in ("adam", "adamw"):
+        st = {"step": step, "exp_avg": slots[0].clone(), "exp_avg_sq": slots[1].clone()}
+        if hyper.amsgrad:
+            st["max_exp_avg_sq"] = slots[2].clone()
+        return st
+    return {"step": step, "square_avg": slots[0].clone(), "acc_delta": slots[1].clone()}
+
+
+def _store_state(hyper: Hyper, st: dict, slots: list) -> None:
+    names = {
+        "sgd": ["momentum_buffer"],
+        "adagrad": ["sum"],
+        "adam": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+        "adamw": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
+        "adadelta": ["square_avg", "acc_delta"],
+    }[hyper.optimizer]
+    for k, slot in enumerate(slots):
+        slot.copy_(st[names[k]])
+
+
+__all__ = ["ReferenceBackend"]
