@@ -1,0 +1,35 @@
+// Adadelta: torch.optim.Adadelta.
+//
+//   a <- rho a + (1 - rho) g^2
+//   d <- sqrt(u + eps) / sqrt(a + eps) * g
+//   u <- rho u + (1 - rho) d^2
+//   w <- w - lr_t * d
+//
+// c.lr_eff = lr_t. kSlots: 2 (square_avg, acc_delta).
+#pragma once
+#include "rules/common.h"
+
+namespace ame {
+
+struct Adadelta {
+  static constexpr int kSlots = 2;
+
+  template <class V>
+  static AME_HD void init(V* s, const HyperT<V>& h) {
+    (void)h;
+    s[0] = V(0.f);
+    s[1] = V(0.f);
+  }
+
+  template <class V>
+  static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
+    (void)first;
+    V a = v_fma(h.one_minus_rho * g, g, h.rho * s[0]);
+    s[0] = a;
+    V d = v_div(v_sqrt(s[1] + h.eps), v_sqrt(a + h.eps)) * g;
+    s[1] = v_fma(h.one_minus_rho * d, d, h.rho * s[1]);
+    w = v_fma(V(0.f) - c.lr_eff, d, w);
+  }
+};
+
+}  // namespace ame

@@ -1,0 +1,51 @@
+// Adam and AdamW: torch.optim.Adam / torch.optim.AdamW (eps outside the square root),
+// optionally amsgrad, or the paper's printed variant with eps inside (kEpsInside):
+//
+//   w <- w * decay                         (AdamW: decay = 1 - lr_t wd; Adam: decay = 1, exact)
+//   m <- m + (1 - b1) (g - m)
+//   v <- b2 v + (1 - b2) g^2
+//   vm <- max(vm, v)                       (amsgrad; vm is used in place of v below)
+//   w <- w - lr_eff * m / (sqrt(v) * inv_bc2_sqrt + eps)
+//                                          [ / sqrt(v * inv_bc2_sqrt^2 + eps) with kEpsInside ]
+//
+// Bias corrections are hoisted into the host schedule: c.lr_eff = lr_t / (1 - b1^t),
+// c.inv_bc2_sqrt = 1 / sqrt(1 - b2^t), c.decay as above. kSlots: 2 (exp_avg,
+// exp_avg_sq) or 3 with amsgrad (+ max_exp_avg_sq). One struct serves adam and adamw.
+#pragma once
+#include "rules/common.h"
+
+namespace ame {
+
+template <bool kAmsgrad, bool kEpsInside>
+struct Adam {
+  static constexpr int kSlots = kAmsgrad ? 3 : 2;
+
+  template <class V>
+  static AME_HD void init(V* s, const HyperT<V>& h) {
+    (void)h;
+    for (int k = 0; k < kSlots; ++k) s[k] = V(0.f);
+  }
+
+  template <class V>
+  static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
+    (void)first;
+    w = w * c.decay;
+    V m = v_fma(h.one_minus_beta1, g - s[0], s[0]);
+    V v = v_fma(h.one_minus_beta2 * g, g, h.beta2 * s[1]);
+    s[0] = m;
+    s[1] = v;
+    if (kAmsgrad) {
+      v = v_max(s[2], v);
+      s[2] = v;
+    }
+    V denom;
+    if (kEpsInside) {
+      denom = v_sqrt(v_fma(v * c.inv_bc2_sqrt, c.inv_bc2_sqrt, h.eps));
+    } else {
+      denom = v_fma(v_sqrt(v), c.inv_bc2_sqrt, h.eps);
+    }
+    w = w - c.lr_eff * v_div(m, denom);
+  }
+};
+
+}  // namespace ame

@@ -1,0 +1,88 @@
+// Shared vocabulary of the update rules (csrc/rules/*.h), for CPU (V = Simd<float, W>)
+// and CUDA (V = float) alike. No host-only constructs: every function is AME_HD.
+//
+// API (stable; csrc/cpu and csrc/cuda rely on it):
+//
+//   struct HyperScalars        plain fp32/int scalars of StepPlan.hyper (ame_kernels/schedule.py)
+//   StepCoeffsT<V>::load(row)  one row of StepPlan.coeffs (float32 [T, 4]) broadcast to V:
+//                              gscale, lr_eff, decay, inv_bc2_sqrt
+//   HyperT<V>(HyperScalars)    the scalars broadcast to V once per kernel (plus 1-beta etc.)
+//   grad_of(p, x..)            (kernels) g = gscale * sum_{i in batch} (p - x_i) + weight_decay * w
+//   Rule::kSlots               fp32 state slots per element, in base.py's order
+//   Rule::init(s, h)           initial state (0; Adagrad: initial_accumulator_value)
+//   Rule::update(w, g, s, c, h, first)
+//                              one optimizer step of one value (or vector of values) w with
+//                              pseudogradient g (weight decay already added), state s[kSlots],
+//                              step coefficients c, hyperparameters h; first = (t == 1).
+//
+// Math helpers the rules use, overloaded for float here and for Simd in csrc/common/simd.h:
+//   v_fma(a, b, c) = a*b + c, v_sqrt(a), v_div(a, b) = a/b, v_max(a, b) (b when either is NaN).
+#pragma once
+#include <math.h>
+
+#include "common/macros.h"
+
+namespace ame {
+
+// ---- float overloads (device code and the scalar CPU path) ---------------------------
+// a*b + c written out (not fmaf): nvcc and gcc contract it to one FMA where the target
+// has one, and the portable x86-64 path does not call libm's software fmaf.
+AME_HD float v_fma(float a, float b, float c) { return a * b + c; }
+AME_HD float v_sqrt(float a) { return sqrtf(a); }
+AME_HD float v_div(float a, float b) { return a / b; }
+// maxps semantics: returns b when either operand is NaN.
+AME_HD float v_max(float a, float b) { return a > b ? a : b; }
+
+// Scalar hyperparameters, resolved on the host (StepPlan.hyper); bools as ints so the
+// struct has the same layout on every compiler.
+struct HyperScalars {
+  float momentum = 0.f;
+  float dampening = 0.f;
+  float weight_decay = 0.f;  // coupled L2 (0 for adamw, whose decay is coeffs.decay)
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 0.f;
+  float rho = 0.9f;
+  float initial_accumulator_value = 0.f;
+  int nesterov = 0;
+  int amsgrad = 0;
+  int eps_inside_sqrt = 0;
+};
+
+// One row of StepPlan.coeffs (see ame_kernels/schedule.py), broadcast to V.
+template <class V>
+struct StepCoeffsT {
+  V gscale, lr_eff, decay, inv_bc2_sqrt;
+  static AME_HD StepCoeffsT load(const float* row) {
+    return StepCoeffsT{V(row[0]), V(row[1]), V(row[2]), V(row[3])};
+  }
+};
+
+// HyperScalars broadcast to V once per kernel, with the complements the rules use.
+template <class V>
+struct HyperT {
+  V momentum, one_minus_dampening, weight_decay;
+  V beta1, one_minus_beta1, beta2, one_minus_beta2;
+  V eps, rho, one_minus_rho, initial_accumulator_value;
+  AME_HD explicit HyperT(const HyperScalars& h)
+      : momentum(h.momentum),
+        one_minus_dampening(1.f - h.dampening),
+        weight_decay(h.weight_decay),
+        beta1(h.beta1),
+        one_minus_beta1(1.f - h.beta1),
+        beta2(h.beta2),
+        one_minus_beta2(1.f - h.beta2),
+        eps(h.eps),
+        rho(h.rho),
+        one_minus_rho(1.f - h.rho),
+        initial_accumulator_value(h.initial_accumulator_value) {}
+};
+
+// Coupled L2 weight decay as torch.optim adds it to the gradient: g + wd * w. Applied
+// unconditionally: with wd == 0 it is exact (g + 0*w == g) for every finite w.
+template <class V>
+AME_HD V add_weight_decay(V g, V w, const HyperT<V>& h) {
+  return v_fma(h.weight_decay, w, g);
+}
+
+}  // namespace ame
