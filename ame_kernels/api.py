@@ -49,13 +49,14 @@ def _check_structure(dicts: List[dict]) -> List[str]:
     """Same names, shapes and devices in every ingredient; returns the names in order."""
     names = list(dicts[0].keys())
     ref = set(names)
+    problems = []
     for i, d in enumerate(dicts[1:], start=1):
         keys = set(d.keys())
         if keys != ref:
             missing, extra = sorted(ref - keys), sorted(keys - ref)
-            raise MergeError(
-                f"merge: ingredient {i} does not match ingredient 0: missing {missing or 'none'}, extra {extra or 'none'}"
-            )
+            problems.append(f"ingredient {i}: missing {missing or 'none'}, extra {extra or 'none'}")
+    if problems:
+        raise MergeError(f"merge: tensor names differ from ingredient 0's: {'; '.join(problems)}")
     for name in names:
         first = dicts[0][name]
         if not isinstance(first, torch.Tensor):

@@ -30,8 +30,8 @@ def _load(name: str):
             backend = getattr(importlib.import_module(module), cls)()
             ok, why = backend.available()
             _instances[name] = (backend if ok else None, why)
-        except ImportError as e:
-            _instances[name] = (None, f"{module} could not be imported: {e}")
+        except Exception as e:  # a broken backend disables itself, never the package
+            _instances[name] = (None, f"{module} could not be loaded: {type(e).__name__}: {e}")
     return _instances[name]
 
 
