@@ -1,0 +1,89 @@
+"""Triton backend: fused whole-run and step kernels, and a chunked GPU driver.
+
+Modules:
+    rules.py      one ``@triton.jit`` helper per optimizer update (sgd, adagrad, adam/adamw, adadelta)
+    whole_run.py  ``_whole_run_kernel``: the whole schedule per block, w and moments in registers
+    step.py       ``_step_kernel``: one step with the state in fp32 buffers (stateful APIs)
+    driver.py     ``run_chunked``: models in host memory, streamed through the GPU in chunks
+                  with pinned double buffers and three CUDA streams (generic over the kernel,
+                  the CUDA C++ backend reuses it)
+
+Where it runs: CUDA tensors. Under ``TRITON_INTERPRET=1`` (how CI tests it on CPU) it
+also takes CPU tensors directly. Given CPU tensors on a machine with a GPU (and no
+interpreter), ``whole_run`` streams them through the GPU with ``run_chunked``.
+
+The ``backend="auto"`` rule for CUDA tensors (``ame_kernels.backends._AUTO_ORDER``):
+``cuda`` (the CUDA C++ backend) when its native module is built, else ``triton``, else
+``reference``. Both kernels stream the same bytes and are meant to sit at the memory
+roofline; the C++ one is preferred because it needs no JIT compilation or autotuning on
+first use and works without a Triton install. The choice is to be revisited from
+``benchmarks/bench_gpu.py``, which prints a ``triton`` and a ``cuda`` column from the same
+run; until a GPU run shows triton faster, the order stays. (No GPU measurement has been
+made for this rule yet.)
+
+The kernel modules are imported on first use, not at import time: Triton reads
+``TRITON_INTERPRET`` when a kernel is decorated, so importing this package must not
+decorate anything before a test or user has set the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ..base import Backend
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    def available(self) -> tuple:
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return False, f"triton is not installed ({e})"
+        if _cuda_available() or _interpreting():
+            return True, ""
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+
+    def supports_device(self, device_type: str) -> bool:
+        if device_type == "cuda":
+            return _cuda_available() or _interpreting()
+        if device_type == "cpu":
+            return _interpreting()
+        return False
+
+    def whole_run(self, inputs, plan, pivot, adaptive_pivot, out, threads: Optional[int] = None,
+                  check_finite: bool = False) -> list:
+        inputs = list(inputs)
+        on_cpu = out.device.type == "cpu" or any(x.device.type == "cpu" for x in inputs)
+        if on_cpu and not _interpreting() and _cuda_available():
+            return self.whole_run_chunked(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
+        from .whole_run import whole_run
+
+        return whole_run(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
+
+    def whole_run_chunked(self, inputs, plan, pivot, adaptive_pivot, out, chunk_elems: Optional[int] = None,
+                          device="cuda", check_finite: bool = False) -> list:
+        """``whole_run`` on host tensors, streamed through ``device`` chunk by chunk (driver.py)."""
+        from .driver import run_chunked
+
+        return run_chunked(self.whole_run, inputs, plan, pivot, adaptive_pivot, out,
+                           chunk_elems=chunk_elems, device=device, check_finite=check_finite)
+
+    def step(self, w, state, batch, pivot, coeffs, t, hyper, threads: Optional[int] = None) -> None:
+        from .step import step
+
+        step(w, state, batch, pivot, coeffs, t, hyper)

@@ -1,0 +1,233 @@
+"""Whole-run kernel: one launch runs the entire schedule for a block of elements.
+
+Each program owns BLOCK elements of the flat buffer [C]. It builds w_0 (the fp32
+soup of all N inputs, or the given pivot), then loops over every step of the
+plan (all epochs and batches, runtime bounds T and batch_ptr), keeping w, w_0 and
+the optimizer moments in registers: the moments never touch memory. Inputs are
+read in their own dtype through an int64 pointer table (no stacking, no upcast
+copy); after the first pass over a block its N slices sit in L2, so the traffic
+is about N*C*sizeof(in) + C*sizeof(out) bytes. w is written once, in ``out``'s dtype.
+
+Nothing per learning rate or step count is compiled: lr_t, zeta_t, bias
+corrections and batch members are device tensors (``StepPlan``). Compile-time
+(constexpr) are only the optimizer, its flags, the input dtype kind and BLOCK.
+"""
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ...errors import MergeError
+from ...schedule import Hyper, StepPlan
+from . import rules
+
+_IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_FLOAT_DTYPES = tuple(_IN_KIND)
+
+
+def _configs():
+    """A few BLOCK/num_warps choices on GPU; one fixed config under the interpreter
+    (autotune with one config never benchmarks, and the interpreter ignores warps)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK": 128}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK": 512}, num_warps=4),
+        triton.Config({"BLOCK": 1024}, num_warps=4),
+        triton.Config({"BLOCK": 1024}, num_warps=8),
+        triton.Config({"BLOCK": 2048}, num_warps=8),
+    ]
+
+
+# Keyed on the size bucket (log2 of C), N and the constexprs, never on C itself: a state
+# dict has many distinct tensor/chunk sizes and must not re-tune for each one. Re-running
+# during tuning is harmless: the kernel only reads inputs and writes out/flags idempotently.
+@triton.autotune(configs=_configs(), key=["C_LOG2", "N"])
+@triton.jit
+def _whole_run_kernel(
+    table, codes, pivot_ptr, out_ptr, coeffs_ptr, batch_ptr, batch_idx, flags_ptr,
+    C, N, T, C_LOG2,
+    h_wd, h_momentum, h_one_minus_dampening, h_beta1c, h_beta2, h_beta2c, h_rho, h_rhoc, h_eps, h_init,
+    OPT: tl.constexpr, IN_KIND: tl.constexpr, SOUP: tl.constexpr, ADAPTIVE: tl.constexpr,
+    HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr,
+    EPS_INSIDE_SQRT: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: C may exceed 2^31
+    mask = offs < C
+
+    # w_0. One pass over all N inputs when a soup is needed or inputs must be checked;
+    # it also warms L2 for the steps that follow.
+    if SOUP or CHECK_FINITE:
+        soup = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, N):
+            x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND)
+            if CHECK_FINITE:
+                bad = tl.max(tl.where(mask & ((tl.abs(x) == float("inf")) | (x != x)), 1, 0), axis=0)
+                tl.atomic_max(flags_ptr + i, bad)
+            soup += x
+        if SOUP:
+            w0 = tl.div_rn(soup, tl.zeros_like(soup) + N)  # fp32 sum then an IEEE divide
+    if not SOUP:
+        w0 = tl.load(pivot_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+    w = w0
+    s0 = tl.zeros([BLOCK], dtype=tl.float32)
+    s1 = tl.zeros([BLOCK], dtype=tl.float32)
+    s2 = tl.zeros([BLOCK], dtype=tl.float32)
+    if OPT == rules.ADAGRAD:
+        s0 += h_init
+
+    for t in range(0, T):
+        gscale = tl.load(coeffs_ptr + 4 * t)
+        lr_eff = tl.load(coeffs_ptr + 4 * t + 1)
+        decay = tl.load(coeffs_ptr + 4 * t + 2)
+        inv_bc2_sqrt = tl.load(coeffs_ptr + 4 * t + 3)
+        lo = tl.load(batch_ptr + t)
+        hi = tl.load(batch_ptr + t + 1)
+        if ADAPTIVE:
+            p = w
+        else:
+            p = w0
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in range(lo, hi):
+            i = tl.load(batch_idx + j)
+            acc += p - rules.load_as_f32(table, codes, i, offs, mask, IN_KIND)
+        g = gscale * acc
+        if HAS_WD:
+            g += h_wd * w
+        w, s0, s1, s2 = rules.update(
+            w, g, s0, s1, s2, t == 0, lr_eff, decay, inv_bc2_sqrt,
+            h_momentum, h_one_minus_dampening, h_beta1c, h_beta2, h_beta2c, h_rho, h_rhoc, h_eps,
+            OPT, MOMENTUM, NESTEROV, AMSGRAD, EPS_INSIDE_SQRT,
+        )
+
+    rules.store_rounded(out_ptr, offs, w, mask)
+
+
+# --- host side ------------------------------------------------------------------
+
+_MAX_CACHED_PLANS = 8
+_plan_cache: dict = {}  # (id(plan), device) -> (plan, coeffs, batch_ptr, batch_idx); tiny, bounded
+
+
+def _plan_tensors(plan: StepPlan, device: torch.device):
+    """The plan's per-step arrays on ``device``, uploaded once per (plan, device).
+
+    A chunked merge calls the kernel once per chunk with the same plan; re-uploading
+    the schedule each time would put a synchronous host copy in every launch.
+    """
+    key = (id(plan), str(device))
+    hit = _plan_cache.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1:]
+    tensors = (
+        torch.as_tensor(np.ascontiguousarray(plan.coeffs, dtype=np.float32)).to(device),
+        torch.as_tensor(np.ascontiguousarray(plan.batch_ptr, dtype=np.int32)).to(device),
+        torch.as_tensor(np.ascontiguousarray(plan.batch_idx, dtype=np.int32)).to(device),
+    )
+    if len(_plan_cache) >= _MAX_CACHED_PLANS:
+        _plan_cache.pop(next(iter(_plan_cache)))
+    _plan_cache[key] = (plan,) + tensors
+    return tensors
+
+
+def pointer_table(fn: str, arg: str, tensors, numel: int, device: torch.device):
+    """(int64 [M] data_ptr table, int32 [M] dtype codes, IN_KIND) for ``tensors``.
+
+    Checks each is a contiguous float32/bfloat16/float16 tensor of ``numel`` elements on
+    ``device``. IN_KIND is the common dtype's code, or 3 when the dtypes are mixed.
+    """
+    kinds = []
+    for k, x in enumerate(tensors):
+        if not isinstance(x, torch.Tensor):
+            raise MergeError(f"{fn}: {arg}[{k}] must be a tensor, got {type(x).__name__}")
+        if x.dtype not in _IN_KIND:
+            raise MergeError(f"{fn}: {arg}[{k}] has dtype {x.dtype}; expected float32, bfloat16 or float16")
+        if x.numel() != numel:
+            raise MergeError(f"{fn}: {arg}[{k}] has {x.numel()} elements, expected {numel}")
+        if not x.is_contiguous():
+            raise MergeError(f"{fn}: {arg}[{k}] must be contiguous")
+        if x.device != device:
+            raise MergeError(f"{fn}: {arg}[{k}] is on {x.device}, expected {device} (all tensors on one device)")
+        kinds.append(_IN_KIND[x.dtype])
+    table = torch.tensor([x.data_ptr() for x in tensors], dtype=torch.int64).to(device)
+    codes = torch.tensor(kinds, dtype=torch.int32).to(device)
+    in_kind = kinds[0] if len(set(kinds)) == 1 else 3
+    return table, codes, in_kind
+
+
+def hyper_args(hyper: Hyper) -> dict:
+    """Scalar hyperparameters as kernel arguments; complements computed in float64."""
+    return dict(
+        h_wd=float(hyper.weight_decay),
+        h_momentum=float(hyper.momentum),
+        h_one_minus_dampening=1.0 - float(hyper.dampening),
+        h_beta1c=1.0 - float(hyper.beta1),
+        h_beta2=float(hyper.beta2),
+        h_beta2c=1.0 - float(hyper.beta2),
+        h_rho=float(hyper.rho),
+        h_rhoc=1.0 - float(hyper.rho),
+        h_eps=float(hyper.eps),
+    )
+
+
+def hyper_flags(hyper: Hyper) -> dict:
+    return dict(
+        OPT=hyper.code,
+        HAS_WD=hyper.weight_decay != 0,
+        MOMENTUM=hyper.momentum != 0,
+        NESTEROV=bool(hyper.nesterov),
+        AMSGRAD=bool(hyper.amsgrad),
+        EPS_INSIDE_SQRT=bool(hyper.eps_inside_sqrt),
+    )
+
+
+def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Tensor, check_finite: bool = False) -> list:
+    """Run the whole schedule over the flat buffers ``inputs`` (N x [C]) into ``out`` [C].
+
+    Same contract as ``Backend.whole_run`` (ame_kernels/backends/base.py); inputs,
+    pivot and out must be on one device (CUDA, or CPU under TRITON_INTERPRET=1).
+    """
+    fn = "triton.whole_run"
+    if not isinstance(plan, StepPlan):
+        raise MergeError(f"{fn}: plan must be a StepPlan, got {type(plan).__name__}")
+    inputs = list(inputs)
+    if len(inputs) != plan.n:
+        raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n}")
+    if not isinstance(out, torch.Tensor) or out.dtype not in _FLOAT_DTYPES or not out.is_contiguous():
+        raise MergeError(f"{fn}: out must be a contiguous float32/bfloat16/float16 tensor")
+    c, device = out.numel(), out.device
+    table, codes, in_kind = pointer_table(fn, "inputs", inputs, c, device)
+
+    soup = pivot is None
+    if soup:
+        pivot_t = out  # unused placeholder pointer
+    elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
+        if not 0 <= int(pivot) < plan.n:
+            raise MergeError(f"{fn}: pivot index {pivot} out of range [0, {plan.n})")
+        pivot_t = inputs[int(pivot)]
+    elif isinstance(pivot, torch.Tensor):
+        pointer_table(fn, "pivot", [pivot], c, device)  # same checks as an input
+        pivot_t = pivot
+    else:
+        raise MergeError(f"{fn}: pivot must be None (soup), an input index or a tensor, got {type(pivot).__name__}")
+
+    flags = torch.zeros(max(plan.n, 1), dtype=torch.int32, device=device)
+    if c == 0:
+        return []
+    coeffs, batch_ptr, batch_idx = _plan_tensors(plan, device)
+    hyper = plan.hyper
+    grid = lambda meta: (triton.cdiv(c, meta["BLOCK"]),)  # noqa: E731
+    _whole_run_kernel[grid](
+        table, codes, pivot_t, out, coeffs, batch_ptr, batch_idx, flags,
+        c, plan.n, plan.steps, max(c, 1).bit_length(),
+        h_init=float(hyper.initial_accumulator_value),
+        SOUP=soup, ADAPTIVE=bool(adaptive_pivot), IN_KIND=in_kind, CHECK_FINITE=bool(check_finite),
+        **hyper_args(hyper), **hyper_flags(hyper),
+    )
+    if not check_finite:
+        return []
+    return torch.nonzero(flags.cpu()).reshape(-1).tolist()
