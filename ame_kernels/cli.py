@@ -1,0 +1,297 @@
+"""ame-merge: merge checkpoints on disk from a YAML config.
+
+    ame-merge CONFIG.yaml OUT_DIR [--backend B] [--device D] [--threads T] [--chunk-mb M]
+              [--shard-size S] [--out-dtype D] [--force] [--dry-run] [--quiet] [--verbose]
+    ame-merge inspect ...          (routed to ame_kernels.diagnostics:inspect_main)
+    python -m ame_kernels ...      (the same)
+
+Exit codes: 0 done; 2 bad usage, config or input (nothing was written); 1 a
+failure during the merge (nothing was left behind); 130 interrupted. Errors go
+to stderr as one line (the traceback with --verbose). The YAML schema is in
+docs/cli.md. Under torchrun (WORLD_SIZE > 1 in the environment) the merge is
+split across the ranks (ame_kernels.distributed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence
+
+from .config import FIELD_NAMES, AMEConfig
+from .errors import MergeError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+ENGINE_KEYS = ("device", "chunk_mb", "shard_size")
+TOP_KEYS = ("models", "pivot") + ENGINE_KEYS + tuple(f for f in FIELD_NAMES if f != "pivot")
+MODEL_KEYS = ("path", "score")
+
+
+class UsageError(MergeError):
+    """Bad usage or config: exit code 2."""
+
+
+def _suggest(key: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass
+class MergeSpec:
+    """What a config file asks for, paths resolved."""
+
+    models: List[str]
+    config: AMEConfig
+    pivot_path: Optional[str] = None
+    engine: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def _resolve_path(p: Any, base: str, what: str) -> str:
+    if not isinstance(p, str) or not p.strip():
+        raise UsageError(f"{what}: expected a path, got {p!r}")
+    p = os.path.expanduser(p)
+    if os.path.isabs(p):
+        return p
+    beside = os.path.join(base, p)
+    if os.path.exists(beside) or not os.path.exists(p):
+        return os.path.abspath(beside)  # relative to the config file first (missing: reported with this path)
+    return os.path.abspath(p)
+
+
+def load_spec(path: str) -> MergeSpec:
+    """Read and check a config file (YAML); raises UsageError naming the key at fault."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such config file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{path}: expected a mapping with a 'models:' list, got {type(doc).__name__}")
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise UsageError(f"{path}: unknown key {key!r}{_suggest(key, TOP_KEYS)}")
+    base = os.path.dirname(os.path.abspath(path))
+    models_raw = doc.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise UsageError(f"{path}: 'models' must be a non-empty list of {{path: ..., score: ...}} entries")
+    models, scores = [], []
+    for i, m in enumerate(models_raw):
+        if isinstance(m, str):
+            m = {"path": m}
+        if not isinstance(m, dict):
+            raise UsageError(f"{path}: models[{i}]: expected a mapping with 'path', got {m!r}")
+        for key in m:
+            if key not in MODEL_KEYS:
+                raise UsageError(f"{path}: models[{i}]: unknown key {key!r}{_suggest(key, MODEL_KEYS)}")
+        if "path" not in m:
+            raise UsageError(f"{path}: models[{i}]: missing 'path'")
+        models.append(_resolve_path(m["path"], base, f"{path}: models[{i}].path"))
+        scores.append(m.get("score"))
+    fields = {k: v for k, v in doc.items() if k in FIELD_NAMES and k != "pivot"}
+    given = [s is not None for s in scores]
+    if any(given):
+        if not all(given):
+            missing = [i for i, g in enumerate(given) if not g]
+            raise UsageError(f"{path}: models{missing}: missing 'score' (give a score to every model or to none)")
+        if "scores" in fields:
+            raise UsageError(f"{path}: give scores either per model or as 'scores:', not both")
+        fields["scores"] = scores
+    pivot_path = None
+    pivot = doc.get("pivot", "soup")
+    if isinstance(pivot, dict):
+        if set(pivot) != {"path"}:
+            raise UsageError(f"{path}: pivot: expected 'soup', a model index, a path, or {{path: ...}}, got {pivot!r}")
+        pivot = pivot["path"]
+    if isinstance(pivot, bool) or pivot is None:
+        raise UsageError(f"{path}: pivot: expected 'soup', a model index or a checkpoint path, got {pivot!r}")
+    if isinstance(pivot, str) and pivot.strip() != "soup" and not pivot.strip().lstrip("-").isdigit():
+        pivot_path = _resolve_path(pivot, base, f"{path}: pivot")
+        pivot = "soup"  # placeholder: the engine takes the explicit checkpoint from pivot_path
+    fields["pivot"] = pivot
+    try:
+        config = AMEConfig.from_dict(fields)
+    except MergeError as e:
+        raise UsageError(f"{path}: {e}") from None
+    engine = {k: doc[k] for k in ENGINE_KEYS if k in doc}
+    return MergeSpec(models, config, pivot_path, engine, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ame-merge",
+        description="Merge checkpoints with Amortized Model Ensembling (see docs/cli.md for the YAML schema). "
+        "'ame-merge inspect ...' runs the diagnostics.",
+    )
+    p.add_argument("config", help="YAML file: models (path, score), pivot, and AMEConfig fields")
+    p.add_argument("out_dir", nargs="?", help="output folder (Hugging Face style); optional with --dry-run")
+    p.add_argument("--backend", help="auto, cpu, reference, triton, cuda (overrides the config)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--threads", help="CPU threads for the kernels")
+    p.add_argument("--chunk-mb", help="chunk size in MiB of fp32 elements per ingredient (default 64)")
+    p.add_argument("--shard-size", help="output shard size, e.g. 5GB (default), 500MB, 2GiB")
+    p.add_argument("--out-dtype", help="float32, bfloat16 or float16 (default: the pivot's dtype)")
+    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    p.add_argument("--verbose", "-v", action="store_true", help="tracebacks on errors")
+    return p
+
+
+def _float_arg(value: Any, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what}: expected a number, got {value!r}") from None
+
+
+def prepare(args: argparse.Namespace):
+    """Config file + flags -> a checked MergePlan (UsageError/MergeError before any work)."""
+    from .engine import DEFAULT_CHUNK_MB, DEFAULT_SHARD_SIZE, plan_merge
+
+    spec = load_spec(args.config)
+    overrides = {}
+    if args.backend is not None:
+        overrides["backend"] = args.backend
+    if args.threads is not None:
+        overrides["threads"] = args.threads
+    if args.out_dtype is not None:
+        overrides["out_dtype"] = args.out_dtype
+    try:
+        config = spec.config.replace(**overrides) if overrides else spec.config
+    except MergeError as e:
+        flag = {"backend": "--backend", "threads": "--threads", "out_dtype": "--out-dtype"}
+        msg = str(e)
+        for k, v in flag.items():
+            msg = msg.replace(f"AMEConfig.{k}", v)
+        raise UsageError(msg) from None
+    chunk_mb = _float_arg(args.chunk_mb if args.chunk_mb is not None else spec.engine.get("chunk_mb", DEFAULT_CHUNK_MB), "chunk-mb")
+    shard_size = args.shard_size if args.shard_size is not None else spec.engine.get("shard_size", DEFAULT_SHARD_SIZE)
+    device = str(args.device if args.device is not None else spec.engine.get("device", "cpu"))
+    return plan_merge(spec.models, config, pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size, device=device)
+
+
+def describe(plan) -> str:
+    """The --dry-run report."""
+    from .engine import measure_copy_bandwidth
+
+    cfg = plan.config
+    merged = sum(t.merge for t in plan.tensors)
+    pivot = plan.pivot.path if hasattr(plan.pivot, "path") else ("soup" if plan.pivot is None else f"model {plan.pivot}")
+    lines = [
+        f"models ({plan.n}):",
+        *[f"  [{i}] {ck.path}  ({len(ck.tensors)} tensors, {ck.nbytes / 1e9:.3f} GB, {ck.kind})" for i, ck in enumerate(plan.ingredients)],
+        f"pivot: {pivot}{' (adaptive)' if cfg.adaptive_pivot else ' (fixed)'}",
+        f"optimizer: {cfg.optimizer}, lr {cfg.resolved_lr:g} ({cfg.lr_schedule if isinstance(cfg.lr_schedule, str) else 'per-step'}), "
+        f"epochs {cfg.epochs}, batch size {cfg.batch_size}: {plan.steps.steps} steps, order {list(plan.steps.order)}",
+        f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied)",
+        f"bytes: {plan.in_bytes / 1e9:.3f} GB read, {plan.out_bytes / 1e9:.3f} GB written "
+        f"in {len(plan.shard_files)} shard(s) of at most {plan.shard_size / 1e9:g} GB",
+        f"backend: {plan.backend} on {plan.device}, chunks of {plan.chunk_elems} elements ({len(plan.work)} work items)",
+        f"estimated peak memory: {plan.estimated_peak_bytes() / 2**20:.0f} MiB",
+    ]
+    bw = measure_copy_bandwidth()
+    secs = (plan.in_bytes + plan.out_bytes) / bw
+    lines.append(
+        f"estimated time: >= {secs:.1f} s with a warm page cache (bytes moved / this machine's copy bandwidth, "
+        f"{bw / 1e9:.1f} GB/s); a cold cache is bounded by the disk"
+    )
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def _error(msg: str) -> None:
+    print(f"ame-merge: error: {msg}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "inspect":
+        return _inspect(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or bad usage (2)
+        return int(e.code or 0)
+    if not args.dry_run and not args.out_dir:
+        _error("OUT_DIR is required (or pass --dry-run)")
+        return EXIT_USAGE
+    from .distributed import world_from_env
+
+    world = world_from_env()
+    if world is not None and not args.dry_run:
+        from .distributed import main_distributed
+
+        return main_distributed(args, world)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .engine import close_plan, run_merge
+    from .io.atomic import Terminated, check_target, terminate_as_exception
+
+    plan = None
+    try:
+        try:
+            plan = prepare(args)
+            if not args.dry_run:
+                check_target(args.out_dir, args.force)
+        except MergeError as e:
+            _error(str(e))
+            if args.verbose:
+                traceback.print_exc()
+            return EXIT_USAGE
+        if args.dry_run:
+            print(describe(plan))
+            return EXIT_OK
+        for w in plan.warnings:
+            print(f"ame-merge: warning: {w}", file=sys.stderr)
+        try:
+            with terminate_as_exception(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = run_merge(plan, args.out_dir, force=args.force, progress=not args.quiet)
+            for w in caught:
+                print(f"ame-merge: warning: {w.message}", file=sys.stderr)
+        except (KeyboardInterrupt, Terminated) as e:
+            _error(f"interrupted ({e or 'Ctrl-C'}); nothing was written to {os.path.abspath(args.out_dir)}")
+            return EXIT_INTERRUPTED
+        except Exception as e:  # noqa: BLE001 (one clear line; traceback on request)
+            msg = str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}"
+            _error(f"{msg}; nothing was written to {os.path.abspath(args.out_dir)}")
+            if args.verbose:
+                traceback.print_exc()
+            return EXIT_FAILED
+        if not args.quiet:
+            print(result.summary())
+        return EXIT_OK
+    finally:
+        if plan is not None:
+            close_plan(plan)
+
+
+def _inspect(argv: List[str]) -> int:
+    try:
+        from .diagnostics import inspect_main
+    except ImportError as e:
+        _error(f"'inspect' is not available (ame_kernels.diagnostics.inspect_main could not be imported: {e})")
+        return EXIT_USAGE
+    return int(inspect_main(argv) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,623 @@
+"""The checkpoint engine: merge checkpoints on disk into a sharded safetensors folder in bounded memory.
+
+    plan = plan_merge(["a/", "b/", "c/"], AMEConfig(optimizer="adam"))   # every check, no compute
+    result = run_merge(plan, "merged/")                                   # chunked, atomic
+
+``plan_merge`` opens every checkpoint (headers only), checks names, shapes and
+dtypes across ingredients, fixes each tensor's output dtype and shard, and cuts
+the work into chunks of at most ``chunk_elems`` elements (the update is
+elementwise, so a big tensor is split into element ranges). ``run_merge``
+builds the output folder under a temporary name, preallocates every shard
+with its final header, runs the whole schedule on each chunk (the kernels read
+the inputs straight from the mapped files) and writes each result at its final
+offset, then writes the index, the copied config/tokenizer files and
+``ame_merge.yaml`` and renames the folder into place.
+
+Memory: at most N input chunks are mapped at a time (pages are released after
+each chunk), plus one output chunk: peak RSS ~ N x chunk + constant, whatever
+the model size.
+
+On the CPU the file path never imports torch: numpy views of the mapped files
+go to the cpu backend's ``whole_run_buffers``. Other backends (reference,
+triton, cuda, or a CUDA device) get torch tensors made from the same views.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .config import AMEConfig, make_config
+from .errors import MergeError
+from .io.atomic import AtomicDir
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.safetensors import KERNEL_DTYPES, MERGE_DTYPES, ShardWriter, itemsize, np_dtype
+from .schedule import StepPlan, schedule
+
+DEFAULT_CHUNK_MB = 64
+DEFAULT_SHARD_SIZE = 5 * 10**9  # "5GB", as Hugging Face counts it
+PROVENANCE = "ame_merge.yaml"
+INDEX = "model.safetensors.index.json"
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: merged (float) or copied from ``source`` (non-float)."""
+
+    name: str
+    shape: Tuple[int, ...]
+    numel: int
+    merge: bool
+    in_dtypes: Tuple[str, ...]
+    out_dtype: str
+    source: int  # copy source: ingredient index, or -1 for the pivot checkpoint
+    shard: int
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * itemsize(self.out_dtype)
+
+    @property
+    def in_bytes(self) -> int:
+        return self.numel * sum(itemsize(d) for d in self.in_dtypes)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """Elements [start, start+count) of tensor ``job`` (an index into MergePlan.tensors)."""
+
+    job: int
+    start: int
+    count: int
+
+
+@dataclass
+class MergePlan:
+    ingredients: List[Checkpoint]
+    pivot: Union[None, int, Checkpoint]  # None = soup
+    config: AMEConfig
+    steps: StepPlan
+    tensors: List[TensorJob]
+    shard_files: List[str]
+    work: List[WorkItem]
+    chunk_elems: int
+    backend: str
+    device: str
+    shard_size: int
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.ingredients)
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(t.in_bytes for t in self.tensors) + (
+            sum(t.numel * itemsize(self.pivot.tensors[t.name].dtype) for t in self.tensors if t.merge)
+            if isinstance(self.pivot, Checkpoint)
+            else 0
+        )
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.out_bytes for t in self.tensors)
+
+    def item_bytes(self, item: WorkItem) -> int:
+        """Bytes read and written by one work item (for progress and balancing)."""
+        job = self.tensors[item.job]
+        return item.count * (sum(itemsize(d) for d in job.in_dtypes) + itemsize(job.out_dtype))
+
+    def estimated_peak_bytes(self) -> int:
+        """N mapped input chunks + output and pivot buffers + the interpreter and numpy (~100 MB)."""
+        widest = max((itemsize(d) for t in self.tensors for d in t.in_dtypes), default=4)
+        elems = min(self.chunk_elems, max((t.numel for t in self.tensors), default=0))
+        per_chunk = elems * (self.n * widest + 4 + (4 if isinstance(self.pivot, Checkpoint) else 0))
+        return per_chunk + 100 * 2**20
+
+    def shard_entries(self, shard: int) -> List[Tuple[str, str, Tuple[int, ...]]]:
+        jobs = [t for t in self.tensors if t.shard == shard]
+        # widest dtypes first (stable), so every tensor's data is aligned to its itemsize
+        jobs.sort(key=lambda t: -itemsize(t.out_dtype))
+        return [(t.name, t.out_dtype, t.shape) for t in jobs]
+
+
+def parse_size(value: Union[int, float, str], what: str = "shard size") -> int:
+    """'5GB' -> 5e9, '500MB', '2GiB', '1e9', 1000 -> bytes (decimal units as Hugging Face; *iB binary)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        s = str(value).strip().upper().replace(" ", "")
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+        mult = 1
+        for u, m in units.items():
+            if s.endswith(u):
+                s, mult = s[: -len(u)], m
+                break
+        try:
+            n = float(s) * mult
+        except ValueError:
+            raise MergeError(f"{what}: cannot read {value!r} as a size (e.g. 5GB, 500MB, 2GiB)") from None
+    if not (n >= 1 and math.isfinite(n)):
+        raise MergeError(f"{what}: must be at least 1 byte, got {value!r}")
+    return int(n)
+
+
+def _resolve_backend(name: str, device: str) -> str:
+    """The backend that will run: 'cpu' (buffers, no torch) or a torch backend's name."""
+    dev_type = device.split(":")[0]
+    if dev_type not in ("cpu", "cuda"):
+        raise MergeError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev_type == "cpu" and name in ("auto", "cpu"):
+        ok, why = _cpu_buffers_available()
+        if ok:
+            return "cpu"
+        if name == "cpu":
+            raise MergeError(f"backend 'cpu' is not available here: {why}")
+        return "reference"
+    from .backends import get_backend  # imports torch-based backends lazily
+
+    return get_backend(name, dev_type).name
+
+
+def _cpu_buffers_available() -> Tuple[bool, str]:
+    try:
+        from .backends import cpu as cpu_backend
+
+        fn = getattr(cpu_backend, "whole_run_buffers")
+        ok, why = cpu_backend.CpuBackend().available()
+        return (ok and callable(fn)), why
+    except (ImportError, AttributeError) as e:
+        return False, f"ame_kernels.backends.cpu.whole_run_buffers is missing ({e})"
+
+
+def _label(i: int, ck: Checkpoint) -> str:
+    return f"ingredient {i} ({ck.path})"
+
+
+def _check_structure(cks: List[Checkpoint], pivot: Optional[Checkpoint]) -> List[str]:
+    """Same names and shapes everywhere, float/non-float agreeing; the names in ingredient 0's order."""
+    names = list(cks[0].tensors)
+    ref = set(names)
+    problems = []
+    for i, ck in enumerate(cks[1:], start=1):
+        keys = set(ck.tensors)
+        if keys != ref:
+            missing, extra = sorted(ref - keys), sorted(keys - ref)
+            problems.append(f"{_label(i, ck)}: missing {_short(missing)}, extra {_short(extra)}")
+    if problems:
+        raise MergeError("tensor names differ from ingredient 0 (" + cks[0].path + "): " + "; ".join(problems))
+    for name in names:
+        first = cks[0].tensors[name]
+        for i, ck in enumerate(cks):
+            info = ck.tensors[name]
+            if info.shape != first.shape:
+                raise MergeError(
+                    f"tensor {name!r} has shape {list(info.shape)} in {_label(i, ck)} but {list(first.shape)} in "
+                    f"ingredient 0 ({cks[0].path})"
+                )
+            fl, ffirst = info.dtype in MERGE_DTYPES, first.dtype in MERGE_DTYPES
+            if fl != ffirst or (not fl and info.dtype != first.dtype):
+                raise MergeError(
+                    f"tensor {name!r} is {info.dtype} in {_label(i, ck)} but {first.dtype} in ingredient 0 "
+                    "(floating and non-floating tensors cannot be mixed; non-floating tensors must agree)"
+                )
+            if info.dtype.startswith("float8"):
+                raise MergeError(f"tensor {name!r} of {_label(i, ck)} is {info.dtype}, which cannot be merged")
+    if pivot is not None:
+        missing = [n for n in names if n not in pivot.tensors and cks[0].tensors[n].dtype in MERGE_DTYPES]
+        if missing:
+            raise MergeError(f"pivot checkpoint {pivot.path}: missing tensors {_short(missing)}")
+        for name in names:
+            if name not in pivot.tensors or cks[0].tensors[name].dtype not in MERGE_DTYPES:
+                continue
+            p = pivot.tensors[name]
+            if p.shape != cks[0].tensors[name].shape:
+                raise MergeError(
+                    f"pivot checkpoint {pivot.path}: tensor {name!r} has shape {list(p.shape)}, "
+                    f"the ingredients have {list(cks[0].tensors[name].shape)}"
+                )
+            if p.dtype not in MERGE_DTYPES:
+                raise MergeError(f"pivot checkpoint {pivot.path}: tensor {name!r} is {p.dtype}, expected a float dtype")
+    return names
+
+
+def _short(names: Sequence[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ... (%d more)' % (len(names) - limit) if len(names) > limit else ''}]"
+
+
+def plan_merge(
+    models: Sequence[Union[str, Checkpoint]],
+    config: Optional[AMEConfig] = None,
+    *,
+    pivot_path: Optional[str] = None,
+    chunk_mb: float = DEFAULT_CHUNK_MB,
+    shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
+    device: str = "cpu",
+    **overrides: Any,
+) -> MergePlan:
+    """Open and check every checkpoint and fix the whole merge; raises MergeError before any compute.
+
+    models: checkpoint paths (folders or files) in the given order.
+    config / overrides: AMEConfig fields; ``pivot`` is 'soup' or an index, or give ``pivot_path``
+        (an extra checkpoint read like an ingredient).
+    chunk_mb: elements per chunk = chunk_mb MiB / 4 (fp32), for every input alike.
+    shard_size: bytes per output shard (int or '5GB', '500MB', ...).
+    """
+    cfg = make_config(config, **overrides)
+    if not models:
+        raise MergeError("models: need at least 1 checkpoint, got none")
+    if not (isinstance(chunk_mb, (int, float)) and chunk_mb > 0 and math.isfinite(chunk_mb)):
+        raise MergeError(f"chunk_mb: must be a number > 0, got {chunk_mb!r}")
+    shard_bytes = parse_size(shard_size)
+    cks = [m if isinstance(m, Checkpoint) else open_checkpoint(m) for m in models]
+    n = len(cks)
+    pivot: Union[None, int, Checkpoint]
+    if pivot_path is not None:
+        pivot = open_checkpoint(pivot_path)
+    elif cfg.pivot == "soup":
+        pivot = None
+    elif isinstance(cfg.pivot, int):
+        if not -n <= cfg.pivot < n:
+            raise MergeError(f"pivot: index {cfg.pivot} is out of range for {n} models")
+        pivot = cfg.pivot % n
+    else:
+        raise MergeError(f"pivot: expected 'soup', a model index or a checkpoint path, got {cfg.pivot!r}")
+    names = _check_structure(cks, pivot if isinstance(pivot, Checkpoint) else None)
+    steps = schedule(cfg, n)  # once, reused by every chunk
+    backend = _resolve_backend(cfg.backend, device)
+
+    # the checkpoint whose dtypes and non-float tensors the output takes
+    src_idx = -1 if isinstance(pivot, Checkpoint) else (pivot if isinstance(pivot, int) else 0)
+    src = pivot if isinstance(pivot, Checkpoint) else cks[src_idx]
+    plan_warnings: List[str] = []
+    jobs: List[TensorJob] = []
+    shard, shard_fill = 0, 0
+    for name in names:
+        first = cks[0].tensors[name]
+        merge = first.dtype in MERGE_DTYPES
+        if merge:
+            own = src.tensors[name].dtype
+            out_dtype = cfg.out_dtype or (own if own in KERNEL_DTYPES else "float32")
+            source = src_idx
+        else:
+            out_dtype = first.dtype
+            source = src_idx if name in src.tensors else 0
+        job_bytes = first.numel * itemsize(out_dtype)
+        if shard_fill and shard_fill + job_bytes > shard_bytes:
+            shard, shard_fill = shard + 1, 0
+        shard_fill += job_bytes
+        in_dtypes = tuple(ck.tensors[name].dtype for ck in cks)
+        jobs.append(TensorJob(name, first.shape, first.numel, merge, in_dtypes, out_dtype, source, shard))
+    if any(d == "float64" for j in jobs for d in j.in_dtypes):
+        plan_warnings.append("float64 tensors are read through an fp32 copy of each chunk (and written as float32 by default)")
+    nshards = shard + 1
+    shard_files = (
+        ["model.safetensors"]
+        if nshards == 1
+        else [f"model-{k + 1:05d}-of-{nshards:05d}.safetensors" for k in range(nshards)]
+    )
+    chunk_elems = max(4096, int(chunk_mb * 2**20) // 4 // 4096 * 4096)  # a multiple of 4096 elements
+    work = [
+        WorkItem(j, s, min(chunk_elems, job.numel - s))
+        for j, job in enumerate(jobs)
+        for s in range(0, max(job.numel, 1), chunk_elems)
+        if job.numel
+    ]
+    return MergePlan(cks, pivot, cfg, steps, jobs, shard_files, work, chunk_elems, backend, device, shard_bytes, plan_warnings)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """An fp32 array of ``a`` (storage dtype ``dtype``); zero-copy for float32."""
+    if dtype == "float32":
+        return a
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+class _BufferRunner:
+    """The cpu backend on numpy buffers (no torch)."""
+
+    def __init__(self, threads: Optional[int]):
+        from .backends.cpu import whole_run_buffers
+
+        self.fn = whole_run_buffers
+        self.threads = threads
+
+    def __call__(self, inputs, in_dtypes, steps, pivot, adaptive, out, out_dtype, check_finite) -> list:
+        return list(
+            self.fn(inputs, in_dtypes, steps, pivot, adaptive, out, out_dtype, threads=self.threads, check_finite=check_finite)
+        )
+
+
+class _TorchRunner:
+    """A torch backend (reference, triton, cuda) on tensors made from the numpy views."""
+
+    def __init__(self, backend: str, device: str, threads: Optional[int]):
+        import torch
+
+        from .backends import get_backend
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.backend = get_backend(backend, self.device.type)
+        self.threads = threads
+
+    def _tensor(self, a: np.ndarray, dtype: str):
+        torch = self.torch
+        if not a.flags.aligned or not a.flags.writeable:
+            a = a.copy()  # torch.from_numpy wants aligned, writable memory
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(a)
+        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+
+    def __call__(self, inputs, in_dtypes, steps, pivot, adaptive, out, out_dtype, check_finite) -> list:
+        torch = self.torch
+        xs = [self._tensor(a, d) for a, d in zip(inputs, in_dtypes)]
+        p = pivot if pivot is None or isinstance(pivot, int) else self._tensor(pivot, "float32")
+        if self.device.type == "cpu":
+            o = self._tensor(out, out_dtype)  # out is writable and aligned: shares memory
+        else:
+            o = torch.empty(out.shape[0], dtype=getattr(torch, out_dtype), device=self.device)
+        bad = self.backend.whole_run(xs, steps, p, adaptive, o, threads=self.threads, check_finite=check_finite)
+        if self.device.type != "cpu":
+            host = o.cpu()
+            out[:] = (host.view(torch.int16).numpy().view(np.uint16) if out_dtype == "bfloat16" else host.numpy())
+        return list(bad)
+
+
+def _make_runner(plan: MergePlan, threads: Optional[int]):
+    if plan.backend == "cpu" and plan.device == "cpu":
+        return _BufferRunner(threads)
+    return _TorchRunner(plan.backend, plan.device, threads)
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class MergeResult:
+    out_dir: str
+    tensors: int
+    in_bytes: int
+    out_bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    backend: str
+    warnings: List[str]
+
+    @property
+    def gbps(self) -> float:
+        return (self.in_bytes + self.out_bytes) / max(self.seconds, 1e-9) / 1e9
+
+    def summary(self) -> str:
+        return (
+            f"merged {self.tensors} tensors, {self.in_bytes / 1e9:.2f} GB in + {self.out_bytes / 1e9:.2f} GB out "
+            f"in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) with backend {self.backend}, "
+            f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB -> {self.out_dir}"
+        )
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def create_shards(plan: MergePlan, folder: str) -> None:
+    """Create every output shard with its final header, sized to its final length."""
+    for k, fname in enumerate(plan.shard_files):
+        ShardWriter(os.path.join(folder, fname), plan.shard_entries(k), {"format": "pt"}).create().close()
+
+
+def merge_items(
+    plan: MergePlan,
+    folder: str,
+    items: Sequence[WorkItem],
+    threads: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> List[str]:
+    """Run ``items`` and place their results in the shards in ``folder`` (already created).
+
+    Returns warnings (non-float tensors that differ between ingredients). Raises
+    MergeError on NaN/Inf in an ingredient (with ``check_finite``), naming tensor and file.
+    """
+    writers = [
+        ShardWriter(os.path.join(folder, fname), plan.shard_entries(k), {"format": "pt"}).open_existing()
+        for k, fname in enumerate(plan.shard_files)
+    ]
+    runner = _make_runner(plan, threads) if any(plan.tensors[it.job].merge for it in items) else None
+    cfg = plan.config
+    pivot_ck = plan.pivot if isinstance(plan.pivot, Checkpoint) else None
+    out_bufs: Dict[str, np.ndarray] = {}
+    notes: List[str] = []
+    cks = plan.ingredients
+    try:
+        for k, it in enumerate(items):
+            job = plan.tensors[it.job]
+            if k + 1 < len(items):  # start reading the next chunk while this one computes
+                nxt = items[k + 1]
+                for ck in cks + ([pivot_ck] if pivot_ck else []):
+                    info = ck.tensors.get(plan.tensors[nxt.job].name)
+                    if info is not None:
+                        ck.reader(info).prefetch(info, nxt.start, nxt.count)
+            infos = [ck.tensors[job.name] for ck in cks]
+            views = [ck.reader(info).view(info, it.start, it.count) for ck, info in zip(cks, infos)]
+            if job.merge:
+                dts = list(job.in_dtypes)
+                for i, d in enumerate(dts):
+                    if d == "float64":
+                        views[i], dts[i] = views[i].astype(np.float32), "float32"
+                if pivot_ck is not None:
+                    pinfo = pivot_ck.tensors[job.name]
+                    pivot = _to_f32(pivot_ck.reader(pinfo).view(pinfo, it.start, it.count), pinfo.dtype)
+                    if cfg.check_finite and not np.isfinite(pivot).all():
+                        raise MergeError(f"tensor {job.name!r}: NaN or Inf in the pivot checkpoint ({pinfo.file})")
+                else:
+                    pivot = plan.pivot
+                buf = out_bufs.get(job.out_dtype)
+                if buf is None:
+                    buf = out_bufs[job.out_dtype] = np.empty(plan.chunk_elems, dtype=np_dtype(job.out_dtype))
+                out = buf[: it.count]
+                bad = runner(views, dts, plan.steps, pivot, cfg.adaptive_pivot, out, job.out_dtype, cfg.check_finite)
+                if bad:
+                    where = "; ".join(f"ingredient {i} ({infos[i].file})" for i in bad)
+                    raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where}")
+                writers[job.shard].write(job.name, it.start, out)
+            else:
+                src_ck = pivot_ck if job.source == -1 else cks[job.source]
+                sinfo = src_ck.tensors[job.name]
+                data = src_ck.reader(sinfo).view(sinfo, it.start, it.count)
+                differ = [i for i, v in enumerate(views) if not np.array_equal(v, data)]
+                if differ:
+                    notes.append(
+                        f"non-floating tensor {job.name!r} differs between ingredients {differ}; copied from "
+                        f"{'the pivot' if job.source == -1 else f'ingredient {job.source}'}, not averaged"
+                    )
+                writers[job.shard].write(job.name, it.start, data)
+            del views
+            for ck, info in zip(cks, infos):
+                ck.reader(info).release(info, it.start, it.count)
+            if pivot_ck is not None and job.name in pivot_ck.tensors:
+                pinfo = pivot_ck.tensors[job.name]
+                pivot_ck.reader(pinfo).release(pinfo, it.start, it.count)
+            if progress is not None:
+                progress(plan.item_bytes(it))
+    finally:
+        for w in writers:
+            w.close()
+    return notes
+
+
+def write_metadata(plan: MergePlan, folder: str, extra: Optional[dict] = None) -> None:
+    """Index (when sharded), config/tokenizer files from the pivot or first ingredient, provenance."""
+    if len(plan.shard_files) > 1:
+        index = {
+            "metadata": {"total_size": plan.out_bytes},
+            "weight_map": {t.name: plan.shard_files[t.shard] for t in plan.tensors},
+        }
+        with open(os.path.join(folder, INDEX), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+    src = plan.pivot if isinstance(plan.pivot, Checkpoint) else plan.ingredients[plan.pivot if isinstance(plan.pivot, int) else 0]
+    aux = src.aux_files() or plan.ingredients[0].aux_files()
+    for path in aux:
+        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+    with open(os.path.join(folder, PROVENANCE), "w", encoding="utf-8") as f:
+        f.write(provenance_yaml(plan, extra))
+
+
+def provenance_yaml(plan: MergePlan, extra: Optional[dict] = None) -> str:
+    import yaml
+
+    from . import __version__
+
+    cfg = plan.config.to_dict()
+    if isinstance(plan.pivot, Checkpoint):
+        cfg["pivot"] = plan.pivot.path
+    doc = {
+        "ame_kernels_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "models": [
+            {"path": ck.path, **({"score": plan.config.scores[i]} if plan.config.scores else {})}
+            for i, ck in enumerate(plan.ingredients)
+        ],
+        "pivot": plan.pivot.path if isinstance(plan.pivot, Checkpoint) else plan.config.pivot,
+        "config": cfg,
+        "engine": {
+            "backend": plan.backend,
+            "device": plan.device,
+            "chunk_elems": plan.chunk_elems,
+            "shard_size": plan.shard_size,
+            "shards": len(plan.shard_files),
+            "tensors": len(plan.tensors),
+            "merged_tensors": sum(t.merge for t in plan.tensors),
+            "out_bytes": plan.out_bytes,
+        },
+        **(extra or {}),
+    }
+    return "# Written by ame-kernels: how this folder was merged.\n" + yaml.safe_dump(doc, sort_keys=False)
+
+
+def run_merge(
+    plan: MergePlan,
+    out_dir: str,
+    *,
+    force: bool = False,
+    threads: Optional[int] = None,
+    progress: bool = False,
+    extra_provenance: Optional[dict] = None,
+) -> MergeResult:
+    """Execute ``plan`` into ``out_dir`` atomically (see module docstring); returns timings and memory."""
+    threads = threads if threads is not None else plan.config.threads
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = sum(plan.item_bytes(it) for it in plan.work)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True, file=sys.stderr)
+    atomic = AtomicDir(out_dir, force=force)
+    tmp = atomic.create()
+    try:
+        create_shards(plan, tmp)
+        notes = merge_items(plan, tmp, plan.work, threads, bar.update if bar else None)
+        write_metadata(plan, tmp, extra_provenance)
+        atomic.commit()
+    finally:
+        if bar is not None:
+            bar.close()
+        atomic.abort()  # no-op after a commit
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    secs = time.perf_counter() - t0
+    return MergeResult(
+        os.path.abspath(out_dir), len(plan.tensors), plan.in_bytes, plan.out_bytes, secs, peak_rss_bytes(),
+        plan.backend, plan.warnings + notes,
+    )
+
+
+def merge_checkpoints(models: Sequence[str], out_dir: str, config: Optional[AMEConfig] = None, *, force: bool = False, **kw: Any) -> MergeResult:
+    """Plan and run in one call (Python API of the CLI): ``merge_checkpoints(paths, 'out/', optimizer='adam')``."""
+    engine_kw = {k: kw.pop(k) for k in ("pivot_path", "chunk_mb", "shard_size", "device") if k in kw}
+    plan = plan_merge(models, config, **engine_kw, **kw)
+    try:
+        return run_merge(plan, out_dir, force=force)
+    finally:
+        close_plan(plan)
+
+
+def close_plan(plan: MergePlan) -> None:
+    for ck in plan.ingredients + ([plan.pivot] if isinstance(plan.pivot, Checkpoint) else []):
+        ck.close()
+
+
+def measure_copy_bandwidth(nbytes: int = 64 * 2**20) -> float:
+    """Bytes/s of a plain in-memory copy here (best of 3), the basis of the --dry-run time estimate."""
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best  # read + write

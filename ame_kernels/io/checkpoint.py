@@ -1,0 +1,138 @@
+"""Finding the tensors of one checkpoint on disk, whatever its layout.
+
+A checkpoint is a Hugging Face style model folder (``model.safetensors``, or
+shards listed in ``model.safetensors.index.json``; ``pytorch_model.bin`` and
+its sharded index as a fallback), a single ``.safetensors`` file, or a
+``.bin`` / ``.pt`` / ``.pth`` file. ``open_checkpoint`` resolves the layout,
+opens every file (headers only; data stays on disk) and checks that the index
+and the shards agree, naming the file at fault otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from ..errors import MergeError
+from .safetensors import SafetensorsFile, TensorInfo
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+#: files copied from the pivot (or first) ingredient into the output folder when present.
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of one checkpoint: name -> TensorInfo (in file order), and the open files."""
+
+    path: str
+    kind: str  # 'safetensors' or 'torch'
+    tensors: Dict[str, TensorInfo]
+    files: Dict[str, object] = field(default_factory=dict)  # file path -> SafetensorsFile | TorchFile
+    folder: Optional[str] = None  # where config.json / tokenizer files are, if anywhere
+
+    def reader(self, info: TensorInfo):
+        return self.files[info.file]
+
+    def view(self, name: str, start: int, count: int):
+        info = self.tensors[name]
+        return self.files[info.file].view(info, start, count)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def aux_files(self) -> List[str]:
+        if self.folder is None:
+            return []
+        return [os.path.join(self.folder, f) for f in AUX_FILES if os.path.isfile(os.path.join(self.folder, f))]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _open_file(path: str):
+    if path.endswith(TORCH_SUFFIXES):
+        from .torchfile import TorchFile  # imports torch: only for .bin/.pt inputs
+
+        return TorchFile(path)
+    return SafetensorsFile(path)
+
+
+def _from_index(folder: str, index_name: str, kind: str) -> Checkpoint:
+    index_path = os.path.join(folder, index_name)
+    try:
+        with open(index_path, "r", encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MergeError(f"{index_path}: unreadable shard index ({e})") from None
+    files: Dict[str, object] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = os.path.join(folder, str(shard))
+        if not os.path.isfile(shard_path):
+            raise MergeError(f"{index_path}: lists shard {shard!r}, which is missing ({shard_path}: no such file)")
+        files[shard_path] = _open_file(shard_path)
+    tensors: Dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        shard_path = os.path.join(folder, str(shard))
+        infos = files[shard_path].tensors
+        if name not in infos:
+            raise MergeError(f"{shard_path}: lacks tensor {name!r}, which {index_name} places in it")
+        tensors[name] = infos[name]
+    return Checkpoint(folder, kind, tensors, files, folder)
+
+
+def _from_file(path: str, folder: Optional[str]) -> Checkpoint:
+    f = _open_file(path)
+    kind = "torch" if path.endswith(TORCH_SUFFIXES) else "safetensors"
+    return Checkpoint(path, kind, dict(f.tensors), {path: f}, folder)
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Open the checkpoint at ``path`` (folder or file); raises MergeError naming what is wrong."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.isdir(path):
+        for name, kind in ((SAFE_INDEX, "safetensors"), (SAFE_SINGLE, None), (BIN_INDEX, "torch"), (BIN_SINGLE, None)):
+            p = os.path.join(path, name)
+            if os.path.isfile(p):
+                return _from_index(path, name, kind) if kind else _from_file(p, path)
+        single = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if len(single) == 1:
+            return _from_file(os.path.join(path, single[0]), path)
+        found = ", ".join(single) if single else "none"
+        raise MergeError(
+            f"{path}: no checkpoint found in this folder (looked for {SAFE_INDEX}, {SAFE_SINGLE}, {BIN_INDEX}, "
+            f"{BIN_SINGLE}; .safetensors files: {found})"
+        )
+    if os.path.isfile(path):
+        return _from_file(path, os.path.dirname(path) if _has_aux(os.path.dirname(path)) else None)
+    raise MergeError(f"{path}: no such file or folder")
+
+
+def _has_aux(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "config.json"))
