@@ -76,12 +76,16 @@ class TritonBackend(Backend):
         return whole_run(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
 
     def whole_run_chunked(self, inputs, plan, pivot, adaptive_pivot, out, chunk_elems: Optional[int] = None,
-                          device="cuda", check_finite: bool = False) -> list:
-        """``whole_run`` on host tensors, streamed through ``device`` chunk by chunk (driver.py)."""
-        from .driver import run_chunked
+                          device="cuda", check_finite: bool = False, runner=None) -> list:
+        """``whole_run`` on host tensors, streamed through ``device`` chunk by chunk (driver.py).
 
-        return run_chunked(self.whole_run, inputs, plan, pivot, adaptive_pivot, out,
-                           chunk_elems=chunk_elems, device=device, check_finite=check_finite)
+        Pass a ``driver.ChunkedRunner`` as ``runner`` to reuse its pinned buffers across
+        calls (e.g. tensor by tensor over a state dict); chunk_elems/device are then its own.
+        """
+        from .driver import ChunkedRunner
+
+        runner = runner if runner is not None else ChunkedRunner(device, chunk_elems)
+        return runner.run(self.whole_run, inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
 
     def step(self, w, state, batch, pivot, coeffs, t, hyper, threads: Optional[int] = None) -> None:
         from .step import step

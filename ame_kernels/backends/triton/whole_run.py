@@ -113,6 +113,31 @@ _MAX_CACHED_PLANS = 8
 _plan_cache: dict = {}  # (id(plan), device) -> (plan, coeffs, batch_ptr, batch_idx); tiny, bounded
 
 
+def _upload(host, device: torch.device) -> tuple:
+    """Copy small host tensors to ``device`` without blocking the host: (tensors..., ready event).
+
+    The copy runs on the current stream from pinned memory (torch keeps the pinned block
+    alive until the copy is done); cached uploads used later from another stream wait on
+    the event first (``_ready``).
+    """
+    if device.type != "cuda":
+        return tuple(h.clone() for h in host) + (None,)
+    out = tuple(h.pin_memory().to(device, non_blocking=True) for h in host)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return out + (event,)
+
+
+def _ready(entry: tuple) -> tuple:
+    """The tensors of a cached upload, after making the current stream wait for its copy."""
+    if entry[-1] is not None:
+        stream = torch.cuda.current_stream(entry[0].device)
+        stream.wait_event(entry[-1])
+        for t in entry[:-1]:
+            t.record_stream(stream)  # not reused by the allocator before this stream is done with it
+    return entry[:-1]
+
+
 def _plan_tensors(plan: StepPlan, device: torch.device):
     """The plan's per-step arrays on ``device``, uploaded once per (plan, device).
 
@@ -122,24 +147,22 @@ def _plan_tensors(plan: StepPlan, device: torch.device):
     key = (id(plan), str(device))
     hit = _plan_cache.get(key)
     if hit is not None and hit[0] is plan:
-        return hit[1:]
-    tensors = (
-        torch.as_tensor(np.ascontiguousarray(plan.coeffs, dtype=np.float32)).to(device),
-        torch.as_tensor(np.ascontiguousarray(plan.batch_ptr, dtype=np.int32)).to(device),
-        torch.as_tensor(np.ascontiguousarray(plan.batch_idx, dtype=np.int32)).to(device),
+        return _ready(hit[1:])
+    host = (
+        torch.as_tensor(np.ascontiguousarray(plan.coeffs, dtype=np.float32)),
+        torch.as_tensor(np.ascontiguousarray(plan.batch_ptr, dtype=np.int32)),
+        torch.as_tensor(np.ascontiguousarray(plan.batch_idx, dtype=np.int32)),
     )
+    entry = _upload(host, device)
     if len(_plan_cache) >= _MAX_CACHED_PLANS:
         _plan_cache.pop(next(iter(_plan_cache)))
-    _plan_cache[key] = (plan,) + tensors
-    return tensors
+    _plan_cache[key] = (plan,) + entry
+    return entry[:-1]
 
 
-def pointer_table(fn: str, arg: str, tensors, numel: int, device: torch.device):
-    """(int64 [M] data_ptr table, int32 [M] dtype codes, IN_KIND) for ``tensors``.
-
-    Checks each is a contiguous float32/bfloat16/float16 tensor of ``numel`` elements on
-    ``device``. IN_KIND is the common dtype's code, or 3 when the dtypes are mixed.
-    """
+def check_inputs(fn: str, arg: str, tensors, numel: int, device: torch.device) -> list:
+    """Each of ``tensors`` is a contiguous float32/bfloat16/float16 tensor of ``numel``
+    elements on ``device``; returns their dtype codes (0 fp32, 1 bf16, 2 fp16)."""
     kinds = []
     for k, x in enumerate(tensors):
         if not isinstance(x, torch.Tensor):
@@ -153,8 +176,33 @@ def pointer_table(fn: str, arg: str, tensors, numel: int, device: torch.device):
         if x.device != device:
             raise MergeError(f"{fn}: {arg}[{k}] is on {x.device}, expected {device} (all tensors on one device)")
         kinds.append(_IN_KIND[x.dtype])
-    table = torch.tensor([x.data_ptr() for x in tensors], dtype=torch.int64).to(device)
-    codes = torch.tensor(kinds, dtype=torch.int32).to(device)
+    return kinds
+
+
+_MAX_CACHED_TABLES = 64
+_table_cache: dict = {}  # (device, ptrs, kinds) -> (table, codes); the content is a pure function of the key
+
+
+def pointer_table(fn: str, arg: str, tensors, numel: int, device: torch.device):
+    """(int64 [M] data_ptr table, int32 [M] dtype codes, IN_KIND) for ``tensors`` (checked).
+
+    IN_KIND is the common dtype's code, or 3 when the dtypes are mixed. Tables are cached
+    by (device, pointers, dtypes), and a new one is uploaded from pinned memory without
+    blocking: the chunked driver launches once per chunk from the same buffers, and a
+    synchronous upload there would stall the host behind the compute stream.
+    """
+    kinds = check_inputs(fn, arg, tensors, numel, device)
+    ptrs = tuple(x.data_ptr() for x in tensors)
+    key = (str(device), ptrs, tuple(kinds))
+    hit = _table_cache.get(key)
+    if hit is None:
+        hit = _upload((torch.tensor(ptrs, dtype=torch.int64), torch.tensor(kinds, dtype=torch.int32)), device)
+        if len(_table_cache) >= _MAX_CACHED_TABLES:
+            _table_cache.pop(next(iter(_table_cache)))
+        _table_cache[key] = hit
+        table, codes = hit[:-1]
+    else:
+        table, codes = _ready(hit)
     in_kind = kinds[0] if len(set(kinds)) == 1 else 3
     return table, codes, in_kind
 
@@ -210,7 +258,7 @@ def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Te
             raise MergeError(f"{fn}: pivot index {pivot} out of range [0, {plan.n})")
         pivot_t = inputs[int(pivot)]
     elif isinstance(pivot, torch.Tensor):
-        pointer_table(fn, "pivot", [pivot], c, device)  # same checks as an input
+        check_inputs(fn, "pivot", [pivot], c, device)
         pivot_t = pivot
     else:
         raise MergeError(f"{fn}: pivot must be None (soup), an input index or a tensor, got {type(pivot).__name__}")
