@@ -489,9 +489,10 @@ def merge_items(
                 data = src_ck.reader(sinfo).view(sinfo, it.start, it.count)
                 differ = [i for i, v in enumerate(views) if not np.array_equal(v, data)]
                 if differ:
+                    src_name = "the pivot checkpoint" if job.source == -1 else f"ingredient {job.source}"
                     notes.append(
-                        f"non-floating tensor {job.name!r} differs between ingredients {differ}; copied from "
-                        f"{'the pivot' if job.source == -1 else f'ingredient {job.source}'}, not averaged"
+                        f"non-floating tensor {job.name!r}: ingredients {differ} differ from {src_name}; "
+                        f"copied from {src_name}, not averaged"
                     )
                 writers[job.shard].write(job.name, it.start, data)
             del views
