@@ -1,6 +1,261 @@
-// Placeholder until the CPU kernels land: registers nothing.
+// ame_kernels._C: the CPU kernels (csrc/cpu). Every argument is checked here, with the
+// function and argument named; then one args struct, the GIL released, one call.
+// Pointers arrive as Python ints (tensor.data_ptr(), ndarray.ctypes.data): the caller
+// (ame_kernels/backends/cpu.py) guarantees that each buffer holds numel elements of its
+// dtype and is contiguous; this file checks everything it can see.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "common/dispatch.h"
+#include "common/dtypes.h"
+#include "common/macros.h"
+#include "cpu/kernels.h"
 
 namespace py = pybind11;
+using namespace ame;
 
-void init_cpu(py::module_& m) { (void)m; }
+namespace {
+
+DType dtype_arg(const std::string& name, const char* fn, const std::string& arg) {
+  int code = parse_dtype(name);
+  AME_CHECK(code >= 0, std::string("[") + fn + "] " + arg + ": unsupported dtype '" + name +
+                           "'; valid: float32, bfloat16, float16");
+  return static_cast<DType>(code);
+}
+
+int optimizer_arg(const std::string& name, const char* fn) {
+  for (int c = 0; c <= 4; ++c)
+    if (name == optimizer_name(c)) return c;
+  AME_CHECK(false, std::string("[") + fn + "] optimizer: unknown optimizer '" + name +
+                       "'; valid: sgd, adagrad, adam, adamw, adadelta");
+  return -1;
+}
+
+SimdLevel simd_arg(const std::string& name, const char* fn) {
+  if (name == "auto") return best_simd_level();
+  AME_CHECK(name == "scalar" || name == "avx2" || name == "avx512",
+            std::string("[") + fn + "] simd: unknown level '" + name + "'; valid: auto, scalar, avx2, avx512");
+  SimdLevel level = parse_simd_level(name);
+  AME_CHECK(simd_level_supported(level),
+            std::string("[") + fn + "] simd: level '" + name + "' is not supported on this CPU / build");
+  return level;
+}
+
+HyperScalars hyper_arg(const char* fn, double momentum, double dampening, bool nesterov,
+                       double weight_decay, double beta1, double beta2, double eps, double rho, bool amsgrad,
+                       bool eps_inside_sqrt, double initial_accumulator_value) {
+  const std::string f = std::string("[") + fn + "] ";
+  AME_CHECK(momentum >= 0 && momentum <= 1, f + "momentum: must be in [0, 1], got " + std::to_string(momentum));
+  AME_CHECK(std::isfinite(dampening), f + "dampening: must be finite");
+  AME_CHECK(!nesterov || (momentum > 0 && dampening == 0), f + "nesterov: requires momentum > 0 and dampening = 0");
+  AME_CHECK(weight_decay >= 0 && std::isfinite(weight_decay), f + "weight_decay: must be a finite number >= 0");
+  AME_CHECK(beta1 >= 0 && beta1 < 1, f + "beta1: must be in [0, 1), got " + std::to_string(beta1));
+  AME_CHECK(beta2 >= 0 && beta2 < 1, f + "beta2: must be in [0, 1), got " + std::to_string(beta2));
+  AME_CHECK(eps >= 0 && std::isfinite(eps), f + "eps: must be a finite number >= 0");
+  AME_CHECK(rho >= 0 && rho <= 1, f + "rho: must be in [0, 1], got " + std::to_string(rho));
+  AME_CHECK(initial_accumulator_value >= 0 && std::isfinite(initial_accumulator_value),
+            f + "initial_accumulator_value: must be a finite number >= 0");
+  HyperScalars h;
+  h.momentum = static_cast<float>(momentum);
+  h.dampening = static_cast<float>(dampening);
+  h.nesterov = nesterov;
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.beta1 = static_cast<float>(beta1);
+  h.beta2 = static_cast<float>(beta2);
+  h.eps = static_cast<float>(eps);
+  h.rho = static_cast<float>(rho);
+  h.amsgrad = amsgrad;
+  h.eps_inside_sqrt = eps_inside_sqrt;
+  h.initial_accumulator_value = static_cast<float>(initial_accumulator_value);
+  return h;
+}
+
+template <class T>
+const T* array_arg(const py::array& arr, const char* fn, const char* arg, const char* dtype_name_) {
+  const std::string f = std::string("[") + fn + "] " + arg + ": ";
+  AME_CHECK(py::isinstance<py::array_t<T>>(arr) && arr.dtype().is(py::dtype::of<T>()),
+            f + "expected a " + dtype_name_ + " array, got " + std::string(py::str(arr.dtype())));
+  AME_CHECK(arr.flags() & py::array::c_style, f + "must be C-contiguous");
+  return static_cast<const T*>(arr.data());
+}
+
+void check_coeffs(const py::array& coeffs, int64_t rows, const char* fn) {
+  const float* c = array_arg<float>(coeffs, fn, "coeffs", "float32");
+  const std::string f = std::string("[") + fn + "] coeffs: ";
+  if (rows == 1 && coeffs.ndim() == 1) {
+    AME_CHECK(coeffs.shape(0) == 4, f + "expected 4 values (gscale, lr_eff, decay, inv_bc2_sqrt)");
+  } else {
+    AME_CHECK(coeffs.ndim() == 2 && coeffs.shape(0) == rows && coeffs.shape(1) == 4,
+              f + "expected shape [" + std::to_string(rows) + ", 4] (one row per step)");
+  }
+  for (int64_t i = 0; i < rows * 4; ++i) AME_CHECK(std::isfinite(c[i]), f + "every value must be finite");
+}
+
+void* pointer_arg(uintptr_t p, int64_t numel, const char* fn, const std::string& arg) {
+  AME_CHECK(numel == 0 || p != 0, std::string("[") + fn + "] " + arg + ": null pointer");
+  return reinterpret_cast<void*>(p);
+}
+
+}  // namespace
+
+void init_cpu(py::module_& m) {
+  m.def(
+      "whole_run",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, int64_t numel,
+         uintptr_t out, const std::string& out_dtype, const py::array& batch_ptr, const py::array& batch_idx,
+         const py::array& coeffs, const std::string& optimizer, double momentum, double dampening, bool nesterov,
+         double weight_decay, double beta1, double beta2, double eps, double rho, bool amsgrad, bool eps_inside_sqrt,
+         double initial_accumulator_value, const std::string& pivot_mode, int pivot_index, uintptr_t pivot,
+         const std::string& pivot_dtype, bool adaptive, int threads, const std::string& simd, bool check_finite,
+         int64_t block) {
+        const char* fn = "whole_run";
+        cpu::WholeRunArgs a;
+        a.n = static_cast<int>(inputs.size());
+        AME_CHECK(a.n >= 1, "[whole_run] inputs: need at least 1 ingredient");
+        AME_CHECK(input_dtypes.size() == inputs.size(),
+                  "[whole_run] input_dtypes: expected one dtype per input (" + std::to_string(a.n) + "), got " +
+                      std::to_string(input_dtypes.size()));
+        AME_CHECK(numel >= 0, "[whole_run] numel: must be >= 0, got " + std::to_string(numel));
+        a.numel = numel;
+        std::vector<DType> dts(a.n);
+        for (int i = 0; i < a.n; ++i) {
+          dts[i] = dtype_arg(input_dtypes[i], fn, "input_dtypes[" + std::to_string(i) + "]");
+          pointer_arg(inputs[i], numel, fn, "inputs[" + std::to_string(i) + "]");
+        }
+        std::vector<const void*> ptrs(a.n);
+        for (int i = 0; i < a.n; ++i) ptrs[i] = reinterpret_cast<const void*>(inputs[i]);
+        a.inputs = ptrs.data();
+        a.input_dtypes = dts.data();
+        a.out = pointer_arg(out, numel, fn, "out");
+        a.out_dtype = dtype_arg(out_dtype, fn, "out_dtype");
+
+        const int32_t* bp = array_arg<int32_t>(batch_ptr, fn, "batch_ptr", "int32");
+        AME_CHECK(batch_ptr.ndim() == 1 && batch_ptr.shape(0) >= 1, "[whole_run] batch_ptr: expected shape [T+1]");
+        const int64_t steps = batch_ptr.shape(0) - 1;
+        AME_CHECK(bp[0] == 0, "[whole_run] batch_ptr: must start at 0");
+        for (int64_t t = 0; t < steps; ++t)
+          AME_CHECK(bp[t + 1] > bp[t], "[whole_run] batch_ptr: step " + std::to_string(t + 1) + " has an empty batch");
+        const int32_t* bi = array_arg<int32_t>(batch_idx, fn, "batch_idx", "int32");
+        AME_CHECK(batch_idx.ndim() == 1 && batch_idx.shape(0) == bp[steps],
+                  "[whole_run] batch_idx: expected " + std::to_string(bp[steps]) + " entries (batch_ptr[T])");
+        for (int64_t k = 0; k < bp[steps]; ++k)
+          AME_CHECK(bi[k] >= 0 && bi[k] < a.n, "[whole_run] batch_idx: entry " + std::to_string(k) + " = " +
+                                                   std::to_string(bi[k]) + " is not in [0, N)");
+        check_coeffs(coeffs, steps, fn);
+        a.steps = static_cast<int>(steps);
+        a.batch_ptr = bp;
+        a.batch_idx = bi;
+        a.coeffs = static_cast<const float*>(coeffs.data());
+        a.optimizer = optimizer_arg(optimizer, fn);
+        a.hyper = hyper_arg(fn, momentum, dampening, nesterov, weight_decay, beta1, beta2, eps, rho, amsgrad,
+                            eps_inside_sqrt, initial_accumulator_value);
+
+        if (pivot_mode == "soup") {
+          a.pivot_mode = cpu::PivotMode::Soup;
+        } else if (pivot_mode == "index") {
+          a.pivot_mode = cpu::PivotMode::Index;
+          AME_CHECK(pivot_index >= 0 && pivot_index < a.n, "[whole_run] pivot_index: " + std::to_string(pivot_index) +
+                                                               " is not in [0, " + std::to_string(a.n) + ")");
+          a.pivot_index = pivot_index;
+        } else if (pivot_mode == "pointer") {
+          a.pivot_mode = cpu::PivotMode::Pointer;
+          a.pivot = pointer_arg(pivot, numel, fn, "pivot");
+          a.pivot_dtype = dtype_arg(pivot_dtype, fn, "pivot_dtype");
+        } else {
+          AME_CHECK(false, "[whole_run] pivot_mode: unknown mode '" + pivot_mode + "'; valid: soup, index, pointer");
+        }
+        a.adaptive = adaptive;
+        AME_CHECK(threads >= 1, "[whole_run] threads: must be >= 1, got " + std::to_string(threads));
+        a.threads = threads;
+        AME_CHECK(block >= 0, "[whole_run] block: must be >= 0 (0 = automatic), got " + std::to_string(block));
+        a.block = block;
+        a.check_finite = check_finite;
+        std::vector<uint8_t> bad(a.n, 0);
+        a.nonfinite = bad.data();
+        const SimdLevel level = simd_arg(simd, fn);
+        {
+          py::gil_scoped_release release;
+          cpu::whole_run(a, level);
+        }
+        std::vector<int> out_bad;
+        for (int i = 0; i < a.n; ++i)
+          if (bad[i]) out_bad.push_back(i);
+        return out_bad;
+      },
+      py::arg("inputs"), py::arg("input_dtypes"), py::arg("numel"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("batch_ptr"), py::arg("batch_idx"), py::arg("coeffs"), py::arg("optimizer"), py::arg("momentum") = 0.0,
+      py::arg("dampening") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0, py::arg("beta1") = 0.9,
+      py::arg("beta2") = 0.999, py::arg("eps") = 0.0, py::arg("rho") = 0.9, py::arg("amsgrad") = false,
+      py::arg("eps_inside_sqrt") = false, py::arg("initial_accumulator_value") = 0.0, py::arg("pivot_mode") = "soup",
+      py::arg("pivot_index") = 0, py::arg("pivot") = 0, py::arg("pivot_dtype") = "float32",
+      py::arg("adaptive") = true, py::arg("threads") = 1, py::arg("simd") = "auto", py::arg("check_finite") = false,
+      py::arg("block") = 0,
+      "Run the whole schedule over numel elements: N input pointers (float32/bfloat16/float16, mixed allowed) ->\n"
+      "out (written once, round to nearest even). batch_ptr int32 [T+1], batch_idx int32, coeffs float32 [T, 4]\n"
+      "(gscale, lr_eff, decay, inv_bc2_sqrt) come from ame_kernels.schedule. pivot_mode: soup | index | pointer.\n"
+      "Returns the indices of inputs in which a NaN/Inf was read (always [] unless check_finite).");
+
+  m.def(
+      "step",
+      [](uintptr_t w, uintptr_t state, int slots, int64_t numel, const std::vector<uintptr_t>& batch,
+         const std::vector<std::string>& batch_dtypes, uintptr_t pivot, const py::array& coeffs, int t,
+         const std::string& optimizer, double momentum, double dampening, bool nesterov, double weight_decay,
+         double beta1, double beta2, double eps, double rho, bool amsgrad, bool eps_inside_sqrt,
+         double initial_accumulator_value, int threads, const std::string& simd) {
+        const char* fn = "step";
+        cpu::StepArgs a;
+        AME_CHECK(numel >= 0, "[step] numel: must be >= 0, got " + std::to_string(numel));
+        a.numel = numel;
+        a.w = static_cast<float*>(pointer_arg(w, numel, fn, "w"));
+        a.optimizer = optimizer_arg(optimizer, fn);
+        a.hyper = hyper_arg(fn, momentum, dampening, nesterov, weight_decay, beta1, beta2, eps, rho, amsgrad,
+                            eps_inside_sqrt, initial_accumulator_value);
+        const int need = rule_slots(a.optimizer, a.hyper);
+        AME_CHECK(slots == need, "[step] state: " + std::string(optimizer) + " with these hyperparameters needs " +
+                                     std::to_string(need) + " state slots, got " + std::to_string(slots));
+        a.state = static_cast<float*>(need > 0 ? pointer_arg(state, numel, fn, "state") : nullptr);
+        a.m = static_cast<int>(batch.size());
+        AME_CHECK(a.m >= 1, "[step] batch: need at least 1 input");
+        AME_CHECK(batch_dtypes.size() == batch.size(), "[step] batch_dtypes: expected one dtype per batch input");
+        std::vector<const void*> ptrs(a.m);
+        std::vector<DType> dts(a.m);
+        for (int i = 0; i < a.m; ++i) {
+          ptrs[i] = pointer_arg(batch[i], numel, fn, "batch[" + std::to_string(i) + "]");
+          dts[i] = dtype_arg(batch_dtypes[i], fn, "batch_dtypes[" + std::to_string(i) + "]");
+        }
+        a.batch = ptrs.data();
+        a.batch_dtypes = dts.data();
+        a.pivot = reinterpret_cast<const float*>(pivot);
+        check_coeffs(coeffs, 1, fn);
+        a.coeffs = static_cast<const float*>(coeffs.data());
+        AME_CHECK(t >= 1, "[step] t: steps count from 1, got " + std::to_string(t));
+        a.t = t;
+        AME_CHECK(threads >= 1, "[step] threads: must be >= 1, got " + std::to_string(threads));
+        a.threads = threads;
+        const SimdLevel level = simd_arg(simd, fn);
+        py::gil_scoped_release release;
+        cpu::step(a, level);
+      },
+      py::arg("w"), py::arg("state"), py::arg("slots"), py::arg("numel"), py::arg("batch"), py::arg("batch_dtypes"),
+      py::arg("pivot"), py::arg("coeffs"), py::arg("t"), py::arg("optimizer"), py::arg("momentum") = 0.0,
+      py::arg("dampening") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0, py::arg("beta1") = 0.9,
+      py::arg("beta2") = 0.999, py::arg("eps") = 0.0, py::arg("rho") = 0.9, py::arg("amsgrad") = false,
+      py::arg("eps_inside_sqrt") = false, py::arg("initial_accumulator_value") = 0.0, py::arg("threads") = 1,
+      py::arg("simd") = "auto",
+      "One fused optimizer step in place: w float32 [numel] and state float32 [slots, numel] (read-modify-write),\n"
+      "batch: M input pointers of any float dtype; pivot: float32 [numel] pointer or 0 (adaptive: p = w);\n"
+      "coeffs: float32 [4] row of global step t (1-based).");
+
+  m.def(
+      "whole_run_block",
+      [](int n, int64_t numel, int threads, int64_t block) { return cpu::whole_run_block(n, numel, threads, block); },
+      py::arg("n"), py::arg("numel"), py::arg("threads"), py::arg("block") = 0,
+      "Elements per block the whole-run kernel uses for n inputs (block = 0: sized for the L2 cache).");
+}

@@ -1,0 +1,57 @@
+// Picks the SIMD level's kernel and sizes the whole-run blocks.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernels.h"
+
+namespace ame {
+namespace cpu {
+
+int64_t whole_run_block(int n, int64_t numel, int threads, int64_t requested) {
+  constexpr int64_t kAlign = 64;  // the widest register tile (16 lanes x 4)
+  int64_t bs;
+  if (requested > 0) {
+    bs = requested;
+  } else {
+    // [n + 1][bs] fp32 (inputs + w) in about half of a 1 MiB L2, so that the block
+    // buffer survives the T steps and later epochs read cache, not memory.
+    constexpr int64_t kBudget = 512 * 1024;
+    bs = std::clamp<int64_t>(kBudget / (4 * (static_cast<int64_t>(n) + 1)), 256, 16384);
+    // Small inputs: at least one block per thread.
+    const int64_t per_thread = (numel + std::max(threads, 1) - 1) / std::max(threads, 1);
+    bs = std::min(bs, per_thread);
+  }
+  return std::max<int64_t>(kAlign, (bs + kAlign - 1) / kAlign * kAlign);
+}
+
+static void check_level(SimdLevel level, const char* fn) {
+  if (!simd_level_supported(level))
+    throw std::invalid_argument(std::string("[") + fn + "] simd: level '" + simd_level_name(level) +
+                                "' is not supported on this CPU or not compiled in");
+}
+
+void whole_run(const WholeRunArgs& a, SimdLevel level) {
+  check_level(level, "whole_run");
+  switch (level) {
+#if defined(AME_HAVE_X86)
+    case SimdLevel::AVX512: return avx512::whole_run(a);
+    case SimdLevel::AVX2: return avx2::whole_run(a);
+#endif
+    default: return scalar::whole_run(a);
+  }
+}
+
+void step(const StepArgs& a, SimdLevel level) {
+  check_level(level, "step");
+  switch (level) {
+#if defined(AME_HAVE_X86)
+    case SimdLevel::AVX512: return avx512::step(a);
+    case SimdLevel::AVX2: return avx2::step(a);
+#endif
+    default: return scalar::step(a);
+  }
+}
+
+}  // namespace cpu
+}  // namespace ame

@@ -1,0 +1,71 @@
+// The step kernel: one fused optimizer step with w and the state in fp32 buffers
+// (read-modify-write), for the stateful APIs (stew, greedy ensembling). The same rules
+// as the whole-run kernel, so a run driven step by step equals the whole-run result.
+//
+// Included by step_{scalar,avx2,avx512}.cpp (AME_ISA_NS, AME_W defined there). Elements
+// are split into chunks handed to the thread pool; each chunk runs a vector loop and,
+// in the last chunk, a scalar tail (the rule with V = float).
+#pragma once
+#include <algorithm>
+
+#include "common/dispatch.h"
+#include "common/simd.h"
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+
+#ifndef AME_ISA_NS
+#error "define AME_ISA_NS and AME_W before including cpu/step.h"
+#endif
+
+namespace ame {
+namespace cpu {
+namespace AME_ISA_NS {
+namespace {
+
+constexpr int kStepW = AME_W;
+constexpr int64_t kStepChunk = 1 << 15;  // elements per task (multiple of every W)
+
+// Elements [lo, hi) with vectors of width W (hi - lo a multiple of W, or W == 1).
+template <int W, class Rule>
+AME_HD void step_range(const StepArgs& a, int64_t lo, int64_t hi, const HyperT<typename VecOf<W>::type>& h) {
+  using VT = typename VecOf<W>::type;
+  constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
+  const StepCoeffsT<VT> c = StepCoeffsT<VT>::load(a.coeffs);
+  const bool first = a.t == 1;
+  for (int64_t j = lo; j < hi; j += W) {
+    VT w = vload<W>(a.w + j);
+    VT st[S];
+    for (int k = 0; k < Rule::kSlots; ++k) st[k] = vload<W>(a.state + k * a.numel + j);
+    const VT p = a.pivot ? vload<W>(a.pivot + j) : w;
+    VT acc = VT(0.f);
+    for (int m = 0; m < a.m; ++m) acc = acc + (p - vload_any<W>(a.batch[m], a.batch_dtypes[m], j));
+    VT g = add_weight_decay(acc * c.gscale, w, h);
+    Rule::update(w, g, st, c, h, first);
+    vstore<W>(a.w + j, w);
+    for (int k = 0; k < Rule::kSlots; ++k) vstore<W>(a.state + k * a.numel + j, st[k]);
+  }
+}
+
+template <class Rule>
+void step_impl(const StepArgs& a) {
+  const int64_t nchunks = (a.numel + kStepChunk - 1) / kStepChunk;
+  const HyperT<typename VecOf<kStepW>::type> hv(a.hyper);
+  const HyperT<float> hs(a.hyper);
+  parallel_for(nchunks, a.threads, [&](int64_t chunk, int) {
+    const int64_t lo = chunk * kStepChunk;
+    const int64_t hi = std::min(a.numel, lo + kStepChunk);
+    const int64_t hv_end = lo + (hi - lo) / kStepW * kStepW;
+    step_range<kStepW, Rule>(a, lo, hv_end, hv);
+    if (kStepW > 1) step_range<1, Rule>(a, hv_end, hi, hs);
+  });
+}
+
+}  // namespace
+
+void step(const StepArgs& a) {
+  dispatch_rule(a.optimizer, a.hyper, [&](auto rule) { step_impl<decltype(rule)>(a); });
+}
+
+}  // namespace AME_ISA_NS
+}  // namespace cpu
+}  // namespace ame

@@ -1,0 +1,189 @@
+// The whole-run kernel: for a block of elements, the entire schedule (all epochs,
+// batches and optimizer steps), reading the N inputs from their own memory once.
+//
+// Included by whole_run_{scalar,avx2,avx512}.cpp, each of which defines AME_ISA_NS (the
+// namespace, so the per-ISA instantiations never merge at link time), AME_W (the vector
+// width) and AME_U (vectors per register tile), and compiles with that ISA's flags.
+//
+// Per block of B elements (B sized so that [N+1][B] fp32 stay in L2, see whole_run_block):
+//   1. convert: each input slice [B] (fp32/bf16/fp16) -> fp32 block buffer X[i][B], once;
+//      the soup pivot is summed on the way, check_finite accumulates x*0 per input.
+//   2. steps:   for each register tile of U*W elements, w (and w_0 for a fixed pivot) and
+//      the optimizer state live in registers across ALL T steps; step t reads only its
+//      batch members' slices of X, which sit in L1/L2. So later epochs re-read the
+//      cache-resident buffer: they cost compute, not memory traffic.
+//   3. store:   w_T -> out, rounded to nearest even for bf16/fp16.
+// The block buffers are padded with zeros to whole tiles, so there is no scalar tail in
+// the step loop (padding lanes compute on zeros and are never stored).
+#pragma once
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/simd.h"
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+
+#ifndef AME_ISA_NS
+#error "define AME_ISA_NS, AME_W and AME_U before including cpu/whole_run.h"
+#endif
+
+namespace ame {
+namespace cpu {
+namespace AME_ISA_NS {
+namespace {
+
+constexpr int kW = AME_W;
+constexpr int kU = AME_U;
+constexpr int kTile = kW * kU;
+using V = typename VecOf<kW>::type;
+
+struct AlignedBuffer {
+  float* p = nullptr;
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { std::free(p); }
+  void reserve(size_t floats) {
+    if (!p) p = static_cast<float*>(std::aligned_alloc(64, ((floats * 4 + 63) / 64) * 64));
+  }
+};
+
+// Per-worker scratch: X [n][bs] inputs, P [bs] pivot / w, bad [n] non-finite flags.
+struct Scratch {
+  AlignedBuffer buf;
+  std::vector<uint8_t> bad;
+};
+
+// Convert `len` elements of src (dtype d, from element b0) into dst[0, len) as fp32,
+// zero-padding dst up to `padded`. With kSoup, also P += x (P = x for the first input);
+// with check, returns whether a NaN/Inf was read.
+template <bool kSoup, bool kFirst>
+inline bool convert_slice(const void* src, DType d, int64_t b0, int64_t len, int64_t padded, float* dst, float* P,
+                          bool check) {
+  const int64_t lv = len - len % kW;
+  V probe = V(0.f);
+  const V zero = V(0.f);
+  for (int64_t j = 0; j < lv; j += kW) {
+    V x = vload_any<kW>(src, d, b0 + j);
+    vstore<kW>(dst + j, x);
+    if (kSoup) vstore<kW>(P + j, kFirst ? x : vload<kW>(P + j) + x);
+    if (check) probe = v_fma(x, zero, probe);
+  }
+  for (int64_t j = lv; j < len; ++j) {
+    float x = load_f32(src, d, b0 + j);
+    dst[j] = x;
+    if (kSoup) P[j] = kFirst ? x : P[j] + x;
+    if (check && x * 0.f != 0.f) probe = V(x * 0.f);
+  }
+  for (int64_t j = len; j < padded; ++j) dst[j] = 0.f;
+  if (kSoup && kFirst)
+    for (int64_t j = len; j < padded; ++j) P[j] = 0.f;
+  return check && v_any_nan(probe);
+}
+
+// Step phase over one tile of kTile elements at P + j: all T steps in registers.
+template <class Rule, bool kAdaptive>
+AME_HD void run_tile(float* P, const float* X, const int64_t* off, const int32_t* bp, const float* coeffs, int steps,
+                     const HyperT<V>& h) {
+  constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
+  V w[kU], p0[kU], st[kU][S];
+  for (int u = 0; u < kU; ++u) {
+    w[u] = vload<kW>(P + u * kW);
+    p0[u] = w[u];
+    Rule::init(st[u], h);
+  }
+  (void)p0;
+  for (int t = 0; t < steps; ++t) {
+    const StepCoeffsT<V> c = StepCoeffsT<V>::load(coeffs + 4 * t);
+    V acc[kU];
+    for (int u = 0; u < kU; ++u) acc[u] = V(0.f);
+    for (int32_t k = bp[t]; k < bp[t + 1]; ++k) {
+      const float* x = X + off[k];
+      for (int u = 0; u < kU; ++u) acc[u] = acc[u] + ((kAdaptive ? w[u] : p0[u]) - vload<kW>(x + u * kW));
+    }
+    for (int u = 0; u < kU; ++u) {
+      V g = add_weight_decay(acc[u] * c.gscale, w[u], h);
+      Rule::update(w[u], g, st[u], c, h, t == 0);
+    }
+  }
+  for (int u = 0; u < kU; ++u) vstore<kW>(P + u * kW, w[u]);
+}
+
+template <class Rule, bool kAdaptive>
+void whole_run_impl(const WholeRunArgs& a) {
+  const int n = a.n;
+  const int64_t bs = whole_run_block(n, a.numel, a.threads, a.block);  // multiple of 64 >= kTile
+  const int64_t nblocks = (a.numel + bs - 1) / bs;
+  if (nblocks == 0) return;
+  const int threads = static_cast<int>(std::min<int64_t>(a.threads, nblocks));
+  const HyperT<V> h(a.hyper);
+
+  // Offsets of each batch member's slice in the block buffer.
+  const int32_t nk = a.batch_ptr[a.steps];
+  std::vector<int64_t> off(static_cast<size_t>(nk) + 1);
+  for (int32_t k = 0; k < nk; ++k) off[k] = static_cast<int64_t>(a.batch_idx[k]) * bs;
+
+  std::vector<Scratch> scratch(threads);
+  parallel_for(nblocks, threads, [&](int64_t b, int worker) {
+    Scratch& s = scratch[worker];
+    s.buf.reserve(static_cast<size_t>(n + 1) * bs);
+    if (a.check_finite && s.bad.empty()) s.bad.assign(n, 0);
+    float* X = s.buf.p;
+    float* P = X + static_cast<int64_t>(n) * bs;
+    const int64_t b0 = b * bs;
+    const int64_t len = std::min(bs, a.numel - b0);
+    const int64_t padded = (len + kTile - 1) / kTile * kTile;
+
+    // 1. convert (and the soup pivot)
+    const bool soup = a.pivot_mode == PivotMode::Soup;
+    for (int i = 0; i < n; ++i) {
+      bool bad;
+      if (soup && i == 0)
+        bad = convert_slice<true, true>(a.inputs[i], a.input_dtypes[i], b0, len, padded, X + i * bs, P, a.check_finite);
+      else if (soup)
+        bad = convert_slice<true, false>(a.inputs[i], a.input_dtypes[i], b0, len, padded, X + i * bs, P, a.check_finite);
+      else
+        bad = convert_slice<false, false>(a.inputs[i], a.input_dtypes[i], b0, len, padded, X + i * bs, P, a.check_finite);
+      if (bad) s.bad[i] = 1;
+    }
+    if (soup) {
+      const V nv = V(static_cast<float>(n));  // mean = sum / N, divided as torch.mean does
+      for (int64_t j = 0; j < padded; j += kW) vstore<kW>(P + j, v_div(vload<kW>(P + j), nv));
+    } else if (a.pivot_mode == PivotMode::Index) {
+      std::memcpy(P, X + static_cast<int64_t>(a.pivot_index) * bs, padded * sizeof(float));
+    } else {
+      convert_slice<false, false>(a.pivot, a.pivot_dtype, b0, len, padded, P, nullptr, false);
+    }
+
+    // 2. all steps, one register tile at a time
+    for (int64_t j = 0; j < padded; j += kTile)
+      run_tile<Rule, kAdaptive>(P + j, X + j, off.data(), a.batch_ptr, a.coeffs, a.steps, h);
+
+    // 3. store w_T in the output dtype
+    const int64_t lv = len - len % kW;
+    for (int64_t j = 0; j < lv; j += kW) vstore_any<kW>(a.out, a.out_dtype, b0 + j, vload<kW>(P + j));
+    for (int64_t j = lv; j < len; ++j) store_f32(a.out, a.out_dtype, b0 + j, P[j]);
+  });
+
+  if (a.check_finite && a.nonfinite)
+    for (const Scratch& s : scratch)
+      for (int i = 0; i < static_cast<int>(s.bad.size()); ++i)
+        if (s.bad[i]) a.nonfinite[i] = 1;
+}
+
+}  // namespace
+
+void whole_run(const WholeRunArgs& a) {
+  dispatch_rule(a.optimizer, a.hyper, [&](auto rule) {
+    using Rule = decltype(rule);
+    if (a.adaptive)
+      whole_run_impl<Rule, true>(a);
+    else
+      whole_run_impl<Rule, false>(a);
+  });
+}
+
+}  // namespace AME_ISA_NS
+}  // namespace cpu
+}  // namespace ame
