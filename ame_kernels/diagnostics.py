@@ -1,0 +1,557 @@
+"""Soupability diagnostics: how alike are the ingredients, and how would their soup sit among them?
+
+    d = diagnostics([sd_a, sd_b, sd_c])                 # or checkpoint paths; base= for task vectors
+    print(d.table()); d.summary["flags"]; d.model.cosine
+    soup_gain(loss_soup, [loss_a, loss_b])              # "Too Salty", sec. 1.4
+
+For the vectors v_i = x_i (or x_i - base, the task vectors, when ``base`` is given)
+of every floating tensor and of the whole model (all floating tensors
+concatenated), it reports the pairwise cosine similarity, the pairwise L2
+distance ||x_i - x_j|| (the same with or without base), each ingredient's
+distance to the uniform soup, the norms, and the soup's norm relative to the
+mean norm (``norm_ratio``, 1 when all v_i agree; "Rethinking weight-averaged
+merging" sec. 5: averaging shrinks magnitude, and strong shrinkage means the
+ingredients' weights disagree).
+
+One streaming pass with bounded memory: tensor by tensor, in element chunks of
+``chunk_mb`` per ingredient (float64), it accumulates two N x N Gram matrices
+in float64, of the v_i and of the v_i centred on their chunk mean (distances
+come from the centred one, so close ingredients lose no precision to
+cancellation). Only N chunks are in memory at a time; checkpoint paths are read
+lazily through the engine's reader (``ame_kernels.io``, memory-mapped).
+
+The summary's flags are heuristics, with thresholds in ``DEFAULT_THRESHOLDS``
+(overridable): low whole-model cosine of the weights (no shared trajectory:
+"Too Salty" finds such soups often collapse), strong norm shrinkage, opposing
+task vectors, an outlier ingredient far from the soup (warnings), and
+near-duplicates, whose soup gains little (a note: "Too Salty" sec. 2.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import MergeError
+
+DEFAULT_CHUNK_MB = 32
+
+#: Heuristic thresholds of the summary flags (see the module docstring).
+DEFAULT_THRESHOLDS = {
+    "min_cosine": 0.9,  # weights: a pair below this shares little of its trajectory
+    # task vectors: a pair below this pulls in opposing directions (independent updates are ~0)
+    "min_task_cosine": -0.1,
+    "min_norm_ratio": 0.9,  # weights: ||soup|| / mean ||x_i|| below this: the soup shrinks
+    "min_tensor_norm_ratio": 0.5,  # weights, any one tensor
+    "near_duplicate": 1e-3,  # max pairwise L2 / mean norm below this: little to gain
+    "outlier": 3.0,  # distance to the soup above this many times the median (N >= 3)
+}
+
+_FLOAT_NAMES = ("float64", "float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _TorchSource:
+    """A state dict (or a tensor, under the name '') read chunk by chunk as float64."""
+
+    def __init__(self, sd: Mapping[str, Any], label: str):
+        import torch
+
+        self.label = label
+        self.sd = sd
+        self.names = list(sd.keys())
+        for k in self.names:
+            if not isinstance(sd[k], torch.Tensor):
+                raise MergeError(f"diagnostics: {label}: {_lbl(k)} is a {type(sd[k]).__name__}, not a tensor")
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.sd[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return str(self.sd[name].dtype).replace("torch.", "")
+
+    def read(self, name: str, start: int, count: int) -> np.ndarray:
+        import torch
+
+        t = self.sd[name].detach().reshape(-1)[start : start + count]
+        return t.to(device="cpu", dtype=torch.float64).numpy()
+
+    def close(self) -> None:
+        pass
+
+
+class _CheckpointSource:
+    """A checkpoint on disk (folder or file), memory-mapped by the engine's reader."""
+
+    def __init__(self, path: str, label: str):
+        try:
+            from .io.checkpoint import open_checkpoint
+        except ImportError as e:  # pragma: no cover (the io package ships with the library)
+            raise MergeError(f"diagnostics: reading checkpoint paths needs ame_kernels.io ({e})") from None
+        self.label = label
+        self.ckpt = open_checkpoint(path)
+        self.names = list(self.ckpt.tensors)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.ckpt.tensors[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return self.ckpt.tensors[name].dtype
+
+    def read(self, name: str, start: int, count: int) -> np.ndarray:
+        info = self.ckpt.tensors[name]
+        v = self.ckpt.view(name, start, count)
+        if info.dtype == "bfloat16":  # numpy has no bfloat16: the file's uint16 bits are the top half of an fp32
+            v = (v.astype(np.uint32) << 16).view(np.float32)
+        out = v.astype(np.float64)
+        reader = self.ckpt.reader(info)
+        if hasattr(reader, "release"):
+            reader.release(info, start, count)
+        return out
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def _lbl(name: str) -> str:
+    return f"tensor {name!r}" if name else "the tensor"
+
+
+def _open(x: Any, label: str):
+    import torch
+
+    if isinstance(x, (str, os.PathLike)):
+        return _CheckpointSource(os.fspath(x), label)
+    if isinstance(x, torch.Tensor):
+        return _TorchSource({"": x}, label)
+    if isinstance(x, Mapping):
+        return _TorchSource(x, label)
+    raise MergeError(f"diagnostics: {label} must be a tensor, a state dict or a checkpoint path, got {type(x).__name__}")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class PairStats:
+    """Statistics of N vectors from their Gram matrices (float64)."""
+
+    numel: int
+    norms: np.ndarray  # [N] ||v_i||
+    cosine: np.ndarray  # [N, N] (NaN where a norm is 0)
+    l2: np.ndarray  # [N, N] ||x_i - x_j||
+    dist_to_soup: np.ndarray  # [N] ||x_i - mean_j x_j||
+    soup_norm: float  # ||mean_i v_i||
+    norm_ratio: float  # soup_norm / mean_i ||v_i|| (NaN if the mean norm is 0)
+
+    @classmethod
+    def from_gram(cls, gram: np.ndarray, centred: np.ndarray, numel: int) -> "PairStats":
+        n = gram.shape[0]
+        diag = np.clip(np.diag(gram), 0.0, None)
+        norms = np.sqrt(diag)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            outer = np.outer(norms, norms)
+            cosine = np.where(outer > 0, gram / np.where(outer > 0, outer, 1.0), np.nan)
+        cosine = np.clip(cosine, -1.0, 1.0)
+        np.fill_diagonal(cosine, np.where(norms > 0, 1.0, np.nan))
+        cd = np.diag(centred)
+        l2 = np.sqrt(np.clip(cd[:, None] + cd[None, :] - 2.0 * centred, 0.0, None))
+        np.fill_diagonal(l2, 0.0)
+        dist = np.sqrt(np.clip(cd, 0.0, None))
+        soup_norm = math.sqrt(max(float(gram.sum()) / (n * n), 0.0))
+        mean_norm = float(norms.mean())
+        ratio = soup_norm / mean_norm if mean_norm > 0 else float("nan")
+        return cls(numel, norms, cosine, l2, dist, soup_norm, ratio)
+
+    def to_dict(self) -> dict:
+        def clean(a):
+            return [clean(x) for x in a] if isinstance(a, (list, np.ndarray)) else (None if not math.isfinite(a) else float(a))
+
+        return {
+            "numel": self.numel,
+            "norms": clean(self.norms),
+            "cosine": clean(self.cosine),
+            "l2": clean(self.l2),
+            "dist_to_soup": clean(self.dist_to_soup),
+            "soup_norm": clean(self.soup_norm),
+            "norm_ratio": clean(self.norm_ratio),
+        }
+
+
+@dataclass
+class Diagnostics:
+    """Result of ``diagnostics``: whole-model and per-tensor PairStats and a summary with flags."""
+
+    n: int
+    labels: List[str]
+    relative_to: str  # 'weights' or 'task vectors'
+    model: PairStats
+    tensors: Dict[str, PairStats]
+    skipped: List[str]  # non-floating tensors (not compared)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def flags(self) -> List[dict]:
+        return self.summary.get("flags", [])
+
+    @property
+    def soupable(self) -> bool:
+        """No warning flag was raised (notes do not count)."""
+        return self.summary.get("soupable", True)
+
+    def to_dict(self) -> dict:
+        return {
+            "n": self.n,
+            "labels": self.labels,
+            "relative_to": self.relative_to,
+            "model": self.model.to_dict(),
+            "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
+            "skipped": self.skipped,
+            "summary": self.summary,
+        }
+
+    def table(self, top: int = 10) -> str:
+        """A plain-text report: models, whole-model matrices, the least similar tensors, flags."""
+        m, n = self.model, self.n
+        lines = [
+            f"{n} models, {len(self.tensors)} floating tensors ({m.numel:,} parameters), "
+            f"compared as {self.relative_to}" + (f"; {len(self.skipped)} non-floating tensors skipped" if self.skipped else ""),
+            "",
+            f"{'model':>6}  {'norm':>12}  {'dist to soup':>12}  path",
+        ]
+        for i in range(n):
+            lines.append(f"{f'[{i}]':>6}  {_fmt(m.norms[i]):>12}  {_fmt(m.dist_to_soup[i]):>12}  {self.labels[i]}")
+        for title, mat in (("pairwise cosine similarity (whole model)", m.cosine), ("pairwise L2 distance (whole model)", m.l2)):
+            lines += ["", title, "      " + "".join(f"{f'[{j}]':>12}" for j in range(n))]
+            for i in range(n):
+                lines.append(f"{f'[{i}]':>6}" + "".join(f"{_fmt(mat[i, j]):>12}" for j in range(n)))
+        lines += ["", f"soup norm {_fmt(m.soup_norm)}, norm ratio (||soup|| / mean ||x_i||) {_fmt(m.norm_ratio)}"]
+        worst = self.summary.get("least_similar_tensors", [])[:top]
+        if worst:
+            lines += ["", f"least similar tensors (lowest min cosine, top {len(worst)})",
+                      f"{'min cos':>10}  {'max L2':>12}  {'norm ratio':>10}  name"]
+            for row in worst:
+                lines.append(f"{_fmt(row['min_cosine']):>10}  {_fmt(row['max_l2']):>12}  {_fmt(row['norm_ratio']):>10}  {row['name']}")
+        lines += ["", "verdict: " + ("likely to soup well" if self.soupable else "unlikely to soup well (see warnings)")]
+        for f in self.flags:
+            lines.append(f"  {f['level']}: {f['message']}")
+        return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    if x is None or not math.isfinite(x):
+        return "nan"
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _check_structure(sources: list, base) -> tuple:
+    """(float names, skipped names), after checking names, shapes and kinds from metadata only."""
+    first = sources[0]
+    names = first.names
+    ref = set(names)
+    for s in sources[1:] + ([base] if base is not None else []):
+        keys = set(s.names)
+        if s is base:
+            missing = sorted(k for k in ref - keys if first.dtype(k) in _FLOAT_NAMES)
+            if missing:
+                raise MergeError(f"diagnostics: the base lacks {missing}")
+            continue
+        if keys != ref:
+            raise MergeError(
+                f"diagnostics: {s.label} does not match {first.label}: missing {sorted(ref - keys) or 'none'}, "
+                f"extra {sorted(keys - ref) or 'none'}"
+            )
+    floats, skipped = [], []
+    for k in names:
+        is_float = first.dtype(k) in _FLOAT_NAMES
+        for s in sources[1:] + ([base] if base is not None else []):
+            if s.shape(k) != first.shape(k):
+                raise MergeError(f"diagnostics: {_lbl(k)} has shape {s.shape(k)} in {s.label} but {first.shape(k)} in {first.label}")
+            if s is not base and (s.dtype(k) in _FLOAT_NAMES) != is_float:
+                raise MergeError(f"diagnostics: {_lbl(k)} is {s.dtype(k)} in {s.label} but {first.dtype(k)} in {first.label}")
+            if s is base and is_float and s.dtype(k) not in _FLOAT_NAMES:
+                raise MergeError(f"diagnostics: {_lbl(k)} of the base is {s.dtype(k)}, not floating")
+        (floats if is_float else skipped).append(k)
+    return floats, skipped
+
+
+def diagnostics(
+    ingredients: Sequence[Any],
+    base: Any = None,
+    *,
+    chunk_mb: float = DEFAULT_CHUNK_MB,
+    thresholds: Optional[dict] = None,
+    labels: Optional[Sequence[str]] = None,
+) -> Diagnostics:
+    """Pairwise similarity of ``ingredients`` (tensors, state dicts or checkpoint paths), see the module docstring.
+
+    base: a tensor / state dict / path: compare task vectors x_i - base instead of weights.
+    chunk_mb: float64 chunk per ingredient (memory ~ (N + 2) x chunk_mb).
+    thresholds: overrides of DEFAULT_THRESHOLDS. labels: names for the report (default: paths or indices).
+    """
+    import torch
+
+    if isinstance(ingredients, (dict, str, os.PathLike)):
+        raise MergeError("diagnostics: ingredients must be a list (of tensors, state dicts or checkpoint paths)")
+    if isinstance(ingredients, torch.Tensor):
+        ingredients = list(ingredients.unbind(0)) if ingredients.dim() >= 1 else [ingredients]
+    items = list(ingredients)
+    if len(items) < 2:
+        raise MergeError(f"diagnostics: need at least 2 ingredients to compare, got {len(items)}")
+    th = dict(DEFAULT_THRESHOLDS)
+    for k, v in (thresholds or {}).items():
+        if k not in th:
+            raise MergeError(f"diagnostics: unknown threshold {k!r}; known: {', '.join(th)}")
+        th[k] = float(v)
+    try:
+        chunk_mb = float(chunk_mb)
+    except (TypeError, ValueError):
+        raise MergeError(f"diagnostics: chunk_mb must be a number, got {chunk_mb!r}") from None
+    if not chunk_mb > 0:
+        raise MergeError(f"diagnostics: chunk_mb must be > 0, got {chunk_mb}")
+    n = len(items)
+    if labels is None:
+        labels = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"ingredient {i}" for i, x in enumerate(items)]
+    elif len(labels) != n:
+        raise MergeError(f"diagnostics: expected {n} labels, got {len(labels)}")
+    labels = [str(x) for x in labels]
+    kinds = {type(x).__name__ for x in items if not isinstance(x, (str, os.PathLike, Mapping, torch.Tensor))}
+    if kinds:
+        raise MergeError(f"diagnostics: ingredients must be tensors, state dicts or checkpoint paths, got {sorted(kinds)}")
+    if any(isinstance(x, torch.Tensor) for x in items) and not all(isinstance(x, torch.Tensor) for x in items):
+        raise MergeError("diagnostics: ingredients must be all tensors or all state dicts / paths")
+    sources: list = []
+    base_src = None
+    try:
+        for i, x in enumerate(items):
+            sources.append(_open(x, labels[i]))
+        if base is not None:
+            base_src = _open(base, "the base")
+        floats, skipped = _check_structure(sources, base_src)
+        chunk = max(1, int(chunk_mb * 2**20) // 8)
+        gram_total = np.zeros((n, n))
+        centred_total = np.zeros((n, n))
+        per_tensor: Dict[str, PairStats] = {}
+        total = 0
+        for name in floats:
+            numel = int(np.prod(sources[0].shape(name), dtype=np.int64))
+            gram = np.zeros((n, n))
+            centred = np.zeros((n, n))
+            for start in range(0, numel, chunk):
+                count = min(chunk, numel - start)
+                x = np.empty((n, count))
+                for i, s in enumerate(sources):
+                    x[i] = s.read(name, start, count)
+                if not np.isfinite(x).all():
+                    bad = [labels[i] for i in range(n) if not np.isfinite(x[i]).all()]
+                    raise MergeError(f"diagnostics: {_lbl(name)} contains NaN or Inf in {', '.join(bad)}")
+                if base_src is not None:
+                    b = base_src.read(name, start, count)
+                    if not np.isfinite(b).all():
+                        raise MergeError(f"diagnostics: {_lbl(name)} contains NaN or Inf in the base")
+                    x -= b
+                gram += x @ x.T
+                x -= x.mean(axis=0)  # centred: distances without cancellation
+                centred += x @ x.T
+                del x
+            per_tensor[name] = PairStats.from_gram(gram, centred, numel)
+            gram_total += gram
+            centred_total += centred
+            total += numel
+    finally:
+        for s in sources + ([base_src] if base_src is not None else []):
+            s.close()
+    model = PairStats.from_gram(gram_total, centred_total, total)
+    result = Diagnostics(n, labels, "task vectors" if base is not None else "weights", model, per_tensor, skipped)
+    result.summary = _summarise(result, th)
+    return result
+
+
+def _offdiag(mat: np.ndarray) -> np.ndarray:
+    n = mat.shape[0]
+    return mat[~np.eye(n, dtype=bool)]
+
+
+def _summarise(d: Diagnostics, th: dict) -> dict:
+    m, n = d.model, d.n
+    task = d.relative_to == "task vectors"
+    cos, l2 = _offdiag(m.cosine), _offdiag(m.l2)
+    flags: List[dict] = []
+
+    def flag(level: str, code: str, message: str) -> None:
+        flags.append({"level": level, "code": code, "message": message})
+
+    def worst_pair(mat: np.ndarray, lowest: bool = True):
+        a = np.where(np.eye(n, dtype=bool), np.inf if lowest else -np.inf, np.nan_to_num(mat, nan=np.inf if lowest else -np.inf))
+        i, j = np.unravel_index(np.argmin(a) if lowest else np.argmax(a), a.shape)
+        return int(i), int(j)
+
+    if m.numel == 0:
+        flag("note", "empty", "no floating parameters to compare")
+    elif np.isnan(cos).any():
+        flag("warning", "zero_vector", "an ingredient has a zero " + ("task vector (it equals the base)" if task else "weight vector"))
+    else:
+        i, j = worst_pair(m.cosine)
+        limit = th["min_task_cosine"] if task else th["min_cosine"]
+        if m.cosine[i, j] < limit:
+            if task:
+                flag("warning", "opposing_task_vectors",
+                     f"the task vectors of [{i}] and [{j}] have cosine {m.cosine[i, j]:.4f} < {limit:g}: their updates pull in "
+                     "opposing directions and cancel in the soup")
+            else:
+                flag("warning", "low_similarity",
+                     f"[{i}] and [{j}] have whole-model cosine {m.cosine[i, j]:.4f} < {limit:g}: they likely do not share a "
+                     "training trajectory / loss basin, and such soups often collapse (Too Salty)")
+        # Task vectors shrink in a soup by design (orthogonal ones to 1/sqrt(N)): the
+        # shrinkage warnings are about weights only.
+        if not task and m.norm_ratio < th["min_norm_ratio"]:
+            flag("warning", "norm_shrinkage",
+                 f"the soup's norm is {m.norm_ratio:.4f} of the mean norm (< {th['min_norm_ratio']:g}): "
+                 "averaging cancels much of the ingredients' weights (Rethinking weight-averaged merging, sec. 5)")
+        shrunk = [] if task else sorted(
+            (s.norm_ratio, k) for k, s in d.tensors.items()
+            if s.numel > 1 and math.isfinite(s.norm_ratio) and s.norm_ratio < th["min_tensor_norm_ratio"])
+        if shrunk:
+            names = ", ".join(f"{k!r} ({r:.3f})" for r, k in shrunk[:3])
+            flag("warning", "tensor_norm_shrinkage",
+                 f"{len(shrunk)} tensor(s) keep less than {th['min_tensor_norm_ratio']:g} of their mean norm in the soup: {names}")
+        mean_norm = float(m.norms.mean())
+        if mean_norm > 0 and float(l2.max()) / mean_norm < th["near_duplicate"]:
+            flag("note", "near_duplicates",
+                 f"the largest pairwise distance is {float(l2.max()) / mean_norm:.2e} of the mean norm: the ingredients are "
+                 "near-duplicates, so the soup will gain little (Too Salty)")
+        if n >= 3:
+            med = float(np.median(m.dist_to_soup))
+            far = [i for i in range(n) if med > 0 and m.dist_to_soup[i] > th["outlier"] * med]
+            if far:
+                flag("warning", "outlier",
+                     f"{', '.join(f'[{i}]' for i in far)} lie(s) more than {th['outlier']:g}x the median distance from the soup: "
+                     "consider leaving them out (or a greedy soup)")
+    rows = []
+    for k, s in d.tensors.items():
+        if s.numel == 0:
+            continue
+        oc = _offdiag(s.cosine)
+        rows.append({
+            "name": k,
+            "min_cosine": float(np.nanmin(oc)) if np.isfinite(oc).any() else float("nan"),
+            "max_l2": float(_offdiag(s.l2).max()),
+            "norm_ratio": s.norm_ratio,
+        })
+    rows.sort(key=lambda r: (r["min_cosine"] if math.isfinite(r["min_cosine"]) else -2.0))
+
+    def clean(x):
+        return None if x is None or not math.isfinite(x) else float(x)
+
+    return {
+        "relative_to": d.relative_to,
+        "parameters": m.numel,
+        "cosine": {"min": clean(float(cos.min())) if cos.size else None, "mean": clean(float(cos.mean())) if cos.size else None,
+                   "max": clean(float(cos.max())) if cos.size else None},
+        "l2": {"min": float(l2.min()), "mean": float(l2.mean()), "max": float(l2.max())},
+        "dist_to_soup": [float(v) for v in m.dist_to_soup],
+        "norm_ratio": clean(m.norm_ratio),
+        "least_similar_tensors": [{k: (clean(v) if k != "name" else v) for k, v in r.items()} for r in rows[:20]],
+        "flags": flags,
+        "soupable": not any(f["level"] == "warning" for f in flags),
+        "thresholds": th,
+    }
+
+
+# --------------------------------------------------------------------------- soup gain
+
+
+def soup_gain(loss_soup: float, losses_ingredients: Sequence[float], higher_is_better: bool = False) -> float:
+    """"Too Salty" soup gain: min_i L(x_i) - L(soup) (positive: the soup beats every ingredient).
+
+    With ``higher_is_better=True`` (accuracy): A(soup) - max_i A(x_i).
+    """
+    try:
+        soup = float(loss_soup)
+        vals = [float(v) for v in losses_ingredients]
+    except (TypeError, ValueError):
+        raise MergeError("soup_gain: losses must be numbers") from None
+    if not vals:
+        raise MergeError("soup_gain: need at least one ingredient loss")
+    if not all(math.isfinite(v) for v in vals + [soup]):
+        raise MergeError("soup_gain: every loss must be finite")
+    return soup - max(vals) if higher_is_better else min(vals) - soup
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _load_models(path: str) -> tuple:
+    """(model paths, base path or None) from a merge config (``models:`` entries; optional ``base:``)."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise MergeError(f"{path}: no such config file") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise MergeError(f"{path}: cannot read the config ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list) or not doc["models"]:
+        raise MergeError(f"{path}: expected a mapping with a non-empty 'models:' list")
+    here = os.path.dirname(os.path.abspath(path))
+
+    def resolve(p: Any, what: str) -> str:
+        if not isinstance(p, str) or not p.strip():
+            raise MergeError(f"{path}: {what}: expected a path, got {p!r}")
+        p = os.path.expanduser(p)
+        if os.path.isabs(p):
+            return p
+        beside = os.path.join(here, p)
+        return os.path.abspath(beside if os.path.exists(beside) or not os.path.exists(p) else p)
+
+    models = []
+    for i, m in enumerate(doc["models"]):
+        if isinstance(m, dict):
+            m = m.get("path", m.get("model"))
+        models.append(resolve(m, f"models[{i}]"))
+    base = doc.get("base", doc.get("base_model"))
+    return models, (resolve(base, "base") if base is not None else None)
+
+
+def inspect_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``ame-merge inspect CONFIG.yaml [--base PATH] [--json] [--top K] [--chunk-mb M]``: print the diagnostics."""
+    p = argparse.ArgumentParser(prog="ame-merge inspect",
+                                description="Soupability diagnostics of the models of a merge config (no merge is run).")
+    p.add_argument("config", help="YAML merge config: its 'models:' paths are compared (and 'base:' if present)")
+    p.add_argument("--base", help="compare task vectors against this checkpoint (overrides the config's base:)")
+    p.add_argument("--json", action="store_true", help="print the full diagnostics as JSON (per-tensor included)")
+    p.add_argument("--top", type=int, default=10, help="least similar tensors to list in the table (default 10)")
+    p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_MB, help="float64 chunk per model (default 32)")
+    try:
+        args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        models, base = _load_models(args.config)
+        if args.base:
+            base = os.path.abspath(os.path.expanduser(args.base))
+        d = diagnostics(models, base=base, chunk_mb=args.chunk_mb)
+    except MergeError as e:
+        print(f"ame-merge inspect: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(d.to_dict(), indent=1))
+    else:
+        print(d.table(top=args.top))
+    return 0
+
+
+__all__ = ["DEFAULT_THRESHOLDS", "Diagnostics", "PairStats", "diagnostics", "inspect_main", "soup_gain"]
