@@ -21,13 +21,15 @@ first use and works without a Triton install. The choice is to be revisited from
 run; until a GPU run shows triton faster, the order stays. (No GPU measurement has been
 made for this rule yet.)
 
-The kernel modules are imported on first use, not at import time: Triton reads
-``TRITON_INTERPRET`` when a kernel is decorated, so importing this package must not
-decorate anything before a test or user has set the environment.
+Neither triton nor the kernel modules are imported until first use: Triton reads
+``TRITON_INTERPRET`` when it is imported and when a kernel is decorated, so importing
+this package (the registry does, to ask ``available()``) must not fix that choice
+before a test or user has set the environment.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Optional
 
@@ -50,10 +52,10 @@ class TritonBackend(Backend):
     name = "triton"
 
     def available(self) -> tuple:
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return False, f"triton is not installed ({e})"
+        # find_spec, not import: importing triton here (the registry asks every backend at
+        # startup) would fix its interpreter mode before a test could set TRITON_INTERPRET.
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install triton)"
         if _cuda_available() or _interpreting():
             return True, ""
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"

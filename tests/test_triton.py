@@ -1,0 +1,453 @@
+"""Triton backend (whole-run kernel, step kernel, chunked driver) against the reference backend.
+
+Without a CUDA device the kernels run under the Triton interpreter on CPU tensors.
+Triton reads TRITON_INTERPRET when it is imported and when a kernel is decorated, and
+a few helpers check it again while running. So, on a machine without CUDA:
+- at import (collection), this module sets the variable, imports triton and the kernel
+  modules, and restores the environment, so that test modules collected after this one
+  do not see it (tests/backends.py leaves triton to this file);
+- the module-scoped ``_interpreter`` fixture sets it again while these tests run.
+If triton was already imported in this process without the interpreter (too late to
+switch), every test here skips and ``test_interpreter_in_subprocess`` reruns this file
+in a child process with TRITON_INTERPRET=1 instead.
+GPU-only tests (large sizes, the streamed driver, a merge larger than free GPU memory,
+no recompilation per lr) carry the ``gpu`` marker and skip without CUDA.
+"""
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ame_kernels.backends.reference import ReferenceBackend
+from ame_kernels.config import AMEConfig
+from ame_kernels.errors import MergeError
+from ame_kernels.schedule import schedule, step_coeffs
+from tolerances import assert_close
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRET = not CUDA
+_TOO_LATE = INTERPRET and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+KERNELS = {}
+
+
+def _import_kernels() -> None:
+    for name in ("rules", "whole_run", "step", "driver"):
+        KERNELS[name] = importlib.import_module(f"ame_kernels.backends.triton.{name}")
+
+
+def _set_interpret():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return saved
+
+
+def _restore_interpret(saved) -> None:
+    if saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = saved
+
+
+if not _TOO_LATE:
+    _saved = _set_interpret() if INTERPRET else None
+    try:
+        _import_kernels()
+    finally:
+        if INTERPRET:
+            _restore_interpret(_saved)
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI runs the kernels under TRITON_INTERPRET=1)")
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+DTYPES = [F32, BF16, F16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter():
+    """TRITON_INTERPRET=1 while this module's tests run (CPU only), restored afterwards."""
+    saved = _set_interpret() if INTERPRET and not _TOO_LATE else None
+    try:
+        yield
+    finally:
+        if INTERPRET and not _TOO_LATE:
+            _restore_interpret(saved)
+
+
+@pytest.fixture(autouse=True)
+def _in_process(request):
+    if _TOO_LATE and request.node.originalname != "test_interpreter_in_subprocess":
+        pytest.skip("triton was imported before TRITON_INTERPRET could be set; test_interpreter_in_subprocess runs this file")
+
+
+@pytest.fixture(scope="module")
+def _kernels():
+    return KERNELS
+
+
+@pytest.fixture(scope="module")
+def triton_backend():
+    from ame_kernels.backends.triton import TritonBackend
+
+    return TritonBackend()
+
+
+@pytest.mark.skipif(not _TOO_LATE, reason="the kernels run in this process")
+def test_interpreter_in_subprocess():
+    """Fallback when triton was imported too early here: this file in a fresh interpreter process."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, f"tests/test_triton.py under TRITON_INTERPRET=1 failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+
+
+REF = ReferenceBackend()
+
+# Every optimizer and option of the semantics (DESIGN 1.5), small lr so that runs stay well conditioned.
+OPTIMIZERS = {
+    "sgd": dict(optimizer="sgd"),
+    "sgd_momentum_nesterov_wd": dict(optimizer="sgd", lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.1),
+    "sgd_momentum_dampening": dict(optimizer="sgd", lr=0.5, momentum=0.5, dampening=0.3),
+    "adagrad_decay_init_wd": dict(optimizer="adagrad", lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1,
+                                  weight_decay=0.05),
+    "adagrad_eps_inside": dict(optimizer="adagrad", lr=0.1, eps=1e-3, eps_inside_sqrt=True),
+    "adam": dict(optimizer="adam", lr=0.01),
+    "adam_amsgrad_wd": dict(optimizer="adam", lr=0.01, amsgrad=True, weight_decay=0.1, betas=(0.8, 0.99)),
+    "adam_eps_inside": dict(optimizer="adam", lr=0.01, eps=1e-4, eps_inside_sqrt=True),
+    "adamw_wd": dict(optimizer="adamw", lr=0.01, weight_decay=0.1),
+    "adamw_amsgrad_eps_inside": dict(optimizer="adamw", lr=0.01, weight_decay=0.05, amsgrad=True,
+                                     eps=1e-4, eps_inside_sqrt=True),
+    "adadelta_wd": dict(optimizer="adadelta", lr=1.0, rho=0.8, weight_decay=0.05),
+}
+SIZES = [1, 7, 129]  # one element, under a block, one past the interpreter's BLOCK of 128
+
+
+def _inputs(n, size, dtypes, device=DEVICE):
+    if not isinstance(dtypes, (list, tuple)):
+        dtypes = [dtypes] * n
+    return [torch.randn(size, device=device).to(d) for d in dtypes]
+
+
+def _both(triton_backend, xs, plan, pivot, adaptive, out_dtype, check_finite=False):
+    """(triton out, reference out, triton bad list, reference bad list)."""
+    out = torch.empty(xs[0].numel(), dtype=out_dtype, device=xs[0].device)
+    ref = torch.empty_like(out)
+    bad = triton_backend.whole_run(xs, plan, pivot, adaptive, out, check_finite=check_finite)
+    ref_bad = REF.whole_run(xs, plan, pivot, adaptive, ref, check_finite=check_finite)
+    return out, ref, bad, ref_bad
+
+
+# --- whole-run parity ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_whole_run_matches_reference(triton_backend, opt, dtype, size):
+    """Every optimizer x input dtype x odd size; 2 shuffled epochs of batches of 2, adaptive pivot."""
+    cfg = AMEConfig(epochs=2, batch_size=2, shuffle=True, seed=3, **OPTIMIZERS[opt])
+    xs = _inputs(5, size, dtype)
+    out, ref, _, _ = _both(triton_backend, xs, schedule(cfg, 5), None, True, dtype)
+    assert_close(out, ref, what=f"whole_run {opt} {dtype} C={size}")
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=str)
+def test_whole_run_in_out_dtypes(triton_backend, in_dtype, out_dtype):
+    """Inputs read in their own dtype, output written in another (rounded once, to nearest even)."""
+    cfg = AMEConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=3)
+    xs = _inputs(4, 131, in_dtype)
+    out, ref, _, _ = _both(triton_backend, xs, schedule(cfg, 4), None, True, out_dtype)
+    assert out.dtype == out_dtype
+    assert_close(out, ref, what=f"whole_run {in_dtype} -> {out_dtype}")
+
+
+@pytest.mark.parametrize("opt", ["sgd_momentum_nesterov_wd", "adagrad_decay_init_wd", "adamw_wd", "adadelta_wd"])
+def test_whole_run_mixed_input_dtypes(triton_backend, opt):
+    """fp32, bf16 and fp16 ingredients in one merge: each read through its own pointer type."""
+    cfg = AMEConfig(epochs=2, batch_size=2, **OPTIMIZERS[opt])
+    xs = _inputs(5, 130, [F32, BF16, F16, BF16, F32])
+    out, ref, _, _ = _both(triton_backend, xs, schedule(cfg, 5), 2, False, F32)
+    assert_close(out, ref, what=f"mixed dtypes {opt}")
+
+
+MODES = {
+    "soup_adaptive_b1": dict(pivot="soup", adaptive=True, epochs=1, batch_size=1, shuffle=False),
+    "soup_fixed_b2_e3": dict(pivot="soup", adaptive=False, epochs=3, batch_size=2, shuffle=False),
+    "index_adaptive_shuffle": dict(pivot=3, adaptive=True, epochs=2, batch_size=2, shuffle=True),
+    "index_fixed_b_all": dict(pivot=0, adaptive=False, epochs=2, batch_size=5, shuffle=False),
+    "tensor_adaptive_b3_shuffle": dict(pivot="tensor", adaptive=True, epochs=3, batch_size=3, shuffle=True),
+    "tensor_fixed_b1": dict(pivot="tensor", adaptive=False, epochs=1, batch_size=1, shuffle=False),
+}
+
+
+@pytest.mark.parametrize("opt", ["sgd_momentum_dampening", "adam_amsgrad_wd", "adadelta_wd"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_whole_run_schedule_and_pivot_modes(triton_backend, mode, opt):
+    """Batches (uneven last batch), epochs, shuffle, soup / index / tensor pivot, fixed / adaptive."""
+    m = MODES[mode]
+    cfg = AMEConfig(epochs=m["epochs"], batch_size=m["batch_size"], shuffle=m["shuffle"], seed=7,
+                    adaptive_pivot=m["adaptive"], **OPTIMIZERS[opt])
+    xs = _inputs(5, 67, BF16)
+    pivot = None if m["pivot"] == "soup" else m["pivot"]
+    if m["pivot"] == "tensor":
+        pivot = torch.randn(67, device=DEVICE)
+    out, ref, _, _ = _both(triton_backend, xs, schedule(cfg, 5), pivot, m["adaptive"], F32)
+    assert_close(out, ref, what=f"{mode} {opt}")
+
+
+@pytest.mark.parametrize("lr_schedule,amplification", [
+    ("constant", 1.0), ("harmonic", 5.0), ("power", 2.0), ([0.3, 0.1, 0.2, 0.05], [1.0, 2.0, 0.5, 4.0]),
+], ids=["constant", "harmonic", "power", "sequences"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_whole_run_lr_and_zeta_schedules(triton_backend, opt, lr_schedule, amplification):
+    """lr_t and zeta_t arrive as per-step device data, whatever their shape."""
+    cfg = AMEConfig(optimizer=opt, lr=0.1, lr_schedule=lr_schedule, lr_power=-0.5, amplification=amplification)
+    xs = _inputs(4, 33, F32)
+    out, ref, _, _ = _both(triton_backend, xs, schedule(cfg, 4), None, True, F32)
+    assert_close(out, ref, what=f"{opt} lr={lr_schedule} zeta={amplification}")
+
+
+def test_whole_run_harmonic_gd_identity_is_the_soup(triton_backend):
+    """Paper Section 3.1: GD, lr_t = 1/t, adaptive pivot, zeta = N, B = 1 -> uniform soup."""
+    cfg = AMEConfig(optimizer="sgd", lr=1.0, lr_schedule="harmonic", amplification=6.0)
+    xs = _inputs(6, 45, F32)
+    out = torch.empty(45, device=DEVICE)
+    triton_backend.whole_run(xs, schedule(cfg, 6), torch.full((45,), 10.0, device=DEVICE), True, out)
+    assert_close(out, torch.stack(xs).mean(0), what="harmonic GD soup identity")
+
+
+def test_bf16_output_rounds_to_nearest_even(triton_backend):
+    """N = 1 with a fixed pivot on it gives g = 0, so out is the input, rounded to bf16 exactly as torch does
+    (ties to even, overflow to inf, NaN kept): the interpreter's own cast truncates. (An inf input cannot
+    pass through unchanged: p - x is then inf - inf.)"""
+    vals = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.3895e38, -3.3895e38, float("nan"),
+            1e-40, -0.0, 2.0 - 2**-9, 0.1, 123.456]
+    x = torch.tensor(vals + torch.randn(200).tolist(), dtype=F32, device=DEVICE)
+    cfg = AMEConfig(optimizer="sgd", lr=1.0, adaptive_pivot=False)
+    for out_dtype in (BF16, F16):
+        out = torch.empty(x.numel(), dtype=out_dtype, device=DEVICE)
+        triton_backend.whole_run([x], schedule(cfg, 1), 0, False, out)
+        expected = x.to(out_dtype)
+        same = (out == expected) | (torch.isnan(out) & torch.isnan(expected))
+        assert bool(same.all()), f"{out_dtype}: {(~same).sum().item()} values rounded differently, " \
+                                 f"first at {torch.nonzero(~same)[:3].reshape(-1).tolist()}"
+
+
+def test_check_finite_reports_bad_inputs(triton_backend):
+    xs = _inputs(5, 40, BF16)
+    xs[1][3] = float("nan")
+    xs[4][39] = -float("inf")
+    cfg = AMEConfig(optimizer="adam", lr=0.01)
+    for pivot in (None, 0):
+        _, _, bad, ref_bad = _both(triton_backend, xs, schedule(cfg, 5), pivot, True, BF16, check_finite=True)
+        assert bad == ref_bad == [1, 4]
+        _, _, bad, _ = _both(triton_backend, xs, schedule(cfg, 5), pivot, True, BF16, check_finite=False)
+        assert bad == []
+
+
+def test_whole_run_empty_buffer(triton_backend):
+    cfg = AMEConfig()
+    out = torch.empty(0, device=DEVICE)
+    assert triton_backend.whole_run(_inputs(2, 0, F32), schedule(cfg, 2), None, True, out, check_finite=True) == []
+
+
+# --- step kernel -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_step_matches_reference_step(triton_backend, opt, adaptive):
+    """Four steps carrying fp32 state, batches of 1 or 2 mixed-dtype members, vs ReferenceBackend.step."""
+    cfg = AMEConfig(lr_schedule="harmonic", **OPTIMIZERS[opt])
+    hyper = schedule(cfg, 4).hyper
+    c = 131
+    xs = _inputs(4, c, [BF16, F32, F16, BF16])
+    w = torch.randn(c, device=DEVICE)
+    state = torch.tensor(hyper.initial_state(), dtype=F32, device=DEVICE).reshape(-1, 1).repeat(1, c).contiguous()
+    state = state.reshape(hyper.state_slots, c)
+    w_ref, state_ref = w.clone(), state.clone()
+    pivot = None if adaptive else torch.randn(c, device=DEVICE)
+    for t, members in enumerate([[0], [1, 2], [3], [2, 0]], start=1):
+        coeffs = step_coeffs(cfg, t, gscale=1.0 / (4 * len(members)))
+        batch = [xs[i] for i in members]
+        triton_backend.step(w, state, batch, pivot, coeffs, t, hyper)
+        REF.step(w_ref, state_ref, batch, pivot, coeffs, t, hyper)
+        assert_close(w, w_ref, what=f"step {opt} t={t} w")
+        assert_close(state, state_ref, what=f"step {opt} t={t} state")
+
+
+def test_step_kernels_replay_the_whole_run(triton_backend):
+    """Stepping the plan row by row gives the whole-run kernel's result (same rules, same arithmetic)."""
+    cfg = AMEConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, amsgrad=True, epochs=2, batch_size=2, shuffle=True)
+    plan = schedule(cfg, 3)
+    xs = _inputs(3, 77, F32)
+    out = torch.empty(77, device=DEVICE)
+    triton_backend.whole_run(xs, plan, 1, True, out)
+    w = xs[1].clone()
+    state = torch.zeros(plan.hyper.state_slots, 77, device=DEVICE)
+    for t in range(1, plan.steps + 1):
+        triton_backend.step(w, state, [xs[i] for i in plan.batch(t)], None, plan.coeffs[t - 1], t, plan.hyper)
+    assert_close(w, out, what="step replay vs whole_run")
+
+
+# --- chunked driver --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pivot_kind", ["soup", "index", "tensor"])
+@pytest.mark.parametrize("chunk", [1, 50, 129, 1000])
+def test_chunked_driver_equals_unchunked(_kernels, triton_backend, chunk, pivot_kind):
+    """Chunk bookkeeping of the staging loop (slots, uneven last chunk, pivot slices, finite flags):
+    bit-identical to one unchunked call. Runs on the CPU path of the same loop (no streams)."""
+    cfg = AMEConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=2)
+    plan = schedule(cfg, 4)
+    c = 129
+    xs = _inputs(4, c, [BF16, F32, F16, BF16], device="cpu")
+    xs[2][100] = float("inf")
+    pivot = {"soup": None, "index": 1, "tensor": torch.randn(c)}[pivot_kind]
+    ref = torch.empty(c, dtype=BF16)
+    expected_bad = triton_backend.whole_run(xs, plan, pivot, False, ref, check_finite=True)
+    out = torch.empty(c, dtype=BF16)
+    bad = _kernels["driver"].run_chunked(triton_backend.whole_run, xs, plan, pivot, False, out,
+                                         chunk_elems=chunk, device="cpu", check_finite=True)
+    assert bad == expected_bad == [2]
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
+def test_chunked_driver_is_generic_over_the_kernel(_kernels):
+    """Any callable with the whole_run signature works (the CUDA C++ backend reuses the driver)."""
+    cfg = AMEConfig(optimizer="sgd", lr=1.0, lr_schedule="constant", adaptive_pivot=False)
+    plan = schedule(cfg, 3)
+    xs = _inputs(3, 100, F32, device="cpu")
+    seen = []
+
+    def kernel_fn(inputs, plan, pivot, adaptive_pivot, out, check_finite=False):
+        seen.append(out.numel())
+        return REF.whole_run(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
+
+    out = torch.empty(100)
+    _kernels["driver"].run_chunked(kernel_fn, xs, plan, None, False, out, chunk_elems=30, device="cpu")
+    assert seen == [30, 30, 30, 10]
+    assert_close(out, torch.stack(xs).mean(0), what="chunked soup")
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_bad_input_raises_naming_function_and_argument(triton_backend, _kernels):
+    cfg = AMEConfig(optimizer="adam")
+    plan = schedule(cfg, 3)
+    xs = _inputs(3, 10, F32)
+    out = torch.empty(10, device=DEVICE)
+    with pytest.raises(MergeError, match=r"triton.whole_run: inputs has 2 tensors but the plan is for N=3"):
+        triton_backend.whole_run(xs[:2], plan, None, True, out)
+    with pytest.raises(MergeError, match=r"triton.whole_run: inputs\[1\] has 9 elements"):
+        triton_backend.whole_run([xs[0], xs[1][:9], xs[2]], plan, None, True, out)
+    with pytest.raises(MergeError, match=r"triton.whole_run: inputs\[2\] has dtype torch.int32"):
+        triton_backend.whole_run([xs[0], xs[1], xs[2].int()], plan, None, True, out)
+    with pytest.raises(MergeError, match=r"triton.whole_run: pivot index 3 out of range"):
+        triton_backend.whole_run(xs, plan, 3, True, out)
+    with pytest.raises(MergeError, match=r"triton.whole_run: inputs\[0\] must be contiguous"):
+        triton_backend.whole_run([torch.randn(20, device=DEVICE)[::2], xs[1], xs[2]], plan, None, True, out)
+    hyper = plan.hyper
+    with pytest.raises(MergeError, match=r"triton.step: state must be a contiguous float32 tensor of shape \(2, 10\)"):
+        triton_backend.step(out, torch.zeros(3, 10, device=DEVICE), xs[:1], None, plan.coeffs[0], 1, hyper)
+    with pytest.raises(MergeError, match=r"triton.step: batch must hold at least one tensor"):
+        triton_backend.step(out, torch.zeros(2, 10, device=DEVICE), [], None, plan.coeffs[0], 1, hyper)
+    with pytest.raises(MergeError, match=r"run_chunked: chunk_elems must be >= 1"):
+        _kernels["driver"].run_chunked(triton_backend.whole_run, xs, plan, None, True, out, chunk_elems=0, device="cpu")
+
+
+def test_backend_reports_where_it_runs(triton_backend):
+    ok, why = triton_backend.available()
+    assert ok, why
+    assert triton_backend.supports_device("cuda") == (CUDA or os.environ.get("TRITON_INTERPRET") == "1")
+    assert not triton_backend.supports_device("mps")
+
+
+# --- GPU only --------------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("opt", ["sgd_momentum_nesterov_wd", "adagrad_decay_init_wd", "adam", "adamw_wd", "adadelta_wd"])
+def test_gpu_large_parity(triton_backend, opt):
+    """Many blocks (autotuned BLOCK), an odd size, bf16 in and out."""
+    cfg = AMEConfig(epochs=2, batch_size=3, shuffle=True, **OPTIMIZERS[opt])
+    xs = _inputs(8, 3_000_017, BF16, device="cuda")
+    out, ref, _, _ = _both(triton_backend, xs, schedule(cfg, 8), None, True, BF16)
+    assert_close(out, ref, what=f"gpu {opt}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
+def test_gpu_chunked_driver_equals_unchunked(_kernels, triton_backend, pinned):
+    """Host inputs streamed through the GPU in chunks smaller than the model equal the unchunked run."""
+    cfg = AMEConfig(optimizer="adam", lr=0.01, epochs=2, batch_size=2)
+    plan = schedule(cfg, 6)
+    c = 5_000_003
+    xs = [x.pin_memory() if pinned else x for x in _inputs(6, c, BF16, device="cpu")]
+    ref = torch.empty(c, dtype=BF16, device="cuda")
+    triton_backend.whole_run([x.cuda() for x in xs], plan, None, True, ref)
+    out = torch.empty(c, dtype=BF16, pin_memory=pinned)
+    _kernels["driver"].run_chunked(triton_backend.whole_run, xs, plan, None, True, out, chunk_elems=1_000_000)
+    assert torch.equal(out.view(torch.int16), ref.cpu().view(torch.int16))
+
+
+@gpu
+@needs_cuda
+def test_gpu_merge_larger_than_free_gpu_memory(_kernels, triton_backend):
+    """A flattened state dict whose inputs exceed the memory this process may use on the GPU
+    (capped with set_per_process_memory_fraction) merges through the chunked driver."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget = 1 << 30  # this process may allocate 1 GiB on the GPU
+    cfg = AMEConfig(optimizer="adam", lr=0.01)
+    n, c = 4, (3 << 30) // (4 * 2)  # 4 bf16 inputs of 3/4 GiB each: 3 GiB > budget
+    state_dicts = [{"a.weight": torch.randn(c // 2, dtype=BF16), "b.weight": torch.randn(c - c // 2, dtype=BF16)}
+                   for _ in range(n)]
+    xs = [torch.cat([sd["a.weight"], sd["b.weight"]]) for sd in state_dicts]
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(budget / total)
+    try:
+        out = torch.empty(c, dtype=BF16)
+        _kernels["driver"].run_chunked(triton_backend.whole_run, xs, schedule(cfg, n), None, True, out)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    probe = slice(0, 1_000_003)
+    ref = torch.empty(1_000_003, dtype=BF16)
+    REF.whole_run([x[probe] for x in xs], schedule(cfg, n), None, True, ref)
+    assert_close(out[probe], ref, what="larger-than-memory merge, first 1M elements")
+    tail = slice(c - 1_000_003, c)
+    REF.whole_run([x[tail] for x in xs], schedule(cfg, n), None, True, ref)
+    assert_close(out[tail], ref, what="larger-than-memory merge, last 1M elements")
+
+
+@gpu
+@needs_cuda
+def test_gpu_no_recompilation_per_lr_or_step_count(_kernels, triton_backend):
+    """lr, zeta and T are runtime data: new values reuse the compiled kernel."""
+    jit_fn = _kernels["whole_run"]._whole_run_kernel.fn
+    caches = getattr(jit_fn, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton version exposes no per-device kernel cache to inspect")
+
+    def compiled():
+        return sum(len(v[0]) for v in caches.values())
+
+    xs = _inputs(4, 10_000, BF16, device="cuda")
+    out = torch.empty(10_000, dtype=BF16, device="cuda")
+    triton_backend.whole_run(xs, schedule(AMEConfig(optimizer="adam", lr=1e-3), 4), None, True, out)
+    before = compiled()
+    for lr, epochs in [(3e-3, 1), (0.1, 3), (1e-5, 5)]:
+        triton_backend.whole_run(xs, schedule(AMEConfig(optimizer="adam", lr=lr, epochs=epochs), 4), None, True, out)
+    assert compiled() == before
