@@ -1,0 +1,90 @@
+// The step kernel: one fused optimizer step, in place, with the state in buffers
+// (the online "stew" API and greedy ensembling, which snapshot and restore state).
+//
+//   p = pivot or w;  g = gscale * sum_{i in batch} (p - x_i) + wd * w;  Rule::update
+//
+// w: fp32 [C], state: fp32 [slots, C] (read-modify-write), batch: M inputs of TIn
+// (or Mixed), pivot: fp32 [C] or null. Same grouping and vector path as whole_run.
+#pragma once
+#include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
+#include "rules/common.h"
+
+namespace ame {
+namespace cuda {
+
+template <typename TIn, typename Rule>
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a, const bool vec) {
+  constexpr int kS = Rule::kSlots > 0 ? Rule::kSlots : 1;
+  const HyperT<float> h(a.hyper.s);
+  const StepCoeffsT<float> c{a.coeffs[0], a.coeffs[1], a.coeffs[2], a.coeffs[3]};
+  const bool first = a.t == 1;
+  const int64_t groups = (a.c + kEPT - 1) / kEPT;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+
+  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < groups; gi += stride) {
+    const int64_t base = gi * kEPT;
+    const bool v = vec && base + kEPT <= a.c;
+    float w[kEPT], p[kEPT], x[kEPT], acc[kEPT];
+    float s[kEPT][kS];
+
+    load_group_rw(a.w, base, a.c, v, w);
+#pragma unroll
+    for (int slot = 0; slot < Rule::kSlots; ++slot) {
+      load_group_rw(a.state + slot * a.c, base, a.c, v, x);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) s[k][slot] = x[k];
+    }
+    if (a.pivot != nullptr) {
+      load_group<float>(a.pivot, base, a.c, v, p);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) p[k] = w[k];
+    }
+
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) acc[k] = 0.f;
+#pragma unroll 2
+    for (int j = 0; j < a.m; ++j) {
+      InputLoader<TIn>::load(a.batch, a.in_dtypes, j, base, a.c, v, x);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) acc[k] += p[k] - x[k];
+    }
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) {
+      const float g = add_weight_decay(c.gscale * acc[k], w[k], h);
+      Rule::update(w[k], g, s[k], c, h, first);
+    }
+
+    store_group<float>(a.w, base, a.c, v, w);
+#pragma unroll
+    for (int slot = 0; slot < Rule::kSlots; ++slot) {
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) x[k] = s[k][slot];
+      store_group<float>(a.state + slot * a.c, base, a.c, v, x);
+    }
+  }
+}
+
+template <typename TIn, typename Rule>
+void launch_step(const StepArgs& a, bool vec, const char* kernel_name) {
+  const void* kernel = reinterpret_cast<const void*>(&step_kernel<TIn, Rule>);
+  const int64_t groups = (a.c + kEPT - 1) / kEPT;
+  if (groups == 0) return;
+  const int grid = grid_size(kernel, groups, a.device);
+  step_kernel<TIn, Rule><<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, vec);
+  check_launch("step", kernel_name);
+}
+
+// Every TIn (incl. Mixed) for one Rule: the instantiations of one rule file.
+template <typename Rule>
+void step_rule(const StepArgs& a, bool vec) {
+  dispatch_dtype</*kAllowMixed=*/true>(a.in_dtype, [&](auto tin) {
+    using TIn = typename decltype(tin)::type;
+    const std::string name = std::string("step_kernel<") + type_name<TIn>() + ", " + RuleName<Rule>::get() + ">";
+    launch_step<TIn, Rule>(a, vec, name.c_str());
+  });
+}
+
+}  // namespace cuda
+}  // namespace ame

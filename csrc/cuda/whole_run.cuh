@@ -1,0 +1,117 @@
+// The whole-run kernel: one launch runs the entire schedule (all epochs, batches,
+// optimizer steps) for every element, [N, C] inputs -> [C] output.
+//
+// Each thread owns groups of kEPT consecutive elements (grid-stride loop) and keeps
+// w, the fixed pivot w_0 and the optimizer state of its group in registers for all
+// T steps: the moments never touch memory. Memory traffic is the reads of the
+// inputs named by the schedule (after the first epoch they are re-reads, served by
+// L2 while the resident groups' inputs fit) plus one write of out: about
+// N*C*sizeof(TIn) + C*sizeof(TOut) bytes per epoch.
+//
+// Arithmetic per element (ame_kernels/backends/base.py, fp32):
+//   w_0 = soup (sum_i x_i * (1/N)) | inputs[pivot_index] | pivot
+//   for t = 1..T:  g = gscale_t * sum_{i in batch(t)} (p - x_i) + wd * w;  Rule::update
+//   out = round_to_nearest_even(w_T)
+//
+// The schedule (batch_ptr, batch_idx, coeffs) lives in small device arrays; every
+// thread of a warp reads the same entry at the same time (one broadcast load each).
+#pragma once
+#include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
+#include "rules/common.h"
+
+namespace ame {
+namespace cuda {
+
+template <typename TIn, typename TOut, typename Rule>
+__global__ void __launch_bounds__(kThreads) whole_run_kernel(const WholeRunArgs a, const bool vec) {
+  constexpr int kS = Rule::kSlots > 0 ? Rule::kSlots : 1;  // no zero-length arrays
+  const HyperT<float> h(a.hyper.s);
+  const int64_t groups = (a.c + kEPT - 1) / kEPT;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+
+  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < groups; gi += stride) {
+    const int64_t base = gi * kEPT;
+    const bool v = vec && base + kEPT <= a.c;  // vector path: aligned and a full group
+    float w[kEPT], w0[kEPT], x[kEPT];
+
+    // ---- w_0 ----
+    if (a.pivot_mode == PivotMode::kSoup) {
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) w[k] = 0.f;
+      for (int i = 0; i < a.n; ++i) {
+        InputLoader<TIn>::load(a.inputs, a.in_dtypes, i, base, a.c, v, x);
+        if (a.nonfinite != nullptr && any_nonfinite(x)) a.nonfinite[i] = 1;
+#pragma unroll
+        for (int k = 0; k < kEPT; ++k) w[k] += x[k];
+      }
+      // torch's mean multiplies the sum by 1/N.
+      const float inv_n = 1.f / static_cast<float>(a.n);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) w[k] *= inv_n;
+    } else if (a.pivot_mode == PivotMode::kIndex) {
+      InputLoader<TIn>::load(a.inputs, a.in_dtypes, a.pivot_index, base, a.c, v, w);
+    } else {
+      load_group_any(a.pivot, a.pivot_dtype, base, a.c, v, w);
+    }
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) w0[k] = w[k];
+
+    float s[kEPT][kS];
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) Rule::init(s[k], h);
+
+    // ---- T steps ----
+    for (int t = 0; t < a.steps; ++t) {
+      const int j0 = __ldg(a.batch_ptr + t);
+      const int j1 = __ldg(a.batch_ptr + t + 1);
+      float acc[kEPT];
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) acc[k] = 0.f;
+#pragma unroll 2
+      for (int j = j0; j < j1; ++j) {
+        const int i = __ldg(a.batch_idx + j);
+        InputLoader<TIn>::load(a.inputs, a.in_dtypes, i, base, a.c, v, x);
+        if (a.nonfinite != nullptr && any_nonfinite(x)) a.nonfinite[i] = 1;
+#pragma unroll
+        for (int k = 0; k < kEPT; ++k) acc[k] += (a.adaptive_pivot ? w[k] : w0[k]) - x[k];
+      }
+      const float4 row = __ldg(reinterpret_cast<const float4*>(a.coeffs) + t);
+      const StepCoeffsT<float> c{row.x, row.y, row.z, row.w};
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) {
+        const float g = add_weight_decay(c.gscale * acc[k], w[k], h);
+        Rule::update(w[k], g, s[k], c, h, t == 0);
+      }
+    }
+    store_group<TOut>(a.out, base, a.c, v, w);
+  }
+}
+
+template <typename TIn, typename TOut, typename Rule>
+void launch_whole_run(const WholeRunArgs& a, bool vec, const char* kernel_name) {
+  const void* kernel = reinterpret_cast<const void*>(&whole_run_kernel<TIn, TOut, Rule>);
+  const int64_t groups = (a.c + kEPT - 1) / kEPT;
+  if (groups == 0) return;
+  const int grid = grid_size(kernel, groups, a.device);
+  whole_run_kernel<TIn, TOut, Rule>
+      <<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, vec);
+  check_launch("whole_run", kernel_name);
+}
+
+// Every TIn (incl. Mixed) x TOut for one Rule: the instantiations of one rule file.
+template <typename Rule>
+void whole_run_rule(const WholeRunArgs& a, bool vec) {
+  dispatch_dtype</*kAllowMixed=*/true>(a.in_dtype, [&](auto tin) {
+    using TIn = typename decltype(tin)::type;
+    dispatch_dtype</*kAllowMixed=*/false>(a.out_dtype, [&](auto tout) {
+      using TOut = typename decltype(tout)::type;
+      const std::string name = std::string("whole_run_kernel<") + type_name<TIn>() + ", " + type_name<TOut>() + ", " +
+                               RuleName<Rule>::get() + ">";
+      launch_whole_run<TIn, TOut, Rule>(a, vec, name.c_str());
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace ame

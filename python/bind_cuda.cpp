@@ -1,0 +1,314 @@
+// init_cuda: the checked gate to the CUDA kernels (csrc/cuda). Device memory comes
+// in as integer addresses, the stream as an integer cudaStream_t, dtypes as names;
+// host copies of the schedule come in as numpy arrays so every fact can be checked
+// here. One AME_CHECK per fact (ValueError naming the function and the argument),
+// then one plain args struct, the GIL released around the launch. No arithmetic
+// and no defaults of its own: ame_kernels/backends/cuda.py passes everything.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/macros.h"
+#include "cuda/launch.h"
+
+namespace py = pybind11;
+using ame::cuda::DType;
+using ame::cuda::HyperArgs;
+using ame::cuda::Optimizer;
+using ame::cuda::PivotMode;
+
+namespace {
+
+int32_t dtype_code(const std::string& name, const std::string& what) {
+  if (name == "float32") return static_cast<int32_t>(DType::kFloat32);
+  if (name == "bfloat16") return static_cast<int32_t>(DType::kBFloat16);
+  if (name == "float16") return static_cast<int32_t>(DType::kFloat16);
+  throw std::invalid_argument(what + ": unsupported dtype '" + name + "' (expected float32, bfloat16 or float16)");
+}
+
+// One code for all inputs, or kMixed when they differ (then the kernel reads the dtype table).
+int32_t common_code(const std::vector<std::string>& names, const std::string& what) {
+  int32_t code = dtype_code(names.at(0), what + "[0]");
+  for (size_t i = 1; i < names.size(); ++i) {
+    if (dtype_code(names[i], what + "[" + std::to_string(i) + "]") != code) code = ame::cuda::kMixed;
+  }
+  return code;
+}
+
+bool finite(double x) { return std::isfinite(x); }
+
+HyperArgs make_hyper(const char* fn, const std::string& optimizer, double momentum, double dampening, bool nesterov,
+                     double weight_decay, double beta1, double beta2, double eps, double rho, bool amsgrad,
+                     bool eps_inside_sqrt, double initial_accumulator_value) {
+  const std::string f = std::string("[") + fn + "] ";
+  HyperArgs h;
+  if (optimizer == "sgd") h.optimizer = Optimizer::kSgd;
+  else if (optimizer == "adagrad") h.optimizer = Optimizer::kAdagrad;
+  else if (optimizer == "adam") h.optimizer = Optimizer::kAdam;
+  else if (optimizer == "adamw") h.optimizer = Optimizer::kAdamW;
+  else if (optimizer == "adadelta") h.optimizer = Optimizer::kAdadelta;
+  else throw std::invalid_argument(f + "optimizer: unknown '" + optimizer + "' (sgd, adagrad, adam, adamw, adadelta)");
+  AME_CHECK(finite(momentum) && momentum >= 0, f + "momentum: must be finite and >= 0");
+  AME_CHECK(finite(dampening), f + "dampening: must be finite");
+  AME_CHECK(!nesterov || momentum > 0, f + "nesterov: needs momentum > 0");
+  AME_CHECK(finite(weight_decay), f + "weight_decay: must be finite");
+  AME_CHECK(beta1 >= 0 && beta1 < 1, f + "beta1: must be in [0, 1)");
+  AME_CHECK(beta2 >= 0 && beta2 < 1, f + "beta2: must be in [0, 1)");
+  AME_CHECK(finite(eps) && eps >= 0, f + "eps: must be finite and >= 0");
+  AME_CHECK(rho >= 0 && rho <= 1, f + "rho: must be in [0, 1]");
+  AME_CHECK(finite(initial_accumulator_value) && initial_accumulator_value >= 0,
+            f + "initial_accumulator_value: must be finite and >= 0");
+  h.s.momentum = static_cast<float>(momentum);
+  h.s.dampening = static_cast<float>(dampening);
+  h.s.nesterov = nesterov ? 1 : 0;
+  h.s.weight_decay = static_cast<float>(weight_decay);
+  h.s.beta1 = static_cast<float>(beta1);
+  h.s.beta2 = static_cast<float>(beta2);
+  h.s.eps = static_cast<float>(eps);
+  h.s.rho = static_cast<float>(rho);
+  h.s.amsgrad = amsgrad ? 1 : 0;
+  h.s.eps_inside_sqrt = eps_inside_sqrt ? 1 : 0;
+  h.s.initial_accumulator_value = static_cast<float>(initial_accumulator_value);
+  return h;
+}
+
+void check_device(const char* fn, int device) {
+  const int n = ame::cuda::device_count();
+  AME_CHECK(device >= 0 && device < n, std::string("[") + fn + "] device: cuda:" + std::to_string(device) +
+                                           " does not exist (" + std::to_string(n) + " CUDA devices visible)");
+}
+
+template <typename T>
+const T* host_array(const py::array& a, const std::string& what, int ndim) {
+  AME_CHECK(a.dtype().is(py::dtype::of<T>()), what + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
+                                                  ", got " + std::string(py::str(a.dtype())));
+  AME_CHECK(a.ndim() == ndim, what + ": expected " + std::to_string(ndim) + " dimension(s), got " +
+                                  std::to_string(a.ndim()));
+  AME_CHECK((a.flags() & py::array::c_style) != 0, what + ": must be C-contiguous");
+  return static_cast<const T*>(a.data());
+}
+
+bool aligned16(uintptr_t p) { return (p & 15u) == 0; }
+
+void whole_run(const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, int64_t c,
+               uintptr_t input_table, uintptr_t dtype_table, const py::array& batch_ptr, const py::array& batch_idx,
+               const py::array& coeffs, uintptr_t batch_ptr_dev, uintptr_t batch_idx_dev, uintptr_t coeffs_dev,
+               const std::string& pivot_mode, int pivot_index, uintptr_t pivot, const std::string& pivot_dtype,
+               bool adaptive_pivot, uintptr_t out, const std::string& out_dtype, const std::string& optimizer,
+               double momentum, double dampening, bool nesterov, double weight_decay, double beta1, double beta2,
+               double eps, double rho, bool amsgrad, bool eps_inside_sqrt, double initial_accumulator_value,
+               uintptr_t nonfinite, int device, uintptr_t stream) {
+  using ame::cuda::check_device_pointer;
+  ame::cuda::WholeRunArgs a;
+  const int64_t n = static_cast<int64_t>(inputs.size());
+  AME_CHECK(n >= 1, "[whole_run] inputs: need at least 1 ingredient");
+  AME_CHECK(n <= INT32_MAX, "[whole_run] inputs: too many ingredients");
+  AME_CHECK(static_cast<int64_t>(input_dtypes.size()) == n,
+            "[whole_run] input_dtypes: expected one dtype per input (" + std::to_string(n) + "), got " +
+                std::to_string(input_dtypes.size()));
+  AME_CHECK(c >= 0, "[whole_run] c: must be >= 0");
+  a.n = static_cast<int32_t>(n);
+  a.c = c;
+  a.in_dtype = common_code(input_dtypes, "[whole_run] input_dtypes");
+  a.out_dtype = dtype_code(out_dtype, "[whole_run] out_dtype");
+  a.hyper = make_hyper("whole_run", optimizer, momentum, dampening, nesterov, weight_decay, beta1, beta2, eps, rho,
+                       amsgrad, eps_inside_sqrt, initial_accumulator_value);
+  a.adaptive_pivot = adaptive_pivot;
+
+  // The schedule (host copies, checked; the device copies are the caller's upload of the same arrays).
+  const int32_t* bp = host_array<int32_t>(batch_ptr, "[whole_run] batch_ptr", 1);
+  const int32_t* bi = host_array<int32_t>(batch_idx, "[whole_run] batch_idx", 1);
+  const float* cf = host_array<float>(coeffs, "[whole_run] coeffs", 2);
+  const int64_t steps = static_cast<int64_t>(batch_ptr.shape(0)) - 1;
+  AME_CHECK(steps >= 1, "[whole_run] batch_ptr: need at least 2 entries (one step)");
+  AME_CHECK(steps <= INT32_MAX, "[whole_run] batch_ptr: too many steps");
+  AME_CHECK(bp[0] == 0, "[whole_run] batch_ptr: must start at 0");
+  for (int64_t t = 0; t < steps; ++t) {
+    AME_CHECK(bp[t + 1] > bp[t], "[whole_run] batch_ptr: step " + std::to_string(t + 1) + " has no ingredient");
+  }
+  AME_CHECK(bp[steps] == batch_idx.shape(0), "[whole_run] batch_idx: expected batch_ptr[-1] = " +
+                                                 std::to_string(bp[steps]) + " entries, got " +
+                                                 std::to_string(batch_idx.shape(0)));
+  for (int64_t j = 0; j < batch_idx.shape(0); ++j) {
+    AME_CHECK(bi[j] >= 0 && bi[j] < n, "[whole_run] batch_idx: entry " + std::to_string(j) + " = " +
+                                           std::to_string(bi[j]) + " is not in [0, " + std::to_string(n) + ")");
+  }
+  AME_CHECK(coeffs.shape(0) == steps && coeffs.shape(1) == 4,
+            "[whole_run] coeffs: expected shape [" + std::to_string(steps) + ", 4], one row per step");
+  for (int64_t k = 0; k < steps * 4; ++k) {
+    AME_CHECK(std::isfinite(cf[k]), "[whole_run] coeffs: row " + std::to_string(k / 4) + " is not finite");
+  }
+  a.steps = static_cast<int32_t>(steps);
+
+  // Pivot.
+  if (pivot_mode == "soup") {
+    a.pivot_mode = PivotMode::kSoup;
+  } else if (pivot_mode == "index") {
+    a.pivot_mode = PivotMode::kIndex;
+    AME_CHECK(pivot_index >= 0 && pivot_index < n, "[whole_run] pivot_index: " + std::to_string(pivot_index) +
+                                                       " is not in [0, " + std::to_string(n) + ")");
+    a.pivot_index = pivot_index;
+  } else if (pivot_mode == "tensor") {
+    a.pivot_mode = PivotMode::kTensor;
+    a.pivot_dtype = dtype_code(pivot_dtype, "[whole_run] pivot_dtype");
+  } else {
+    throw std::invalid_argument("[whole_run] pivot_mode: unknown '" + pivot_mode + "' (soup, index, tensor)");
+  }
+
+  check_device("whole_run", device);
+  if (c == 0) return;  // nothing to compute (empty tensors may have a null address)
+
+  bool inputs_aligned = true;
+  for (int64_t i = 0; i < n; ++i) {
+    check_device_pointer(reinterpret_cast<const void*>(inputs[i]), device, "[whole_run] inputs[" + std::to_string(i) + "]");
+    inputs_aligned = inputs_aligned && aligned16(inputs[i]);
+  }
+  check_device_pointer(reinterpret_cast<const void*>(input_table), device, "[whole_run] input_table");
+  AME_CHECK(aligned16(input_table) || (input_table & 7u) == 0, "[whole_run] input_table: must be 8-byte aligned");
+  if (a.in_dtype == ame::cuda::kMixed) {
+    check_device_pointer(reinterpret_cast<const void*>(dtype_table), device, "[whole_run] dtype_table");
+  }
+  check_device_pointer(reinterpret_cast<const void*>(batch_ptr_dev), device, "[whole_run] batch_ptr_dev");
+  check_device_pointer(reinterpret_cast<const void*>(batch_idx_dev), device, "[whole_run] batch_idx_dev");
+  check_device_pointer(reinterpret_cast<const void*>(coeffs_dev), device, "[whole_run] coeffs_dev");
+  AME_CHECK(aligned16(coeffs_dev), "[whole_run] coeffs_dev: must be 16-byte aligned (rows are read as float4)");
+  check_device_pointer(reinterpret_cast<const void*>(out), device, "[whole_run] out");
+  if (a.pivot_mode == PivotMode::kTensor) {
+    check_device_pointer(reinterpret_cast<const void*>(pivot), device, "[whole_run] pivot");
+    a.pivot = reinterpret_cast<const void*>(pivot);
+  }
+  if (nonfinite != 0) {
+    check_device_pointer(reinterpret_cast<const void*>(nonfinite), device, "[whole_run] nonfinite");
+    a.nonfinite = reinterpret_cast<int32_t*>(nonfinite);
+  }
+  a.inputs = reinterpret_cast<const uint64_t*>(input_table);
+  a.in_dtypes = reinterpret_cast<const int32_t*>(dtype_table);
+  a.batch_ptr = reinterpret_cast<const int32_t*>(batch_ptr_dev);
+  a.batch_idx = reinterpret_cast<const int32_t*>(batch_idx_dev);
+  a.coeffs = reinterpret_cast<const float*>(coeffs_dev);
+  a.out = reinterpret_cast<void*>(out);
+  a.device = device;
+  a.stream = stream;
+
+  py::gil_scoped_release release;
+  ame::cuda::whole_run(a, inputs_aligned);
+}
+
+void step(uintptr_t w, uintptr_t state, int64_t c, const std::vector<uintptr_t>& batch,
+          const std::vector<std::string>& batch_dtypes, uintptr_t batch_table, uintptr_t dtype_table, uintptr_t pivot,
+          const std::vector<double>& coeffs, int t, const std::string& optimizer, double momentum, double dampening,
+          bool nesterov, double weight_decay, double beta1, double beta2, double eps, double rho, bool amsgrad,
+          bool eps_inside_sqrt, double initial_accumulator_value, int device, uintptr_t stream) {
+  using ame::cuda::check_device_pointer;
+  ame::cuda::StepArgs a;
+  const int64_t m = static_cast<int64_t>(batch.size());
+  AME_CHECK(m >= 1, "[step] batch: need at least 1 tensor");
+  AME_CHECK(m <= INT32_MAX, "[step] batch: too many tensors");
+  AME_CHECK(static_cast<int64_t>(batch_dtypes.size()) == m, "[step] batch_dtypes: expected one dtype per batch tensor (" +
+                                                                std::to_string(m) + "), got " +
+                                                                std::to_string(batch_dtypes.size()));
+  AME_CHECK(c >= 0, "[step] c: must be >= 0");
+  AME_CHECK(coeffs.size() == 4, "[step] coeffs: expected 4 values (gscale, lr_eff, decay, inv_bc2_sqrt), got " +
+                                    std::to_string(coeffs.size()));
+  for (int k = 0; k < 4; ++k) AME_CHECK(std::isfinite(coeffs[k]), "[step] coeffs: value " + std::to_string(k) + " is not finite");
+  AME_CHECK(t >= 1, "[step] t: steps count from 1, got " + std::to_string(t));
+  a.m = static_cast<int32_t>(m);
+  a.c = c;
+  a.in_dtype = common_code(batch_dtypes, "[step] batch_dtypes");
+  for (int k = 0; k < 4; ++k) a.coeffs[k] = static_cast<float>(coeffs[k]);
+  a.t = t;
+  a.hyper = make_hyper("step", optimizer, momentum, dampening, nesterov, weight_decay, beta1, beta2, eps, rho, amsgrad,
+                       eps_inside_sqrt, initial_accumulator_value);
+  check_device("step", device);
+  if (c == 0) return;
+
+  bool batch_aligned = true;
+  for (int64_t i = 0; i < m; ++i) {
+    check_device_pointer(reinterpret_cast<const void*>(batch[i]), device, "[step] batch[" + std::to_string(i) + "]");
+    batch_aligned = batch_aligned && aligned16(batch[i]);
+  }
+  check_device_pointer(reinterpret_cast<const void*>(batch_table), device, "[step] batch_table");
+  AME_CHECK((batch_table & 7u) == 0, "[step] batch_table: must be 8-byte aligned");
+  if (a.in_dtype == ame::cuda::kMixed) {
+    check_device_pointer(reinterpret_cast<const void*>(dtype_table), device, "[step] dtype_table");
+  }
+  check_device_pointer(reinterpret_cast<const void*>(w), device, "[step] w");
+  AME_CHECK((w & 3u) == 0, "[step] w: fp32 buffer must be 4-byte aligned");
+  if (ame::cuda::state_slots(a.hyper) > 0) {
+    check_device_pointer(reinterpret_cast<const void*>(state), device, "[step] state");
+    AME_CHECK((state & 3u) == 0, "[step] state: fp32 buffer must be 4-byte aligned");
+    a.state = reinterpret_cast<float*>(state);
+  }
+  if (pivot != 0) {
+    check_device_pointer(reinterpret_cast<const void*>(pivot), device, "[step] pivot");
+    a.pivot = reinterpret_cast<const float*>(pivot);
+  }
+  a.w = reinterpret_cast<float*>(w);
+  a.batch = reinterpret_cast<const uint64_t*>(batch_table);
+  a.in_dtypes = reinterpret_cast<const int32_t*>(dtype_table);
+  a.device = device;
+  a.stream = stream;
+
+  py::gil_scoped_release release;
+  ame::cuda::step(a, batch_aligned);
+}
+
+py::dict device_info(int device) {
+  const ame::cuda::DeviceInfo info = ame::cuda::device_info(device);
+  py::dict d;
+  d["name"] = info.name;
+  d["capability"] = py::make_tuple(info.major, info.minor);
+  d["sm_count"] = info.sm_count;
+  d["total_mem"] = info.total_mem;
+  d["runtime_version"] = info.runtime_version;
+  d["driver_version"] = info.driver_version;
+  d["kernels_loadable"] = info.kernels_loadable;
+  d["load_error"] = info.load_error;
+  d["compiled_archs"] = std::string(AME_CUDA_ARCHS);
+  d["nvcc_version"] = std::string(AME_CUDA_VERSION);
+  return d;
+}
+
+}  // namespace
+
+void init_cuda(py::module_& m) {
+  m.attr("compiled_archs") = std::string(AME_CUDA_ARCHS);
+  m.attr("nvcc_version") = std::string(AME_CUDA_VERSION);
+  m.def("device_count", &ame::cuda::device_count,
+        "Number of visible CUDA devices (0 without a driver or device; never raises).");
+  m.def("device_info", &device_info, py::arg("device"),
+        "Facts about CUDA device `device` and this build: name, capability, sm_count, total_mem, runtime and driver "
+        "versions, kernels_loadable (an image in this build runs there) and load_error (why not), compiled_archs.");
+  m.def("whole_run", &whole_run, py::kw_only(), py::arg("inputs"), py::arg("input_dtypes"), py::arg("c"),
+        py::arg("input_table"), py::arg("dtype_table"), py::arg("batch_ptr"), py::arg("batch_idx"), py::arg("coeffs"),
+        py::arg("batch_ptr_dev"), py::arg("batch_idx_dev"), py::arg("coeffs_dev"), py::arg("pivot_mode"),
+        py::arg("pivot_index"), py::arg("pivot"), py::arg("pivot_dtype"), py::arg("adaptive_pivot"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+        py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
+        py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"), py::arg("nonfinite"),
+        py::arg("device"), py::arg("stream"),
+        "Run the whole schedule over [N, C] inputs into out [C] on `stream` (asynchronous).\n\n"
+        "inputs: N device addresses of [c] arrays with input_dtypes (float32/bfloat16/float16);\n"
+        "input_table / dtype_table: device copies of them (uint64 [N], int32 dtype codes [N], 0 f32 1 bf16 2 f16)\n"
+        "uploaded by the caller on `stream`; batch_ptr int32 [T+1], batch_idx int32, coeffs float32 [T, 4]: the\n"
+        "StepPlan on the host (checked), *_dev: their device copies (coeffs_dev 16-byte aligned);\n"
+        "pivot_mode 'soup' | 'index' (pivot_index) | 'tensor' (pivot address of pivot_dtype);\n"
+        "out: device address of [c] out_dtype; hyperparameters as ame_kernels.schedule.Hyper;\n"
+        "nonfinite: device int32 [N] zeroed by the caller (set to 1 where an input held NaN/Inf), or 0;\n"
+        "stream: the caller's cudaStream_t as an integer.");
+  m.def("step", &step, py::kw_only(), py::arg("w"), py::arg("state"), py::arg("c"), py::arg("batch"),
+        py::arg("batch_dtypes"), py::arg("batch_table"), py::arg("dtype_table"), py::arg("pivot"), py::arg("coeffs"),
+        py::arg("t"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+        py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
+        py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"), py::arg("device"),
+        py::arg("stream"),
+        "One fused optimizer step in place on `stream` (asynchronous).\n\n"
+        "w: device address of fp32 [c]; state: fp32 [slots, c] (0 when the optimizer has no state);\n"
+        "batch: M device addresses of [c] arrays with batch_dtypes, batch_table / dtype_table their device copies;\n"
+        "pivot: fp32 [c] address or 0 (adaptive: p = w); coeffs: the 4 values of StepPlan.coeffs for step t (1-based).");
+}
