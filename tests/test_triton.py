@@ -451,3 +451,14 @@ def test_gpu_no_recompilation_per_lr_or_step_count(_kernels, triton_backend):
     for lr, epochs in [(3e-3, 1), (0.1, 3), (1e-5, 5)]:
         triton_backend.whole_run(xs, schedule(AMEConfig(optimizer="adam", lr=lr, epochs=epochs), 4), None, True, out)
     assert compiled() == before
+
+
+@pytest.mark.skipif(CUDA, reason="checks the no-GPU exit of the benchmark")
+def test_bench_gpu_skips_cleanly_without_cuda(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        bench_gpu = importlib.import_module("bench_gpu")
+    finally:
+        sys.path.pop(0)
+    assert bench_gpu.main([]) == 0
+    assert capsys.readouterr().out.strip() == "no CUDA GPU: skipped"
