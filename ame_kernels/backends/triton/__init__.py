@@ -10,7 +10,9 @@ Modules:
 
 Where it runs: CUDA tensors. Under ``TRITON_INTERPRET=1`` (how CI tests it on CPU) it
 also takes CPU tensors directly. Given CPU tensors on a machine with a GPU (and no
-interpreter), ``whole_run`` streams them through the GPU with ``run_chunked``.
+interpreter), ``whole_run`` streams them through the GPU with the chunked driver (one
+``ChunkedRunner`` kept per device and chunk size, so its pinned buffers are reused) and
+``step`` copies its buffers to the GPU and back; ``supports_device('cpu')`` says so.
 
 The ``backend="auto"`` rule for CUDA tensors (``ame_kernels.backends._AUTO_ORDER``):
 ``cuda`` (the CUDA C++ backend) when its native module is built, else ``triton``, else
@@ -47,9 +49,12 @@ def _cuda_available() -> bool:
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels on CUDA tensors (and CPU tensors under TRITON_INTERPRET=1)."""
+    """Fused Triton kernels on CUDA tensors; host tensors through the GPU, or directly under TRITON_INTERPRET=1."""
 
     name = "triton"
+
+    def __init__(self):
+        self._runners = {}  # (device, chunk_elems) -> driver.ChunkedRunner
 
     def available(self) -> tuple:
         # find_spec, not import: importing triton here (the registry asks every backend at
@@ -61,17 +66,20 @@ class TritonBackend(Backend):
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
 
     def supports_device(self, device_type: str) -> bool:
-        if device_type == "cuda":
+        if device_type in ("cuda", "cpu"):
             return _cuda_available() or _interpreting()
-        if device_type == "cpu":
-            return _interpreting()
         return False
+
+    @staticmethod
+    def _stream_host_tensors(tensors) -> bool:
+        """Host tensors on a GPU machine (not interpreting) go through the GPU."""
+        return not _interpreting() and _cuda_available() and any(
+            t is not None and t.device.type == "cpu" for t in tensors)
 
     def whole_run(self, inputs, plan, pivot, adaptive_pivot, out, threads: Optional[int] = None,
                   check_finite: bool = False) -> list:
         inputs = list(inputs)
-        on_cpu = out.device.type == "cpu" or any(x.device.type == "cpu" for x in inputs)
-        if on_cpu and not _interpreting() and _cuda_available():
+        if self._stream_host_tensors(inputs + [out]):
             return self.whole_run_chunked(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
         from .whole_run import whole_run
 
@@ -81,15 +89,29 @@ class TritonBackend(Backend):
                           device="cuda", check_finite: bool = False, runner=None) -> list:
         """``whole_run`` on host tensors, streamed through ``device`` chunk by chunk (driver.py).
 
-        Pass a ``driver.ChunkedRunner`` as ``runner`` to reuse its pinned buffers across
-        calls (e.g. tensor by tensor over a state dict); chunk_elems/device are then its own.
+        The runner (pinned buffers, streams) is kept per (device, chunk_elems) and reused;
+        pass ``runner`` to use another one (chunk_elems/device are then its own).
         """
         from .driver import ChunkedRunner
 
-        runner = runner if runner is not None else ChunkedRunner(device, chunk_elems)
+        if runner is None:
+            key = (str(device), chunk_elems)
+            runner = self._runners.get(key)
+            if runner is None:
+                runner = self._runners[key] = ChunkedRunner(device, chunk_elems)
         return runner.run(self.whole_run, inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
 
     def step(self, w, state, batch, pivot, coeffs, t, hyper, threads: Optional[int] = None) -> None:
         from .step import step
 
-        step(w, state, batch, pivot, coeffs, t, hyper)
+        batch = list(batch)
+        if not self._stream_host_tensors([w, state, pivot] + batch):
+            step(w, state, batch, pivot, coeffs, t, hyper)
+            return
+        import torch
+
+        dev = torch.device("cuda", torch.cuda.current_device())
+        w_d, state_d = w.to(dev), state.to(dev)
+        step(w_d, state_d, [x.to(dev) for x in batch], None if pivot is None else pivot.to(dev), coeffs, t, hyper)
+        w.copy_(w_d)
+        state.copy_(state_d)
