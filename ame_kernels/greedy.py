@@ -130,7 +130,9 @@ def greedy_merge(
     def as_input(d):
         return d[""] if form == "list" else d
 
-    best = _score(evaluate, stew.weights, "greedy_merge")
+    # The start model is the start ingredient itself (bit for bit) when evaluate scored it already.
+    same = scores is None and pivot is None and cfg.out_dtype is None
+    best = ranked[first] if same else _score(evaluate, stew.weights, "greedy_merge")
     history: List[GreedyStep] = []
     for t in range(1, plan.steps + 1):
         members = plan.batch(t)

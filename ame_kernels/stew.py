@@ -136,6 +136,11 @@ class Stew:
             n = int(n)
         elif n is not None:
             raise MergeError("Stew: n only applies to mode='merge' (the server stew scales by 1/(t+1))")
+        if mode == "server" and amplification is None and cfg.amplification != 1.0:
+            raise MergeError(
+                "Stew: in mode='server' zeta_t is t+1 unless Stew(amplification=...) says otherwise; "
+                f"the config's amplification {cfg.amplification!r} would be ignored, so pass it as Stew(amplification=...)"
+            )
         self.config = cfg
         self.mode = mode
         self.n = n

@@ -159,8 +159,11 @@ def run_strategy(strategy: str, state_dicts: Sequence[Dict[str, torch.Tensor]], 
     mode = entry.get("mode", "server")
     plan = schedule(cfg, len(dicts))
     pivot = _stew_pivot(cfg, dicts)
+    amplification = None
+    if mode == "server" and cfg.amplification != 1.0:  # the config's zeta_t replaces the server default t+1
+        amplification, cfg = cfg.amplification, cfg.replace(amplification=1.0)
     stew = Stew(pivot, cfg.replace(pivot="soup", order=None, scores=None), mode=mode,
-                n=len(dicts) if mode == "merge" else None)
+                n=len(dicts) if mode == "merge" else None, amplification=amplification)
     if cfg.out_dtype is None:
         stew._out_dtype = {k: dicts[0][k].dtype for k in stew._out_dtype}  # as merge: the first model's dtypes
     for t in range(1, plan.steps + 1):
@@ -282,12 +285,17 @@ def run_cli(args) -> int:
             return 0
         if "evaluate" in entry:  # an import error is reported before any checkpoint is read
             entry["evaluate"] = load_callable(entry["evaluate"], base)
-        dicts = [load_state_dict(m) for m in models]
+        device = args.device if getattr(args, "device", None) else "cpu"
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise MergeError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+        dicts = [{k: v.to(dev) for k, v in load_state_dict(m).items()} for m in models]
         log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
         merged = run_strategy(strategy, dicts, cfg, entry, base_dir=base, log=log)
         out = AtomicDir(args.out_dir, args.force)
         with out as tmp:  # the folder appears complete or not at all
-            save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(tmp, "model.safetensors"),
+            save_file({k: v.detach().cpu().contiguous() for k, v in merged.items()}, os.path.join(tmp, "model.safetensors"),
                       metadata={"format": "pt", "ame_strategy": strategy})
             src = models[cfg.pivot] if isinstance(cfg.pivot, int) else models[0]
             folder = src if os.path.isdir(src) else os.path.dirname(src)

@@ -256,3 +256,16 @@ def test_save_load_errors(backend, tmp_path):
     os.replace(tmp_path / "b" / "stew.json", tmp_path / "a" / "stew.json")  # torn save: files of two saves
     with pytest.raises(ak.MergeError, match="different saves"):
         Stew.load(str(tmp_path / "a"))
+
+
+def test_server_amplification(backend):
+    """zeta_t given to the server stew: g_t = zeta_t / (t+1) (x_{t-1} - w_t); the config's is not silently ignored."""
+    x0, w = torch.randn(SIZE), torch.randn(SIZE)
+    stew = Stew(x0, lr=1.0, lr_schedule="constant", amplification=[1.0, 3.0], backend=backend)
+    stew.add(w)  # zeta_1 = 1: g = (x0 - w) / 2
+    assert_close(stew.weights, x0 - (x0 - w) / 2, what="zeta_1 = 1")
+    stew.add(x0)  # zeta_2 = 3: g = x_1 - x0, lr 1
+    assert_close(stew.weights, x0, what="zeta_2 = 3")
+    with pytest.raises(ak.MergeError, match="would be ignored"):
+        Stew(x0, ak.AMEConfig(amplification=5.0), backend=backend)
+    assert Stew(x0, ak.AMEConfig(amplification=5.0), amplification=5.0, backend=backend).add(w).step == 1
