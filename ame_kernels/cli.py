@@ -6,7 +6,8 @@
     python -m ame_kernels ...      (the same)
 
 Exit codes: 0 done; 2 bad usage, config or input (nothing was written); 1 a
-failure during the merge (nothing was left behind); 130 interrupted. Errors go
+failure during the merge (nothing was left behind); 130 (Ctrl-C) or 143
+(SIGTERM) interrupted, nothing left behind. Errors go
 to stderr as one line (the traceback with --verbose). The YAML schema is in
 docs/cli.md. Under torchrun (WORLD_SIZE > 1 in the environment) the merge is
 split across the ranks (ame_kernels.distributed).
@@ -268,8 +269,10 @@ def _run(args: argparse.Namespace) -> int:
             for w in caught:
                 print(f"ame-merge: warning: {w.message}", file=sys.stderr)
         except (KeyboardInterrupt, Terminated) as e:
-            _error(f"interrupted ({e or 'Ctrl-C'}); nothing was written to {os.path.abspath(args.out_dir)}")
-            return EXIT_INTERRUPTED
+            _error(f"interrupted ({str(e) or 'Ctrl-C'}); nothing was written to {os.path.abspath(args.out_dir)}")
+            if args.verbose:
+                traceback.print_exc()
+            return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 (one clear line; traceback on request)
             msg = str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}"
             _error(f"{msg}; nothing was written to {os.path.abspath(args.out_dir)}")

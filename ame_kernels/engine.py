@@ -373,7 +373,7 @@ class _TorchRunner:
     def __call__(self, inputs, in_dtypes, steps, pivot, adaptive, out, out_dtype, check_finite) -> list:
         torch = self.torch
         xs = [self._tensor(a, d) for a, d in zip(inputs, in_dtypes)]
-        p = pivot if pivot is None or isinstance(pivot, int) else self._tensor(pivot, "float32")
+        p = pivot if pivot is None or isinstance(pivot, int) else self._tensor(*pivot)
         if self.device.type == "cpu":
             o = self._tensor(out, out_dtype)  # out is writable and aligned: shares memory
         else:
@@ -469,9 +469,10 @@ def merge_items(
                         views[i], dts[i] = views[i].astype(np.float32), "float32"
                 if pivot_ck is not None:
                     pinfo = pivot_ck.tensors[job.name]
-                    pivot = _to_f32(pivot_ck.reader(pinfo).view(pinfo, it.start, it.count), pinfo.dtype)
-                    if cfg.check_finite and not np.isfinite(pivot).all():
+                    pview = pivot_ck.reader(pinfo).view(pinfo, it.start, it.count)
+                    if cfg.check_finite and not np.isfinite(_to_f32(pview, pinfo.dtype)).all():
                         raise MergeError(f"tensor {job.name!r}: NaN or Inf in the pivot checkpoint ({pinfo.file})")
+                    pivot = (pview, pinfo.dtype) if pinfo.dtype in KERNEL_DTYPES else (_to_f32(pview, pinfo.dtype), "float32")
                 else:
                     pivot = plan.pivot
                 buf = out_bufs.get(job.out_dtype)

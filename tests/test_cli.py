@@ -247,6 +247,8 @@ def test_interrupt_leaves_no_output(tmp_path, sig):
         time.sleep(0.02)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    # 128 + signal from ame-merge; -SIGINT when the interrupt lands inside a C-level import (Python then
+    # re-raises the signal at exit, as for any uncaught Ctrl-C): either way, interrupted with cleanup done
+    assert proc.returncode in (128 + sig, -sig), err
     assert "interrupted" in err and "nothing was written" in err
     assert_no_output(tmp_path)

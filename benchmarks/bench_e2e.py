@@ -1,0 +1,303 @@
+"""End to end: merge a family of sharded bf16 checkpoints from disk, against plain IO of the same bytes.
+
+    python benchmarks/bench_e2e.py                 # 4 x ~1.1B params (TinyLlama shapes), ~8.8 GB of inputs
+    python benchmarks/bench_e2e.py --small         # 4 x ~0.1B params, a quick look
+    python benchmarks/bench_e2e.py --nproc 2       # also 2 processes (ame_kernels.distributed, gloo)
+
+Printed, all measured in this run on this machine:
+- plain IO: read every input byte once (readinto a reused buffer) and write the
+  output's bytes once (pwrite), cold page cache (inputs evicted with
+  posix_fadvise DONTNEED) and warm;
+- ame-merge (a fresh process, start-up included) for the soup (GD, lr 1 constant,
+  fixed pivot) and Adam-AME (adam, lr 1e-3, harmonic), cold and warm, as a ratio
+  to plain IO of the same cache state, with the merge process's peak RSS (wait4).
+Rows are appended to benchmarks/results/bench_e2e.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from ame_kernels.io.safetensors import ShardWriter  # noqa: E402  (torch-free)
+
+# TinyLlama-1.1B: vocab 32000, hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 kv heads
+FULL = dict(vocab=32000, hidden=2048, inter=5632, layers=22, kv=256)
+SMALL = dict(vocab=32000, hidden=768, inter=2048, layers=8, kv=256)
+
+
+def llama_shapes(vocab, hidden, inter, layers, kv):
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def generate(folder, shapes, seed, shard_bytes, base):
+    """One sharded bf16 checkpoint: a shared random base, xor-perturbed in the low mantissa bits per model."""
+    os.makedirs(folder, exist_ok=True)
+    shards, cur, fill = [], [], 0
+    for name, shape in shapes:
+        nbytes = int(np.prod(shape)) * 2
+        if cur and fill + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, fill = [], 0
+        cur.append((name, "bfloat16", shape))
+        fill += nbytes
+    shards.append(cur)
+    rng = np.random.default_rng(seed)
+    weight_map = {}
+    for k, entries in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        w = ShardWriter(os.path.join(folder, fname), entries, {"format": "pt"}).create()
+        for name, _, shape in entries:
+            n = int(np.prod(shape))
+            for s in range(0, n, 1 << 24):
+                c = min(1 << 24, n - s)
+                off = int(rng.integers(0, base.size - c))
+                w.write(name, s, base[off : off + c] ^ rng.integers(0, 16, c, dtype=np.uint16))
+            weight_map[name] = fname
+        w.close()
+    total = sum(int(np.prod(s)) * 2 for _, s in shapes)
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "llama", "torch_dtype": "bfloat16"}, f)
+
+
+def data_files(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def evict(paths):
+    """Drop these files from the page cache (no root needed); False if the platform cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def plain_io(inputs, out_path, out_bytes, buf_mb=64):
+    """Read every input byte once, write out_bytes once: the floor a merge from disk cannot beat."""
+    buf = bytearray(buf_mb << 20)
+    mv = memoryview(buf)
+    t0 = time.perf_counter()
+    for p in inputs:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(mv):
+                pass
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    left, off = out_bytes, 0
+    while left:
+        n = os.pwrite(fd, mv[: min(len(mv), left)], off)
+        left -= n
+        off += n
+    os.close(fd)
+    secs = time.perf_counter() - t0
+    os.remove(out_path)
+    return secs
+
+
+def run_merge(cfg_path, out_dir, extra, env=None):
+    """ame-merge in a fresh process: (wall seconds, peak RSS bytes of that process)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "ame_kernels", cfg_path, out_dir, "--quiet"] + extra
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    _, status, ru = os.wait4(proc.pid, 0)
+    secs = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_e2e: {' '.join(cmd)} failed with exit code {proc.returncode}")
+    return secs, ru.ru_maxrss * 1024
+
+
+def run_distributed(cfg_path, out_dir, nproc, extra):
+    shutil.rmtree(out_dir, ignore_errors=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "ame_kernels", cfg_path, out_dir, "--quiet"] + extra
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def machine():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return dict(cpu=cpu, cores=os.cpu_count(), mem_gb=round(mem / 2**30, 1), python=platform.python_version(),
+                numpy=np.__version__, commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    cache: str
+    seconds: float
+    ratio_to_plain_io: float
+    gb_per_s: float
+    peak_rss_mb: float
+    n: int
+    params: int
+    in_gb: float
+    out_gb: float
+    backend: str
+    threads: int
+    chunk_mb: float
+    cpu: str
+    cores: int
+    commit: str
+    date: str
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=4, help="ingredients (default 4)")
+    ap.add_argument("--small", action="store_true", help="~0.1B params per model instead of ~1.1B")
+    ap.add_argument("--dir", default="/tmp/ame_bench_e2e", help="where to generate the models (kept for reuse)")
+    ap.add_argument("--chunk-mb", default=None, help="passed to ame-merge")
+    ap.add_argument("--threads", default=None, help="passed to ame-merge")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--nproc", type=int, default=1, help="also run with this many processes (torchrun, gloo)")
+    ap.add_argument("--repeat", type=int, default=1, help="warm runs per case (the median is reported)")
+    ap.add_argument("--clean", action="store_true", help="delete the generated models afterwards")
+    args = ap.parse_args(argv)
+
+    spec = SMALL if args.small else FULL
+    shapes = llama_shapes(**spec)
+    params = sum(int(np.prod(s)) for _, s in shapes)
+    root = os.path.join(args.dir, f"{'small' if args.small else 'full'}-n{args.n}")
+    models = [os.path.join(root, f"m{i}") for i in range(args.n)]
+    need = params * 2 * (args.n + 1.2)
+    free = shutil.disk_usage(os.path.dirname(root) if os.path.exists(os.path.dirname(root)) else "/tmp").free
+    if not all(os.path.exists(os.path.join(m, "model.safetensors.index.json")) for m in models):
+        if free < need:
+            raise SystemExit(f"bench_e2e: needs {need / 1e9:.1f} GB free under {args.dir}, has {free / 1e9:.1f} GB")
+        t0 = time.perf_counter()
+        base = (np.random.default_rng(0).standard_normal(1 << 26, dtype=np.float32) * 0.02).view(np.uint32) >> 16
+        base = base.astype(np.uint16)
+        for i, m in enumerate(models):
+            generate(m, shapes, 1 + i, 2 * 10**9, base)
+        print(f"generated {args.n} x {params / 1e9:.2f}B params in {time.perf_counter() - t0:.0f} s under {root}")
+    inputs = [p for m in models for p in data_files(m)]
+    in_bytes = sum(os.path.getsize(p) for p in inputs)
+    out_bytes = params * 2
+    info = machine()
+    print(f"# machine: {info['cpu']}, {info['cores']} cores, {info['mem_gb']} GiB; python {info['python']}, numpy {info['numpy']}, commit {info['commit']}")
+    print(f"# {args.n} x {params / 1e9:.3f}B params bf16: {in_bytes / 1e9:.2f} GB in, {out_bytes / 1e9:.2f} GB out")
+
+    cfgs = {
+        "soup (GD)": dict(optimizer="sgd", lr=1, lr_schedule="constant", adaptive_pivot=False),
+        "Adam-AME": dict(optimizer="adam", lr="1e-3"),
+    }
+    import yaml
+
+    out_dir = os.path.join(root, "merged")
+    extra = ["--backend", args.backend]
+    if args.chunk_mb:
+        extra += ["--chunk-mb", str(args.chunk_mb)]
+    if args.threads:
+        extra += ["--threads", str(args.threads)]
+    rows = []
+    cold_ok = evict(inputs)
+    caches = (["cold"] if cold_ok else []) + ["warm"]
+    plain = {}
+    for cache in caches:
+        if cache == "cold":
+            evict(inputs)
+        else:
+            plain_io(inputs, os.path.join(root, "plain.out"), out_bytes)  # warm the cache
+        plain[cache] = plain_io(inputs, os.path.join(root, "plain.out"), out_bytes)
+        rows.append(("plain IO", cache, plain[cache], None))
+    for label, cfg in cfgs.items():
+        cfg_path = os.path.join(root, f"{cfg['optimizer']}.yaml")
+        with open(cfg_path, "w") as f:
+            yaml.safe_dump({"models": [{"path": m} for m in models], **cfg}, f)
+        for cache in caches:
+            if cache == "cold":
+                evict(inputs)
+                secs, rss = run_merge(cfg_path, out_dir, extra)
+            else:
+                runs = [run_merge(cfg_path, out_dir, extra) for _ in range(args.repeat)]
+                secs, rss = sorted(runs)[len(runs) // 2]
+            rows.append((label, cache, secs, rss))
+        if args.nproc > 1:
+            for k in sorted({1, args.nproc}):
+                if k == 1:
+                    continue
+                secs = run_distributed(cfg_path, out_dir, k, extra)
+                rows.append((f"{label} x{k} proc", "warm", secs, None))
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+    backend = _backend_name(args.backend)
+    print(f"{'case':<22} {'cache':<5} {'seconds':>8} {'x plain IO':>10} {'GB/s':>6} {'peak RSS':>9}")
+    results = []
+    for label, cache, secs, rss in rows:
+        ratio = secs / plain[cache]
+        gbps = (in_bytes + out_bytes) / secs / 1e9
+        print(f"{label:<22} {cache:<5} {secs:>8.2f} {ratio:>10.2f} {gbps:>6.2f} {(f'{rss / 2**20:.0f} MiB' if rss else '-'):>9}")
+        results.append(Row(label, cache, round(secs, 3), round(ratio, 3), round(gbps, 3), round(rss / 2**20, 1) if rss else 0.0,
+                           args.n, params, round(in_bytes / 1e9, 3), round(out_bytes / 1e9, 3), backend,
+                           int(args.threads or os.cpu_count()), float(args.chunk_mb or 64), info["cpu"], info["cores"], info["commit"], info["date"]))
+    csv_path = os.path.join(ROOT, "benchmarks", "results", "bench_e2e.csv")
+    os.makedirs(os.path.dirname(csv_path), exist_ok=True)
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Row)])
+        if new:
+            w.writeheader()
+        for r in results:
+            w.writerow(dataclasses.asdict(r))
+    if args.clean:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _backend_name(name):
+    if name != "auto":
+        return name
+    from ame_kernels.engine import _resolve_backend
+
+    return _resolve_backend("auto", "cpu")
+
+
+if __name__ == "__main__":
+    main()
