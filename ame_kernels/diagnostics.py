@@ -69,6 +69,7 @@ class _TorchSource:
         self.label = label
         self.sd = sd
         self.names = list(sd.keys())
+        self._flat = (None, None)  # (name, flat view): a non-contiguous tensor is flattened once, not per chunk
         for k in self.names:
             if not isinstance(sd[k], torch.Tensor):
                 raise MergeError(f"diagnostics: {label}: {_lbl(k)} is a {type(sd[k]).__name__}, not a tensor")
@@ -82,11 +83,13 @@ class _TorchSource:
     def read(self, name: str, start: int, count: int) -> np.ndarray:
         import torch
 
-        t = self.sd[name].detach().reshape(-1)[start : start + count]
+        if self._flat[0] != name:
+            self._flat = (name, self.sd[name].detach().reshape(-1))
+        t = self._flat[1][start : start + count]
         return t.to(device="cpu", dtype=torch.float64).numpy()
 
     def close(self) -> None:
-        pass
+        self._flat = (None, None)
 
 
 class _CheckpointSource:
