@@ -269,3 +269,13 @@ def test_server_amplification(backend):
     with pytest.raises(ak.MergeError, match="would be ignored"):
         Stew(x0, ak.AMEConfig(amplification=5.0), backend=backend)
     assert Stew(x0, ak.AMEConfig(amplification=5.0), amplification=5.0, backend=backend).add(w).step == 1
+
+
+def test_empty_and_scalar_tensors(backend):
+    stew = Stew({"empty": torch.zeros(0, 4), "scalar": torch.tensor(2.0), "v": torch.ones(5)}, backend=backend)
+    stew.add({"empty": torch.zeros(0, 4), "scalar": torch.tensor(4.0), "v": torch.zeros(5)})
+    stew.add({"empty": torch.zeros(0, 4), "scalar": torch.tensor(6.0), "v": torch.ones(5)})
+    got = stew.weights
+    assert got["empty"].shape == (0, 4) and got["scalar"].shape == ()
+    assert_close(got["scalar"], torch.tensor(5.0), what="scalar running soup")
+    assert_close(got["v"], torch.full((5,), 0.5), what="vector running soup")
