@@ -55,8 +55,10 @@ void dispatch_rule(int code, const HyperScalars& h, F&& f) {
     case Optimizer::Adagrad:
       if (h.eps_inside_sqrt) return f(Adagrad<true>{});
       return f(Adagrad<false>{});
-    case Optimizer::Adam:
-    case Optimizer::AdamW:  // AdamW's decoupled decay is coeffs.decay; the same rule
+    case Optimizer::Adam:  // decay == 1: the rule skips the multiply
+      if (h.amsgrad) return h.eps_inside_sqrt ? f(Adam<true, true, false>{}) : f(Adam<true, false, false>{});
+      return h.eps_inside_sqrt ? f(Adam<false, true, false>{}) : f(Adam<false, false, false>{});
+    case Optimizer::AdamW:  // AdamW's decoupled decay is coeffs.decay
       if (h.amsgrad) return h.eps_inside_sqrt ? f(Adam<true, true>{}) : f(Adam<true, false>{});
       return h.eps_inside_sqrt ? f(Adam<false, true>{}) : f(Adam<false, false>{});
     case Optimizer::Adadelta:

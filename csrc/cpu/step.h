@@ -26,7 +26,7 @@ constexpr int kStepW = AME_W;
 constexpr int64_t kStepChunk = 1 << 15;  // elements per task (multiple of every W)
 
 // Elements [lo, hi) with vectors of width W (hi - lo a multiple of W, or W == 1).
-template <int W, class Rule>
+template <int W, class Rule, bool kWd>
 AME_HD void step_range(const StepArgs& a, int64_t lo, int64_t hi, const HyperT<typename VecOf<W>::type>& h) {
   using VT = typename VecOf<W>::type;
   constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
@@ -37,16 +37,17 @@ AME_HD void step_range(const StepArgs& a, int64_t lo, int64_t hi, const HyperT<t
     VT st[S];
     for (int k = 0; k < Rule::kSlots; ++k) st[k] = vload<W>(a.state + k * a.numel + j);
     const VT p = a.pivot ? vload<W>(a.pivot + j) : w;
-    VT acc = VT(0.f);
-    for (int m = 0; m < a.m; ++m) acc = acc + (p - vload_any<W>(a.batch[m], a.batch_dtypes[m], j));
-    VT g = add_weight_decay(acc * c.gscale, w, h);
+    VT acc = p - vload_any<W>(a.batch[0], a.batch_dtypes[0], j);
+    for (int m = 1; m < a.m; ++m) acc = acc + (p - vload_any<W>(a.batch[m], a.batch_dtypes[m], j));
+    VT g = acc * c.gscale;
+    if (kWd) g = add_weight_decay(g, w, h);
     Rule::update(w, g, st, c, h, first);
     vstore<W>(a.w + j, w);
     for (int k = 0; k < Rule::kSlots; ++k) vstore<W>(a.state + k * a.numel + j, st[k]);
   }
 }
 
-template <class Rule>
+template <class Rule, bool kWd>
 void step_impl(const StepArgs& a) {
   const int64_t nchunks = (a.numel + kStepChunk - 1) / kStepChunk;
   const HyperT<typename VecOf<kStepW>::type> hv(a.hyper);
@@ -55,15 +56,20 @@ void step_impl(const StepArgs& a) {
     const int64_t lo = chunk * kStepChunk;
     const int64_t hi = std::min(a.numel, lo + kStepChunk);
     const int64_t hv_end = lo + (hi - lo) / kStepW * kStepW;
-    step_range<kStepW, Rule>(a, lo, hv_end, hv);
-    if (kStepW > 1) step_range<1, Rule>(a, hv_end, hi, hs);
+    step_range<kStepW, Rule, kWd>(a, lo, hv_end, hv);
+    if (kStepW > 1) step_range<1, Rule, kWd>(a, hv_end, hi, hs);
   });
 }
 
 }  // namespace
 
 void step(const StepArgs& a) {
-  dispatch_rule(a.optimizer, a.hyper, [&](auto rule) { step_impl<decltype(rule)>(a); });
+  dispatch_rule(a.optimizer, a.hyper, [&](auto rule) {
+    if (a.hyper.weight_decay != 0.f)
+      step_impl<decltype(rule), true>(a);
+    else
+      step_impl<decltype(rule), false>(a);
+  });
 }
 
 }  // namespace AME_ISA_NS

@@ -82,8 +82,36 @@ inline bool convert_slice(const void* src, DType d, int64_t b0, int64_t len, int
   return check && v_any_nan(probe);
 }
 
+// Software prefetch of the next block's input slices, spread over the step phase of the
+// current block, so that DRAM traffic overlaps compute instead of following it.
+struct Prefetcher {
+  const WholeRunArgs* a = nullptr;
+  int i = 0;                 // input being prefetched (== n: done)
+  int64_t b0 = 0, len = 0;   // next block
+  int64_t off = 0, bytes = 0;
+  void start(const WholeRunArgs& args, int64_t next_b0, int64_t next_len) {
+    a = &args;
+    b0 = next_b0;
+    len = next_len;
+    i = next_len > 0 ? 0 : args.n;
+    off = 0;
+    bytes = i < args.n ? next_len * dtype_size(args.input_dtypes[0]) : 0;
+  }
+  AME_HD void issue(int64_t lines) {
+    while (lines-- > 0 && i < a->n) {
+      const int sz = dtype_size(a->input_dtypes[i]);
+      __builtin_prefetch(static_cast<const char*>(a->inputs[i]) + b0 * sz + off, 0, 2);
+      off += 64;
+      if (off >= bytes) {
+        off = 0;
+        if (++i < a->n) bytes = len * dtype_size(a->input_dtypes[i]);
+      }
+    }
+  }
+};
+
 // Step phase over one tile of kTile elements at P + j: all T steps in registers.
-template <class Rule, bool kAdaptive>
+template <class Rule, bool kAdaptive, bool kWd>
 AME_HD void run_tile(float* P, const float* X, const int64_t* off, const int32_t* bp, const float* coeffs, int steps,
                      const HyperT<V>& h) {
   constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
@@ -97,73 +125,93 @@ AME_HD void run_tile(float* P, const float* X, const int64_t* off, const int32_t
   for (int t = 0; t < steps; ++t) {
     const StepCoeffsT<V> c = StepCoeffsT<V>::load(coeffs + 4 * t);
     V acc[kU];
-    for (int u = 0; u < kU; ++u) acc[u] = V(0.f);
-    for (int32_t k = bp[t]; k < bp[t + 1]; ++k) {
+    const float* x0 = X + off[bp[t]];
+    for (int u = 0; u < kU; ++u) acc[u] = (kAdaptive ? w[u] : p0[u]) - vload<kW>(x0 + u * kW);
+    for (int32_t k = bp[t] + 1; k < bp[t + 1]; ++k) {
       const float* x = X + off[k];
       for (int u = 0; u < kU; ++u) acc[u] = acc[u] + ((kAdaptive ? w[u] : p0[u]) - vload<kW>(x + u * kW));
     }
     for (int u = 0; u < kU; ++u) {
-      V g = add_weight_decay(acc[u] * c.gscale, w[u], h);
+      V g = acc[u] * c.gscale;
+      if (kWd) g = add_weight_decay(g, w[u], h);
       Rule::update(w[u], g, st[u], c, h, t == 0);
     }
   }
   for (int u = 0; u < kU; ++u) vstore<kW>(P + u * kW, w[u]);
 }
 
-template <class Rule, bool kAdaptive>
+template <class Rule, bool kAdaptive, bool kWd>
 void whole_run_impl(const WholeRunArgs& a) {
   const int n = a.n;
   const int64_t bs = whole_run_block(n, a.numel, a.threads, a.block);  // multiple of 64 >= kTile
   const int64_t nblocks = (a.numel + bs - 1) / bs;
   if (nblocks == 0) return;
   const int threads = static_cast<int>(std::min<int64_t>(a.threads, nblocks));
+  // Tasks are runs of consecutive blocks (8 per thread): inside a run the next block is
+  // known and prefetched; across runs the pool balances load between threads.
+  const int64_t run = std::max<int64_t>(1, nblocks / (8 * static_cast<int64_t>(threads)));
+  const int64_t ntasks = (nblocks + run - 1) / run;
   const HyperT<V> h(a.hyper);
 
   // Offsets of each batch member's slice in the block buffer.
   const int32_t nk = a.batch_ptr[a.steps];
   std::vector<int64_t> off(static_cast<size_t>(nk) + 1);
   for (int32_t k = 0; k < nk; ++k) off[k] = static_cast<int64_t>(a.batch_idx[k]) * bs;
+  int64_t in_bytes = 0;  // bytes of one element across all inputs
+  for (int i = 0; i < n; ++i) in_bytes += dtype_size(a.input_dtypes[i]);
 
   std::vector<Scratch> scratch(threads);
-  parallel_for(nblocks, threads, [&](int64_t b, int worker) {
+  parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     Scratch& s = scratch[worker];
     s.buf.reserve(static_cast<size_t>(n + 1) * bs);
     if (a.check_finite && s.bad.empty()) s.bad.assign(n, 0);
     float* X = s.buf.p;
     float* P = X + static_cast<int64_t>(n) * bs;
-    const int64_t b0 = b * bs;
-    const int64_t len = std::min(bs, a.numel - b0);
-    const int64_t padded = (len + kTile - 1) / kTile * kTile;
+    const int64_t b_end = std::min(nblocks, (task + 1) * run);
+    for (int64_t b = task * run; b < b_end; ++b) {
+      const int64_t b0 = b * bs;
+      const int64_t len = std::min(bs, a.numel - b0);
+      const int64_t padded = (len + kTile - 1) / kTile * kTile;
 
-    // 1. convert (and the soup pivot)
-    const bool soup = a.pivot_mode == PivotMode::Soup;
-    for (int i = 0; i < n; ++i) {
-      bool bad;
-      if (soup && i == 0)
-        bad = convert_slice<true, true>(a.inputs[i], a.input_dtypes[i], b0, len, padded, X + i * bs, P, a.check_finite);
-      else if (soup)
-        bad = convert_slice<true, false>(a.inputs[i], a.input_dtypes[i], b0, len, padded, X + i * bs, P, a.check_finite);
-      else
-        bad = convert_slice<false, false>(a.inputs[i], a.input_dtypes[i], b0, len, padded, X + i * bs, P, a.check_finite);
-      if (bad) s.bad[i] = 1;
+      // 1. convert (and the soup pivot)
+      const bool soup = a.pivot_mode == PivotMode::Soup;
+      for (int i = 0; i < n; ++i) {
+        bool bad;
+        const void* src = a.inputs[i];
+        const DType d = a.input_dtypes[i];
+        if (soup && i == 0)
+          bad = convert_slice<true, true>(src, d, b0, len, padded, X + i * bs, P, a.check_finite);
+        else if (soup)
+          bad = convert_slice<true, false>(src, d, b0, len, padded, X + i * bs, P, a.check_finite);
+        else
+          bad = convert_slice<false, false>(src, d, b0, len, padded, X + i * bs, P, a.check_finite);
+        if (bad) s.bad[i] = 1;
+      }
+      if (soup) {
+        const V nv = V(static_cast<float>(n));  // mean = sum / N, divided as torch.mean does
+        for (int64_t j = 0; j < padded; j += kW) vstore<kW>(P + j, v_div(vload<kW>(P + j), nv));
+      } else if (a.pivot_mode == PivotMode::Index) {
+        std::memcpy(P, X + static_cast<int64_t>(a.pivot_index) * bs, padded * sizeof(float));
+      } else {
+        convert_slice<false, false>(a.pivot, a.pivot_dtype, b0, len, padded, P, nullptr, false);
+      }
+
+      // 2. all steps, one register tile at a time, prefetching the next block meanwhile
+      Prefetcher pf;
+      const int64_t next_b0 = b0 + bs;
+      pf.start(a, next_b0, b + 1 < b_end ? std::min(bs, a.numel - next_b0) : 0);
+      const int64_t tiles = padded / kTile;
+      const int64_t lines_per_tile = (bs * in_bytes / 64 + tiles - 1) / tiles + 1;
+      for (int64_t j = 0; j < padded; j += kTile) {
+        pf.issue(lines_per_tile);
+        run_tile<Rule, kAdaptive, kWd>(P + j, X + j, off.data(), a.batch_ptr, a.coeffs, a.steps, h);
+      }
+
+      // 3. store w_T in the output dtype
+      const int64_t lv = len - len % kW;
+      for (int64_t j = 0; j < lv; j += kW) vstore_any<kW>(a.out, a.out_dtype, b0 + j, vload<kW>(P + j));
+      for (int64_t j = lv; j < len; ++j) store_f32(a.out, a.out_dtype, b0 + j, P[j]);
     }
-    if (soup) {
-      const V nv = V(static_cast<float>(n));  // mean = sum / N, divided as torch.mean does
-      for (int64_t j = 0; j < padded; j += kW) vstore<kW>(P + j, v_div(vload<kW>(P + j), nv));
-    } else if (a.pivot_mode == PivotMode::Index) {
-      std::memcpy(P, X + static_cast<int64_t>(a.pivot_index) * bs, padded * sizeof(float));
-    } else {
-      convert_slice<false, false>(a.pivot, a.pivot_dtype, b0, len, padded, P, nullptr, false);
-    }
-
-    // 2. all steps, one register tile at a time
-    for (int64_t j = 0; j < padded; j += kTile)
-      run_tile<Rule, kAdaptive>(P + j, X + j, off.data(), a.batch_ptr, a.coeffs, a.steps, h);
-
-    // 3. store w_T in the output dtype
-    const int64_t lv = len - len % kW;
-    for (int64_t j = 0; j < lv; j += kW) vstore_any<kW>(a.out, a.out_dtype, b0 + j, vload<kW>(P + j));
-    for (int64_t j = lv; j < len; ++j) store_f32(a.out, a.out_dtype, b0 + j, P[j]);
   });
 
   if (a.check_finite && a.nonfinite)
@@ -177,10 +225,11 @@ void whole_run_impl(const WholeRunArgs& a) {
 void whole_run(const WholeRunArgs& a) {
   dispatch_rule(a.optimizer, a.hyper, [&](auto rule) {
     using Rule = decltype(rule);
+    const bool wd = a.hyper.weight_decay != 0.f;
     if (a.adaptive)
-      whole_run_impl<Rule, true>(a);
+      wd ? whole_run_impl<Rule, true, true>(a) : whole_run_impl<Rule, true, false>(a);
     else
-      whole_run_impl<Rule, false>(a);
+      wd ? whole_run_impl<Rule, false, true>(a) : whole_run_impl<Rule, false, false>(a);
   });
 }
 

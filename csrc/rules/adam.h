@@ -10,13 +10,14 @@
 //
 // Bias corrections are hoisted into the host schedule: c.lr_eff = lr_t / (1 - b1^t),
 // c.inv_bc2_sqrt = 1 / sqrt(1 - b2^t), c.decay as above. kSlots: 2 (exp_avg,
-// exp_avg_sq) or 3 with amsgrad (+ max_exp_avg_sq). One struct serves adam and adamw.
+// exp_avg_sq) or 3 with amsgrad (+ max_exp_avg_sq). One struct serves adam and adamw;
+// kDecoupled = false (Adam, where decay == 1) only skips the multiply by 1.
 #pragma once
 #include "rules/common.h"
 
 namespace ame {
 
-template <bool kAmsgrad, bool kEpsInside>
+template <bool kAmsgrad, bool kEpsInside, bool kDecoupled = true>
 struct Adam {
   static constexpr int kSlots = kAmsgrad ? 3 : 2;
 
@@ -29,7 +30,7 @@ struct Adam {
   template <class V>
   static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
     (void)first;
-    w = w * c.decay;
+    if (kDecoupled) w = w * c.decay;
     V m = v_fma(h.one_minus_beta1, g - s[0], s[0]);
     V v = v_fma(h.one_minus_beta2 * g, g, h.beta2 * s[1]);
     s[0] = m;

@@ -78,8 +78,8 @@ struct HyperT {
         initial_accumulator_value(h.initial_accumulator_value) {}
 };
 
-// Coupled L2 weight decay as torch.optim adds it to the gradient: g + wd * w. Applied
-// unconditionally: with wd == 0 it is exact (g + 0*w == g) for every finite w.
+// Coupled L2 weight decay as torch.optim adds it to the gradient: g + wd * w. Kernels call
+// it only when weight_decay != 0 (a template flag), as torch does.
 template <class V>
 AME_HD V add_weight_decay(V g, V w, const HyperT<V>& h) {
   return v_fma(h.weight_decay, w, g);

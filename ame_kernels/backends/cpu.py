@@ -1,0 +1,350 @@
+"""The ``cpu`` backend: fused C++ kernels (csrc/cpu) on CPU tensors, SIMD + threads.
+
+``whole_run`` reads the N inputs straight from their own memory (bf16/fp16/fp32, mixed,
+no upcast or stacking copy) and writes ``out`` once; ``step`` is one fused optimizer
+step on fp32 buffers. Both follow the contract in ``base.py``.
+
+``whole_run_buffers`` is the same kernel for the checkpoint engine, on numpy arrays or
+any object with the buffer protocol (an ``mmap`` of a safetensors file, a memoryview),
+without torch. ``info()`` reports the build and the SIMD levels.
+
+Threads: the ``threads`` argument, else ``torch.get_num_threads()`` when torch is
+imported, else ``os.cpu_count()``. SIMD level: the ``simd`` argument (``CpuBackend(simd=)``
+or ``whole_run_buffers(simd=)``), else the environment variable ``AME_SIMD``
+(``scalar`` / ``avx2`` / ``avx512``; for tests and benchmarks), else the best level this
+CPU supports.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .. import _native
+from ..errors import MergeError
+from ..schedule import Hyper, StepPlan
+from .base import FLOAT_DTYPE_NAMES, Backend, Pivot
+
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+_NUMPY_DTYPE_NAME = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+SIMD_LEVELS = ("auto", "scalar", "avx2", "avx512")
+
+
+def _module():
+    mod = _native.load("_C")
+    if mod is None:
+        raise MergeError(f"backend 'cpu': {_native.why_missing('_C')}")
+    return mod
+
+
+def default_threads(threads: Optional[int] = None) -> int:
+    """``threads`` if given, else torch's thread count when torch is imported, else the core count."""
+    if threads is not None:
+        if isinstance(threads, bool) or int(threads) != threads or threads < 1:
+            raise MergeError(f"cpu backend: threads must be an integer >= 1, got {threads!r}")
+        return int(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return max(1, int(torch.get_num_threads()))
+    return max(1, os.cpu_count() or 1)
+
+
+def resolve_simd(simd: Optional[str] = None) -> str:
+    """The SIMD level to run: ``simd`` unless None/'auto', else $AME_SIMD, else 'auto'."""
+    level = simd if simd not in (None, "auto") else os.environ.get("AME_SIMD", "auto") or "auto"
+    if level not in SIMD_LEVELS:
+        raise MergeError(f"cpu backend: unknown SIMD level {level!r}; valid: {', '.join(SIMD_LEVELS)}")
+    return level
+
+
+def info() -> dict:
+    """Build and CPU information: compiler, SIMD levels compiled/supported, the level 'auto' picks."""
+    mod = _native.load("_C")
+    if mod is None:
+        return {"available": False, "reason": _native.why_missing("_C")}
+    d = dict(mod.build_info())
+    d["available"] = hasattr(mod, "whole_run")
+    d["simd_auto"] = d.get("simd_best")
+    d["simd_env"] = os.environ.get("AME_SIMD")
+    d["threads_default"] = default_threads()
+    return d
+
+
+def _hyper_kwargs(h: Hyper) -> dict:
+    return dict(
+        optimizer=h.optimizer,
+        momentum=h.momentum,
+        dampening=h.dampening,
+        nesterov=h.nesterov,
+        weight_decay=h.weight_decay,
+        beta1=h.beta1,
+        beta2=h.beta2,
+        eps=h.eps,
+        rho=h.rho,
+        amsgrad=h.amsgrad,
+        eps_inside_sqrt=h.eps_inside_sqrt,
+        initial_accumulator_value=h.initial_accumulator_value,
+    )
+
+
+def _plan_kwargs(plan: StepPlan) -> dict:
+    return dict(
+        batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
+        batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
+        coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32),
+        **_hyper_kwargs(plan.hyper),
+    )
+
+
+def _torch_dtype_name(t: Any, fn: str, what: str) -> str:
+    name = str(t.dtype).replace("torch.", "")
+    if name not in FLOAT_DTYPE_NAMES:
+        raise MergeError(f"[{fn}] {what}: dtype {t.dtype} is not supported; use float32, bfloat16 or float16")
+    return name
+
+
+def _check_tensor(t: Any, numel: int, fn: str, what: str) -> str:
+    """Checks a CPU tensor argument; returns its dtype name."""
+    if not hasattr(t, "data_ptr"):
+        raise MergeError(f"[{fn}] {what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise MergeError(f"[{fn}] {what}: the cpu backend takes CPU tensors, got one on {t.device}")
+    if not t.is_contiguous():
+        raise MergeError(f"[{fn}] {what}: must be contiguous")
+    if t.numel() != numel:
+        raise MergeError(f"[{fn}] {what}: expected {numel} elements, got {t.numel()}")
+    return _torch_dtype_name(t, fn, what)
+
+
+class CpuBackend(Backend):
+    """Fused C++ kernels on CPU tensors; ``simd`` forces a level (None: $AME_SIMD or the best)."""
+
+    name = "cpu"
+
+    def __init__(self, simd: Optional[str] = None):
+        self.simd = simd
+
+    def available(self) -> tuple:
+        mod = _native.load("_C")
+        if mod is None:
+            return False, _native.why_missing("_C")
+        if not hasattr(mod, "whole_run"):
+            return False, "ame_kernels._C was built without the CPU kernels; rebuild with `make build`"
+        return True, ""
+
+    def supports_device(self, device_type: str) -> bool:
+        return device_type == "cpu"
+
+    def whole_run(
+        self,
+        inputs: Sequence[Any],
+        plan: StepPlan,
+        pivot: Pivot,
+        adaptive_pivot: bool,
+        out: Any,
+        threads: Optional[int] = None,
+        check_finite: bool = False,
+    ) -> list:
+        fn = "whole_run"
+        inputs = list(inputs)
+        if not inputs:
+            raise MergeError(f"[{fn}] inputs: need at least 1 ingredient")
+        if len(inputs) != plan.n:
+            raise MergeError(f"[{fn}] inputs: the plan is for {plan.n} ingredients, got {len(inputs)}")
+        numel = out.numel() if hasattr(out, "numel") else -1
+        out_dtype = _check_tensor(out, numel, fn, "out")
+        dtypes = [_check_tensor(x, numel, fn, f"inputs[{i}]") for i, x in enumerate(inputs)]
+        mode, index, pptr, pdtype = "soup", 0, 0, "float32"
+        if pivot is None:
+            pass
+        elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
+            if not 0 <= int(pivot) < len(inputs):
+                raise MergeError(f"[{fn}] pivot: index {pivot} is not in [0, {len(inputs)})")
+            mode, index = "index", int(pivot)
+        else:
+            pdtype = _check_tensor(pivot, numel, fn, "pivot")
+            mode, pptr = "pointer", pivot.data_ptr()
+        return list(
+            _module().whole_run(
+                inputs=[x.data_ptr() for x in inputs],
+                input_dtypes=dtypes,
+                numel=numel,
+                out=out.data_ptr(),
+                out_dtype=out_dtype,
+                pivot_mode=mode,
+                pivot_index=index,
+                pivot=pptr,
+                pivot_dtype=pdtype,
+                adaptive=bool(adaptive_pivot),
+                threads=default_threads(threads),
+                simd=resolve_simd(self.simd),
+                check_finite=bool(check_finite),
+                **_plan_kwargs(plan),
+            )
+        )
+
+    def step(
+        self,
+        w: Any,
+        state: Any,
+        batch: Sequence[Any],
+        pivot: Optional[Any],
+        coeffs: np.ndarray,
+        t: int,
+        hyper: Hyper,
+        threads: Optional[int] = None,
+    ) -> None:
+        fn = "step"
+        numel = w.numel() if hasattr(w, "numel") else -1
+        if _check_tensor(w, numel, fn, "w") != "float32":
+            raise MergeError(f"[{fn}] w: must be float32, got {w.dtype}")
+        slots = hyper.state_slots
+        if slots:
+            if _check_tensor(state, slots * numel, fn, "state") != "float32":
+                raise MergeError(f"[{fn}] state: must be float32, got {state.dtype}")
+            if state.dim() != 2 or state.shape[0] != slots:
+                raise MergeError(f"[{fn}] state: expected shape [{slots}, {numel}], got {tuple(state.shape)}")
+        batch = list(batch)
+        if not batch:
+            raise MergeError(f"[{fn}] batch: need at least 1 input")
+        dtypes = [_check_tensor(x, numel, fn, f"batch[{i}]") for i, x in enumerate(batch)]
+        pptr = 0
+        if pivot is not None:
+            if _check_tensor(pivot, numel, fn, "pivot") != "float32":
+                raise MergeError(f"[{fn}] pivot: must be float32, got {pivot.dtype}")
+            pptr = pivot.data_ptr()
+        _module().step(
+            w=w.data_ptr(),
+            state=state.data_ptr() if slots else 0,
+            slots=slots,
+            numel=numel,
+            batch=[x.data_ptr() for x in batch],
+            batch_dtypes=dtypes,
+            pivot=pptr,
+            coeffs=np.ascontiguousarray(coeffs, dtype=np.float32).reshape(-1),
+            t=int(t),
+            threads=default_threads(threads),
+            simd=resolve_simd(self.simd),
+            **_hyper_kwargs(hyper),
+        )
+
+
+# ---------------------------------------------------------------------------- buffers
+
+
+def _as_array(buf: Any, fn: str, what: str, writable: bool = False) -> np.ndarray:
+    """A zero-copy uint8/typed view of ``buf`` (ndarray or buffer protocol), C-contiguous."""
+    if isinstance(buf, np.ndarray):
+        a = buf
+    else:
+        try:
+            a = np.frombuffer(buf, dtype=np.uint8)
+        except (TypeError, ValueError) as e:
+            raise MergeError(f"[{fn}] {what}: expected a numpy array or a buffer, got {type(buf).__name__} ({e})") from None
+    if not a.flags.c_contiguous:
+        raise MergeError(f"[{fn}] {what}: must be C-contiguous")
+    if writable and not a.flags.writeable:
+        raise MergeError(f"[{fn}] {what}: must be writable")
+    return a
+
+
+def _dtype_name(name: Any, fn: str, what: str) -> str:
+    n = str(name).replace("torch.", "")
+    n = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(n, n)
+    if n not in _ITEMSIZE:
+        raise MergeError(f"[{fn}] {what}: unsupported dtype {name!r}; valid: float32, bfloat16, float16")
+    return n
+
+
+def _check_buffer(a: np.ndarray, dtype: str, numel: int, fn: str, what: str) -> None:
+    if a.dtype != np.uint8 and a.dtype.itemsize != _ITEMSIZE[dtype]:
+        raise MergeError(f"[{fn}] {what}: array of {a.dtype} does not hold {dtype} (itemsize {_ITEMSIZE[dtype]})")
+    if a.nbytes != numel * _ITEMSIZE[dtype]:
+        raise MergeError(f"[{fn}] {what}: expected {numel} {dtype} elements ({numel * _ITEMSIZE[dtype]} bytes), got {a.nbytes} bytes")
+
+
+def whole_run_buffers(
+    inputs: Sequence[Any],
+    input_dtypes: Sequence[str],
+    plan: StepPlan,
+    pivot: Any,
+    adaptive_pivot: bool,
+    out: Any,
+    out_dtype: str,
+    threads: Optional[int] = None,
+    check_finite: bool = False,
+    simd: str = "auto",
+) -> list:
+    """The whole-run kernel on raw buffers, without torch (for the checkpoint engine).
+
+    inputs: N numpy arrays or buffer-protocol objects (e.g. slices of an ``mmap``) of one
+        element count C; ``input_dtypes`` names each one's dtype (bf16 arrives as uint16/int16
+        or raw bytes with "bfloat16"). Read only; nothing is copied.
+    pivot: None (soup), an ingredient index, a float32/float16 numpy array of C elements,
+        or a ``(buffer, dtype_name)`` pair.
+    out: writable, C elements of ``out_dtype``. Returns the sorted indices of inputs in
+        which a NaN/Inf was read (always [] unless ``check_finite``).
+    """
+    fn = "whole_run_buffers"
+    out_dtype = _dtype_name(out_dtype, fn, "out_dtype")
+    o = _as_array(out, fn, "out", writable=True)
+    numel = o.nbytes // _ITEMSIZE[out_dtype]
+    _check_buffer(o, out_dtype, numel, fn, "out")
+    inputs, input_dtypes = list(inputs), list(input_dtypes)
+    if not inputs:
+        raise MergeError(f"[{fn}] inputs: need at least 1 ingredient")
+    if len(input_dtypes) != len(inputs):
+        raise MergeError(f"[{fn}] input_dtypes: expected {len(inputs)} dtypes (one per input), got {len(input_dtypes)}")
+    if len(inputs) != plan.n:
+        raise MergeError(f"[{fn}] inputs: the plan is for {plan.n} ingredients, got {len(inputs)}")
+    arrays, dtypes = [], []
+    for i, (x, d) in enumerate(zip(inputs, input_dtypes)):
+        d = _dtype_name(d, fn, f"input_dtypes[{i}]")
+        a = _as_array(x, fn, f"inputs[{i}]")
+        _check_buffer(a, d, numel, fn, f"inputs[{i}]")
+        arrays.append(a)
+        dtypes.append(d)
+    mode, index, pptr, pdtype, keep = "soup", 0, 0, "float32", None
+    if pivot is None:
+        pass
+    elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
+        if not 0 <= int(pivot) < len(inputs):
+            raise MergeError(f"[{fn}] pivot: index {pivot} is not in [0, {len(inputs)})")
+        mode, index = "index", int(pivot)
+    else:
+        if isinstance(pivot, tuple) and len(pivot) == 2:
+            buf, pdtype = pivot
+            pdtype = _dtype_name(pdtype, fn, "pivot dtype")
+        elif isinstance(pivot, np.ndarray) and pivot.dtype in _NUMPY_DTYPE_NAME:
+            buf, pdtype = pivot, _NUMPY_DTYPE_NAME[pivot.dtype]
+        else:
+            raise MergeError(
+                f"[{fn}] pivot: expected None, an index, a float32/float16 array or (buffer, dtype), got {type(pivot).__name__}"
+            )
+        keep = _as_array(buf, fn, "pivot")
+        _check_buffer(keep, pdtype, numel, fn, "pivot")
+        mode, pptr = "pointer", keep.ctypes.data
+    return list(
+        _module().whole_run(
+            inputs=[a.ctypes.data for a in arrays],
+            input_dtypes=dtypes,
+            numel=numel,
+            out=o.ctypes.data,
+            out_dtype=out_dtype,
+            pivot_mode=mode,
+            pivot_index=index,
+            pivot=pptr,
+            pivot_dtype=pdtype,
+            adaptive=bool(adaptive_pivot),
+            threads=default_threads(threads),
+            simd=resolve_simd(simd),
+            check_finite=bool(check_finite),
+            **_plan_kwargs(plan),
+        )
+    )
+
+
+__all__ = ["CpuBackend", "default_threads", "info", "resolve_simd", "whole_run_buffers"]
