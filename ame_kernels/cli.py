@@ -230,6 +230,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.dry_run and not args.out_dir:
         _error("OUT_DIR is required (or pass --dry-run)")
         return EXIT_USAGE
+    from .strategies import config_strategy  # 'strategy: greedy|stew|...' runs in memory (ame_kernels/strategies.py)
+
+    if config_strategy(args.config):
+        from .strategies import run_cli
+
+        return run_cli(args)
     from .distributed import world_from_env
 
     world = world_from_env()

@@ -198,3 +198,23 @@ def test_run_cli_greedy_end_to_end(backend, tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
     args.config, args.out_dir = str(tmp_path / "bad.yaml"), str(tmp_path / "out2")
     assert run_cli(args) == 2 and not (tmp_path / "out2").exists()
+
+
+def test_ame_merge_cli_runs_a_strategy_config(backend, tmp_path):
+    """`ame-merge CONFIG.yaml OUT` with 'strategy: stew' goes through ame_kernels.strategies (cli.main hook)."""
+    from safetensors.torch import load_file, save_file
+
+    from ame_kernels.cli import main
+
+    sds = [{"w": torch.randn(4, 6)} for _ in range(3)]
+    for i, sd in enumerate(sds):
+        save_file(sd, str(tmp_path / f"m{i}.safetensors"))
+    doc = {"models": [f"m{i}.safetensors" for i in range(3)], "strategy": "stew", "mode": "server", "pivot": 0}
+    (tmp_path / "stew.yaml").write_text(yaml.safe_dump(doc))
+    assert main([str(tmp_path / "stew.yaml"), str(tmp_path / "out"), "--backend", backend, "--quiet"]) == 0
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert_close(out["w"], torch.stack([d["w"] for d in sds]).mean(0), what="server stew = running soup")
+    doc["strategy"] = "greedy"  # no evaluate: a usage error, nothing written
+    (tmp_path / "greedy.yaml").write_text(yaml.safe_dump(doc))
+    assert main([str(tmp_path / "greedy.yaml"), str(tmp_path / "out2"), "--backend", backend, "--quiet"]) == 2
+    assert not (tmp_path / "out2").exists()
