@@ -83,6 +83,14 @@ class TritonBackend(Backend):
             return self.whole_run_chunked(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
         from .whole_run import whole_run
 
+        if _interpreting() and out.device.type != "cpu":
+            # The interpreter reads the pointer table's raw addresses from host memory, so
+            # device tensors are merged from host copies (interpreter mode only).
+            host_out = out.cpu()
+            piv = pivot.cpu() if hasattr(pivot, "cpu") else pivot
+            bad = whole_run([x.cpu() for x in inputs], plan, piv, adaptive_pivot, host_out, check_finite=check_finite)
+            out.copy_(host_out)
+            return bad
         return whole_run(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
 
     def whole_run_chunked(self, inputs, plan, pivot, adaptive_pivot, out, chunk_elems: Optional[int] = None,
@@ -105,12 +113,14 @@ class TritonBackend(Backend):
         from .step import step
 
         batch = list(batch)
-        if not self._stream_host_tensors([w, state, pivot] + batch):
+        if not self._stream_host_tensors([w, state, pivot] + batch) and not (_interpreting() and w.device.type != "cpu"):
             step(w, state, batch, pivot, coeffs, t, hyper)
             return
         import torch
 
-        dev = torch.device("cuda", torch.cuda.current_device())
+        # Host tensors on a GPU machine run on the GPU; device tensors under the interpreter
+        # run on host copies (its pointer table is read from host memory).
+        dev = torch.device("cpu") if _interpreting() else torch.device("cuda", torch.cuda.current_device())
         w_d, state_d = w.to(dev), state.to(dev)
         step(w_d, state_d, [x.to(dev) for x in batch], None if pivot is None else pivot.to(dev), coeffs, t, hyper)
         w.copy_(w_d)
