@@ -33,6 +33,7 @@ import shutil
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -122,10 +123,10 @@ class MergePlan:
         return item.count * (sum(itemsize(d) for d in job.in_dtypes) + itemsize(job.out_dtype))
 
     def estimated_peak_bytes(self) -> int:
-        """N mapped input chunks + output and pivot buffers + the interpreter and numpy (~100 MB)."""
+        """N mapped input chunks + two output buffers (+ a pivot chunk) + the interpreter and numpy (~100 MB)."""
         widest = max((itemsize(d) for t in self.tensors for d in t.in_dtypes), default=4)
         elems = min(self.chunk_elems, max((t.numel for t in self.tensors), default=0))
-        per_chunk = elems * (self.n * widest + 4 + (4 if isinstance(self.pivot, Checkpoint) else 0))
+        per_chunk = elems * (self.n * widest + 8 + (4 if isinstance(self.pivot, Checkpoint) else 0))
         return per_chunk + 100 * 2**20
 
     def shard_entries(self, shard: int) -> List[Tuple[str, str, Tuple[int, ...]]]:
@@ -448,7 +449,11 @@ def merge_items(
     runner = _make_runner(plan, threads) if any(plan.tensors[it.job].merge for it in items) else None
     cfg = plan.config
     pivot_ck = plan.pivot if isinstance(plan.pivot, Checkpoint) else None
-    out_bufs: Dict[str, np.ndarray] = {}
+    # two output buffers: the kernel fills one while a writer thread pwrites the other
+    out_raw = [np.empty(plan.chunk_elems * 4, dtype=np.uint8) for _ in range(2)]
+    pending: List[Any] = [None, None]
+    slot = 0
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ame-writer")
     notes: List[str] = []
     cks = plan.ingredients
     try:
@@ -475,15 +480,15 @@ def merge_items(
                     pivot = (pview, pinfo.dtype) if pinfo.dtype in KERNEL_DTYPES else (_to_f32(pview, pinfo.dtype), "float32")
                 else:
                     pivot = plan.pivot
-                buf = out_bufs.get(job.out_dtype)
-                if buf is None:
-                    buf = out_bufs[job.out_dtype] = np.empty(plan.chunk_elems, dtype=np_dtype(job.out_dtype))
-                out = buf[: it.count]
+                if pending[slot] is not None:
+                    pending[slot].result()  # that buffer's previous write is done (or raises its error)
+                out = out_raw[slot][: it.count * itemsize(job.out_dtype)].view(np_dtype(job.out_dtype))
                 bad = runner(views, dts, plan.steps, pivot, cfg.adaptive_pivot, out, job.out_dtype, cfg.check_finite)
                 if bad:
                     where = "; ".join(f"ingredient {i} ({infos[i].file})" for i in bad)
                     raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where}")
-                writers[job.shard].write(job.name, it.start, out)
+                pending[slot] = pool.submit(writers[job.shard].write, job.name, it.start, out)
+                slot ^= 1
             else:
                 src_ck = pivot_ck if job.source == -1 else cks[job.source]
                 sinfo = src_ck.tensors[job.name]
@@ -504,7 +509,11 @@ def merge_items(
                 pivot_ck.reader(pinfo).release(pinfo, it.start, it.count)
             if progress is not None:
                 progress(plan.item_bytes(it))
+        for fut in pending:
+            if fut is not None:
+                fut.result()
     finally:
+        pool.shutdown(wait=True)
         for w in writers:
             w.close()
     return notes
