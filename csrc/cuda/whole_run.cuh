@@ -9,7 +9,7 @@
 // N*C*sizeof(TIn) + C*sizeof(TOut) bytes per epoch.
 //
 // Arithmetic per element (ame_kernels/backends/base.py, fp32):
-//   w_0 = soup (sum_i x_i * (1/N)) | inputs[pivot_index] | pivot
+//   w_0 = soup (sum_i x_i / N) | inputs[pivot_index] | pivot
 //   for t = 1..T:  g = gscale_t * sum_{i in batch(t)} (p - x_i) + wd * w;  Rule::update
 //   out = round_to_nearest_even(w_T)
 //
@@ -45,10 +45,10 @@ __global__ void __launch_bounds__(kThreads) whole_run_kernel(const WholeRunArgs 
 #pragma unroll
         for (int k = 0; k < kEPT; ++k) w[k] += x[k];
       }
-      // torch's mean multiplies the sum by 1/N.
-      const float inv_n = 1.f / static_cast<float>(a.n);
+      // fp32 sum in input order, then one IEEE divide (torch's CPU mean: sum().div_(N)).
+      const float n = static_cast<float>(a.n);
 #pragma unroll
-      for (int k = 0; k < kEPT; ++k) w[k] *= inv_n;
+      for (int k = 0; k < kEPT; ++k) w[k] = w[k] / n;
     } else if (a.pivot_mode == PivotMode::kIndex) {
       InputLoader<TIn>::load(a.inputs, a.in_dtypes, a.pivot_index, base, a.c, v, w);
     } else {

@@ -1,0 +1,330 @@
+"""The CUDA C++ backend: hand-written kernels in ``csrc/cuda`` behind ``ame_kernels._C_cuda``.
+
+Same contract as every backend (``base.py``). This file only checks tensors, uploads
+the small tables the kernels read (input pointers and dtypes, the StepPlan's
+batch_ptr / batch_idx / coeffs) and launches on the caller's current stream; the
+binding (``python/bind_cuda.cpp``) checks every argument again and names it.
+
+- CUDA tensors: one launch, asynchronous like any torch op (``check_finite`` syncs to
+  read the flags back).
+- Host tensors: streamed through the GPU chunk by chunk by the Triton backend's
+  generic driver (``backends/triton/driver.py``: pinned double buffers, copy and
+  compute streams), with this backend's kernel; ``step`` on host tensors copies to the
+  GPU and back (correct, not fast: the step APIs keep their state on one device).
+
+Uploads come from pinned memory without blocking the host, and are cached: the plan by
+(plan object, device), pointer tables by (device, addresses, dtypes), whose content is
+a pure function of the key. A chunked merge calls the kernel once per chunk with the
+same plan and the same staging buffers, so after the first chunk nothing is uploaded.
+
+The ``backend="auto"`` rule for CUDA tensors is ``cuda``, else ``triton``, else
+``reference`` (``backends/__init__.py``): both kernels move the same bytes; this one
+needs no JIT compile or autotuning on first use and no Triton install. The Triton
+backend's docstring and ``benchmarks/bench_gpu.py`` (a ``cuda`` column beside
+``triton``) are where that order is revisited once measured on a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .. import _native
+from ..errors import MergeError
+from ..schedule import Hyper, StepPlan
+from .base import Backend
+
+_DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+_MAX_CACHED_PLANS = 8
+_MAX_CACHED_TABLES = 64
+
+
+def _module():
+    mod = _native.load("_C_cuda")
+    if mod is None:
+        raise MergeError(f"backend 'cuda' is not available: {_native.why_missing('_C_cuda')}")
+    return mod
+
+
+def _dtype_name(fn: str, arg: str, x) -> str:
+    name = _DTYPE_NAMES.get(str(x.dtype))
+    if name is None:
+        raise MergeError(f"{fn}: {arg} has dtype {x.dtype}; expected float32, bfloat16 or float16")
+    return name
+
+
+def _check_flat(fn: str, arg: str, x, numel: int, device) -> str:
+    """``x`` is a contiguous float tensor of ``numel`` elements on ``device``; returns its dtype name."""
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise MergeError(f"{fn}: {arg} must be a tensor, got {type(x).__name__}")
+    name = _dtype_name(fn, arg, x)
+    if x.numel() != numel:
+        raise MergeError(f"{fn}: {arg} has {x.numel()} elements, expected {numel}")
+    if not x.is_contiguous():
+        raise MergeError(f"{fn}: {arg} must be contiguous")
+    if x.device != device:
+        raise MergeError(f"{fn}: {arg} is on {x.device}, expected {device} (all tensors on one device)")
+    return name
+
+
+def _hyper_kwargs(hyper: Hyper) -> dict:
+    return dict(
+        optimizer=hyper.optimizer,
+        momentum=float(hyper.momentum),
+        dampening=float(hyper.dampening),
+        nesterov=bool(hyper.nesterov),
+        weight_decay=float(hyper.weight_decay),
+        beta1=float(hyper.beta1),
+        beta2=float(hyper.beta2),
+        eps=float(hyper.eps),
+        rho=float(hyper.rho),
+        amsgrad=bool(hyper.amsgrad),
+        eps_inside_sqrt=bool(hyper.eps_inside_sqrt),
+        initial_accumulator_value=float(hyper.initial_accumulator_value),
+    )
+
+
+class _Uploads:
+    """Small host arrays copied to the GPU from pinned memory, cached (see the module docstring)."""
+
+    def __init__(self):
+        self._plans: dict = {}
+        self._tables: dict = {}
+
+    @staticmethod
+    def _upload(host: tuple, device) -> tuple:
+        import torch
+
+        stream = torch.cuda.current_stream(device)
+        # pin_memory() comes from torch's caching host allocator, which keeps the block
+        # alive until the non-blocking copy that reads it has finished.
+        dev = tuple(torch.from_numpy(h).pin_memory().to(device, non_blocking=True) for h in host)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return dev + (event,)
+
+    @staticmethod
+    def _ready(entry: tuple, device) -> tuple:
+        """The cached tensors, usable on the current stream (which may not be the one that uploaded them)."""
+        import torch
+
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(entry[-1])
+        for t in entry[:-1]:
+            t.record_stream(stream)
+        return entry[:-1]
+
+    def plan(self, plan: StepPlan, device) -> tuple:
+        """(batch_ptr int32 [T+1], batch_idx int32, coeffs float32 [T, 4]) on ``device``."""
+        key = (id(plan), str(device))
+        hit = self._plans.get(key)
+        if hit is None or hit[0] is not plan:  # id() reused by a new plan: replace
+            host = (
+                np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
+                np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
+                np.ascontiguousarray(plan.coeffs, dtype=np.float32),
+            )
+            if len(self._plans) >= _MAX_CACHED_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            hit = (plan,) + self._upload(host, device)
+            self._plans[key] = hit
+        return self._ready(hit[1:], device)
+
+    def table(self, ptrs: tuple, codes: tuple, device) -> tuple:
+        """(uint64 [M] addresses, int32 [M] dtype codes) on ``device``."""
+        key = (str(device), ptrs, codes)
+        hit = self._tables.get(key)
+        if hit is None:
+            host = (np.asarray(ptrs, dtype=np.uint64).view(np.int64), np.asarray(codes, dtype=np.int32))
+            if len(self._tables) >= _MAX_CACHED_TABLES:
+                self._tables.pop(next(iter(self._tables)))
+            hit = self._upload(host, device)
+            self._tables[key] = hit
+        return self._ready(hit, device)
+
+
+_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+
+class CudaBackend(Backend):
+    """Hand-written CUDA C++ kernels (csrc/cuda) on CUDA tensors; host tensors streamed through the GPU."""
+
+    name = "cuda"
+
+    def __init__(self):
+        self._uploads = _Uploads()
+        self._runners: dict = {}
+        self._available: Optional[tuple] = None
+
+    # -- availability ------------------------------------------------------------
+    def available(self) -> tuple:
+        if self._available is None:
+            self._available = self._probe()
+        return self._available
+
+    def _probe(self) -> tuple:
+        mod = _native.load("_C_cuda")
+        if mod is None:
+            return False, _native.why_missing("_C_cuda")
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device (torch.cuda.is_available() is False)"
+        info = mod.device_info(torch.cuda.current_device())
+        if not info["kernels_loadable"]:
+            return False, info["load_error"]
+        return True, ""
+
+    def supports_device(self, device_type: str) -> bool:
+        # Host tensors are streamed through the GPU (whole_run) or copied (step).
+        return device_type in ("cuda", "cpu") and self.available()[0]
+
+    # -- whole_run ---------------------------------------------------------------
+    def whole_run(self, inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out, threads: Optional[int] = None,
+                  check_finite: bool = False) -> list:
+        inputs = list(inputs)
+        on_host = out.device.type == "cpu" or any(x.device.type == "cpu" for x in inputs)
+        if on_host:
+            return self.whole_run_chunked(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
+        return self._whole_run_device(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
+
+    def whole_run_chunked(self, inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out,
+                          chunk_elems: Optional[int] = None, device="cuda", check_finite: bool = False,
+                          runner=None) -> list:
+        """``whole_run`` on host tensors through the GPU, chunk by chunk (backends/triton/driver.py).
+
+        The runner (pinned buffers, streams) is kept per (device, chunk_elems) and reused.
+        """
+        try:
+            from .triton.driver import ChunkedRunner
+        except ImportError as e:  # the driver itself needs only torch; this guards a broken install
+            raise MergeError(f"cuda.whole_run: host tensors need the chunked driver ({e})") from e
+        if runner is None:
+            key = (str(device), chunk_elems)
+            runner = self._runners.get(key)
+            if runner is None:
+                runner = self._runners[key] = ChunkedRunner(device, chunk_elems)
+        return runner.run(self._whole_run_device, inputs, plan, pivot, adaptive_pivot, out,
+                          check_finite=check_finite)
+
+    def _whole_run_device(self, inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out,
+                          check_finite: bool = False) -> list:
+        import torch
+
+        fn = "cuda.whole_run"
+        if not isinstance(plan, StepPlan):
+            raise MergeError(f"{fn}: plan must be a StepPlan, got {type(plan).__name__}")
+        inputs = list(inputs)
+        if len(inputs) != plan.n:
+            raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n}")
+        if not isinstance(out, torch.Tensor) or out.device.type != "cuda":
+            raise MergeError(f"{fn}: out must be a CUDA tensor")
+        device, c = out.device, out.numel()
+        out_name = _check_flat(fn, "out", out, c, device)
+        names = [_check_flat(fn, f"inputs[{k}]", x, c, device) for k, x in enumerate(inputs)]
+
+        pivot_mode, pivot_index, pivot_ptr, pivot_name = "soup", 0, 0, "float32"
+        if isinstance(pivot, torch.Tensor):
+            pivot_name = _check_flat(fn, "pivot", pivot, c, device)
+            pivot_mode, pivot_ptr = "tensor", pivot.data_ptr()
+        elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
+            if not 0 <= int(pivot) < plan.n:
+                raise MergeError(f"{fn}: pivot index {pivot} out of range [0, {plan.n})")
+            pivot_mode, pivot_index = "index", int(pivot)
+        elif pivot is not None:
+            raise MergeError(f"{fn}: pivot must be None (soup), an input index or a tensor, got {type(pivot).__name__}")
+        if c == 0:
+            return []
+
+        ptrs = tuple(x.data_ptr() for x in inputs)
+        table, codes = self._uploads.table(ptrs, tuple(_CODES[n] for n in names), device)
+        batch_ptr, batch_idx, coeffs = self._uploads.plan(plan, device)
+        flags = torch.zeros(plan.n, dtype=torch.int32, device=device) if check_finite else None
+        _module().whole_run(
+            inputs=list(ptrs), input_dtypes=names, c=c, input_table=table.data_ptr(), dtype_table=codes.data_ptr(),
+            batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
+            batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
+            coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32),
+            batch_ptr_dev=batch_ptr.data_ptr(), batch_idx_dev=batch_idx.data_ptr(), coeffs_dev=coeffs.data_ptr(),
+            pivot_mode=pivot_mode, pivot_index=pivot_index, pivot=pivot_ptr, pivot_dtype=pivot_name,
+            adaptive_pivot=bool(adaptive_pivot), out=out.data_ptr(), out_dtype=out_name,
+            nonfinite=flags.data_ptr() if flags is not None else 0,
+            device=device.index, stream=torch.cuda.current_stream(device).cuda_stream,
+            **_hyper_kwargs(plan.hyper),
+        )
+        if flags is None:
+            return []
+        return torch.nonzero(flags.cpu()).reshape(-1).tolist()
+
+    # -- step --------------------------------------------------------------------
+    def step(self, w, state, batch, pivot, coeffs, t: int, hyper: Hyper, threads: Optional[int] = None) -> None:
+        import torch
+
+        fn = "cuda.step"
+        if not isinstance(w, torch.Tensor):
+            raise MergeError(f"{fn}: w must be a tensor, got {type(w).__name__}")
+        if w.device.type == "cpu":
+            # Host state: run on the current GPU and copy w and state back in place.
+            dev = torch.device("cuda", torch.cuda.current_device())
+            w_d, state_d = w.to(dev), state.to(dev)
+            batch_d = [x.to(dev) for x in batch]
+            pivot_d = pivot.to(dev) if pivot is not None else None
+            self._step_device(w_d, state_d, batch_d, pivot_d, coeffs, t, hyper)
+            w.copy_(w_d)
+            state.copy_(state_d)
+            return
+        self._step_device(w, state, batch, pivot, coeffs, t, hyper)
+
+    def _step_device(self, w, state, batch, pivot, coeffs, t: int, hyper: Hyper) -> None:
+        import torch
+
+        fn = "cuda.step"
+        if w.device.type != "cuda":
+            raise MergeError(f"{fn}: w must be a CUDA (or host) tensor, got {w.device}")
+        device, c = w.device, w.numel()
+        if w.dtype != torch.float32:
+            raise MergeError(f"{fn}: w must be float32, got {w.dtype}")
+        _check_flat(fn, "w", w, c, device)
+        slots = hyper.state_slots
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.float32:
+            raise MergeError(f"{fn}: state must be a float32 tensor [{slots}, {c}]")
+        if slots > 0:
+            if tuple(state.shape) != (slots, c) and state.numel() != slots * c:
+                raise MergeError(f"{fn}: state must have shape [{slots}, {c}], got {tuple(state.shape)}")
+            _check_flat(fn, "state", state, slots * c, device)
+        batch = list(batch)
+        if not batch:
+            raise MergeError(f"{fn}: batch must hold at least one tensor")
+        names = [_check_flat(fn, f"batch[{k}]", x, c, device) for k, x in enumerate(batch)]
+        pivot_ptr = 0
+        if pivot is not None:
+            if _check_flat(fn, "pivot", pivot, c, device) != "float32":
+                raise MergeError(f"{fn}: pivot must be float32, got {pivot.dtype}")
+            pivot_ptr = pivot.data_ptr()
+        row = np.asarray(coeffs, dtype=np.float32).reshape(-1)
+        if row.shape != (4,):
+            raise MergeError(f"{fn}: coeffs must hold 4 values (gscale, lr_eff, decay, inv_bc2_sqrt), got {row.shape}")
+        if int(t) < 1:
+            raise MergeError(f"{fn}: t counts steps from 1, got {t}")
+        if c == 0:
+            return
+        ptrs = tuple(x.data_ptr() for x in batch)
+        table, codes = self._uploads.table(ptrs, tuple(_CODES[n] for n in names), device)
+        _module().step(
+            w=w.data_ptr(), state=state.data_ptr() if slots > 0 else 0, c=c, batch=list(ptrs), batch_dtypes=names,
+            batch_table=table.data_ptr(), dtype_table=codes.data_ptr(), pivot=pivot_ptr,
+            coeffs=[float(v) for v in row], t=int(t),
+            device=device.index, stream=torch.cuda.current_stream(device).cuda_stream,
+            **_hyper_kwargs(hyper),
+        )
+
+
+def device_info(device: int = 0) -> dict:
+    """Facts about CUDA device ``device`` and the _C_cuda build (see ``_C_cuda.device_info``)."""
+    return dict(_module().device_info(device))
+
+
+__all__ = ["CudaBackend", "device_info"]
