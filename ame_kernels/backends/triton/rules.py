@@ -18,11 +18,11 @@ so each compiled kernel holds exactly one rule.
 import triton
 import triton.language as tl
 
-SGD: tl.constexpr = tl.constexpr(0)
-ADAGRAD: tl.constexpr = tl.constexpr(1)
-ADAM: tl.constexpr = tl.constexpr(2)
-ADAMW: tl.constexpr = tl.constexpr(3)
-ADADELTA: tl.constexpr = tl.constexpr(4)
+SGD = tl.constexpr(0)
+ADAGRAD = tl.constexpr(1)
+ADAM = tl.constexpr(2)
+ADAMW = tl.constexpr(3)
+ADADELTA = tl.constexpr(4)
 
 
 @triton.jit
