@@ -87,9 +87,14 @@ def make_model(hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
-def excluded_classes(j: int, m: int) -> List[int]:
-    """The paper's scheme (Appendix A.2): dataloader j excludes classes j, j+1, ..., j+m-1 (mod 10)."""
-    return sorted({(j + i) % 10 for i in range(m)})
+def excluded_classes(j: int, m: int, n: int = 10) -> List[int]:
+    """Ingredient j of n excludes classes s, s+1, ..., s+m-1 (mod 10) with s = floor(10 j / n).
+
+    For n = 10 this is the paper's scheme (Appendix A.2: s = j); for n = 5, s = 2j, so every
+    class is still excluded by the same number of ingredients when m n / 10 is whole.
+    """
+    s = (10 * j) // n
+    return sorted({(s + i) % 10 for i in range(m)})
 
 
 def shared_init(setting: Setting) -> StateDict:
@@ -102,7 +107,7 @@ def train_ingredients(data, setting: Setting, init: Optional[StateDict] = None) 
     init = shared_init(setting) if init is None else init
     out, excl = [], []
     for j in range(setting.n_ingredients):
-        ex = excluded_classes(j, setting.excluded)
+        ex = excluded_classes(j, setting.excluded, setting.n_ingredients)
         keep = ~torch.isin(data["ytr"], torch.tensor(ex, dtype=torch.long))
         X, y = data["Xtr"][keep], data["ytr"][keep]
         model = make_model(setting.hidden)
@@ -323,9 +328,9 @@ def format_table(res: RunResult) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="AME demo: merge small digits classifiers through the ame-merge CLI")
     p.add_argument("--out", default="demo_out", help="folder for the checkpoints and merges (default ./demo_out)")
-    p.add_argument("--ingredients", type=int, default=6)
+    p.add_argument("--ingredients", type=int, default=10)
     p.add_argument("--excluded", type=int, default=5, help="classes each ingredient never sees (OOD = m/10)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs per ingredient")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs per ingredient")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--via", choices=("auto", "cli", "api"), default="auto", help="merge path (auto: the CLI when present)")
     a = p.parse_args(argv)

@@ -1,0 +1,47 @@
+"""``make repro``: every paper reproduction at full size, tables and plots under benchmarks/repro/results/.
+
+    python benchmarks/repro/run_all.py [--quick] [--out DIR]
+
+--quick runs small versions (few trials / one seed) for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import machine, results_dir  # noqa: E402  (sets sys.path)
+
+import cauchy  # noqa: E402
+import digits  # noqa: E402
+import prop2  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    out = results_dir(a.out)
+    print(f"machine: {machine()}\nresults: {out}\n")
+    t = {}
+    t0 = time.perf_counter()
+    print("== Appendix F.3: Cauchy / Gaussian location (Adam-AME vs soup vs median/MLE)")
+    cauchy.run(trials=30 if a.quick else 300, out=a.out)
+    t["cauchy"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    print("\n== Proposition 2: GD cycle with constant lr, convergence with decaying lr")
+    prop2.run(epochs=10 if a.quick else 50, out=a.out)
+    t["prop2"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    print("\n== Table 1 in miniature: class-excluding digits ingredients, merged through the CLI")
+    if a.quick:
+        digits.run(levels=(1, 5), seeds=(0,), train_epochs=10, out=a.out)
+    else:
+        digits.run(out=a.out)
+    t["digits"] = time.perf_counter() - t0
+    print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + f"; results in {out}")
+
+
+if __name__ == "__main__":
+    main()
