@@ -101,7 +101,7 @@ class _Uploads:
         stream = torch.cuda.current_stream(device)
         # pin_memory() comes from torch's caching host allocator, which keeps the block
         # alive until the non-blocking copy that reads it has finished.
-        dev = tuple(torch.from_numpy(h).pin_memory().to(device, non_blocking=True) for h in host)
+        dev = tuple(torch.tensor(h).pin_memory().to(device, non_blocking=True) for h in host)
         event = torch.cuda.Event()
         event.record(stream)
         return dev + (event,)

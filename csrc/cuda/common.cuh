@@ -4,7 +4,7 @@
 //
 // A thread owns groups of kEPT = 8 consecutive elements: one 16-byte load for
 // bf16/fp16, two for fp32. A group uses vector loads only when every pointer it
-// touches is 16-byte aligned (checked once on the host: `aligned`) and the group
+// touches is 16-byte aligned (checked once on the host: `vec`) and the group
 // is full; otherwise (the tail of C, or unaligned views) it falls back to scalar
 // loads with a bounds check. Both paths produce the same values.
 #pragma once
@@ -25,21 +25,6 @@ constexpr int kThreads = 256;  // threads per block
 
 // Storage-type tags. Mixed: the dtype of each input is looked up at run time.
 struct Mixed {};
-
-template <typename T>
-struct DTypeOf;
-template <>
-struct DTypeOf<float> {
-  static constexpr DType value = DType::kFloat32;
-};
-template <>
-struct DTypeOf<__nv_bfloat16> {
-  static constexpr DType value = DType::kBFloat16;
-};
-template <>
-struct DTypeOf<__half> {
-  static constexpr DType value = DType::kFloat16;
-};
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
