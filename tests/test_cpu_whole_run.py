@@ -1,0 +1,316 @@
+"""The cpu backend's whole-run kernel against the reference backend (torch.optim).
+
+Every optimizer variant x input/output dtype x odd sizes x schedule options, on every
+SIMD level this CPU runs (scalar, avx2, avx512), plus the buffer entry point of the
+checkpoint engine, non-finite reporting and the binding's argument checks.
+"""
+
+import mmap
+
+import numpy as np
+import pytest
+import torch
+
+import ame_kernels
+from ame_kernels.backends import available
+from ame_kernels.config import AMEConfig
+from ame_kernels.errors import MergeError
+from ame_kernels.schedule import schedule
+from tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(not available()["cpu"][0], reason=f"cpu backend: {available()['cpu'][1]}")
+
+if available()["cpu"][0]:
+    from ame_kernels.backends.cpu import CpuBackend, whole_run_buffers
+    from ame_kernels.backends.reference import ReferenceBackend
+
+    LEVELS = ame_kernels.build_info()["simd_supported"]
+else:  # collected but skipped
+    LEVELS = ["scalar"]
+
+DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# One entry per rule variant the kernels compile (csrc/common/dispatch.h), with the
+# options that change arithmetic: momentum/nesterov/dampening, coupled and decoupled
+# weight decay, amsgrad, eps inside the square root, lr_decay, initial accumulator.
+VARIANTS = {
+    "gd": dict(optimizer="sgd"),
+    "sgd_momentum": dict(optimizer="sgd", momentum=0.9, dampening=0.1, lr=0.5),
+    "sgd_nesterov_wd": dict(optimizer="sgd", momentum=0.8, nesterov=True, weight_decay=0.05, lr=0.5),
+    "adagrad": dict(optimizer="adagrad", lr=0.1),
+    "adagrad_inside_decay": dict(optimizer="adagrad", lr=0.1, eps_inside_sqrt=True, lr_decay=0.1,
+                                 initial_accumulator_value=0.2, eps=1e-6),
+    "adam": dict(optimizer="adam", lr=0.01),
+    "adam_amsgrad_wd": dict(optimizer="adam", lr=0.01, amsgrad=True, weight_decay=0.1),
+    "adamw": dict(optimizer="adamw", lr=0.01, weight_decay=0.1),
+    "adamw_inside_amsgrad": dict(optimizer="adamw", lr=0.01, weight_decay=0.1, eps_inside_sqrt=True, amsgrad=True,
+                                 eps=1e-6),
+    "adadelta_wd": dict(optimizer="adadelta", weight_decay=0.01),
+}
+
+
+def _inputs(n, c, dtypes, scale=1.0):
+    return [(torch.randn(c) * scale + 0.5 * i).to(DT[dtypes[i % len(dtypes)]]) for i in range(n)]
+
+
+def _run_both(xs, cfg, pivot=None, adaptive=True, out_dtype="float32", simd=None, threads=2):
+    plan = schedule(cfg, len(xs))
+    c = xs[0].numel()
+    ref = torch.empty(c, dtype=DT[out_dtype])
+    got = torch.empty(c, dtype=DT[out_dtype])
+    ReferenceBackend().whole_run(xs, plan, pivot, adaptive, ref)
+    CpuBackend(simd=simd).whole_run(xs, plan, pivot, adaptive, got, threads=threads)
+    return got, ref
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("size", [1, 7, 4097, 40009])  # 40009: prime, 3 blocks on 2 threads, ragged tail
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_parity_every_optimizer(variant, size, simd):
+    xs = _inputs(5, size, ["float32"])
+    cfg = AMEConfig(**VARIANTS[variant], epochs=2, batch_size=2)
+    got, ref = _run_both(xs, cfg, simd=simd)
+    assert_close(got, ref, what=f"{variant} C={size} {simd}")
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("out_dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("in_dtypes", [("float32",), ("bfloat16",), ("float16",), ("bfloat16", "float16", "float32")],
+                         ids=["f32", "bf16", "f16", "mixed"])
+@pytest.mark.parametrize("variant", ["gd", "adam", "adadelta_wd"])
+def test_parity_dtypes(variant, in_dtypes, out_dtype, simd):
+    xs = _inputs(4, 1031, in_dtypes)
+    got, ref = _run_both(xs, AMEConfig(**VARIANTS[variant]), out_dtype=out_dtype, simd=simd)
+    # Both round their own fp32 result once: at most one unit in the last place apart.
+    assert_close(got, ref, dtype=DT[out_dtype], what=f"{variant} {in_dtypes}->{out_dtype} {simd}")
+
+
+SCHEDULES = {
+    "batches3_epochs3": dict(batch_size=3, epochs=3),
+    "shuffle": dict(epochs=3, shuffle=True, seed=7),
+    "fixed_pivot": dict(epochs=2, adaptive_pivot=False),
+    "pivot_index": dict(pivot=2, epochs=2),
+    "pivot_tensor_fixed": dict(pivot="tensor", adaptive_pivot=False),
+    "lr_constant": dict(lr_schedule="constant"),
+    "lr_power": dict(lr_schedule="power", lr_power=-0.5, epochs=2),
+    "lr_sequence": dict(lr_schedule=[0.3, 0.1, 0.2, 0.05, 0.01, 0.02]),
+    "amplification": dict(amplification=6.0),
+    "amplification_sequence": dict(amplification=[1.0, 2.0, 3.0, 0.5, 6.0, 1.5]),
+    "scores_ascending": dict(scores=[0.3, 0.9, 0.1, 0.5, 0.7, 0.2], descending=False, batch_size=4),
+}
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "adamw", "adadelta"])
+@pytest.mark.parametrize("sched", sorted(SCHEDULES))
+def test_parity_schedules(sched, optimizer, simd):
+    opts = dict(SCHEDULES[sched])
+    if optimizer != "sgd" and "lr_schedule" in opts and not isinstance(opts["lr_schedule"], str):
+        opts["lr_schedule"] = [v / 10 for v in opts["lr_schedule"]]
+    xs = _inputs(6, 1543, ["bfloat16", "float32"])
+    adaptive = opts.pop("adaptive_pivot", True)
+    pivot = opts.pop("pivot", None)
+    if pivot == "tensor":
+        pivot = torch.randn(1543).to(torch.bfloat16)
+    lr = {"sgd": None, "adadelta": None}.get(optimizer, 0.01)
+    cfg = AMEConfig(optimizer=optimizer, lr=lr, **opts)
+    got, ref = _run_both(xs, cfg, pivot=pivot, adaptive=adaptive, simd=simd)
+    assert_close(got, ref, what=f"{sched} {optimizer} {simd}")
+
+
+def test_soup_identity_gd():
+    """GD, lr 1 constant, fixed pivot, zeta 1, B 1, E 1 -> the uniform soup (eq. 3/4)."""
+    xs = _inputs(7, 999, ["float32"])
+    cfg = AMEConfig(optimizer="sgd", lr=1.0, lr_schedule="constant")
+    plan = schedule(cfg, 7)
+    out = torch.empty(999)
+    CpuBackend().whole_run(xs, plan, 3, False, out)
+    assert_close(out, torch.stack(xs).mean(0), what="soup identity")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threads_do_not_change_result(threads):
+    xs = _inputs(5, 40009, ["bfloat16"])
+    plan = schedule(AMEConfig(optimizer="adam", lr=0.01, epochs=2), 5)
+    a, b = torch.empty(40009), torch.empty(40009)
+    CpuBackend().whole_run(xs, plan, None, True, a, threads=2)
+    CpuBackend().whole_run(xs, plan, None, True, b, threads=threads)
+    assert torch.equal(a, b)
+
+
+def test_vector_levels_agree_bitwise():
+    """avx2 and avx512 run the same fp32 operations (FMA, exact sqrt/div) lane by lane."""
+    vec = [lvl for lvl in LEVELS if lvl != "scalar"]
+    if len(vec) < 2:
+        pytest.skip("needs two vector levels on this CPU")
+    xs = _inputs(4, 4097, ["bfloat16", "float16"])
+    plan = schedule(AMEConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, epochs=2), 4)
+    outs = []
+    for lvl in vec:
+        o = torch.empty(4097)
+        CpuBackend(simd=lvl).whole_run(xs, plan, None, True, o)
+        outs.append(o)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_bf16_rounding_is_nearest_even():
+    """Output rounding of fp32 values exactly between two bf16/fp16 neighbours (ties to even),
+    overflow to Inf (fp16), subnormals and NaN, against torch's own conversion."""
+    vals = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-11), 1.0 + 3 * 2**-11, 3.0e38, 70000.0, float("nan"),
+                         1e-40, 3e-6, 0.0])
+    for dt in ("bfloat16", "float16"):
+        for lvl in LEVELS:
+            out = torch.empty(len(vals), dtype=DT[dt])
+            # GD with lr 1, fixed pivot, B 1, E 1 from pivot w0 = x: the output is the soup of one input.
+            plan = schedule(AMEConfig(optimizer="sgd", lr=1.0, lr_schedule="constant"), 1)
+            CpuBackend(simd=lvl).whole_run([vals], plan, 0, False, out)
+            assert torch.equal(out.float().isnan(), vals.to(DT[dt]).float().isnan())
+            ok = ~vals.isnan()
+            assert torch.equal(out.float()[ok], vals.to(DT[dt]).float()[ok]), (dt, lvl, out, vals.to(DT[dt]))
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+def test_check_finite_names_inputs(simd):
+    xs = _inputs(4, 4097, ["bfloat16", "float32"])
+    xs[1][4096] = float("nan")
+    xs[3][17] = float("inf")
+    plan = schedule(AMEConfig(), 4)
+    out = torch.empty(4097)
+    be = CpuBackend(simd=simd)
+    assert be.whole_run(xs, plan, None, True, out, check_finite=True) == [1, 3]
+    assert be.whole_run(xs, plan, None, True, out, check_finite=False) == []
+    xs[1][4096] = 0.0
+    xs[3][17] = 0.0
+    assert be.whole_run(xs, plan, None, True, out, check_finite=True) == []
+
+
+def test_buffers_entry_matches_tensors_and_reads_mmap(tmp_path):
+    n, c = 3, 5003
+    xs = _inputs(n, c, ["bfloat16", "float16", "float32"])
+    plan = schedule(AMEConfig(optimizer="adam", lr=0.01, epochs=2), n)
+    expect = torch.empty(c, dtype=torch.bfloat16)
+    CpuBackend().whole_run(xs, plan, None, True, expect)
+
+    path = tmp_path / "inputs.bin"
+    raw = [x.view(torch.int16).numpy().tobytes() if x.dtype == torch.bfloat16 else x.numpy().tobytes() for x in xs]
+    path.write_bytes(b"".join(raw))
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        bufs, pos = [], 0
+        for r in raw:
+            bufs.append(view[pos : pos + len(r)])
+            pos += len(r)
+        out = np.empty(c, dtype=np.uint16)
+        bad = whole_run_buffers(bufs, ["bfloat16", "float16", "float32"], plan, None, True, out, "bfloat16")
+        del bufs, view
+    assert bad == []
+    assert np.array_equal(out, expect.view(torch.int16).numpy().view(np.uint16))
+
+    # numpy arrays and an explicit fp32 pivot array
+    arrays = [x.view(torch.int16).numpy().view(np.uint16) if x.dtype == torch.bfloat16 else x.numpy() for x in xs]
+    pivot = np.linspace(-1, 1, c, dtype=np.float32)
+    out32 = np.empty(c, dtype=np.float32)
+    whole_run_buffers(arrays, ["bfloat16", "float16", "float32"], plan, pivot, False, out32, "float32")
+    ref = torch.empty(c)
+    ReferenceBackend().whole_run(xs, plan, torch.from_numpy(pivot), False, ref)
+    assert_close(torch.from_numpy(out32), ref, what="buffers with pivot array")
+
+
+def test_buffers_errors():
+    plan = schedule(AMEConfig(), 2)
+    a = np.zeros(10, dtype=np.float32)
+    with pytest.raises(MergeError, match=r"\[whole_run_buffers\] inputs\[1\]: expected 10 float32"):
+        whole_run_buffers([a, np.zeros(9, np.float32)], ["float32", "float32"], plan, None, True, np.empty(10, np.float32), "float32")
+    with pytest.raises(MergeError, match=r"input_dtypes\[0\]: unsupported dtype 'int8'"):
+        whole_run_buffers([a, a], ["int8", "float32"], plan, None, True, np.empty(10, np.float32), "float32")
+    ro = np.empty(10, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(MergeError, match=r"out: must be writable"):
+        whole_run_buffers([a, a], ["float32", "float32"], plan, None, True, ro, "float32")
+    with pytest.raises(MergeError, match=r"inputs\[0\]: array of float32 does not hold bfloat16"):
+        whole_run_buffers([a, a], ["bfloat16", "float32"], plan, None, True, np.empty(10, np.float32), "float32")
+    with pytest.raises(MergeError, match=r"the plan is for 2 ingredients, got 1"):
+        whole_run_buffers([a], ["float32"], plan, None, True, np.empty(10, np.float32), "float32")
+    with pytest.raises(MergeError, match=r"pivot: index 5 is not in \[0, 2\)"):
+        whole_run_buffers([a, a], ["float32", "float32"], plan, 5, True, np.empty(10, np.float32), "float32")
+
+
+def test_backend_errors():
+    be = CpuBackend()
+    plan = schedule(AMEConfig(), 2)
+    x = torch.zeros(10)
+    with pytest.raises(MergeError, match=r"\[whole_run\] inputs\[1\]: expected 10 elements, got 9"):
+        be.whole_run([x, torch.zeros(9)], plan, None, True, torch.empty(10))
+    with pytest.raises(MergeError, match=r"inputs\[0\]: must be contiguous"):
+        be.whole_run([torch.zeros(20)[::2], x], plan, None, True, torch.empty(10))
+    with pytest.raises(MergeError, match=r"out: dtype torch.float64 is not supported"):
+        be.whole_run([x, x], plan, None, True, torch.empty(10, dtype=torch.float64))
+    with pytest.raises(MergeError, match=r"unknown SIMD level 'avx9'"):
+        CpuBackend(simd="avx9").whole_run([x, x], plan, None, True, torch.empty(10))
+    assert not be.supports_device("cuda") and be.supports_device("cpu")
+
+
+def test_simd_env_override(monkeypatch):
+    from ame_kernels.backends.cpu import resolve_simd
+
+    monkeypatch.setenv("AME_SIMD", "scalar")
+    assert resolve_simd(None) == "scalar"
+    assert resolve_simd("avx2") == "avx2"  # an explicit argument wins
+    monkeypatch.setenv("AME_SIMD", "sse9")
+    with pytest.raises(MergeError, match="unknown SIMD level 'sse9'"):
+        resolve_simd(None)
+
+
+def _binding_kwargs(**over):
+    from ame_kernels._native import load
+
+    x = torch.zeros(8)
+    kw = dict(
+        inputs=[x.data_ptr(), x.data_ptr()], input_dtypes=["float32", "float32"], numel=8, out=torch.empty(8).data_ptr(),
+        out_dtype="float32", batch_ptr=np.array([0, 1, 2], np.int32), batch_idx=np.array([0, 1], np.int32),
+        coeffs=np.ones((2, 4), np.float32), optimizer="sgd",
+    )
+    kw.update(over)
+    return load("_C").whole_run, kw, x
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (dict(inputs=[]), r"\[whole_run\] inputs: need at least 1 ingredient"),
+        (dict(input_dtypes=["float32"]), r"\[whole_run\] input_dtypes: expected one dtype per input"),
+        (dict(input_dtypes=["float32", "int8"]), r"\[whole_run\] input_dtypes\[1\]: unsupported dtype 'int8'"),
+        (dict(out_dtype="float64"), r"\[whole_run\] out_dtype: unsupported dtype"),
+        (dict(numel=-1), r"\[whole_run\] numel: must be >= 0"),
+        (dict(out=0), r"\[whole_run\] out: null pointer"),
+        (dict(batch_ptr=np.array([0, 1, 2], np.int64)), r"\[whole_run\] batch_ptr: expected a int32 array"),
+        (dict(batch_ptr=np.array([0, 1, 1], np.int32)), r"\[whole_run\] batch_ptr: step 2 has an empty batch"),
+        (dict(batch_idx=np.array([0, 2], np.int32)), r"\[whole_run\] batch_idx: entry 1 = 2 is not in \[0, N\)"),
+        (dict(batch_idx=np.array([0], np.int32)), r"\[whole_run\] batch_idx: expected 2 entries"),
+        (dict(coeffs=np.ones((3, 4), np.float32)), r"\[whole_run\] coeffs: expected shape \[2, 4\]"),
+        (dict(coeffs=np.full((2, 4), np.inf, np.float32)), r"\[whole_run\] coeffs: every value must be finite"),
+        (dict(coeffs=np.ones((2, 4), np.float64)), r"\[whole_run\] coeffs: expected a float32 array"),
+        (dict(optimizer="lion"), r"\[whole_run\] optimizer: unknown optimizer 'lion'"),
+        (dict(beta2=1.0), r"\[whole_run\] beta2: must be in \[0, 1\)"),
+        (dict(eps=-1.0), r"\[whole_run\] eps: must be a finite number >= 0"),
+        (dict(nesterov=True), r"\[whole_run\] nesterov: requires momentum > 0"),
+        (dict(threads=0), r"\[whole_run\] threads: must be >= 1"),
+        (dict(simd="neon"), r"\[whole_run\] simd: unknown level 'neon'"),
+        (dict(pivot_mode="median"), r"\[whole_run\] pivot_mode: unknown mode 'median'"),
+        (dict(pivot_mode="index", pivot_index=2), r"\[whole_run\] pivot_index: 2 is not in \[0, 2\)"),
+        (dict(pivot_mode="pointer", pivot=0), r"\[whole_run\] pivot: null pointer"),
+    ],
+)
+def test_binding_rejects_bad_arguments(over, message):
+    fn, kw, _ = _binding_kwargs(**over)
+    with pytest.raises(ValueError, match=message):
+        fn(**kw)
+
+
+def test_binding_unsupported_level_is_an_error():
+    fn, kw, _ = _binding_kwargs()
+    missing = [lvl for lvl in ("avx2", "avx512") if lvl not in LEVELS]
+    if not missing:
+        pytest.skip("every level runs on this CPU")
+    with pytest.raises(ValueError, match=r"\[whole_run\] simd: level"):
+        fn(**kw, simd=missing[0])
