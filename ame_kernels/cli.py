@@ -239,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .distributed import world_from_env
 
     world = world_from_env()
+    if world is not None and args.dry_run and world["rank"] != 0:
+        return EXIT_OK  # the plan is printed once, by rank 0
     if world is not None and not args.dry_run:
         from .distributed import main_distributed
 
