@@ -10,7 +10,9 @@ Printed, all measured in this run on this machine:
   posix_fadvise DONTNEED) and warm;
 - ame-merge (a fresh process, start-up included) for the soup (GD, lr 1 constant,
   fixed pivot) and Adam-AME (adam, lr 1e-3, harmonic), cold and warm, as a ratio
-  to plain IO of the same cache state, with the merge process's peak RSS (wait4).
+  to plain IO of the same cache state, with the merge process's peak RSS (wait4);
+- with --nproc K: the same merges under torchrun with K processes (warm; peak RSS
+  is the largest single process).
 Rows are appended to benchmarks/results/bench_e2e.csv.
 """
 
@@ -148,8 +150,12 @@ def run_distributed(cfg_path, out_dir, nproc, extra):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "ame_kernels", cfg_path, out_dir, "--quiet"] + extra
     t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, ru = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of torchrun and its ranks
+    secs = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"bench_e2e: {' '.join(cmd)} failed")
+    return secs, ru.ru_maxrss * 1024
 
 
 def machine():
@@ -264,8 +270,8 @@ def main(argv=None):
             for k in sorted({1, args.nproc}):
                 if k == 1:
                     continue
-                secs = run_distributed(cfg_path, out_dir, k, extra)
-                rows.append((f"{label} x{k} proc", "warm", secs, None))
+                secs, rss = run_distributed(cfg_path, out_dir, k, extra)
+                rows.append((f"{label} x{k} proc", "warm", secs, rss))
     shutil.rmtree(out_dir, ignore_errors=True)
 
     backend = _backend_name(args.backend)
