@@ -26,7 +26,7 @@ struct Adagrad {
     V sum = v_fma(g, g, s[0]);
     s[0] = sum;
     V denom = kEpsInside ? v_sqrt(sum + h.eps) : v_sqrt(sum) + h.eps;
-    w = w - c.lr_eff * v_div(g, denom);
+    w = v_fma(V(0.f) - c.lr_eff, v_div(g, denom), w);
   }
 };
 

@@ -45,7 +45,7 @@ struct Adam {
     } else {
       denom = v_fma(v_sqrt(v), c.inv_bc2_sqrt, h.eps);
     }
-    w = w - c.lr_eff * v_div(m, denom);
+    w = v_fma(V(0.f) - c.lr_eff, v_div(m, denom), w);
   }
 };
 

@@ -17,6 +17,8 @@
 //
 // Math helpers the rules use, overloaded for float here and for Simd in csrc/common/simd.h:
 //   v_fma(a, b, c) = a*b + c, v_sqrt(a), v_div(a, b) = a/b, v_max(a, b) (b when either is NaN).
+// Every multiply-add a rule wants fused is written as v_fma: a plain a*b + c*d would leave
+// the compiler free to fuse either product, differently in different kernels.
 #pragma once
 #include <math.h>
 
@@ -25,9 +27,14 @@
 namespace ame {
 
 // ---- float overloads (device code and the scalar CPU path) ---------------------------
-// a*b + c written out (not fmaf): nvcc and gcc contract it to one FMA where the target
-// has one, and the portable x86-64 path does not call libm's software fmaf.
+// One rounding where the target has FMA (device code, x86 with -mfma), so every SIMD level
+// and the scalar tails round alike; a*b + c (two roundings, never contracted there) on the
+// portable x86-64 path, which would otherwise call libm's software fmaf.
+#if defined(__CUDA_ARCH__) || defined(__FMA__) || defined(__aarch64__)
+AME_HD float v_fma(float a, float b, float c) { return fmaf(a, b, c); }
+#else
 AME_HD float v_fma(float a, float b, float c) { return a * b + c; }
+#endif
 AME_HD float v_sqrt(float a) { return sqrtf(a); }
 AME_HD float v_div(float a, float b) { return a / b; }
 // maxps semantics: returns b when either operand is NaN.
