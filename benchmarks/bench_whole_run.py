@@ -1,0 +1,206 @@
+"""Whole-run kernel: the cpu backend against the reference backend and a same-run memcpy.
+
+    python benchmarks/bench_whole_run.py            # N=8 bf16 ingredients of 32M elements (~0.6 GB read)
+    python benchmarks/bench_whole_run.py --small    # N=8 x 2M elements, a quick look
+    pytest benchmarks/bench_whole_run.py            # pytest-benchmark variant (small sizes)
+
+Prints, for every optimizer and for 1 and 5 epochs: the reference backend's time (run once
+on the same inputs, epochs=1 rows only: torch.optim per tensor is slow), the cpu backend's
+median time [p20-p80], speedup, effective GB/s (input bytes read + output bytes written)
+and its percentage of a memcpy measured in this run with the same thread count, and
+updates/s (N x elements x epochs / time). A second table checks the issue's targets:
+later epochs cost compute only. Rows are appended to benchmarks/results/bench_whole_run.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import Timing, append_csv, machine, memcpy_bandwidth, now, print_table, timeit  # noqa: E402
+
+from ame_kernels.config import AMEConfig  # noqa: E402
+from ame_kernels.schedule import schedule  # noqa: E402
+
+# The AME paper's defaults per optimizer (GD: harmonic lr 1, adaptive soup pivot).
+OPTIMIZERS = {
+    "sgd": dict(optimizer="sgd"),
+    "adagrad": dict(optimizer="adagrad"),
+    "adam": dict(optimizer="adam"),
+    "adamw": dict(optimizer="adamw", weight_decay=0.01),
+    "adadelta": dict(optimizer="adadelta"),
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class Row:
+    time_utc: str
+    cpu: str
+    threads: int
+    simd: str
+    commit: str
+    loadavg: str
+    optimizer: str
+    n: int
+    dtype: str
+    elements: int
+    epochs: int
+    ref_ms: float
+    ref_note: str
+    cpu_ms: float
+    cpu_p20_ms: float
+    cpu_p80_ms: float
+    speedup: float
+    eff_gbps: float
+    memcpy_gbps: float
+    pct_memcpy: float
+    updates_per_s: float
+
+
+def make_inputs(n: int, c: int, dtype: torch.dtype) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(c, generator=g) * 0.02 + 0.001 * i).to(dtype) for i in range(n)]
+
+
+def run(argv=None) -> list:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="N=8 x 2M elements")
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--elements", type=int, default=None, help="elements per ingredient (default 32M, --small 2M)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--epochs", default="1,5")
+    ap.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--simd", default=None, help="force a SIMD level (scalar, avx2, avx512)")
+    args = ap.parse_args(argv)
+
+    from ame_kernels.backends import available
+
+    ok, why = available()["cpu"]
+    if not ok:
+        print(f"cpu backend not available: {why}: skipped")
+        return []
+    from ame_kernels.backends.cpu import CpuBackend
+    from ame_kernels.backends.reference import ReferenceBackend
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    n = args.n
+    c = args.elements or (2 * 2**20 if args.small else 32 * 2**20)
+    dt = DTYPES[args.dtype]
+    size = torch.tensor([], dtype=dt).element_size()
+    xs = make_inputs(n, c, dt)
+    out = torch.empty(c, dtype=dt)
+    eff_bytes = n * c * size + c * size
+
+    mach = machine(threads)
+    if args.simd:
+        mach.simd = args.simd
+    print(mach.header())
+    bw0, t_copy0 = memcpy_bandwidth(n * c * size, threads)
+    print(f"# memcpy ({n * c * size / 2**20:.0f} MiB, {threads} threads): {bw0 / 1e9:.1f} GB/s (read + write), "
+          f"{t_copy0.ms()} ms")
+
+    cpu = CpuBackend(simd=args.simd)
+    ref = ReferenceBackend()
+    epochs_list = [int(e) for e in args.epochs.split(",")]
+    measured = {}
+    for name in args.optimizers.split(","):
+        for epochs in epochs_list:
+            plan = schedule(AMEConfig(**OPTIMIZERS[name], epochs=epochs), n)
+            t = timeit(lambda: cpu.whole_run(xs, plan, None, True, out, threads=threads), warmup=1,
+                       repeat=args.repeat if epochs == 1 else max(3, args.repeat // 2))
+            ref_t = None
+            if epochs == 1 and not args.skip_reference:
+                ref_out = torch.empty(c, dtype=dt)
+                ref_t = timeit(lambda: ref.whole_run(xs, plan, None, True, ref_out), warmup=0, repeat=1)
+            measured[(name, epochs)] = (t, ref_t)
+            print(f"# {name} epochs={epochs}: cpu {t.ms()} ms" + (f", reference {ref_t.median * 1e3:.0f} ms" if ref_t else ""),
+                  flush=True)
+    bw1, _ = memcpy_bandwidth(n * c * size, threads)
+    bw = max(bw0, bw1)  # the better of the two copies (start, end): the stricter baseline
+    print(f"# memcpy again at the end: {bw1 / 1e9:.1f} GB/s; baseline used: {bw / 1e9:.1f} GB/s")
+
+    rows, table = [], []
+    for (name, epochs), (t, ref_t) in measured.items():
+        gbps = eff_bytes / t.median
+        r = Row(now(), mach.cpu, threads, mach.simd, mach.commit, mach.loadavg, name, n, args.dtype, c, epochs,
+                round(ref_t.median * 1e3, 1) if ref_t else float("nan"),
+                "same inputs, 1 run" if ref_t else "not run",
+                round(t.median * 1e3, 2), round(t.p20 * 1e3, 2), round(t.p80 * 1e3, 2),
+                round(ref_t.median / t.median, 1) if ref_t else float("nan"),
+                round(gbps / 1e9, 2), round(bw / 1e9, 2), round(100 * gbps / bw, 1),
+                round(n * c * epochs / t.median / 1e9, 3))
+        rows.append(r)
+        table.append([name, n, args.dtype, c, epochs, f"{r.ref_ms:.0f}" if ref_t else "-", t.ms(),
+                      f"{r.speedup:.1f}x" if ref_t else "-", f"{r.eff_gbps:.1f}", f"{r.pct_memcpy:.0f}%",
+                      f"{r.updates_per_s:.2f}G"])
+    print()
+    print_table(["optimizer", "N", "dtype", "elements", "epochs", "reference ms", "cpu ms [p20-p80]", "speedup",
+                 "GB/s", "% memcpy", "updates/s"], table)
+
+    if 1 in epochs_list and 5 in epochs_list:
+        print("\n# later epochs: time(5 epochs) / time(1 epoch), and updates/s of epoch 1 vs epochs 2-5")
+        checks = []
+        for name in args.optimizers.split(","):
+            t1, t5 = measured[(name, 1)][0].median, measured[(name, 5)][0].median
+            u1 = n * c / t1
+            u25 = 4 * n * c / (t5 - t1) if t5 > t1 else float("inf")
+            checks.append([name, f"{t1 * 1e3:.1f}", f"{t5 * 1e3:.1f}", f"{t5 / t1:.2f}", f"{u1 / 1e9:.2f}G",
+                           f"{u25 / 1e9:.2f}G", "yes" if u25 >= u1 else "no"])
+        print_table(["optimizer", "1 epoch ms", "5 epochs ms", "ratio", "upd/s epoch 1", "upd/s epochs 2-5",
+                     "2-5 >= 1"], checks)
+    path = append_csv("bench_whole_run", rows)
+    print(f"\n# rows appended to {os.path.relpath(path, ROOT)}")
+    return rows
+
+
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
+# ---- pytest-benchmark (small sizes; `pytest benchmarks/bench_whole_run.py`) -------------
+
+def _bench_case(backend_name: str, optimizer: str):
+    import pytest
+
+    from ame_kernels.backends import available, get_backend
+
+    if not available()[backend_name][0]:
+        pytest.skip(f"{backend_name} backend not available")
+    n, c = 8, 1 << 20
+    xs = make_inputs(n, c, torch.bfloat16)
+    out = torch.empty(c, dtype=torch.bfloat16)
+    plan = schedule(AMEConfig(**OPTIMIZERS[optimizer]), n)
+    be = get_backend(backend_name, "cpu")
+    return lambda: be.whole_run(xs, plan, None, True, out)
+
+
+try:  # only when collected by pytest
+    import pytest
+
+    @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+    def test_whole_run_cpu(benchmark, optimizer):
+        benchmark(_bench_case("cpu", optimizer))
+
+    @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+    def test_whole_run_reference(benchmark, optimizer):
+        benchmark.pedantic(_bench_case("reference", optimizer), rounds=2, iterations=1)
+except ImportError:  # pragma: no cover
+    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
