@@ -134,3 +134,12 @@ def test_digits_pipeline_end_to_end(tmp_path):
         assert max(float((adam[k] - mean[k]).abs().max()) for k in mean) > 1e-3
     best = res.row("best ingredient (by val)")
     assert best["val"] == max(r["val"] for r in res.rows if r["kind"] == "ingredient")
+
+
+def test_demo_main_prints_every_row(tmp_path, capsys):
+    # the `make demo` entry point on a tiny setting, in memory (the CLI path is covered above)
+    assert demo.main(["--ingredients", "2", "--excluded", "1", "--epochs", "1", "--out", str(tmp_path), "--via", "api"]) == 0
+    out = capsys.readouterr().out
+    for name in ("best ingredient (by val)", "uniform soup", "greedy soup", *demo.DEFAULT_AME):
+        assert name in out
+    assert os.path.isfile(tmp_path / "ingredient_01" / "model.safetensors")
