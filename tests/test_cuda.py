@@ -80,7 +80,10 @@ N = 5
 def test_cuda_module_built_when_nvcc_present():
     info = ak.build_info()
     assert info["native"], info.get("reason")
-    assert info["cuda_compiled"] is True, "nvcc is on PATH but _C_cuda was not built (see the CMake output of make build)"
+    assert info["cuda_compiled"] is True, (
+        "nvcc is on PATH but _C_cuda was not built: run `make build` (the CMake output says why); "
+        "if it was built with AME_BUILD_CUDA=0 on purpose, set AME_BUILD_CUDA=0 for pytest too"
+    )
     mod = importlib.import_module("ame_kernels._C_cuda")  # static cudart: importable without a GPU
     archs = os.environ.get("AME_CUDA_ARCHS", "80;90").replace(";", ",")
     assert mod.compiled_archs == archs
@@ -321,6 +324,27 @@ def test_step_matches_reference(cuda_backend, opt, fixed_pivot):
     assert_close(w, w_ref, dtype=F32, what=f"step w {opt}")
     if hyper.state_slots:
         assert_close(state, state_ref, dtype=F32, what=f"step state {opt}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+def test_step_by_step_equals_whole_run(cuda_backend, opt, adaptive):
+    """The same rules (csrc/rules), the same fp32 operations in both kernels: bit for bit."""
+    size = 4099
+    xs = _inputs(N, size, [BF16, F32, F16, BF16, F32])
+    plan = schedule(AMEConfig(**OPTIMIZERS[opt], epochs=2, batch_size=2, shuffle=True), N)
+    pivot = torch.randn(size, device="cuda")
+    whole = torch.empty(size, device="cuda")
+    cuda_backend.whole_run(xs, plan, pivot, adaptive, whole)
+    w = pivot.clone()
+    hyper = plan.hyper
+    state = torch.tensor(hyper.initial_state(), dtype=F32).reshape(-1, 1).repeat(1, size).to("cuda")
+    state = state.reshape(hyper.state_slots, size).contiguous()
+    for t in range(1, plan.steps + 1):
+        batch = [xs[i] for i in plan.batch(t)]
+        cuda_backend.step(w, state, batch, None if adaptive else pivot, plan.coeffs[t - 1], t, hyper)
+    assert torch.equal(w, whole), f"{opt}: max |diff| {(w - whole).abs().max().item():g}"
 
 
 @needs_gpu
