@@ -11,8 +11,9 @@ The setting is the paper's Table 1 (Section 4.1) in miniature, on scikit-learn's
 4. merged with the ``ame-merge`` CLI (``python -m ame_kernels CONFIG.yaml OUT``), one YAML
    file per merge: the uniform soup (GD, lr 1 constant, fixed pivot, zeta 1, one epoch,
    batch 1: the paper's identity), and GD-, Adagrad-, Adam- and AdamW-AME (pivot: the soup,
-   adaptive pivoting, a few shuffled epochs); plus the greedy soup (``ame_kernels.soups``),
-   which needs a validation set and so runs in Python;
+   adaptive pivoting, a few shuffled epochs); plus the greedy soups (best-first, the
+   model-soups recipe, via ``ame_kernels.soups``; and worst-first, the paper's "Asc" variant),
+   which need a validation set and so run in Python;
 5. every ingredient and merge evaluated on the validation and test splits; one table.
 
 The AME learning rates of the demo are fixed (chosen on validation accuracy in the sweep of
@@ -215,16 +216,26 @@ def cli_available() -> bool:
         return False
 
 
-def greedy_soup_of(state_dicts: Sequence[StateDict], val_scores: Sequence[float], evaluate) -> Tuple[StateDict, int]:
-    """The model-soups greedy recipe; ``ame_kernels.soups.greedy_soup`` when present, else a plain loop."""
-    try:
-        from .soups import greedy_soup
-    except ImportError:
-        greedy_soup = None
+def greedy_soup_of(state_dicts: Sequence[StateDict], val_scores: Sequence[float], evaluate,
+                   ascending: bool = False) -> Tuple[StateDict, int]:
+    """The greedy soup: (size, soup) of a running uniform mean that keeps a candidate only if ``evaluate``
+    strictly improves.
+
+    Descending (the model-soups recipe, the paper's "Greedy Soup (Desc)"): start at the best
+    ingredient, offer the others best first; ``ame_kernels.soups.greedy_soup`` when present.
+    Ascending (the paper's "Greedy Soup (Asc)", Appendix A.4): start at the worst, offer the others
+    worst first (a plain loop here).
+    """
+    greedy_soup = None
+    if not ascending:
+        try:
+            from .soups import greedy_soup
+        except ImportError:
+            greedy_soup = None
     if greedy_soup is not None:
         soup, history = greedy_soup(list(state_dicts), evaluate, scores=list(val_scores))
         return soup, 1 + sum(1 for h in history if h.accepted)
-    order = sorted(range(len(state_dicts)), key=lambda i: val_scores[i], reverse=True)
+    order = sorted(range(len(state_dicts)), key=lambda i: val_scores[i], reverse=not ascending)
     members = [order[0]]
     best = val_scores[order[0]]
     for i in order[1:]:
@@ -307,6 +318,10 @@ def run_setting(setting: Setting, out_root: str, ame: Optional[Dict[str, dict]] 
     gsoup, size = greedy_soup_of(reloaded, val_scores, lambda sd: evaluate(sd, "va"))
     res.rows.append(dict(method="greedy soup", kind="greedy", val=evaluate(gsoup, "va"), test=evaluate(gsoup, "te"),
                          members=size, wall_s=time.perf_counter() - t1, merge_s=float("nan")))
+    t1 = time.perf_counter()
+    gsoup, size = greedy_soup_of(reloaded, val_scores, lambda sd: evaluate(sd, "va"), ascending=True)
+    res.rows.append(dict(method="greedy soup (asc)", kind="greedy", val=evaluate(gsoup, "va"), test=evaluate(gsoup, "te"),
+                         members=size, wall_s=time.perf_counter() - t1, merge_s=float("nan")))
     best = int(np.argmax(val_scores))
     b = res.rows[best]
     res.rows.append(dict(method="best ingredient (by val)", kind="best", val=b["val"], test=b["test"], index=best,
@@ -315,7 +330,7 @@ def run_setting(setting: Setting, out_root: str, ame: Optional[Dict[str, dict]] 
 
 
 def format_table(res: RunResult) -> str:
-    order = ["best ingredient (by val)", "uniform soup", "greedy soup"] + [r["method"] for r in res.rows if r["kind"] == "ame"]
+    order = ["best ingredient (by val)", "uniform soup", "greedy soup", "greedy soup (asc)"] + [r["method"] for r in res.rows if r["kind"] == "ame"]
     lines = [f"{'method':<26} {'val acc':>8} {'test acc':>9} {'merge s':>8} {'CLI wall s':>10}"]
     for name in order:
         r = res.row(name)

@@ -111,7 +111,7 @@ def test_digits_pipeline_end_to_end(tmp_path):
     res = demo.run_setting(setting, str(tmp_path), ame=ame, via="auto", cross_check=True)
     methods = [r["method"] for r in res.rows]
     assert methods[:3] == ["ingredient 0", "ingredient 1", "ingredient 2"]
-    assert {"uniform soup", "greedy soup", "best ingredient (by val)", "Adam-AME"} <= set(methods)
+    assert {"uniform soup", "greedy soup", "greedy soup (asc)", "best ingredient (by val)", "Adam-AME"} <= set(methods)
     for r in res.rows:
         assert 0.0 <= r["val"] <= 1.0 and 0.0 <= r["test"] <= 1.0, r
     # each ingredient excluded its class and is a real checkpoint folder

@@ -11,7 +11,8 @@ each seed (data split, shared init, training order):
   smallest lr); the test split is never used for any choice;
 * merge the checkpoint folders through the ``ame-merge`` CLI (one YAML per merge): the
   uniform soup (the GD identity) and GD / Adagrad / Adam / AdamW-AME with the chosen
-  settings; the greedy soup (model-soups recipe on the validation split) in Python;
+  settings; the greedy soups (model-soups recipe, best first, and the paper's worst-first
+  variant, on the validation split) in Python;
 * evaluate everything on the test split.
 
 Reports test accuracy, mean ± std over the seeds, per method and level.
@@ -43,7 +44,7 @@ GRIDS = {
     "AdamW-AME": [dict(optimizer="adamw", lr=lr, weight_decay=wd)
                   for lr, wd in itertools.product((3e-4, 1e-3, 3e-3, 1e-2), (0.1, 1.0))],
 }
-METHODS = ["best ingredient (by val)", "mean ingredient", "uniform soup", "greedy soup", *GRIDS]
+METHODS = ["best ingredient (by val)", "mean ingredient", "uniform soup", "greedy soup", "greedy soup (asc)", *GRIDS]
 
 
 def sweep(setting: Setting, grids=GRIDS, log=print):
@@ -90,7 +91,7 @@ def run(levels=(1, 5, 7), seeds=(0, 1, 2, 3, 4), n_ingredients=10, train_epochs=
                     rec[name] = res.row(name)["test"]
             rec["val"] = {r["method"]: r["val"] for r in res.rows}
             rec["chosen"] = chosen
-            rec["greedy_members"] = res.row("greedy soup")["members"]
+            rec["greedy_members"] = f'{res.row("greedy soup")["members"]} / {res.row("greedy soup (asc)")["members"]}'
             rec["soup_identity_maxdiff"] = res.soup_identity_maxdiff
             rec["cli_vs_api_maxdiff"] = max(res.cli_vs_api_maxdiff.values()) if res.cli_vs_api_maxdiff else float("nan")
             rec["merge_wall_s"] = {r["method"]: r["wall_s"] for r in res.rows if r["kind"] in ("soup", "ame")}
@@ -125,7 +126,7 @@ def run(levels=(1, 5, 7), seeds=(0, 1, 2, 3, 4), n_ingredients=10, train_epochs=
         chosen_rows.append([f"m={r['excluded']} seed={r['seed']}"] + [
             ", ".join(f"{k} {v:g}" for k, v in r["chosen"][name].items() if k != "optimizer") for name in GRIDS
         ] + [str(r["greedy_members"])])
-    chosen_table = markdown_table(["run"] + list(GRIDS) + ["greedy soup size"], chosen_rows)
+    chosen_table = markdown_table(["run"] + list(GRIDS) + ["greedy soup size (desc / asc)"], chosen_rows)
     via_used = "the ame-merge CLI" if (via == "cli" or (via == "auto" and demo.cli_available())) else "ak.merge"
     ident = max(r["soup_identity_maxdiff"] for r in per_run)
     cross = max(r["cli_vs_api_maxdiff"] for r in per_run)
@@ -138,7 +139,8 @@ def run(levels=(1, 5, 7), seeds=(0, 1, 2, 3, 4), n_ingredients=10, train_epochs=
         + "; ".join(f"{k}: " + ", ".join(f"{g['lr']:g}" + (f"/wd {g['weight_decay']:g}" if "weight_decay" in g else "") for g in v) for k, v in grids.items())
         + f".\nMerges of the checkpoint folders via {via_used}; the soup is the GD identity "
         f"(max |soup - mean| = {ident:.1e}); CLI vs in-memory ak.merge max diff {cross:.1e}. "
-        f"Greedy soup: ame_kernels.soups.greedy_soup on val accuracy. Best ingredient: the highest val accuracy.\n"
+        f"Greedy soup: ame_kernels.soups.greedy_soup on val accuracy (best first); greedy soup (asc): worst first "
+        f"(the paper's Appendix A.4 variant). Best ingredient: the highest val accuracy.\n"
         f"Total {total:.0f} s. Machine: {machine()}"
     )
     if verbose:
