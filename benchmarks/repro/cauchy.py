@@ -16,7 +16,7 @@ Setup (paper, Appendix F.3 and Figure 15):
 Choices the paper leaves open, stated here: the lr is constant (a harmonic
 schedule, lr/t, would cap Adam's total travel at ~0.1 * ln(3000) < 1, so it could
 never leave (10, 10)); shuffling is on; the coordinates are independent (a
-"2-D standard Cauchy" could also mean the bivariate Cauchy; results are similar).
+"2-D standard Cauchy" could also mean the bivariate Cauchy, which is not run here).
 
 All trials run in ONE ak.merge call: the ingredients are stacked as
 [300, trials, 2]. The update is elementwise, so each (trial, coordinate) element
