@@ -44,6 +44,7 @@ from .errors import MergeError
 from .io.atomic import AtomicDir
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.safetensors import KERNEL_DTYPES, MERGE_DTYPES, ShardWriter, itemsize, np_dtype
+from .io.stream import ShardStream
 from .schedule import StepPlan, schedule
 
 DEFAULT_CHUNK_MB = 64
@@ -315,13 +316,17 @@ def plan_merge(
         else [f"model-{k + 1:05d}-of-{nshards:05d}.safetensors" for k in range(nshards)]
     )
     chunk_elems = max(4096, int(chunk_mb * 2**20) // 4 // 4096 * 4096)  # a multiple of 4096 elements
-    work = [
-        WorkItem(j, s, min(chunk_elems, job.numel - s))
-        for j, job in enumerate(jobs)
-        for s in range(0, max(job.numel, 1), chunk_elems)
-        if job.numel
+    plan = MergePlan(cks, pivot, cfg, steps, jobs, shard_files, [], chunk_elems, backend, device, shard_bytes, plan_warnings)
+    # work items in file order (shard by shard, tensor by tensor as the shard header lists them), so
+    # the single-process writer can stream each shard front to back
+    index = {job.name: j for j, job in enumerate(jobs)}
+    plan.work = [
+        WorkItem(j, s, min(chunk_elems, jobs[j].numel - s))
+        for k in range(nshards)
+        for j in (index[name] for name, _, _ in plan.shard_entries(k))
+        for s in range(0, jobs[j].numel, chunk_elems)
     ]
-    return MergePlan(cks, pivot, cfg, steps, jobs, shard_files, work, chunk_elems, backend, device, shard_bytes, plan_warnings)
+    return plan
 
 
 # --------------------------------------------------------------------------- kernels
@@ -430,30 +435,113 @@ def create_shards(plan: MergePlan, folder: str) -> None:
         ShardWriter(os.path.join(folder, fname), plan.shard_entries(k), {"format": "pt"}).create().close()
 
 
+class _PwriteSink:
+    """Results placed with pwrite into preallocated shards (any item order; distributed ranks)."""
+
+    def __init__(self, plan: MergePlan, folder: str):
+        self.writers = [
+            ShardWriter(os.path.join(folder, fname), plan.shard_entries(k), {"format": "pt"}).open_existing()
+            for k, fname in enumerate(plan.shard_files)
+        ]
+        # two output buffers: the kernel fills one while the writer thread pwrites the other
+        self.raw = [np.empty(plan.chunk_elems * 4, dtype=np.uint8) for _ in range(2)]
+        self.pending: List[Any] = [None, None]
+        self.slot = 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ame-writer")
+
+    def out(self, job: TensorJob, it: WorkItem) -> np.ndarray:
+        if self.pending[self.slot] is not None:
+            self.pending[self.slot].result()  # that buffer's previous write is done (or raises its error)
+            self.pending[self.slot] = None
+        return self.raw[self.slot][: it.count * itemsize(job.out_dtype)].view(np_dtype(job.out_dtype))
+
+    def put_out(self, job: TensorJob, it: WorkItem, out: np.ndarray) -> None:
+        self.pending[self.slot] = self.pool.submit(self.writers[job.shard].write, job.name, it.start, out)
+        self.slot ^= 1
+
+    def put_copy(self, job: TensorJob, it: WorkItem, data: np.ndarray) -> None:
+        self.writers[job.shard].write(job.name, it.start, data)
+
+    def finish(self) -> None:
+        for fut in self.pending:
+            if fut is not None:
+                fut.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for w in self.writers:
+            w.close()
+
+
+class _StreamSink:
+    """Every shard written front to back (header, then the items in file order) through a ShardStream."""
+
+    def __init__(self, plan: MergePlan, folder: str):
+        self.plan, self.folder = plan, folder
+        self.layouts = [ShardWriter(os.path.join(folder, f), plan.shard_entries(k), {"format": "pt"}) for k, f in enumerate(plan.shard_files)]
+        self.stream = ShardStream(plan.chunk_elems * 4)
+        self.shard = -1
+
+    def _goto(self, job: TensorJob, it: WorkItem) -> None:
+        while self.shard < job.shard:  # finish the current shard, start the next (header first)
+            if self.shard >= 0:
+                self.stream.close_file()
+            self.shard += 1
+            layout = self.layouts[self.shard]
+            self.stream.open(layout.path, layout.size)
+            self.stream.append(layout._header)
+        expected = self.layouts[job.shard].offsets[job.name] + it.start * itemsize(job.out_dtype)
+        if job.shard != self.shard or self.stream.tell() != expected:  # a bug, never bad input
+            raise RuntimeError(f"stream writer: {job.name!r}[{it.start}] out of file order")
+
+    def out(self, job: TensorJob, it: WorkItem) -> np.ndarray:
+        self._goto(job, it)
+        return self.stream.reserve_array(it.count, np_dtype(job.out_dtype))
+
+    def put_out(self, job: TensorJob, it: WorkItem, out: np.ndarray) -> None:
+        self.stream.commit(out.nbytes)
+
+    def put_copy(self, job: TensorJob, it: WorkItem, data: np.ndarray) -> None:
+        self._goto(job, it)
+        self.stream.append(data)
+
+    def finish(self) -> None:
+        last = len(self.layouts) - 1
+        while self.shard < last:  # shards with no work items (zero-size tensors only)
+            if self.shard >= 0:
+                self.stream.close_file()
+            self.shard += 1
+            layout = self.layouts[self.shard]
+            self.stream.open(layout.path, layout.size)
+            self.stream.append(layout._header)
+        if self.shard >= 0:
+            self.stream.close_file()
+
+    def close(self) -> None:
+        self.stream.shutdown()
+
+
 def merge_items(
     plan: MergePlan,
     folder: str,
     items: Sequence[WorkItem],
     threads: Optional[int] = None,
     progress: Optional[Callable[[int], None]] = None,
+    stream: bool = False,
 ) -> List[str]:
-    """Run ``items`` and place their results in the shards in ``folder`` (already created).
+    """Run ``items`` and write their results into the shards in ``folder``.
 
+    stream=False: the shards exist already (``create_shards``) and results are placed with
+        pwrite, in any order (a distributed rank's share).
+    stream=True: ``items`` must be the whole ``plan.work`` (file order); each shard is written
+        front to back, kernel results going straight into the staging buffers of a ShardStream.
     Returns warnings (non-float tensors that differ between ingredients). Raises
     MergeError on NaN/Inf in an ingredient (with ``check_finite``), naming tensor and file.
     """
-    writers = [
-        ShardWriter(os.path.join(folder, fname), plan.shard_entries(k), {"format": "pt"}).open_existing()
-        for k, fname in enumerate(plan.shard_files)
-    ]
+    sink = _StreamSink(plan, folder) if stream else _PwriteSink(plan, folder)
     runner = _make_runner(plan, threads) if any(plan.tensors[it.job].merge for it in items) else None
     cfg = plan.config
     pivot_ck = plan.pivot if isinstance(plan.pivot, Checkpoint) else None
-    # two output buffers: the kernel fills one while a writer thread pwrites the other
-    out_raw = [np.empty(plan.chunk_elems * 4, dtype=np.uint8) for _ in range(2)]
-    pending: List[Any] = [None, None]
-    slot = 0
-    pool = ThreadPoolExecutor(1, thread_name_prefix="ame-writer")
     notes: List[str] = []
     cks = plan.ingredients
     try:
@@ -480,15 +568,12 @@ def merge_items(
                     pivot = (pview, pinfo.dtype) if pinfo.dtype in KERNEL_DTYPES else (_to_f32(pview, pinfo.dtype), "float32")
                 else:
                     pivot = plan.pivot
-                if pending[slot] is not None:
-                    pending[slot].result()  # that buffer's previous write is done (or raises its error)
-                out = out_raw[slot][: it.count * itemsize(job.out_dtype)].view(np_dtype(job.out_dtype))
+                out = sink.out(job, it)
                 bad = runner(views, dts, plan.steps, pivot, cfg.adaptive_pivot, out, job.out_dtype, cfg.check_finite)
                 if bad:
                     where = "; ".join(f"ingredient {i} ({infos[i].file})" for i in bad)
                     raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where}")
-                pending[slot] = pool.submit(writers[job.shard].write, job.name, it.start, out)
-                slot ^= 1
+                sink.put_out(job, it, out)
             else:
                 src_ck = pivot_ck if job.source == -1 else cks[job.source]
                 sinfo = src_ck.tensors[job.name]
@@ -500,7 +585,7 @@ def merge_items(
                         f"non-floating tensor {job.name!r}: ingredients {differ} differ from {src_name}; "
                         f"copied from {src_name}, not averaged"
                     )
-                writers[job.shard].write(job.name, it.start, data)
+                sink.put_copy(job, it, data)
             del views
             for ck, info in zip(cks, infos):
                 ck.reader(info).release(info, it.start, it.count)
@@ -509,13 +594,9 @@ def merge_items(
                 pivot_ck.reader(pinfo).release(pinfo, it.start, it.count)
             if progress is not None:
                 progress(plan.item_bytes(it))
-        for fut in pending:
-            if fut is not None:
-                fut.result()
+        sink.finish()
     finally:
-        pool.shutdown(wait=True)
-        for w in writers:
-            w.close()
+        sink.close()
     return notes
 
 
@@ -590,8 +671,7 @@ def run_merge(
     atomic = AtomicDir(out_dir, force=force)
     tmp = atomic.create()
     try:
-        create_shards(plan, tmp)
-        notes = merge_items(plan, tmp, plan.work, threads, bar.update if bar else None)
+        notes = merge_items(plan, tmp, plan.work, threads, bar.update if bar else None, stream=True)
         write_metadata(plan, tmp, extra_provenance)
         atomic.commit()
     finally:

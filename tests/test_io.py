@@ -285,3 +285,33 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(MergeError, match="shard size"):
         parse_size(text)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_shard_stream_writes_exact_bytes(tmp_path, direct):
+    from ame_kernels.io.stream import ShardStream
+
+    rng = np.random.default_rng(0)
+    stream = ShardStream(max_reserve=5000, direct=direct)  # tiny buffers: many flushes with unaligned tails
+    for k, size in enumerate([13, 4096, 50_001]):
+        expected = bytearray()
+        path = str(tmp_path / f"f{k}")
+        stream.open(path, size)
+        while stream.tell() < size:
+            n = int(min(rng.integers(1, 3000), size - stream.tell()))
+            if rng.random() < 0.5:
+                chunk = rng.integers(0, 255, n, dtype=np.uint8)
+                stream.append(chunk)
+            else:
+                arr = stream.reserve_array(n, np.uint8)
+                arr[:] = rng.integers(0, 255, n, dtype=np.uint8)
+                chunk = arr.copy()
+                stream.commit(n)
+            expected += chunk.tobytes()
+        stream.close_file()
+        assert open(path, "rb").read() == bytes(expected)
+    stream.open(str(tmp_path / "short"), 100)
+    stream.append(b"x" * 10)
+    with pytest.raises(RuntimeError, match="produced 10 bytes, expected 100"):
+        stream.close_file()
+    stream.shutdown()
