@@ -95,6 +95,74 @@ const T* host_array(const py::array& a, const std::string& what, int ndim) {
 
 bool aligned16(uintptr_t p) { return (p & 15u) == 0; }
 
+// A coeffs row as the kernels read it (one 16-byte float4): same size and alignment.
+struct alignas(16) float4_host {
+  float x, y, z, w;
+};
+
+// Host-side facts of a whole_run call (shared by the device launch and the host
+// emulation): counts, dtypes, hyperparameters, the schedule's host copies, the pivot.
+ame::cuda::WholeRunArgs whole_run_args(const std::string& fn, const std::vector<uintptr_t>& inputs,
+                                       const std::vector<std::string>& input_dtypes, int64_t c,
+                                       const py::array& batch_ptr, const py::array& batch_idx,
+                                       const py::array& coeffs, const std::string& pivot_mode, int pivot_index,
+                                       const std::string& pivot_dtype, bool adaptive_pivot,
+                                       const std::string& out_dtype, const HyperArgs& hyper) {
+  const std::string f = "[" + fn + "] ";
+  ame::cuda::WholeRunArgs a;
+  const int64_t n = static_cast<int64_t>(inputs.size());
+  AME_CHECK(n >= 1, f + "inputs: need at least 1 ingredient");
+  AME_CHECK(n <= INT32_MAX, f + "inputs: too many ingredients");
+  AME_CHECK(static_cast<int64_t>(input_dtypes.size()) == n,
+            f + "input_dtypes: expected one dtype per input (" + std::to_string(n) + "), got " +
+                std::to_string(input_dtypes.size()));
+  AME_CHECK(c >= 0, f + "c: must be >= 0");
+  a.n = static_cast<int32_t>(n);
+  a.c = c;
+  a.in_dtype = common_code(input_dtypes, f + "input_dtypes");
+  a.out_dtype = dtype_code(out_dtype, f + "out_dtype");
+  a.hyper = hyper;
+  a.adaptive_pivot = adaptive_pivot;
+
+  const int32_t* bp = host_array<int32_t>(batch_ptr, f + "batch_ptr", 1);
+  const int32_t* bi = host_array<int32_t>(batch_idx, f + "batch_idx", 1);
+  const float* cf = host_array<float>(coeffs, f + "coeffs", 2);
+  const int64_t steps = static_cast<int64_t>(batch_ptr.shape(0)) - 1;
+  AME_CHECK(steps >= 1, f + "batch_ptr: need at least 2 entries (one step)");
+  AME_CHECK(steps <= INT32_MAX, f + "batch_ptr: too many steps");
+  AME_CHECK(bp[0] == 0, f + "batch_ptr: must start at 0");
+  for (int64_t t = 0; t < steps; ++t) {
+    AME_CHECK(bp[t + 1] > bp[t], f + "batch_ptr: step " + std::to_string(t + 1) + " has no ingredient");
+  }
+  AME_CHECK(bp[steps] == batch_idx.shape(0), f + "batch_idx: expected batch_ptr[-1] = " + std::to_string(bp[steps]) +
+                                                 " entries, got " + std::to_string(batch_idx.shape(0)));
+  for (int64_t j = 0; j < batch_idx.shape(0); ++j) {
+    AME_CHECK(bi[j] >= 0 && bi[j] < n, f + "batch_idx: entry " + std::to_string(j) + " = " + std::to_string(bi[j]) +
+                                           " is not in [0, " + std::to_string(n) + ")");
+  }
+  AME_CHECK(coeffs.shape(0) == steps && coeffs.shape(1) == 4,
+            f + "coeffs: expected shape [" + std::to_string(steps) + ", 4], one row per step");
+  for (int64_t k = 0; k < steps * 4; ++k) {
+    AME_CHECK(std::isfinite(cf[k]), f + "coeffs: row " + std::to_string(k / 4) + " is not finite");
+  }
+  a.steps = static_cast<int32_t>(steps);
+
+  if (pivot_mode == "soup") {
+    a.pivot_mode = PivotMode::kSoup;
+  } else if (pivot_mode == "index") {
+    a.pivot_mode = PivotMode::kIndex;
+    AME_CHECK(pivot_index >= 0 && pivot_index < n,
+              f + "pivot_index: " + std::to_string(pivot_index) + " is not in [0, " + std::to_string(n) + ")");
+    a.pivot_index = pivot_index;
+  } else if (pivot_mode == "tensor") {
+    a.pivot_mode = PivotMode::kTensor;
+    a.pivot_dtype = dtype_code(pivot_dtype, f + "pivot_dtype");
+  } else {
+    throw std::invalid_argument(f + "pivot_mode: unknown '" + pivot_mode + "' (soup, index, tensor)");
+  }
+  return a;
+}
+
 void whole_run(const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, int64_t c,
                uintptr_t input_table, uintptr_t dtype_table, const py::array& batch_ptr, const py::array& batch_idx,
                const py::array& coeffs, uintptr_t batch_ptr_dev, uintptr_t batch_idx_dev, uintptr_t coeffs_dev,
@@ -104,62 +172,11 @@ void whole_run(const std::vector<uintptr_t>& inputs, const std::vector<std::stri
                double eps, double rho, bool amsgrad, bool eps_inside_sqrt, double initial_accumulator_value,
                uintptr_t nonfinite, int device, uintptr_t stream) {
   using ame::cuda::check_device_pointer;
-  ame::cuda::WholeRunArgs a;
-  const int64_t n = static_cast<int64_t>(inputs.size());
-  AME_CHECK(n >= 1, "[whole_run] inputs: need at least 1 ingredient");
-  AME_CHECK(n <= INT32_MAX, "[whole_run] inputs: too many ingredients");
-  AME_CHECK(static_cast<int64_t>(input_dtypes.size()) == n,
-            "[whole_run] input_dtypes: expected one dtype per input (" + std::to_string(n) + "), got " +
-                std::to_string(input_dtypes.size()));
-  AME_CHECK(c >= 0, "[whole_run] c: must be >= 0");
-  a.n = static_cast<int32_t>(n);
-  a.c = c;
-  a.in_dtype = common_code(input_dtypes, "[whole_run] input_dtypes");
-  a.out_dtype = dtype_code(out_dtype, "[whole_run] out_dtype");
-  a.hyper = make_hyper("whole_run", optimizer, momentum, dampening, nesterov, weight_decay, beta1, beta2, eps, rho,
-                       amsgrad, eps_inside_sqrt, initial_accumulator_value);
-  a.adaptive_pivot = adaptive_pivot;
-
-  // The schedule (host copies, checked; the device copies are the caller's upload of the same arrays).
-  const int32_t* bp = host_array<int32_t>(batch_ptr, "[whole_run] batch_ptr", 1);
-  const int32_t* bi = host_array<int32_t>(batch_idx, "[whole_run] batch_idx", 1);
-  const float* cf = host_array<float>(coeffs, "[whole_run] coeffs", 2);
-  const int64_t steps = static_cast<int64_t>(batch_ptr.shape(0)) - 1;
-  AME_CHECK(steps >= 1, "[whole_run] batch_ptr: need at least 2 entries (one step)");
-  AME_CHECK(steps <= INT32_MAX, "[whole_run] batch_ptr: too many steps");
-  AME_CHECK(bp[0] == 0, "[whole_run] batch_ptr: must start at 0");
-  for (int64_t t = 0; t < steps; ++t) {
-    AME_CHECK(bp[t + 1] > bp[t], "[whole_run] batch_ptr: step " + std::to_string(t + 1) + " has no ingredient");
-  }
-  AME_CHECK(bp[steps] == batch_idx.shape(0), "[whole_run] batch_idx: expected batch_ptr[-1] = " +
-                                                 std::to_string(bp[steps]) + " entries, got " +
-                                                 std::to_string(batch_idx.shape(0)));
-  for (int64_t j = 0; j < batch_idx.shape(0); ++j) {
-    AME_CHECK(bi[j] >= 0 && bi[j] < n, "[whole_run] batch_idx: entry " + std::to_string(j) + " = " +
-                                           std::to_string(bi[j]) + " is not in [0, " + std::to_string(n) + ")");
-  }
-  AME_CHECK(coeffs.shape(0) == steps && coeffs.shape(1) == 4,
-            "[whole_run] coeffs: expected shape [" + std::to_string(steps) + ", 4], one row per step");
-  for (int64_t k = 0; k < steps * 4; ++k) {
-    AME_CHECK(std::isfinite(cf[k]), "[whole_run] coeffs: row " + std::to_string(k / 4) + " is not finite");
-  }
-  a.steps = static_cast<int32_t>(steps);
-
-  // Pivot.
-  if (pivot_mode == "soup") {
-    a.pivot_mode = PivotMode::kSoup;
-  } else if (pivot_mode == "index") {
-    a.pivot_mode = PivotMode::kIndex;
-    AME_CHECK(pivot_index >= 0 && pivot_index < n, "[whole_run] pivot_index: " + std::to_string(pivot_index) +
-                                                       " is not in [0, " + std::to_string(n) + ")");
-    a.pivot_index = pivot_index;
-  } else if (pivot_mode == "tensor") {
-    a.pivot_mode = PivotMode::kTensor;
-    a.pivot_dtype = dtype_code(pivot_dtype, "[whole_run] pivot_dtype");
-  } else {
-    throw std::invalid_argument("[whole_run] pivot_mode: unknown '" + pivot_mode + "' (soup, index, tensor)");
-  }
-
+  const HyperArgs hyper = make_hyper("whole_run", optimizer, momentum, dampening, nesterov, weight_decay, beta1, beta2,
+                                     eps, rho, amsgrad, eps_inside_sqrt, initial_accumulator_value);
+  ame::cuda::WholeRunArgs a = whole_run_args("whole_run", inputs, input_dtypes, c, batch_ptr, batch_idx, coeffs,
+                                             pivot_mode, pivot_index, pivot_dtype, adaptive_pivot, out_dtype, hyper);
+  const int64_t n = a.n;
   check_device("whole_run", device);
   if (c == 0) return;  // nothing to compute (empty tensors may have a null address)
 
@@ -169,7 +186,7 @@ void whole_run(const std::vector<uintptr_t>& inputs, const std::vector<std::stri
     inputs_aligned = inputs_aligned && aligned16(inputs[i]);
   }
   check_device_pointer(reinterpret_cast<const void*>(input_table), device, "[whole_run] input_table");
-  AME_CHECK(aligned16(input_table) || (input_table & 7u) == 0, "[whole_run] input_table: must be 8-byte aligned");
+  AME_CHECK((input_table & 7u) == 0, "[whole_run] input_table: must be 8-byte aligned");
   if (a.in_dtype == ame::cuda::kMixed) {
     check_device_pointer(reinterpret_cast<const void*>(dtype_table), device, "[whole_run] dtype_table");
   }
@@ -199,31 +216,100 @@ void whole_run(const std::vector<uintptr_t>& inputs, const std::vector<std::stri
   ame::cuda::whole_run(a, inputs_aligned);
 }
 
+// Host pointer tables and a 16-byte aligned copy of coeffs for the emulation.
+struct HostTables {
+  std::vector<uint64_t> ptrs;
+  std::vector<int32_t> codes;
+  std::vector<float4_host> coeffs;
+};
+
+std::vector<int> whole_run_emulated(const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes,
+                                    int64_t c, const py::array& batch_ptr, const py::array& batch_idx,
+                                    const py::array& coeffs, const std::string& pivot_mode, int pivot_index,
+                                    uintptr_t pivot, const std::string& pivot_dtype, bool adaptive_pivot,
+                                    uintptr_t out, const std::string& out_dtype, const std::string& optimizer,
+                                    double momentum, double dampening, bool nesterov, double weight_decay,
+                                    double beta1, double beta2, double eps, double rho, bool amsgrad,
+                                    bool eps_inside_sqrt, double initial_accumulator_value, bool check_finite,
+                                    bool vec) {
+  const HyperArgs hyper = make_hyper("whole_run_emulated", optimizer, momentum, dampening, nesterov, weight_decay,
+                                     beta1, beta2, eps, rho, amsgrad, eps_inside_sqrt, initial_accumulator_value);
+  ame::cuda::WholeRunArgs a = whole_run_args("whole_run_emulated", inputs, input_dtypes, c, batch_ptr, batch_idx,
+                                             coeffs, pivot_mode, pivot_index, pivot_dtype, adaptive_pivot, out_dtype,
+                                             hyper);
+  const int64_t n = a.n;
+  std::vector<int32_t> flags(static_cast<size_t>(n), 0);
+  std::vector<int> bad;
+  if (c == 0) return bad;
+  HostTables tab;
+  bool aligned = aligned16(out);
+  for (int64_t i = 0; i < n; ++i) {
+    AME_CHECK(inputs[i] != 0, "[whole_run_emulated] inputs[" + std::to_string(i) + "]: null address");
+    tab.ptrs.push_back(inputs[i]);
+    tab.codes.push_back(dtype_code(input_dtypes[i], "[whole_run_emulated] input_dtypes"));
+    aligned = aligned && aligned16(inputs[i]);
+  }
+  AME_CHECK(out != 0, "[whole_run_emulated] out: null address");
+  const float* cf = static_cast<const float*>(coeffs.data());
+  for (int32_t t = 0; t < a.steps; ++t) tab.coeffs.push_back({cf[4 * t], cf[4 * t + 1], cf[4 * t + 2], cf[4 * t + 3]});
+  if (a.pivot_mode == PivotMode::kTensor) {
+    AME_CHECK(pivot != 0, "[whole_run_emulated] pivot: null address");
+    a.pivot = reinterpret_cast<const void*>(pivot);
+    aligned = aligned && aligned16(pivot);
+  }
+  a.in_dtype = ame::cuda::kMixed;  // the emulation reads every input through the dtype table
+  a.inputs = tab.ptrs.data();
+  a.in_dtypes = tab.codes.data();
+  a.batch_ptr = static_cast<const int32_t*>(batch_ptr.data());
+  a.batch_idx = static_cast<const int32_t*>(batch_idx.data());
+  a.coeffs = reinterpret_cast<const float*>(tab.coeffs.data());
+  a.out = reinterpret_cast<void*>(out);
+  a.nonfinite = check_finite ? flags.data() : nullptr;
+  {
+    py::gil_scoped_release release;
+    ame::cuda::whole_run_emulated(a, vec && aligned);
+  }
+  for (int64_t i = 0; i < n; ++i)
+    if (flags[static_cast<size_t>(i)]) bad.push_back(static_cast<int>(i));
+  return bad;
+}
+
+// Host-side facts of a step call (shared by the device launch and the emulation).
+ame::cuda::StepArgs step_args(const std::string& fn, int64_t c, const std::vector<uintptr_t>& batch,
+                              const std::vector<std::string>& batch_dtypes, const std::vector<double>& coeffs, int t,
+                              const HyperArgs& hyper) {
+  const std::string f = "[" + fn + "] ";
+  ame::cuda::StepArgs a;
+  const int64_t m = static_cast<int64_t>(batch.size());
+  AME_CHECK(m >= 1, f + "batch: need at least 1 tensor");
+  AME_CHECK(m <= INT32_MAX, f + "batch: too many tensors");
+  AME_CHECK(static_cast<int64_t>(batch_dtypes.size()) == m, f + "batch_dtypes: expected one dtype per batch tensor (" +
+                                                                std::to_string(m) + "), got " +
+                                                                std::to_string(batch_dtypes.size()));
+  AME_CHECK(c >= 0, f + "c: must be >= 0");
+  AME_CHECK(coeffs.size() == 4, f + "coeffs: expected 4 values (gscale, lr_eff, decay, inv_bc2_sqrt), got " +
+                                    std::to_string(coeffs.size()));
+  for (int k = 0; k < 4; ++k) AME_CHECK(std::isfinite(coeffs[k]), f + "coeffs: value " + std::to_string(k) + " is not finite");
+  AME_CHECK(t >= 1, f + "t: steps count from 1, got " + std::to_string(t));
+  a.m = static_cast<int32_t>(m);
+  a.c = c;
+  a.in_dtype = common_code(batch_dtypes, f + "batch_dtypes");
+  for (int k = 0; k < 4; ++k) a.coeffs[k] = static_cast<float>(coeffs[k]);
+  a.t = t;
+  a.hyper = hyper;
+  return a;
+}
+
 void step(uintptr_t w, uintptr_t state, int64_t c, const std::vector<uintptr_t>& batch,
           const std::vector<std::string>& batch_dtypes, uintptr_t batch_table, uintptr_t dtype_table, uintptr_t pivot,
           const std::vector<double>& coeffs, int t, const std::string& optimizer, double momentum, double dampening,
           bool nesterov, double weight_decay, double beta1, double beta2, double eps, double rho, bool amsgrad,
           bool eps_inside_sqrt, double initial_accumulator_value, int device, uintptr_t stream) {
   using ame::cuda::check_device_pointer;
-  ame::cuda::StepArgs a;
-  const int64_t m = static_cast<int64_t>(batch.size());
-  AME_CHECK(m >= 1, "[step] batch: need at least 1 tensor");
-  AME_CHECK(m <= INT32_MAX, "[step] batch: too many tensors");
-  AME_CHECK(static_cast<int64_t>(batch_dtypes.size()) == m, "[step] batch_dtypes: expected one dtype per batch tensor (" +
-                                                                std::to_string(m) + "), got " +
-                                                                std::to_string(batch_dtypes.size()));
-  AME_CHECK(c >= 0, "[step] c: must be >= 0");
-  AME_CHECK(coeffs.size() == 4, "[step] coeffs: expected 4 values (gscale, lr_eff, decay, inv_bc2_sqrt), got " +
-                                    std::to_string(coeffs.size()));
-  for (int k = 0; k < 4; ++k) AME_CHECK(std::isfinite(coeffs[k]), "[step] coeffs: value " + std::to_string(k) + " is not finite");
-  AME_CHECK(t >= 1, "[step] t: steps count from 1, got " + std::to_string(t));
-  a.m = static_cast<int32_t>(m);
-  a.c = c;
-  a.in_dtype = common_code(batch_dtypes, "[step] batch_dtypes");
-  for (int k = 0; k < 4; ++k) a.coeffs[k] = static_cast<float>(coeffs[k]);
-  a.t = t;
-  a.hyper = make_hyper("step", optimizer, momentum, dampening, nesterov, weight_decay, beta1, beta2, eps, rho, amsgrad,
-                       eps_inside_sqrt, initial_accumulator_value);
+  const HyperArgs hyper = make_hyper("step", optimizer, momentum, dampening, nesterov, weight_decay, beta1, beta2, eps,
+                                     rho, amsgrad, eps_inside_sqrt, initial_accumulator_value);
+  ame::cuda::StepArgs a = step_args("step", c, batch, batch_dtypes, coeffs, t, hyper);
+  const int64_t m = a.m;
   check_device("step", device);
   if (c == 0) return;
 
@@ -256,6 +342,37 @@ void step(uintptr_t w, uintptr_t state, int64_t c, const std::vector<uintptr_t>&
 
   py::gil_scoped_release release;
   ame::cuda::step(a, batch_aligned);
+}
+
+void step_emulated(uintptr_t w, uintptr_t state, int64_t c, const std::vector<uintptr_t>& batch,
+                   const std::vector<std::string>& batch_dtypes, uintptr_t pivot, const std::vector<double>& coeffs,
+                   int t, const std::string& optimizer, double momentum, double dampening, bool nesterov,
+                   double weight_decay, double beta1, double beta2, double eps, double rho, bool amsgrad,
+                   bool eps_inside_sqrt, double initial_accumulator_value, bool vec) {
+  const HyperArgs hyper = make_hyper("step_emulated", optimizer, momentum, dampening, nesterov, weight_decay, beta1,
+                                     beta2, eps, rho, amsgrad, eps_inside_sqrt, initial_accumulator_value);
+  ame::cuda::StepArgs a = step_args("step_emulated", c, batch, batch_dtypes, coeffs, t, hyper);
+  if (c == 0) return;
+  const int slots = ame::cuda::state_slots(a.hyper);
+  std::vector<uint64_t> ptrs;
+  std::vector<int32_t> codes;
+  bool aligned = aligned16(w) && (pivot == 0 || aligned16(pivot)) && (slots == 0 || (aligned16(state) && c % 4 == 0));
+  for (size_t i = 0; i < batch.size(); ++i) {
+    AME_CHECK(batch[i] != 0, "[step_emulated] batch[" + std::to_string(i) + "]: null address");
+    ptrs.push_back(batch[i]);
+    codes.push_back(dtype_code(batch_dtypes[i], "[step_emulated] batch_dtypes"));
+    aligned = aligned && aligned16(batch[i]);
+  }
+  AME_CHECK(w != 0, "[step_emulated] w: null address");
+  AME_CHECK(slots == 0 || state != 0, "[step_emulated] state: null address");
+  a.in_dtype = ame::cuda::kMixed;
+  a.w = reinterpret_cast<float*>(w);
+  a.state = slots > 0 ? reinterpret_cast<float*>(state) : nullptr;
+  a.pivot = reinterpret_cast<const float*>(pivot);
+  a.batch = ptrs.data();
+  a.in_dtypes = codes.data();
+  py::gil_scoped_release release;
+  ame::cuda::step_emulated(a, vec && aligned);
 }
 
 py::dict device_info(int device) {
@@ -301,6 +418,22 @@ void init_cuda(py::module_& m) {
         "out: device address of [c] out_dtype; hyperparameters as ame_kernels.schedule.Hyper;\n"
         "nonfinite: device int32 [N] zeroed by the caller (set to 1 where an input held NaN/Inf), or 0;\n"
         "stream: the caller's cudaStream_t as an integer.");
+  m.def("whole_run_emulated", &whole_run_emulated, py::kw_only(), py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("c"), py::arg("batch_ptr"), py::arg("batch_idx"), py::arg("coeffs"), py::arg("pivot_mode"),
+        py::arg("pivot_index"), py::arg("pivot"), py::arg("pivot_dtype"), py::arg("adaptive_pivot"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+        py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
+        py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"),
+        py::arg("check_finite"), py::arg("vec"),
+        "whole_run's per-group kernel code run on the host over HOST addresses (tests without a GPU; slow).\n\n"
+        "Arguments as whole_run, minus the device tables, stream and device; returns the indices of inputs\n"
+        "holding NaN/Inf when check_finite. vec: use the 16-byte vector path where every address allows it.");
+  m.def("step_emulated", &step_emulated, py::kw_only(), py::arg("w"), py::arg("state"), py::arg("c"),
+        py::arg("batch"), py::arg("batch_dtypes"), py::arg("pivot"), py::arg("coeffs"), py::arg("t"),
+        py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
+        py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
+        py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"), py::arg("vec"),
+        "step's per-group kernel code run on the host over HOST addresses (tests without a GPU).");
   m.def("step", &step, py::kw_only(), py::arg("w"), py::arg("state"), py::arg("c"), py::arg("batch"),
         py::arg("batch_dtypes"), py::arg("batch_table"), py::arg("dtype_table"), py::arg("pivot"), py::arg("coeffs"),
         py::arg("t"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),

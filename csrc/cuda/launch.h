@@ -77,6 +77,12 @@ int state_slots(const HyperArgs& h);
 void whole_run(const WholeRunArgs& a, bool inputs_aligned);
 void step(const StepArgs& a, bool batch_aligned);
 
+// Host emulation (emulate.cu): the kernels' per-group code run on the host over host
+// memory (inputs/in_dtypes/batch tables and every buffer are host addresses; in_dtypes
+// is always read). `vec`: take the 16-byte vector path where the group is full.
+void whole_run_emulated(const WholeRunArgs& a, bool vec);
+void step_emulated(const StepArgs& a, bool vec);
+
 // Throws std::invalid_argument("<what>: ...") unless `ptr` is device (or managed)
 // memory of `device` in this process.
 void check_device_pointer(const void* ptr, int device, const std::string& what);

@@ -13,16 +13,13 @@
 namespace ame {
 namespace cuda {
 
+// One thread-group's step (host and device, as whole_run_group).
 template <typename TIn, typename Rule>
-__global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a, const bool vec) {
+AME_HD void step_group(const StepArgs& a, const HyperT<float>& h, const StepCoeffsT<float>& c, int64_t gi,
+                        bool vec) {
   constexpr int kS = Rule::kSlots > 0 ? Rule::kSlots : 1;
-  const HyperT<float> h(a.hyper.s);
-  const StepCoeffsT<float> c{a.coeffs[0], a.coeffs[1], a.coeffs[2], a.coeffs[3]};
   const bool first = a.t == 1;
-  const int64_t groups = (a.c + kEPT - 1) / kEPT;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-
-  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < groups; gi += stride) {
+  {
     const int64_t base = gi * kEPT;
     const bool v = vec && base + kEPT <= a.c;
     float w[kEPT], p[kEPT], x[kEPT], acc[kEPT];
@@ -63,6 +60,17 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a, const 
       for (int k = 0; k < kEPT; ++k) x[k] = s[k][slot];
       store_group<float>(a.state + slot * a.c, base, a.c, v, x);
     }
+  }
+}
+
+template <typename TIn, typename Rule>
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepArgs a, const bool vec) {
+  const HyperT<float> h(a.hyper.s);
+  const StepCoeffsT<float> c{a.coeffs[0], a.coeffs[1], a.coeffs[2], a.coeffs[3]};
+  const int64_t groups = (a.c + kEPT - 1) / kEPT;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < groups; gi += stride) {
+    step_group<TIn, Rule>(a, h, c, gi, vec);
   }
 }
 

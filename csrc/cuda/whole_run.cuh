@@ -23,14 +23,12 @@
 namespace ame {
 namespace cuda {
 
+// One thread-group's whole run: elements [gi*kEPT, gi*kEPT + kEPT) of every input.
+// __host__ __device__: the kernel below calls it per group; emulate.cu on the host.
 template <typename TIn, typename TOut, typename Rule>
-__global__ void __launch_bounds__(kThreads) whole_run_kernel(const WholeRunArgs a, const bool vec) {
+AME_HD void whole_run_group(const WholeRunArgs& a, const HyperT<float>& h, int64_t gi, bool vec) {
   constexpr int kS = Rule::kSlots > 0 ? Rule::kSlots : 1;  // no zero-length arrays
-  const HyperT<float> h(a.hyper.s);
-  const int64_t groups = (a.c + kEPT - 1) / kEPT;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-
-  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < groups; gi += stride) {
+  {
     const int64_t base = gi * kEPT;
     const bool v = vec && base + kEPT <= a.c;  // vector path: aligned and a full group
     float w[kEPT], w0[kEPT], x[kEPT];
@@ -63,20 +61,20 @@ __global__ void __launch_bounds__(kThreads) whole_run_kernel(const WholeRunArgs 
 
     // ---- T steps ----
     for (int t = 0; t < a.steps; ++t) {
-      const int j0 = __ldg(a.batch_ptr + t);
-      const int j1 = __ldg(a.batch_ptr + t + 1);
+      const int j0 = ldg(a.batch_ptr + t);
+      const int j1 = ldg(a.batch_ptr + t + 1);
       float acc[kEPT];
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) acc[k] = 0.f;
 #pragma unroll 2
       for (int j = j0; j < j1; ++j) {
-        const int i = __ldg(a.batch_idx + j);
+        const int i = ldg(a.batch_idx + j);
         InputLoader<TIn>::load(a.inputs, a.in_dtypes, i, base, a.c, v, x);
         if (a.nonfinite != nullptr && any_nonfinite(x)) a.nonfinite[i] = 1;
 #pragma unroll
         for (int k = 0; k < kEPT; ++k) acc[k] += (a.adaptive_pivot ? w[k] : w0[k]) - x[k];
       }
-      const float4 row = __ldg(reinterpret_cast<const float4*>(a.coeffs) + t);
+      const float4 row = ldg(reinterpret_cast<const float4*>(a.coeffs) + t);
       const StepCoeffsT<float> c{row.x, row.y, row.z, row.w};
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
@@ -85,6 +83,16 @@ __global__ void __launch_bounds__(kThreads) whole_run_kernel(const WholeRunArgs 
       }
     }
     store_group<TOut>(a.out, base, a.c, v, w);
+  }
+}
+
+template <typename TIn, typename TOut, typename Rule>
+__global__ void __launch_bounds__(kThreads) whole_run_kernel(const WholeRunArgs a, const bool vec) {
+  const HyperT<float> h(a.hyper.s);
+  const int64_t groups = (a.c + kEPT - 1) / kEPT;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < groups; gi += stride) {
+    whole_run_group<TIn, TOut, Rule>(a, h, gi, vec);
   }
 }
 
