@@ -258,6 +258,7 @@ class RunResult:
     soup_identity_maxdiff: float = float("nan")  # |CLI soup - torch mean| (GD identity)
     cli_vs_api_maxdiff: Dict[str, float] = field(default_factory=dict)
     train_s: float = 0.0
+    via: str = "api"  # how the soup / AME merges were run: 'cli' or 'api'
 
     def row(self, method: str) -> dict:
         return next(r for r in self.rows if r["method"] == method)
@@ -272,7 +273,7 @@ def run_setting(setting: Setting, out_root: str, ame: Optional[Dict[str, dict]] 
     torch.manual_seed(setting.seed)
     ame = DEFAULT_AME if ame is None else ame
     use_cli = cli_available() if via == "auto" else via == "cli"
-    res = RunResult(setting)
+    res = RunResult(setting, via="cli" if use_cli else "api")
     t0 = time.perf_counter()
     if trained is None:
         data = load_splits(setting.seed, setting)
@@ -317,11 +318,11 @@ def run_setting(setting: Setting, out_root: str, ame: Optional[Dict[str, dict]] 
     t1 = time.perf_counter()
     gsoup, size = greedy_soup_of(reloaded, val_scores, lambda sd: evaluate(sd, "va"))
     res.rows.append(dict(method="greedy soup", kind="greedy", val=evaluate(gsoup, "va"), test=evaluate(gsoup, "te"),
-                         members=size, wall_s=time.perf_counter() - t1, merge_s=float("nan")))
+                         members=size, merge_s=time.perf_counter() - t1, wall_s=float("nan")))
     t1 = time.perf_counter()
     gsoup, size = greedy_soup_of(reloaded, val_scores, lambda sd: evaluate(sd, "va"), ascending=True)
     res.rows.append(dict(method="greedy soup (asc)", kind="greedy", val=evaluate(gsoup, "va"), test=evaluate(gsoup, "te"),
-                         members=size, wall_s=time.perf_counter() - t1, merge_s=float("nan")))
+                         members=size, merge_s=time.perf_counter() - t1, wall_s=float("nan")))
     best = int(np.argmax(val_scores))
     b = res.rows[best]
     res.rows.append(dict(method="best ingredient (by val)", kind="best", val=b["val"], test=b["test"], index=best,
@@ -331,7 +332,8 @@ def run_setting(setting: Setting, out_root: str, ame: Optional[Dict[str, dict]] 
 
 def format_table(res: RunResult) -> str:
     order = ["best ingredient (by val)", "uniform soup", "greedy soup", "greedy soup (asc)"] + [r["method"] for r in res.rows if r["kind"] == "ame"]
-    lines = [f"{'method':<26} {'val acc':>8} {'test acc':>9} {'merge s':>8} {'CLI wall s':>10}"]
+    wall = "CLI wall s" if res.via == "cli" else "wall s"
+    lines = [f"{'method':<26} {'val acc':>8} {'test acc':>9} {'merge s':>8} {wall:>10}"]
     for name in order:
         r = res.row(name)
         ms = "" if np.isnan(r["merge_s"]) else f"{r['merge_s']:.3f}"
