@@ -2,12 +2,14 @@
 
     python benchmarks/repro/run_all.py [--quick] [--out DIR]
 
---quick runs small versions (few trials / one seed) for a smoke test.
+--quick runs small versions (few trials / one seed) for a smoke test; its results go to a
+temporary folder unless --out is given, so the committed full-size results are not overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 from _common import machine, results_dir  # noqa: E402  (sets sys.path)
@@ -22,6 +24,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    if a.quick and a.out is None:
+        a.out = tempfile.mkdtemp(prefix="ame_repro_quick_")
     out = results_dir(a.out)
     print(f"machine: {machine()}\nresults: {out}\n")
     t = {}
