@@ -17,11 +17,25 @@ import pytest
 import torch
 
 REPRO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "repro")
-if REPRO not in sys.path:
-    sys.path.insert(0, REPRO)
 
-import cauchy  # noqa: E402
-import prop2  # noqa: E402
+
+def _load(name):
+    """Import benchmarks/repro/<name>.py under a private name, without leaving that folder on sys.path
+    (its run_all.py must not shadow benchmarks/run_all.py for other tests)."""
+    import importlib.util
+
+    sys.path.insert(0, REPRO)  # for its `from _common import ...`
+    try:
+        spec = importlib.util.spec_from_file_location(f"ame_repro_{name}", os.path.join(REPRO, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(REPRO)
+
+
+cauchy = _load("cauchy")
+prop2 = _load("prop2")
 
 from ame_kernels import demo  # noqa: E402
 
