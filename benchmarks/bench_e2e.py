@@ -6,11 +6,15 @@
 
 Printed, all measured in this run on this machine:
 - plain IO: read every input byte once (readinto a reused buffer) and write the
-  output's bytes once (pwrite), cold page cache (inputs evicted with
-  posix_fadvise DONTNEED) and warm;
+  output's bytes once (pwrite; buffered, and O_DIRECT as ame-merge writes), cold
+  page cache (inputs evicted with posix_fadvise DONTNEED) and warm; the faster
+  of the two writes is the baseline of the ratios;
+- every measured run starts after the same pause (--settle) following the
+  deletion of the previous output (see ``settle``);
 - ame-merge (a fresh process, start-up included) for the soup (GD, lr 1 constant,
   fixed pivot) and Adam-AME (adam, lr 1e-3, harmonic), cold and warm, as a ratio
   to plain IO of the same cache state, with the merge process's peak RSS (wait4);
+- the start-up of a merge process (interpreter and imports), and each ratio without it;
 - with --nproc K: the same merges under torchrun with K processes (warm; peak RSS
   is the largest single process).
 Rows are appended to benchmarks/results/bench_e2e.csv.
@@ -110,30 +114,56 @@ def evict(paths):
     return True
 
 
-def plain_io(inputs, out_path, out_bytes, buf_mb=64):
-    """Read every input byte once, write out_bytes once: the floor a merge from disk cannot beat."""
-    buf = bytearray(buf_mb << 20)
+def plain_io(inputs, out_path, out_bytes, direct=False, buf_mb=64):
+    """Read every input byte once, write out_bytes once: the floor a merge from disk cannot beat.
+
+    direct=True writes with O_DIRECT (as ame-merge does where it can) from an aligned buffer.
+    """
+    import mmap
+
+    buf = mmap.mmap(-1, buf_mb << 20)  # page aligned, for O_DIRECT
     mv = memoryview(buf)
     t0 = time.perf_counter()
     for p in inputs:
         with open(p, "rb", buffering=0) as f:
             while f.readinto(mv):
                 pass
-    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    left, off = out_bytes, 0
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    fd = os.open(out_path, flags, 0o644)
+    padded = -(-out_bytes // 4096) * 4096
+    left, off = padded, 0
     while left:
         n = os.pwrite(fd, mv[: min(len(mv), left)], off)
         left -= n
         off += n
+    os.ftruncate(fd, out_bytes)
     os.close(fd)
     secs = time.perf_counter() - t0
     os.remove(out_path)
     return secs
 
 
-def run_merge(cfg_path, out_dir, extra, env=None):
+def _timed_plain(inputs, out_path, out_bytes, direct, pause):
+    import resource
+
+    settle(pause)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    secs = plain_io(inputs, out_path, out_bytes, direct=direct)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return secs, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), None
+
+
+def settle(seconds):
+    """The same pause before every measured run: on VMs that hand freed memory back to the host
+    (virtio-balloon free page reporting), how long ago the last output was deleted changes what
+    writing new pages costs; every case gets the same conditions."""
+    time.sleep(seconds)
+
+
+def run_merge(cfg_path, out_dir, extra, env=None, pause=0.0):
     """ame-merge in a fresh process: (wall seconds, peak RSS bytes of that process)."""
     shutil.rmtree(out_dir, ignore_errors=True)
+    settle(pause)
     cmd = [sys.executable, "-m", "ame_kernels", cfg_path, out_dir, "--quiet"] + extra
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
@@ -142,11 +172,12 @@ def run_merge(cfg_path, out_dir, extra, env=None):
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"bench_e2e: {' '.join(cmd)} failed with exit code {proc.returncode}")
-    return secs, ru.ru_maxrss * 1024
+    return secs, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024
 
 
-def run_distributed(cfg_path, out_dir, nproc, extra):
+def run_distributed(cfg_path, out_dir, nproc, extra, pause=0.0):
     shutil.rmtree(out_dir, ignore_errors=True)
+    settle(pause)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "ame_kernels", cfg_path, out_dir, "--quiet"] + extra
     t0 = time.perf_counter()
@@ -155,7 +186,7 @@ def run_distributed(cfg_path, out_dir, nproc, extra):
     secs = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"bench_e2e: {' '.join(cmd)} failed")
-    return secs, ru.ru_maxrss * 1024
+    return secs, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024
 
 
 def machine():
@@ -180,6 +211,8 @@ class Row:
     cache: str
     seconds: float
     ratio_to_plain_io: float
+    startup_seconds: float
+    cpu_seconds: float
     gb_per_s: float
     peak_rss_mb: float
     n: int
@@ -204,8 +237,9 @@ def main(argv=None):
     ap.add_argument("--threads", default=None, help="passed to ame-merge")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--nproc", type=int, default=1, help="also run with this many processes (torchrun, gloo)")
-    ap.add_argument("--repeat", type=int, default=1, help="warm runs per case (the median is reported)")
+    ap.add_argument("--repeat", type=int, default=3, help="warm rounds (the median is reported; default 3)")
     ap.add_argument("--clean", action="store_true", help="delete the generated models afterwards")
+    ap.add_argument("--settle", type=float, default=3.0, help="pause before every measured run, seconds (default 3)")
     args = ap.parse_args(argv)
 
     spec = SMALL if args.small else FULL
@@ -243,45 +277,49 @@ def main(argv=None):
         extra += ["--chunk-mb", str(args.chunk_mb)]
     if args.threads:
         extra += ["--threads", str(args.threads)]
-    rows = []
-    cold_ok = evict(inputs)
-    caches = (["cold"] if cold_ok else []) + ["warm"]
-    plain = {}
-    for cache in caches:
-        if cache == "cold":
-            evict(inputs)
-        else:
-            plain_io(inputs, os.path.join(root, "plain.out"), out_bytes)  # warm the cache
-        plain[cache] = plain_io(inputs, os.path.join(root, "plain.out"), out_bytes)
-        rows.append(("plain IO", cache, plain[cache], None))
+    cases = []  # (label, is_plain, run() -> (wall s, cpu s, peak rss bytes or None))
+    for direct in (False, True):
+        cases.append((f"plain IO ({'direct' if direct else 'buffered'} write)", True,
+                      lambda direct=direct: _timed_plain(inputs, os.path.join(root, "plain.out"), out_bytes, direct, args.settle)))
     for label, cfg in cfgs.items():
         cfg_path = os.path.join(root, f"{cfg['optimizer']}.yaml")
         with open(cfg_path, "w") as f:
             yaml.safe_dump({"models": [{"path": m} for m in models], **cfg}, f)
-        for cache in caches:
-            if cache == "cold":
-                evict(inputs)
-                secs, rss = run_merge(cfg_path, out_dir, extra)
-            else:
-                runs = [run_merge(cfg_path, out_dir, extra) for _ in range(args.repeat)]
-                secs, rss = sorted(runs)[len(runs) // 2]
-            rows.append((label, cache, secs, rss))
+        cases.append((label, False, lambda c=cfg_path: run_merge(c, out_dir, extra, pause=args.settle)))
         if args.nproc > 1:
-            for k in sorted({1, args.nproc}):
-                if k == 1:
-                    continue
-                secs, rss = run_distributed(cfg_path, out_dir, k, extra)
-                rows.append((f"{label} x{k} proc", "warm", secs, rss))
+            cases.append((f"{label} x{args.nproc} proc", False,
+                          lambda c=cfg_path: run_distributed(c, out_dir, args.nproc, extra, pause=args.settle)))
+    runs = {}
+    if evict(inputs):  # cold: one run per case, inputs evicted first
+        for label, _, run in cases:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            evict(inputs)
+            runs[(label, "cold")] = [run()]
+    plain_io(inputs, os.path.join(root, "plain.out"), out_bytes)  # warm the page cache
+    for _ in range(args.repeat):  # warm: rounds, the cases interleaved so load from elsewhere hits all alike
+        for label, _, run in cases:
+            runs.setdefault((label, "warm"), []).append(run())
     shutil.rmtree(out_dir, ignore_errors=True)
 
+    # start-up of a merge process (interpreter + imports), measured here so the merge proper can be read off
+    startup = sorted(_startup() for _ in range(3))[1]
     backend = _backend_name(args.backend)
-    print(f"{'case':<22} {'cache':<5} {'seconds':>8} {'x plain IO':>10} {'GB/s':>6} {'peak RSS':>9}")
+    med = {k: sorted(v, key=lambda r: r[0])[len(v) // 2] for k, v in runs.items()}
+    plain = {cache: min(med[(label, cache)][0] for label, is_plain, _ in cases if is_plain) for cache in ("cold", "warm") if (cases[0][0], cache) in med}
+    print(f"# load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; warm: median of {args.repeat} interleaved rounds")
+    print(f"# start-up of a merge process (python -c 'import ame_kernels.cli', median of 3): {startup:.2f} s")
+    print(f"# x plain IO: against the faster plain IO of the same cache state; CPU s: user + sys of the process(es)")
+    print(f"{'case':<28} {'cache':<5} {'seconds':>8} {'[min-max]':>13} {'x plain IO':>10} {'w/o start-up':>12} {'CPU s':>6} {'GB/s':>6} {'peak RSS':>9}")
     results = []
-    for label, cache, secs, rss in rows:
+    for (label, cache), (secs, cpu, rss) in med.items():
+        walls = [r[0] for r in runs[(label, cache)]]
         ratio = secs / plain[cache]
+        is_plain = label.startswith("plain IO")
+        net = "-" if is_plain else f"{(secs - startup) / plain[cache]:.2f}"
         gbps = (in_bytes + out_bytes) / secs / 1e9
-        print(f"{label:<22} {cache:<5} {secs:>8.2f} {ratio:>10.2f} {gbps:>6.2f} {(f'{rss / 2**20:.0f} MiB' if rss else '-'):>9}")
-        results.append(Row(label, cache, round(secs, 3), round(ratio, 3), round(gbps, 3), round(rss / 2**20, 1) if rss else 0.0,
+        spread = f"[{min(walls):.1f}-{max(walls):.1f}]"
+        print(f"{label:<28} {cache:<5} {secs:>8.2f} {spread:>13} {ratio:>10.2f} {net:>12} {cpu:>6.1f} {gbps:>6.2f} {(f'{rss / 2**20:.0f} MiB' if rss else '-'):>9}")
+        results.append(Row(label, cache, round(secs, 3), round(ratio, 3), round(startup, 3), round(cpu, 3), round(gbps, 3), round(rss / 2**20, 1) if rss else 0.0,
                            args.n, params, round(in_bytes / 1e9, 3), round(out_bytes / 1e9, 3), backend,
                            int(args.threads or os.cpu_count()), float(args.chunk_mb or 64), info["cpu"], info["cores"], info["commit"], info["date"]))
     csv_path = os.path.join(ROOT, "benchmarks", "results", "bench_e2e.csv")
@@ -295,6 +333,12 @@ def main(argv=None):
             w.writerow(dataclasses.asdict(r))
     if args.clean:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _startup():
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import ame_kernels.cli"], cwd=ROOT, check=True)
+    return time.perf_counter() - t0
 
 
 def _backend_name(name):
