@@ -19,6 +19,7 @@ AME_HD void step_group(const StepArgs& a, const HyperT<float>& h, const StepCoef
                         bool vec) {
   constexpr int kS = Rule::kSlots > 0 ? Rule::kSlots : 1;
   const bool first = a.t == 1;
+  const bool wd = a.hyper.s.weight_decay != 0.f;
   {
     const int64_t base = gi * kEPT;
     const bool v = vec && base + kEPT <= a.c;
@@ -49,7 +50,8 @@ AME_HD void step_group(const StepArgs& a, const HyperT<float>& h, const StepCoef
     }
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
-      const float g = add_weight_decay(c.gscale * acc[k], w[k], h);
+      float g = c.gscale * acc[k];
+      if (wd) g = add_weight_decay(g, w[k], h);  // only when != 0, as torch (0 * inf would be NaN)
       Rule::update(w[k], g, s[k], c, h, first);
     }
 

@@ -28,6 +28,7 @@ namespace cuda {
 template <typename TIn, typename TOut, typename Rule>
 AME_HD void whole_run_group(const WholeRunArgs& a, const HyperT<float>& h, int64_t gi, bool vec) {
   constexpr int kS = Rule::kSlots > 0 ? Rule::kSlots : 1;  // no zero-length arrays
+  const bool wd = a.hyper.s.weight_decay != 0.f;
   {
     const int64_t base = gi * kEPT;
     const bool v = vec && base + kEPT <= a.c;  // vector path: aligned and a full group
@@ -78,7 +79,8 @@ AME_HD void whole_run_group(const WholeRunArgs& a, const HyperT<float>& h, int64
       const StepCoeffsT<float> c{row.x, row.y, row.z, row.w};
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
-        const float g = add_weight_decay(c.gscale * acc[k], w[k], h);
+        float g = c.gscale * acc[k];
+        if (wd) g = add_weight_decay(g, w[k], h);  // only when != 0, as torch (0 * inf would be NaN)
         Rule::update(w[k], g, s[k], c, h, t == 0);
       }
     }
