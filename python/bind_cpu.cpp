@@ -255,7 +255,12 @@ void init_cpu(py::module_& m) {
 
   m.def(
       "whole_run_block",
-      [](int n, int64_t numel, int threads, int64_t block) { return cpu::whole_run_block(n, numel, threads, block); },
-      py::arg("n"), py::arg("numel"), py::arg("threads"), py::arg("block") = 0,
-      "Elements per block the whole-run kernel uses for n inputs (block = 0: sized for the L2 cache).");
+      [](int64_t in_bytes, int64_t numel, int threads, int64_t block) {
+        AME_CHECK(in_bytes >= 1, "[whole_run_block] in_bytes: must be >= 1");
+        AME_CHECK(threads >= 1, "[whole_run_block] threads: must be >= 1");
+        return cpu::whole_run_block(in_bytes, numel, threads, block);
+      },
+      py::arg("in_bytes"), py::arg("numel"), py::arg("threads"), py::arg("block") = 0,
+      "Elements per block the whole-run kernel uses when one element of all inputs takes in_bytes bytes\n"
+      "(block = 0: sized for the L2 cache).");
 }

@@ -314,3 +314,24 @@ def test_binding_unsupported_level_is_an_error():
         pytest.skip("every level runs on this CPU")
     with pytest.raises(ValueError, match=r"\[whole_run\] simd: level"):
         fn(**kw, simd=missing[0])
+
+
+@pytest.mark.parametrize("block", [64, 640, 4096])
+def test_block_size_does_not_change_result(block):
+    """Many small blocks (runs of consecutive blocks, prefetch of the next one, ragged tail)
+    give the same bits as the automatic block size."""
+    from ame_kernels._native import load
+    from ame_kernels.backends.cpu import _plan_kwargs
+
+    n, c = 4, 50021
+    xs = _inputs(n, c, ["bfloat16", "float16", "float32"])
+    plan = schedule(AMEConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, epochs=2, batch_size=3), n)
+    outs = []
+    for blk in (0, block):
+        o = torch.empty(c, dtype=torch.bfloat16)
+        bad = load("_C").whole_run(
+            inputs=[x.data_ptr() for x in xs], input_dtypes=[str(x.dtype)[6:] for x in xs], numel=c, out=o.data_ptr(),
+            out_dtype="bfloat16", threads=2, block=blk, check_finite=True, **_plan_kwargs(plan))
+        assert bad == []
+        outs.append(o)
+    assert torch.equal(outs[0], outs[1])

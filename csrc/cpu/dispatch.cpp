@@ -8,17 +8,17 @@
 namespace ame {
 namespace cpu {
 
-int64_t whole_run_block(int n, int64_t numel, int threads, int64_t requested) {
+int64_t whole_run_block(int64_t in_bytes, int64_t numel, int threads, int64_t requested) {
   constexpr int64_t kAlign = 64;  // the widest register tile (16 lanes x 4)
   int64_t bs;
   if (requested > 0) {
     bs = requested;
   } else {
-    // [n + 1][bs] fp32 (inputs + w) in about 40% of a 1 MiB L2, so that the block
-    // buffer survives the T steps (later epochs read cache, not memory) next to the
-    // next block's inputs, prefetched meanwhile.
-    constexpr int64_t kBudget = 384 * 1024;
-    bs = std::clamp<int64_t>(kBudget / (4 * (static_cast<int64_t>(n) + 1)), 256, 16384);
+    // The block's input slices, the next block's (prefetched meanwhile) and w [bs] fp32
+    // in about 60% of a 1 MiB L2: the slices survive the T steps, so later epochs read
+    // cache, not memory.
+    constexpr int64_t kBudget = 640 * 1024;
+    bs = std::clamp<int64_t>(kBudget / (2 * std::max<int64_t>(in_bytes, 1) + 4), 256, 32768);
     // Small inputs: at least one block per thread.
     const int64_t per_thread = (numel + std::max(threads, 1) - 1) / std::max(threads, 1);
     bs = std::min(bs, per_thread);

@@ -63,8 +63,9 @@ struct StepArgs {
 void whole_run(const WholeRunArgs& a, SimdLevel level);
 void step(const StepArgs& a, SimdLevel level);
 
-// Block size whole_run uses for n inputs and `slots` state slots (0 = never chosen).
-int64_t whole_run_block(int n, int64_t numel, int threads, int64_t requested);
+// Elements per block whole_run uses when one element of all inputs together takes
+// `in_bytes` bytes (requested > 0: that, rounded up to a multiple of 64).
+int64_t whole_run_block(int64_t in_bytes, int64_t numel, int threads, int64_t requested);
 
 #define AME_DECLARE_LEVEL(ns)              \
   namespace ns {                           \

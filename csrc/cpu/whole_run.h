@@ -1,20 +1,25 @@
 // The whole-run kernel: for a block of elements, the entire schedule (all epochs,
-// batches and optimizer steps), reading the N inputs from their own memory once.
+// batches and optimizer steps), reading the N inputs from their own memory.
 //
 // Included by whole_run_{scalar,avx2,avx512}.cpp, each of which defines AME_ISA_NS (the
 // namespace, so the per-ISA instantiations never merge at link time), AME_W (the vector
 // width) and AME_U (vectors per register tile), and compiles with that ISA's flags.
 //
-// Per block of B elements (B sized so that [N+1][B] fp32 stay in L2, see whole_run_block):
-//   1. convert: each input slice [B] (fp32/bf16/fp16) -> fp32 block buffer X[i][B], once;
-//      the soup pivot is summed on the way, check_finite accumulates x*0 per input.
-//   2. steps:   for each register tile of U*W elements, w (and w_0 for a fixed pivot) and
-//      the optimizer state live in registers across ALL T steps; step t reads only its
-//      batch members' slices of X, which sit in L1/L2. So later epochs re-read the
-//      cache-resident buffer: they cost compute, not memory traffic.
-//   3. store:   w_T -> out, rounded to nearest even for bf16/fp16.
-// The block buffers are padded with zeros to whole tiles, so there is no scalar tail in
-// the step loop (padding lanes compute on zeros and are never stored).
+// Per block of B elements (B sized so that the block's N input slices, the next block's
+// and w fit in L2 together, see whole_run_block):
+//   1. pivot:  w_0 = soup (one pass summing the N slices, converted to fp32 in registers;
+//              the same pass runs the check_finite probe, x*0 per input), an input's
+//              slice or the pivot tensor's.
+//   2. steps:  for each register tile of U*W elements, w (and w_0 for a fixed pivot) and
+//              the optimizer state live in registers across ALL T steps; step t reads its
+//              batch members straight from their memory (bf16/fp16 widened in registers,
+//              no upcast copy). After the soup pass the block's slices sit in L2, so
+//              steps, and every later epoch, read cache: they cost compute, not DRAM
+//              traffic. Meanwhile the next block's slices are prefetched, so DRAM reads
+//              overlap the step phase.
+//   3. store:  w_T -> out, rounded to nearest even for bf16/fp16.
+// The last, partial tile of the whole range runs on a zero-padded fp32 copy of its few
+// elements (padding lanes compute on zeros and are never stored).
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -49,37 +54,52 @@ struct AlignedBuffer {
   }
 };
 
-// Per-worker scratch: X [n][bs] inputs, P [bs] pivot / w, bad [n] non-finite flags.
+// Per-worker scratch: P [bs] (w_0, then w_T), the staged last tile [n][kTile], non-finite flags.
 struct Scratch {
-  AlignedBuffer buf;
+  AlignedBuffer P, tail;
+  std::vector<const void*> tail_ptrs;
+  std::vector<DType> tail_dtypes;
   std::vector<uint8_t> bad;
 };
 
-// Convert `len` elements of src (dtype d, from element b0) into dst[0, len) as fp32,
-// zero-padding dst up to `padded`. With kSoup, also P += x (P = x for the first input);
-// with check, returns whether a NaN/Inf was read.
+// kU vectors of a source of dtype d from element i, widened to fp32.
+AME_HD void load_tile(const void* p, DType d, int64_t i, V* x) {
+  if (d == DType::F32) {
+    for (int u = 0; u < kU; ++u) x[u] = vload<kW>(static_cast<const float*>(p) + i + u * kW);
+  } else if (d == DType::BF16) {
+    for (int u = 0; u < kU; ++u) x[u] = vload_any<kW>(p, DType::BF16, i + u * kW);
+  } else {
+    for (int u = 0; u < kU; ++u) x[u] = vload_any<kW>(p, DType::F16, i + u * kW);
+  }
+}
+
+// One pass over `len` elements of src from element b0: with kSoup, P += x (P = x for the
+// first input); with `check`, returns whether a NaN/Inf was read.
 template <bool kSoup, bool kFirst>
-inline bool convert_slice(const void* src, DType d, int64_t b0, int64_t len, int64_t padded, float* dst, float* P,
-                          bool check) {
+inline bool scan_slice(const void* src, DType d, int64_t b0, int64_t len, float* P, bool check) {
   const int64_t lv = len - len % kW;
   V probe = V(0.f);
   const V zero = V(0.f);
   for (int64_t j = 0; j < lv; j += kW) {
     V x = vload_any<kW>(src, d, b0 + j);
-    vstore<kW>(dst + j, x);
     if (kSoup) vstore<kW>(P + j, kFirst ? x : vload<kW>(P + j) + x);
     if (check) probe = v_fma(x, zero, probe);
   }
+  bool bad = false;
   for (int64_t j = lv; j < len; ++j) {
     float x = load_f32(src, d, b0 + j);
-    dst[j] = x;
     if (kSoup) P[j] = kFirst ? x : P[j] + x;
-    if (check && x * 0.f != 0.f) probe = V(x * 0.f);
+    if (check && x * 0.f != 0.f) bad = true;
   }
+  return bad || (check && v_any_nan(probe));
+}
+
+// dst[0, len) = src[b0, b0 + len) as fp32, zeros up to `padded`.
+inline void copy_slice(const void* src, DType d, int64_t b0, int64_t len, int64_t padded, float* dst) {
+  const int64_t lv = len - len % kW;
+  for (int64_t j = 0; j < lv; j += kW) vstore<kW>(dst + j, vload_any<kW>(src, d, b0 + j));
+  for (int64_t j = lv; j < len; ++j) dst[j] = load_f32(src, d, b0 + j);
   for (int64_t j = len; j < padded; ++j) dst[j] = 0.f;
-  if (kSoup && kFirst)
-    for (int64_t j = len; j < padded; ++j) P[j] = 0.f;
-  return check && v_any_nan(probe);
 }
 
 // Software prefetch of the next block's input slices, spread over the step phase of the
@@ -110,10 +130,11 @@ struct Prefetcher {
   }
 };
 
-// Step phase over one tile of kTile elements at P + j: all T steps in registers.
+// Step phase over one tile of kTile elements: w from P, inputs from src[i] at element i0;
+// all T steps in registers, w_T back to P.
 template <class Rule, bool kAdaptive, bool kWd>
-AME_HD void run_tile(float* P, const float* X, const int64_t* off, const int32_t* bp, const float* coeffs, int steps,
-                     const HyperT<V>& h) {
+AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t i0, const int32_t* bp,
+                     const int32_t* bi, const float* coeffs, int steps, const HyperT<V>& h) {
   constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
   V w[kU], p0[kU], st[kU][S];
   for (int u = 0; u < kU; ++u) {
@@ -124,12 +145,13 @@ AME_HD void run_tile(float* P, const float* X, const int64_t* off, const int32_t
   (void)p0;
   for (int t = 0; t < steps; ++t) {
     const StepCoeffsT<V> c = StepCoeffsT<V>::load(coeffs + 4 * t);
-    V acc[kU];
-    const float* x0 = X + off[bp[t]];
-    for (int u = 0; u < kU; ++u) acc[u] = (kAdaptive ? w[u] : p0[u]) - vload<kW>(x0 + u * kW);
-    for (int32_t k = bp[t] + 1; k < bp[t + 1]; ++k) {
-      const float* x = X + off[k];
-      for (int u = 0; u < kU; ++u) acc[u] = acc[u] + ((kAdaptive ? w[u] : p0[u]) - vload<kW>(x + u * kW));
+    V acc[kU], x[kU];
+    int32_t k = bp[t];
+    load_tile(src[bi[k]], dts[bi[k]], i0, x);
+    for (int u = 0; u < kU; ++u) acc[u] = (kAdaptive ? w[u] : p0[u]) - x[u];
+    for (++k; k < bp[t + 1]; ++k) {
+      load_tile(src[bi[k]], dts[bi[k]], i0, x);
+      for (int u = 0; u < kU; ++u) acc[u] = acc[u] + ((kAdaptive ? w[u] : p0[u]) - x[u]);
     }
     for (int u = 0; u < kU; ++u) {
       V g = acc[u] * c.gscale;
@@ -143,7 +165,9 @@ AME_HD void run_tile(float* P, const float* X, const int64_t* off, const int32_t
 template <class Rule, bool kAdaptive, bool kWd>
 void whole_run_impl(const WholeRunArgs& a) {
   const int n = a.n;
-  const int64_t bs = whole_run_block(n, a.numel, a.threads, a.block);  // multiple of 64 >= kTile
+  int64_t in_bytes = 0;  // bytes of one element across all inputs
+  for (int i = 0; i < n; ++i) in_bytes += dtype_size(a.input_dtypes[i]);
+  const int64_t bs = whole_run_block(in_bytes, a.numel, a.threads, a.block);  // multiple of 64 >= kTile
   const int64_t nblocks = (a.numel + bs - 1) / bs;
   if (nblocks == 0) return;
   const int threads = static_cast<int>(std::min<int64_t>(a.threads, nblocks));
@@ -152,48 +176,49 @@ void whole_run_impl(const WholeRunArgs& a) {
   const int64_t run = std::max<int64_t>(1, nblocks / (8 * static_cast<int64_t>(threads)));
   const int64_t ntasks = (nblocks + run - 1) / run;
   const HyperT<V> h(a.hyper);
-
-  // Offsets of each batch member's slice in the block buffer.
-  const int32_t nk = a.batch_ptr[a.steps];
-  std::vector<int64_t> off(static_cast<size_t>(nk) + 1);
-  for (int32_t k = 0; k < nk; ++k) off[k] = static_cast<int64_t>(a.batch_idx[k]) * bs;
-  int64_t in_bytes = 0;  // bytes of one element across all inputs
-  for (int i = 0; i < n; ++i) in_bytes += dtype_size(a.input_dtypes[i]);
+  const bool soup = a.pivot_mode == PivotMode::Soup;
 
   std::vector<Scratch> scratch(threads);
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     Scratch& s = scratch[worker];
-    s.buf.reserve(static_cast<size_t>(n + 1) * bs);
+    s.P.reserve(bs);
+    if (!s.tail.p) {
+      s.tail.reserve(static_cast<size_t>(n) * kTile);
+      s.tail_ptrs.resize(n);
+      for (int i = 0; i < n; ++i) s.tail_ptrs[i] = s.tail.p + static_cast<int64_t>(i) * kTile;
+      s.tail_dtypes.assign(n, DType::F32);
+    }
     if (a.check_finite && s.bad.empty()) s.bad.assign(n, 0);
-    float* X = s.buf.p;
-    float* P = X + static_cast<int64_t>(n) * bs;
+    float* P = s.P.p;
     const int64_t b_end = std::min(nblocks, (task + 1) * run);
     for (int64_t b = task * run; b < b_end; ++b) {
       const int64_t b0 = b * bs;
       const int64_t len = std::min(bs, a.numel - b0);
       const int64_t padded = (len + kTile - 1) / kTile * kTile;
 
-      // 1. convert (and the soup pivot)
-      const bool soup = a.pivot_mode == PivotMode::Soup;
-      for (int i = 0; i < n; ++i) {
-        bool bad;
-        const void* src = a.inputs[i];
-        const DType d = a.input_dtypes[i];
-        if (soup && i == 0)
-          bad = convert_slice<true, true>(src, d, b0, len, padded, X + i * bs, P, a.check_finite);
-        else if (soup)
-          bad = convert_slice<true, false>(src, d, b0, len, padded, X + i * bs, P, a.check_finite);
-        else
-          bad = convert_slice<false, false>(src, d, b0, len, padded, X + i * bs, P, a.check_finite);
-        if (bad) s.bad[i] = 1;
+      // 1. the pivot w_0 (and the non-finite probe)
+      if (soup || a.check_finite) {
+        for (int i = 0; i < n; ++i) {
+          const void* src = a.inputs[i];
+          const DType d = a.input_dtypes[i];
+          bool bad;
+          if (soup && i == 0)
+            bad = scan_slice<true, true>(src, d, b0, len, P, a.check_finite);
+          else if (soup)
+            bad = scan_slice<true, false>(src, d, b0, len, P, a.check_finite);
+          else
+            bad = scan_slice<false, false>(src, d, b0, len, P, a.check_finite);
+          if (bad) s.bad[i] = 1;
+        }
       }
       if (soup) {
+        for (int64_t j = len; j < padded; ++j) P[j] = 0.f;
         const V nv = V(static_cast<float>(n));  // mean = sum / N, divided as torch.mean does
         for (int64_t j = 0; j < padded; j += kW) vstore<kW>(P + j, v_div(vload<kW>(P + j), nv));
       } else if (a.pivot_mode == PivotMode::Index) {
-        std::memcpy(P, X + static_cast<int64_t>(a.pivot_index) * bs, padded * sizeof(float));
+        copy_slice(a.inputs[a.pivot_index], a.input_dtypes[a.pivot_index], b0, len, padded, P);
       } else {
-        convert_slice<false, false>(a.pivot, a.pivot_dtype, b0, len, padded, P, nullptr, false);
+        copy_slice(a.pivot, a.pivot_dtype, b0, len, padded, P);
       }
 
       // 2. all steps, one register tile at a time, prefetching the next block meanwhile
@@ -202,9 +227,17 @@ void whole_run_impl(const WholeRunArgs& a) {
       pf.start(a, next_b0, b + 1 < b_end ? std::min(bs, a.numel - next_b0) : 0);
       const int64_t tiles = padded / kTile;
       const int64_t lines_per_tile = (bs * in_bytes / 64 + tiles - 1) / tiles + 1;
-      for (int64_t j = 0; j < padded; j += kTile) {
+      const int64_t full = len / kTile * kTile;
+      for (int64_t j = 0; j < full; j += kTile) {
         pf.issue(lines_per_tile);
-        run_tile<Rule, kAdaptive, kWd>(P + j, X + j, off.data(), a.batch_ptr, a.coeffs, a.steps, h);
+        run_tile<Rule, kAdaptive, kWd>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, a.batch_idx, a.coeffs,
+                                       a.steps, h);
+      }
+      if (full < len) {  // the ragged last tile: a zero-padded fp32 copy of its inputs
+        for (int i = 0; i < n; ++i)
+          copy_slice(a.inputs[i], a.input_dtypes[i], b0 + full, len - full, kTile, s.tail.p + i * kTile);
+        run_tile<Rule, kAdaptive, kWd>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr,
+                                       a.batch_idx, a.coeffs, a.steps, h);
       }
 
       // 3. store w_T in the output dtype
