@@ -141,7 +141,16 @@ DeviceInfo device_info(int device) {
   DeviceInfo info;
   cudaRuntimeGetVersion(&info.runtime_version);
   if (cudaDriverGetVersion(&info.driver_version) != cudaSuccess) cudaGetLastError();
-  const int n = device_count();
+  int n = 0;
+  const cudaError_t count_err = cudaGetDeviceCount(&n);
+  if (count_err != cudaSuccess) {
+    cudaGetLastError();
+    // e.g. no driver, or a driver older than this build's runtime (built with a newer nvcc).
+    info.load_error = std::string("no CUDA device 0 usable: ") + cudaGetErrorName(count_err) + " (" +
+                      cudaGetErrorString(count_err) + "; driver API version " +
+                      std::to_string(info.driver_version) + ", runtime " + std::to_string(info.runtime_version) + ")";
+    return info;
+  }
   if (device < 0 || device >= n) {
     info.load_error = "no CUDA device " + std::to_string(device) + " (" + std::to_string(n) + " visible)";
     return info;
