@@ -323,14 +323,16 @@ def test_emulated_step_matches_reference_and_whole_run(opt, fixed_pivot):
     state = torch.tensor(hyper.initial_state(), dtype=F32).reshape(-1, 1).repeat(1, size)
     state = state.reshape(hyper.state_slots, size).contiguous()
     state_ref = state.clone()
+    w64, state64 = pivot.double(), state.double()  # the reference's step in float64: the exact answer
     for t in range(1, plan.steps + 1):
         batch = [xs[i] for i in plan.batch(t)]
         piv = pivot if fixed_pivot else None
         _emulated_step(w, state, batch, piv, plan.coeffs[t - 1], t, hyper)
         REF.step(w_ref, state_ref, batch, piv, plan.coeffs[t - 1], t, hyper)
-    assert_close(w, w_ref, dtype=F32, what=f"emulated step w {opt}")
+        REF.step(w64, state64, batch, piv.double() if piv is not None else None, plan.coeffs[t - 1], t, hyper)
+    _assert_parity(w, w_ref, w64, F32, what=f"emulated step w {opt}")
     if hyper.state_slots:
-        assert_close(state, state_ref, dtype=F32, what=f"emulated step state {opt}")
+        _assert_parity(state, state_ref, state64, F32, what=f"emulated step state {opt}")
     whole = torch.empty(size)
     _emulated_whole_run(xs, plan, pivot, not fixed_pivot, whole)
     assert torch.equal(w, whole), f"{opt}: max |diff| {(w - whole).abs().max().item():g}"
@@ -513,14 +515,17 @@ def test_step_matches_reference(cuda_backend, opt, fixed_pivot):
     state = state.reshape(hyper.state_slots, size).contiguous()
     pivot = torch.randn(size, device="cuda") if fixed_pivot else None
     w_ref, state_ref = w.cpu(), state.cpu()
+    w64, state64 = w.cpu().double(), state.cpu().double()  # the reference's step in float64: the exact answer
     for t in range(1, 6):
         batch = [xs[(t - 1) % N], xs[t % N]]
         coeffs = step_coeffs(cfg, t, gscale=1.0 / (N * len(batch)))
         cuda_backend.step(w, state, batch, pivot, coeffs, t, hyper)
-        REF.step(w_ref, state_ref, [x.cpu() for x in batch], pivot.cpu() if pivot is not None else None, coeffs, t, hyper)
-    assert_close(w, w_ref, dtype=F32, what=f"step w {opt}")
+        piv = pivot.cpu() if pivot is not None else None
+        REF.step(w_ref, state_ref, [x.cpu() for x in batch], piv, coeffs, t, hyper)
+        REF.step(w64, state64, [x.cpu() for x in batch], piv.double() if piv is not None else None, coeffs, t, hyper)
+    _assert_parity(w, w_ref, w64, F32, what=f"step w {opt}")
     if hyper.state_slots:
-        assert_close(state, state_ref, dtype=F32, what=f"step state {opt}")
+        _assert_parity(state, state_ref, state64, F32, what=f"step state {opt}")
 
 
 @needs_gpu
