@@ -4,6 +4,8 @@
 // here. One AME_CHECK per fact (ValueError naming the function and the argument),
 // then one plain args struct, the GIL released around the launch. No arithmetic
 // and no defaults of its own: ame_kernels/backends/cuda.py passes everything.
+// whole_run_emulated / step_emulated take the same host-side checks and run the
+// kernels' per-group code on the host (csrc/cuda/emulate.cu), for tests without a GPU.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
