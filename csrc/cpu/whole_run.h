@@ -131,10 +131,12 @@ struct Prefetcher {
 };
 
 // Step phase over one tile of kTile elements: w from P, inputs from src[i] at element i0;
-// all T steps in registers, w_T back to P.
+// all T steps in registers, w_T back to P. Each step also issues `pf_lines` prefetches of
+// the next block (spread thin: bursts of prefetches stall the step loop).
 template <class Rule, bool kAdaptive, bool kWd>
 AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t i0, const int32_t* bp,
-                     const int32_t* bi, const float* coeffs, int steps, const HyperT<V>& h) {
+                     const int32_t* bi, const float* coeffs, int steps, const HyperT<V>& h, Prefetcher& pf,
+                     int64_t pf_lines) {
   constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
   V w[kU], p0[kU], st[kU][S];
   for (int u = 0; u < kU; ++u) {
@@ -145,6 +147,7 @@ AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t
   (void)p0;
   for (int t = 0; t < steps; ++t) {
     const StepCoeffsT<V> c = StepCoeffsT<V>::load(coeffs + 4 * t);
+    pf.issue(pf_lines);
     V acc[kU], x[kU];
     int32_t k = bp[t];
     load_tile(src[bi[k]], dts[bi[k]], i0, x);
@@ -226,18 +229,16 @@ void whole_run_impl(const WholeRunArgs& a) {
       const int64_t next_b0 = b0 + bs;
       pf.start(a, next_b0, b + 1 < b_end ? std::min(bs, a.numel - next_b0) : 0);
       const int64_t tiles = padded / kTile;
-      const int64_t lines_per_tile = (bs * in_bytes / 64 + tiles - 1) / tiles + 1;
+      const int64_t lines_per_step = (bs * in_bytes / 64 + tiles - 1) / tiles / std::max(a.steps, 1) + 1;
       const int64_t full = len / kTile * kTile;
-      for (int64_t j = 0; j < full; j += kTile) {
-        pf.issue(lines_per_tile);
+      for (int64_t j = 0; j < full; j += kTile)
         run_tile<Rule, kAdaptive, kWd>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, a.batch_idx, a.coeffs,
-                                       a.steps, h);
-      }
+                                       a.steps, h, pf, lines_per_step);
       if (full < len) {  // the ragged last tile: a zero-padded fp32 copy of its inputs
         for (int i = 0; i < n; ++i)
           copy_slice(a.inputs[i], a.input_dtypes[i], b0 + full, len - full, kTile, s.tail.p + i * kTile);
         run_tile<Rule, kAdaptive, kWd>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr,
-                                       a.batch_idx, a.coeffs, a.steps, h);
+                                       a.batch_idx, a.coeffs, a.steps, h, pf, 0);
       }
 
       // 3. store w_T in the output dtype
