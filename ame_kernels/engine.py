@@ -7,11 +7,14 @@
 dtypes across ingredients, fixes each tensor's output dtype and shard, and cuts
 the work into chunks of at most ``chunk_elems`` elements (the update is
 elementwise, so a big tensor is split into element ranges). ``run_merge``
-builds the output folder under a temporary name, preallocates every shard
-with its final header, runs the whole schedule on each chunk (the kernels read
-the inputs straight from the mapped files) and writes each result at its final
-offset, then writes the index, the copied config/tokenizer files and
-``ame_merge.yaml`` and renames the folder into place.
+builds the output folder under a temporary name, runs the whole schedule on each
+chunk (the kernels read the inputs straight from the mapped files) and writes each
+shard front to back: the kernels write their results straight into aligned
+staging buffers that a writer thread hands to the disk (O_DIRECT where the
+filesystem allows) while the next chunk computes. Then it writes the index, the
+copied config/tokenizer files and ``ame_merge.yaml`` and renames the folder into
+place. Distributed ranks (``ame_kernels.distributed``) instead place their
+results with pwrite into shards preallocated by rank 0 (``create_shards``).
 
 Memory: at most N input chunks are mapped at a time (pages are released after
 each chunk), plus one output chunk: peak RSS ~ N x chunk + constant, whatever
@@ -489,7 +492,7 @@ class _StreamSink:
             self.shard += 1
             layout = self.layouts[self.shard]
             self.stream.open(layout.path, layout.size)
-            self.stream.append(layout._header)
+            self.stream.append(layout.header)
         expected = self.layouts[job.shard].offsets[job.name] + it.start * itemsize(job.out_dtype)
         if job.shard != self.shard or self.stream.tell() != expected:  # a bug, never bad input
             raise RuntimeError(f"stream writer: {job.name!r}[{it.start}] out of file order")
@@ -513,7 +516,7 @@ class _StreamSink:
             self.shard += 1
             layout = self.layouts[self.shard]
             self.stream.open(layout.path, layout.size)
-            self.stream.append(layout._header)
+            self.stream.append(layout.header)
         if self.shard >= 0:
             self.stream.close_file()
 

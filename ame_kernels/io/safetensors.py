@@ -245,18 +245,18 @@ class ShardWriter:
     def __init__(self, path: str, entries: Sequence[Tuple[str, str, Tuple[int, ...]]], metadata: Optional[dict] = None):
         self.path = path
         self.entries = list(entries)
-        self._header, offsets = header_bytes(self.entries, metadata)
+        self.header, offsets = header_bytes(self.entries, metadata)
         self.offsets = {name: off for (name, _, _), off in zip(self.entries, offsets)}
         self.dtypes = {name: dtype for name, dtype, _ in self.entries}
         self.data_bytes = sum(_nbytes(dtype, shape) for _, dtype, shape in self.entries)
-        self.size = len(self._header) + self.data_bytes
+        self.size = len(self.header) + self.data_bytes
         self.written = 0
         self._fd: Optional[int] = None
 
     def create(self) -> "ShardWriter":
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self._fd, self.size)
-        _pwrite_all(self._fd, memoryview(self._header), 0)
+        _pwrite_all(self._fd, memoryview(self.header), 0)
         return self
 
     def open_existing(self) -> "ShardWriter":
