@@ -230,10 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.dry_run and not args.out_dir:
         _error("OUT_DIR is required (or pass --dry-run)")
         return EXIT_USAGE
-    from .strategies import config_strategy  # 'strategy: greedy|stew|...' runs in memory (ame_kernels/strategies.py)
-
-    if config_strategy(args.config):
-        from .strategies import run_cli
+    if _names_strategy(args.config):  # 'strategy: greedy|stew|...' runs in memory (ame_kernels/strategies.py)
+        from .strategies import run_cli  # imports torch: only for those configs
 
         return run_cli(args)
     from .distributed import world_from_env
@@ -246,6 +244,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return main_distributed(args, world)
     return _run(args)
+
+
+def _names_strategy(path: str) -> bool:
+    """Whether the config asks for a strategy other than AME (read without importing torch;
+    the same rule as strategies.config_strategy; an unreadable file is reported by the merge path)."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(doc, dict) and doc.get("strategy") not in (None, "ame")
 
 
 def _run(args: argparse.Namespace) -> int:
