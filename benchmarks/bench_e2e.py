@@ -15,6 +15,9 @@ Printed, all measured in this run on this machine:
   fixed pivot) and Adam-AME (adam, lr 1e-3, harmonic), cold and warm, as a ratio
   to plain IO of the same cache state, with the merge process's peak RSS (wait4);
 - the start-up of a merge process (interpreter and imports), and each ratio without it;
+  while `import ame_kernels` imports torch, also "torch-free entry" rows: the same
+  ame-merge with the package __init__ bypassed and torch blocked (what the CPU file
+  path costs once the package imports torch lazily);
 - with --nproc K: the same merges under torchrun with K processes (warm; peak RSS
   is the largest single process).
 Rows are appended to benchmarks/results/bench_e2e.csv.
@@ -160,11 +163,21 @@ def settle(seconds):
     time.sleep(seconds)
 
 
-def run_merge(cfg_path, out_dir, extra, env=None, pause=0.0):
-    """ame-merge in a fresh process: (wall seconds, peak RSS bytes of that process)."""
+# ame-merge with the package's __init__ bypassed and torch blocked: what `ame-merge` costs once
+# `import ame_kernels` imports torch lazily (the file path itself needs numpy and the extension only)
+TORCH_FREE = (
+    "import sys, types; pkg = types.ModuleType('ame_kernels'); pkg.__path__ = [sys.argv.pop(1)]; "
+    "pkg.__version__ = 'bench'; sys.modules['ame_kernels'] = pkg; sys.modules['torch'] = None; "
+    "from ame_kernels.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def run_merge(cfg_path, out_dir, extra, env=None, pause=0.0, torch_free=False):
+    """ame-merge in a fresh process: (wall seconds, CPU seconds, peak RSS bytes of that process)."""
     shutil.rmtree(out_dir, ignore_errors=True)
     settle(pause)
-    cmd = [sys.executable, "-m", "ame_kernels", cfg_path, out_dir, "--quiet"] + extra
+    entry = ["-c", TORCH_FREE, os.path.join(ROOT, "ame_kernels")] if torch_free else ["-m", "ame_kernels"]
+    cmd = [sys.executable, *entry, cfg_path, out_dir, "--quiet"] + extra
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     _, status, ru = os.wait4(proc.pid, 0)
@@ -277,6 +290,9 @@ def main(argv=None):
         extra += ["--chunk-mb", str(args.chunk_mb)]
     if args.threads:
         extra += ["--threads", str(args.threads)]
+    backend = _backend_name(args.backend)
+    probe = subprocess.run([sys.executable, "-c", "import sys, ame_kernels; print('torch' in sys.modules)"], cwd=ROOT, capture_output=True, text=True)
+    eager_torch = probe.stdout.strip() == "True"
     cases = []  # (label, is_plain, run() -> (wall s, cpu s, peak rss bytes or None))
     for direct in (False, True):
         cases.append((f"plain IO ({'direct' if direct else 'buffered'} write)", True,
@@ -286,6 +302,9 @@ def main(argv=None):
         with open(cfg_path, "w") as f:
             yaml.safe_dump({"models": [{"path": m} for m in models], **cfg}, f)
         cases.append((label, False, lambda c=cfg_path: run_merge(c, out_dir, extra, pause=args.settle)))
+        if eager_torch and backend == "cpu":
+            cases.append((f"{label}, torch-free entry", False,
+                          lambda c=cfg_path: run_merge(c, out_dir, extra, pause=args.settle, torch_free=True)))
         if args.nproc > 1:
             cases.append((f"{label} x{args.nproc} proc", False,
                           lambda c=cfg_path: run_distributed(c, out_dir, args.nproc, extra, pause=args.settle)))
@@ -303,11 +322,12 @@ def main(argv=None):
 
     # start-up of a merge process (interpreter + imports), measured here so the merge proper can be read off
     startup = sorted(_startup() for _ in range(3))[1]
-    backend = _backend_name(args.backend)
     med = {k: sorted(v, key=lambda r: r[0])[len(v) // 2] for k, v in runs.items()}
     plain = {cache: min(med[(label, cache)][0] for label, is_plain, _ in cases if is_plain) for cache in ("cold", "warm") if (cases[0][0], cache) in med}
     print(f"# load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; warm: median of {args.repeat} interleaved rounds")
     print(f"# start-up of a merge process (python -c 'import ame_kernels.cli', median of 3): {startup:.2f} s")
+    if eager_torch:
+        print("# 'import ame_kernels' imports torch; 'torch-free entry' rows bypass the package __init__ with torch blocked")
     print(f"# x plain IO: against the faster plain IO of the same cache state; CPU s: user + sys of the process(es)")
     print(f"{'case':<28} {'cache':<5} {'seconds':>8} {'[min-max]':>13} {'x plain IO':>10} {'w/o start-up':>12} {'CPU s':>6} {'GB/s':>6} {'peak RSS':>9}")
     results = []
@@ -315,7 +335,7 @@ def main(argv=None):
         walls = [r[0] for r in runs[(label, cache)]]
         ratio = secs / plain[cache]
         is_plain = label.startswith("plain IO")
-        net = "-" if is_plain else f"{(secs - startup) / plain[cache]:.2f}"
+        net = "-" if is_plain or "torch-free" in label else f"{(secs - startup) / plain[cache]:.2f}"
         gbps = (in_bytes + out_bytes) / secs / 1e9
         spread = f"[{min(walls):.1f}-{max(walls):.1f}]"
         print(f"{label:<28} {cache:<5} {secs:>8.2f} {spread:>13} {ratio:>10.2f} {net:>12} {cpu:>6.1f} {gbps:>6.2f} {(f'{rss / 2**20:.0f} MiB' if rss else '-'):>9}")
