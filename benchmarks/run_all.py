@@ -1,7 +1,7 @@
 """Run every benchmarks/bench_*.py in turn (``make bench``): each script's ``main(argv)``.
 
     python benchmarks/run_all.py                # every benchmark at its default size
-    python benchmarks/run_all.py --small        # passes --small to every benchmark
+    python benchmarks/run_all.py --small        # passes --small to every benchmark that has it
     python benchmarks/run_all.py --only whole_run,e2e
 
 A benchmark that cannot run here (no GPU, backend not built) prints why and returns 0;
@@ -28,13 +28,14 @@ def _load(path: str):
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses (and pickling) look the module up by name
     spec.loader.exec_module(mod)
     return mod
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="pass --small to every benchmark")
+    ap.add_argument("--small", action="store_true", help="pass --small to every benchmark that has it")
     ap.add_argument("--only", default="", help="comma-separated names (bench_<name>.py)")
     args = ap.parse_args(argv)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -51,7 +52,9 @@ def main(argv=None) -> int:
             if not hasattr(mod, "main"):
                 print(f"{name}: no main(argv): skipped")
                 continue
-            rc = mod.main(["--small"] if args.small else [])
+            with open(path) as f:  # pass --small only to scripts that define it
+                small = args.small and '"--small"' in f.read()
+            rc = mod.main(["--small"] if small else [])
             if rc not in (None, 0):
                 failed.append(f"{name} (exit {rc})")
         except SystemExit as e:  # argparse or a script's own exit
