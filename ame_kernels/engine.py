@@ -127,11 +127,11 @@ class MergePlan:
         return item.count * (sum(itemsize(d) for d in job.in_dtypes) + itemsize(job.out_dtype))
 
     def estimated_peak_bytes(self) -> int:
-        """N mapped input chunks + two output buffers (+ a pivot chunk) + the interpreter and numpy (~100 MB)."""
+        """N mapped input chunks + two staging buffers (+ a pivot chunk) + what this process holds now."""
         widest = max((itemsize(d) for t in self.tensors for d in t.in_dtypes), default=4)
         elems = min(self.chunk_elems, max((t.numel for t in self.tensors), default=0))
         per_chunk = elems * (self.n * widest + 8 + (4 if isinstance(self.pivot, Checkpoint) else 0))
-        return per_chunk + 100 * 2**20
+        return per_chunk + current_rss_bytes()
 
     def shard_entries(self, shard: int) -> List[Tuple[str, str, Tuple[int, ...]]]:
         jobs = [t for t in self.tensors if t.shard == shard]
@@ -424,6 +424,15 @@ class MergeResult:
             f"in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) with backend {self.backend}, "
             f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB -> {self.out_dir}"
         )
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set now (/proc/self/statm; the peak where that is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
