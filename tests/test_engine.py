@@ -152,3 +152,42 @@ def test_chunks_cover_every_element_once(tmp_path):
         assert spans[0][0] == 0 and all(s0 + c0 == s1 for (s0, c0), (s1, _) in zip(spans, spans[1:]))
         assert spans[-1][0] + spans[-1][1] == job.numel
     close_plan(plan)
+
+
+def _bf16_model(folder, numel, seed):
+    """One safetensors file holding a single bf16 tensor of ``numel`` elements (finite random values)."""
+    from ame_kernels.io import ShardWriter
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w = ShardWriter(os.path.join(folder, "model.safetensors"), [("w", "bfloat16", (numel,))]).create()
+    step = 1 << 22
+    for s in range(0, numel, step):
+        c = min(step, numel - s)
+        w.write("w", s, (rng.standard_normal(c, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16))
+    w.close()
+    return folder
+
+
+def test_peak_memory_does_not_grow_with_model_size(tmp_path):
+    """Peak RSS of ame-merge with 2 x 16 MiB and 2 x 256 MiB inputs, 4 MiB chunks: the same within 48 MiB
+    (a reader or writer that held whole tensors would add >= 512 MiB)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    peaks = {}
+    for label, numel in (("small", 8 << 20), ("big", 128 << 20)):
+        paths = [_bf16_model(str(tmp_path / f"{label}{i}"), numel, i) for i in range(2)]
+        cfg = tmp_path / f"{label}.yaml"
+        cfg.write_text(yaml.safe_dump({"models": paths, "optimizer": "adam", "backend": BACKENDS[-1]}))
+        proc = subprocess.Popen([sys.executable, "-m", "ame_kernels", str(cfg), str(tmp_path / f"out_{label}"), "--quiet", "--chunk-mb", "4"],
+                                cwd=repo, stderr=subprocess.PIPE)
+        _, status, ru = os.wait4(proc.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()
+        proc.stderr.close()
+        peaks[label] = ru.ru_maxrss * 1024
+        assert os.path.getsize(tmp_path / f"out_{label}" / "model.safetensors") > numel * 2
+    assert peaks["big"] - peaks["small"] < 48 * 2**20, {k: v / 2**20 for k, v in peaks.items()}
