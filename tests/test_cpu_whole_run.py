@@ -335,3 +335,28 @@ def test_block_size_does_not_change_result(block):
         assert bad == []
         outs.append(o)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_concurrent_callers_share_the_pool():
+    """Python threads calling the kernel at once (the GIL is released) queue on the pool
+    and each gets the single-caller result."""
+    import threading
+
+    xs = _inputs(3, 20011, ["bfloat16"])
+    plan = schedule(AMEConfig(optimizer="adam", lr=0.01), 3)
+    expect = torch.empty(20011)
+    CpuBackend().whole_run(xs, plan, None, True, expect, threads=2)
+    same = []
+
+    def work():
+        for _ in range(5):
+            o = torch.empty(20011)
+            CpuBackend().whole_run(xs, plan, None, True, o, threads=2)
+            same.append(torch.equal(o, expect))
+
+    workers = [threading.Thread(target=work) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert len(same) == 15 and all(same)
