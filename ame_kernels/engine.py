@@ -173,6 +173,18 @@ def _resolve_backend(name: str, device: str) -> str:
         if name == "cpu":
             raise MergeError(f"backend 'cpu' is not available here: {why}")
         return "reference"
+    if dev_type == "cuda":
+        import torch
+
+        try:
+            index = torch.device(device).index
+        except RuntimeError:
+            raise MergeError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MergeError(f"device {device!r}: no CUDA device is available here")
+        if index is not None and index >= count:
+            raise MergeError(f"device {device!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
     from .backends import get_backend  # imports torch-based backends lazily
 
     return get_backend(name, dev_type).name
@@ -360,7 +372,12 @@ class _BufferRunner:
 
 
 class _TorchRunner:
-    """A torch backend (reference, triton, cuda) on tensors made from the numpy views."""
+    """A torch backend (reference, triton, cuda) on tensors made from the numpy views.
+
+    On a CUDA device, backends with a chunked host driver (cuda, triton) get host tensors
+    straight from the mapped files and stream them through the GPU themselves (pinned
+    double buffers, copies overlapped with compute); others get device copies.
+    """
 
     def __init__(self, backend: str, device: str, threads: Optional[int]):
         import torch
@@ -371,26 +388,31 @@ class _TorchRunner:
         self.device = torch.device(device)
         self.backend = get_backend(backend, self.device.type)
         self.threads = threads
+        self.stream_host = self.device.type == "cuda" and hasattr(self.backend, "whole_run_chunked")
 
-    def _tensor(self, a: np.ndarray, dtype: str):
+    def _host(self, a: np.ndarray, dtype: str):
+        """A CPU tensor sharing ``a``'s memory (read-only views are only ever read)."""
         torch = self.torch
-        if not a.flags.aligned or not a.flags.writeable:
-            a = a.copy()  # torch.from_numpy wants aligned, writable memory
-        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(a)
-        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+        if not a.flags.aligned:
+            a = a.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # from_numpy warns about read-only arrays
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(a)
 
     def __call__(self, inputs, in_dtypes, steps, pivot, adaptive, out, out_dtype, check_finite) -> list:
         torch = self.torch
-        xs = [self._tensor(a, d) for a, d in zip(inputs, in_dtypes)]
-        p = pivot if pivot is None or isinstance(pivot, int) else self._tensor(*pivot)
+        xs = [self._host(a, d) for a, d in zip(inputs, in_dtypes)]
+        p = pivot if pivot is None or isinstance(pivot, int) else self._host(*pivot)
+        o = self._host(out, out_dtype)  # writable and aligned: the kernel writes the staging buffer
         if self.device.type == "cpu":
-            o = self._tensor(out, out_dtype)  # out is writable and aligned: shares memory
-        else:
-            o = torch.empty(out.shape[0], dtype=getattr(torch, out_dtype), device=self.device)
-        bad = self.backend.whole_run(xs, steps, p, adaptive, o, threads=self.threads, check_finite=check_finite)
-        if self.device.type != "cpu":
-            host = o.cpu()
-            out[:] = (host.view(torch.int16).numpy().view(np.uint16) if out_dtype == "bfloat16" else host.numpy())
+            return list(self.backend.whole_run(xs, steps, p, adaptive, o, threads=self.threads, check_finite=check_finite))
+        if self.stream_host:
+            return list(self.backend.whole_run_chunked(xs, steps, p, adaptive, o, device=self.device, check_finite=check_finite))
+        xs = [x.to(self.device) for x in xs]
+        p = p.to(self.device) if isinstance(p, torch.Tensor) else p
+        od = torch.empty(o.shape[0], dtype=o.dtype, device=self.device)
+        bad = self.backend.whole_run(xs, steps, p, adaptive, od, threads=self.threads, check_finite=check_finite)
+        o.copy_(od)
         return list(bad)
 
 

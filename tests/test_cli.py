@@ -202,6 +202,7 @@ def test_bad_flags(tmp_path, capsys):
         (["--backend", "cpuu"], "did you mean 'cpu'"),
         (["--threads", "0"], "--threads"),
         (["--device", "tpu"], "device"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device is available here")]),
         (["--chunk-mb", "x"], "chunk-mb"),
     ]:
         code, _, err = run_cli(capsys, cfg, tmp_path / "out", *flags)
