@@ -22,6 +22,7 @@
 // elements (padding lanes compute on zeros and are never stored).
 #pragma once
 #include <cstdlib>
+#include <new>
 #include <cstring>
 #include <vector>
 
@@ -49,8 +50,9 @@ struct AlignedBuffer {
   AlignedBuffer() = default;
   AlignedBuffer(const AlignedBuffer&) = delete;
   ~AlignedBuffer() { std::free(p); }
-  void reserve(size_t floats) {
+  void reserve(size_t floats) {  // on the calling thread: a failure throws before any work
     if (!p) p = static_cast<float*>(std::aligned_alloc(64, ((floats * 4 + 63) / 64) * 64));
+    if (!p) throw std::bad_alloc();
   }
 };
 
@@ -182,16 +184,16 @@ void whole_run_impl(const WholeRunArgs& a) {
   const bool soup = a.pivot_mode == PivotMode::Soup;
 
   std::vector<Scratch> scratch(threads);
+  for (Scratch& s : scratch) {
+    s.P.reserve(bs);
+    s.tail.reserve(static_cast<size_t>(n) * kTile);
+    s.tail_ptrs.resize(n);
+    for (int i = 0; i < n; ++i) s.tail_ptrs[i] = s.tail.p + static_cast<int64_t>(i) * kTile;
+    s.tail_dtypes.assign(n, DType::F32);
+    s.bad.assign(n, 0);
+  }
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     Scratch& s = scratch[worker];
-    s.P.reserve(bs);
-    if (!s.tail.p) {
-      s.tail.reserve(static_cast<size_t>(n) * kTile);
-      s.tail_ptrs.resize(n);
-      for (int i = 0; i < n; ++i) s.tail_ptrs[i] = s.tail.p + static_cast<int64_t>(i) * kTile;
-      s.tail_dtypes.assign(n, DType::F32);
-    }
-    if (a.check_finite && s.bad.empty()) s.bad.assign(n, 0);
     float* P = s.P.p;
     const int64_t b_end = std::min(nblocks, (task + 1) * run);
     for (int64_t b = task * run; b < b_end; ++b) {
