@@ -283,11 +283,24 @@ def plan_merge(
     if not (isinstance(chunk_mb, (int, float)) and chunk_mb > 0 and math.isfinite(chunk_mb)):
         raise MergeError(f"chunk_mb: must be a number > 0, got {chunk_mb!r}")
     shard_bytes = parse_size(shard_size)
-    cks = [m if isinstance(m, Checkpoint) else open_checkpoint(m) for m in models]
+    opened: List[Checkpoint] = []
+    try:
+        for m in models:
+            opened.append(m if isinstance(m, Checkpoint) else open_checkpoint(m))
+        if pivot_path is not None:
+            opened.append(open_checkpoint(pivot_path))
+        return _plan(opened[: len(models)], opened[-1] if pivot_path is not None else None, cfg, chunk_mb, shard_bytes, device)
+    except BaseException:
+        for ck in opened:  # nothing stays open after a failed plan
+            ck.close()
+        raise
+
+
+def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig, chunk_mb: float, shard_bytes: int, device: str) -> MergePlan:
     n = len(cks)
     pivot: Union[None, int, Checkpoint]
-    if pivot_path is not None:
-        pivot = open_checkpoint(pivot_path)
+    if pivot_ck is not None:
+        pivot = pivot_ck
     elif cfg.pivot == "soup":
         pivot = None
     elif isinstance(cfg.pivot, int):
