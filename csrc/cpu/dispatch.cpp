@@ -9,7 +9,7 @@ namespace ame {
 namespace cpu {
 
 int64_t whole_run_block(int64_t in_bytes, int64_t numel, int threads, int64_t requested) {
-  constexpr int64_t kAlign = 64;  // the widest register tile (16 lanes x 4)
+  constexpr int64_t kAlign = kMaxTile;
   int64_t bs;
   if (requested > 0) {
     bs = requested;

@@ -63,8 +63,11 @@ struct StepArgs {
 void whole_run(const WholeRunArgs& a, SimdLevel level);
 void step(const StepArgs& a, SimdLevel level);
 
+// Blocks are multiples of the widest register tile of any level (16 lanes x 8 vectors).
+constexpr int64_t kMaxTile = 128;
+
 // Elements per block whole_run uses when one element of all inputs together takes
-// `in_bytes` bytes (requested > 0: that, rounded up to a multiple of 64).
+// `in_bytes` bytes (requested > 0: that, rounded up to a multiple of kMaxTile).
 int64_t whole_run_block(int64_t in_bytes, int64_t numel, int threads, int64_t requested);
 
 #define AME_DECLARE_LEVEL(ns)              \

@@ -2,5 +2,4 @@
 // *_avx2.cpp / *_avx512.cpp with that ISA's flags. Nothing else belongs here.
 #define AME_ISA_NS avx512
 #define AME_W 16
-#define AME_U 4
 #include "cpu/step.h"

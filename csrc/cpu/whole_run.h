@@ -43,6 +43,7 @@ namespace {
 constexpr int kW = AME_W;
 constexpr int kU = AME_U;
 constexpr int kTile = kW * kU;
+static_assert(kMaxTile % kTile == 0, "blocks (multiples of kMaxTile) must hold whole tiles");
 using V = typename VecOf<kW>::type;
 
 struct AlignedBuffer {
@@ -172,7 +173,7 @@ void whole_run_impl(const WholeRunArgs& a) {
   const int n = a.n;
   int64_t in_bytes = 0;  // bytes of one element across all inputs
   for (int i = 0; i < n; ++i) in_bytes += dtype_size(a.input_dtypes[i]);
-  const int64_t bs = whole_run_block(in_bytes, a.numel, a.threads, a.block);  // multiple of 64 >= kTile
+  const int64_t bs = whole_run_block(in_bytes, a.numel, a.threads, a.block);  // a multiple of kMaxTile
   const int64_t nblocks = (a.numel + bs - 1) / bs;
   if (nblocks == 0) return;
   const int threads = static_cast<int>(std::min<int64_t>(a.threads, nblocks));

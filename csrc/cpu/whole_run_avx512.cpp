@@ -2,5 +2,5 @@
 // *_avx2.cpp / *_avx512.cpp with that ISA's flags. Nothing else belongs here.
 #define AME_ISA_NS avx512
 #define AME_W 16
-#define AME_U 4
+#define AME_U 8  // 8 x 16 lanes: enough independent chains to hide sqrt/div latency (32 zmm registers)
 #include "cpu/whole_run.h"
