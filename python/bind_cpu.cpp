@@ -74,6 +74,7 @@ HyperScalars hyper_arg(const char* fn, double momentum, double dampening, bool n
   h.amsgrad = amsgrad;
   h.eps_inside_sqrt = eps_inside_sqrt;
   h.initial_accumulator_value = static_cast<float>(initial_accumulator_value);
+  set_complements(h, dampening, beta1, beta2, rho);
   return h;
 }
 

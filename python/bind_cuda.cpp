@@ -76,6 +76,7 @@ HyperArgs make_hyper(const char* fn, const std::string& optimizer, double moment
   h.s.amsgrad = amsgrad ? 1 : 0;
   h.s.eps_inside_sqrt = eps_inside_sqrt ? 1 : 0;
   h.s.initial_accumulator_value = static_cast<float>(initial_accumulator_value);
+  ame::set_complements(h.s, dampening, beta1, beta2, rho);
   return h;
 }
 

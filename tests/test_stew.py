@@ -56,15 +56,10 @@ def _state_dicts(n=4, dtype=torch.float32):
 # 1.f - 0.999f = 0.00100004673 (4.7e-5 relative), so with beta2 = 0.999 every Adam step of the
 # cpu kernels is off by ~2e-5 of the update (about 10x the reference's error against fp64).
 # Strict: when the complement comes from the host in float64 this xpasses and the mark must go.
-CPU_BETA2_BUG = pytest.mark.xfail(strict=True, reason="cpu kernels: 1 - beta2 rounded in fp32 (csrc/rules/common.h)")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_server_stew_is_fedopt_server_update(request, backend, opt, dtype):
     """zeta_t = t+1 (default): g_t = x_{t-1} - w_t, i.e. torch.optim on Delta_t = w_t - x_{t-1}, step by step."""
-    if backend == "cpu" and opt == "adamw":  # the only case here with beta2 = 0.999
-        request.applymarker(CPU_BETA2_BUG)
     overrides, make_opt = OPTIMIZERS[opt]
     x0 = torch.randn(SIZE)
     rounds = _family(5, dtype=dtype)

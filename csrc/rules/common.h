@@ -51,10 +51,25 @@ struct HyperScalars {
   float eps = 0.f;
   float rho = 0.9f;
   float initial_accumulator_value = 0.f;
+  // 1 - x computed in double on the host and rounded once, as torch.optim computes
+  // `1 - beta2` in Python: in fp32, 1.f - 0.999f is 4.7e-5 relative off 0.001. Set them
+  // with set_complements(); the defaults match the defaults above.
+  float one_minus_dampening = 1.f;
+  float one_minus_beta1 = 0.1f;
+  float one_minus_beta2 = 0.001f;
+  float one_minus_rho = 0.1f;
   int nesterov = 0;
   int amsgrad = 0;
   int eps_inside_sqrt = 0;
 };
+
+// Host side: fill the complements from the double-precision hyperparameters.
+inline void set_complements(HyperScalars& h, double dampening, double beta1, double beta2, double rho) {
+  h.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  h.one_minus_rho = static_cast<float>(1.0 - rho);
+}
 
 // One row of StepPlan.coeffs (see ame_kernels/schedule.py), broadcast to V.
 template <class V>
@@ -73,15 +88,15 @@ struct HyperT {
   V eps, rho, one_minus_rho, initial_accumulator_value;
   AME_HD explicit HyperT(const HyperScalars& h)
       : momentum(h.momentum),
-        one_minus_dampening(1.f - h.dampening),
+        one_minus_dampening(h.one_minus_dampening),
         weight_decay(h.weight_decay),
         beta1(h.beta1),
-        one_minus_beta1(1.f - h.beta1),
+        one_minus_beta1(h.one_minus_beta1),
         beta2(h.beta2),
-        one_minus_beta2(1.f - h.beta2),
+        one_minus_beta2(h.one_minus_beta2),
         eps(h.eps),
         rho(h.rho),
-        one_minus_rho(1.f - h.rho),
+        one_minus_rho(h.one_minus_rho),
         initial_accumulator_value(h.initial_accumulator_value) {}
 };
 
