@@ -245,3 +245,43 @@ def step_coeffs(config: AMEConfig, t: int, gscale: float) -> np.ndarray:
     else:
         lr = lr_values(config, t)[t - 1 :]
     return _coeffs(resolve_hyper(config), lr, np.array([float(t)]), np.array([gscale]))[0]
+
+
+#: Folding is skipped when the coefficients' absolute sum exceeds this: large coefficients
+#: of opposite sign would cancel in fp32 (an unstable GD schedule), where the step loop
+#: rounds the way torch.optim does.
+MAX_LINEAR_GAIN = 16.0
+
+
+def linear_coefficients(plan: StepPlan, adaptive_pivot: bool) -> "np.ndarray | None":
+    """GD folded into one weighted sum: float64 [N+1] with w_T = sum_i c[i] x_i + c[N] w_0.
+
+    SGD (with or without momentum, nesterov, dampening and coupled weight decay) is
+    linear in (w_0, x_1..x_N): every quantity of the recurrence (w, p, g, the momentum
+    buffer) is a fixed combination of them, tracked here as float64 vectors of length
+    N+1 over the same batches, lr_t and zeta_t the step kernels read. A kernel then
+    reads each input once, whatever the number of epochs. None for other optimizers,
+    or when the combination is too ill-conditioned for fp32 (MAX_LINEAR_GAIN).
+    """
+    h = plan.hyper
+    if h.optimizer != "sgd":
+        return None
+    n = plan.n
+    w0 = np.zeros(n + 1)
+    w0[n] = 1.0
+    w = w0.copy()
+    buf = None
+    for t in range(1, plan.steps + 1):
+        batch = plan.batch(t)
+        s = plan.zeta[t - 1] / (n * len(batch))
+        g = (s * len(batch)) * (w if adaptive_pivot else w0)
+        np.subtract.at(g, batch, s)
+        if h.weight_decay:
+            g = g + h.weight_decay * w
+        if h.momentum:
+            buf = g.copy() if buf is None else h.momentum * buf + (1.0 - h.dampening) * g
+            g = g + h.momentum * buf if h.nesterov else buf
+        w = w - plan.lr[t - 1] * g
+    if not np.all(np.isfinite(w)) or np.abs(w).sum() > MAX_LINEAR_GAIN:
+        return None
+    return w

@@ -115,7 +115,7 @@ void init_cpu(py::module_& m) {
          double weight_decay, double beta1, double beta2, double eps, double rho, bool amsgrad, bool eps_inside_sqrt,
          double initial_accumulator_value, const std::string& pivot_mode, int pivot_index, uintptr_t pivot,
          const std::string& pivot_dtype, bool adaptive, int threads, const std::string& simd, bool check_finite,
-         int64_t block) {
+         int64_t block, const py::object& linear) {
         const char* fn = "whole_run";
         cpu::WholeRunArgs a;
         a.n = static_cast<int>(inputs.size());
@@ -178,6 +178,14 @@ void init_cpu(py::module_& m) {
         AME_CHECK(block >= 0, "[whole_run] block: must be >= 0 (0 = automatic), got " + std::to_string(block));
         a.block = block;
         a.check_finite = check_finite;
+        py::array linear_arr;
+        if (!linear.is_none()) {
+          linear_arr = py::array::ensure(linear);
+          AME_CHECK(linear_arr, "[whole_run] linear: expected a float32 array of N + 1 coefficients");
+          a.linear = array_arg<float>(linear_arr, fn, "linear", "float32");
+          AME_CHECK(linear_arr.ndim() == 1 && linear_arr.shape(0) == a.n + 1,
+                    "[whole_run] linear: expected shape [N + 1] = [" + std::to_string(a.n + 1) + "]");
+        }
         std::vector<uint8_t> bad(a.n, 0);
         a.nonfinite = bad.data();
         const SimdLevel level = simd_arg(simd, fn);
@@ -197,10 +205,12 @@ void init_cpu(py::module_& m) {
       py::arg("eps_inside_sqrt") = false, py::arg("initial_accumulator_value") = 0.0, py::arg("pivot_mode") = "soup",
       py::arg("pivot_index") = 0, py::arg("pivot") = 0, py::arg("pivot_dtype") = "float32",
       py::arg("adaptive") = true, py::arg("threads") = 1, py::arg("simd") = "auto", py::arg("check_finite") = false,
-      py::arg("block") = 0,
+      py::arg("block") = 0, py::arg("linear") = py::none(),
       "Run the whole schedule over numel elements: N input pointers (float32/bfloat16/float16, mixed allowed) ->\n"
       "out (written once, round to nearest even). batch_ptr int32 [T+1], batch_idx int32, coeffs float32 [T, 4]\n"
       "(gscale, lr_eff, decay, inv_bc2_sqrt) come from ame_kernels.schedule. pivot_mode: soup | index | pointer.\n"
+      "linear: optional float32 [N + 1] GD fold (ame_kernels.schedule.linear_coefficients): out = sum_i linear[i]\n"
+      "x_i + linear[N] * pivot (pointer pivot only); the schedule arrays are still checked but not stepped.\n"
       "Returns the indices of inputs in which a NaN/Inf was read (always [] unless check_finite).");
 
   m.def(

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _native
 from ..errors import MergeError
-from ..schedule import Hyper, StepPlan
+from ..schedule import Hyper, StepPlan, linear_coefficients
 from .base import FLOAT_DTYPE_NAMES, Backend, Pivot
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -99,6 +99,40 @@ def _plan_kwargs(plan: StepPlan) -> dict:
     )
 
 
+_MAX_FOLDS = 8
+_folds: dict = {}  # (id(plan), adaptive) -> (plan, coefficients or None); bounded memo, see _linear
+
+
+def _linear(plan: StepPlan, adaptive: bool, mode: str, index: int, fold: bool):
+    """The kernel's ``linear`` argument: GD folded into N+1 float32 weights, or None to step.
+
+    ``linear_coefficients`` gives w_T = sum_i c_i x_i + c_N w_0; a soup pivot (w_0 = mean x)
+    or an index pivot (w_0 = x_k) is folded into the input weights here, so the kernel
+    reads each input once. Memoised per plan: a merge calls the kernel once per tensor
+    (or chunk) with the same plan, and the fold costs O(T N) on the host.
+    """
+    if not fold or plan.hyper.optimizer != "sgd":
+        return None
+    key = (id(plan), bool(adaptive))
+    hit = _folds.get(key)
+    if hit is None or hit[0] is not plan:
+        if len(_folds) >= _MAX_FOLDS:
+            _folds.pop(next(iter(_folds)))
+        hit = _folds[key] = (plan, linear_coefficients(plan, adaptive))
+    c = hit[1]
+    if c is None:
+        return None
+    c = c.copy()
+    n = plan.n
+    if mode == "soup":
+        c[:n] += c[n] / n
+        c[n] = 0.0
+    elif mode == "index":
+        c[index] += c[n]
+        c[n] = 0.0
+    return c.astype(np.float32)
+
+
 def _torch_dtype_name(t: Any, fn: str, what: str) -> str:
     name = str(t.dtype).replace("torch.", "")
     if name not in FLOAT_DTYPE_NAMES:
@@ -124,8 +158,12 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, simd: Optional[str] = None):
+    def __init__(self, simd: Optional[str] = None, fold: bool = True):
+        """simd: force a level (None: $AME_SIMD or the best); fold: run GD as one weighted
+        sum (schedule.linear_coefficients) instead of stepping it (False: step, bit for bit
+        what the step kernel gives)."""
         self.simd = simd
+        self.fold = fold
 
     def available(self) -> tuple:
         mod = _native.load("_C")
@@ -182,6 +220,7 @@ class CpuBackend(Backend):
                 threads=default_threads(threads),
                 simd=resolve_simd(self.simd),
                 check_finite=bool(check_finite),
+                linear=_linear(plan, adaptive_pivot, mode, index, self.fold),
                 **_plan_kwargs(plan),
             )
         )
@@ -277,6 +316,7 @@ def whole_run_buffers(
     threads: Optional[int] = None,
     check_finite: bool = False,
     simd: str = "auto",
+    fold: bool = True,
 ) -> list:
     """The whole-run kernel on raw buffers, without torch (for the checkpoint engine).
 
@@ -342,6 +382,7 @@ def whole_run_buffers(
             threads=default_threads(threads),
             simd=resolve_simd(simd),
             check_finite=bool(check_finite),
+            linear=_linear(plan, adaptive_pivot, mode, index, fold),
             **_plan_kwargs(plan),
         )
     )

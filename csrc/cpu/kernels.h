@@ -43,6 +43,10 @@ struct WholeRunArgs {
   bool check_finite = false;
   uint8_t* nonfinite = nullptr;            // [n], set to 1 for inputs holding NaN/Inf (check_finite)
   int64_t block = 0;                       // elements per block; 0 = sized for the L2 cache
+  // GD folded on the host (ame_kernels.schedule.linear_coefficients): when set, the
+  // schedule is not stepped; out = sum_i linear[i] x_i (+ linear[n] * pivot for
+  // PivotMode::Pointer; soup and index pivots are folded into linear[0..n) already).
+  const float* linear = nullptr;           // [n + 1]
 };
 
 struct StepArgs {

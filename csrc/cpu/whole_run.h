@@ -257,9 +257,74 @@ void whole_run_impl(const WholeRunArgs& a) {
         if (s.bad[i]) a.nonfinite[i] = 1;
 }
 
+// GD folded by the host into one weighted sum (WholeRunArgs::linear): each input is read
+// once, whatever the number of epochs, straight from its memory. Per tile the kU
+// accumulators stay in registers across the N inputs; the NaN/Inf probe runs over all
+// inputs at once, and only a block that trips it is rescanned to name the inputs.
+void weighted_sum_impl(const WholeRunArgs& a) {
+  const int n = a.n;
+  int64_t in_bytes = 0;
+  for (int i = 0; i < n; ++i) in_bytes += dtype_size(a.input_dtypes[i]);
+  const int64_t bs = whole_run_block(in_bytes, a.numel, a.threads, a.block);
+  const int64_t nblocks = (a.numel + bs - 1) / bs;
+  if (nblocks == 0) return;
+  const int threads = static_cast<int>(std::min<int64_t>(a.threads, nblocks));
+  const int64_t run = std::max<int64_t>(1, nblocks / (8 * static_cast<int64_t>(threads)));
+  const int64_t ntasks = (nblocks + run - 1) / run;
+  const bool with_pivot = a.pivot_mode == PivotMode::Pointer;
+  const int m = n + (with_pivot ? 1 : 0);  // sources: the inputs, then the pivot
+  std::vector<const void*> srcs(a.inputs, a.inputs + n);
+  std::vector<DType> dts(a.input_dtypes, a.input_dtypes + n);
+  if (with_pivot) {
+    srcs.push_back(a.pivot);
+    dts.push_back(a.pivot_dtype);
+  }
+  std::vector<std::vector<uint8_t>> bad(threads, std::vector<uint8_t>(n, 0));
+  parallel_for(ntasks, threads, [&](int64_t task, int worker) {
+    const V zero = V(0.f);
+    const int64_t b_end = std::min(nblocks, (task + 1) * run);
+    for (int64_t b = task * run; b < b_end; ++b) {
+      const int64_t b0 = b * bs;
+      const int64_t len = std::min(bs, a.numel - b0);
+      const int64_t full = len / kTile * kTile;
+      V probe = zero;
+      for (int64_t j = 0; j < full; j += kTile) {
+        V acc[kU], x[kU];
+        for (int u = 0; u < kU; ++u) acc[u] = zero;
+        for (int i = 0; i < m; ++i) {
+          load_tile(srcs[i], dts[i], b0 + j, x);
+          const V c = V(a.linear[i]);
+          for (int u = 0; u < kU; ++u) acc[u] = v_fma(c, x[u], acc[u]);
+          if (a.check_finite && i < n)
+            for (int u = 0; u < kU; ++u) probe = v_fma(x[u], zero, probe);
+        }
+        for (int u = 0; u < kU; ++u) vstore_any<kW>(a.out, a.out_dtype, b0 + j + u * kW, acc[u]);
+      }
+      bool tail_bad = false;
+      for (int64_t j = b0 + full; j < b0 + len; ++j) {  // ragged tail, element by element
+        float acc = 0.f;
+        for (int i = 0; i < m; ++i) {
+          const float x = load_f32(srcs[i], dts[i], j);
+          acc = v_fma(a.linear[i], x, acc);
+          if (a.check_finite && i < n && x * 0.f != 0.f) tail_bad = true;
+        }
+        store_f32(a.out, a.out_dtype, j, acc);
+      }
+      if (a.check_finite && (tail_bad || v_any_nan(probe)))
+        for (int i = 0; i < n; ++i)
+          if (scan_slice<false, false>(a.inputs[i], a.input_dtypes[i], b0, len, nullptr, true)) bad[worker][i] = 1;
+    }
+  });
+  if (a.check_finite && a.nonfinite)
+    for (const auto& flags : bad)
+      for (int i = 0; i < n; ++i)
+        if (flags[i]) a.nonfinite[i] = 1;
+}
+
 }  // namespace
 
 void whole_run(const WholeRunArgs& a) {
+  if (a.linear) return weighted_sum_impl(a);
   dispatch_rule(a.optimizer, a.hyper, [&](auto rule) {
     using Rule = decltype(rule);
     const bool wd = a.hyper.weight_decay != 0.f;
