@@ -16,7 +16,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 

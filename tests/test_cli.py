@@ -65,7 +65,7 @@ def test_cli_equals_in_memory_merge(tmp_path, capsys, backend):
 
 def test_module_entry_point_and_pivot_path(tmp_path):
     paths, sds = make_family(tmp_path, n=2)
-    ppath = write_checkpoint(tiny_state_dict(9), str(tmp_path / "p"))
+    write_checkpoint(tiny_state_dict(9), str(tmp_path / "p"))
     cfg = write_config(tmp_path, paths, pivot="p", adaptive_pivot="false", optimizer="sgd", lr_schedule="constant", lr=1)
     proc = subprocess.run(
         [sys.executable, "-m", "ame_kernels", cfg, str(tmp_path / "out"), "--quiet", "--backend", BACKENDS[0]],

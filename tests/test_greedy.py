@@ -13,16 +13,7 @@ from ame_kernels.stew import Stew
 from ame_kernels.strategies import load_callable, run_cli, run_strategy
 from tolerances import assert_close
 
-try:
-    from backends import cpu_backends
-except ImportError:  # pragma: no cover (tests/backends.py is the shared helper)
-    def cpu_backends():
-        params = []
-        for name, (ok, why) in ak.available_backends().items():
-            if name == "cuda" or (name == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
-                continue
-            params.append(pytest.param(name, marks=[] if ok else [pytest.mark.skip(reason=f"{name}: {why}")]))
-        return params
+from backends import cpu_backends
 
 
 pytestmark = pytest.mark.parametrize("backend", cpu_backends())

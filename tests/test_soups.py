@@ -1,6 +1,5 @@
 """Model soups as GD-AME (uniform, weighted, greedy), on every CPU backend."""
 
-import os
 
 import pytest
 import torch
@@ -9,16 +8,7 @@ import ame_kernels as ak
 from ame_kernels.soups import greedy_soup, uniform_soup, weighted_soup
 from tolerances import assert_close
 
-try:
-    from backends import cpu_backends
-except ImportError:  # pragma: no cover (tests/backends.py is the shared helper)
-    def cpu_backends():
-        params = []
-        for name, (ok, why) in ak.available_backends().items():
-            if name == "cuda" or (name == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
-                continue
-            params.append(pytest.param(name, marks=[] if ok else [pytest.mark.skip(reason=f"{name}: {why}")]))
-        return params
+from backends import cpu_backends
 
 
 pytestmark = pytest.mark.parametrize("backend", cpu_backends())

@@ -10,16 +10,7 @@ import ame_kernels as ak
 from ame_kernels.stew import Stew, StewSnapshot
 from tolerances import assert_close
 
-try:
-    from backends import cpu_backends
-except ImportError:  # pragma: no cover (tests/backends.py is the shared helper)
-    def cpu_backends():
-        params = []
-        for name, (ok, why) in ak.available_backends().items():
-            if name == "cuda" or (name == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
-                continue
-            params.append(pytest.param(name, marks=[] if ok else [pytest.mark.skip(reason=f"{name}: {why}")]))
-        return params
+from backends import cpu_backends
 
 
 pytestmark = pytest.mark.parametrize("backend", cpu_backends())

@@ -133,6 +133,40 @@ def _linear(plan: StepPlan, adaptive: bool, mode: str, index: int, fold: bool):
     return c.astype(np.float32)
 
 
+def _check_count(fn: str, n_inputs: int, plan: StepPlan) -> None:
+    if not n_inputs:
+        raise MergeError(f"[{fn}] inputs: need at least 1 ingredient")
+    if n_inputs != plan.n:
+        raise MergeError(f"[{fn}] inputs: the plan is for {plan.n} ingredients, got {n_inputs}")
+
+
+def _pivot_index(fn: str, pivot: Any, n: int) -> Optional[int]:
+    """The pivot as a checked ingredient index, or None (a soup, or a buffer the caller reads)."""
+    if isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
+        if not 0 <= int(pivot) < n:
+            raise MergeError(f"[{fn}] pivot: index {pivot} is not in [0, {n})")
+        return int(pivot)
+    return None
+
+
+def _launch(plan: StepPlan, ptrs: list, dtypes: list, numel: int, out_ptr: int, out_dtype: str, pivot: Any,
+            adaptive: bool, threads: Optional[int], simd: Optional[str], check_finite: bool, fold: bool) -> list:
+    """The native whole_run on checked pointers; pivot: None (soup), an index, or (pointer, dtype)."""
+    mode, index, pptr, pdtype = "soup", 0, 0, "float32"
+    if isinstance(pivot, int):
+        mode, index = "index", pivot
+    elif pivot is not None:
+        mode, (pptr, pdtype) = "pointer", pivot
+    return list(
+        _module().whole_run(
+            inputs=ptrs, input_dtypes=dtypes, numel=numel, out=out_ptr, out_dtype=out_dtype,
+            pivot_mode=mode, pivot_index=index, pivot=pptr, pivot_dtype=pdtype, adaptive=bool(adaptive),
+            threads=default_threads(threads), simd=resolve_simd(simd), check_finite=bool(check_finite),
+            linear=_linear(plan, adaptive, mode, index, fold), **_plan_kwargs(plan),
+        )
+    )
+
+
 def _torch_dtype_name(t: Any, fn: str, what: str) -> str:
     name = str(t.dtype).replace("torch.", "")
     if name not in FLOAT_DTYPE_NAMES:
@@ -188,42 +222,15 @@ class CpuBackend(Backend):
     ) -> list:
         fn = "whole_run"
         inputs = list(inputs)
-        if not inputs:
-            raise MergeError(f"[{fn}] inputs: need at least 1 ingredient")
-        if len(inputs) != plan.n:
-            raise MergeError(f"[{fn}] inputs: the plan is for {plan.n} ingredients, got {len(inputs)}")
+        _check_count(fn, len(inputs), plan)
         numel = out.numel() if hasattr(out, "numel") else -1
         out_dtype = _check_tensor(out, numel, fn, "out")
         dtypes = [_check_tensor(x, numel, fn, f"inputs[{i}]") for i, x in enumerate(inputs)]
-        mode, index, pptr, pdtype = "soup", 0, 0, "float32"
-        if pivot is None:
-            pass
-        elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
-            if not 0 <= int(pivot) < len(inputs):
-                raise MergeError(f"[{fn}] pivot: index {pivot} is not in [0, {len(inputs)})")
-            mode, index = "index", int(pivot)
-        else:
-            pdtype = _check_tensor(pivot, numel, fn, "pivot")
-            mode, pptr = "pointer", pivot.data_ptr()
-        return list(
-            _module().whole_run(
-                inputs=[x.data_ptr() for x in inputs],
-                input_dtypes=dtypes,
-                numel=numel,
-                out=out.data_ptr(),
-                out_dtype=out_dtype,
-                pivot_mode=mode,
-                pivot_index=index,
-                pivot=pptr,
-                pivot_dtype=pdtype,
-                adaptive=bool(adaptive_pivot),
-                threads=default_threads(threads),
-                simd=resolve_simd(self.simd),
-                check_finite=bool(check_finite),
-                linear=_linear(plan, adaptive_pivot, mode, index, self.fold),
-                **_plan_kwargs(plan),
-            )
-        )
+        piv = _pivot_index(fn, pivot, len(inputs))
+        if piv is None and pivot is not None:
+            piv = (pivot.data_ptr(), _check_tensor(pivot, numel, fn, "pivot"))
+        return _launch(plan, [x.data_ptr() for x in inputs], dtypes, numel, out.data_ptr(), out_dtype, piv,
+                       adaptive_pivot, threads, self.simd, check_finite, self.fold)
 
     def step(
         self,
@@ -334,12 +341,9 @@ def whole_run_buffers(
     numel = o.nbytes // _ITEMSIZE[out_dtype]
     _check_buffer(o, out_dtype, numel, fn, "out")
     inputs, input_dtypes = list(inputs), list(input_dtypes)
-    if not inputs:
-        raise MergeError(f"[{fn}] inputs: need at least 1 ingredient")
+    _check_count(fn, len(inputs), plan)
     if len(input_dtypes) != len(inputs):
         raise MergeError(f"[{fn}] input_dtypes: expected {len(inputs)} dtypes (one per input), got {len(input_dtypes)}")
-    if len(inputs) != plan.n:
-        raise MergeError(f"[{fn}] inputs: the plan is for {plan.n} ingredients, got {len(inputs)}")
     arrays, dtypes = [], []
     for i, (x, d) in enumerate(zip(inputs, input_dtypes)):
         d = _dtype_name(d, fn, f"input_dtypes[{i}]")
@@ -347,14 +351,8 @@ def whole_run_buffers(
         _check_buffer(a, d, numel, fn, f"inputs[{i}]")
         arrays.append(a)
         dtypes.append(d)
-    mode, index, pptr, pdtype, keep = "soup", 0, 0, "float32", None
-    if pivot is None:
-        pass
-    elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
-        if not 0 <= int(pivot) < len(inputs):
-            raise MergeError(f"[{fn}] pivot: index {pivot} is not in [0, {len(inputs)})")
-        mode, index = "index", int(pivot)
-    else:
+    piv, keep = _pivot_index(fn, pivot, len(inputs)), None
+    if piv is None and pivot is not None:
         if isinstance(pivot, tuple) and len(pivot) == 2:
             buf, pdtype = pivot
             pdtype = _dtype_name(pdtype, fn, "pivot dtype")
@@ -364,28 +362,11 @@ def whole_run_buffers(
             raise MergeError(
                 f"[{fn}] pivot: expected None, an index, a float32/float16 array or (buffer, dtype), got {type(pivot).__name__}"
             )
-        keep = _as_array(buf, fn, "pivot")
+        keep = _as_array(buf, fn, "pivot")  # held until the kernel returns
         _check_buffer(keep, pdtype, numel, fn, "pivot")
-        mode, pptr = "pointer", keep.ctypes.data
-    return list(
-        _module().whole_run(
-            inputs=[a.ctypes.data for a in arrays],
-            input_dtypes=dtypes,
-            numel=numel,
-            out=o.ctypes.data,
-            out_dtype=out_dtype,
-            pivot_mode=mode,
-            pivot_index=index,
-            pivot=pptr,
-            pivot_dtype=pdtype,
-            adaptive=bool(adaptive_pivot),
-            threads=default_threads(threads),
-            simd=resolve_simd(simd),
-            check_finite=bool(check_finite),
-            linear=_linear(plan, adaptive_pivot, mode, index, fold),
-            **_plan_kwargs(plan),
-        )
-    )
+        piv = (keep.ctypes.data, pdtype)
+    return _launch(plan, [a.ctypes.data for a in arrays], dtypes, numel, o.ctypes.data, out_dtype, piv,
+                   adaptive_pivot, threads, simd, check_finite, fold)
 
 
 __all__ = ["CpuBackend", "default_threads", "info", "resolve_simd", "whole_run_buffers"]
