@@ -10,6 +10,7 @@ Environment switches (printed when used):
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,13 @@ class CMakeBuild(build_ext):
         print(f"ame_kernels: CMake build (AME_BUILD_CUDA={cuda}, archs={archs}, jobs={jobs})")
         subprocess.check_call(["cmake", str(ROOT), *args], cwd=build_temp)
         subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_temp)
+        # CMake writes every module into extdir, but an editable install copies only the declared
+        # extension (_C) back into the package: copy the optional sibling (_C_cuda) ourselves.
+        package_dir = ROOT / "ame_kernels"
+        if extdir != package_dir.resolve():
+            for module in extdir.glob("_C_cuda*"):
+                shutil.copy2(module, package_dir / module.name)
+                print(f"ame_kernels: copied {module.name} into {package_dir}")
 
 
 setup(

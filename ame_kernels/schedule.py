@@ -253,7 +253,7 @@ def step_coeffs(config: AMEConfig, t: int, gscale: float) -> np.ndarray:
 MAX_LINEAR_GAIN = 16.0
 
 
-def linear_coefficients(plan: StepPlan, adaptive_pivot: bool) -> "np.ndarray | None":
+def linear_coefficients(plan: StepPlan, adaptive_pivot: bool, max_gain: float = MAX_LINEAR_GAIN) -> "np.ndarray | None":
     """GD folded into one weighted sum: float64 [N+1] with w_T = sum_i c[i] x_i + c[N] w_0.
 
     SGD (with or without momentum, nesterov, dampening and coupled weight decay) is
@@ -261,7 +261,7 @@ def linear_coefficients(plan: StepPlan, adaptive_pivot: bool) -> "np.ndarray | N
     buffer) is a fixed combination of them, tracked here as float64 vectors of length
     N+1 over the same batches, lr_t and zeta_t the step kernels read. A kernel then
     reads each input once, whatever the number of epochs. None for other optimizers,
-    or when the combination is too ill-conditioned for fp32 (MAX_LINEAR_GAIN).
+    or when sum |c| exceeds ``max_gain`` (default MAX_LINEAR_GAIN): too ill-conditioned for fp32.
     """
     h = plan.hyper
     if h.optimizer != "sgd":
@@ -282,6 +282,6 @@ def linear_coefficients(plan: StepPlan, adaptive_pivot: bool) -> "np.ndarray | N
             buf = g.copy() if buf is None else h.momentum * buf + (1.0 - h.dampening) * g
             g = g + h.momentum * buf if h.nesterov else buf
         w = w - plan.lr[t - 1] * g
-    if not np.all(np.isfinite(w)) or np.abs(w).sum() > MAX_LINEAR_GAIN:
+    if not np.all(np.isfinite(w)) or np.abs(w).sum() > max_gain:
         return None
     return w

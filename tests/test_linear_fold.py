@@ -36,11 +36,16 @@ def test_coefficients_reproduce_torch_optim(n, epochs, batch_size, shuffle, adap
                        dampening=dampening, weight_decay=wd, amplification=1.7, pivot=torch.zeros(9) + 0.3)
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(n, 9, generator=g)
-    c = linear_coefficients(schedule(cfg, n), adaptive)
+    plan = schedule(cfg, n)
+    c = linear_coefficients(plan, adaptive, max_gain=float("inf"))
     assert c is not None and c.shape == (n + 1,)
+    gain = np.abs(c).sum()
+    # the guard falls back to stepping exactly when the combination is ill-conditioned
+    assert (linear_coefficients(plan, adaptive) is None) == (gain > MAX_LINEAR_GAIN)
     folded = c[:n] @ xs.double().numpy() + c[n] * 0.3
     ref = ak.merge(xs, cfg, backend="reference")
-    np.testing.assert_allclose(folded, ref.double().numpy(), rtol=1e-5, atol=1e-6)
+    # the fp32 reference's own rounding grows with the gain (terms of size ~gain cancel)
+    np.testing.assert_allclose(folded, ref.double().numpy(), rtol=1e-5, atol=1e-6 * max(1.0, gain))
 
 
 def test_non_sgd_and_unstable_schedules_are_not_folded():
