@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-from .config import FIELD_NAMES, AMEConfig
+from .config import FIELD_NAMES, AMEConfig, read_yaml
 from .errors import MergeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -66,20 +66,7 @@ def _resolve_path(p: Any, base: str, what: str) -> str:
 
 def load_spec(path: str) -> MergeSpec:
     """Read and check a config file (YAML); raises UsageError naming the key at fault."""
-    import yaml
-
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such config file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the config file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UsageError(f"{path}: invalid YAML{where}: {problem}") from None
+    doc = read_yaml(path, UsageError)
     if not isinstance(doc, dict):
         raise UsageError(f"{path}: expected a mapping with a 'models:' list, got {type(doc).__name__}")
     for key in doc:
@@ -249,12 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _names_strategy(path: str) -> bool:
     """Whether the config asks for a strategy other than AME (read without importing torch;
     the same rule as strategies.config_strategy; an unreadable file is reported by the merge path)."""
-    import yaml
-
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
+        doc = read_yaml(path)
+    except MergeError:
         return False
     return isinstance(doc, dict) and doc.get("strategy") not in (None, "ame")
 

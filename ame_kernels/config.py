@@ -252,6 +252,25 @@ def check_field_names(d: dict) -> dict:
     return d
 
 
+def read_yaml(path: str, error: type = MergeError) -> Any:
+    """The YAML document in ``path``; a missing file or bad YAML raises ``error`` naming the file
+    (and the line and column of a syntax error). Torch-free: the CLI reads configs with it."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: no such config file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read the config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{path}: invalid YAML{where}: {problem}") from None
+
+
 def make_config(config: Optional[AMEConfig] = None, **overrides: Any) -> AMEConfig:
     """``config`` with ``overrides`` applied (a fresh default config when None)."""
     if config is None:

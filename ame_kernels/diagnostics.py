@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .config import read_yaml
 from .errors import MergeError
 
 DEFAULT_CHUNK_MB = 32
@@ -498,15 +499,7 @@ def soup_gain(loss_soup: float, losses_ingredients: Sequence[float], higher_is_b
 
 def _load_models(path: str) -> tuple:
     """(model paths, base path or None) from a merge config (``models:`` entries; optional ``base:``)."""
-    import yaml
-
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise MergeError(f"{path}: no such config file") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise MergeError(f"{path}: cannot read the config ({str(e).splitlines()[0]})") from None
+    doc = read_yaml(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("models"), list) or not doc["models"]:
         raise MergeError(f"{path}: expected a mapping with a non-empty 'models:' list")
     here = os.path.dirname(os.path.abspath(path))

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .config import FIELD_NAMES, AMEConfig, make_config
+from .config import FIELD_NAMES, AMEConfig, make_config, read_yaml
 from .errors import MergeError
 
 STRATEGIES = ("greedy", "stew", "greedy_soup", "uniform_soup", "weighted_soup")
@@ -176,15 +176,7 @@ def run_strategy(strategy: str, state_dicts: Sequence[Dict[str, torch.Tensor]], 
 
 
 def _read_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            doc = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise MergeError(f"{path}: no such config file") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise MergeError(f"{path}: cannot read the config ({str(e).splitlines()[0]})") from None
+    doc = read_yaml(path)
     if not isinstance(doc, dict):
         raise MergeError(f"{path}: expected a mapping with a 'models:' list, got {type(doc).__name__}")
     return doc
