@@ -25,6 +25,7 @@ from ame_kernels.backends.reference import ReferenceBackend
 from ame_kernels.config import AMEConfig
 from ame_kernels.errors import MergeError
 from ame_kernels.schedule import schedule, step_coeffs
+from backends import OPTIMIZER_VARIANTS
 from tolerances import TOL, assert_close
 
 NVCC = shutil.which("nvcc")
@@ -43,22 +44,7 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = [F32, BF16, F16]
 REF = ReferenceBackend()
 
-# Every optimizer and option (DESIGN 1.5); small lr so runs stay well conditioned.
-OPTIMIZERS = {
-    "sgd": dict(optimizer="sgd"),
-    "sgd_momentum_nesterov_wd": dict(optimizer="sgd", lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.1),
-    "sgd_momentum_dampening": dict(optimizer="sgd", lr=0.5, momentum=0.5, dampening=0.3),
-    "adagrad_decay_init_wd": dict(optimizer="adagrad", lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1,
-                                  weight_decay=0.05),
-    "adagrad_eps_inside": dict(optimizer="adagrad", lr=0.1, eps=1e-3, eps_inside_sqrt=True),
-    "adam": dict(optimizer="adam", lr=0.01),
-    "adam_amsgrad_wd": dict(optimizer="adam", lr=0.01, amsgrad=True, weight_decay=0.1, betas=(0.8, 0.99)),
-    "adam_eps_inside": dict(optimizer="adam", lr=0.01, eps=1e-4, eps_inside_sqrt=True),
-    "adamw_wd": dict(optimizer="adamw", lr=0.01, weight_decay=0.1),
-    "adamw_amsgrad_eps_inside": dict(optimizer="adamw", lr=0.01, weight_decay=0.05, amsgrad=True, eps=1e-4,
-                                     eps_inside_sqrt=True),
-    "adadelta_wd": dict(optimizer="adadelta", lr=1.0, rho=0.8, weight_decay=0.05),
-}
+OPTIMIZERS = OPTIMIZER_VARIANTS  # tests/backends.py: every optimizer and option
 # The kernel's thread-group is 8 elements (16-byte loads): sizes around it, a prime in
 # the thousands, and one that leaves a ragged last group across many blocks.
 SIZES = [1, 7, 8, 9, 4099, (1 << 16) + 3]
@@ -209,9 +195,7 @@ def test_step_binding_rejects_bad_arguments(case):
 
 
 def _names(xs):
-    from ame_kernels.backends.cuda import _DTYPE_NAMES
-
-    return [_DTYPE_NAMES[str(x.dtype)] for x in xs]
+    return [str(x.dtype).replace("torch.", "") for x in xs]
 
 
 def _emulated_whole_run(xs, plan, pivot, adaptive, out, check_finite=False, vec=True):

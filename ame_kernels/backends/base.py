@@ -34,10 +34,30 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from ..errors import MergeError
 from ..schedule import Hyper, StepPlan
 
 #: dtypes a kernel must read and write.
 FLOAT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def check_flat(fn: str, arg: str, x, numel: int, device) -> str:
+    """``x`` is a contiguous float32/bfloat16/float16 tensor of ``numel`` elements on ``device``;
+    returns its dtype name. Raises MergeError naming ``fn`` and ``arg`` otherwise."""
+    import torch
+
+    if not isinstance(x, torch.Tensor):
+        raise MergeError(f"{fn}: {arg} must be a tensor, got {type(x).__name__}")
+    name = str(x.dtype).replace("torch.", "")
+    if name not in FLOAT_DTYPE_NAMES:
+        raise MergeError(f"{fn}: {arg} has dtype {x.dtype}; expected float32, bfloat16 or float16")
+    if x.numel() != numel:
+        raise MergeError(f"{fn}: {arg} has {x.numel()} elements, expected {numel}")
+    if not x.is_contiguous():
+        raise MergeError(f"{fn}: {arg} must be contiguous")
+    if x.device != device:
+        raise MergeError(f"{fn}: {arg} is on {x.device}, expected {device} (all tensors on one device)")
+    return name
 
 Pivot = Union[None, int, "torch.Tensor"]  # noqa: F821  (None = soup)
 

@@ -33,9 +33,8 @@ import numpy as np
 from .. import _native
 from ..errors import MergeError
 from ..schedule import Hyper, StepPlan
-from .base import Backend
+from .base import Backend, check_flat
 
-_DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 _MAX_CACHED_PLANS = 8
 _MAX_CACHED_TABLES = 64
 
@@ -45,29 +44,6 @@ def _module():
     if mod is None:
         raise MergeError(f"backend 'cuda' is not available: {_native.why_missing('_C_cuda')}")
     return mod
-
-
-def _dtype_name(fn: str, arg: str, x) -> str:
-    name = _DTYPE_NAMES.get(str(x.dtype))
-    if name is None:
-        raise MergeError(f"{fn}: {arg} has dtype {x.dtype}; expected float32, bfloat16 or float16")
-    return name
-
-
-def _check_flat(fn: str, arg: str, x, numel: int, device) -> str:
-    """``x`` is a contiguous float tensor of ``numel`` elements on ``device``; returns its dtype name."""
-    import torch
-
-    if not isinstance(x, torch.Tensor):
-        raise MergeError(f"{fn}: {arg} must be a tensor, got {type(x).__name__}")
-    name = _dtype_name(fn, arg, x)
-    if x.numel() != numel:
-        raise MergeError(f"{fn}: {arg} has {x.numel()} elements, expected {numel}")
-    if not x.is_contiguous():
-        raise MergeError(f"{fn}: {arg} must be contiguous")
-    if x.device != device:
-        raise MergeError(f"{fn}: {arg} is on {x.device}, expected {device} (all tensors on one device)")
-    return name
 
 
 def _hyper_kwargs(hyper: Hyper) -> dict:
@@ -223,12 +199,12 @@ class CudaBackend(Backend):
         if not isinstance(out, torch.Tensor) or out.device.type != "cuda":
             raise MergeError(f"{fn}: out must be a CUDA tensor")
         device, c = out.device, out.numel()
-        out_name = _check_flat(fn, "out", out, c, device)
-        names = [_check_flat(fn, f"inputs[{k}]", x, c, device) for k, x in enumerate(inputs)]
+        out_name = check_flat(fn, "out", out, c, device)
+        names = [check_flat(fn, f"inputs[{k}]", x, c, device) for k, x in enumerate(inputs)]
 
         pivot_mode, pivot_index, pivot_ptr, pivot_name = "soup", 0, 0, "float32"
         if isinstance(pivot, torch.Tensor):
-            pivot_name = _check_flat(fn, "pivot", pivot, c, device)
+            pivot_name = check_flat(fn, "pivot", pivot, c, device)
             pivot_mode, pivot_ptr = "tensor", pivot.data_ptr()
         elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
             if not 0 <= int(pivot) < plan.n:
@@ -287,21 +263,21 @@ class CudaBackend(Backend):
         device, c = w.device, w.numel()
         if w.dtype != torch.float32:
             raise MergeError(f"{fn}: w must be float32, got {w.dtype}")
-        _check_flat(fn, "w", w, c, device)
+        check_flat(fn, "w", w, c, device)
         slots = hyper.state_slots
         if not isinstance(state, torch.Tensor) or state.dtype != torch.float32:
             raise MergeError(f"{fn}: state must be a float32 tensor [{slots}, {c}]")
         if slots > 0:
             if tuple(state.shape) != (slots, c) and state.numel() != slots * c:
                 raise MergeError(f"{fn}: state must have shape [{slots}, {c}], got {tuple(state.shape)}")
-            _check_flat(fn, "state", state, slots * c, device)
+            check_flat(fn, "state", state, slots * c, device)
         batch = list(batch)
         if not batch:
             raise MergeError(f"{fn}: batch must hold at least one tensor")
-        names = [_check_flat(fn, f"batch[{k}]", x, c, device) for k, x in enumerate(batch)]
+        names = [check_flat(fn, f"batch[{k}]", x, c, device) for k, x in enumerate(batch)]
         pivot_ptr = 0
         if pivot is not None:
-            if _check_flat(fn, "pivot", pivot, c, device) != "float32":
+            if check_flat(fn, "pivot", pivot, c, device) != "float32":
                 raise MergeError(f"{fn}: pivot must be float32, got {pivot.dtype}")
             pivot_ptr = pivot.data_ptr()
         row = np.asarray(coeffs, dtype=np.float32).reshape(-1)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ...errors import MergeError
 from ...schedule import Hyper, StepPlan
+from ..base import check_flat
 from . import rules
 
 _IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -163,20 +164,7 @@ def _plan_tensors(plan: StepPlan, device: torch.device):
 def check_inputs(fn: str, arg: str, tensors, numel: int, device: torch.device) -> list:
     """Each of ``tensors`` is a contiguous float32/bfloat16/float16 tensor of ``numel``
     elements on ``device``; returns their dtype codes (0 fp32, 1 bf16, 2 fp16)."""
-    kinds = []
-    for k, x in enumerate(tensors):
-        if not isinstance(x, torch.Tensor):
-            raise MergeError(f"{fn}: {arg}[{k}] must be a tensor, got {type(x).__name__}")
-        if x.dtype not in _IN_KIND:
-            raise MergeError(f"{fn}: {arg}[{k}] has dtype {x.dtype}; expected float32, bfloat16 or float16")
-        if x.numel() != numel:
-            raise MergeError(f"{fn}: {arg}[{k}] has {x.numel()} elements, expected {numel}")
-        if not x.is_contiguous():
-            raise MergeError(f"{fn}: {arg}[{k}] must be contiguous")
-        if x.device != device:
-            raise MergeError(f"{fn}: {arg}[{k}] is on {x.device}, expected {device} (all tensors on one device)")
-        kinds.append(_IN_KIND[x.dtype])
-    return kinds
+    return [_IN_KIND[getattr(torch, check_flat(fn, f"{arg}[{k}]", x, numel, device))] for k, x in enumerate(tensors)]
 
 
 _MAX_CACHED_TABLES = 64
