@@ -17,8 +17,9 @@ place. Distributed ranks (``ame_kernels.distributed``) instead place their
 results with pwrite into shards preallocated by rank 0 (``create_shards``).
 
 Memory: at most N input chunks are mapped at a time (pages are released after
-each chunk), plus one output chunk: peak RSS ~ N x chunk + constant, whatever
-the model size.
+each chunk, for safetensors and zip-format ``.bin`` files alike), plus one output
+chunk: peak RSS ~ N x chunk + constant, whatever the model size. Legacy (non-zip)
+``.bin`` files are the exception: loaded whole when opened (the plan warns).
 
 On the CPU the file path never imports torch: numpy views of the mapped files
 go to the cpu backend's ``whole_run_buffers``. Other backends (reference,
@@ -335,6 +336,14 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
         shard_fill += job_bytes
         in_dtypes = tuple(ck.tensors[name].dtype for ck in cks)
         jobs.append(TensorJob(name, first.shape, first.numel, merge, in_dtypes, out_dtype, source, shard))
+    for ck in cks + ([pivot_ck] if pivot_ck is not None else []):
+        for f in ck.files.values():
+            if getattr(f, "in_memory", False):  # a legacy (non-zip) torch file cannot be mapped
+                plan_warnings.append(
+                    f"{f.path}: legacy (non-zip) PyTorch checkpoint, loaded whole into memory "
+                    f"({f.nbytes / 2**20:.0f} MiB); re-save it with torch.save or convert it to safetensors "
+                    f"to merge it in bounded memory"
+                )
     if any(d == "float64" for j in jobs for d in j.in_dtypes):
         plan_warnings.append("float64 tensors are read through an fp32 copy of each chunk (and written as float32 by default)")
     nshards = shard + 1

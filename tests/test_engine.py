@@ -63,10 +63,13 @@ def test_sharded_inputs_and_outputs(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["m0", "m1", "m2", "out"]
 
 
-def test_bin_inputs(tmp_path):
-    paths, sds = make_family(tmp_path, n=2, fmt="bin", shards=2)
+@pytest.mark.parametrize("fmt", ["bin", "legacy"])
+def test_bin_inputs(tmp_path, fmt):
+    paths, sds = make_family(tmp_path, n=2, fmt=fmt, shards=2)
     result = merge_checkpoints(paths, str(tmp_path / "out"), optimizer="adam", backend=BACKENDS[0], chunk_mb=0.01)
     assert_same(load_folder(result.out_dir), ak.merge(sds, optimizer="adam", backend=BACKENDS[0]))
+    legacy = [w for w in result.warnings if "legacy (non-zip) PyTorch checkpoint, loaded whole into memory" in w]
+    assert len(legacy) == (4 if fmt == "legacy" else 0), result.warnings  # one per shard file
 
 
 def test_pivot_checkpoint_path(tmp_path):

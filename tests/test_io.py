@@ -48,8 +48,8 @@ def write_checkpoint(sd: dict, folder: str, shards: int = 1, fmt: str = "safeten
         sub = {n: sd[n].contiguous() for n in part}
         if fmt == "safetensors":
             save_file(sub, os.path.join(folder, fname), metadata={"format": "pt"})
-        else:
-            torch.save(sub, os.path.join(folder, fname))
+        else:  # "bin": torch.save's zip format; "legacy": the pre-1.6 format, which cannot be mapped
+            torch.save(sub, os.path.join(folder, fname), _use_new_zipfile_serialization=fmt == "bin")
         weight_map.update({n: fname for n in part})
     if shards > 1:
         with open(os.path.join(folder, f"{stem}.{ext}.index.json"), "w") as f:
@@ -199,6 +199,76 @@ def test_open_bin_folder_and_file(tmp_path):
 
 class NotATensor:
     """Pickled by value into a .bin: weights_only=True must refuse it."""
+
+
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RssFile is read from Linux's /proc/self/status")
+def test_bin_pages_are_released_chunk_by_chunk(tmp_path):
+    """A zip-format .bin is mapped: reading 64 MiB chunk by chunk with release keeps <= 8 MiB of it resident
+    (without release all 64 MiB stay), and a released range reads back the same values."""
+    from ame_kernels.io.torchfile import TorchFile
+
+    w = torch.randn(16 << 20, generator=torch.Generator().manual_seed(0))
+    path = str(tmp_path / "big.bin")
+    torch.save({"w": w}, path)
+    chunk = 1 << 20
+    for release, bound in ((True, (0, 8 << 20)), (False, (60 << 20, 1 << 40))):
+        f = TorchFile(path)
+        info = f.tensors["w"]
+        assert not f.in_memory
+        base, peak = _rss_file_bytes(), 0
+        for s in range(0, info.numel, chunk):
+            v = f.view(info, s, chunk)
+            np.testing.assert_array_equal(v, w[s : s + chunk].numpy())  # touches every page of the chunk
+            del v
+            if release:
+                f.release(info, s, chunk)
+            peak = max(peak, _rss_file_bytes() - base)
+        assert bound[0] <= peak < bound[1], (release, peak / 2**20)
+        np.testing.assert_array_equal(f.view(info, 5, 9), w[5:14].numpy())  # read back from the file
+        f.close()
+
+
+def test_bin_non_contiguous_and_shared_tensors(tmp_path):
+    """A transposed tensor is read through one contiguous copy (dropped after its last chunk); tied tensors
+    (one storage) read right after the other's pages were released."""
+    from ame_kernels.io.torchfile import TorchFile
+
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(300, 70, generator=g).to(torch.bfloat16)
+    sd = {"t": torch.randn(70, 300, generator=g).t(), "emb": emb, "head": emb}
+    path = str(tmp_path / "x.bin")
+    torch.save(sd, path)
+    f = TorchFile(path)
+    for name, expected in sd.items():
+        info = f.tensors[name]
+        assert info.shape == tuple(expected.shape)
+        got = []
+        for s in range(0, info.numel, 4096):
+            got.append(f.view(info, s, min(4096, info.numel - s)).copy())
+            f.release(info, s, min(4096, info.numel - s))
+        flat = expected.reshape(-1)
+        flat = flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
+        np.testing.assert_array_equal(np.concatenate(got), flat)
+        assert not f._flat
+    f.close()
+
+
+def test_open_legacy_bin(tmp_path):
+    """The legacy (non-zip) format cannot be mapped: it is loaded whole and says so (``in_memory``)."""
+    sd = tiny_state_dict(5)
+    folder = write_checkpoint(sd, str(tmp_path / "legacy"), fmt="legacy")
+    ck = open_checkpoint(folder)
+    (f,) = ck.files.values()
+    assert ck.kind == "torch" and f.in_memory and f.nbytes == sum(t.numel() * t.element_size() for t in sd.values())
+    name = "lm_head.weight"
+    np.testing.assert_array_equal(ck.view(name, 5, 9).view(np.int16), _bits(sd[name])[5:14])
+    zf = open_checkpoint(write_checkpoint(sd, str(tmp_path / "zip"), fmt="bin"))
+    assert not next(iter(zf.files.values())).in_memory
 
 
 def test_bin_needs_weights_only(tmp_path):
