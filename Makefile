@@ -17,10 +17,14 @@ $(STAMP):
 	$(PY) -m pip install -q $(TORCH_PIN) $(DEPS)
 	touch $@
 
+# The stamp gets the time the build started (a temporary stamp touched first, moved into
+# place on success), so a source edited while a build runs is newer than it: the next
+# `make build` rebuilds.
 $(BUILD_STAMP): $(STAMP) CMakeLists.txt setup.py $(shell find csrc python -type f 2>/dev/null)
+	touch $@.tmp
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import ame_kernels as ak; print('ame_kernels built:', ak.build_info())"
-	touch $@
+	mv $@.tmp $@
 
 build: $(BUILD_STAMP)
 
@@ -41,4 +45,4 @@ repro: $(BUILD_STAMP)
 	$(PY) benchmarks/repro/run_all.py
 
 clean:
-	rm -rf build *.egg-info ame_kernels/*.so $(BUILD_STAMP) demo_out .pytest_cache
+	rm -rf build *.egg-info ame_kernels/*.so $(BUILD_STAMP) $(BUILD_STAMP).tmp demo_out .pytest_cache

@@ -38,3 +38,28 @@ def test_package_imports_without_extension():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "tensor" in r.stdout
+
+
+def test_make_build_stamp_predates_the_build(tmp_path):
+    """A prerequisite changed while `make build` runs is newer than the stamp, so the next `make build`
+    rebuilds. The build is a stand-in PY that edits the (redirected) install stamp, a prerequisite."""
+    import os
+    import shutil
+
+    import pytest
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make here")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    installed, built = tmp_path / "installed", tmp_path / "built"
+    installed.touch()
+    fake_py = tmp_path / "py"
+    fake_py.write_text(f"#!/bin/sh\nsleep 0.05\ntouch {installed}\nsleep 0.05\n")  # an edit in mid-build
+    fake_py.chmod(0o755)
+    args = [make, "-C", repo, f"PY={fake_py}", f"STAMP={installed}", f"BUILD_STAMP={built}"]
+    r = subprocess.run(args + ["build"], capture_output=True, text=True)
+    assert r.returncode == 0 and built.exists() and not (tmp_path / "built.tmp").exists(), r.stdout + r.stderr
+    assert os.stat(built).st_mtime_ns < os.stat(installed).st_mtime_ns
+    r = subprocess.run(args + ["-q", "build"], capture_output=True, text=True)
+    assert r.returncode == 1, "make build thinks the build is up to date after a mid-build edit"
