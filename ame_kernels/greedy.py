@@ -121,14 +121,12 @@ def greedy_merge(
     else:
         x0 = {k: resolved[k] for k in names}
     stew_cfg = cfg.replace(order=None, scores=None, pivot="soup")
-    stew = Stew(x0[""] if form == "list" else x0, stew_cfg, mode="merge", n=n)
-    if cfg.out_dtype is None:
-        # As ak.merge: output in each tensor's dtype in the first ingredient, not the pivot's
-        # (the fp32 soup pivot is kept in fp32 and only the output is rounded).
-        stew._out_dtype = {k: dicts[0][k].dtype for k in stew._out_dtype}
-
     def as_input(d):
         return d[""] if form == "list" else d
+
+    # As ak.merge: output in each tensor's dtype in the first ingredient, not the pivot's
+    # (the fp32 soup pivot is kept in fp32 and only the output is rounded).
+    stew = Stew(as_input(x0), stew_cfg, mode="merge", n=n, dtypes_like=as_input(dicts[0]))
 
     # The start model is the start ingredient itself (bit for bit) when evaluate scored it already.
     same = scores is None and pivot is None and cfg.out_dtype is None

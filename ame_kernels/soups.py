@@ -107,10 +107,9 @@ def greedy_soup(ingredients, evaluate: Callable[[Any], float], scores: Optional[
     cfg = AMEConfig(optimizer="sgd", lr=1.0, lr_schedule="harmonic", backend=backend, out_dtype=out_dtype,
                     threads=threads, check_finite=False)
     best_i = order[0]
-    stew = Stew(items[best_i], cfg)  # server mode: gscale 1, lr_t = 1/t -> running mean
+    # server mode: gscale 1, lr_t = 1/t -> running mean; output in the first ingredient's dtypes, as merge
+    stew = Stew(items[best_i], cfg, dtypes_like=items[0])
     stew.add(items[best_i])  # x_1 = the best ingredient exactly (g = 0)
-    if out_dtype is None:
-        stew._out_dtype = {k: dicts[0][k].dtype for k in stew._out_dtype}  # first ingredient's dtypes, as merge
     best = _score(evaluate, stew.weights, "greedy_soup") if given else ranked[best_i]
     history: List[GreedyStep] = []
     for i in order[1:]:

@@ -111,6 +111,9 @@ class Stew:
     mode: 'server' (default, FedOPT server stew) or 'merge' (``ak.merge`` semantics; needs ``n``).
     n: the N of 'merge' mode (number of ingredients of the equivalent merge).
     amplification: zeta_t; None = t+1 in 'server' mode, ``config.amplification`` in 'merge' mode.
+    dtypes_like: a tensor or state dict in the pivot's form whose float dtypes the output (``weights``)
+        takes when ``config.out_dtype`` is None; default: the pivot's. ``ak.merge``'s rule (the first
+        ingredient's dtypes) is ``dtypes_like=ingredients[0]``.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Stew:
         mode: str = "server",
         n: Optional[int] = None,
         amplification: Amplification = None,
+        dtypes_like: Union[None, torch.Tensor, Dict[str, torch.Tensor]] = None,
         **overrides: Any,
     ):
         cfg = make_config(config, **overrides)
@@ -172,8 +176,9 @@ class Stew:
         self.names: List[str] = list(pivot_dict)
         self._shapes = {k: tuple(v.shape) for k, v in pivot_dict.items()}
         self._float = {k: v.dtype in FLOAT_DTYPES for k, v in pivot_dict.items()}
+        like = self._dtypes_like(dtypes_like, pivot_dict)
         self._out_dtype = {
-            k: (_DTYPE_BY_NAME[cfg.out_dtype] if cfg.out_dtype else v.dtype) for k, v in pivot_dict.items() if self._float[k]
+            k: (_DTYPE_BY_NAME[cfg.out_dtype] if cfg.out_dtype else like[k].dtype) for k in pivot_dict if self._float[k]
         }
         self._buffers = {k: v.detach().clone() for k, v in pivot_dict.items() if not self._float[k]}
         self._w: Dict[str, torch.Tensor] = {}
@@ -189,6 +194,25 @@ class Stew:
             self._state[k] = st
         self._w0 = None if cfg.adaptive_pivot else {k: w.clone() for k, w in self._w.items()}
         self.t = 0
+
+    def _dtypes_like(self, like: Any, pivot_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``dtypes_like`` as a name -> tensor dict with a supported float dtype for every float tensor."""
+        if like is None:
+            return pivot_dict
+        if self._form == "tensor" and isinstance(like, torch.Tensor):
+            like = {"": like}
+        elif not (self._form == "dict" and isinstance(like, dict)):
+            want = "a tensor" if self._form == "tensor" else "a state dict"
+            raise MergeError(f"Stew: dtypes_like must be {want}, as the pivot is, got {type(like).__name__}")
+        for k in pivot_dict:
+            if not self._float[k]:
+                continue
+            x = like.get(k)
+            if not isinstance(x, torch.Tensor):
+                raise MergeError(f"Stew: dtypes_like has no tensor for {_label(k)}")
+            if x.dtype not in FLOAT_DTYPES:
+                raise MergeError(f"Stew: dtypes_like {_label(k)} has dtype {x.dtype}, expected float32/bfloat16/float16")
+        return like
 
     # -- stepping -------------------------------------------------------------
     def _batch(self, ingredient: Any) -> List[Dict[str, torch.Tensor]]:
@@ -285,6 +309,11 @@ class Stew:
             else:
                 out[name] = self._buffers[name].clone()
         return out[""] if self._form == "tensor" else out
+
+    @property
+    def out_dtypes(self) -> Dict[str, torch.dtype]:
+        """name -> the dtype ``weights`` gives each float tensor ('' for a tensor stew)."""
+        return dict(self._out_dtype)
 
     @property
     def weights_fp32(self) -> Dict[str, torch.Tensor]:

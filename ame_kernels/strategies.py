@@ -163,9 +163,8 @@ def run_strategy(strategy: str, state_dicts: Sequence[Dict[str, torch.Tensor]], 
     if mode == "server" and cfg.amplification != 1.0:  # the config's zeta_t replaces the server default t+1
         amplification, cfg = cfg.amplification, cfg.replace(amplification=1.0)
     stew = Stew(pivot, cfg.replace(pivot="soup", order=None, scores=None), mode=mode,
-                n=len(dicts) if mode == "merge" else None, amplification=amplification)
-    if cfg.out_dtype is None:
-        stew._out_dtype = {k: dicts[0][k].dtype for k in stew._out_dtype}  # as merge: the first model's dtypes
+                n=len(dicts) if mode == "merge" else None, amplification=amplification,
+                dtypes_like=dicts[0])  # as merge: the first model's dtypes
     for t in range(1, plan.steps + 1):
         stew.add([dicts[i] for i in plan.batch(t)])
     say(f"stew ({mode}): {stew.t} steps")

@@ -134,6 +134,30 @@ def test_merge_mode_on_state_dicts_any_dtype(backend):
     assert bf.weights["w"].dtype == torch.bfloat16
 
 
+def test_dtypes_like(backend, tmp_path):
+    """dtypes_like gives the output dtypes (ak.merge's rule: the first ingredient's), config.out_dtype wins,
+    and they survive save/load."""
+    sds = _state_dicts(3, torch.bfloat16)
+    sds[0]["b"] = sds[0]["b"].half()
+    soup = {k: (torch.stack([sd[k].float() for sd in sds]).mean(0) if v.is_floating_point() else v) for k, v in sds[0].items()}
+    cfg = ak.AMEConfig(optimizer="adam", lr=0.05, backend=backend)
+    stew = _run(Stew(soup, cfg, mode="merge", n=3, dtypes_like=sds[0]), sds)
+    assert stew.out_dtypes == {"w": torch.bfloat16, "b": torch.float16}
+    expected = ak.merge(sds, cfg)  # soup pivot, output in the first ingredient's dtypes
+    got = stew.weights
+    for name in ("w", "b"):
+        assert got[name].dtype == expected[name].dtype
+        assert_close(got[name], expected[name], what=name)
+    stew.save(str(tmp_path / "s"))
+    assert Stew.load(str(tmp_path / "s")).out_dtypes == stew.out_dtypes
+    assert Stew(soup, cfg, out_dtype="float16", dtypes_like=sds[0]).out_dtypes == {"w": torch.float16, "b": torch.float16}
+    assert Stew(torch.zeros(3), dtypes_like=torch.zeros(3, dtype=torch.bfloat16), backend=backend).weights.dtype == torch.bfloat16
+    for like, match in ((torch.zeros(3), "must be a state dict"), ({"w": sds[0]["w"]}, "no tensor for tensor 'b'"),
+                        ({**sds[0], "w": sds[0]["w"].double()}, "tensor 'w' has dtype torch.float64")):
+        with pytest.raises(ak.MergeError, match=match):
+            Stew(soup, cfg, dtypes_like=like)
+
+
 def _run(stew, items):
     for x in items:
         stew.add(x)
