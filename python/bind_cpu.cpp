@@ -199,18 +199,18 @@ void init_cpu(py::module_& m) {
         return out_bad;
       },
       py::arg("inputs"), py::arg("input_dtypes"), py::arg("numel"), py::arg("out"), py::arg("out_dtype"),
-      py::arg("batch_ptr"), py::arg("batch_idx"), py::arg("coeffs"), py::arg("optimizer"), py::arg("momentum") = 0.0,
-      py::arg("dampening") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0, py::arg("beta1") = 0.9,
-      py::arg("beta2") = 0.999, py::arg("eps") = 0.0, py::arg("rho") = 0.9, py::arg("amsgrad") = false,
-      py::arg("eps_inside_sqrt") = false, py::arg("initial_accumulator_value") = 0.0, py::arg("pivot_mode") = "soup",
-      py::arg("pivot_index") = 0, py::arg("pivot") = 0, py::arg("pivot_dtype") = "float32",
-      py::arg("adaptive") = true, py::arg("threads") = 1, py::arg("simd") = "auto", py::arg("check_finite") = false,
-      py::arg("block") = 0, py::arg("linear") = py::none(),
+      py::arg("batch_ptr"), py::arg("batch_idx"), py::arg("coeffs"), py::arg("optimizer"), py::arg("momentum"),
+      py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("eps"), py::arg("rho"), py::arg("amsgrad"), py::arg("eps_inside_sqrt"),
+      py::arg("initial_accumulator_value"), py::arg("pivot_mode"), py::arg("pivot_index"), py::arg("pivot"),
+      py::arg("pivot_dtype"), py::arg("adaptive"), py::arg("threads"), py::arg("simd"), py::arg("check_finite"),
+      py::arg("block"), py::arg("linear"),
       "Run the whole schedule over numel elements: N input pointers (float32/bfloat16/float16, mixed allowed) ->\n"
       "out (written once, round to nearest even). batch_ptr int32 [T+1], batch_idx int32, coeffs float32 [T, 4]\n"
       "(gscale, lr_eff, decay, inv_bc2_sqrt) come from ame_kernels.schedule. pivot_mode: soup | index | pointer.\n"
-      "linear: optional float32 [N + 1] GD fold (ame_kernels.schedule.linear_coefficients): out = sum_i linear[i]\n"
-      "x_i + linear[N] * pivot (pointer pivot only); the schedule arrays are still checked but not stepped.\n"
+      "linear: None (step) or a float32 [N + 1] GD fold (ame_kernels.schedule.linear_coefficients): out = sum_i\n"
+      "linear[i] x_i + linear[N] * pivot (pointer pivot only); the schedule arrays are still checked but not stepped.\n"
+      "block: elements per block (0: sized for the L2 cache). Every argument is required: no defaults here.\n"
       "Returns the indices of inputs in which a NaN/Inf was read (always [] unless check_finite).");
 
   m.def(
@@ -255,11 +255,10 @@ void init_cpu(py::module_& m) {
         cpu::step(a, level);
       },
       py::arg("w"), py::arg("state"), py::arg("slots"), py::arg("numel"), py::arg("batch"), py::arg("batch_dtypes"),
-      py::arg("pivot"), py::arg("coeffs"), py::arg("t"), py::arg("optimizer"), py::arg("momentum") = 0.0,
-      py::arg("dampening") = 0.0, py::arg("nesterov") = false, py::arg("weight_decay") = 0.0, py::arg("beta1") = 0.9,
-      py::arg("beta2") = 0.999, py::arg("eps") = 0.0, py::arg("rho") = 0.9, py::arg("amsgrad") = false,
-      py::arg("eps_inside_sqrt") = false, py::arg("initial_accumulator_value") = 0.0, py::arg("threads") = 1,
-      py::arg("simd") = "auto",
+      py::arg("pivot"), py::arg("coeffs"), py::arg("t"), py::arg("optimizer"), py::arg("momentum"),
+      py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"),
+      py::arg("eps"), py::arg("rho"), py::arg("amsgrad"), py::arg("eps_inside_sqrt"),
+      py::arg("initial_accumulator_value"), py::arg("threads"), py::arg("simd"),
       "One fused optimizer step in place: w float32 [numel] and state float32 [slots, numel] (read-modify-write),\n"
       "batch: M input pointers of any float dtype; pivot: float32 [numel] pointer or 0 (adaptive: p = w);\n"
       "coeffs: float32 [4] row of global step t (1-based).");
@@ -271,7 +270,7 @@ void init_cpu(py::module_& m) {
         AME_CHECK(threads >= 1, "[whole_run_block] threads: must be >= 1");
         return cpu::whole_run_block(in_bytes, numel, threads, block);
       },
-      py::arg("in_bytes"), py::arg("numel"), py::arg("threads"), py::arg("block") = 0,
+      py::arg("in_bytes"), py::arg("numel"), py::arg("threads"), py::arg("block"),
       "Elements per block the whole-run kernel uses when one element of all inputs takes in_bytes bytes\n"
       "(block = 0: sized for the L2 cache).");
 }

@@ -261,17 +261,33 @@ def test_simd_env_override(monkeypatch):
         resolve_simd(None)
 
 
+# what the binding needs besides pointers, dtypes and the schedule arrays (it has no defaults)
+LAUNCH_KWARGS = dict(pivot_mode="soup", pivot_index=0, pivot=0, pivot_dtype="float32", adaptive=True, threads=1,
+                     simd="auto", check_finite=False, block=0, linear=None)
+
+
 def _binding_kwargs(**over):
     from ame_kernels._native import load
+    from ame_kernels.backends.cpu import _hyper_kwargs
 
-    x = torch.zeros(8)
+    x, out = torch.zeros(8), torch.empty(8)  # returned with the kwargs: the pointers must outlive the call
     kw = dict(
-        inputs=[x.data_ptr(), x.data_ptr()], input_dtypes=["float32", "float32"], numel=8, out=torch.empty(8).data_ptr(),
+        inputs=[x.data_ptr(), x.data_ptr()], input_dtypes=["float32", "float32"], numel=8, out=out.data_ptr(),
         out_dtype="float32", batch_ptr=np.array([0, 1, 2], np.int32), batch_idx=np.array([0, 1], np.int32),
-        coeffs=np.ones((2, 4), np.float32), optimizer="sgd",
+        coeffs=np.ones((2, 4), np.float32), **_hyper_kwargs(schedule(AMEConfig(optimizer="sgd"), 2).hyper),
+        **LAUNCH_KWARGS,
     )
     kw.update(over)
-    return load("_C").whole_run, kw, x
+    return load("_C").whole_run, kw, (x, out)
+
+
+def test_binding_has_no_defaults():
+    """STYLE: the binding keeps no defaults of its own; the Python side passes every argument."""
+    fn, kw, (x, out) = _binding_kwargs()
+    assert fn(**kw) == [] and torch.equal(out, x)
+    for name in kw:
+        with pytest.raises(TypeError):
+            fn(**{k: v for k, v in kw.items() if k != name})
 
 
 @pytest.mark.parametrize(
@@ -313,7 +329,7 @@ def test_binding_unsupported_level_is_an_error():
     if not missing:
         pytest.skip("every level runs on this CPU")
     with pytest.raises(ValueError, match=r"\[whole_run\] simd: level"):
-        fn(**kw, simd=missing[0])
+        fn(**{**kw, "simd": missing[0]})
 
 
 @pytest.mark.parametrize("block", [64, 640, 4096])
@@ -331,7 +347,8 @@ def test_block_size_does_not_change_result(block):
         o = torch.empty(c, dtype=torch.bfloat16)
         bad = load("_C").whole_run(
             inputs=[x.data_ptr() for x in xs], input_dtypes=[str(x.dtype)[6:] for x in xs], numel=c, out=o.data_ptr(),
-            out_dtype="bfloat16", threads=2, block=blk, check_finite=True, **_plan_kwargs(plan))
+            out_dtype="bfloat16", **{**LAUNCH_KWARGS, "threads": 2, "block": blk, "check_finite": True},
+            **_plan_kwargs(plan))
         assert bad == []
         outs.append(o)
     assert torch.equal(outs[0], outs[1])

@@ -162,7 +162,7 @@ def _launch(plan: StepPlan, ptrs: list, dtypes: list, numel: int, out_ptr: int, 
             inputs=ptrs, input_dtypes=dtypes, numel=numel, out=out_ptr, out_dtype=out_dtype,
             pivot_mode=mode, pivot_index=index, pivot=pptr, pivot_dtype=pdtype, adaptive=bool(adaptive),
             threads=default_threads(threads), simd=resolve_simd(simd), check_finite=bool(check_finite),
-            linear=_linear(plan, adaptive, mode, index, fold), **_plan_kwargs(plan),
+            block=0, linear=_linear(plan, adaptive, mode, index, fold), **_plan_kwargs(plan),
         )
     )
 
