@@ -285,3 +285,48 @@ def linear_coefficients(plan: StepPlan, adaptive_pivot: bool, max_gain: float = 
     if not np.all(np.isfinite(w)) or np.abs(w).sum() > max_gain:
         return None
     return w
+
+
+#: Pivot modes of ``folded_weights``: a soup and an index pivot are folded into the input
+#: weights; a tensor pivot ("tensor", the cpu binding's "pointer") keeps its own weight c[N].
+FOLD_PIVOT_MODES = ("soup", "index", "tensor", "pointer")
+_MAX_FOLDS = 8
+_folds: dict = {}  # (id(plan), adaptive) -> (plan, coefficients or None); bounded memo, see folded_weights
+
+
+def folded_weights(plan: StepPlan, adaptive_pivot: bool, mode: str, index: int = 0) -> "np.ndarray | None":
+    """A kernel's GD fold: float32 [N+1] weights with out = sum_i w[i] x_i + w[N] * pivot, or None to step.
+
+    Shared by the cpu, triton and cuda backends. ``linear_coefficients`` gives
+    w_T = sum_i c_i x_i + c_N w_0; a soup pivot (mode "soup", w_0 = mean x) or an index
+    pivot (mode "index", w_0 = x_index) is folded into the input weights here (w[N] = 0),
+    so the kernel reads each input once; a tensor pivot ("tensor" / "pointer") keeps
+    c_N for the kernel to apply. None when the plan is not sgd or the fold is
+    ill-conditioned (``linear_coefficients``): the caller then steps. The coefficients are
+    memoised per plan object: a merge calls the kernel once per tensor (or chunk) with the
+    same plan, and the fold costs O(T N) on the host; the returned array is a fresh copy.
+    """
+    if mode not in FOLD_PIVOT_MODES:
+        raise MergeError(f"folded_weights: unknown pivot mode {mode!r}; valid: {', '.join(FOLD_PIVOT_MODES)}")
+    if plan.hyper.optimizer != "sgd":
+        return None
+    key = (id(plan), bool(adaptive_pivot))
+    hit = _folds.get(key)
+    if hit is None or hit[0] is not plan:  # id() reused by a new plan: replace
+        if len(_folds) >= _MAX_FOLDS:
+            _folds.pop(next(iter(_folds)))
+        hit = _folds[key] = (plan, linear_coefficients(plan, bool(adaptive_pivot)))
+    c = hit[1]
+    if c is None:
+        return None
+    c = c.copy()
+    n = plan.n
+    if mode == "soup":
+        c[:n] += c[n] / n
+        c[n] = 0.0
+    elif mode == "index":
+        if not 0 <= int(index) < n:
+            raise MergeError(f"folded_weights: pivot index {index} is not in [0, {n})")
+        c[int(index)] += c[n]
+        c[n] = 0.0
+    return c.astype(np.float32)

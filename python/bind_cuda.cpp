@@ -98,6 +98,21 @@ const T* host_array(const py::array& a, const std::string& what, int ndim) {
 
 bool aligned16(uintptr_t p) { return (p & 15u) == 0; }
 
+// The GD fold's weights (ame_kernels.schedule.folded_weights): a host float32 [n + 1] array
+// of finite values, or null when `linear` is None (step the schedule). `keep` holds the
+// array (and so its data) alive while the pointer is in use.
+const float* linear_weights(const py::object& linear, int64_t n, const std::string& fn, py::array& keep) {
+  if (linear.is_none()) return nullptr;
+  const std::string f = "[" + fn + "] linear";
+  keep = py::array::ensure(linear);
+  AME_CHECK(keep, f + ": expected a float32 array of N + 1 weights");
+  const float* w = host_array<float>(keep, f, 1);
+  AME_CHECK(keep.shape(0) == n + 1,
+            f + ": expected shape [N + 1] = [" + std::to_string(n + 1) + "], got [" + std::to_string(keep.shape(0)) + "]");
+  for (int64_t i = 0; i <= n; ++i) AME_CHECK(std::isfinite(w[i]), f + ": weight " + std::to_string(i) + " is not finite");
+  return w;
+}
+
 // A coeffs row as the kernels read it (one 16-byte float4): same size and alignment.
 struct alignas(16) float4_host {
   float x, y, z, w;
@@ -173,13 +188,16 @@ void whole_run(const std::vector<uintptr_t>& inputs, const std::vector<std::stri
                bool adaptive_pivot, uintptr_t out, const std::string& out_dtype, const std::string& optimizer,
                double momentum, double dampening, bool nesterov, double weight_decay, double beta1, double beta2,
                double eps, double rho, bool amsgrad, bool eps_inside_sqrt, double initial_accumulator_value,
-               uintptr_t nonfinite, int device, uintptr_t stream) {
+               uintptr_t nonfinite, int device, uintptr_t stream, const py::object& linear, uintptr_t linear_dev) {
   using ame::cuda::check_device_pointer;
   const HyperArgs hyper = make_hyper("whole_run", optimizer, momentum, dampening, nesterov, weight_decay, beta1, beta2,
                                      eps, rho, amsgrad, eps_inside_sqrt, initial_accumulator_value);
   ame::cuda::WholeRunArgs a = whole_run_args("whole_run", inputs, input_dtypes, c, batch_ptr, batch_idx, coeffs,
                                              pivot_mode, pivot_index, pivot_dtype, adaptive_pivot, out_dtype, hyper);
   const int64_t n = a.n;
+  py::array linear_host;
+  const bool folded = linear_weights(linear, n, "whole_run", linear_host) != nullptr;
+  AME_CHECK(folded || linear_dev == 0, "[whole_run] linear_dev: given without linear (its host copy, to check)");
   check_device("whole_run", device);
   if (c == 0) return;  // nothing to compute (empty tensors may have a null address)
 
@@ -214,6 +232,11 @@ void whole_run(const std::vector<uintptr_t>& inputs, const std::vector<std::stri
   a.out = reinterpret_cast<void*>(out);
   a.device = device;
   a.stream = stream;
+  if (folded) {
+    check_device_pointer(reinterpret_cast<const void*>(linear_dev), device, "[whole_run] linear_dev");
+    AME_CHECK((linear_dev & 3u) == 0, "[whole_run] linear_dev: fp32 weights must be 4-byte aligned");
+    a.linear = reinterpret_cast<const float*>(linear_dev);
+  }
 
   py::gil_scoped_release release;
   ame::cuda::whole_run(a, inputs_aligned);
@@ -234,13 +257,15 @@ std::vector<int> whole_run_emulated(const std::vector<uintptr_t>& inputs, const 
                                     double momentum, double dampening, bool nesterov, double weight_decay,
                                     double beta1, double beta2, double eps, double rho, bool amsgrad,
                                     bool eps_inside_sqrt, double initial_accumulator_value, bool check_finite,
-                                    bool vec) {
+                                    bool vec, const py::object& linear) {
   const HyperArgs hyper = make_hyper("whole_run_emulated", optimizer, momentum, dampening, nesterov, weight_decay,
                                      beta1, beta2, eps, rho, amsgrad, eps_inside_sqrt, initial_accumulator_value);
   ame::cuda::WholeRunArgs a = whole_run_args("whole_run_emulated", inputs, input_dtypes, c, batch_ptr, batch_idx,
                                              coeffs, pivot_mode, pivot_index, pivot_dtype, adaptive_pivot, out_dtype,
                                              hyper);
   const int64_t n = a.n;
+  py::array linear_host;
+  const float* weights = linear_weights(linear, n, "whole_run_emulated", linear_host);
   std::vector<int32_t> flags(static_cast<size_t>(n), 0);
   std::vector<int> bad;
   if (c == 0) return bad;
@@ -268,6 +293,7 @@ std::vector<int> whole_run_emulated(const std::vector<uintptr_t>& inputs, const 
   a.coeffs = reinterpret_cast<const float*>(tab.coeffs.data());
   a.out = reinterpret_cast<void*>(out);
   a.nonfinite = check_finite ? flags.data() : nullptr;
+  a.linear = weights;  // host memory, as every address here
   {
     py::gil_scoped_release release;
     ame::cuda::whole_run_emulated(a, vec && aligned);
@@ -411,7 +437,7 @@ void init_cuda(py::module_& m) {
         py::arg("out_dtype"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
         py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
         py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"), py::arg("nonfinite"),
-        py::arg("device"), py::arg("stream"),
+        py::arg("device"), py::arg("stream"), py::arg("linear") = py::none(), py::arg("linear_dev") = 0,
         "Run the whole schedule over [N, C] inputs into out [C] on `stream` (asynchronous).\n\n"
         "inputs: N device addresses of [c] arrays with input_dtypes (float32/bfloat16/float16);\n"
         "input_table / dtype_table: device copies of them (uint64 [N], int32 dtype codes [N], 0 f32 1 bf16 2 f16)\n"
@@ -420,17 +446,21 @@ void init_cuda(py::module_& m) {
         "pivot_mode 'soup' | 'index' (pivot_index) | 'tensor' (pivot address of pivot_dtype);\n"
         "out: device address of [c] out_dtype; hyperparameters as ame_kernels.schedule.Hyper;\n"
         "nonfinite: device int32 [N] zeroed by the caller (set to 1 where an input held NaN/Inf), or 0;\n"
-        "stream: the caller's cudaStream_t as an integer.");
+        "stream: the caller's cudaStream_t as an integer;\n"
+        "linear: optional host float32 [N + 1] GD fold (ame_kernels.schedule.folded_weights), checked here, and\n"
+        "linear_dev its device copy: out = sum_i linear[i] x_i (+ linear[N] * pivot for a tensor pivot), each input\n"
+        "read once; the schedule arrays are still checked but not stepped.");
   m.def("whole_run_emulated", &whole_run_emulated, py::kw_only(), py::arg("inputs"), py::arg("input_dtypes"),
         py::arg("c"), py::arg("batch_ptr"), py::arg("batch_idx"), py::arg("coeffs"), py::arg("pivot_mode"),
         py::arg("pivot_index"), py::arg("pivot"), py::arg("pivot_dtype"), py::arg("adaptive_pivot"), py::arg("out"),
         py::arg("out_dtype"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
         py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
         py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"),
-        py::arg("check_finite"), py::arg("vec"),
+        py::arg("check_finite"), py::arg("vec"), py::arg("linear") = py::none(),
         "whole_run's per-group kernel code run on the host over HOST addresses (tests without a GPU; slow).\n\n"
         "Arguments as whole_run, minus the device tables, stream and device; returns the indices of inputs\n"
-        "holding NaN/Inf when check_finite. vec: use the 16-byte vector path where every address allows it.");
+        "holding NaN/Inf when check_finite. vec: use the 16-byte vector path where every address allows it.\n"
+        "linear: optional float32 [N + 1] GD fold, as whole_run's (here read from host memory).");
   m.def("step_emulated", &step_emulated, py::kw_only(), py::arg("w"), py::arg("state"), py::arg("c"),
         py::arg("batch"), py::arg("batch_dtypes"), py::arg("pivot"), py::arg("coeffs"), py::arg("t"),
         py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),

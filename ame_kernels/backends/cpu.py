@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _native
 from ..errors import MergeError
-from ..schedule import Hyper, StepPlan, linear_coefficients
+from ..schedule import Hyper, StepPlan, folded_weights
 from .base import FLOAT_DTYPE_NAMES, Backend, Pivot
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -99,38 +99,10 @@ def _plan_kwargs(plan: StepPlan) -> dict:
     )
 
 
-_MAX_FOLDS = 8
-_folds: dict = {}  # (id(plan), adaptive) -> (plan, coefficients or None); bounded memo, see _linear
-
-
 def _linear(plan: StepPlan, adaptive: bool, mode: str, index: int, fold: bool):
-    """The kernel's ``linear`` argument: GD folded into N+1 float32 weights, or None to step.
-
-    ``linear_coefficients`` gives w_T = sum_i c_i x_i + c_N w_0; a soup pivot (w_0 = mean x)
-    or an index pivot (w_0 = x_k) is folded into the input weights here, so the kernel
-    reads each input once. Memoised per plan: a merge calls the kernel once per tensor
-    (or chunk) with the same plan, and the fold costs O(T N) on the host.
-    """
-    if not fold or plan.hyper.optimizer != "sgd":
-        return None
-    key = (id(plan), bool(adaptive))
-    hit = _folds.get(key)
-    if hit is None or hit[0] is not plan:
-        if len(_folds) >= _MAX_FOLDS:
-            _folds.pop(next(iter(_folds)))
-        hit = _folds[key] = (plan, linear_coefficients(plan, adaptive))
-    c = hit[1]
-    if c is None:
-        return None
-    c = c.copy()
-    n = plan.n
-    if mode == "soup":
-        c[:n] += c[n] / n
-        c[n] = 0.0
-    elif mode == "index":
-        c[index] += c[n]
-        c[n] = 0.0
-    return c.astype(np.float32)
+    """The kernel's ``linear`` argument: GD folded into N+1 float32 weights
+    (``schedule.folded_weights``, shared with the GPU backends), or None to step."""
+    return folded_weights(plan, adaptive, mode, index) if fold else None
 
 
 def _check_count(fn: str, n_inputs: int, plan: StepPlan) -> None:

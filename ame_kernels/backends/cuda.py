@@ -7,6 +7,11 @@ binding (``python/bind_cuda.cpp``) checks every argument again and names it.
 
 - CUDA tensors: one launch, asynchronous like any torch op (``check_finite`` syncs to
   read the flags back).
+- GD is folded: for sgd (any momentum / nesterov / dampening / coupled weight decay) the
+  host folds the whole schedule into N+1 fp32 weights (``schedule.folded_weights``, the
+  cpu backend's fold, uploaded and cached like the plan) and the kernel computes one
+  weighted sum, reading each input once whatever the number of epochs.
+  ``CudaBackend(fold=False)``, other optimizers and ill-conditioned folds step.
 - Host tensors: streamed through the GPU chunk by chunk by the Triton backend's
   generic driver (``backends/triton/driver.py``: pinned double buffers, copy and
   compute streams), with this backend's kernel; ``step`` on host tensors copies to the
@@ -32,7 +37,7 @@ import numpy as np
 
 from .. import _native
 from ..errors import MergeError
-from ..schedule import Hyper, StepPlan
+from ..schedule import Hyper, StepPlan, folded_weights
 from .base import Backend, check_flat
 
 _MAX_CACHED_PLANS = 8
@@ -69,6 +74,7 @@ class _Uploads:
     def __init__(self):
         self._plans: dict = {}
         self._tables: dict = {}
+        self._weights: dict = {}
 
     @staticmethod
     def _upload(host: tuple, device) -> tuple:
@@ -109,6 +115,20 @@ class _Uploads:
             self._plans[key] = hit
         return self._ready(hit[1:], device)
 
+    def weights(self, plan: StepPlan, adaptive_pivot: bool, mode: str, index: int, device):
+        """(host float32 [N+1], device copy) of the plan's GD fold (``schedule.folded_weights``),
+        or None (not sgd, or ill-conditioned: step); uploaded once per (plan, device, pivot mode)."""
+        key = (id(plan), str(device), bool(adaptive_pivot), mode, int(index))
+        hit = self._weights.get(key)
+        if hit is None or hit[0] is not plan:
+            w = folded_weights(plan, adaptive_pivot, mode, index)
+            if len(self._weights) >= _MAX_CACHED_PLANS:
+                self._weights.pop(next(iter(self._weights)))
+            hit = self._weights[key] = (plan, w, None if w is None else self._upload((w,), device))
+        if hit[1] is None:
+            return None
+        return hit[1], self._ready(hit[2], device)[0]
+
     def table(self, ptrs: tuple, codes: tuple, device) -> tuple:
         """(uint64 [M] addresses, int32 [M] dtype codes) on ``device``."""
         key = (str(device), ptrs, codes)
@@ -125,12 +145,39 @@ class _Uploads:
 _CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
+def _pivot_args(fn: str, pivot, plan: StepPlan, c: int, device) -> tuple:
+    """(pivot_mode, pivot_index, pivot address, pivot dtype name) for the binding."""
+    import torch
+
+    if isinstance(pivot, torch.Tensor):
+        return "tensor", 0, pivot.data_ptr(), check_flat(fn, "pivot", pivot, c, device)
+    if isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
+        if not 0 <= int(pivot) < plan.n:
+            raise MergeError(f"{fn}: pivot index {pivot} out of range [0, {plan.n})")
+        return "index", int(pivot), 0, "float32"
+    if pivot is not None:
+        raise MergeError(f"{fn}: pivot must be None (soup), an input index or a tensor, got {type(pivot).__name__}")
+    return "soup", 0, 0, "float32"
+
+
+def _plan_arrays(plan: StepPlan) -> dict:
+    """The plan's host arrays, which the binding checks."""
+    return dict(
+        batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
+        batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
+        coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32),
+    )
+
+
 class CudaBackend(Backend):
     """Hand-written CUDA C++ kernels (csrc/cuda) on CUDA tensors; host tensors streamed through the GPU."""
 
     name = "cuda"
 
-    def __init__(self):
+    def __init__(self, fold: bool = True):
+        """fold: run GD as one weighted sum (``schedule.folded_weights``, the cpu backend's
+        fold) instead of stepping it; False: always step (the whole-run kernel's loop)."""
+        self.fold = fold
         self._uploads = _Uploads()
         self._runners: dict = {}
         self._available: Optional[tuple] = None
@@ -202,34 +249,24 @@ class CudaBackend(Backend):
         out_name = check_flat(fn, "out", out, c, device)
         names = [check_flat(fn, f"inputs[{k}]", x, c, device) for k, x in enumerate(inputs)]
 
-        pivot_mode, pivot_index, pivot_ptr, pivot_name = "soup", 0, 0, "float32"
-        if isinstance(pivot, torch.Tensor):
-            pivot_name = check_flat(fn, "pivot", pivot, c, device)
-            pivot_mode, pivot_ptr = "tensor", pivot.data_ptr()
-        elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
-            if not 0 <= int(pivot) < plan.n:
-                raise MergeError(f"{fn}: pivot index {pivot} out of range [0, {plan.n})")
-            pivot_mode, pivot_index = "index", int(pivot)
-        elif pivot is not None:
-            raise MergeError(f"{fn}: pivot must be None (soup), an input index or a tensor, got {type(pivot).__name__}")
+        pivot_mode, pivot_index, pivot_ptr, pivot_name = _pivot_args(fn, pivot, plan, c, device)
         if c == 0:
             return []
 
         ptrs = tuple(x.data_ptr() for x in inputs)
         table, codes = self._uploads.table(ptrs, tuple(_CODES[n] for n in names), device)
         batch_ptr, batch_idx, coeffs = self._uploads.plan(plan, device)
+        folded = self._uploads.weights(plan, adaptive_pivot, pivot_mode, pivot_index, device) if self.fold else None
         flags = torch.zeros(plan.n, dtype=torch.int32, device=device) if check_finite else None
         _module().whole_run(
             inputs=list(ptrs), input_dtypes=names, c=c, input_table=table.data_ptr(), dtype_table=codes.data_ptr(),
-            batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
-            batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
-            coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32),
             batch_ptr_dev=batch_ptr.data_ptr(), batch_idx_dev=batch_idx.data_ptr(), coeffs_dev=coeffs.data_ptr(),
             pivot_mode=pivot_mode, pivot_index=pivot_index, pivot=pivot_ptr, pivot_dtype=pivot_name,
             adaptive_pivot=bool(adaptive_pivot), out=out.data_ptr(), out_dtype=out_name,
             nonfinite=flags.data_ptr() if flags is not None else 0,
             device=device.index, stream=torch.cuda.current_stream(device).cuda_stream,
-            **_hyper_kwargs(plan.hyper),
+            linear=None if folded is None else folded[0], linear_dev=0 if folded is None else folded[1].data_ptr(),
+            **_plan_arrays(plan), **_hyper_kwargs(plan.hyper),
         )
         if flags is None:
             return []
@@ -298,9 +335,34 @@ class CudaBackend(Backend):
         )
 
 
+def whole_run_emulated(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out, check_finite: bool = False,
+                       fold: bool = True, vec: bool = True) -> list:
+    """``CudaBackend.whole_run`` on HOST tensors through ``_C_cuda.whole_run_emulated``: the
+    kernels' per-group code run on the CPU (csrc/cuda/emulate.cu), with the same pivot
+    handling and GD fold as a device launch. For tests without a GPU; slow.
+    vec: take the 16-byte vector path where the addresses allow it."""
+    import torch
+
+    fn = "cuda.whole_run_emulated"
+    inputs = list(inputs)
+    if len(inputs) != plan.n:
+        raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n}")
+    device, c = torch.device("cpu"), out.numel()
+    out_name = check_flat(fn, "out", out, c, device)
+    names = [check_flat(fn, f"inputs[{k}]", x, c, device) for k, x in enumerate(inputs)]
+    pivot_mode, pivot_index, pivot_ptr, pivot_name = _pivot_args(fn, pivot, plan, c, device)
+    linear = folded_weights(plan, adaptive_pivot, pivot_mode, pivot_index) if fold else None
+    return list(_module().whole_run_emulated(
+        inputs=[x.data_ptr() for x in inputs], input_dtypes=names, c=c, pivot_mode=pivot_mode,
+        pivot_index=pivot_index, pivot=pivot_ptr, pivot_dtype=pivot_name, adaptive_pivot=bool(adaptive_pivot),
+        out=out.data_ptr(), out_dtype=out_name, check_finite=bool(check_finite), vec=bool(vec), linear=linear,
+        **_plan_arrays(plan), **_hyper_kwargs(plan.hyper),
+    ))
+
+
 def device_info(device: int = 0) -> dict:
     """Facts about CUDA device ``device`` and the _C_cuda build (see ``_C_cuda.device_info``)."""
     return dict(_module().device_info(device))
 
 
-__all__ = ["CudaBackend", "device_info"]
+__all__ = ["CudaBackend", "device_info", "whole_run_emulated"]

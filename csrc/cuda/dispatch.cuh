@@ -70,6 +70,7 @@ void whole_run_sgd(const WholeRunArgs& a, bool vec);
 void whole_run_adagrad(const WholeRunArgs& a, bool vec);
 void whole_run_adam(const WholeRunArgs& a, bool vec);
 void whole_run_adadelta(const WholeRunArgs& a, bool vec);
+void whole_run_linear(const WholeRunArgs& a, bool vec);  // GD folded: WholeRunArgs::linear is set
 void step_sgd(const StepArgs& a, bool vec);
 void step_adagrad(const StepArgs& a, bool vec);
 void step_adam(const StepArgs& a, bool vec);

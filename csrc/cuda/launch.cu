@@ -84,6 +84,7 @@ int state_slots(const HyperArgs& h) {
 void whole_run(const WholeRunArgs& a, bool inputs_aligned) {
   set_device(a.device, "whole_run");
   const bool vec = inputs_aligned && aligned16(a.out) && (a.pivot_mode != PivotMode::kTensor || aligned16(a.pivot));
+  if (a.linear != nullptr) return whole_run_linear(a, vec);  // GD folded on the host: one weighted sum
   switch (a.hyper.optimizer) {
     case Optimizer::kSgd: return whole_run_sgd(a, vec);
     case Optimizer::kAdagrad: return whole_run_adagrad(a, vec);

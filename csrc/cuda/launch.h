@@ -45,6 +45,10 @@ struct WholeRunArgs {
   void* out = nullptr;              // device [c] of out_dtype
   int32_t out_dtype = 0;
   int32_t* nonfinite = nullptr;     // device [n] int32 zeroed by the caller, or null (no check)
+  // GD folded on the host (ame_kernels.schedule.folded_weights): when set, the schedule is
+  // not stepped; out = sum_i linear[i] x_i (+ linear[n] * pivot for kTensor; soup and
+  // index pivots are folded into linear[0..n) already). Any optimizer code may come with it.
+  const float* linear = nullptr;    // device [n + 1] fp32, or null (step the schedule)
   HyperArgs hyper;
   int device = 0;
   uintptr_t stream = 0;             // cudaStream_t of the caller (0: legacy default stream)

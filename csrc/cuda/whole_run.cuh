@@ -15,6 +15,14 @@
 //
 // The schedule (batch_ptr, batch_idx, coeffs) lives in small device arrays; every
 // thread of a warp reads the same entry at the same time (one broadcast load each).
+//
+// GD is folded (weighted_sum_kernel, WholeRunArgs::linear): SGD with any momentum,
+// nesterov, dampening and coupled weight decay is linear in (w_0, x_1..x_N), so the host
+// folds the whole schedule into N+1 fp32 weights (ame_kernels.schedule.folded_weights, the
+// CPU kernel's fold) and the kernel computes
+//   out = round_to_nearest_even(sum_i linear[i] x_i (+ linear[N] * pivot for kTensor))
+// with fp32 FMAs over the inputs in order, as the CPU kernel's weighted_sum_impl: each
+// input is read once (16-byte vector loads, grid-stride), whatever the number of epochs.
 #pragma once
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
@@ -107,6 +115,41 @@ void launch_whole_run(const WholeRunArgs& a, bool vec, const char* kernel_name) 
   whole_run_kernel<TIn, TOut, Rule>
       <<<grid, kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(a, vec);
   check_launch("whole_run", kernel_name);
+}
+
+// GD folded into a.linear (see the header comment): one thread-group's weighted sum.
+// __host__ __device__: the kernel below calls it per group; emulate.cu on the host.
+template <typename TIn, typename TOut>
+AME_HD void weighted_sum_group(const WholeRunArgs& a, int64_t gi, bool vec) {
+  const int64_t base = gi * kEPT;
+  const bool v = vec && base + kEPT <= a.c;  // vector path: aligned and a full group
+  float acc[kEPT], x[kEPT];
+#pragma unroll
+  for (int k = 0; k < kEPT; ++k) acc[k] = 0.f;
+#pragma unroll 4  // several inputs' loads in flight per thread
+  for (int i = 0; i < a.n; ++i) {
+    InputLoader<TIn>::load(a.inputs, a.in_dtypes, i, base, a.c, v, x);
+    if (a.nonfinite != nullptr && any_nonfinite(x)) a.nonfinite[i] = 1;
+    const float ci = ldg(a.linear + i);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) acc[k] = v_fma(ci, x[k], acc[k]);
+  }
+  if (a.pivot_mode == PivotMode::kTensor) {
+    load_group_any(a.pivot, a.pivot_dtype, base, a.c, v, x);
+    const float cp = ldg(a.linear + a.n);
+#pragma unroll
+    for (int k = 0; k < kEPT; ++k) acc[k] = v_fma(cp, x[k], acc[k]);
+  }
+  store_group<TOut>(a.out, base, a.c, v, acc);
+}
+
+template <typename TIn, typename TOut>
+__global__ void __launch_bounds__(kThreads) weighted_sum_kernel(const WholeRunArgs a, const bool vec) {
+  const int64_t groups = (a.c + kEPT - 1) / kEPT;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t gi = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; gi < groups; gi += stride) {
+    weighted_sum_group<TIn, TOut>(a, gi, vec);
+  }
 }
 
 // Every TIn (incl. Mixed) x TOut for one Rule: the instantiations of one rule file.

@@ -2,7 +2,8 @@
 
 Modules:
     rules.py      one ``@triton.jit`` helper per optimizer update (sgd, adagrad, adam/adamw, adadelta)
-    whole_run.py  ``_whole_run_kernel``: the whole schedule per block, w and moments in registers
+    whole_run.py  ``_whole_run_kernel``: the whole schedule per block, w and moments in registers;
+                  ``_weighted_sum_kernel``: GD (sgd) folded into N+1 weights, each input read once
     step.py       ``_step_kernel``: one step with the state in fp32 buffers (stateful APIs)
     driver.py     ``run_chunked``: models in host memory, streamed through the GPU in chunks
                   with pinned double buffers and three CUDA streams (generic over the kernel,
@@ -53,7 +54,10 @@ class TritonBackend(Backend):
 
     name = "triton"
 
-    def __init__(self):
+    def __init__(self, fold: bool = True):
+        """fold: run GD as one weighted sum (``schedule.folded_weights``, the cpu backend's
+        fold) instead of stepping it; False: always step (the ``_whole_run_kernel`` loop)."""
+        self.fold = fold
         self._runners = {}  # (device, chunk_elems) -> driver.ChunkedRunner
 
     def available(self) -> tuple:
@@ -88,10 +92,11 @@ class TritonBackend(Backend):
             # device tensors are merged from host copies (interpreter mode only).
             host_out = out.cpu()
             piv = pivot.cpu() if hasattr(pivot, "cpu") else pivot
-            bad = whole_run([x.cpu() for x in inputs], plan, piv, adaptive_pivot, host_out, check_finite=check_finite)
+            bad = whole_run([x.cpu() for x in inputs], plan, piv, adaptive_pivot, host_out, check_finite=check_finite,
+                            fold=self.fold)
             out.copy_(host_out)
             return bad
-        return whole_run(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
+        return whole_run(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite, fold=self.fold)
 
     def whole_run_chunked(self, inputs, plan, pivot, adaptive_pivot, out, chunk_elems: Optional[int] = None,
                           device="cuda", check_finite: bool = False, runner=None) -> list:

@@ -8,9 +8,17 @@ read in their own dtype through an int64 pointer table (no stacking, no upcast
 copy); after the first pass over a block its N slices sit in L2, so the traffic
 is about N*C*sizeof(in) + C*sizeof(out) bytes. w is written once, in ``out``'s dtype.
 
+GD is folded (``_weighted_sum_kernel``): SGD with any momentum / nesterov / dampening /
+coupled weight decay is linear in (w_0, x_1..x_N), so the host folds the whole schedule
+into N+1 fp32 weights (``schedule.folded_weights``, the cpu backend's fold) and the
+kernel computes out = sum_i c_i x_i (+ c_N * pivot for a tensor pivot), reading each
+input once whatever the number of epochs: fp32 FMAs over the inputs in order, as the
+cpu kernel sums. ``whole_run(fold=False)`` (``TritonBackend(fold=False)``), a non-sgd
+optimizer or an ill-conditioned fold (``linear_coefficients`` returns None) step instead.
+
 Nothing per learning rate or step count is compiled: lr_t, zeta_t, bias
-corrections and batch members are device tensors (``StepPlan``). Compile-time
-(constexpr) are only the optimizer, its flags, the input dtype kind and BLOCK.
+corrections, batch members and the folded weights are device tensors (``StepPlan``).
+Compile-time (constexpr) are only the optimizer, its flags, the input dtype kind and BLOCK.
 """
 
 import os
@@ -21,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ...errors import MergeError
-from ...schedule import Hyper, StepPlan
+from ...schedule import Hyper, StepPlan, folded_weights
 from ..base import check_flat
 from . import rules
 
@@ -108,6 +116,35 @@ def _whole_run_kernel(
     rules.store_rounded(out_ptr, offs, w, mask)
 
 
+@triton.autotune(configs=_configs(), key=["C_LOG2", "N"])
+@triton.jit
+def _weighted_sum_kernel(
+    table, codes, pivot_ptr, out_ptr, weights_ptr, flags_ptr,
+    C, N, C_LOG2,
+    IN_KIND: tl.constexpr, PIVOT: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """GD folded on the host: out = sum_i weights[i] x_i (+ weights[N] * pivot when PIVOT).
+
+    The weights are runtime data (fp32 [N+1], ``schedule.folded_weights``): a new lr,
+    schedule or epoch count reuses the compiled kernel. fp32 FMAs over the inputs in
+    order, then the pivot, as the cpu kernel's ``weighted_sum_impl``.
+    """
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: C may exceed 2^31
+    mask = offs < C
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, N):
+        x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND)
+        if CHECK_FINITE:
+            bad = tl.max(tl.where(mask & ((tl.abs(x) == float("inf")) | (x != x)), 1, 0), axis=0)
+            tl.atomic_max(flags_ptr + i, bad)
+        acc = tl.fma(tl.zeros_like(acc) + tl.load(weights_ptr + i), x, acc)
+    if PIVOT:
+        p = tl.load(pivot_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.fma(tl.zeros_like(acc) + tl.load(weights_ptr + N), p, acc)
+    rules.store_rounded(out_ptr, offs, acc, mask)
+
+
 # --- host side ------------------------------------------------------------------
 
 _MAX_CACHED_PLANS = 8
@@ -159,6 +196,26 @@ def _plan_tensors(plan: StepPlan, device: torch.device):
         _plan_cache.pop(next(iter(_plan_cache)))
     _plan_cache[key] = (plan,) + entry
     return entry[:-1]
+
+
+_weights_cache: dict = {}  # (id(plan), device, adaptive, mode, index) -> (plan, upload or None); tiny, bounded
+
+
+def _fold_weights(plan: StepPlan, adaptive_pivot: bool, mode: str, index: int, device: torch.device):
+    """The folded GD weights (fp32 [N+1], ``schedule.folded_weights``) on ``device``, or None
+    (not sgd, or ill-conditioned: step). Uploaded once per (plan, device, pivot mode), like
+    the plan's own arrays, without blocking the host."""
+    key = (id(plan), str(device), bool(adaptive_pivot), mode, int(index))
+    hit = _weights_cache.get(key)
+    if hit is None or hit[0] is not plan:
+        w = folded_weights(plan, adaptive_pivot, mode, index)
+        entry = None if w is None else _upload((torch.from_numpy(w),), device)
+        if len(_weights_cache) >= _MAX_CACHED_PLANS:
+            _weights_cache.pop(next(iter(_weights_cache)))
+        hit = _weights_cache[key] = (plan, entry)
+    if hit[1] is None:
+        return None
+    return _ready(hit[1])[0]
 
 
 def check_inputs(fn: str, arg: str, tensors, numel: int, device: torch.device) -> list:
@@ -221,11 +278,14 @@ def hyper_flags(hyper: Hyper) -> dict:
     )
 
 
-def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Tensor, check_finite: bool = False) -> list:
+def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Tensor, check_finite: bool = False,
+              fold: bool = True) -> list:
     """Run the whole schedule over the flat buffers ``inputs`` (N x [C]) into ``out`` [C].
 
     Same contract as ``Backend.whole_run`` (ame_kernels/backends/base.py); inputs,
     pivot and out must be on one device (CUDA, or CPU under TRITON_INTERPRET=1).
+    fold: run GD as one weighted sum (``_weighted_sum_kernel``) when the plan allows it;
+    False always steps.
     """
     fn = "triton.whole_run"
     if not isinstance(plan, StepPlan):
@@ -239,31 +299,42 @@ def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Te
     table, codes, in_kind = pointer_table(fn, "inputs", inputs, c, device)
 
     soup = pivot is None
+    mode, index = "soup", 0
     if soup:
         pivot_t = out  # unused placeholder pointer
     elif isinstance(pivot, (int, np.integer)) and not isinstance(pivot, bool):
         if not 0 <= int(pivot) < plan.n:
             raise MergeError(f"{fn}: pivot index {pivot} out of range [0, {plan.n})")
         pivot_t = inputs[int(pivot)]
+        mode, index = "index", int(pivot)
     elif isinstance(pivot, torch.Tensor):
         check_inputs(fn, "pivot", [pivot], c, device)
         pivot_t = pivot
+        mode = "tensor"
     else:
         raise MergeError(f"{fn}: pivot must be None (soup), an input index or a tensor, got {type(pivot).__name__}")
 
     flags = torch.zeros(max(plan.n, 1), dtype=torch.int32, device=device)
     if c == 0:
         return []
-    coeffs, batch_ptr, batch_idx = _plan_tensors(plan, device)
-    hyper = plan.hyper
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK"]),)  # noqa: E731
-    _whole_run_kernel[grid](
-        table, codes, pivot_t, out, coeffs, batch_ptr, batch_idx, flags,
-        c, plan.n, plan.steps, max(c, 1).bit_length(),
-        h_init=float(hyper.initial_accumulator_value),
-        SOUP=soup, ADAPTIVE=bool(adaptive_pivot), IN_KIND=in_kind, CHECK_FINITE=bool(check_finite),
-        **hyper_args(hyper), **hyper_flags(hyper),
-    )
+    weights = _fold_weights(plan, adaptive_pivot, mode, index, device) if fold else None
+    if weights is not None:
+        _weighted_sum_kernel[grid](
+            table, codes, pivot_t, out, weights, flags,
+            c, plan.n, max(c, 1).bit_length(),
+            IN_KIND=in_kind, PIVOT=mode == "tensor", CHECK_FINITE=bool(check_finite),
+        )
+    else:
+        coeffs, batch_ptr, batch_idx = _plan_tensors(plan, device)
+        hyper = plan.hyper
+        _whole_run_kernel[grid](
+            table, codes, pivot_t, out, coeffs, batch_ptr, batch_idx, flags,
+            c, plan.n, plan.steps, max(c, 1).bit_length(),
+            h_init=float(hyper.initial_accumulator_value),
+            SOUP=soup, ADAPTIVE=bool(adaptive_pivot), IN_KIND=in_kind, CHECK_FINITE=bool(check_finite),
+            **hyper_args(hyper), **hyper_flags(hyper),
+        )
     if not check_finite:
         return []
     return torch.nonzero(flags.cpu()).reshape(-1).tolist()
