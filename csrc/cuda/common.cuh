@@ -40,6 +40,17 @@ AME_HD T ldg(const T* p) {
 #endif
 }
 
+// One 16-byte store. Written through an intrinsic: a plain `*(uint4*)p = raw` of a
+// vector assembled field by field is split by NVVM into four 32-bit st.global (seen in
+// the PTX of every store_group), wasting store instructions on a memory-bound kernel.
+AME_HD void stg128(uint4* p, const uint4& v) {
+#if defined(__CUDA_ARCH__)
+  __stcg(p, v);  // st.global.cg.v4.u32: cached in L2 only (the data is not read back by this thread)
+#else
+  *p = v;
+#endif
+}
+
 AME_HD float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
@@ -174,7 +185,7 @@ AME_HD void store_group(void* ptr, int64_t base, int64_t c, bool vec, const floa
       raw.y = pack_word(in + kPerWord, static_cast<T*>(nullptr));
       raw.z = pack_word(in + 2 * kPerWord, static_cast<T*>(nullptr));
       raw.w = pack_word(in + 3 * kPerWord, static_cast<T*>(nullptr));
-      reinterpret_cast<uint4*>(p)[v] = raw;
+      stg128(reinterpret_cast<uint4*>(p) + v, raw);
     }
   } else {
 #pragma unroll

@@ -15,7 +15,7 @@ import triton.language as tl
 from ...errors import MergeError
 from ...schedule import Hyper
 from . import rules
-from .whole_run import hyper_args, hyper_flags, pointer_table
+from .whole_run import aligned16, hyper_args, hyper_flags, pointer_table
 
 # One fixed config, no autotune: the kernel updates w and state in place, so re-running
 # it while tuning would corrupt them, and a plain streaming loop gains little from tuning.
@@ -30,7 +30,7 @@ def _step_kernel(
     h_wd, h_momentum, h_one_minus_dampening, h_beta1c, h_beta2, h_beta2c, h_rho, h_rhoc, h_eps,
     OPT: tl.constexpr, IN_KIND: tl.constexpr, ADAPTIVE: tl.constexpr, SLOTS: tl.constexpr,
     HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr,
-    EPS_INSIDE_SQRT: tl.constexpr, BLOCK: tl.constexpr,
+    EPS_INSIDE_SQRT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -53,7 +53,7 @@ def _step_kernel(
         p = tl.load(pivot_ptr + offs, mask=mask, other=0.0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(0, M):
-        acc += p - rules.load_as_f32(table, codes, j, offs, mask, IN_KIND)
+        acc += p - rules.load_as_f32(table, codes, j, offs, mask, IN_KIND, ALIGNED)
     g = gscale * acc
     if HAS_WD:
         g += h_wd * w
@@ -112,5 +112,5 @@ def step(w, state, batch, pivot, coeffs, t: int, hyper: Hyper) -> None:
         c, len(batch), int(int(t) == 1), gscale, lr_eff, decay, inv_bc2_sqrt,
         **hyper_args(hyper),
         IN_KIND=in_kind, ADAPTIVE=pivot is None, SLOTS=slots, **hyper_flags(hyper),
-        BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        ALIGNED=aligned16(batch), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
     )

@@ -42,11 +42,14 @@ def _configs():
     (autotune with one config never benchmarks, and the interpreter ignores warps)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK": 128}, num_warps=4)]
+    # 8 or 16 elements per thread: a bf16/fp16 thread then reads whole 16-byte vectors
+    # (4 elements per thread, e.g. BLOCK 512 x 4 warps, compile to 8-byte loads;
+    # python -m ame_kernels.kernel_report shows the widths).
     return [
-        triton.Config({"BLOCK": 512}, num_warps=4),
         triton.Config({"BLOCK": 1024}, num_warps=4),
-        triton.Config({"BLOCK": 1024}, num_warps=8),
         triton.Config({"BLOCK": 2048}, num_warps=8),
+        triton.Config({"BLOCK": 2048}, num_warps=4),
+        triton.Config({"BLOCK": 4096}, num_warps=8),
     ]
 
 
@@ -61,7 +64,7 @@ def _whole_run_kernel(
     h_wd, h_momentum, h_one_minus_dampening, h_beta1c, h_beta2, h_beta2c, h_rho, h_rhoc, h_eps, h_init,
     OPT: tl.constexpr, IN_KIND: tl.constexpr, SOUP: tl.constexpr, ADAPTIVE: tl.constexpr,
     HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr,
-    EPS_INSIDE_SQRT: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK: tl.constexpr,
+    EPS_INSIDE_SQRT: tl.constexpr, CHECK_FINITE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: C may exceed 2^31
@@ -72,7 +75,7 @@ def _whole_run_kernel(
     if SOUP or CHECK_FINITE:
         soup = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, N):
-            x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND)
+            x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
             if CHECK_FINITE:
                 bad = tl.max(tl.where(mask & ((tl.abs(x) == float("inf")) | (x != x)), 1, 0), axis=0)
                 tl.atomic_max(flags_ptr + i, bad)
@@ -103,7 +106,7 @@ def _whole_run_kernel(
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in range(lo, hi):
             i = tl.load(batch_idx + j)
-            acc += p - rules.load_as_f32(table, codes, i, offs, mask, IN_KIND)
+            acc += p - rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
         g = gscale * acc
         if HAS_WD:
             g += h_wd * w
@@ -121,7 +124,8 @@ def _whole_run_kernel(
 def _weighted_sum_kernel(
     table, codes, pivot_ptr, out_ptr, weights_ptr, flags_ptr,
     C, N, C_LOG2,
-    IN_KIND: tl.constexpr, PIVOT: tl.constexpr, CHECK_FINITE: tl.constexpr, BLOCK: tl.constexpr,
+    IN_KIND: tl.constexpr, PIVOT: tl.constexpr, CHECK_FINITE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """GD folded on the host: out = sum_i weights[i] x_i (+ weights[N] * pivot when PIVOT).
 
@@ -134,7 +138,7 @@ def _weighted_sum_kernel(
     mask = offs < C
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, N):
-        x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND)
+        x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
         if CHECK_FINITE:
             bad = tl.max(tl.where(mask & ((tl.abs(x) == float("inf")) | (x != x)), 1, 0), axis=0)
             tl.atomic_max(flags_ptr + i, bad)
@@ -252,6 +256,12 @@ def pointer_table(fn: str, arg: str, tensors, numel: int, device: torch.device):
     return table, codes, in_kind
 
 
+def aligned16(tensors) -> bool:
+    """Every tensor's data starts 16-byte aligned: the kernels may then use vector loads
+    through the pointer table (``rules._at``). Views into a packed buffer may not be."""
+    return all(x.data_ptr() % 16 == 0 for x in tensors)
+
+
 def hyper_args(hyper: Hyper) -> dict:
     """Scalar hyperparameters as kernel arguments; complements computed in float64."""
     return dict(
@@ -324,6 +334,7 @@ def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Te
             table, codes, pivot_t, out, weights, flags,
             c, plan.n, max(c, 1).bit_length(),
             IN_KIND=in_kind, PIVOT=mode == "tensor", CHECK_FINITE=bool(check_finite),
+            ALIGNED=aligned16(inputs),
         )
     else:
         coeffs, batch_ptr, batch_idx = _plan_tensors(plan, device)
@@ -333,7 +344,7 @@ def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Te
             c, plan.n, plan.steps, max(c, 1).bit_length(),
             h_init=float(hyper.initial_accumulator_value),
             SOUP=soup, ADAPTIVE=bool(adaptive_pivot), IN_KIND=in_kind, CHECK_FINITE=bool(check_finite),
-            **hyper_args(hyper), **hyper_flags(hyper),
+            ALIGNED=aligned16(inputs), **hyper_args(hyper), **hyper_flags(hyper),
         )
     if not check_finite:
         return []
