@@ -250,6 +250,33 @@ def test_whole_run_empty_buffer(triton_backend):
     assert triton_backend.whole_run(_inputs(2, 0, F32), schedule(cfg, 2), None, True, out, check_finite=True) == []
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_alignment_choice_and_unaligned_views(triton_backend, _kernels, dtype):
+    """Inputs at an odd element offset (views into a packed buffer, as a state dict's tensors
+    can be) are not 16-byte aligned: the host must not promise alignment (ALIGNED picks
+    16-byte vector loads on a GPU; kernel_report checks the widths) and results still match."""
+    aligned16 = _kernels["whole_run"].aligned16
+    base = [torch.randn(300, device=DEVICE).to(dtype) for _ in range(3)]
+    assert aligned16(base)
+    views = [b[1:] for b in base]
+    assert not aligned16(views)
+    assert not aligned16(base[:1] + views[1:])  # one misaligned input is enough
+    for opt in ("adam", "sgd"):
+        cfg = AMEConfig(epochs=2, batch_size=2, **OPTIMIZERS[opt])
+        out, ref, _, _ = _both(triton_backend, views, schedule(cfg, 3), None, True, dtype)
+        assert_close(out, ref, what=f"whole_run {opt} {dtype} on unaligned views")
+    cfg = AMEConfig(**OPTIMIZERS["adam"])
+    hyper = schedule(cfg, 3).hyper
+    w = torch.randn(299, device=DEVICE)
+    state = torch.zeros(hyper.state_slots, 299, device=DEVICE)
+    w_ref, state_ref = w.clone(), state.clone()
+    coeffs = step_coeffs(cfg, 1, gscale=1.0 / 6)
+    triton_backend.step(w, state, views[:2], None, coeffs, 1, hyper)
+    REF.step(w_ref, state_ref, views[:2], None, coeffs, 1, hyper)
+    assert_close(w, w_ref, what=f"step adam {dtype} on unaligned views")
+    assert_close(state, state_ref, what=f"step adam {dtype} state on unaligned views")
+
+
 # --- step kernel -----------------------------------------------------------------------
 
 
