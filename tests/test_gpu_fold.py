@@ -219,6 +219,10 @@ def test_triton_fold_equals_cpu_fold(tw, case):
 
     if not ak.available_backends()["cpu"][0] or "avx2" not in ak.build_info().get("simd_supported", []):
         pytest.skip("needs the cpu backend's FMA (avx2) path")
+    import triton
+
+    if INTERPRET and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"triton {triton.__version__}'s interpreter rounds tl.fma twice (compiled kernels fuse it)")
     cfg, plan, xs, pivot = _case(case, 300, DTYPES["mixed"])
     fold, _ = _run(_triton(), xs, plan, pivot, cfg.adaptive_pivot, F32)
     cpu, _ = _run(CpuBackend(simd="avx2"), [x.cpu() for x in xs], plan,
