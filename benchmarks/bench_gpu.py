@@ -6,8 +6,8 @@
 Measured in this run, on this GPU, with the same inputs for every provider:
 - baselines: device-to-device copy bandwidth (read + write bytes / time) and pinned
   host-to-device copy bandwidth;
-- per optimizer (GD = sgd, adagrad, adam, adamw; N ingredients, 1 epoch, batch 1, soup
-  pivot, adaptive): the reference backend (torch.optim on GPU; run over slices of
+- per optimizer (GD = sgd, which the kernels fold into one weighted sum; adagrad, adam,
+  adamw, adadelta; N ingredients, 1 epoch, batch 1, soup pivot, adaptive): the reference backend (torch.optim on GPU; run over slices of
   --ref-slice elements and summed, because its fp32 temporaries for 1B elements do not
   fit in GPU memory), the triton kernel, and the CUDA C++ kernel when that backend is
   available; ms (median, 20th/80th percentile), effective GB/s = (N*C*sizeof(in) +
@@ -42,6 +42,7 @@ OPTIMIZERS = {
     "adagrad": dict(optimizer="adagrad", lr=1e-2),
     "adam": dict(optimizer="adam", lr=1e-3),
     "adamw": dict(optimizer="adamw", lr=1e-3, weight_decay=1e-2),
+    "adadelta": dict(optimizer="adadelta", lr=1.0),
 }
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=8, help="ingredients (default 8)")
     ap.add_argument("--elems", type=int, default=None, help="elements per ingredient (default 1B if memory allows)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="bf16", help="input and output dtype")
-    ap.add_argument("--optimizers", default="gd,adagrad,adam,adamw", help=f"comma list of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--optimizers", default="gd,adagrad,adam,adamw,adadelta", help=f"comma list of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--ref-repeats", type=int, default=3, help="repeats for the (slow) reference backend")
