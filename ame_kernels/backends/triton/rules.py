@@ -156,6 +156,13 @@ def load_as_f32(table, codes, i, offs, mask, IN_KIND: tl.constexpr, ALIGNED: tl.
 
 
 @triton.jit
+def flag_nonfinite(x, mask, flag_ptr):
+    """Set ``*flag_ptr`` to 1 if any unmasked element of ``x`` is NaN or +-Inf (one atomic per block)."""
+    bad = tl.max(tl.where(mask & ((tl.abs(x) == float("inf")) | (x != x)), 1, 0), axis=0)
+    tl.atomic_max(flag_ptr, bad)
+
+
+@triton.jit
 def store_rounded(ptr, offs, x, mask):
     """Store fp32 ``x`` in ``ptr``'s dtype, rounding to nearest even.
 

@@ -77,8 +77,7 @@ def _whole_run_kernel(
         for i in range(0, N):
             x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
             if CHECK_FINITE:
-                bad = tl.max(tl.where(mask & ((tl.abs(x) == float("inf")) | (x != x)), 1, 0), axis=0)
-                tl.atomic_max(flags_ptr + i, bad)
+                rules.flag_nonfinite(x, mask, flags_ptr + i)
             soup += x
         if SOUP:
             w0 = tl.div_rn(soup, tl.zeros_like(soup) + N)  # fp32 sum then an IEEE divide
@@ -140,8 +139,7 @@ def _weighted_sum_kernel(
     for i in range(0, N):
         x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
         if CHECK_FINITE:
-            bad = tl.max(tl.where(mask & ((tl.abs(x) == float("inf")) | (x != x)), 1, 0), axis=0)
-            tl.atomic_max(flags_ptr + i, bad)
+            rules.flag_nonfinite(x, mask, flags_ptr + i)
         acc = tl.fma(tl.zeros_like(acc) + tl.load(weights_ptr + i), x, acc)
     if PIVOT:
         p = tl.load(pivot_ptr + offs, mask=mask, other=0.0).to(tl.float32)
