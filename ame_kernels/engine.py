@@ -538,14 +538,18 @@ class _StreamSink:
         self.stream = ShardStream(plan.chunk_elems * 4)
         self.shard = -1
 
+    def _next_shard(self) -> None:
+        """Finish the current shard's file and start the next one (its header first)."""
+        if self.shard >= 0:
+            self.stream.close_file()
+        self.shard += 1
+        layout = self.layouts[self.shard]
+        self.stream.open(layout.path, layout.size)
+        self.stream.append(layout.header)
+
     def _goto(self, job: TensorJob, it: WorkItem) -> None:
-        while self.shard < job.shard:  # finish the current shard, start the next (header first)
-            if self.shard >= 0:
-                self.stream.close_file()
-            self.shard += 1
-            layout = self.layouts[self.shard]
-            self.stream.open(layout.path, layout.size)
-            self.stream.append(layout.header)
+        while self.shard < job.shard:
+            self._next_shard()
         expected = self.layouts[job.shard].offsets[job.name] + it.start * itemsize(job.out_dtype)
         if job.shard != self.shard or self.stream.tell() != expected:  # a bug, never bad input
             raise RuntimeError(f"stream writer: {job.name!r}[{it.start}] out of file order")
@@ -564,12 +568,7 @@ class _StreamSink:
     def finish(self) -> None:
         last = len(self.layouts) - 1
         while self.shard < last:  # shards with no work items (zero-size tensors only)
-            if self.shard >= 0:
-                self.stream.close_file()
-            self.shard += 1
-            layout = self.layouts[self.shard]
-            self.stream.open(layout.path, layout.size)
-            self.stream.append(layout.header)
+            self._next_shard()
         if self.shard >= 0:
             self.stream.close_file()
 

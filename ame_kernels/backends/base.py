@@ -59,6 +59,18 @@ def check_flat(fn: str, arg: str, x, numel: int, device) -> str:
         raise MergeError(f"{fn}: {arg} is on {x.device}, expected {device} (all tensors on one device)")
     return name
 
+def check_plan_inputs(fn: str, plan, inputs) -> list:
+    """``plan`` is a StepPlan for exactly ``len(inputs)`` ingredients; returns ``list(inputs)``."""
+    from ..schedule import StepPlan
+
+    if not isinstance(plan, StepPlan):
+        raise MergeError(f"{fn}: plan must be a StepPlan, got {type(plan).__name__}")
+    inputs = list(inputs)
+    if len(inputs) != plan.n:
+        raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n}")
+    return inputs
+
+
 Pivot = Union[None, int, "torch.Tensor"]  # noqa: F821  (None = soup)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from .. import _native
 from ..errors import MergeError
 from ..schedule import Hyper, StepPlan, folded_weights
-from .base import Backend, check_flat
+from .base import Backend, check_flat, check_plan_inputs
 
 _MAX_CACHED_PLANS = 8
 _MAX_CACHED_TABLES = 64
@@ -238,11 +238,7 @@ class CudaBackend(Backend):
         import torch
 
         fn = "cuda.whole_run"
-        if not isinstance(plan, StepPlan):
-            raise MergeError(f"{fn}: plan must be a StepPlan, got {type(plan).__name__}")
-        inputs = list(inputs)
-        if len(inputs) != plan.n:
-            raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n}")
+        inputs = check_plan_inputs(fn, plan, inputs)
         if not isinstance(out, torch.Tensor) or out.device.type != "cuda":
             raise MergeError(f"{fn}: out must be a CUDA tensor")
         device, c = out.device, out.numel()

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ...errors import MergeError
 from ...schedule import Hyper, StepPlan, folded_weights
-from ..base import check_flat
+from ..base import check_flat, check_plan_inputs
 from . import rules
 
 _IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -296,11 +296,7 @@ def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Te
     False always steps.
     """
     fn = "triton.whole_run"
-    if not isinstance(plan, StepPlan):
-        raise MergeError(f"{fn}: plan must be a StepPlan, got {type(plan).__name__}")
-    inputs = list(inputs)
-    if len(inputs) != plan.n:
-        raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n}")
+    inputs = check_plan_inputs(fn, plan, inputs)
     if not isinstance(out, torch.Tensor) or out.dtype not in _FLOAT_DTYPES or not out.is_contiguous():
         raise MergeError(f"{fn}: out must be a contiguous float32/bfloat16/float16 tensor")
     c, device = out.numel(), out.device
