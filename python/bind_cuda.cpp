@@ -437,7 +437,7 @@ void init_cuda(py::module_& m) {
         py::arg("out_dtype"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
         py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
         py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"), py::arg("nonfinite"),
-        py::arg("device"), py::arg("stream"), py::arg("linear") = py::none(), py::arg("linear_dev") = 0,
+        py::arg("device"), py::arg("stream"), py::arg("linear"), py::arg("linear_dev"),
         "Run the whole schedule over [N, C] inputs into out [C] on `stream` (asynchronous).\n\n"
         "inputs: N device addresses of [c] arrays with input_dtypes (float32/bfloat16/float16);\n"
         "input_table / dtype_table: device copies of them (uint64 [N], int32 dtype codes [N], 0 f32 1 bf16 2 f16)\n"
@@ -456,7 +456,7 @@ void init_cuda(py::module_& m) {
         py::arg("out_dtype"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),
         py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
         py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"),
-        py::arg("check_finite"), py::arg("vec"), py::arg("linear") = py::none(),
+        py::arg("check_finite"), py::arg("vec"), py::arg("linear"),
         "whole_run's per-group kernel code run on the host over HOST addresses (tests without a GPU; slow).\n\n"
         "Arguments as whole_run, minus the device tables, stream and device; returns the indices of inputs\n"
         "holding NaN/Inf when check_finite. vec: use the 16-byte vector path where every address allows it.\n"

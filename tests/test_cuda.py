@@ -110,7 +110,7 @@ def _whole_run_kwargs(**over):
         pivot_mode="soup", pivot_index=0, pivot=0, pivot_dtype="float32", adaptive_pivot=True, out=4096,
         out_dtype="float16", optimizer="adam", momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
         beta1=0.9, beta2=0.999, eps=1e-8, rho=0.9, amsgrad=False, eps_inside_sqrt=False,
-        initial_accumulator_value=0.0, nonfinite=0, device=0, stream=0,
+        initial_accumulator_value=0.0, nonfinite=0, device=0, stream=0, linear=None, linear_dev=0,
     )
     kw.update(over)
     return kw
@@ -212,7 +212,7 @@ def _emulated_whole_run(xs, plan, pivot, adaptive, out, check_finite=False, vec=
         batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
         coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32), pivot_mode=mode, pivot_index=index, pivot=ptr,
         pivot_dtype=pdtype, adaptive_pivot=bool(adaptive), out=out.data_ptr(), out_dtype=_names([out])[0],
-        check_finite=check_finite, vec=vec, **_hyper_kwargs(plan.hyper),
+        check_finite=check_finite, vec=vec, linear=None, **_hyper_kwargs(plan.hyper),
     )
 
 

@@ -461,7 +461,7 @@ def test_cuda_binding_checks_linear():
         with pytest.raises(ValueError, match=r"\[whole_run\] " + msg):  # host checks come before device ones
             C_CUDA.whole_run(linear=linear, linear_dev=4096, **kw, **dev)
     with pytest.raises(ValueError, match=r"\[whole_run\] linear_dev: given without linear"):
-        C_CUDA.whole_run(linear_dev=4096, **kw, **dev)
+        C_CUDA.whole_run(linear=None, linear_dev=4096, **kw, **dev)
 
 
 @needs_gpu

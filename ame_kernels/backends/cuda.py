@@ -340,9 +340,7 @@ def whole_run_emulated(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out,
     import torch
 
     fn = "cuda.whole_run_emulated"
-    inputs = list(inputs)
-    if len(inputs) != plan.n:
-        raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n}")
+    inputs = check_plan_inputs(fn, plan, inputs)
     device, c = torch.device("cpu"), out.numel()
     out_name = check_flat(fn, "out", out, c, device)
     names = [check_flat(fn, f"inputs[{k}]", x, c, device) for k, x in enumerate(inputs)]
