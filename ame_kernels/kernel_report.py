@@ -290,6 +290,10 @@ def main(argv=None) -> int:
     if args.json:
         json.dump([asdict(r) for r in rows], sys.stdout)
     else:
+        import triton
+
+        print(f"# kernel_report: triton {triton.__version__}, sm {', '.join(map(str, archs))}; "
+              f"{len(rows)} kernels (regs and stack/local bytes per thread; global access instructions x count)\n")
         print(format_table(rows))
     return 0
 
