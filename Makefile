@@ -28,11 +28,12 @@ $(BUILD_STAMP): $(STAMP) CMakeLists.txt setup.py $(shell find csrc python -type 
 
 build: $(BUILD_STAMP)
 
-# The second pass runs the backend-generic tests (paper identities, stew, greedy, soups)
-# on the Triton kernels under the interpreter, which the first pass skips on a CPU.
+# The first pass runs the backend-generic tests (paper identities, stew, greedy, soups,
+# properties) on the Triton kernels under the interpreter, which the second (whole-suite)
+# pass skips on a CPU.
 test: $(BUILD_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -k triton \
-		tests/test_identities.py tests/test_stew.py tests/test_greedy.py tests/test_soups.py
+		tests/test_identities.py tests/test_stew.py tests/test_greedy.py tests/test_soups.py tests/test_properties.py
 	$(PY) -m pytest -q -ra tests
 
 demo: $(BUILD_STAMP)
