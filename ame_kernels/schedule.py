@@ -21,6 +21,7 @@ Scalar hyperparameters (same for every step) are in ``StepPlan.hyper``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -206,6 +207,13 @@ def schedule(config: AMEConfig, n: int) -> StepPlan:
     hyper = resolve_hyper(config)
     orders = epoch_orders(config, n)
     bsz = config.batch_size
+    if n > 1 and bsz >= n and hyper.optimizer != "sgd" and isinstance(config.pivot, str) and config.pivot == "soup":
+        warnings.warn(
+            f"schedule: batch_size {bsz} >= N = {n} with the soup pivot makes the first pseudogradient zero up to "
+            f"fp32 rounding, and {hyper.optimizer} (a normalizing optimizer) steps on that rounding noise; "
+            "use a smaller batch, another pivot, or sgd",
+            stacklevel=2,
+        )
     batches = [order[s : s + bsz] for order in orders for s in range(0, n, bsz)]
     steps = len(batches)
     batch_ptr = np.zeros(steps + 1, dtype=np.int32)

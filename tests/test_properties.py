@@ -82,7 +82,7 @@ def _materialize(case):
         p = seed % n
     else:
         p = torch.randn(size, generator=g).to(pivot_dtype)
-    plan = schedule(ak.AMEConfig(**kw), n)
+    plan = schedule(ak.AMEConfig(pivot="soup" if p is None else p, **kw), n)
     ref = torch.empty(size, dtype=out_dtype)
     REF.whole_run(xs, plan, p, kw["adaptive_pivot"], ref)
     return plan, xs, p, kw["adaptive_pivot"], ref
@@ -132,3 +132,17 @@ def test_triton_interpreted_matches_reference(case):
         out = torch.empty_like(ref)
         TritonBackend(fold=fold).whole_run(xs, plan, pivot, adaptive, out)
         assert_close(out, ref, what=f"triton fold={fold} {case}")
+
+
+def test_soup_full_batch_with_a_normalizing_optimizer_warns():
+    """The ill-posed corner the property test excludes is announced to users."""
+    with pytest.warns(UserWarning, match=r"batch_size 4 >= N = 3 with the soup pivot .* adam"):
+        schedule(ak.AMEConfig(optimizer="adam", batch_size=4), 3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schedule(ak.AMEConfig(optimizer="adam", batch_size=2), 3)  # a partial batch
+        schedule(ak.AMEConfig(optimizer="sgd", batch_size=3), 3)  # GD: the zero gradient is harmless
+        schedule(ak.AMEConfig(optimizer="adam", batch_size=3, pivot=0), 3)  # not the soup
+        schedule(ak.AMEConfig(optimizer="adam", batch_size=3), 1)  # N = 1: exactly zero

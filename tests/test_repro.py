@@ -152,7 +152,7 @@ def test_digits_pipeline_end_to_end(tmp_path):
 
 def test_demo_main_prints_every_row(tmp_path, capsys):
     # the `make demo` entry point on a tiny setting, in memory (the CLI path is covered above)
-    assert demo.main(["--ingredients", "2", "--excluded", "1", "--epochs", "1", "--out", str(tmp_path), "--via", "api"]) == 0
+    assert demo.main(["--ingredients", "3", "--excluded", "1", "--epochs", "1", "--out", str(tmp_path), "--via", "api"]) == 0
     out = capsys.readouterr().out
     for name in ("best ingredient (by val)", "uniform soup", "greedy soup", *demo.DEFAULT_AME):
         assert name in out

@@ -182,7 +182,8 @@ def test_whole_run_schedule_and_pivot_modes(triton_backend, mode, opt):
     """Batches (uneven last batch), epochs, shuffle, soup / index / tensor pivot, fixed / adaptive."""
     m = MODES[mode]
     cfg = AMEConfig(epochs=m["epochs"], batch_size=m["batch_size"], shuffle=m["shuffle"], seed=7,
-                    adaptive_pivot=m["adaptive"], **OPTIMIZERS[opt])
+                    adaptive_pivot=m["adaptive"], pivot=m["pivot"] if isinstance(m["pivot"], int) else "soup",
+                    **OPTIMIZERS[opt])
     xs = _inputs(5, 67, BF16)
     pivot = None if m["pivot"] == "soup" else m["pivot"]
     if m["pivot"] == "tensor":
