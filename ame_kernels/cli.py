@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-from .config import FIELD_NAMES, AMEConfig, read_yaml
+from .config import FIELD_NAMES, AMEConfig, read_yaml, resolve_config_path
 from .errors import MergeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -53,15 +53,7 @@ class MergeSpec:
 
 
 def _resolve_path(p: Any, base: str, what: str) -> str:
-    if not isinstance(p, str) or not p.strip():
-        raise UsageError(f"{what}: expected a path, got {p!r}")
-    p = os.path.expanduser(p)
-    if os.path.isabs(p):
-        return p
-    beside = os.path.join(base, p)
-    if os.path.exists(beside) or not os.path.exists(p):
-        return os.path.abspath(beside)  # relative to the config file first (missing: reported with this path)
-    return os.path.abspath(p)
+    return resolve_config_path(p, base, what, UsageError)
 
 
 def load_spec(path: str) -> MergeSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -250,6 +251,18 @@ def check_field_names(d: dict) -> dict:
         if key not in FIELD_NAMES:
             raise MergeError(f"AMEConfig: unknown option {key!r}; {_suggest(key, FIELD_NAMES)}")
     return d
+
+
+def resolve_config_path(p: Any, base: str, what: str, error: type = MergeError) -> str:
+    """A path written in a config file at ``base``: relative ones are taken beside the config
+    first (a missing one is reported with that path), else from the working directory."""
+    if not isinstance(p, str) or not p.strip():
+        raise error(f"{what}: expected a path, got {p!r}")
+    p = os.path.expanduser(p)
+    if os.path.isabs(p):
+        return p
+    beside = os.path.join(base, p)
+    return os.path.abspath(beside if os.path.exists(beside) or not os.path.exists(p) else p)
 
 
 def read_yaml(path: str, error: type = MergeError) -> Any:

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import read_yaml
+from .config import read_yaml, resolve_config_path
 from .errors import MergeError
 
 DEFAULT_CHUNK_MB = 32
@@ -505,13 +505,7 @@ def _load_models(path: str) -> tuple:
     here = os.path.dirname(os.path.abspath(path))
 
     def resolve(p: Any, what: str) -> str:
-        if not isinstance(p, str) or not p.strip():
-            raise MergeError(f"{path}: {what}: expected a path, got {p!r}")
-        p = os.path.expanduser(p)
-        if os.path.isabs(p):
-            return p
-        beside = os.path.join(here, p)
-        return os.path.abspath(beside if os.path.exists(beside) or not os.path.exists(p) else p)
+        return resolve_config_path(p, here, f"{path}: {what}")
 
     models = []
     for i, m in enumerate(doc["models"]):

@@ -81,22 +81,30 @@ def _commit() -> str:
         return "unknown"
 
 
-def time_cuda(fn: Callable[[], None], repeats: int, warmup: int) -> tuple:
-    """(median, p20, p80) milliseconds of ``fn`` over ``repeats`` runs after ``warmup``, CUDA events."""
+def _timed(fn: Callable[[], None], repeats: int, warmup: int, once: Callable[[Callable[[], None]], float]) -> tuple:
+    """(median, p20, p80) of ``once(fn)`` milliseconds over ``repeats`` runs after ``warmup`` runs."""
     import torch
 
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
+    times = [once(fn) for _ in range(repeats)]
+    return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+
+
+def time_cuda(fn: Callable[[], None], repeats: int, warmup: int) -> tuple:
+    """(median, p20, p80) milliseconds of ``fn``, timed with CUDA events on the current stream."""
+    import torch
+
+    def once(f) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        f()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+        return start.elapsed_time(end)
+
+    return _timed(fn, repeats, warmup, once)
 
 
 def time_wall(fn: Callable[[], None], repeats: int, warmup: int) -> tuple:
@@ -105,16 +113,13 @@ def time_wall(fn: Callable[[], None], repeats: int, warmup: int) -> tuple:
 
     import torch
 
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
+    def once(f) -> float:
         t0 = time.perf_counter()
-        fn()
+        f()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+        return (time.perf_counter() - t0) * 1e3
+
+    return _timed(fn, repeats, warmup, once)
 
 
 def pick_elems(requested: Optional[int], n: int, in_size: int, out_size: int) -> int:

@@ -71,6 +71,17 @@ def check_plan_inputs(fn: str, plan, inputs) -> list:
     return inputs
 
 
+def check_step_row(fn: str, coeffs, t) -> "np.ndarray":
+    """The step kernels' scalars: one ``StepPlan.coeffs`` row (float64 [4]) and a step ``t >= 1``."""
+    row = np.asarray(coeffs, dtype=np.float64).reshape(-1)
+    if row.shape != (4,):
+        raise MergeError(f"{fn}: coeffs must be one row of 4 values (gscale, lr_eff, decay, inv_bc2_sqrt), "
+                         f"got shape {np.shape(coeffs)}")
+    if int(t) < 1:
+        raise MergeError(f"{fn}: t counts from 1, got {t}")
+    return row
+
+
 Pivot = Union[None, int, "torch.Tensor"]  # noqa: F821  (None = soup)
 
 

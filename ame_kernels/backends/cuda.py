@@ -38,7 +38,7 @@ import numpy as np
 from .. import _native
 from ..errors import MergeError
 from ..schedule import Hyper, StepPlan, folded_weights
-from .base import Backend, check_flat, check_plan_inputs
+from .base import Backend, check_flat, check_plan_inputs, check_step_row
 
 _MAX_CACHED_PLANS = 8
 _MAX_CACHED_TABLES = 64
@@ -313,11 +313,7 @@ class CudaBackend(Backend):
             if check_flat(fn, "pivot", pivot, c, device) != "float32":
                 raise MergeError(f"{fn}: pivot must be float32, got {pivot.dtype}")
             pivot_ptr = pivot.data_ptr()
-        row = np.asarray(coeffs, dtype=np.float32).reshape(-1)
-        if row.shape != (4,):
-            raise MergeError(f"{fn}: coeffs must hold 4 values (gscale, lr_eff, decay, inv_bc2_sqrt), got {row.shape}")
-        if int(t) < 1:
-            raise MergeError(f"{fn}: t counts steps from 1, got {t}")
+        row = check_step_row(fn, coeffs, t)
         if c == 0:
             return
         ptrs = tuple(x.data_ptr() for x in batch)

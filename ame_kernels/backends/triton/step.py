@@ -7,13 +7,13 @@ The per-step scalars (one ``coeffs`` row) are runtime arguments: no recompilatio
 per lr or step.
 """
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ...errors import MergeError
 from ...schedule import Hyper
+from ..base import check_step_row
 from . import rules
 from .whole_run import aligned16, hyper_args, hyper_flags, pointer_table
 
@@ -99,11 +99,7 @@ def step(w, state, batch, pivot, coeffs, t: int, hyper: Hyper) -> None:
     table, codes, in_kind = pointer_table(fn, "batch", batch, c, device)
     if pivot is not None:
         _check_fp32(fn, "pivot", pivot, (c,), device)
-    row = np.asarray(coeffs, dtype=np.float64).reshape(-1)
-    if row.shape != (4,):
-        raise MergeError(f"{fn}: coeffs must be one row of 4 values (gscale, lr_eff, decay, inv_bc2_sqrt), got shape {np.shape(coeffs)}")
-    if int(t) < 1:
-        raise MergeError(f"{fn}: t counts from 1, got {t}")
+    row = check_step_row(fn, coeffs, t)
     if c == 0:
         return
     gscale, lr_eff, decay, inv_bc2_sqrt = (float(v) for v in row)
