@@ -17,6 +17,11 @@ Measured in this run, on this GPU, with the same inputs for every provider:
   streamed through the GPU; effective GB/s as a % of the pinned H2D bandwidth.
 Rows are appended to benchmarks/results/bench_gpu.csv. Without a CUDA GPU it prints
 "no CUDA GPU: skipped" and exits 0.
+
+``--device cpu`` is a smoke run of this script, not a benchmark: the same code path on
+CPU tensors with the Triton kernels interpreted (TRITON_INTERPRET=1) and tiny sizes, so
+CI checks the script end to end before a GPU session spends its time on it. Its
+figures mean nothing and its rows are not written unless --csv is given.
 """
 
 from __future__ import annotations
@@ -81,13 +86,18 @@ def _commit() -> str:
         return "unknown"
 
 
-def _timed(fn: Callable[[], None], repeats: int, warmup: int, once: Callable[[Callable[[], None]], float]) -> tuple:
-    """(median, p20, p80) of ``once(fn)`` milliseconds over ``repeats`` runs after ``warmup`` runs."""
+def _sync() -> None:
     import torch
 
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], None], repeats: int, warmup: int, once: Callable[[Callable[[], None]], float]) -> tuple:
+    """(median, p20, p80) of ``once(fn)`` milliseconds over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     times = [once(fn) for _ in range(repeats)]
     return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
 
@@ -108,15 +118,13 @@ def time_cuda(fn: Callable[[], None], repeats: int, warmup: int) -> tuple:
 
 
 def time_wall(fn: Callable[[], None], repeats: int, warmup: int) -> tuple:
-    """Like time_cuda but host wall clock (for paths that synchronize themselves)."""
+    """Like time_cuda but host wall clock (for paths that synchronize themselves, and the CPU smoke run)."""
     import time
-
-    import torch
 
     def once(f) -> float:
         t0 = time.perf_counter()
         f()
-        torch.cuda.synchronize()
+        _sync()
         return (time.perf_counter() - t0) * 1e3
 
     return _timed(fn, repeats, warmup, once)
@@ -148,14 +156,22 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--host-elems", type=int, default=1 << 28, help="elements per ingredient for the chunked host path")
     ap.add_argument("--chunk-elems", type=int, default=None, help="driver chunk (default: its own choice)")
-    ap.add_argument("--csv", default=CSV_PATH)
+    ap.add_argument("--csv", default=None, help=f"rows appended here (default {os.path.relpath(CSV_PATH, ROOT)}; "
+                                                "none for --device cpu)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a smoke run of the script (needs TRITON_INTERPRET=1; figures meaningless)")
     args = ap.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
+    smoke = args.device == "cpu"
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--device cpu runs the Triton kernels interpreted: set TRITON_INTERPRET=1")
+    if not smoke and not torch.cuda.is_available():
         print("no CUDA GPU: skipped")
         return 0
+    if args.csv is None and not smoke:
+        args.csv = CSV_PATH
     import triton
 
     import ame_kernels as ak
@@ -167,40 +183,45 @@ def main(argv=None) -> int:
     for o in opts:
         if o not in OPTIMIZERS:
             ap.error(f"--optimizers: unknown {o!r}; choose from {', '.join(OPTIMIZERS)}")
-    props = torch.cuda.get_device_properties(0)
-    gpu = props.name
+    dev = args.device
+    timer = time_wall if smoke else time_cuda
+    if smoke:
+        gpu, about = "cpu (smoke run: figures meaningless)", "interpreted"
+    else:
+        props = torch.cuda.get_device_properties(0)
+        gpu, about = props.name, f"{props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
     meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, cuda=str(torch.version.cuda),
                 commit=_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    print(f"# bench_gpu  {gpu} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)  "
+    print(f"# bench_gpu  {gpu} ({about})  "
           f"torch {meta['torch']}  triton {meta['triton']}  CUDA {meta['cuda']}  ame_kernels {ak.__version__} "
           f"@ {meta['commit']}  host {platform.processor() or platform.machine()} ({os.cpu_count()} cpus)  {meta['date']}")
 
-    triton_be = get_backend("triton", "cuda")
+    triton_be = get_backend("triton", dev)
     try:
-        cuda_be = get_backend("cuda", "cuda")
+        cuda_be = get_backend("cuda", dev)
     except ak.MergeError as e:
         cuda_be = None
         print(f"# cuda backend not available: {e}")
-    ref_be = get_backend("reference", "cuda")
+    ref_be = get_backend("reference", dev)
 
     n, isz = args.n, torch.empty(0, dtype=dtype).element_size()
-    c = pick_elems(args.elems, n, isz, isz)
+    c = (args.elems or 4099) if smoke else pick_elems(args.elems, n, isz, isz)
     print(f"# N={n} x {c:,} elements {args.dtype} in, {args.dtype} out; 1 epoch, batch 1, soup pivot, adaptive")
     rows = []
 
     # --- baselines ---------------------------------------------------------------------
     nbytes = min(n * c * isz, 4 << 30)
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    d2d = time_cuda(lambda: dst.copy_(src), args.repeats, args.warmup)
+    d2d = timer(lambda: dst.copy_(src), args.repeats, args.warmup)
     d2d_gbs = 2 * nbytes / (d2d[0] * 1e-3) / 1e9
     del src, dst
     hbytes = min(nbytes, 2 << 30)
-    host = torch.empty(hbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(hbytes, dtype=torch.uint8, device="cuda")
-    h2d = time_cuda(lambda: dev.copy_(host, non_blocking=True), args.repeats, args.warmup)
+    host = torch.empty(hbytes, dtype=torch.uint8, pin_memory=not smoke)
+    dst = torch.empty(hbytes, dtype=torch.uint8, device=dev)
+    h2d = timer(lambda: dst.copy_(host, non_blocking=True), args.repeats, args.warmup)
     h2d_gbs = hbytes / (h2d[0] * 1e-3) / 1e9
-    del host, dev
+    del host, dst
     print(f"D2D copy {d2d_gbs:8.1f} GB/s (read+write, {nbytes / 2**30:.2f} GiB)   "
           f"pinned H2D {h2d_gbs:6.1f} GB/s ({hbytes / 2**30:.2f} GiB)")
     for case, t, gbs in (("d2d_copy", d2d, d2d_gbs), ("pinned_h2d", h2d, h2d_gbs)):
@@ -208,9 +229,9 @@ def main(argv=None) -> int:
                         float("nan"), **meta))
 
     # --- whole run, inputs resident on the GPU -------------------------------------------
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    xs = [torch.randn(c, device="cuda", generator=gen).to(dtype) for _ in range(n)]
-    out = torch.empty(c, dtype=dtype, device="cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    xs = [torch.randn(c, device=dev, generator=gen).to(dtype) for _ in range(n)]
+    out = torch.empty(c, dtype=dtype, device=dev)
     traffic = n * c * isz + c * isz
     print(f"\n{'optimizer':<9} {'provider':<10} {'ms':>9} {'p20-p80':>17} {'GB/s':>8} {'% D2D':>6} "
           f"{'x ref':>7} {'max|diff|':>10}")
@@ -225,14 +246,14 @@ def main(argv=None) -> int:
                 for s in slices:
                     ref_be.whole_run([x[s] for x in xs], plan, None, True, ref_out[s])
 
-            t = time_cuda(run_ref, args.ref_repeats, 1)
+            t = timer(run_ref, args.ref_repeats, 1)
             ref_ms = t[0]
             rows.append(_row("whole_run", opt, "reference", n, c, args, t, traffic, d2d_gbs, ref_ms, float("nan"), meta))
             _print(opt, "reference", t, traffic, d2d_gbs, ref_ms, float("nan"))
-            torch.cuda.empty_cache()
+            _empty_cache()
         providers = [("triton", triton_be)] + ([("cuda", cuda_be)] if cuda_be is not None else [])
         for name, be in providers:
-            t = time_cuda(lambda: be.whole_run(xs, plan, None, True, out), args.repeats, args.warmup)
+            t = timer(lambda: be.whole_run(xs, plan, None, True, out), args.repeats, args.warmup)
             diff = float("nan")
             if ref_out is not None:
                 diff = (out.float() - ref_out.float()).abs().max().item()
@@ -240,7 +261,7 @@ def main(argv=None) -> int:
             _print(opt, name, t, traffic, d2d_gbs, ref_ms, diff)
         del ref_out
     del xs, out
-    torch.cuda.empty_cache()
+    _empty_cache()
 
     # --- chunked host path ---------------------------------------------------------------
     hc = min(args.host_elems, c)
@@ -249,11 +270,11 @@ def main(argv=None) -> int:
     print(f"\nchunked host path: N={n} x {hc:,} elements in host memory, adam, vs pinned H2D {h2d_gbs:.1f} GB/s")
     plan = ak.schedule(ak.AMEConfig(**OPTIMIZERS["adam"]), n)
     providers = [("triton", triton_be)] + ([("cuda", cuda_be)] if cuda_be is not None else [])
-    for pinned in (True, False):
+    for pinned in (False,) if smoke else (True, False):
         inputs = [x.pin_memory() for x in hxs] if pinned else hxs
         hout = torch.empty(hc, dtype=dtype, pin_memory=pinned)
         for name, be in providers:
-            runner = ChunkedRunner("cuda", args.chunk_elems)
+            runner = ChunkedRunner(dev, args.chunk_elems)
             t = time_wall(lambda: runner.run(be.whole_run, inputs, plan, None, True, hout), max(3, args.repeats // 2), 1)
             gbs = traffic / (t[0] * 1e-3) / 1e9
             case = f"chunked_host_{'pinned' if pinned else 'pageable'}"
@@ -264,7 +285,10 @@ def main(argv=None) -> int:
             runner.release()
         del inputs, hout
 
-    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    if args.csv is None:
+        print(f"\n{len(rows)} rows (smoke run: none written)")
+        return 0
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     new = not os.path.exists(args.csv)
     with open(args.csv, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Row)])
@@ -274,6 +298,13 @@ def main(argv=None) -> int:
             w.writerow(dataclasses.asdict(r))
     print(f"\n{len(rows)} rows appended to {os.path.relpath(args.csv, ROOT)}")
     return 0
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _row(case, opt, provider, n, c, args, t, traffic, d2d_gbs, ref_ms, diff, meta) -> Row:

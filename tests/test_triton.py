@@ -385,6 +385,38 @@ def test_bad_input_raises_naming_function_and_argument(triton_backend, _kernels)
         _kernels["driver"].run_chunked(triton_backend.whole_run, xs, plan, None, True, out, chunk_elems=0, device="cpu")
 
 
+@pytest.mark.parametrize("fraction,cached,expect_gib", [(1.0, 0, 40.0), (1.0, 8, 48.0), (1 / 80, 0, 0.75)])
+def test_device_budget_sees_cached_blocks_and_the_memory_fraction(_kernels, monkeypatch, fraction, cached, expect_gib):
+    """The chunk size follows what this process may allocate: free device memory plus the caching
+    allocator's unused blocks, capped by set_per_process_memory_fraction (which cudaMemGetInfo does
+    not see; a 1 GiB cap on an 80 GiB card must not get chunks sized for 40 GiB free). The torch.cuda
+    queries are stubbed: 80 GiB card, 40 GiB free, 0.25 GiB allocated."""
+    gib = 1 << 30
+    driver = _kernels["driver"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: gib // 4)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: gib // 4 + cached * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction, raising=False)
+    cuda0 = torch.device("cuda", 0)
+    assert driver.device_budget(cuda0) == int(expect_gib * gib)
+    chunk = driver.default_chunk_elems(10, 1 << 40, cuda0)  # 10 bytes per element over both slots
+    assert chunk == min(driver.DEFAULT_MAX_CHUNK, int(expect_gib * gib) // 4 // 20)
+
+
+@pytest.mark.parametrize("kernel", ["_whole_run_kernel", "_weighted_sum_kernel"])
+def test_autotune_key_names_every_constexpr_but_block(_kernels, kernel):
+    """Triton's autotune cache key holds only the listed names and the tensors' dtypes: a constexpr
+    left out would make, say, an Adam run reuse the config tuned for an SGD run of the same size."""
+    import inspect
+
+    tuner = getattr(_kernels["whole_run"], kernel)
+    params = inspect.signature(tuner.fn.fn).parameters.values()
+    constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+    assert "OPT" in constexprs or kernel == "_weighted_sum_kernel", constexprs  # the annotation was read
+    assert set(tuner.keys) >= constexprs - {"BLOCK"}, sorted(constexprs - {"BLOCK"} - set(tuner.keys))
+    assert "BLOCK" not in tuner.keys and {"C_LOG2", "N"} <= set(tuner.keys)
+
+
 def test_backend_reports_where_it_runs(triton_backend):
     ok, why = triton_backend.available()
     assert ok, why
@@ -480,6 +512,26 @@ def test_bench_gpu_skips_cleanly_without_cuda(capsys):
         sys.path.pop(0)
     assert bench_gpu.main([]) == 0
     assert capsys.readouterr().out.strip() == "no CUDA GPU: skipped"
+
+
+def test_bench_gpu_smoke_run_on_cpu():
+    """``bench_gpu.py --device cpu`` runs the benchmark's whole code path (baselines, every optimizer's
+    reference/triton rows, the chunked host path, the table) with the kernels interpreted, so a bug in
+    the script shows in CI rather than on a GPU session's clock. Checks the table, not the timings."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_gpu.py"), "--device", "cpu",
+                           "--elems", "1031", "--host-elems", "777", "--chunk-elems", "256", "--repeats", "1",
+                           "--warmup", "0", "--ref-repeats", "1"],
+                          env=env, capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    for opt in ("gd", "adagrad", "adam", "adamw", "adadelta"):
+        rows = {ln.split()[1]: ln.split() for ln in lines if ln.split()[:1] == [opt]}
+        assert set(rows) == {"reference", "triton"}, (opt, proc.stdout)
+        assert float(rows["triton"][-1]) <= 2 ** -5, (opt, rows["triton"])  # bf16 out: an ulp or two at most
+    assert any(ln.split()[:2] == ["pageable", "triton"] for ln in lines), proc.stdout
+    assert lines[-1].strip() == "13 rows (smoke run: none written)", proc.stdout
 
 
 _AOT_SCRIPT = r'''

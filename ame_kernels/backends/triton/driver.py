@@ -61,13 +61,27 @@ def _host_wait(event) -> None:
         event.synchronize()
 
 
+def device_budget(device: torch.device) -> int:
+    """Bytes this process can still allocate on ``device``: the driver's free memory plus the
+    blocks torch's caching allocator holds unused, capped by
+    ``torch.cuda.set_per_process_memory_fraction`` (which ``mem_get_info`` does not see)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    budget = free + max(0, reserved - allocated)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.6
+    fraction = float(get_fraction(device)) if get_fraction is not None else 1.0
+    if fraction < 1.0:
+        budget = min(budget, int(total * fraction) - allocated)
+    return max(0, int(budget))
+
+
 def default_chunk_elems(bytes_per_elem: int, numel: int, device: torch.device) -> int:
-    """Elements per chunk: both slots' device buffers within a quarter of free device memory,
-    at most DEFAULT_MAX_CHUNK, never more than the buffer itself."""
+    """Elements per chunk: both slots' device buffers within a quarter of what this process may
+    still allocate on the device (``device_budget``), at most DEFAULT_MAX_CHUNK, never more than
+    the buffer itself."""
     limit = DEFAULT_MAX_CHUNK
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        limit = min(limit, max(_MIN_CHUNK, free // 4 // (2 * max(bytes_per_elem, 1))))
+        limit = min(limit, max(_MIN_CHUNK, device_budget(device) // 4 // (2 * max(bytes_per_elem, 1))))
     return int(max(1, min(limit, numel)))
 
 

@@ -53,10 +53,16 @@ def _configs():
     ]
 
 
-# Keyed on the size bucket (log2 of C), N and the constexprs, never on C itself: a state
-# dict has many distinct tensor/chunk sizes and must not re-tune for each one. Re-running
-# during tuning is harmless: the kernel only reads inputs and writes out/flags idempotently.
-@triton.autotune(configs=_configs(), key=["C_LOG2", "N"])
+# Keyed on the size bucket (log2 of C), N and every constexpr but BLOCK, never on C itself:
+# a state dict has many distinct tensor/chunk sizes and must not re-tune for each one, while
+# each compiled variant (optimizer, input kind, options) is tuned on its own (Triton's key
+# holds only the names listed here and the tensors' dtypes). Re-running during tuning is
+# harmless: the kernel only reads inputs and writes out/flags idempotently.
+_WHOLE_RUN_KEY = ["C_LOG2", "N", "OPT", "IN_KIND", "SOUP", "ADAPTIVE", "HAS_WD", "MOMENTUM", "NESTEROV",
+                  "AMSGRAD", "EPS_INSIDE_SQRT", "CHECK_FINITE", "ALIGNED"]
+
+
+@triton.autotune(configs=_configs(), key=_WHOLE_RUN_KEY)
 @triton.jit
 def _whole_run_kernel(
     table, codes, pivot_ptr, out_ptr, coeffs_ptr, batch_ptr, batch_idx, flags_ptr,
@@ -118,7 +124,7 @@ def _whole_run_kernel(
     rules.store_rounded(out_ptr, offs, w, mask)
 
 
-@triton.autotune(configs=_configs(), key=["C_LOG2", "N"])
+@triton.autotune(configs=_configs(), key=["C_LOG2", "N", "IN_KIND", "PIVOT", "CHECK_FINITE", "ALIGNED"])
 @triton.jit
 def _weighted_sum_kernel(
     table, codes, pivot_ptr, out_ptr, weights_ptr, flags_ptr,
