@@ -49,6 +49,11 @@ class Variant:
     stores: dict = field(default_factory=dict)
     aligned: Optional[bool] = None
     in_type: Optional[str] = None
+    # 32-bit integer instructions that take the i32 size argument C as an operand (Triton
+    # only): an index or address built from C in 32 bits overflows once it passes 2^31,
+    # e.g. ``2 * C`` for a [3, C] state buffer of C >= 2^30 elements. Empty when C is only
+    # widened to 64 bits or compared.
+    c_narrow_ops: Optional[list] = field(default_factory=list)
 
 
 def _triton_tool(name: str) -> str:
@@ -83,6 +88,30 @@ def _parse_resource_usage(text: str) -> dict:
             out[(arch, name)] = tuple(int(v) for v in m.groups())
             name = None
     return out
+
+
+# Instructions that may take a 32-bit C: widening to 64 bits, wide multiplies, compares.
+_C_SAFE_OPS = re.compile(r"^(cvt\.[su]64\.[su]32|(mul|mad)\.wide\.[su]32|setp\.)")
+
+
+def _ptx_narrow_uses(ptx: str, kernel: str, param_index: int) -> Optional[list]:
+    """Opcodes of the PTX instructions that read the u32 kernel parameter ``param_index``
+    other than through ``_C_SAFE_OPS`` (see ``Variant.c_narrow_ops``)."""
+    m = re.search(rf"ld\.param\.[bsu]32\s+(%rd?\d+),\s*\[{re.escape(kernel)}_param_{param_index}\]", ptx)
+    if m is None:
+        return None  # not found: the test fails rather than pass on a parse miss
+    if m.group(1).startswith("%rd"):
+        return []  # sign-extended into a 64-bit register as it is loaded
+    reg = re.escape(m.group(1))
+    ops = []
+    for line in ptx.splitlines():
+        line = line.strip()
+        if line.startswith("ld.param") or not re.search(rf"{reg}(?![\d])", line):
+            continue
+        op = line.split()[0].lstrip("@%p0123456789 ")
+        if not _C_SAFE_OPS.match(op):
+            ops.append(op)
+    return ops
 
 
 def _ptx_accesses(ptx: str) -> tuple:
@@ -171,12 +200,16 @@ def _compile_triton(kernel_name: str, consts: dict, dtypes: dict, block_warps: t
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
     usage = _resource_usage(compiled.asm["cubin"], tmpdir)
     regs, stack, local = next(iter(usage.values()))
-    loads, stores = _ptx_accesses(compiled.asm["ptx"])
+    ptx = compiled.asm["ptx"]
+    loads, stores = _ptx_accesses(ptx)
+    runtime_args = [n for n in fn.arg_names if sig[n] != "constexpr"]
+    c_narrow = _ptx_narrow_uses(ptx, kernel_name, runtime_args.index("C"))
     shown = {k: v for k, v in consts.items() if k not in ("BLOCK",)}
     label = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in shown.items())
     label += "".join(f",{k}={v}" for k, v in dtypes.items()) + f",BLOCK={block},warps={warps}"
     return Variant(kernel_name, label, arch, regs, stack, local, loads, stores,
-                   aligned=bool(consts.get("ALIGNED")), in_type=_IN_TYPES.get(consts.get("IN_KIND")))
+                   aligned=bool(consts.get("ALIGNED")), in_type=_IN_TYPES.get(consts.get("IN_KIND")),
+                   c_narrow_ops=c_narrow)
 
 
 def triton_report(archs=(80, 90), configs: bool = True) -> list:

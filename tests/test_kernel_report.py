@@ -113,6 +113,15 @@ def test_every_autotune_config_reads_whole_vectors(triton_rows):
         assert _loads(r, "ld.global.b16") == 0 and _loads(r, "ld.global.v2") == 0, r["variant"]
 
 
+def test_size_argument_is_widened_before_any_index_math(triton_rows):
+    """C arrives as an i32 below 2^31 elements; any 32-bit arithmetic on it (``2 * C`` addressing
+    the third state slot, say) overflows for large buffers. The PTX may only widen or compare it."""
+    steps = [r for r in triton_rows if r["kernel"] == "_step_kernel" and _variant(r)["SLOTS"] == "3"]
+    assert steps, "no 3-slot step variant: the check below would see no multi-slot addressing"
+    for r in triton_rows:
+        assert r["c_narrow_ops"] == [], f"{r['kernel']} sm_{r['arch']} {r['c_narrow_ops']} on C: {r['variant']}"
+
+
 # --- CUDA C++ -------------------------------------------------------------------------
 
 def _cuda_module_built() -> bool:

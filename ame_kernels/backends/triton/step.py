@@ -15,7 +15,7 @@ from ...errors import MergeError
 from ...schedule import Hyper
 from ..base import check_step_row
 from . import rules
-from .whole_run import aligned16, hyper_args, hyper_flags, pointer_table
+from .whole_run import aligned16, hyper_args, hyper_flags, on_device, pointer_table
 
 # One fixed config, no autotune: the kernel updates w and state in place, so re-running
 # it while tuning would corrupt them, and a plain streaming loop gains little from tuning.
@@ -36,16 +36,19 @@ def _step_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    # state is [SLOTS, C] row-major: slot k of element e at k * C + e
+    # state is [SLOTS, C] row-major: slot k of element e at k * C + e, summed onto the int64
+    # offsets (C is an i32 argument below 2^31 elements, and 2 * C would overflow it)
+    offs1 = offs + C
+    offs2 = offs1 + C
     s0 = tl.zeros([BLOCK], dtype=tl.float32)
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
     s2 = tl.zeros([BLOCK], dtype=tl.float32)
     if SLOTS > 0:
         s0 = tl.load(state_ptr + offs, mask=mask, other=0.0)
     if SLOTS > 1:
-        s1 = tl.load(state_ptr + C + offs, mask=mask, other=0.0)
+        s1 = tl.load(state_ptr + offs1, mask=mask, other=0.0)
     if SLOTS > 2:
-        s2 = tl.load(state_ptr + 2 * C + offs, mask=mask, other=0.0)
+        s2 = tl.load(state_ptr + offs2, mask=mask, other=0.0)
 
     if ADAPTIVE:
         p = w
@@ -67,9 +70,9 @@ def _step_kernel(
     if SLOTS > 0:
         tl.store(state_ptr + offs, s0, mask=mask)
     if SLOTS > 1:
-        tl.store(state_ptr + C + offs, s1, mask=mask)
+        tl.store(state_ptr + offs1, s1, mask=mask)
     if SLOTS > 2:
-        tl.store(state_ptr + 2 * C + offs, s2, mask=mask)
+        tl.store(state_ptr + offs2, s2, mask=mask)
 
 
 def _check_fp32(fn: str, arg: str, x, shape, device) -> None:
@@ -103,10 +106,11 @@ def step(w, state, batch, pivot, coeffs, t: int, hyper: Hyper) -> None:
     if c == 0:
         return
     gscale, lr_eff, decay, inv_bc2_sqrt = (float(v) for v in row)
-    _step_kernel[(triton.cdiv(c, _BLOCK),)](
-        w, state if slots else w, table, codes, pivot if pivot is not None else w,
-        c, len(batch), int(int(t) == 1), gscale, lr_eff, decay, inv_bc2_sqrt,
-        **hyper_args(hyper),
-        IN_KIND=in_kind, ADAPTIVE=pivot is None, SLOTS=slots, **hyper_flags(hyper),
-        ALIGNED=aligned16(batch), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
-    )
+    with on_device(device):
+        _step_kernel[(triton.cdiv(c, _BLOCK),)](
+            w, state if slots else w, table, codes, pivot if pivot is not None else w,
+            c, len(batch), int(int(t) == 1), gscale, lr_eff, decay, inv_bc2_sqrt,
+            **hyper_args(hyper),
+            IN_KIND=in_kind, ADAPTIVE=pivot is None, SLOTS=slots, **hyper_flags(hyper),
+            ALIGNED=aligned16(batch), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        )

@@ -21,6 +21,7 @@ corrections, batch members and the folded weights are device tensors (``StepPlan
 Compile-time (constexpr) are only the optimizer, its flags, the input dtype kind and BLOCK.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -328,6 +329,23 @@ def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Te
     if c == 0:
         return []
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK"]),)  # noqa: E731
+    with on_device(device):
+        _launch_whole_run(inputs, plan, pivot_t, adaptive_pivot, out, table, codes, in_kind, flags, soup, mode,
+                          index, check_finite, fold, grid)
+    if not check_finite:
+        return []
+    return torch.nonzero(flags.cpu()).reshape(-1).tolist()
+
+
+def on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device and stream, whatever the tensors' device:
+    make the tensors' device current (a no-op on cuda:0 or CPU), as torch's own ops do."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch_whole_run(inputs, plan, pivot_t, adaptive_pivot, out, table, codes, in_kind, flags, soup, mode, index,
+                      check_finite, fold, grid) -> None:
+    c, device = out.numel(), out.device
     weights = _fold_weights(plan, adaptive_pivot, mode, index, device) if fold else None
     if weights is not None:
         _weighted_sum_kernel[grid](
@@ -346,6 +364,3 @@ def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Te
             SOUP=soup, ADAPTIVE=bool(adaptive_pivot), IN_KIND=in_kind, CHECK_FINITE=bool(check_finite),
             ALIGNED=aligned16(inputs), **hyper_args(hyper), **hyper_flags(hyper),
         )
-    if not check_finite:
-        return []
-    return torch.nonzero(flags.cpu()).reshape(-1).tolist()
