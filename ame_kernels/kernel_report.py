@@ -197,7 +197,8 @@ def _compile_triton(kernel_name: str, consts: dict, dtypes: dict, block_warps: t
     if missing:
         raise KeyError(f"kernel_report: {kernel_name} has no argument(s) {sorted(missing)}")
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, enable_fp_fusion=whole_run.FP_FUSION))
     usage = _resource_usage(compiled.asm["cubin"], tmpdir)
     regs, stack, local = next(iter(usage.values()))
     ptx = compiled.asm["ptx"]
@@ -217,7 +218,6 @@ def triton_report(archs=(80, 90), configs: bool = True) -> list:
     the bf16 Adam whole-run kernel under every autotune config of the GPU."""
     import tempfile
 
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence 3.9's notice; the launch default
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("kernel_report: TRITON_INTERPRET=1 is set; the report compiles for a GPU target")
     from .backends.triton import whole_run

@@ -15,7 +15,7 @@ from ...errors import MergeError
 from ...schedule import Hyper
 from ..base import check_step_row
 from . import rules
-from .whole_run import aligned16, hyper_args, hyper_flags, on_device, pointer_table
+from .whole_run import FP_FUSION, aligned16, hyper_args, hyper_flags, on_device, pointer_table
 
 # One fixed config, no autotune: the kernel updates w and state in place, so re-running
 # it while tuning would corrupt them, and a plain streaming loop gains little from tuning.
@@ -112,5 +112,5 @@ def step(w, state, batch, pivot, coeffs, t: int, hyper: Hyper) -> None:
             c, len(batch), int(int(t) == 1), gscale, lr_eff, decay, inv_bc2_sqrt,
             **hyper_args(hyper),
             IN_KIND=in_kind, ADAPTIVE=pivot is None, SLOTS=slots, **hyper_flags(hyper),
-            ALIGNED=aligned16(batch), BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+            ALIGNED=aligned16(batch), BLOCK=_BLOCK, num_warps=_NUM_WARPS, enable_fp_fusion=FP_FUSION,
         )

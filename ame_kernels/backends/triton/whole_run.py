@@ -35,6 +35,10 @@ from ..base import check_flat, check_plan_inputs
 from . import rules
 
 _IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: Passed to every launch rather than left to Triton's default, which 3.10 turns off: the
+#: kernels are written for contracted a*b+c (as the CPU kernels' FMAs), and the rounding
+#: must not change with the Triton version.
+FP_FUSION = True
 _FLOAT_DTYPES = tuple(_IN_KIND)
 
 
@@ -352,7 +356,7 @@ def _launch_whole_run(inputs, plan, pivot_t, adaptive_pivot, out, table, codes, 
             table, codes, pivot_t, out, weights, flags,
             c, plan.n, max(c, 1).bit_length(),
             IN_KIND=in_kind, PIVOT=mode == "tensor", CHECK_FINITE=bool(check_finite),
-            ALIGNED=aligned16(inputs),
+            ALIGNED=aligned16(inputs), enable_fp_fusion=FP_FUSION,
         )
     else:
         coeffs, batch_ptr, batch_idx = _plan_tensors(plan, device)
@@ -362,5 +366,5 @@ def _launch_whole_run(inputs, plan, pivot_t, adaptive_pivot, out, table, codes, 
             c, plan.n, plan.steps, max(c, 1).bit_length(),
             h_init=float(hyper.initial_accumulator_value),
             SOUP=soup, ADAPTIVE=bool(adaptive_pivot), IN_KIND=in_kind, CHECK_FINITE=bool(check_finite),
-            ALIGNED=aligned16(inputs), **hyper_args(hyper), **hyper_flags(hyper),
+            ALIGNED=aligned16(inputs), **hyper_args(hyper), **hyper_flags(hyper), enable_fp_fusion=FP_FUSION,
         )
