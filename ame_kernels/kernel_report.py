@@ -226,9 +226,8 @@ def triton_report(archs=(80, 90), configs: bool = True) -> list:
     if configs:
         base = dict(OPT=2, IN_KIND=1, ALIGNED=True, SOUP=True, ADAPTIVE=True, HAS_WD=False, MOMENTUM=False,
                     NESTEROV=False, AMSGRAD=False, EPS_INSIDE_SQRT=False, CHECK_FINITE=False)
-        for cfg in whole_run._configs():
-            variants.append(("_whole_run_kernel", base, dict(out="bf16", pivot="bf16"),
-                             (cfg.kwargs["BLOCK"], cfg.num_warps)))
+        for block_warps in whole_run.GPU_CONFIGS:
+            variants.append(("_whole_run_kernel", base, dict(out="bf16", pivot="bf16"), block_warps))
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:

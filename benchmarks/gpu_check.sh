@@ -1,77 +1,108 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should run, in stages: build with the machine's own torch (no
-# venv: a GPU box has its CUDA torch and triton), the GPU tests of the Triton and CUDA
-# backends, the GPU benchmark, and the static kernel report.
+# venv: a GPU box has its CUDA torch and triton), the CUDA C++ tests, the Triton tests, the
+# GPU benchmark, the static kernel report, and (on request) a compute-sanitizer pass.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [STAGE ...]
 #
-# STAGE: build, tests, bench, report (default: all four, in that order). Logs land in DIR
-# (default benchmarks/results/gpu). Each stage runs under its own time limit (seconds:
-# AME_BUILD_LIMIT 300, AME_TESTS_LIMIT 420, AME_BENCH_LIMIT 480, AME_REPORT_LIMIT 180) so a
-# hung stage cannot eat a whole session; where one command may run at most 10 minutes, split
-# the stages over calls, each starting with build (a fresh machine has no build), e.g.
-#   bash benchmarks/gpu_check.sh build tests
+# STAGE: build, cuda, triton, bench, report (default: these five, in this order), sanitize
+# (memcheck over a few CUDA cases; not in the default). DIR: where the logs go (default: $OUT
+# when set, as on the lent device machines, whose $OUT comes back; else benchmarks/results/gpu).
+# Each stage runs under its own time limit in seconds (AME_<STAGE>_LIMIT: build 420, cuda 360,
+# triton 480, bench 480, report 180, sanitize 420) so a hung stage cannot eat a session. Where a
+# command may run for at most 10 minutes, split the stages over calls, each starting with build
+# (a fresh machine has none; on a warm one it is incremental):
+#   bash benchmarks/gpu_check.sh build cuda
+#   bash benchmarks/gpu_check.sh build triton
 #   bash benchmarks/gpu_check.sh build bench report
-# Exits non-zero if the build or a test fails (or a stage times out); later stages still run
-# when a test fails.
+# Exits non-zero if the build fails, the CUDA backend is not usable (every CUDA test would
+# skip and the run would look green), a test fails, or a stage times out; later stages still
+# run after a failed test stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-OUT=benchmarks/results/gpu
-if [ "${1:-}" = "--out" ]; then OUT=$2; shift 2; fi
+LOGS=${OUT:-benchmarks/results/gpu}
+if [ "${1:-}" = "--out" ]; then LOGS=$2; shift 2; fi
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests bench report)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build cuda triton bench report)
 for s in "${STAGES[@]}"; do
-  case $s in build|tests|bench|report) ;; *) echo "gpu_check.sh: unknown stage '$s' (build, tests, bench, report)"; exit 2;; esac
+  case $s in build|cuda|triton|bench|report|sanitize) ;;
+    *) echo "gpu_check.sh: unknown stage '$s' (build, cuda, triton, bench, report, sanitize)"; exit 2;; esac
 done
-mkdir -p "$OUT"
+mkdir -p "$LOGS"
+# AME_BUILD_CUDA=1: no nvcc found must fail the build, not quietly skip every CUDA test.
+export PYTHONUNBUFFERED=1 AME_BUILD_CUDA=1 PY LOGS
 status=0
-export PYTHONUNBUFFERED=1 PY OUT
 
-run_stage() {  # name limit: runs stage_<name> in a child bash under `timeout`, noting a timeout
-  local name=$1 limit=$2
-  local t0=$SECONDS
-  timeout --signal=TERM --kill-after=20 "$limit" bash -o pipefail -c "$(declare -f "stage_$name"); stage_$name"
+run_stage() {  # name default-limit: stage_<name> in a child bash under `timeout`
+  local name=$1 var="AME_${1^^}_LIMIT"
+  local limit=${!var:-$2} t0=$SECONDS
+  timeout --signal=TERM --kill-after=20 "$limit" bash -o pipefail -c "$(declare -f "stage_$name" pytest_stage); stage_$name"
   local rc=$?
   [ $rc -eq 124 ] && echo "gpu_check.sh: stage $name timed out after ${limit}s"
   echo "gpu_check.sh: stage $name: exit $rc in $((SECONDS - t0)) s"
   return $rc
 }
 
-stage_build() {
-  { nvidia-smi || true; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"; } \
-    > "$OUT/machine.txt" 2>&1
-  cat "$OUT/machine.txt"
-  if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-    echo "build failed: $OUT/build.log"; tail -30 "$OUT/build.log"; return 1
-  fi
-  $PY -c "import ame_kernels as ak; print(ak.build_info()); print(ak.available_backends())" | tee -a "$OUT/build.log"
-}
-
-stage_tests() {
-  # The parity matrix at GPU sizes, the chunked driver vs unchunked, a merge larger than the
-  # memory this process may use, triton == cuda, the fold, and the static report's checks.
-  $PY -m pytest -q -ra -p no:cacheprovider tests/test_triton.py tests/test_cuda.py tests/test_gpu_fold.py \
-    tests/test_kernel_report.py tests/test_identities.py 2>&1 | tee "$OUT/tests.log" | tail -40
+pytest_stage() {  # log-name pytest-args...
+  local name=$1; shift
+  $PY -m pytest -q -ra -p no:cacheprovider "$@" 2>&1 | tee "$LOGS/tests_$name.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
 
+stage_build() {
+  { nvidia-smi || true; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"; } \
+    > "$LOGS/machine.txt" 2>&1
+  cat "$LOGS/machine.txt"
+  if ! $PY -m pip install -q --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
+    echo "build failed: $LOGS/build.log"; tail -30 "$LOGS/build.log"; return 1
+  fi
+  $PY - <<'EOF' 2>&1 | tee -a "$LOGS/build.log"
+import torch, ame_kernels as ak
+print(ak.build_info()); print(ak.available_backends())
+ok, why = ak.available_backends()["cuda"]
+assert torch.cuda.is_available() and ok, f"the cuda backend is not usable on this GPU machine: {why}"
+EOF
+}
+
+stage_cuda() {
+  # CUDA_LAUNCH_BLOCKING: a faulting kernel fails at its own launch (check_launch names it),
+  # not at some later torch call.
+  CUDA_LAUNCH_BLOCKING=1 pytest_stage cuda tests/test_cuda.py tests/test_gpu_fold.py -k "not triton"
+}
+
+stage_triton() {
+  # Parity over every optimizer x dtype x size x option at GPU sizes, the chunked driver, a
+  # merge larger than the memory the process may use, triton == cuda. One autotune config
+  # (AME_TRITON_AUTOTUNE=0): hundreds of variants need compiling, not four benchmarks each;
+  # the bench stage tunes.
+  AME_TRITON_AUTOTUNE=0 pytest_stage triton tests/test_triton.py tests/test_gpu_fold.py tests/test_cuda.py -k triton
+}
+
 stage_bench() {
-  $PY benchmarks/bench_gpu.py --csv "$OUT/bench_gpu.csv" 2>&1 | tee "$OUT/bench_gpu.txt"
+  $PY benchmarks/bench_gpu.py --csv "$LOGS/bench_gpu.csv" 2>&1 | tee "$LOGS/bench_gpu.txt"
   return "${PIPESTATUS[0]}"
 }
 
 stage_report() {
-  $PY -m ame_kernels.kernel_report --arch 90 > "$OUT/kernel_report.md" 2>&1
+  $PY -m ame_kernels.kernel_report --arch 90 > "$LOGS/kernel_report.md" 2>&1
+}
+
+stage_sanitize() {
+  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    -k "whole_run_matches_reference and 4099 or step_matches_reference" 2>&1 | tee "$LOGS/sanitize.log" | tail -30
+  return "${PIPESTATUS[0]}"
 }
 
 for s in "${STAGES[@]}"; do
   case $s in
-    build) run_stage build "${AME_BUILD_LIMIT:-300}" || { echo "logs in $OUT (build failed)"; exit 1; } ;;
-    tests) run_stage tests "${AME_TESTS_LIMIT:-420}" || status=1 ;;
-    bench) run_stage bench "${AME_BENCH_LIMIT:-480}" || status=1 ;;
-    report) run_stage report "${AME_REPORT_LIMIT:-180}" || true ;;
+    build) run_stage build 420 || { echo "logs in $LOGS (build failed)"; exit 1; } ;;
+    cuda) run_stage cuda 360 || status=1 ;;
+    triton) run_stage triton 480 || status=1 ;;
+    bench) run_stage bench 480 || status=1 ;;
+    report) run_stage report 180 || true ;;
+    sanitize) run_stage sanitize 420 || status=1 ;;
   esac
 done
-echo "logs in $OUT (status $status)"
+echo "logs in $LOGS (status $status)"
 exit $status

@@ -358,6 +358,28 @@ def test_chunked_driver_is_generic_over_the_kernel(_kernels):
     assert_close(out, torch.stack(xs).mean(0), what="chunked soup")
 
 
+def test_chunked_runner_recovers_from_a_failed_run(_kernels):
+    """A kernel error mid-merge leaves the runner (kept for reuse) clean: the next run's out
+    receives only its own chunks, not the failed run's pending one."""
+    cfg = AMEConfig(optimizer="sgd", lr=1.0, lr_schedule="constant", adaptive_pivot=False)
+    runner = _kernels["driver"].ChunkedRunner("cpu", chunk_elems=40)
+    calls = []
+
+    def failing(inputs, plan, pivot, adaptive_pivot, out, check_finite=False):
+        calls.append(out.numel())
+        if len(calls) == 3:
+            raise MergeError("injected kernel failure")
+        return REF.whole_run(inputs, plan, pivot, adaptive_pivot, out, check_finite=check_finite)
+
+    xs = _inputs(3, 150, F32, device="cpu")
+    with pytest.raises(MergeError, match="injected"):
+        runner.run(failing, xs, schedule(cfg, 3), None, False, torch.empty(150))
+    small = _inputs(3, 30, F32, device="cpu")
+    out = torch.empty(30)
+    runner.run(REF.whole_run, small, schedule(cfg, 3), None, False, out)
+    assert_close(out, torch.stack(small).mean(0), what="run after a failed one")
+
+
 # --- errors ----------------------------------------------------------------------------
 
 

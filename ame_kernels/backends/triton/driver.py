@@ -220,55 +220,61 @@ class ChunkedRunner:
                 out[lo:hi].copy_(slot.host_out[: hi - lo])
                 slot.pending = None
 
-        for k, lo in enumerate(range(0, c, chunk)):
-            hi = min(c, lo + chunk)
-            n = hi - lo
-            slot = slots[k % 2]
-            # 1. stage on the host: the slot's previous H2D must have drained its staging buffers
-            _host_wait(slot.h2d_done)
-            for x, h in zip(inputs, slot.host_in):
-                if h is not None:
-                    h[:n].copy_(x[lo:hi])
-            if pivot_dtype is not None:
-                slot.host_pivot[:n].copy_(pivot_t[lo:hi])
-            # 2. H2D, once the compute that last read this slot's device inputs is done
-            with _stream_ctx(copy_in):
-                _wait(copy_in, slot.compute_done)
-                for x, h, d in zip(inputs, slot.host_in, slot.dev_in):
-                    d[:n].copy_(h[:n] if h is not None else x[lo:hi], non_blocking=True)
+        try:
+            for k, lo in enumerate(range(0, c, chunk)):
+                hi = min(c, lo + chunk)
+                n = hi - lo
+                slot = slots[k % 2]
+                # 1. stage on the host: the slot's previous H2D must have drained its staging buffers
+                _host_wait(slot.h2d_done)
+                for x, h in zip(inputs, slot.host_in):
+                    if h is not None:
+                        h[:n].copy_(x[lo:hi])
                 if pivot_dtype is not None:
-                    slot.dev_pivot[:n].copy_(slot.host_pivot[:n], non_blocking=True)
-                slot.h2d_done = _record(copy_in)
-            # 3. compute, once the inputs are in and the slot's last output was drained
-            with _stream_ctx(compute):
-                _wait(compute, slot.h2d_done)
-                _wait(compute, slot.d2h_done)
-                if pivot_t is None:
-                    piv = pivot
-                elif pivot_on_dev:
-                    piv = pivot_t[lo:hi]
-                else:
-                    piv = slot.dev_pivot[:n]
-                xs = [d[:n] for d in slot.dev_in]
-                # The kernel's own finite check would return a host list (a sync per chunk);
-                # a device-side flag keeps the pipeline asynchronous.
-                kernel_fn(xs, plan, piv, adaptive_pivot, slot.dev_out[:n], check_finite=False)
-                if check_finite:
-                    bad |= torch.stack([~torch.isfinite(x).all() for x in xs])
-                slot.compute_done = _record(compute)
-            # 4. D2H into the slot's pinned output (its previous chunk was unpacked in step 5)
-            with _stream_ctx(copy_out):
-                _wait(copy_out, slot.compute_done)
-                (out[lo:hi] if direct_out else slot.host_out[:n]).copy_(slot.dev_out[:n], non_blocking=True)
-                slot.d2h_done = _record(copy_out)
-            slot.pending = None if direct_out else (lo, hi)
-            # 5. unpack the other slot's chunk (k-1) while the GPU works on chunk k
-            finish(slots[(k + 1) % 2])
-        for slot in slots:
-            finish(slot)
-        if device.type == "cuda":
-            for s in self._streams:
-                s.synchronize()
+                    slot.host_pivot[:n].copy_(pivot_t[lo:hi])
+                # 2. H2D, once the compute that last read this slot's device inputs is done
+                with _stream_ctx(copy_in):
+                    _wait(copy_in, slot.compute_done)
+                    for x, h, d in zip(inputs, slot.host_in, slot.dev_in):
+                        d[:n].copy_(h[:n] if h is not None else x[lo:hi], non_blocking=True)
+                    if pivot_dtype is not None:
+                        slot.dev_pivot[:n].copy_(slot.host_pivot[:n], non_blocking=True)
+                    slot.h2d_done = _record(copy_in)
+                # 3. compute, once the inputs are in and the slot's last output was drained
+                with _stream_ctx(compute):
+                    _wait(compute, slot.h2d_done)
+                    _wait(compute, slot.d2h_done)
+                    if pivot_t is None:
+                        piv = pivot
+                    elif pivot_on_dev:
+                        piv = pivot_t[lo:hi]
+                    else:
+                        piv = slot.dev_pivot[:n]
+                    xs = [d[:n] for d in slot.dev_in]
+                    # The kernel's own finite check would return a host list (a sync per chunk);
+                    # a device-side flag keeps the pipeline asynchronous.
+                    kernel_fn(xs, plan, piv, adaptive_pivot, slot.dev_out[:n], check_finite=False)
+                    if check_finite:
+                        bad |= torch.stack([~torch.isfinite(x).all() for x in xs])
+                    slot.compute_done = _record(compute)
+                # 4. D2H into the slot's pinned output (its previous chunk was unpacked in step 5)
+                with _stream_ctx(copy_out):
+                    _wait(copy_out, slot.compute_done)
+                    (out[lo:hi] if direct_out else slot.host_out[:n]).copy_(slot.dev_out[:n], non_blocking=True)
+                    slot.d2h_done = _record(copy_out)
+                slot.pending = None if direct_out else (lo, hi)
+                # 5. unpack the other slot's chunk (k-1) while the GPU works on chunk k
+                finish(slots[(k + 1) % 2])
+            for slot in slots:
+                finish(slot)
+        finally:
+            # Also on an exception: copies and kernels still in flight use the slots' buffers,
+            # which a later release() or re-keying would free under them.
+            if device.type == "cuda":
+                for s in self._streams:
+                    s.synchronize()
+            for slot in slots:  # a failed run's chunk must not be unpacked into the next run's out
+                slot.pending = slot.h2d_done = slot.compute_done = slot.d2h_done = None
         if not check_finite:
             return []
         return torch.nonzero(bad.cpu()).reshape(-1).tolist()

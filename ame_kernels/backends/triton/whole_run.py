@@ -44,18 +44,19 @@ _FLOAT_DTYPES = tuple(_IN_KIND)
 
 def _configs():
     """A few BLOCK/num_warps choices on GPU; one fixed config under the interpreter
-    (autotune with one config never benchmarks, and the interpreter ignores warps)."""
+    (autotune with one config never benchmarks, and the interpreter ignores warps), or
+    with AME_TRITON_AUTOTUNE=0 (the first GPU config: test runs that compile hundreds of
+    variants need not benchmark four configs of each). Read when the kernels are defined."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK": 128}, num_warps=4)]
-    # 8 or 16 elements per thread: a bf16/fp16 thread then reads whole 16-byte vectors
-    # (4 elements per thread, e.g. BLOCK 512 x 4 warps, compile to 8-byte loads;
-    # python -m ame_kernels.kernel_report shows the widths).
-    return [
-        triton.Config({"BLOCK": 1024}, num_warps=4),
-        triton.Config({"BLOCK": 2048}, num_warps=8),
-        triton.Config({"BLOCK": 2048}, num_warps=4),
-        triton.Config({"BLOCK": 4096}, num_warps=8),
-    ]
+    configs = [triton.Config({"BLOCK": block}, num_warps=warps) for block, warps in GPU_CONFIGS]
+    return configs[:1] if os.environ.get("AME_TRITON_AUTOTUNE") == "0" else configs
+
+
+#: (BLOCK, num_warps) autotuned on a GPU. 8 or 16 elements per thread: a bf16/fp16 thread
+#: then reads whole 16-byte vectors (4 elements per thread, e.g. BLOCK 512 x 4 warps,
+#: compile to 8-byte loads; ``python -m ame_kernels.kernel_report`` shows the widths).
+GPU_CONFIGS = ((1024, 4), (2048, 8), (2048, 4), (4096, 8))
 
 
 # Keyed on the size bucket (log2 of C), N and every constexpr but BLOCK, never on C itself:
