@@ -15,6 +15,12 @@ from .config import AMEConfig
 from .errors import MergeError
 from .schedule import StepPlan, schedule
 
+# Imported now, not lazily: ``ak.diagnostics`` (the function) has its submodule's name, and the
+# first import of a submodule sets the package attribute to the module. Lazily, any earlier
+# ``import ame_kernels.diagnostics`` (the ``inspect`` CLI, a user's ``from ame_kernels.diagnostics
+# import soup_gain``) left ``ak.diagnostics`` a module, not callable. The module is torch-free.
+from .diagnostics import Diagnostics, diagnostics, soup_gain
+
 __version__ = "0.1.0"
 
 #: public name -> (module, attribute), imported on first access (PEP 562)
@@ -22,9 +28,6 @@ _LAZY = {
     "merge": ("api", "merge"),
     "available_backends": ("backends", "available"),
     "get_backend": ("backends", "get_backend"),
-    "Diagnostics": ("diagnostics", "Diagnostics"),
-    "diagnostics": ("diagnostics", "diagnostics"),
-    "soup_gain": ("diagnostics", "soup_gain"),
     "GreedyStep": ("greedy", "GreedyStep"),
     "greedy_merge": ("greedy", "greedy_merge"),
     "greedy_soup": ("soups", "greedy_soup"),
@@ -48,4 +51,5 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["AMEConfig", "MergeError", "StepPlan", "build_info", "schedule", "__version__", *sorted(_LAZY)]
+__all__ = ["AMEConfig", "Diagnostics", "MergeError", "StepPlan", "build_info", "diagnostics", "schedule", "soup_gain",
+           "__version__", *sorted(_LAZY)]

@@ -6,6 +6,7 @@ nothing half-done.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -45,6 +46,26 @@ def _label(name: str) -> str:
     return f"tensor {name!r}" if name else "the tensor"
 
 
+def check_tensor_kind(x: torch.Tensor, what: str, where: str) -> None:
+    """Reject what no backend can merge, naming ``what`` (``'merge: tensor 'w' of ingredient 1'``):
+    meta tensors (no data), complex tensors, and floating dtypes other than float32/bfloat16/float16."""
+    if x.device.type == "meta":
+        raise MergeError(
+            f"{what} is a meta tensor (shape only, no data); materialise it first "
+            "(e.g. load the checkpoint with load_state_dict(..., assign=True) or module.to_empty())"
+        )
+    if x.dtype.is_complex:
+        raise MergeError(
+            f"{what} has complex dtype {x.dtype}, which {where} does not support "
+            "(merge torch.view_as_real(x) instead and convert back with torch.view_as_complex)"
+        )
+    if x.dtype.is_floating_point and x.dtype not in FLOAT_DTYPES:
+        raise MergeError(
+            f"{what} has unsupported dtype {x.dtype}; supported: float32, bfloat16, float16 "
+            "(convert it, e.g. with .float(); the arithmetic is fp32 either way)"
+        )
+
+
 def _check_structure(dicts: List[dict]) -> List[str]:
     """Same names, shapes and devices in every ingredient; returns the names in order."""
     names = list(dicts[0].keys())
@@ -61,10 +82,12 @@ def _check_structure(dicts: List[dict]) -> List[str]:
         first = dicts[0][name]
         if not isinstance(first, torch.Tensor):
             raise MergeError(f"merge: {_label(name)} of ingredient 0 is a {type(first).__name__}, not a tensor")
+        check_tensor_kind(first, f"merge: {_label(name)} of ingredient 0", "merge")
         for i, d in enumerate(dicts[1:], start=1):
             x = d[name]
             if not isinstance(x, torch.Tensor):
                 raise MergeError(f"merge: {_label(name)} of ingredient {i} is a {type(x).__name__}, not a tensor")
+            check_tensor_kind(x, f"merge: {_label(name)} of ingredient {i}", "merge")
             if x.shape != first.shape:
                 raise MergeError(
                     f"merge: {_label(name)} has shape {tuple(x.shape)} in ingredient {i} but {tuple(first.shape)} in ingredient 0"
@@ -76,10 +99,6 @@ def _check_structure(dicts: List[dict]) -> List[str]:
                     f"merge: {_label(name)} is {x.dtype} in ingredient {i} but {first.dtype} in ingredient 0 "
                     "(floating and non-floating tensors cannot be mixed)"
                 )
-            if x.dtype.is_floating_point and x.dtype not in FLOAT_DTYPES:
-                raise MergeError(f"merge: {_label(name)} of ingredient {i} has unsupported dtype {x.dtype}")
-        if first.dtype.is_floating_point and first.dtype not in FLOAT_DTYPES:
-            raise MergeError(f"merge: {_label(name)} of ingredient 0 has unsupported dtype {first.dtype}")
     devices = {dicts[0][n].device for n in names}
     if len(devices) > 1:
         raise MergeError(f"merge: ingredient tensors are spread over several devices: {sorted(map(str, devices))}")
@@ -97,6 +116,16 @@ def _check_finite(dicts: List[dict], names: List[str]) -> None:
                 )
 
 
+def _check_pivot_finite(pivot: Any, names: List[str]) -> None:
+    """An explicit pivot (name -> tensor) holds no NaN/Inf in the tensors it provides."""
+    if not isinstance(pivot, dict):
+        return
+    for name in names:
+        p = pivot.get(name)
+        if isinstance(p, torch.Tensor) and p.dtype in FLOAT_DTYPES and not bool(torch.isfinite(p).all()):
+            raise MergeError(f"merge: pivot {_label(name)} contains NaN or Inf (pass check_finite=False to merge anyway)")
+
+
 def _resolve_pivot(pivot: Any, dicts: List[dict], names: List[str], form: str) -> Any:
     """None (soup), an ingredient index, or a dict name -> tensor of explicit pivots."""
     n = len(dicts)
@@ -104,7 +133,9 @@ def _resolve_pivot(pivot: Any, dicts: List[dict], names: List[str], form: str) -
         if pivot != "soup":
             raise MergeError(f"merge: pivot must be 'soup', an ingredient index or a tensor/state dict, got {pivot!r}")
         return None
-    if isinstance(pivot, int):
+    if isinstance(pivot, numbers.Integral) and not isinstance(pivot, bool):  # numpy integers too
+        pivot = int(pivot)
+    if isinstance(pivot, int) and not isinstance(pivot, bool):
         if not -n <= pivot < n:
             raise MergeError(f"merge: pivot index {pivot} is out of range for {n} ingredients")
         return pivot % n
@@ -114,13 +145,18 @@ def _resolve_pivot(pivot: Any, dicts: List[dict], names: List[str], form: str) -
         pivot = {"": pivot}
     if not isinstance(pivot, dict):
         raise MergeError(f"merge: pivot must be 'soup', an ingredient index or a tensor/state dict, got {type(pivot).__name__}")
-    missing = sorted(set(names) - set(pivot))
+    # Non-floating tensors are copied from ingredient 0, so the pivot needs only the floating ones
+    # (a dict(model.named_parameters()) pivot has no buffers).
+    missing = sorted(k for k in set(names) - set(pivot) if dicts[0][k].dtype in FLOAT_DTYPES)
     if missing:
         raise MergeError(f"merge: the pivot state dict is missing {missing}")
     for name in names:
-        ref, p = dicts[0][name], pivot[name]
+        ref = dicts[0][name]
         if ref.dtype not in FLOAT_DTYPES:
             continue
+        p = pivot[name]
+        if isinstance(p, torch.Tensor):
+            check_tensor_kind(p, f"merge: pivot {_label(name)}", "merge")
         if not isinstance(p, torch.Tensor) or p.dtype not in FLOAT_DTYPES:
             raise MergeError(f"merge: pivot {_label(name)} must be a floating tensor (float32/bfloat16/float16)")
         if p.shape != ref.shape:
@@ -130,11 +166,11 @@ def _resolve_pivot(pivot: Any, dicts: List[dict], names: List[str], form: str) -
 
 def _copy_non_float(dicts: List[dict], name: str) -> torch.Tensor:
     first = dicts[0][name]
-    differing = [i for i, d in enumerate(dicts[1:], start=1) if not torch.equal(d[name], first)]
+    differing = [i for i, d in enumerate(dicts[1:], start=1) if d[name].dtype != first.dtype or not torch.equal(d[name], first)]
     if differing:
         warnings.warn(
             f"merge: non-floating {_label(name)} differs between ingredients (ingredients {differing} differ from "
-            "ingredient 0); it is copied from ingredient 0, not averaged",
+            "ingredient 0 in value or dtype); it is copied from ingredient 0, not averaged",
             stacklevel=3,
         )
     return first.clone()
@@ -159,6 +195,7 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, **overri
     plan = schedule(cfg, len(dicts))
     if cfg.check_finite:
         _check_finite(dicts, names)
+        _check_pivot_finite(pivot, names)
     device = dicts[0][names[0]].device if names else torch.device("cpu")
     backend = get_backend(cfg.backend, device.type)
 

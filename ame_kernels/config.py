@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -46,6 +47,36 @@ def _as_float(name: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise MergeError(f"AMEConfig.{name}: expected a number, got {value!r}") from None
+
+
+def _is_scalar(value: Any) -> bool:
+    """A single number: a Python/numpy number or a 0-dim array/tensor (not a string, not a bool)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Number):
+        return True
+    return getattr(value, "ndim", None) == 0 and not isinstance(value, (str, bytes))
+
+
+def _as_finite(name: str, value: Any) -> float:
+    v = _as_float(name, value)
+    if not math.isfinite(v):
+        raise MergeError(f"AMEConfig.{name}: must be a finite number, got {value!r}")
+    return v
+
+
+def _as_sequence(name: str, value: Any, what: str) -> tuple:
+    """``value`` as a tuple of items; a lone number or a string is an error naming ``name``."""
+    if isinstance(value, (str, bytes)) or _is_scalar(value) or isinstance(value, bool):
+        raise MergeError(f"AMEConfig.{name}: expected {what}, got {value!r}")
+    try:
+        return tuple(value)
+    except TypeError:
+        raise MergeError(f"AMEConfig.{name}: expected {what}, got {type(value).__name__} {value!r}") from None
+
+
+#: torch.Generator.manual_seed accepts seeds in [-2**63, 2**64).
+_SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -141,22 +172,36 @@ class AMEConfig:
                 raise MergeError(f"AMEConfig.lr: must be a finite number > 0, got {self.lr!r}")
             set_("lr", lr)
         if isinstance(self.lr_schedule, str):
-            if self.lr_schedule not in LR_SCHEDULES:
+            kind = self.lr_schedule.lower()
+            if kind not in LR_SCHEDULES:
                 raise MergeError(
-                    f"AMEConfig.lr_schedule: unknown schedule {self.lr_schedule!r}; {_suggest(self.lr_schedule, LR_SCHEDULES)}"
+                    f"AMEConfig.lr_schedule: unknown schedule {self.lr_schedule!r}; {_suggest(kind, LR_SCHEDULES)}"
                 )
+            set_("lr_schedule", kind)
+        elif _is_scalar(self.lr_schedule):
+            raise MergeError(
+                f"AMEConfig.lr_schedule: got the number {self.lr_schedule!r}; a schedule is 'constant', 'harmonic', "
+                "'power', a per-step sequence or a callable of t (for a fixed learning rate: "
+                f"lr={self.lr_schedule!r}, lr_schedule='constant')"
+            )
         elif not callable(self.lr_schedule):
-            set_("lr_schedule", tuple(_as_float("lr_schedule", v) for v in self.lr_schedule))
-        if not callable(self.amplification) and not isinstance(self.amplification, (int, float, str)):
-            set_("amplification", tuple(_as_float("amplification", v) for v in self.amplification))
-        elif isinstance(self.amplification, (int, float, str)) and not callable(self.amplification):
-            set_("amplification", _as_float("amplification", self.amplification))
+            seq = _as_sequence("lr_schedule", self.lr_schedule, "'constant', 'harmonic', 'power', a per-step sequence or a callable")
+            set_("lr_schedule", tuple(_as_float("lr_schedule", v) for v in seq))
+        if callable(self.amplification):
+            pass
+        elif _is_scalar(self.amplification) or isinstance(self.amplification, str):
+            set_("amplification", _as_finite("amplification", self.amplification))
+        else:
+            seq = _as_sequence("amplification", self.amplification, "a number, a per-step sequence or a callable")
+            set_("amplification", tuple(_as_float("amplification", v) for v in seq))
         for name in ("lr_power", "weight_decay", "momentum", "dampening", "lr_decay", "initial_accumulator_value", "rho"):
-            set_(name, _as_float(name, getattr(self, name)))
+            set_(name, _as_finite(name, getattr(self, name)))
         for name in ("nesterov", "shuffle", "adaptive_pivot", "descending", "eps_inside_sqrt", "amsgrad", "check_finite"):
             set_(name, _as_bool(name, getattr(self, name)))
         for name in ("epochs", "batch_size", "seed"):
             set_(name, _as_int(name, getattr(self, name)))
+        if not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:
+            raise MergeError(f"AMEConfig.seed: must be in [-2**63, 2**64) (torch.Generator's range), got {self.seed}")
         if self.epochs < 1:
             raise MergeError(f"AMEConfig.epochs: must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -173,10 +218,7 @@ class AMEConfig:
             raise MergeError(f"AMEConfig.initial_accumulator_value: must be >= 0, got {self.initial_accumulator_value}")
         if not 0.0 <= self.rho <= 1.0:
             raise MergeError(f"AMEConfig.rho: must be in [0, 1], got {self.rho}")
-        try:
-            betas = tuple(_as_float("betas", b) for b in self.betas)
-        except TypeError:
-            raise MergeError(f"AMEConfig.betas: expected two numbers, got {self.betas!r}") from None
+        betas = tuple(_as_float("betas", b) for b in _as_sequence("betas", self.betas, "two numbers (beta1, beta2)"))
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise MergeError(f"AMEConfig.betas: expected two numbers in [0, 1), got {self.betas!r}")
         set_("betas", betas)
@@ -188,15 +230,20 @@ class AMEConfig:
         if self.order is not None and self.scores is not None:
             raise MergeError("AMEConfig: give either order or scores, not both")
         if self.order is not None:
-            set_("order", tuple(_as_int("order", i) for i in self.order))
+            set_("order", tuple(_as_int("order", i) for i in _as_sequence("order", self.order, "a permutation of the ingredient indices")))
         if self.scores is not None:
-            set_("scores", tuple(_as_float("scores", s) for s in self.scores))
+            scores = tuple(_as_float("scores", s) for s in _as_sequence("scores", self.scores, "one score per ingredient"))
+            if any(math.isnan(s) for s in scores):  # NaN has no place in a sort; +-inf sorts fine
+                raise MergeError(f"AMEConfig.scores: a score is NaN, so the order is undefined: {list(scores)}")
+            set_("scores", scores)
         if self.out_dtype is not None:
             od = str(self.out_dtype).replace("torch.", "")
             od = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(od, od)
             if od not in OUT_DTYPES:
                 raise MergeError(f"AMEConfig.out_dtype: unknown dtype {self.out_dtype!r}; {_suggest(od, OUT_DTYPES)}")
             set_("out_dtype", od)
+        if isinstance(self.backend, str):
+            set_("backend", self.backend.lower())
         if self.backend not in BACKENDS:
             raise MergeError(f"AMEConfig.backend: unknown backend {self.backend!r}; {_suggest(str(self.backend), BACKENDS)}")
         if self.threads is not None:
@@ -211,7 +258,9 @@ class AMEConfig:
                 raise MergeError(
                     f"AMEConfig.pivot: expected 'soup', an ingredient index or a tensor/state dict, got {self.pivot!r}"
                 ) from None
-        if isinstance(self.pivot, bool) or isinstance(self.pivot, float):
+        if isinstance(self.pivot, numbers.Integral) and not isinstance(self.pivot, bool):
+            set_("pivot", int(self.pivot))  # numpy integers (e.g. np.argmax(scores)) included
+        if isinstance(self.pivot, bool) or (isinstance(self.pivot, numbers.Real) and not isinstance(self.pivot, int)):
             raise MergeError(f"AMEConfig.pivot: expected 'soup', an ingredient index or a tensor/state dict, got {self.pivot!r}")
 
     # -- resolved values ---------------------------------------------------

@@ -74,6 +74,8 @@ class _TorchSource:
         for k in self.names:
             if not isinstance(sd[k], torch.Tensor):
                 raise MergeError(f"diagnostics: {label}: {_lbl(k)} is a {type(sd[k]).__name__}, not a tensor")
+            if sd[k].device.type == "meta":
+                raise MergeError(f"diagnostics: {label}: {_lbl(k)} is a meta tensor (shape only, no data); materialise it first")
 
     def shape(self, name: str) -> tuple:
         return tuple(self.sd[name].shape)
@@ -318,13 +320,18 @@ def diagnostics(
     for k, v in (thresholds or {}).items():
         if k not in th:
             raise MergeError(f"diagnostics: unknown threshold {k!r}; known: {', '.join(th)}")
-        th[k] = float(v)
+        try:
+            th[k] = float(v)
+        except (TypeError, ValueError):
+            raise MergeError(f"diagnostics: threshold {k!r} must be a number, got {v!r}") from None
+        if math.isnan(th[k]):
+            raise MergeError(f"diagnostics: threshold {k!r} must be a number, got NaN")
     try:
         chunk_mb = float(chunk_mb)
     except (TypeError, ValueError):
         raise MergeError(f"diagnostics: chunk_mb must be a number, got {chunk_mb!r}") from None
-    if not chunk_mb > 0:
-        raise MergeError(f"diagnostics: chunk_mb must be > 0, got {chunk_mb}")
+    if not (chunk_mb > 0 and math.isfinite(chunk_mb)):
+        raise MergeError(f"diagnostics: chunk_mb must be a finite number > 0, got {chunk_mb}")
     n = len(items)
     if labels is None:
         labels = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"ingredient {i}" for i, x in enumerate(items)]

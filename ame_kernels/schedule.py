@@ -150,25 +150,43 @@ def epoch_orders(config: AMEConfig, n: int) -> list:
     return [[base[j] for j in torch.randperm(n, generator=g).tolist()] for _ in range(config.epochs)]
 
 
-def _per_step(name: str, spec: Any, steps: int, default: Callable[[int], float]) -> np.ndarray:
-    """Expand a scalar / sequence / callable into float64 [steps] (t = 1..steps)."""
+def call_schedule(name: str, fn: Callable[[int], Any], t: int) -> float:
+    """``float(fn(t))`` for a user's per-step callable; whatever it raises or returns that is not a
+    number becomes a MergeError naming the option and the step."""
+    try:
+        value = fn(t)
+    except Exception as e:  # noqa: BLE001 (the user's code: any failure is reported the same way)
+        raise MergeError(f"{name}: the callable raised {type(e).__name__} at t={t}: {e}") from e
+    try:
+        if isinstance(value, bool):
+            raise TypeError("a bool")
+        return float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"{name}: the callable returned {value!r} at t={t}, not a number") from None
+
+
+def _per_step(name: str, spec: Any, steps: int, default: Callable[[int], float], first: int = 1) -> np.ndarray:
+    """Expand a scalar / sequence / callable into float64 values for t = first..steps."""
+    ts = range(first, steps + 1)
     if spec is None or isinstance(spec, str):
-        vals = [default(t) for t in range(1, steps + 1)]
+        vals = [default(t) for t in ts]
     elif callable(spec):
-        vals = [float(spec(t)) for t in range(1, steps + 1)]
+        vals = [call_schedule(f"AMEConfig.{name}", spec, t) for t in ts]
     elif isinstance(spec, (int, float)):
-        vals = [float(spec)] * steps
+        vals = [float(spec)] * len(ts)
     else:
         vals = [float(v) for v in spec]
         if len(vals) != steps:
             raise MergeError(f"AMEConfig.{name}: expected {steps} values (one per step), got {len(vals)}")
+        vals = vals[first - 1 :]
     out = np.asarray(vals, dtype=np.float64)
     if not np.all(np.isfinite(out)):
         raise MergeError(f"AMEConfig.{name}: every per-step value must be finite")
     return out
 
 
-def lr_values(config: AMEConfig, steps: int) -> np.ndarray:
+def lr_values(config: AMEConfig, steps: int, first: int = 1) -> np.ndarray:
+    """lr_t for t = first..steps (float64)."""
     lr = config.resolved_lr
     kind = config.lr_schedule
     if kind == "constant":
@@ -179,7 +197,7 @@ def lr_values(config: AMEConfig, steps: int) -> np.ndarray:
         fn = lambda t: lr * t ** config.lr_power  # noqa: E731
     else:
         fn = None
-    out = _per_step("lr_schedule", None if fn else kind, steps, fn or (lambda t: lr))
+    out = _per_step("lr_schedule", None if fn else kind, steps, fn or (lambda t: lr), first)
     if np.any(out <= 0):
         raise MergeError("AMEConfig.lr_schedule: every lr_t must be > 0")
     return out
@@ -200,10 +218,19 @@ def _coeffs(hyper: Hyper, lr: np.ndarray, t: np.ndarray, gscale: np.ndarray) -> 
     return np.ascontiguousarray(coeffs.astype(np.float32))
 
 
+#: A plan's batch indices are int32 (``batch_idx``): epochs x N must fit.
+MAX_PLAN_VISITS = 2**31 - 1
+
+
 def schedule(config: AMEConfig, n: int) -> StepPlan:
     """Build the StepPlan of ``config`` for ``n`` ingredients (pure, host-side, tiny)."""
     if n < 1:
         raise MergeError(f"merge: need at least 1 ingredient, got {n}")
+    if config.epochs * n > MAX_PLAN_VISITS:
+        raise MergeError(
+            f"AMEConfig.epochs: {config.epochs} epochs x {n} ingredients = {config.epochs * n} ingredient visits, "
+            f"more than a plan holds ({MAX_PLAN_VISITS}, int32 indices)"
+        )
     hyper = resolve_hyper(config)
     orders = epoch_orders(config, n)
     bsz = config.batch_size
@@ -251,7 +278,7 @@ def step_coeffs(config: AMEConfig, t: int, gscale: float) -> np.ndarray:
             raise MergeError(f"AMEConfig.lr_schedule: has {len(config.lr_schedule)} values, step {t} needs one more")
         lr = np.array([config.lr_schedule[t - 1]], dtype=np.float64)
     else:
-        lr = lr_values(config, t)[t - 1 :]
+        lr = lr_values(config, t, first=t)  # lr_t alone: a stew's t-th step costs O(1), not O(t)
     return _coeffs(resolve_hyper(config), lr, np.array([float(t)]), np.array([gscale]))[0]
 
 

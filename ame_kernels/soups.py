@@ -82,7 +82,12 @@ def weighted_soup(ingredients, weights: Sequence[float], *, normalize: bool = Tr
         pivot = zeros[""] if form in ("list", "stacked") else zeros
     cfg = _soup_config(amplification=tuple(n * v for v in a), backend=backend, out_dtype=out_dtype,
                        threads=threads, check_finite=check_finite)
-    return merge(ingredients, cfg, pivot=pivot)
+    try:
+        return merge(ingredients, cfg, pivot=pivot)
+    except MergeError as e:
+        if base is not None and "pivot" in str(e):  # the user wrote base=, merge knows it as its pivot
+            raise MergeError(f"weighted_soup: base (merged as the pivot): {e}") from None
+        raise
 
 
 def greedy_soup(ingredients, evaluate: Callable[[Any], float], scores: Optional[Sequence[float]] = None, *,

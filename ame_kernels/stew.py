@@ -39,6 +39,7 @@ ingredients may be float32, bfloat16 or float16; ``weights`` are returned in
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import uuid
 import warnings
@@ -48,11 +49,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .api import FLOAT_DTYPES, _DTYPE_BY_NAME, _label
+from .api import FLOAT_DTYPES, _DTYPE_BY_NAME, _label, check_tensor_kind
 from .backends import get_backend
 from .config import AMEConfig, make_config
 from .errors import MergeError
-from .schedule import resolve_hyper, step_coeffs
+from .schedule import call_schedule, resolve_hyper, step_coeffs
 
 MODES = ("server", "merge")
 STEW_JSON = "stew.json"
@@ -74,7 +75,7 @@ class StewSnapshot:
 def _zeta(spec: Amplification, t: int, what: str) -> float:
     """zeta_t of a scalar / per-step sequence / callable (t is 1-based)."""
     if callable(spec):
-        z = float(spec(t))
+        z = call_schedule(what, spec, t)
     elif isinstance(spec, (int, float)):
         z = float(spec)
     else:
@@ -92,7 +93,7 @@ def _check_amplification(amplification: Amplification) -> Amplification:
         return amplification
     if isinstance(amplification, bool):
         raise MergeError(f"Stew: amplification must be None, a number, a sequence or a callable, got {amplification!r}")
-    if isinstance(amplification, (int, float, str)):
+    if isinstance(amplification, (numbers.Real, str)) or getattr(amplification, "ndim", None) == 0:
         try:
             return float(amplification)
         except ValueError:
@@ -161,8 +162,7 @@ class Stew:
         for name, x in pivot_dict.items():
             if not isinstance(x, torch.Tensor):
                 raise MergeError(f"Stew: pivot {_label(name)} is a {type(x).__name__}, not a tensor")
-            if x.dtype.is_floating_point and x.dtype not in FLOAT_DTYPES:
-                raise MergeError(f"Stew: pivot {_label(name)} has unsupported dtype {x.dtype} (float32/bfloat16/float16)")
+            check_tensor_kind(x, f"Stew: pivot {_label(name)}", "a stew")
             devices.add(x.device)
         if len(devices) > 1:
             raise MergeError(f"Stew: pivot tensors are spread over several devices: {sorted(map(str, devices))}")
@@ -244,6 +244,7 @@ class Stew:
                 x = d[name]
                 if not isinstance(x, torch.Tensor):
                     raise MergeError(f"Stew.add: {_label(name)} of ingredient {i} is a {type(x).__name__}, not a tensor")
+                check_tensor_kind(x, f"Stew.add: {_label(name)} of ingredient {i}", "a stew")
                 if tuple(x.shape) != self._shapes[name]:
                     raise MergeError(
                         f"Stew.add: {_label(name)} has shape {tuple(x.shape)} in ingredient {i} but {self._shapes[name]} in the pivot"
@@ -253,8 +254,6 @@ class Stew:
                         f"Stew.add: {_label(name)} is {x.dtype} in ingredient {i}, not the pivot's kind "
                         "(floating and non-floating tensors cannot be mixed)"
                     )
-                if x.dtype.is_floating_point and x.dtype not in FLOAT_DTYPES:
-                    raise MergeError(f"Stew.add: {_label(name)} of ingredient {i} has unsupported dtype {x.dtype}")
                 if self.config.check_finite and self._float[name] and not bool(torch.isfinite(x).all()):
                     raise MergeError(
                         f"Stew.add: {_label(name)} of ingredient {i} contains NaN or Inf (check_finite=False to add anyway)"
@@ -274,22 +273,26 @@ class Stew:
         dicts = self._batch(ingredient)
         t = self.t + 1
         coeffs = step_coeffs(self.config, t, self.gscale(t, len(dicts)))
+        # Every input is staged (moved to the stew's device, flattened) before the first tensor
+        # is stepped, so a failure there leaves the stew as it was, never half-stepped.
+        batches = {}
         for name in self.names:
             if not self._float[name]:
-                differing = [i for i, d in enumerate(dicts) if not torch.equal(d[name].to(self.device), self._buffers[name])]
+                buf = self._buffers[name]
+                differing = [i for i, d in enumerate(dicts)
+                             if d[name].dtype != buf.dtype or not torch.equal(d[name].to(self.device), buf)]
                 if differing:
                     warnings.warn(
-                        f"Stew.add: non-floating {_label(name)} differs from the pivot's in batch ingredients {differing}; "
-                        "the pivot's is kept, not averaged",
+                        f"Stew.add: non-floating {_label(name)} differs from the pivot's (in value or dtype) in batch "
+                        f"ingredients {differing}; the pivot's is kept, not averaged",
                         stacklevel=2,
                     )
-                continue
-            w = self._w[name]
-            if w.numel() == 0:
-                continue
-            batch = [d[name].detach().to(self.device).contiguous().reshape(-1) for d in dicts]
+            elif self._w[name].numel():
+                batches[name] = [d[name].detach().to(self.device).contiguous().reshape(-1) for d in dicts]
+        for name, batch in batches.items():
             pivot = None if self._w0 is None else self._w0[name]
-            self.backend.step(w, self._state[name], batch, pivot, coeffs, t, self.hyper, threads=self.config.threads)
+            self.backend.step(self._w[name], self._state[name], batch, pivot, coeffs, t, self.hyper,
+                              threads=self.config.threads)
         self.t = t
         return self
 

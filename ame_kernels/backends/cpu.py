@@ -26,7 +26,7 @@ import numpy as np
 from .. import _native
 from ..errors import MergeError
 from ..schedule import Hyper, StepPlan, folded_weights
-from .base import FLOAT_DTYPE_NAMES, Backend, Pivot
+from .base import FLOAT_DTYPE_NAMES, Backend, Pivot, check_plan_inputs
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 _NUMPY_DTYPE_NAME = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -193,10 +193,12 @@ class CpuBackend(Backend):
         check_finite: bool = False,
     ) -> list:
         fn = "whole_run"
-        inputs = list(inputs)
+        inputs = check_plan_inputs(f"[{fn}]", plan, inputs)
         _check_count(fn, len(inputs), plan)
         numel = out.numel() if hasattr(out, "numel") else -1
         out_dtype = _check_tensor(out, numel, fn, "out")
+        if hasattr(inputs[0], "numel") and inputs[0].numel() != numel:
+            raise MergeError(f"[{fn}] out: has {numel} elements but inputs[0] has {inputs[0].numel()} (they must match)")
         dtypes = [_check_tensor(x, numel, fn, f"inputs[{i}]") for i, x in enumerate(inputs)]
         piv = _pivot_index(fn, pivot, len(inputs))
         if piv is None and pivot is not None:
@@ -216,6 +218,12 @@ class CpuBackend(Backend):
         threads: Optional[int] = None,
     ) -> None:
         fn = "step"
+        # The native module checks these too, but raises a plain ValueError; a MergeError here, in its words.
+        row = np.asarray(coeffs, dtype=np.float64).reshape(-1)
+        if row.shape != (4,):
+            raise MergeError(f"[{fn}] coeffs: expected 4 values (gscale, lr_eff, decay, inv_bc2_sqrt), got shape {np.shape(coeffs)}")
+        if int(t) < 1:
+            raise MergeError(f"[{fn}] t: steps count from 1, got {t}")
         numel = w.numel() if hasattr(w, "numel") else -1
         if _check_tensor(w, numel, fn, "w") != "float32":
             raise MergeError(f"[{fn}] w: must be float32, got {w.dtype}")
@@ -242,7 +250,7 @@ class CpuBackend(Backend):
             batch=[x.data_ptr() for x in batch],
             batch_dtypes=dtypes,
             pivot=pptr,
-            coeffs=np.ascontiguousarray(coeffs, dtype=np.float32).reshape(-1),
+            coeffs=np.ascontiguousarray(row, dtype=np.float32),
             t=int(t),
             threads=default_threads(threads),
             simd=resolve_simd(self.simd),

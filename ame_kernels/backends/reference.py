@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..schedule import Hyper, StepPlan
-from .base import Backend, Pivot
+from ..errors import MergeError
+from .base import Backend, Pivot, check_flat, check_plan_inputs, check_step_row
 
 
 def _make_optimizer(w: torch.Tensor, hyper: Hyper) -> torch.optim.Optimizer:
@@ -103,6 +104,7 @@ class ReferenceBackend(Backend):
         return True
 
     def whole_run(self, inputs, plan: StepPlan, pivot: Pivot, adaptive_pivot: bool, out, threads=None, check_finite=False):
+        pivot = _check_whole_run(plan, inputs, pivot, out)
         bad = sorted(i for i, x in enumerate(inputs) if check_finite and not torch.isfinite(x).all())
         if pivot is None:
             w0 = torch.stack([x.float() for x in inputs]).mean(0)
@@ -132,7 +134,9 @@ class ReferenceBackend(Backend):
         lr_t and the pseudogradient scale are taken from ``coeffs`` (gscale, and lr
         recovered from lr_eff by undoing what schedule._coeffs applied).
         """
-        gscale, lr_eff = float(coeffs[0]), float(coeffs[1])
+        _check_step(w, state, batch, pivot, hyper)
+        row = check_step_row("[reference] step", coeffs, t)
+        gscale, lr_eff = float(row[0]), float(row[1])
         lr = _lr_from_eff(lr_eff, t, hyper)
         p = w if pivot is None else pivot
         g = torch.zeros_like(w)
@@ -154,6 +158,67 @@ class ReferenceBackend(Backend):
         opt.step()
         _store_state(hyper, opt.state[w], slots)
         w.grad = None
+
+
+def _check_whole_run(plan, inputs, pivot, out):
+    """The base-class contract of whole_run, checked as the kernel backends check it; returns the
+    pivot as None, a plain int index, or a tensor."""
+    fn = "[reference] whole_run"
+    inputs = check_plan_inputs(fn, plan, inputs)
+    if not isinstance(out, torch.Tensor):
+        raise MergeError(f"{fn}: out must be a tensor, got {type(out).__name__}")
+    numel, device = out.numel(), out.device
+    check_flat(fn, "out", out, numel, device)
+    if isinstance(inputs[0], torch.Tensor) and inputs[0].numel() != numel:
+        raise MergeError(f"{fn}: out has {numel} elements but inputs[0] has {inputs[0].numel()} (they must match)")
+    for k, x in enumerate(inputs):
+        check_flat(fn, f"inputs[{k}]", x, numel, device)
+    if pivot is None or isinstance(pivot, torch.Tensor):
+        if pivot is not None:
+            check_flat(fn, "pivot", pivot, numel, device)
+        return pivot
+    if isinstance(pivot, bool) or not hasattr(pivot, "__index__"):
+        raise MergeError(f"{fn}: pivot must be None (soup), an ingredient index or a tensor, got {type(pivot).__name__}")
+    if not 0 <= int(pivot) < plan.n:
+        raise MergeError(f"{fn}: pivot index {int(pivot)} is not in [0, {plan.n})")
+    return int(pivot)
+
+
+def _check_step(w, state, batch, pivot, hyper: Hyper) -> None:
+    """The base-class contract of step, as the kernels check it, except that the oracle also steps
+    in float64 (w, state and pivot all float64: the exact answer tests compare fp32 errors with)."""
+    fn = "[reference] step"
+    if not isinstance(w, torch.Tensor):
+        raise MergeError(f"{fn}: w must be a tensor, got {type(w).__name__}")
+    c, device, wd = w.numel(), w.device, w.dtype
+    if wd not in (torch.float32, torch.float64):
+        raise MergeError(f"{fn}: w must be float32 (or float64, the oracle's exact mode), got {wd}")
+
+    def check(arg, x, numel, dtypes):
+        if not isinstance(x, torch.Tensor):
+            raise MergeError(f"{fn}: {arg} must be a tensor, got {type(x).__name__}")
+        if x.dtype not in dtypes:
+            raise MergeError(f"{fn}: {arg} has dtype {x.dtype}; expected {' or '.join(str(d)[6:] for d in dtypes)}")
+        if x.numel() != numel:
+            raise MergeError(f"{fn}: {arg} has {x.numel()} elements, expected {numel}")
+        if not x.is_contiguous():
+            raise MergeError(f"{fn}: {arg} must be contiguous")
+        if x.device != device:
+            raise MergeError(f"{fn}: {arg} is on {x.device}, expected {device} (all tensors on one device)")
+
+    check("w", w, c, (wd,))
+    slots = hyper.state_slots
+    if slots:
+        check("state", state, slots * c, (wd,))
+        if tuple(state.shape) != (slots, c):
+            raise MergeError(f"{fn}: state must have shape [{slots}, {c}], got {tuple(state.shape)}")
+    batch = list(batch)
+    if not batch:
+        raise MergeError(f"{fn}: batch must hold at least one tensor")
+    for k, x in enumerate(batch):
+        check(f"batch[{k}]", x, c, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    if pivot is not None:
+        check("pivot", pivot, c, (wd,))
 
 
 def _lr_from_eff(lr_eff: float, t: int, hyper: Hyper) -> float:
