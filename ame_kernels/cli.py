@@ -238,15 +238,15 @@ def _names_strategy(path: str) -> bool:
 def _run(args: argparse.Namespace) -> int:
     import warnings
 
-    from .engine import close_plan, run_merge
+    from .engine import close_plan, input_paths, run_merge
     from .io.atomic import Terminated, check_target, terminate_as_exception
 
     plan = None
     try:
         try:
             plan = prepare(args)
-            if not args.dry_run:
-                check_target(args.out_dir, args.force)
+            if args.out_dir:  # also with --dry-run: it checks everything the merge would
+                check_target(args.out_dir, args.force, protect=input_paths(plan) + [args.config])
         except MergeError as e:
             _error(str(e))
             if args.verbose:
@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             with terminate_as_exception(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = run_merge(plan, args.out_dir, force=args.force, progress=not args.quiet)
+                result = run_merge(plan, args.out_dir, force=args.force, progress=not args.quiet, protect=[args.config])
             for w in caught:
                 print(f"ame-merge: warning: {w.message}", file=sys.stderr)
         except (KeyboardInterrupt, Terminated) as e:
@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
                 traceback.print_exc()
             return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 (one clear line; traceback on request)
-            msg = str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}"
+            msg = _describe(e)
             _error(f"{msg}; nothing was written to {os.path.abspath(args.out_dir)}")
             if args.verbose:
                 traceback.print_exc()
@@ -280,6 +280,16 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if plan is not None:
             close_plan(plan)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an error met while merging: a MergeError as is, an OSError as 'FILE: what', else 'Type: text'."""
+    if isinstance(e, MergeError):
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+        return f"{where}: {e.strerror}"
+    return f"{type(e).__name__}: {e}"
 
 
 def _inspect(argv: List[str]) -> int:

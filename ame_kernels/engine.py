@@ -352,7 +352,10 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
         if nshards == 1
         else [f"model-{k + 1:05d}-of-{nshards:05d}.safetensors" for k in range(nshards)]
     )
-    chunk_elems = max(4096, int(chunk_mb * 2**20) // 4 // 4096 * 4096)  # a multiple of 4096 elements
+    chunk_elems = max(4096, int(min(chunk_mb * 2**20, 2**62)) // 4 // 4096 * 4096)  # a multiple of 4096 elements
+    # never more than the largest tensor needs: the staging buffers are sized by it
+    largest = max((j.numel for j in jobs), default=0)
+    chunk_elems = min(chunk_elems, max(4096, -(-largest // 4096) * 4096))
     plan = MergePlan(cks, pivot, cfg, steps, jobs, shard_files, [], chunk_elems, backend, device, shard_bytes, plan_warnings)
     # work items in file order (shard by shard, tensor by tensor as the shard header lists them), so
     # the single-process writer can stream each shard front to back
@@ -713,8 +716,12 @@ def run_merge(
     threads: Optional[int] = None,
     progress: bool = False,
     extra_provenance: Optional[dict] = None,
+    protect: Sequence[str] = (),
 ) -> MergeResult:
-    """Execute ``plan`` into ``out_dir`` atomically (see module docstring); returns timings and memory."""
+    """Execute ``plan`` into ``out_dir`` atomically (see module docstring); returns timings and memory.
+
+    ``out_dir`` may not be or hold an input of the plan (or a path in ``protect``), even with ``force``.
+    """
     threads = threads if threads is not None else plan.config.threads
     t0 = time.perf_counter()
     bar = None
@@ -723,7 +730,7 @@ def run_merge(
 
         total = sum(plan.item_bytes(it) for it in plan.work)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True, file=sys.stderr)
-    atomic = AtomicDir(out_dir, force=force)
+    atomic = AtomicDir(out_dir, force=force, protect=input_paths(plan) + list(protect))
     tmp = atomic.create()
     try:
         notes = merge_items(plan, tmp, plan.work, threads, bar.update if bar else None, stream=True)
@@ -750,6 +757,15 @@ def merge_checkpoints(models: Sequence[str], out_dir: str, config: Optional[AMEC
         return run_merge(plan, out_dir, force=force)
     finally:
         close_plan(plan)
+
+
+def input_paths(plan: MergePlan) -> List[str]:
+    """Every checkpoint path and file the plan reads (an output folder must never replace one)."""
+    paths: List[str] = []
+    for ck in plan.ingredients + ([plan.pivot] if isinstance(plan.pivot, Checkpoint) else []):
+        paths.append(ck.path)
+        paths.extend(str(f) for f in ck.files)
+    return list(dict.fromkeys(paths))
 
 
 def close_plan(plan: MergePlan) -> None:

@@ -255,8 +255,11 @@ class ShardWriter:
 
     def create(self) -> "ShardWriter":
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, self.size)
-        _pwrite_all(self._fd, memoryview(self.header), 0)
+        try:
+            os.ftruncate(self._fd, self.size)
+            _pwrite_all(self._fd, memoryview(self.header), 0)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
         return self
 
     def open_existing(self) -> "ShardWriter":
@@ -269,7 +272,10 @@ class ShardWriter:
         """Place ``data`` (contiguous, the tensor's storage dtype) at element ``start`` of ``name``."""
         off = self.offsets[name] + start * itemsize(self.dtypes[name])
         buf = memoryview(np.ascontiguousarray(data)).cast("B")
-        _pwrite_all(self._fd, buf, off)
+        try:
+            _pwrite_all(self._fd, buf, off)
+        except OSError as e:  # pwrite's error names no file
+            raise OSError(e.errno, e.strerror, self.path) from None
         self.written += len(buf)
 
     def close(self) -> None:

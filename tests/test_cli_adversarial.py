@@ -1,0 +1,187 @@
+"""ame-merge under a demanding user: odd folders, inconsistent indexes, corrupt headers, hostile
+output targets, disk errors and bad config values. Each case: a clear one-line error naming the
+file / tensor / key, found before any work where the input is at fault, and nothing left behind."""
+
+import errno
+import os
+import signal
+import types
+
+import pytest
+import torch
+
+import ame_kernels as ak
+from ame_kernels.engine import close_plan, merge_checkpoints, plan_merge
+from ame_kernels.errors import MergeError
+from test_cli import assert_no_output, run_cli, write_config
+from test_engine import BACKENDS, assert_same
+from test_io import load_folder, make_family, tiny_state_dict, write_checkpoint
+
+
+def _last_error(err: str) -> str:
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("ame-merge: error:"), err
+    assert "Traceback" not in err
+    return line
+
+
+# ----------------------------------------------------------------------------- the output target
+
+
+def test_force_never_replaces_an_input(tmp_path, capsys):
+    """--force on an input folder, or on a folder holding the inputs, would delete the user's checkpoints."""
+    paths, _ = make_family(tmp_path, n=2)
+    cfg = write_config(tmp_path, paths)
+    before = {p: sorted(os.listdir(p)) for p in paths}
+    for target in (paths[1], tmp_path, os.path.join(paths[0], "model.safetensors")):
+        code, _, err = run_cli(capsys, cfg, target, "--quiet", "--force")
+        line = _last_error(err)
+        assert code == 2, line
+        assert "input" in line and str(target) in line, line
+    assert {p: sorted(os.listdir(p)) for p in paths} == before
+    assert os.path.exists(cfg)
+    assert_no_output(tmp_path, ("m0", "m1", "merge.yaml"))
+    # the Python API refuses too
+    with pytest.raises(MergeError, match="input"):
+        merge_checkpoints(paths, paths[0], force=True)
+    assert {p: sorted(os.listdir(p)) for p in paths} == before
+    # a new folder inside an input folder is fine (nothing of the input is replaced)
+    code, _, err = run_cli(capsys, cfg, os.path.join(paths[0], "merged"), "--quiet", "--backend", BACKENDS[0])
+    assert code == 0, err
+
+
+def test_out_dir_below_a_file_is_a_usage_error(tmp_path, capsys):
+    paths, _ = make_family(tmp_path, n=2)
+    cfg = write_config(tmp_path, paths)
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(capsys, cfg, tmp_path / "afile" / "out", "--quiet")
+    line = _last_error(err)
+    assert code == 2 and "afile" in line and "not a folder" in line, line
+    assert (tmp_path / "afile").read_text() == "x"
+    assert_no_output(tmp_path, ("m0", "m1", "merge.yaml", "afile"))
+
+
+def test_unwritable_output_parent_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    paths, _ = make_family(tmp_path, n=2)
+    cfg = write_config(tmp_path, paths)
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path / "ro") else real_access(p, mode, **kw))
+    code, _, err = run_cli(capsys, cfg, tmp_path / "ro" / "out", "--quiet")
+    line = _last_error(err)
+    assert code == 2 and "ro" in line and "not writable" in line, line
+    assert os.listdir(tmp_path / "ro") == []
+
+
+def test_failed_merge_removes_the_parent_folders_it_made(tmp_path, capsys):
+    sds = [tiny_state_dict(i) for i in range(2)]
+    sds[1]["lm_head.weight"][0, 0] = float("nan")
+    paths = [write_checkpoint(sd, str(tmp_path / f"m{i}")) for i, sd in enumerate(sds)]
+    cfg = write_config(tmp_path, paths)
+    code, _, err = run_cli(capsys, cfg, tmp_path / "new" / "deeper" / "out", "--quiet", "--backend", BACKENDS[0])
+    assert code == 1 and "NaN or Inf" in _last_error(err)
+    assert_no_output(tmp_path, ("m0", "m1", "merge.yaml"))
+
+
+def test_dry_run_checks_the_target(tmp_path, capsys):
+    paths, _ = make_family(tmp_path, n=2)
+    cfg = write_config(tmp_path, paths)
+    (tmp_path / "out").mkdir()
+    code, out, err = run_cli(capsys, cfg, tmp_path / "out", "--dry-run")
+    assert code == 2 and "already exists" in _last_error(err) and out == ""
+    code, out, err = run_cli(capsys, cfg, tmp_path / "out", "--dry-run", "--force")
+    assert code == 0 and "models (2):" in out, err
+    code, out, err = run_cli(capsys, cfg, paths[0], "--dry-run", "--force")
+    assert code == 2 and "input" in _last_error(err)
+
+
+def test_disk_error_names_the_file_and_a_rerun_works(tmp_path, capsys, monkeypatch):
+    from ame_kernels.io import stream
+
+    paths = [write_checkpoint({"w": torch.randn(70_000, generator=torch.Generator().manual_seed(i))}, str(tmp_path / f"m{i}"))
+             for i in range(2)]
+    cfg = write_config(tmp_path, paths)
+    real = stream.ShardStream._write
+    calls = []
+
+    def failing(fd, mv, off):
+        calls.append(off)
+        if len(calls) == 2:  # mid-file: the header and the first chunk are out
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, mv, off)
+
+    monkeypatch.setattr(stream.ShardStream, "_write", staticmethod(failing))
+    code, _, err = run_cli(capsys, cfg, tmp_path / "out", "--quiet", "--chunk-mb", "0.05", "--backend", BACKENDS[0])
+    line = _last_error(err)
+    assert code == 1 and len(calls) >= 2
+    assert "model.safetensors" in line and "No space left on device" in line and "nothing was written" in line, line
+    assert_no_output(tmp_path)
+    monkeypatch.setattr(stream.ShardStream, "_write", staticmethod(real))
+    code, _, err = run_cli(capsys, cfg, tmp_path / "out", "--quiet", "--chunk-mb", "0.05", "--backend", BACKENDS[0])
+    assert code == 0, err
+    assert sorted(load_folder(str(tmp_path / "out"))) == ["w"]
+
+
+def test_a_failed_final_rename_keeps_the_old_target(tmp_path, monkeypatch):
+    from ame_kernels.io import AtomicDir
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep").write_text("old")
+    d = AtomicDir(str(target), force=True)
+    tmp = d.create()
+    (tmp_path / os.path.basename(tmp) / "f").write_text("new")
+    real = os.rename
+
+    def rename(src, dst):
+        if str(src) == tmp:
+            raise OSError(errno.EIO, "I/O error", src)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        d.commit()
+    d.abort()
+    assert (target / "keep").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_huge_chunk_is_clamped_to_the_largest_tensor(tmp_path, capsys):
+    paths, sds = make_family(tmp_path, n=2)
+    plan = plan_merge(paths, chunk_mb=1e9)  # 1 PB chunks: the staging buffers would not fit anywhere
+    try:
+        assert plan.chunk_elems <= 8192 and plan.chunk_elems % 4096 == 0
+    finally:
+        close_plan(plan)
+    cfg = write_config(tmp_path, paths)
+    code, _, err = run_cli(capsys, cfg, tmp_path / "out", "--quiet", "--chunk-mb", "1e9", "--backend", BACKENDS[0])
+    assert code == 0, err
+    assert_same(load_folder(str(tmp_path / "out")), ak.merge(sds, backend=BACKENDS[0]))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def test_distributed_sigterm_exits_143(monkeypatch):
+    """Under torchrun a SIGTERM is reported as 128 + 15, as in a single process (not 130, Ctrl-C's code)."""
+    from ame_kernels import cli, distributed
+    from ame_kernels.io.atomic import Terminated
+
+    class OneRank:
+        def __init__(self, device):
+            pass
+
+        def gather(self, obj):
+            return [obj]
+
+        def close(self):
+            pass
+
+    def prepare(args):
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(distributed, "_Group", OneRank)
+    monkeypatch.setattr(cli, "prepare", prepare)
+    args = types.SimpleNamespace(device="cpu", threads="1", out_dir="out", force=False, quiet=True, verbose=False)
+    world = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
+    assert distributed.main_distributed(args, world) == 128 + signal.SIGTERM
