@@ -229,9 +229,14 @@ def _check_structure(cks: List[Checkpoint], pivot: Optional[Checkpoint]) -> List
                 )
             fl, ffirst = info.dtype in MERGE_DTYPES, first.dtype in MERGE_DTYPES
             if fl != ffirst or (not fl and info.dtype != first.dtype):
+                why = (
+                    "a floating tensor in one model cannot be a non-floating one in another"
+                    if fl != ffirst
+                    else "non-floating tensors are copied, not merged, so every model must have the same dtype"
+                )
                 raise MergeError(
                     f"tensor {name!r} is {info.dtype} in {_label(i, ck)} but {first.dtype} in ingredient 0 "
-                    "(floating and non-floating tensors cannot be mixed; non-floating tensors must agree)"
+                    f"({cks[0].path}): {why}"
                 )
             if info.dtype.startswith("float8"):
                 raise MergeError(f"tensor {name!r} of {_label(i, ck)} is {info.dtype}, which cannot be merged")

@@ -3,16 +3,20 @@ output targets, disk errors and bad config values. Each case: a clear one-line e
 file / tensor / key, found before any work where the input is at fault, and nothing left behind."""
 
 import errno
+import json
 import os
 import signal
+import struct
 import types
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import ame_kernels as ak
 from ame_kernels.engine import close_plan, merge_checkpoints, plan_merge
 from ame_kernels.errors import MergeError
+from ame_kernels.io import open_checkpoint, read_header
 from test_cli import assert_no_output, run_cli, write_config
 from test_engine import BACKENDS, assert_same
 from test_io import load_folder, make_family, tiny_state_dict, write_checkpoint
@@ -157,6 +161,98 @@ def test_huge_chunk_is_clamped_to_the_largest_tensor(tmp_path, capsys):
     code, _, err = run_cli(capsys, cfg, tmp_path / "out", "--quiet", "--chunk-mb", "1e9", "--backend", BACKENDS[0])
     assert code == 0, err
     assert_same(load_folder(str(tmp_path / "out")), ak.merge(sds, backend=BACKENDS[0]))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _sharded(tmp_path, name="m"):
+    sd = tiny_state_dict(4)
+    folder = write_checkpoint(sd, str(tmp_path / name), shards=2)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    return sd, folder, index, json.load(open(index))
+
+
+def test_shard_holding_a_tensor_the_index_does_not_list(tmp_path):
+    sd, folder, index, data = _sharded(tmp_path)
+    name, shard = next(iter(data["weight_map"].items()))
+    del data["weight_map"][name]
+    json.dump(data, open(index, "w"))
+    with pytest.raises(MergeError) as e:
+        open_checkpoint(folder)
+    msg = str(e.value)
+    assert shard in msg and repr(name) in msg and "model.safetensors.index.json" in msg and "does not list" in msg, msg
+
+
+def test_tensor_in_two_shards(tmp_path):
+    sd, folder, index, data = _sharded(tmp_path)
+    names = list(sd)
+    dup = names[1]  # listed in shard 2
+    save_file({n: sd[n].contiguous() for n in names[0::2] + [dup]}, os.path.join(folder, "model-00001-of-00002.safetensors"))
+    with pytest.raises(MergeError) as e:
+        open_checkpoint(folder)
+    msg = str(e.value)
+    assert "model-00001-of-00002.safetensors" in msg and repr(dup) in msg and "model-00002-of-00002.safetensors" in msg, msg
+
+
+def test_index_naming_a_folder_or_nothing(tmp_path):
+    sd, folder, index, data = _sharded(tmp_path)
+    shard = os.path.join(folder, "model-00002-of-00002.safetensors")
+    os.remove(shard)
+    os.mkdir(shard)
+    with pytest.raises(MergeError, match=r"model-00002-of-00002.safetensors.*is a folder"):
+        open_checkpoint(folder)
+    json.dump({"weight_map": {}}, open(index, "w"))
+    with pytest.raises(MergeError, match=r"model.safetensors.index.json: lists no tensors"):
+        open_checkpoint(folder)
+
+
+def test_checkpoint_with_no_tensors(tmp_path):
+    path = str(tmp_path / "empty.safetensors")
+    header = b"{}      "
+    open(path, "wb").write(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(MergeError, match=r"empty.safetensors: holds no tensors"):
+        open_checkpoint(path)
+
+
+def _rewrite_header(path, edit):
+    raw = open(path, "rb").read()
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + hlen])
+    edit(header)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(h)) + h + raw[8 + hlen :])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda e: e.update(shape=[e["shape"][0] + 0.5]),  # was read as int(48.5) = 48
+        lambda e: e.update(shape=e["shape"] + [True]),  # was read as a trailing dim of 1
+        lambda e: e.update(shape=str(e["shape"][0])),  # was read digit by digit
+        lambda e: e.update(data_offsets=[str(o) for o in e["data_offsets"]]),
+        lambda e: e.update(data_offsets=e["data_offsets"] + [0]),
+    ],
+    ids=["float-dim", "bool-dim", "string-shape", "string-offsets", "three-offsets"],
+)
+def test_header_fields_must_be_integers(tmp_path, edit):
+    path = str(tmp_path / "x.safetensors")
+    save_file({"a": torch.zeros(48), "b": torch.ones(3, dtype=torch.int64)}, path)
+    _rewrite_header(path, lambda h: edit(h["a"]))
+    with pytest.raises(MergeError, match=r"x.safetensors: corrupt header entry for tensor 'a'"):
+        read_header(path)
+
+
+def test_non_float_dtype_mismatch_is_named_plainly(tmp_path):
+    sds = [tiny_state_dict(i) for i in range(2)]
+    sds[1]["model.position_ids"] = sds[1]["model.position_ids"].int()
+    paths = [write_checkpoint(sd, str(tmp_path / f"m{i}")) for i, sd in enumerate(sds)]
+    with pytest.raises(MergeError) as e:
+        plan_merge(paths)
+    msg = str(e.value)
+    assert "'model.position_ids' is int32 in ingredient 1" in msg and "int64 in ingredient 0" in msg
+    assert "floating and non-floating" not in msg, msg  # both are integer tensors
 
 
 # ----------------------------------------------------------------------------- distributed

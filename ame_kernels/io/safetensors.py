@@ -125,11 +125,13 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
     spans = []
     for name, entry in header.items():
         try:
-            code, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-            begin, end = int(begin), int(end)
+            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and all(_is_int(s) for s in shape) and _is_int(begin) and _is_int(end)):
+                raise TypeError("shape and data_offsets must hold integers")
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
             raise MergeError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}") from None
-        if code not in CODE_TO_NAME:
+        if not isinstance(code, str) or code not in CODE_TO_NAME:
             raise MergeError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
         info = TensorInfo(name, CODE_TO_NAME[code], shape, path, data_start + begin)
         if any(s < 0 for s in shape) or end - begin != info.nbytes or begin < 0:
@@ -149,6 +151,11 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
         if b1 < e0 and e1 > b1 and e0 > b0:
             raise MergeError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
     return tensors, metadata
+
+
+def _is_int(v) -> bool:
+    """A JSON integer (not a bool, float or string: the safetensors format has only integers there)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class SafetensorsFile:
