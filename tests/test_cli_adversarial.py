@@ -255,6 +255,34 @@ def test_non_float_dtype_mismatch_is_named_plainly(tmp_path):
     assert "floating and non-floating" not in msg, msg  # both are integer tensors
 
 
+# ----------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("models:\n  - {path: m0, score: .nan}\n  - {path: m1, score: 1}\n", ["models[0].score", "finite", "nan"]),
+        ("models: [m0, m1]\nscores: [1, .nan]\n", ["scores", "finite"]),
+        ("models: [m0, m1]\nweight_decay: .nan\n", ["weight_decay", "finite"]),
+        ("models: [m0, m1]\noptimizer: adagrad\nlr_decay: .inf\n", ["lr_decay", "finite"]),
+        ("models: [m0, m1]\nchunk_mb: true\n", ["chunk_mb", "expected a number", "True"]),
+        ("models: [m0, m1]\nlr: 1\noptimizer: adam\nlr: 2\n", ["duplicate key 'lr'", "line 4"]),
+        ("models:\n  - {path: m0, path: m1}\n", ["duplicate key 'path'"]),
+    ],
+    ids=["nan-score", "nan-scores", "nan-weight-decay", "inf-lr-decay", "bool-chunk", "duplicate-key", "duplicate-model-key"],
+)
+def test_bad_config_values_are_named_before_work(tmp_path, capsys, text, needles):
+    make_family(tmp_path, n=2)
+    (tmp_path / "merge.yaml").write_text(text)
+    code, _, err = run_cli(capsys, tmp_path / "merge.yaml", tmp_path / "out", "--quiet", "--backend", BACKENDS[0])
+    line = _last_error(err)
+    assert code == 2, line
+    assert "merge.yaml" in line
+    for needle in needles:
+        assert needle in line, line
+    assert_no_output(tmp_path, ("m0", "m1", "merge.yaml"))
+
+
 # ----------------------------------------------------------------------------- distributed
 
 
