@@ -769,6 +769,8 @@ def input_paths(plan: MergePlan) -> List[str]:
     paths: List[str] = []
     for ck in plan.ingredients + ([plan.pivot] if isinstance(plan.pivot, Checkpoint) else []):
         paths.append(ck.path)
+        if ck.folder is not None:
+            paths.append(ck.folder)
         paths.extend(str(f) for f in ck.files)
     return list(dict.fromkeys(paths))
 

@@ -96,10 +96,12 @@ def check_target(target: str, force: bool, protect: Sequence[str] = ()) -> str:
     """
     target = os.path.abspath(os.path.expanduser(str(target)))
     if os.path.lexists(target):
-        real = os.path.realpath(target)
+        forms = {target, os.path.realpath(target)}
         for p in protect:
-            if _within(os.path.realpath(os.path.abspath(str(p))), real):
-                what = "is" if os.path.realpath(os.path.abspath(str(p))) == real else "holds"
+            ap = os.path.abspath(str(p))
+            hit = [(q, t) for q in (ap, os.path.realpath(ap)) for t in forms if _within(q, t)]
+            if hit:
+                what = "is" if any(q == t for q, t in hit) else "holds"
                 raise MergeError(
                     f"{target}: the output folder {what} an input ({p}); replacing it would delete that input "
                     "(choose another OUT_DIR)"
