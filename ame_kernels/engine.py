@@ -636,6 +636,12 @@ def merge_items(
                 if bad:
                     where = "; ".join(f"ingredient {i} ({infos[i].file})" for i in bad)
                     raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where}")
+                if job.out_dtype == "float16" and cfg.check_finite and not np.isfinite(out).all():
+                    # finite inputs (checked above) whose merge leaves float16's range: the rounding wrote Inf
+                    raise MergeError(
+                        f"tensor {job.name!r}: merged values exceed the float16 range (|x| <= 65504) and would be "
+                        "written as Inf; use --out-dtype bfloat16 or float32 (or check_finite: false to write them)"
+                    )
                 sink.put_out(job, it, out)
             else:
                 src_ck = pivot_ck if job.source == -1 else cks[job.source]

@@ -163,6 +163,20 @@ def test_huge_chunk_is_clamped_to_the_largest_tensor(tmp_path, capsys):
     assert_same(load_folder(str(tmp_path / "out")), ak.merge(sds, backend=BACKENDS[0]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_overflow_is_an_error_not_inf(tmp_path, capsys, backend):
+    """Finite bf16/fp32 ingredients whose merge exceeds float16's range (65504) were written as Inf, silently."""
+    sds = [{"w": torch.full((10,), 1e5 * (i + 1)), "ok": torch.ones(3)} for i in range(2)]
+    paths = [write_checkpoint(sd, str(tmp_path / f"m{i}")) for i, sd in enumerate(sds)]
+    cfg = write_config(tmp_path, paths)
+    code, _, err = run_cli(capsys, cfg, tmp_path / "out", "--quiet", "--out-dtype", "float16", "--backend", backend)
+    line = _last_error(err)
+    assert code == 1 and "'w'" in line and "float16" in line and "--out-dtype" in line, line
+    assert_no_output(tmp_path)
+    code, _, err = run_cli(capsys, cfg, tmp_path / "out", "--quiet", "--out-dtype", "bfloat16", "--backend", backend)
+    assert code == 0, err
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
