@@ -177,6 +177,20 @@ def test_float16_overflow_is_an_error_not_inf(tmp_path, capsys, backend):
     assert code == 0, err
 
 
+def test_remote_code_and_tokenizer_files_are_copied(tmp_path, capsys):
+    """A folder whose config.json maps classes to its own modules (trust_remote_code) loads only with them."""
+    paths, _ = make_family(tmp_path, n=2)
+    extra = ["configuration_tiny.py", "modeling_tiny.py", "tokenization_tiny.py", "sentencepiece.bpe.model", "special_tokens_map.json"]
+    for f in extra:
+        (tmp_path / "m0" / f).write_text(f"# {f}\n")
+    (tmp_path / "m0" / "train.py").write_text("# not part of the model\n")
+    code, _, err = run_cli(capsys, write_config(tmp_path, paths), tmp_path / "out", "--quiet", "--backend", BACKENDS[0])
+    assert code == 0, err
+    got = set(os.listdir(tmp_path / "out"))
+    assert set(extra) <= got and "train.py" not in got, got
+    assert (tmp_path / "out" / "modeling_tiny.py").read_text() == "# modeling_tiny.py\n"
+
+
 # ----------------------------------------------------------------------------- inputs
 
 

@@ -40,7 +40,11 @@ AUX_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
+    "processor_config.json",
+    "sentencepiece.bpe.model",
 )
+#: remote-code modules (``config.json``'s ``auto_map`` names them; without them ``trust_remote_code`` fails).
+AUX_PATTERNS = ("configuration_*.py", "modeling_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py")
 
 
 @dataclass
@@ -67,7 +71,19 @@ class Checkpoint:
     def aux_files(self) -> List[str]:
         if self.folder is None:
             return []
-        return [os.path.join(self.folder, f) for f in AUX_FILES if os.path.isfile(os.path.join(self.folder, f))]
+        import fnmatch
+
+        found = [os.path.join(self.folder, f) for f in AUX_FILES if os.path.isfile(os.path.join(self.folder, f))]
+        try:
+            entries = sorted(os.listdir(self.folder))
+        except OSError:
+            entries = []
+        found += [
+            os.path.join(self.folder, f)
+            for f in entries
+            if any(fnmatch.fnmatchcase(f, pat) for pat in AUX_PATTERNS) and os.path.isfile(os.path.join(self.folder, f))
+        ]
+        return found
 
     def close(self) -> None:
         for f in self.files.values():
