@@ -298,8 +298,8 @@ def _run(args: argparse.Namespace) -> int:
             plan = prepare(args)
             if args.out_dir:  # also with --dry-run: it checks everything the merge would
                 check_target(args.out_dir, args.force, protect=input_paths(plan) + [args.config])
-        except MergeError as e:
-            _error(str(e))
+        except (MergeError, OSError) as e:  # OSError: an input that cannot be read, named by _describe
+            _error(_describe(e))
             if args.verbose:
                 traceback.print_exc()
             return EXIT_USAGE
@@ -328,6 +328,11 @@ def _run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(result.summary())
         return EXIT_OK
+    except KeyboardInterrupt:  # Ctrl-C while checking the inputs (a merge handles its own above)
+        _error("interrupted (Ctrl-C) before the merge started; nothing was written")
+        if args.verbose:
+            traceback.print_exc()
+        return EXIT_INTERRUPTED
     finally:
         if plan is not None:
             close_plan(plan)

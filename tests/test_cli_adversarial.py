@@ -191,6 +191,22 @@ def test_remote_code_and_tokenizer_files_are_copied(tmp_path, capsys):
     assert (tmp_path / "out" / "modeling_tiny.py").read_text() == "# modeling_tiny.py\n"
 
 
+def test_ctrl_c_while_planning_is_one_line(tmp_path, capsys, monkeypatch):
+    """Opening many .bin files can take a while: a Ctrl-C then gave a traceback instead of exit 130."""
+    from ame_kernels import engine
+
+    paths, _ = make_family(tmp_path, n=2)
+    cfg = write_config(tmp_path, paths)
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "plan_merge", interrupted)
+    code, _, err = run_cli(capsys, cfg, tmp_path / "out", "--quiet")
+    assert code == 130 and "interrupted" in _last_error(err) and "nothing was written" in err
+    assert_no_output(tmp_path)
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
