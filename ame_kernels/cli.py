@@ -64,6 +64,9 @@ def load_spec(path: str) -> MergeSpec:
     for key in doc:
         if key not in TOP_KEYS:
             raise UsageError(f"{path}: unknown key {key!r}{_suggest(key, TOP_KEYS)}")
+    for key, value in doc.items():
+        if key != "models":
+            _check_finite(value, f"{path}: {key}")
     base = os.path.dirname(os.path.abspath(path))
     models_raw = doc.get("models")
     if not isinstance(models_raw, list) or not models_raw:
@@ -80,6 +83,7 @@ def load_spec(path: str) -> MergeSpec:
         if "path" not in m:
             raise UsageError(f"{path}: models[{i}]: missing 'path'")
         models.append(_resolve_path(m["path"], base, f"{path}: models[{i}].path"))
+        _check_finite(m.get("score"), f"{path}: models[{i}].score")
         scores.append(m.get("score"))
     fields = {k: v for k, v in doc.items() if k in FIELD_NAMES and k != "pivot"}
     given = [s is not None for s in scores]
@@ -107,7 +111,44 @@ def load_spec(path: str) -> MergeSpec:
     except MergeError as e:
         raise UsageError(f"{path}: {e}") from None
     engine = {k: doc[k] for k in ENGINE_KEYS if k in doc}
+    _check_engine(engine, path)
     return MergeSpec(models, config, pivot_path, engine, path)
+
+
+def _check_finite(value: Any, what: str) -> None:
+    """NaN or Inf, typed as .nan / .inf / "nan" / "inf" (alone or in a list), is an error naming the key.
+
+    No option takes them, and one slipping through would surface only mid-merge (a kernel refusing
+    the coefficient) or as a silently wrong order (a NaN score)."""
+    import math
+
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if not math.isfinite(f):
+            raise UsageError(f"{what}: must be a finite number, got {v!r}")
+
+
+def _check_engine(engine: dict, path: str) -> None:
+    """chunk_mb, shard_size and device of a config file, each error naming the file and the key."""
+    from .engine import parse_size
+
+    if "chunk_mb" in engine:
+        v = _float_arg(engine["chunk_mb"], f"{path}: chunk_mb")
+        if not v > 0:
+            raise UsageError(f"{path}: chunk_mb: must be a number > 0, got {engine['chunk_mb']!r}")
+        engine["chunk_mb"] = v
+    if "shard_size" in engine:
+        try:
+            engine["shard_size"] = parse_size(engine["shard_size"], f"{path}: shard_size")
+        except MergeError as e:
+            raise UsageError(str(e)) from None
+    if "device" in engine and not isinstance(engine["device"], str):
+        raise UsageError(f"{path}: device: expected 'cpu', 'cuda' or 'cuda:N', got {engine['device']!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _float_arg(value: Any, what: str) -> float:
+    if isinstance(value, bool):  # YAML's true/yes/on
+        raise UsageError(f"{what}: expected a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -140,7 +183,7 @@ def _float_arg(value: Any, what: str) -> float:
 
 def prepare(args: argparse.Namespace):
     """Config file + flags -> a checked MergePlan (UsageError/MergeError before any work)."""
-    from .engine import DEFAULT_CHUNK_MB, DEFAULT_SHARD_SIZE, plan_merge
+    from .engine import DEFAULT_CHUNK_MB, DEFAULT_SHARD_SIZE, parse_size, plan_merge
 
     spec = load_spec(args.config)
     overrides = {}
@@ -158,8 +201,16 @@ def prepare(args: argparse.Namespace):
         for k, v in flag.items():
             msg = msg.replace(f"AMEConfig.{k}", v)
         raise UsageError(msg) from None
-    chunk_mb = _float_arg(args.chunk_mb if args.chunk_mb is not None else spec.engine.get("chunk_mb", DEFAULT_CHUNK_MB), "chunk-mb")
-    shard_size = args.shard_size if args.shard_size is not None else spec.engine.get("shard_size", DEFAULT_SHARD_SIZE)
+    chunk_mb = _float_arg(args.chunk_mb, "--chunk-mb") if args.chunk_mb is not None else spec.engine.get("chunk_mb", DEFAULT_CHUNK_MB)
+    if not (chunk_mb > 0 and chunk_mb != float("inf")):
+        raise UsageError(f"--chunk-mb: must be a number > 0, got {args.chunk_mb!r}")
+    if args.shard_size is not None:
+        try:
+            shard_size = parse_size(args.shard_size, "--shard-size")
+        except MergeError as e:
+            raise UsageError(str(e)) from None
+    else:
+        shard_size = spec.engine.get("shard_size", DEFAULT_SHARD_SIZE)
     device = str(args.device if args.device is not None else spec.engine.get("device", "cpu"))
     return plan_merge(spec.models, config, pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size, device=device)
 
@@ -238,17 +289,17 @@ def _names_strategy(path: str) -> bool:
 def _run(args: argparse.Namespace) -> int:
     import warnings
 
-    from .engine import close_plan, run_merge
+    from .engine import close_plan, input_paths, run_merge
     from .io.atomic import Terminated, check_target, terminate_as_exception
 
     plan = None
     try:
         try:
             plan = prepare(args)
-            if not args.dry_run:
-                check_target(args.out_dir, args.force)
-        except MergeError as e:
-            _error(str(e))
+            if args.out_dir:  # also with --dry-run: it checks everything the merge would
+                check_target(args.out_dir, args.force, protect=input_paths(plan) + [args.config])
+        except (MergeError, OSError) as e:  # OSError: an input that cannot be read, named by _describe
+            _error(_describe(e))
             if args.verbose:
                 traceback.print_exc()
             return EXIT_USAGE
@@ -260,7 +311,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             with terminate_as_exception(), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = run_merge(plan, args.out_dir, force=args.force, progress=not args.quiet)
+                result = run_merge(plan, args.out_dir, force=args.force, progress=not args.quiet, protect=[args.config])
             for w in caught:
                 print(f"ame-merge: warning: {w.message}", file=sys.stderr)
         except (KeyboardInterrupt, Terminated) as e:
@@ -269,7 +320,7 @@ def _run(args: argparse.Namespace) -> int:
                 traceback.print_exc()
             return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
         except Exception as e:  # noqa: BLE001 (one clear line; traceback on request)
-            msg = str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}"
+            msg = _describe(e)
             _error(f"{msg}; nothing was written to {os.path.abspath(args.out_dir)}")
             if args.verbose:
                 traceback.print_exc()
@@ -277,9 +328,24 @@ def _run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(result.summary())
         return EXIT_OK
+    except KeyboardInterrupt:  # Ctrl-C while checking the inputs (a merge handles its own above)
+        _error("interrupted (Ctrl-C) before the merge started; nothing was written")
+        if args.verbose:
+            traceback.print_exc()
+        return EXIT_INTERRUPTED
     finally:
         if plan is not None:
             close_plan(plan)
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an error met while merging: a MergeError as is, an OSError as 'FILE: what', else 'Type: text'."""
+    if isinstance(e, MergeError):
+        return str(e)
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+        return f"{where}: {e.strerror}"
+    return f"{type(e).__name__}: {e}"
 
 
 def _inspect(argv: List[str]) -> int:

@@ -314,6 +314,40 @@ def resolve_config_path(p: Any, base: str, what: str, error: type = MergeError) 
     return os.path.abspath(beside if os.path.exists(beside) or not os.path.exists(p) else p)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+_LOADER = None
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last one silently,
+    so a config with two 'lr:' lines would merge with the second without a word)."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class UniqueKeyLoader(yaml.SafeLoader):
+            def construct_mapping(self, node, deep=False):
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges, not a key
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(f"duplicate key {key!r} at line {line} (first at line {seen[key]})")
+                        seen[key] = line
+                    except TypeError:  # an unhashable key: reported by the caller
+                        continue
+                return super().construct_mapping(node, deep=deep)
+
+        _LOADER = UniqueKeyLoader
+    return _LOADER
+
+
 def read_yaml(path: str, error: type = MergeError) -> Any:
     """The YAML document in ``path``; a missing file or bad YAML raises ``error`` naming the file
     (and the line and column of a syntax error). Torch-free: the CLI reads configs with it."""
@@ -321,7 +355,9 @@ def read_yaml(path: str, error: type = MergeError) -> Any:
 
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=_unique_key_loader())
+    except _DuplicateKey as e:
+        raise error(f"{path}: {e}") from None
     except FileNotFoundError:
         raise error(f"{path}: no such config file") from None
     except OSError as e:

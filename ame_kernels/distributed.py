@@ -114,7 +114,7 @@ def _status(fn, *a, **kw) -> dict:
 def main_distributed(args, world: dict) -> int:
     """The torchrun path of ``ame-merge`` (see the module docstring); returns the same exit code on every rank."""
     from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _error, prepare
-    from .engine import close_plan, create_shards, merge_items, peak_rss_bytes, write_metadata
+    from .engine import close_plan, create_shards, input_paths, merge_items, peak_rss_bytes, write_metadata
     from .io.atomic import AtomicDir, Terminated, check_target, terminate_as_exception
 
     rank, size, local_rank = world["rank"], world["world_size"], world["local_rank"]
@@ -142,7 +142,16 @@ def main_distributed(args, world: dict) -> int:
         with terminate_as_exception():
             t0 = time.perf_counter()
             # 1. the same plan everywhere
-            st = _status(lambda: (prepare(args), check_target(args.out_dir, args.force))[0])
+            def plan_and_check():
+                p = prepare(args)
+                try:
+                    check_target(args.out_dir, args.force, protect=input_paths(p) + [args.config])
+                except BaseException:
+                    close_plan(p)
+                    raise
+                return p
+
+            st = _status(plan_and_check)
             plan = st.pop("value", None)
             statuses = group.gather({k: v for k, v in st.items() if k != "value"})
             bad = _failures(statuses)
@@ -151,7 +160,7 @@ def main_distributed(args, world: dict) -> int:
                 return EXIT_USAGE
             # 2. rank 0 makes the folder and the preallocated shards
             if lead:
-                atomic = AtomicDir(args.out_dir, force=args.force)
+                atomic = AtomicDir(args.out_dir, force=args.force, protect=input_paths(plan) + [args.config])
 
                 def make() -> str:
                     tmp = atomic.create()
@@ -209,7 +218,7 @@ def main_distributed(args, world: dict) -> int:
             return EXIT_OK
     except (KeyboardInterrupt, Terminated) as e:
         say(f"interrupted ({str(e) or 'Ctrl-C'}); nothing was written to {os.path.abspath(args.out_dir)}")
-        return EXIT_INTERRUPTED
+        return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 (a collective failed: a peer died)
         _error(f"rank {rank}: {type(e).__name__}: {e}; nothing was written to {os.path.abspath(args.out_dir)}")
         return EXIT_FAILED

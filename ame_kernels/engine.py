@@ -229,9 +229,14 @@ def _check_structure(cks: List[Checkpoint], pivot: Optional[Checkpoint]) -> List
                 )
             fl, ffirst = info.dtype in MERGE_DTYPES, first.dtype in MERGE_DTYPES
             if fl != ffirst or (not fl and info.dtype != first.dtype):
+                why = (
+                    "a floating tensor in one model cannot be a non-floating one in another"
+                    if fl != ffirst
+                    else "non-floating tensors are copied, not merged, so every model must have the same dtype"
+                )
                 raise MergeError(
                     f"tensor {name!r} is {info.dtype} in {_label(i, ck)} but {first.dtype} in ingredient 0 "
-                    "(floating and non-floating tensors cannot be mixed; non-floating tensors must agree)"
+                    f"({cks[0].path}): {why}"
                 )
             if info.dtype.startswith("float8"):
                 raise MergeError(f"tensor {name!r} of {_label(i, ck)} is {info.dtype}, which cannot be merged")
@@ -352,7 +357,10 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
         if nshards == 1
         else [f"model-{k + 1:05d}-of-{nshards:05d}.safetensors" for k in range(nshards)]
     )
-    chunk_elems = max(4096, int(chunk_mb * 2**20) // 4 // 4096 * 4096)  # a multiple of 4096 elements
+    chunk_elems = max(4096, int(min(chunk_mb * 2**20, 2**62)) // 4 // 4096 * 4096)  # a multiple of 4096 elements
+    # never more than the largest tensor needs: the staging buffers are sized by it
+    largest = max((j.numel for j in jobs), default=0)
+    chunk_elems = min(chunk_elems, max(4096, -(-largest // 4096) * 4096))
     plan = MergePlan(cks, pivot, cfg, steps, jobs, shard_files, [], chunk_elems, backend, device, shard_bytes, plan_warnings)
     # work items in file order (shard by shard, tensor by tensor as the shard header lists them), so
     # the single-process writer can stream each shard front to back
@@ -628,6 +636,12 @@ def merge_items(
                 if bad:
                     where = "; ".join(f"ingredient {i} ({infos[i].file})" for i in bad)
                     raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where}")
+                if job.out_dtype == "float16" and cfg.check_finite and not np.isfinite(out).all():
+                    # finite inputs (checked above) whose merge leaves float16's range: the rounding wrote Inf
+                    raise MergeError(
+                        f"tensor {job.name!r}: merged values exceed the float16 range (|x| <= 65504) and would be "
+                        "written as Inf; use --out-dtype bfloat16 or float32 (or check_finite: false to write them)"
+                    )
                 sink.put_out(job, it, out)
             else:
                 src_ck = pivot_ck if job.source == -1 else cks[job.source]
@@ -713,8 +727,12 @@ def run_merge(
     threads: Optional[int] = None,
     progress: bool = False,
     extra_provenance: Optional[dict] = None,
+    protect: Sequence[str] = (),
 ) -> MergeResult:
-    """Execute ``plan`` into ``out_dir`` atomically (see module docstring); returns timings and memory."""
+    """Execute ``plan`` into ``out_dir`` atomically (see module docstring); returns timings and memory.
+
+    ``out_dir`` may not be or hold an input of the plan (or a path in ``protect``), even with ``force``.
+    """
     threads = threads if threads is not None else plan.config.threads
     t0 = time.perf_counter()
     bar = None
@@ -723,7 +741,7 @@ def run_merge(
 
         total = sum(plan.item_bytes(it) for it in plan.work)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", dynamic_ncols=True, file=sys.stderr)
-    atomic = AtomicDir(out_dir, force=force)
+    atomic = AtomicDir(out_dir, force=force, protect=input_paths(plan) + list(protect))
     tmp = atomic.create()
     try:
         notes = merge_items(plan, tmp, plan.work, threads, bar.update if bar else None, stream=True)
@@ -750,6 +768,17 @@ def merge_checkpoints(models: Sequence[str], out_dir: str, config: Optional[AMEC
         return run_merge(plan, out_dir, force=force)
     finally:
         close_plan(plan)
+
+
+def input_paths(plan: MergePlan) -> List[str]:
+    """Every checkpoint path and file the plan reads (an output folder must never replace one)."""
+    paths: List[str] = []
+    for ck in plan.ingredients + ([plan.pivot] if isinstance(plan.pivot, Checkpoint) else []):
+        paths.append(ck.path)
+        if ck.folder is not None:
+            paths.append(ck.folder)
+        paths.extend(str(f) for f in ck.files)
+    return list(dict.fromkeys(paths))
 
 
 def close_plan(plan: MergePlan) -> None:

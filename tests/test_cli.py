@@ -180,7 +180,7 @@ def test_missing_model(tmp_path, capsys):
         ("models:\n  - path: m0\n    score: 1\n  - path: m1\n", ["models[1]: missing 'score'"]),
         ("optimizer: adam\n", ["'models' must be a non-empty list"]),
         ("models: [m0, m1]\npivot: 5\n", ["pivot", "out of range"]),
-        ("models: [m0, m1]\nshard_size: huge\n", ["shard size", "'huge'"]),
+        ("models: [m0, m1]\nshard_size: huge\n", ["shard_size", "'huge'"]),
     ],
     ids=["yaml-syntax", "unknown-key", "bad-optimizer", "bad-number", "model-key", "partial-scores", "no-models", "pivot-range", "shard-size"],
 )

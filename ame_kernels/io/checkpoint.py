@@ -40,7 +40,11 @@ AUX_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
+    "processor_config.json",
+    "sentencepiece.bpe.model",
 )
+#: remote-code modules (``config.json``'s ``auto_map`` names them; without them ``trust_remote_code`` fails).
+AUX_PATTERNS = ("configuration_*.py", "modeling_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py")
 
 
 @dataclass
@@ -67,7 +71,19 @@ class Checkpoint:
     def aux_files(self) -> List[str]:
         if self.folder is None:
             return []
-        return [os.path.join(self.folder, f) for f in AUX_FILES if os.path.isfile(os.path.join(self.folder, f))]
+        import fnmatch
+
+        found = [os.path.join(self.folder, f) for f in AUX_FILES if os.path.isfile(os.path.join(self.folder, f))]
+        try:
+            entries = sorted(os.listdir(self.folder))
+        except OSError:
+            entries = []
+        found += [
+            os.path.join(self.folder, f)
+            for f in entries
+            if any(fnmatch.fnmatchcase(f, pat) for pat in AUX_PATTERNS) and os.path.isfile(os.path.join(self.folder, f))
+        ]
+        return found
 
     def close(self) -> None:
         for f in self.files.values():
@@ -91,19 +107,50 @@ def _from_index(folder: str, index_name: str, kind: str) -> Checkpoint:
             raise TypeError("weight_map is not an object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MergeError(f"{index_path}: unreadable shard index ({e})") from None
+    if not weight_map:
+        raise MergeError(f"{index_path}: lists no tensors (its weight_map is empty)")
     files: Dict[str, object] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        shard_path = os.path.join(folder, str(shard))
+        if not isinstance(shard, str):
+            raise MergeError(f"{index_path}: expected shard file names in weight_map, found {shard!r}")
+        shard_path = os.path.join(folder, shard)
+        if os.path.isdir(shard_path):
+            raise MergeError(f"{index_path}: lists shard {shard!r}, which is a folder ({shard_path}), not a file")
         if not os.path.isfile(shard_path):
             raise MergeError(f"{index_path}: lists shard {shard!r}, which is missing ({shard_path}: no such file)")
-        files[shard_path] = _open_file(shard_path)
-    tensors: Dict[str, TensorInfo] = {}
-    for name, shard in weight_map.items():
-        shard_path = os.path.join(folder, str(shard))
-        infos = files[shard_path].tensors
-        if name not in infos:
-            raise MergeError(f"{shard_path}: lacks tensor {name!r}, which {index_name} places in it")
-        tensors[name] = infos[name]
+        try:
+            files[shard_path] = _open_file(shard_path)
+        except BaseException:
+            for f in files.values():
+                f.close()
+            raise
+    try:
+        tensors: Dict[str, TensorInfo] = {}
+        for name, shard in weight_map.items():
+            shard_path = os.path.join(folder, shard)
+            infos = files[shard_path].tensors
+            if name not in infos:
+                raise MergeError(f"{shard_path}: lacks tensor {name!r}, which {index_name} places in it")
+            tensors[name] = infos[name]
+        # every tensor of every shard must be the one the index names: a tensor the index does not list
+        # would silently be left out of the merge, and one held by two shards is ambiguous
+        for shard_path, f in files.items():
+            for name in f.tensors:
+                listed = weight_map.get(name)
+                if listed is None:
+                    raise MergeError(
+                        f"{shard_path}: holds tensor {name!r}, which {index_path} does not list "
+                        "(the index and its shards disagree)"
+                    )
+                if os.path.join(folder, listed) != shard_path:
+                    raise MergeError(
+                        f"{shard_path}: holds tensor {name!r}, which {index_path} places in {listed!r} "
+                        "(a tensor in two shards)"
+                    )
+    except BaseException:
+        for f in files.values():
+            f.close()
+        raise
     return Checkpoint(folder, kind, tensors, files, folder)
 
 
@@ -116,6 +163,18 @@ def _from_file(path: str, folder: Optional[str]) -> Checkpoint:
 def open_checkpoint(path: str) -> Checkpoint:
     """Open the checkpoint at ``path`` (folder or file); raises MergeError naming what is wrong."""
     path = os.path.abspath(os.path.expanduser(str(path)))
+    try:
+        ck = _open_checkpoint(path)
+    except OSError as e:  # a folder that cannot be listed, a file that cannot be opened, ...
+        where = e.filename if e.filename is not None else path
+        raise MergeError(f"{where}: cannot be read ({e.strerror or e})") from None
+    if not ck.tensors:
+        ck.close()
+        raise MergeError(f"{ck.path}: holds no tensors")
+    return ck
+
+
+def _open_checkpoint(path: str) -> Checkpoint:
     if os.path.isdir(path):
         for name, kind in ((SAFE_INDEX, "safetensors"), (SAFE_SINGLE, None), (BIN_INDEX, "torch"), (BIN_SINGLE, None)):
             p = os.path.join(path, name)

@@ -125,11 +125,13 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
     spans = []
     for name, entry in header.items():
         try:
-            code, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-            begin, end = int(begin), int(end)
+            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not (isinstance(shape, list) and all(_is_int(s) for s in shape) and _is_int(begin) and _is_int(end)):
+                raise TypeError("shape and data_offsets must hold integers")
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
             raise MergeError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}") from None
-        if code not in CODE_TO_NAME:
+        if not isinstance(code, str) or code not in CODE_TO_NAME:
             raise MergeError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
         info = TensorInfo(name, CODE_TO_NAME[code], shape, path, data_start + begin)
         if any(s < 0 for s in shape) or end - begin != info.nbytes or begin < 0:
@@ -149,6 +151,11 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
         if b1 < e0 and e1 > b1 and e0 > b0:
             raise MergeError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
     return tensors, metadata
+
+
+def _is_int(v) -> bool:
+    """A JSON integer (not a bool, float or string: the safetensors format has only integers there)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class SafetensorsFile:
@@ -255,8 +262,11 @@ class ShardWriter:
 
     def create(self) -> "ShardWriter":
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, self.size)
-        _pwrite_all(self._fd, memoryview(self.header), 0)
+        try:
+            os.ftruncate(self._fd, self.size)
+            _pwrite_all(self._fd, memoryview(self.header), 0)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
         return self
 
     def open_existing(self) -> "ShardWriter":
@@ -269,7 +279,10 @@ class ShardWriter:
         """Place ``data`` (contiguous, the tensor's storage dtype) at element ``start`` of ``name``."""
         off = self.offsets[name] + start * itemsize(self.dtypes[name])
         buf = memoryview(np.ascontiguousarray(data)).cast("B")
-        _pwrite_all(self._fd, buf, off)
+        try:
+            _pwrite_all(self._fd, buf, off)
+        except OSError as e:  # pwrite's error names no file
+            raise OSError(e.errno, e.strerror, self.path) from None
         self.written += len(buf)
 
     def close(self) -> None:

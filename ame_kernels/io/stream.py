@@ -68,10 +68,13 @@ class ShardStream:
         buf = self.bufs[self.cur]
         n = _round_up(self.fill)
         if n:
-            self.pending[self.cur] = self.pool.submit(self._write, self.fd, memoryview(buf)[:n], self.pos)
+            self.pending[self.cur] = self.pool.submit(self._write_named, self.path, self.fd, memoryview(buf)[:n], self.pos)
         self._wait(0)
         self._wait(1)
-        os.ftruncate(self.fd, self.size)
+        try:
+            os.ftruncate(self.fd, self.size)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
         os.close(self.fd)
         self.fd = None
 
@@ -127,9 +130,19 @@ class ShardStream:
         if tail:
             self.bufs[other][:tail] = buf[aligned : self.fill]
         if aligned:
-            self.pending[self.cur] = self.pool.submit(self._write, self.fd, memoryview(buf)[:aligned], self.pos)
+            self.pending[self.cur] = self.pool.submit(self._write_named, self.path, self.fd, memoryview(buf)[:aligned], self.pos)
         self.pos += aligned
         self.cur, self.fill = other, tail
+
+    @classmethod
+    def _write_named(cls, path: str, fd: int, mv: memoryview, off: int) -> None:
+        """``_write``, an OSError naming ``path`` (a pwrite error carries no file name)."""
+        try:
+            cls._write(fd, mv, off)
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, path) from None
 
     @staticmethod
     def _write(fd: int, mv: memoryview, off: int) -> None:
