@@ -214,6 +214,11 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, **overri
         out = torch.empty(first.numel(), dtype=out_dtype, device=device)
         if first.numel():
             backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads)
+            if out_dtype == torch.float16 and cfg.check_finite and not bool(torch.isfinite(out).all()):
+                # finite inputs (checked above) whose merge leaves float16's range: rounding gave Inf
+                raise MergeError(f"merge: {_label(name)}: merged values exceed the float16 range (|x| <= 65504) "
+                                 "and were rounded to Inf; use out_dtype='bfloat16' or 'float32' "
+                                 "(or check_finite=False to keep them)")
         merged[name] = out.reshape(first.shape)
     if form == "dict":
         return merged

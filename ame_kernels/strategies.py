@@ -259,7 +259,7 @@ def run_cli(args) -> int:
     from safetensors.torch import save_file
 
     from .io.atomic import AtomicDir, check_target
-    from .io.checkpoint import AUX_FILES
+    from .io.checkpoint import aux_files_in
 
     def error(msg: str) -> int:
         print(f"ame-merge: error: {msg}", file=sys.stderr)
@@ -269,8 +269,9 @@ def run_cli(args) -> int:
                  if v is not None}
     try:
         strategy, models, cfg, entry, base = load_strategy_spec(args.config, overrides)
+        protect = list(models) + [args.config]  # --force never replaces an input or the config
         if not args.dry_run:
-            check_target(args.out_dir, args.force)
+            check_target(args.out_dir, args.force, protect=protect)
         if args.dry_run:
             print(f"strategy: {strategy}\nmodels ({len(models)}):\n" + "\n".join(f"  [{i}] {m}" for i, m in enumerate(models)))
             return 0
@@ -284,15 +285,14 @@ def run_cli(args) -> int:
         dicts = [{k: v.to(dev) for k, v in load_state_dict(m).items()} for m in models]
         log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
         merged = run_strategy(strategy, dicts, cfg, entry, base_dir=base, log=log)
-        out = AtomicDir(args.out_dir, args.force)
+        out = AtomicDir(args.out_dir, args.force, protect=protect)
         with out as tmp:  # the folder appears complete or not at all
             save_file({k: v.detach().cpu().contiguous() for k, v in merged.items()}, os.path.join(tmp, "model.safetensors"),
                       metadata={"format": "pt", "ame_strategy": strategy})
             src = models[cfg.pivot] if isinstance(cfg.pivot, int) else models[0]
             folder = src if os.path.isdir(src) else os.path.dirname(src)
-            for f in AUX_FILES:
-                if os.path.isfile(os.path.join(folder, f)):
-                    shutil.copy2(os.path.join(folder, f), os.path.join(tmp, f))
+            for f in aux_files_in(folder):
+                shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
             out.commit()
         if not args.quiet:
             print(f"{strategy}: wrote {os.path.abspath(args.out_dir)} ({len(merged)} tensors)")

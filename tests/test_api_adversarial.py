@@ -273,3 +273,18 @@ def test_ak_diagnostics_stays_the_function_whatever_was_imported_first():
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True)
     assert proc.stdout.split() == ["True", "True"], proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_float16_overflow_is_an_error_not_inf(backend):
+    """Finite float16 ingredients whose merge leaves float16's range (an overshooting lr, a large
+    zeta) would be rounded to Inf; check_finite names the tensor instead, and
+    check_finite=False keeps the old behaviour (as ame-merge does)."""
+    xs = [{"w": torch.full((5,), 6.0e4, dtype=torch.float16), "b": torch.zeros(3, dtype=torch.float16)}
+          for _ in range(2)]
+    xs[1]["w"] = torch.full((5,), 6.5e4, dtype=torch.float16)
+    cfg = dict(optimizer="sgd", lr=4.0, lr_schedule="constant", backend=backend)  # overshoots to ~1e5
+    raises(r"tensor 'w'.*float16 range", ak.merge, xs, **cfg)
+    out = ak.merge(xs, **cfg, check_finite=False)
+    assert torch.isinf(out["w"]).all() and torch.equal(out["b"], xs[0]["b"])
+    assert torch.isfinite(ak.merge(xs, **cfg, out_dtype="float32")["w"]).all()

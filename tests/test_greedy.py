@@ -209,3 +209,26 @@ def test_ame_merge_cli_runs_a_strategy_config(backend, tmp_path):
     (tmp_path / "greedy.yaml").write_text(yaml.safe_dump(doc))
     assert main([str(tmp_path / "greedy.yaml"), str(tmp_path / "out2"), "--backend", backend, "--quiet"]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+def test_strategy_cli_force_never_replaces_an_input_and_copies_remote_code(backend, tmp_path):
+    """The strategy path of ame-merge protects its inputs as the merge path does (--force on an
+    input folder, or on the folder holding the inputs and the config, is a usage error that
+    deletes nothing), and carries the pivot folder's config and remote-code files over."""
+    from safetensors.torch import save_file
+
+    from ame_kernels.cli import main
+
+    for i in range(3):
+        os.makedirs(tmp_path / f"m{i}")
+        save_file({"w": torch.randn(4, 6)}, str(tmp_path / f"m{i}" / "model.safetensors"))
+    (tmp_path / "m0" / "config.json").write_text('{"auto_map": {}}')
+    (tmp_path / "m0" / "modeling_custom.py").write_text("# remote code\n")
+    doc = {"models": [f"m{i}" for i in range(3)], "strategy": "stew", "mode": "server", "pivot": 0}
+    cfg = tmp_path / "stew.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    for target in (tmp_path / "m0", tmp_path):
+        assert main([str(cfg), str(target), "--force", "--backend", backend, "--quiet"]) == 2
+        assert (tmp_path / "m0" / "model.safetensors").exists() and cfg.exists()
+    assert main([str(cfg), str(tmp_path / "out"), "--backend", backend, "--quiet"]) == 0
+    assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "modeling_custom.py").exists()

@@ -196,7 +196,10 @@ class CudaBackend(Backend):
 
         if not torch.cuda.is_available():
             return False, "no CUDA device (torch.cuda.is_available() is False)"
-        info = mod.device_info(torch.cuda.current_device())
+        try:
+            info = mod.device_info(torch.cuda.current_device())
+        except RuntimeError as e:  # cudaSetDevice / cudaGetDeviceProperties failed in _C_cuda's runtime
+            return False, f"_C_cuda.device_info failed: {e}"
         if not info["kernels_loadable"]:
             return False, info["load_error"]
         return True, ""
@@ -277,6 +280,10 @@ class CudaBackend(Backend):
             raise MergeError(f"{fn}: w must be a tensor, got {type(w).__name__}")
         if w.device.type == "cpu":
             # Host state: run on the current GPU and copy w and state back in place.
+            batch = list(batch)
+            for arg, x in (("state", state), ("pivot", pivot), *((f"batch[{k}]", x) for k, x in enumerate(batch))):
+                if not isinstance(x, torch.Tensor) and not (arg == "pivot" and x is None):
+                    raise MergeError(f"{fn}: {arg} must be a tensor, got {type(x).__name__}")
             dev = torch.device("cuda", torch.cuda.current_device())
             w_d, state_d = w.to(dev), state.to(dev)
             batch_d = [x.to(dev) for x in batch]

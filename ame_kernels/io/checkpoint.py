@@ -69,25 +69,29 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def aux_files(self) -> List[str]:
-        if self.folder is None:
-            return []
-        import fnmatch
-
-        found = [os.path.join(self.folder, f) for f in AUX_FILES if os.path.isfile(os.path.join(self.folder, f))]
-        try:
-            entries = sorted(os.listdir(self.folder))
-        except OSError:
-            entries = []
-        found += [
-            os.path.join(self.folder, f)
-            for f in entries
-            if any(fnmatch.fnmatchcase(f, pat) for pat in AUX_PATTERNS) and os.path.isfile(os.path.join(self.folder, f))
-        ]
-        return found
+        return [] if self.folder is None else aux_files_in(self.folder)
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+def aux_files_in(folder: str) -> List[str]:
+    """The files of ``folder`` that a merged model folder should carry over (config, tokenizer,
+    remote code: ``AUX_FILES`` and ``AUX_PATTERNS``)."""
+    import fnmatch
+
+    found = [os.path.join(folder, f) for f in AUX_FILES if os.path.isfile(os.path.join(folder, f))]
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        entries = []
+    found += [
+        os.path.join(folder, f)
+        for f in entries
+        if any(fnmatch.fnmatchcase(f, pat) for pat in AUX_PATTERNS) and os.path.isfile(os.path.join(folder, f))
+    ]
+    return found
 
 
 def _open_file(path: str):

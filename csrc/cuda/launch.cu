@@ -37,6 +37,27 @@ void set_device(int device, const char* fn) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// Selects `device` for the calling thread and gives the caller's device back on exit.
+// cudaSetDevice makes the device's primary context current to the thread, and every
+// CUDA runtime in the process (torch's too) follows the thread's current context: a
+// call on cuda:1 tensors must not leave torch's current device at 1.
+class DeviceGuard {
+ public:
+  DeviceGuard(int device, const char* fn) : device_(device) {
+    check(cudaGetDevice(&prev_), std::string("[") + fn + "] cudaGetDevice");
+    if (prev_ != device_) set_device(device_, fn);
+  }
+  ~DeviceGuard() {
+    if (prev_ != device_ && cudaSetDevice(prev_) != cudaSuccess) cudaGetLastError();
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int device_;
+  int prev_ = 0;
+};
+
 }  // namespace
 
 int grid_size(const void* kernel, int64_t groups, int device) {
@@ -82,7 +103,7 @@ int state_slots(const HyperArgs& h) {
 }
 
 void whole_run(const WholeRunArgs& a, bool inputs_aligned) {
-  set_device(a.device, "whole_run");
+  const DeviceGuard guard(a.device, "whole_run");
   const bool vec = inputs_aligned && aligned16(a.out) && (a.pivot_mode != PivotMode::kTensor || aligned16(a.pivot));
   if (a.linear != nullptr) return whole_run_linear(a, vec);  // GD folded on the host: one weighted sum
   switch (a.hyper.optimizer) {
@@ -96,7 +117,7 @@ void whole_run(const WholeRunArgs& a, bool inputs_aligned) {
 }
 
 void step(const StepArgs& a, bool batch_aligned) {
-  set_device(a.device, "step");
+  const DeviceGuard guard(a.device, "step");
   const int slots = state_slots(a.hyper);
   // State slot k starts at state + k*c: 16-byte aligned for every k only when c % 4 == 0.
   const bool vec = batch_aligned && aligned16(a.w) && (slots == 0 || (aligned16(a.state) && a.c % 4 == 0)) &&
@@ -156,7 +177,7 @@ DeviceInfo device_info(int device) {
     info.load_error = "no CUDA device " + std::to_string(device) + " (" + std::to_string(n) + " visible)";
     return info;
   }
-  set_device(device, "device_info");
+  const DeviceGuard guard(device, "device_info");
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, device), "[device_info] cudaGetDeviceProperties");
   info.name = prop.name;
