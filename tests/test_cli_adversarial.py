@@ -353,3 +353,31 @@ def test_distributed_sigterm_exits_143(monkeypatch):
     args = types.SimpleNamespace(device="cpu", threads="1", out_dir="out", force=False, quiet=True, verbose=False)
     world = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
     assert distributed.main_distributed(args, world) == 128 + signal.SIGTERM
+
+
+def test_out_dtype_is_written_into_the_copied_hf_config(tmp_path, capsys):
+    """--out-dtype bfloat16 on float32 checkpoints: the copied config.json says bfloat16 too
+    (loaders with torch_dtype='auto' read it); without --out-dtype the config is copied as is."""
+    paths, _ = make_family(tmp_path, n=2, dtype=torch.float32)
+    for p in paths:
+        with open(os.path.join(p, "config.json"), "w") as f:
+            json.dump({"model_type": "tiny", "torch_dtype": "float32"}, f)
+    cfg = write_config(tmp_path, paths)
+    assert run_cli(capsys, cfg, tmp_path / "bf", "--out-dtype", "bfloat16", "--quiet")[0] == 0
+    assert json.load(open(tmp_path / "bf" / "config.json")) == {"model_type": "tiny", "torch_dtype": "bfloat16"}
+    assert run_cli(capsys, cfg, tmp_path / "same", "--quiet")[0] == 0
+    assert json.load(open(tmp_path / "same" / "config.json"))["torch_dtype"] == "float32"
+
+
+def test_a_folder_with_a_single_file_and_an_index_loads_the_single_file(tmp_path):
+    """As transformers does: model.safetensors is preferred over model.safetensors.index.json."""
+    folder = tmp_path / "m"
+    os.makedirs(folder)
+    save_file({"a": torch.ones(3)}, str(folder / "model.safetensors"))
+    save_file({"b": torch.ones(2)}, str(folder / "shard-1.safetensors"))
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {"b": "shard-1.safetensors"}}')
+    ck = open_checkpoint(str(folder))
+    try:
+        assert sorted(ck.tensors) == ["a"]
+    finally:
+        ck.close()

@@ -180,7 +180,8 @@ def open_checkpoint(path: str) -> Checkpoint:
 
 def _open_checkpoint(path: str) -> Checkpoint:
     if os.path.isdir(path):
-        for name, kind in ((SAFE_INDEX, "safetensors"), (SAFE_SINGLE, None), (BIN_INDEX, "torch"), (BIN_SINGLE, None)):
+        # transformers' order: a single file before an index, safetensors before .bin
+        for name, kind in ((SAFE_SINGLE, None), (SAFE_INDEX, "safetensors"), (BIN_SINGLE, None), (BIN_INDEX, "torch")):
             p = os.path.join(path, name)
             if os.path.isfile(p):
                 return _from_index(path, name, kind) if kind else _from_file(p, path)
