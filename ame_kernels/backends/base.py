@@ -41,16 +41,18 @@ from ..schedule import Hyper, StepPlan
 FLOAT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
-def check_flat(fn: str, arg: str, x, numel: int, device) -> str:
-    """``x`` is a contiguous float32/bfloat16/float16 tensor of ``numel`` elements on ``device``;
-    returns its dtype name. Raises MergeError naming ``fn`` and ``arg`` otherwise."""
+def check_flat(fn: str, arg: str, x, numel: int, device, dtypes=FLOAT_DTYPE_NAMES) -> str:
+    """``x`` is a contiguous tensor of one of ``dtypes`` (names; default float32/bfloat16/float16)
+    with ``numel`` elements on ``device``; returns its dtype name. Raises MergeError naming
+    ``fn`` and ``arg`` otherwise."""
     import torch
 
     if not isinstance(x, torch.Tensor):
         raise MergeError(f"{fn}: {arg} must be a tensor, got {type(x).__name__}")
     name = str(x.dtype).replace("torch.", "")
-    if name not in FLOAT_DTYPE_NAMES:
-        raise MergeError(f"{fn}: {arg} has dtype {x.dtype}; expected float32, bfloat16 or float16")
+    if name not in dtypes:
+        expected = " or ".join(dtypes) if len(dtypes) < 3 else ", ".join(dtypes[:-1]) + " or " + dtypes[-1]
+        raise MergeError(f"{fn}: {arg} has dtype {x.dtype}; expected {expected}")
     if x.numel() != numel:
         raise MergeError(f"{fn}: {arg} has {x.numel()} elements, expected {numel}")
     if not x.is_contiguous():

@@ -195,16 +195,7 @@ def _check_step(w, state, batch, pivot, hyper: Hyper) -> None:
         raise MergeError(f"{fn}: w must be float32 (or float64, the oracle's exact mode), got {wd}")
 
     def check(arg, x, numel, dtypes):
-        if not isinstance(x, torch.Tensor):
-            raise MergeError(f"{fn}: {arg} must be a tensor, got {type(x).__name__}")
-        if x.dtype not in dtypes:
-            raise MergeError(f"{fn}: {arg} has dtype {x.dtype}; expected {' or '.join(str(d)[6:] for d in dtypes)}")
-        if x.numel() != numel:
-            raise MergeError(f"{fn}: {arg} has {x.numel()} elements, expected {numel}")
-        if not x.is_contiguous():
-            raise MergeError(f"{fn}: {arg} must be contiguous")
-        if x.device != device:
-            raise MergeError(f"{fn}: {arg} is on {x.device}, expected {device} (all tensors on one device)")
+        check_flat(fn, arg, x, numel, device, dtypes=tuple(str(d).replace("torch.", "") for d in dtypes))
 
     check("w", w, c, (wd,))
     slots = hyper.state_slots
