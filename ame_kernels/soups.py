@@ -67,8 +67,12 @@ def weighted_soup(ingredients, weights: Sequence[float], *, normalize: bool = Tr
         raise MergeError("weighted_soup: every weight must be finite")
     if normalize:
         total = math.fsum(a)
-        if total == 0:
-            raise MergeError("weighted_soup: the weights sum to 0, so they cannot be normalised (normalize=False?)")
+        # a sum that is cancellation residue (e.g. [1, -1, 1e-12]) would blow the weights up by
+        # ~1/residue: as ill-posed as an exact 0
+        if abs(total) <= 1e-6 * math.fsum(abs(v) for v in a):
+            raise MergeError(f"weighted_soup: the weights sum to 0 (or nearly: {total:g} against weights of "
+                             f"total size {math.fsum(abs(v) for v in a):g}), so they cannot be normalised "
+                             "(normalize=False?)")
         a = [v / total for v in a]
     if base is not None:
         pivot = base

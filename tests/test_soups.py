@@ -114,6 +114,8 @@ def test_soup_bad_input(backend):
         weighted_soup(xs, [1.0, 2.0], backend=backend)
     with pytest.raises(ak.MergeError, match="sum to 0"):
         weighted_soup(xs, [1.0, -1.0, 0.0], backend=backend)
+    with pytest.raises(ak.MergeError, match="sum to 0 .or nearly"):  # cancellation residue: weights x1e12
+        weighted_soup(xs, [1.0, -1.0, 1e-12], backend=backend)
     with pytest.raises(ak.MergeError, match="finite"):
         weighted_soup(xs, [1.0, float("inf"), 0.0], backend=backend)
     with pytest.raises(ak.MergeError, match="expected 3 scores"):
