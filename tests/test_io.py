@@ -274,8 +274,22 @@ def test_open_legacy_bin(tmp_path):
 def test_bin_needs_weights_only(tmp_path):
     path = str(tmp_path / "evil.bin")
     torch.save({"w": torch.ones(2), "obj": NotATensor()}, path)
-    with pytest.raises(MergeError, match=r"evil\.bin: cannot be loaded as a weights-only"):
+    with pytest.raises(MergeError, match=r"evil\.bin: cannot be loaded as a weights-only") as e:
         open_checkpoint(path)
+    assert "never unpickles" in str(e.value) and "weights_only=False" not in str(e.value)  # not torch's unsafe advice
+
+
+def test_training_checkpoint_wrappers_are_unwrapped(tmp_path):
+    """{"state_dict": sd} and {"model": sd, "step": ...} (training checkpoints) read as sd."""
+    sd = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
+    for key in ("state_dict", "model"):
+        path = str(tmp_path / f"{key}.pt")
+        torch.save({key: sd, "step": 7, "optimizer": {"lr": 0.1}}, path)
+        ck = open_checkpoint(path)
+        try:
+            assert sorted(ck.tensors) == ["b", "w"] and ck.tensors["w"].shape == (2, 3)
+        finally:
+            ck.close()
 
 
 def test_missing_shard_and_inconsistent_index(tmp_path):

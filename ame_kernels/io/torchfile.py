@@ -94,9 +94,18 @@ class TorchFile:
                 self.in_memory = True
         except Exception as e:  # noqa: BLE001 (torch raises many kinds for a bad file)
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "weights only load failed" in msg.lower():
+                # torch's own advice (weights_only=False) would run the file's pickled code
+                msg = ("it holds Python objects other than tensors, which a weights-only load refuses; "
+                       "ame-merge never unpickles arbitrary code: save its state dict (or safetensors) "
+                       "from a trusted environment")
             raise MergeError(f"{path}: cannot be loaded as a weights-only PyTorch checkpoint ({msg})") from None
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
+        if isinstance(sd, dict) and not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            # training checkpoints wrap the weights: {"state_dict": {...}} or {"model": {...}, "optimizer": ...}
+            for key in ("state_dict", "model"):
+                if isinstance(sd.get(key), dict):
+                    sd = sd[key]
+                    break
         if not isinstance(sd, dict):
             raise MergeError(f"{path}: expected a state dict (name -> tensor), found a {type(sd).__name__}")
         # pages of the mapping may be dropped only when they hold the file's bytes unchanged
