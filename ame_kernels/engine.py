@@ -33,7 +33,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 import warnings
@@ -46,7 +45,7 @@ import numpy as np
 from .config import AMEConfig, make_config
 from .errors import MergeError
 from .io.atomic import AtomicDir
-from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.checkpoint import Checkpoint, copy_aux_files, open_checkpoint
 from .io.safetensors import KERNEL_DTYPES, MERGE_DTYPES, ShardWriter, itemsize, np_dtype
 from .io.stream import ShardStream
 from .schedule import StepPlan, schedule
@@ -681,31 +680,9 @@ def write_metadata(plan: MergePlan, folder: str, extra: Optional[dict] = None) -
             f.write("\n")
     src = plan.pivot if isinstance(plan.pivot, Checkpoint) else plan.ingredients[plan.pivot if isinstance(plan.pivot, int) else 0]
     aux = src.aux_files() or plan.ingredients[0].aux_files()
-    for path in aux:
-        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
-    if plan.config.out_dtype and any(os.path.basename(p) == "config.json" for p in aux):
-        _set_config_dtype(os.path.join(folder, "config.json"), plan.config.out_dtype)
+    copy_aux_files(aux, folder, plan.config.out_dtype)
     with open(os.path.join(folder, PROVENANCE), "w", encoding="utf-8") as f:
         f.write(provenance_yaml(plan, extra))
-
-
-def _set_config_dtype(path: str, dtype: str) -> None:
-    """An explicit out dtype is also the copied Hugging Face config's ``torch_dtype`` (and
-    ``dtype``, its newer name), where the config has one: loaders with ``torch_dtype="auto"``
-    read it. A config that is not a JSON object is left as copied."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
-        return
-    keys = [k for k in ("torch_dtype", "dtype") if isinstance(doc, dict) and k in doc]
-    if not keys:
-        return
-    for k in keys:
-        doc[k] = dtype
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
 
 
 def provenance_yaml(plan: MergePlan, extra: Optional[dict] = None) -> str:

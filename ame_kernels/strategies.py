@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import shutil
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -259,7 +258,7 @@ def run_cli(args) -> int:
     from safetensors.torch import save_file
 
     from .io.atomic import AtomicDir, check_target
-    from .io.checkpoint import aux_files_in
+    from .io.checkpoint import aux_files_in, copy_aux_files
 
     def error(msg: str) -> int:
         print(f"ame-merge: error: {msg}", file=sys.stderr)
@@ -291,8 +290,7 @@ def run_cli(args) -> int:
                       metadata={"format": "pt", "ame_strategy": strategy})
             src = models[cfg.pivot] if isinstance(cfg.pivot, int) else models[0]
             folder = src if os.path.isdir(src) else os.path.dirname(src)
-            for f in aux_files_in(folder):
-                shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
+            copy_aux_files(aux_files_in(folder), tmp)
             out.commit()
         if not args.quiet:
             print(f"{strategy}: wrote {os.path.abspath(args.out_dir)} ({len(merged)} tensors)")

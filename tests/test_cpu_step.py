@@ -126,11 +126,11 @@ def test_step_errors():
         be.step(w, torch.zeros(2, 10), [x], None, np.ones(3, np.float32), 1, h)
 
     from ame_kernels._native import load
-    from ame_kernels.backends.cpu import _hyper_kwargs
+    from ame_kernels.backends.base import hyper_kwargs
 
     step = load("_C").step
     common = dict(w=w.data_ptr(), numel=10, batch=[x.data_ptr()], batch_dtypes=["float32"], pivot=0,
-                  coeffs=np.ones(4, np.float32), t=1, threads=1, simd="auto", **_hyper_kwargs(h))
+                  coeffs=np.ones(4, np.float32), t=1, threads=1, simd="auto", **hyper_kwargs(h))
     state = torch.zeros(2, 10)
     step(state=state.data_ptr(), slots=2, **common)
     for name in ("momentum", "eps", "threads", "simd"):  # no defaults in the binding: Python passes everything

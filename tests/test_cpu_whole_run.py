@@ -268,13 +268,13 @@ LAUNCH_KWARGS = dict(pivot_mode="soup", pivot_index=0, pivot=0, pivot_dtype="flo
 
 def _binding_kwargs(**over):
     from ame_kernels._native import load
-    from ame_kernels.backends.cpu import _hyper_kwargs
+    from ame_kernels.backends.base import hyper_kwargs
 
     x, out = torch.zeros(8), torch.empty(8)  # returned with the kwargs: the pointers must outlive the call
     kw = dict(
         inputs=[x.data_ptr(), x.data_ptr()], input_dtypes=["float32", "float32"], numel=8, out=out.data_ptr(),
         out_dtype="float32", batch_ptr=np.array([0, 1, 2], np.int32), batch_idx=np.array([0, 1], np.int32),
-        coeffs=np.ones((2, 4), np.float32), **_hyper_kwargs(schedule(AMEConfig(optimizer="sgd"), 2).hyper),
+        coeffs=np.ones((2, 4), np.float32), **hyper_kwargs(schedule(AMEConfig(optimizer="sgd"), 2).hyper),
         **LAUNCH_KWARGS,
     )
     kw.update(over)
@@ -337,7 +337,7 @@ def test_block_size_does_not_change_result(block):
     """Many small blocks (runs of consecutive blocks, prefetch of the next one, ragged tail)
     give the same bits as the automatic block size."""
     from ame_kernels._native import load
-    from ame_kernels.backends.cpu import _plan_kwargs
+    from ame_kernels.backends.base import plan_kwargs
 
     n, c = 4, 50021
     xs = _inputs(n, c, ["bfloat16", "float16", "float32"])
@@ -348,7 +348,7 @@ def test_block_size_does_not_change_result(block):
         bad = load("_C").whole_run(
             inputs=[x.data_ptr() for x in xs], input_dtypes=[str(x.dtype)[6:] for x in xs], numel=c, out=o.data_ptr(),
             out_dtype="bfloat16", **{**LAUNCH_KWARGS, "threads": 2, "block": blk, "check_finite": True},
-            **_plan_kwargs(plan))
+            **plan_kwargs(plan))
         assert bad == []
         outs.append(o)
     assert torch.equal(outs[0], outs[1])

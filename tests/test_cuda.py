@@ -199,7 +199,7 @@ def _names(xs):
 
 
 def _emulated_whole_run(xs, plan, pivot, adaptive, out, check_finite=False, vec=True):
-    from ame_kernels.backends.cuda import _hyper_kwargs
+    from ame_kernels.backends.base import hyper_kwargs
 
     mode, index, ptr, pdtype = "soup", 0, 0, "float32"
     if isinstance(pivot, torch.Tensor):
@@ -212,18 +212,18 @@ def _emulated_whole_run(xs, plan, pivot, adaptive, out, check_finite=False, vec=
         batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
         coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32), pivot_mode=mode, pivot_index=index, pivot=ptr,
         pivot_dtype=pdtype, adaptive_pivot=bool(adaptive), out=out.data_ptr(), out_dtype=_names([out])[0],
-        check_finite=check_finite, vec=vec, linear=None, **_hyper_kwargs(plan.hyper),
+        check_finite=check_finite, vec=vec, linear=None, **hyper_kwargs(plan.hyper),
     )
 
 
 def _emulated_step(w, state, batch, pivot, coeffs, t, hyper, vec=True):
-    from ame_kernels.backends.cuda import _hyper_kwargs
+    from ame_kernels.backends.base import hyper_kwargs
 
     C_CUDA.step_emulated(
         w=w.data_ptr(), state=state.data_ptr() if hyper.state_slots else 0, c=w.numel(),
         batch=[x.data_ptr() for x in batch], batch_dtypes=_names(batch),
         pivot=pivot.data_ptr() if pivot is not None else 0, coeffs=[float(v) for v in coeffs], t=int(t), vec=vec,
-        **_hyper_kwargs(hyper),
+        **hyper_kwargs(hyper),
     )
 
 

@@ -392,7 +392,7 @@ def test_cuda_emulated_fold_vector_path_equals_scalar_path(out_dtype):
 @needs_emulation
 def test_cuda_emulated_weighted_sum_is_the_given_weights():
     """The binding's ``linear`` path: out = sum_i w_i x_i (+ w_N * pivot for a tensor pivot only)."""
-    from ame_kernels.backends.cuda import _hyper_kwargs
+    from ame_kernels.backends.base import hyper_kwargs
 
     xs = [torch.randn(37).to(d) for d in DTYPES["mixed"]]
     pivot = torch.randn(37).to(BF16)
@@ -407,7 +407,7 @@ def test_cuda_emulated_weighted_sum_is_the_given_weights():
             c=37, batch_ptr=np.asarray(plan.batch_ptr, dtype=np.int32), batch_idx=np.asarray(plan.batch_idx, dtype=np.int32),
             coeffs=np.asarray(plan.coeffs, dtype=np.float32), pivot_mode=mode, pivot_index=0, pivot=p,
             pivot_dtype="bfloat16", adaptive_pivot=True, out=out.data_ptr(), out_dtype="float32", check_finite=False,
-            vec=True, linear=w, **_hyper_kwargs(plan.hyper))
+            vec=True, linear=w, **hyper_kwargs(plan.hyper))
         np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-6, atol=1e-6, err_msg=mode)
 
 
@@ -438,7 +438,7 @@ def test_cuda_emulated_unfoldable_steps():
 
 @needs_emulation
 def test_cuda_binding_checks_linear():
-    from ame_kernels.backends.cuda import _hyper_kwargs
+    from ame_kernels.backends.base import hyper_kwargs
 
     plan = schedule(ak.AMEConfig(optimizer="sgd"), 2)
     x = torch.randn(10)
@@ -446,7 +446,7 @@ def test_cuda_binding_checks_linear():
               batch_ptr=np.asarray(plan.batch_ptr, dtype=np.int32), batch_idx=np.asarray(plan.batch_idx, dtype=np.int32),
               coeffs=np.asarray(plan.coeffs, dtype=np.float32), pivot_mode="soup", pivot_index=0, pivot=0,
               pivot_dtype="float32", adaptive_pivot=True, out=torch.empty(10).data_ptr(), out_dtype="float32",
-              **_hyper_kwargs(plan.hyper))
+              **hyper_kwargs(plan.hyper))
     bad = {
         "shape": (np.ones(2, dtype=np.float32), r"linear: expected shape \[N \+ 1\] = \[3\]"),
         "dtype": (np.ones(3), r"linear: expected dtype float32"),

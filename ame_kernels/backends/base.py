@@ -61,6 +61,38 @@ def check_flat(fn: str, arg: str, x, numel: int, device, dtypes=FLOAT_DTYPE_NAME
         raise MergeError(f"{fn}: {arg} is on {x.device}, expected {device} (all tensors on one device)")
     return name
 
+def hyper_kwargs(hyper) -> dict:
+    """A ``schedule.Hyper`` as the native bindings' keyword arguments (``_C`` and ``_C_cuda``
+    take the same names): the optimizer code name, floats and bools."""
+    return dict(
+        optimizer=hyper.optimizer,
+        momentum=float(hyper.momentum),
+        dampening=float(hyper.dampening),
+        nesterov=bool(hyper.nesterov),
+        weight_decay=float(hyper.weight_decay),
+        beta1=float(hyper.beta1),
+        beta2=float(hyper.beta2),
+        eps=float(hyper.eps),
+        rho=float(hyper.rho),
+        amsgrad=bool(hyper.amsgrad),
+        eps_inside_sqrt=bool(hyper.eps_inside_sqrt),
+        initial_accumulator_value=float(hyper.initial_accumulator_value),
+    )
+
+
+def plan_kwargs(plan) -> dict:
+    """A ``StepPlan``'s per-step host arrays (int32 batch_ptr / batch_idx, float32 coeffs) and
+    its hyperparameters, as the native bindings' keyword arguments (which check them)."""
+    import numpy as np
+
+    return dict(
+        batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
+        batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
+        coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32),
+        **hyper_kwargs(plan.hyper),
+    )
+
+
 def check_plan_inputs(fn: str, plan, inputs) -> list:
     """``plan`` is a StepPlan for exactly ``len(inputs)`` ingredients; returns ``list(inputs)``."""
     from ..schedule import StepPlan

@@ -26,7 +26,7 @@ import numpy as np
 from .. import _native
 from ..errors import MergeError
 from ..schedule import Hyper, StepPlan, folded_weights
-from .base import FLOAT_DTYPE_NAMES, Backend, Pivot, check_plan_inputs
+from .base import FLOAT_DTYPE_NAMES, Backend, Pivot, check_plan_inputs, hyper_kwargs, plan_kwargs
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 _NUMPY_DTYPE_NAME = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -73,32 +73,6 @@ def info() -> dict:
     return d
 
 
-def _hyper_kwargs(h: Hyper) -> dict:
-    return dict(
-        optimizer=h.optimizer,
-        momentum=h.momentum,
-        dampening=h.dampening,
-        nesterov=h.nesterov,
-        weight_decay=h.weight_decay,
-        beta1=h.beta1,
-        beta2=h.beta2,
-        eps=h.eps,
-        rho=h.rho,
-        amsgrad=h.amsgrad,
-        eps_inside_sqrt=h.eps_inside_sqrt,
-        initial_accumulator_value=h.initial_accumulator_value,
-    )
-
-
-def _plan_kwargs(plan: StepPlan) -> dict:
-    return dict(
-        batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
-        batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
-        coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32),
-        **_hyper_kwargs(plan.hyper),
-    )
-
-
 def _linear(plan: StepPlan, adaptive: bool, mode: str, index: int, fold: bool):
     """The kernel's ``linear`` argument: GD folded into N+1 float32 weights
     (``schedule.folded_weights``, shared with the GPU backends), or None to step."""
@@ -134,7 +108,7 @@ def _launch(plan: StepPlan, ptrs: list, dtypes: list, numel: int, out_ptr: int, 
             inputs=ptrs, input_dtypes=dtypes, numel=numel, out=out_ptr, out_dtype=out_dtype,
             pivot_mode=mode, pivot_index=index, pivot=pptr, pivot_dtype=pdtype, adaptive=bool(adaptive),
             threads=default_threads(threads), simd=resolve_simd(simd), check_finite=bool(check_finite),
-            block=0, linear=_linear(plan, adaptive, mode, index, fold), **_plan_kwargs(plan),
+            block=0, linear=_linear(plan, adaptive, mode, index, fold), **plan_kwargs(plan),
         )
     )
 
@@ -254,7 +228,7 @@ class CpuBackend(Backend):
             t=int(t),
             threads=default_threads(threads),
             simd=resolve_simd(self.simd),
-            **_hyper_kwargs(hyper),
+            **hyper_kwargs(hyper),
         )
 
 

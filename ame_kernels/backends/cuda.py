@@ -38,7 +38,7 @@ import numpy as np
 from .. import _native
 from ..errors import MergeError
 from ..schedule import Hyper, StepPlan, folded_weights
-from .base import Backend, check_flat, check_plan_inputs, check_step_row
+from .base import Backend, check_flat, check_plan_inputs, check_step_row, hyper_kwargs, plan_kwargs
 
 _MAX_CACHED_PLANS = 8
 _MAX_CACHED_TABLES = 64
@@ -49,23 +49,6 @@ def _module():
     if mod is None:
         raise MergeError(f"backend 'cuda' is not available: {_native.why_missing('_C_cuda')}")
     return mod
-
-
-def _hyper_kwargs(hyper: Hyper) -> dict:
-    return dict(
-        optimizer=hyper.optimizer,
-        momentum=float(hyper.momentum),
-        dampening=float(hyper.dampening),
-        nesterov=bool(hyper.nesterov),
-        weight_decay=float(hyper.weight_decay),
-        beta1=float(hyper.beta1),
-        beta2=float(hyper.beta2),
-        eps=float(hyper.eps),
-        rho=float(hyper.rho),
-        amsgrad=bool(hyper.amsgrad),
-        eps_inside_sqrt=bool(hyper.eps_inside_sqrt),
-        initial_accumulator_value=float(hyper.initial_accumulator_value),
-    )
 
 
 class _Uploads:
@@ -104,11 +87,8 @@ class _Uploads:
         key = (id(plan), str(device))
         hit = self._plans.get(key)
         if hit is None or hit[0] is not plan:  # id() reused by a new plan: replace
-            host = (
-                np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
-                np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
-                np.ascontiguousarray(plan.coeffs, dtype=np.float32),
-            )
+            kw = plan_kwargs(plan)
+            host = (kw["batch_ptr"], kw["batch_idx"], kw["coeffs"])
             if len(self._plans) >= _MAX_CACHED_PLANS:
                 self._plans.pop(next(iter(self._plans)))
             hit = (plan,) + self._upload(host, device)
@@ -158,15 +138,6 @@ def _pivot_args(fn: str, pivot, plan: StepPlan, c: int, device) -> tuple:
     if pivot is not None:
         raise MergeError(f"{fn}: pivot must be None (soup), an input index or a tensor, got {type(pivot).__name__}")
     return "soup", 0, 0, "float32"
-
-
-def _plan_arrays(plan: StepPlan) -> dict:
-    """The plan's host arrays, which the binding checks."""
-    return dict(
-        batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
-        batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
-        coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32),
-    )
 
 
 class CudaBackend(Backend):
@@ -265,7 +236,7 @@ class CudaBackend(Backend):
             nonfinite=flags.data_ptr() if flags is not None else 0,
             device=device.index, stream=torch.cuda.current_stream(device).cuda_stream,
             linear=None if folded is None else folded[0], linear_dev=0 if folded is None else folded[1].data_ptr(),
-            **_plan_arrays(plan), **_hyper_kwargs(plan.hyper),
+            **plan_kwargs(plan),
         )
         if flags is None:
             return []
@@ -330,7 +301,7 @@ class CudaBackend(Backend):
             batch_table=table.data_ptr(), dtype_table=codes.data_ptr(), pivot=pivot_ptr,
             coeffs=[float(v) for v in row], t=int(t),
             device=device.index, stream=torch.cuda.current_stream(device).cuda_stream,
-            **_hyper_kwargs(hyper),
+            **hyper_kwargs(hyper),
         )
 
 
@@ -353,7 +324,7 @@ def whole_run_emulated(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out,
         inputs=[x.data_ptr() for x in inputs], input_dtypes=names, c=c, pivot_mode=pivot_mode,
         pivot_index=pivot_index, pivot=pivot_ptr, pivot_dtype=pivot_name, adaptive_pivot=bool(adaptive_pivot),
         out=out.data_ptr(), out_dtype=out_name, check_finite=bool(check_finite), vec=bool(vec), linear=linear,
-        **_plan_arrays(plan), **_hyper_kwargs(plan.hyper),
+        **plan_kwargs(plan),
     ))
 
 

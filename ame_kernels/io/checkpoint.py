@@ -94,6 +94,36 @@ def aux_files_in(folder: str) -> List[str]:
     return found
 
 
+def copy_aux_files(paths: List[str], folder: str, out_dtype: Optional[str] = None) -> None:
+    """Copy ``paths`` (``aux_files_in``) into the merged model ``folder``; an explicit
+    ``out_dtype`` is also written into the copied ``config.json`` (``_set_config_dtype``)."""
+    import shutil
+
+    for path in paths:
+        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+    if out_dtype and any(os.path.basename(p) == "config.json" for p in paths):
+        _set_config_dtype(os.path.join(folder, "config.json"), out_dtype)
+
+
+def _set_config_dtype(path: str, dtype: str) -> None:
+    """An explicit out dtype is also the copied Hugging Face config's ``torch_dtype`` (and
+    ``dtype``, its newer name), where the config has one: loaders with ``torch_dtype="auto"``
+    read it. A config that is not a JSON object is left as copied."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return
+    keys = [k for k in ("torch_dtype", "dtype") if isinstance(doc, dict) and k in doc]
+    if not keys:
+        return
+    for k in keys:
+        doc[k] = dtype
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+
+
 def _open_file(path: str):
     if path.endswith(TORCH_SUFFIXES):
         from .torchfile import TorchFile  # imports torch: only for .bin/.pt inputs

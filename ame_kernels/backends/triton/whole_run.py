@@ -334,9 +334,25 @@ def whole_run(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out: torch.Te
     if c == 0:
         return []
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK"]),)  # noqa: E731
+    weights = _fold_weights(plan, adaptive_pivot, mode, index, device) if fold else None
     with on_device(device):
-        _launch_whole_run(inputs, plan, pivot_t, adaptive_pivot, out, table, codes, in_kind, flags, soup, mode,
-                          index, check_finite, fold, grid)
+        if weights is not None:
+            _weighted_sum_kernel[grid](
+                table, codes, pivot_t, out, weights, flags,
+                c, plan.n, max(c, 1).bit_length(),
+                IN_KIND=in_kind, PIVOT=mode == "tensor", CHECK_FINITE=bool(check_finite),
+                ALIGNED=aligned16(inputs), enable_fp_fusion=FP_FUSION,
+            )
+        else:
+            coeffs, batch_ptr, batch_idx = _plan_tensors(plan, device)
+            hyper = plan.hyper
+            _whole_run_kernel[grid](
+                table, codes, pivot_t, out, coeffs, batch_ptr, batch_idx, flags,
+                c, plan.n, plan.steps, max(c, 1).bit_length(),
+                h_init=float(hyper.initial_accumulator_value),
+                SOUP=soup, ADAPTIVE=bool(adaptive_pivot), IN_KIND=in_kind, CHECK_FINITE=bool(check_finite),
+                ALIGNED=aligned16(inputs), **hyper_args(hyper), **hyper_flags(hyper), enable_fp_fusion=FP_FUSION,
+            )
     if not check_finite:
         return []
     return torch.nonzero(flags.cpu()).reshape(-1).tolist()
@@ -346,26 +362,3 @@ def on_device(device: torch.device):
     """Triton launches on the *current* CUDA device and stream, whatever the tensors' device:
     make the tensors' device current (a no-op on cuda:0 or CPU), as torch's own ops do."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _launch_whole_run(inputs, plan, pivot_t, adaptive_pivot, out, table, codes, in_kind, flags, soup, mode, index,
-                      check_finite, fold, grid) -> None:
-    c, device = out.numel(), out.device
-    weights = _fold_weights(plan, adaptive_pivot, mode, index, device) if fold else None
-    if weights is not None:
-        _weighted_sum_kernel[grid](
-            table, codes, pivot_t, out, weights, flags,
-            c, plan.n, max(c, 1).bit_length(),
-            IN_KIND=in_kind, PIVOT=mode == "tensor", CHECK_FINITE=bool(check_finite),
-            ALIGNED=aligned16(inputs), enable_fp_fusion=FP_FUSION,
-        )
-    else:
-        coeffs, batch_ptr, batch_idx = _plan_tensors(plan, device)
-        hyper = plan.hyper
-        _whole_run_kernel[grid](
-            table, codes, pivot_t, out, coeffs, batch_ptr, batch_idx, flags,
-            c, plan.n, plan.steps, max(c, 1).bit_length(),
-            h_init=float(hyper.initial_accumulator_value),
-            SOUP=soup, ADAPTIVE=bool(adaptive_pivot), IN_KIND=in_kind, CHECK_FINITE=bool(check_finite),
-            ALIGNED=aligned16(inputs), **hyper_args(hyper), **hyper_flags(hyper), enable_fp_fusion=FP_FUSION,
-        )
