@@ -1,9 +1,24 @@
-"""The contract every backend implements: ``whole_run`` and ``step``.
+"""The contract every backend implements.
 
-Both work on flat buffers; the API layer (``ame_kernels.api``) does the
-flattening, validation, scheduling and output placement, so a backend only
-computes. The schedule arrives as a ``StepPlan`` (``ame_kernels.schedule``):
-no backend re-derives t, batches, lr_t, zeta_t or bias corrections.
+Entry points (all on flat, contiguous buffers; the API layer and the engine do the
+flattening, validation, scheduling and output placement, so a backend only computes):
+
+- ``whole_run``: the whole AME schedule over one buffer (below).
+- ``step``: one fused AME optimizer step with the state in buffers (stew, greedy).
+- ``combine``: the elementwise pass of every other merge method (linear, task
+  arithmetic, TIES, DARE, breadcrumbs, DELLA, SLERP, model stock) for one chunk, from a
+  ``CombinePlan``; its arithmetic is defined in ``ame_kernels.methods.combine``.
+- ``magnitude_histogram``, ``gram``, ``kept_l1``: the per-chunk statistics primitives
+  those methods stream before their combine pass (``ame_kernels.methods.stats``). The
+  defaults here are plain torch on any device; native backends may override them.
+- Host-streaming and buffer variants that only some backends have, with the same
+  arithmetic: ``whole_run_chunked`` (cuda, triton: host tensors streamed through the
+  GPU with pinned double buffers) and, in ``backends.cpu``, ``whole_run_buffers`` /
+  ``combine_buffers`` / ``*_buffers`` (numpy views of mapped files, no torch), which the
+  checkpoint engine uses on the CPU.
+
+The AME schedule arrives as a ``StepPlan`` (``ame_kernels.schedule``): no backend
+re-derives t, batches, lr_t, zeta_t or bias corrections.
 
 Arithmetic (normative, DESIGN section 1), per element, all in fp32:
 
@@ -172,3 +187,37 @@ class Backend:
         (adaptive: p = w); coeffs: float32 [4] row for global step ``t`` (1-based).
         """
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ merge methods
+
+    def combine(self, inputs, base, out, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> None:
+        """The combine pass over one chunk (``ame_kernels.methods.combine``), writing ``out``.
+
+        inputs: N contiguous 1-D tensors of numel C (float32/bfloat16/float16, may differ);
+        base: None (zero) or such a tensor; out: C elements of float32/bfloat16/float16;
+        plan: a ``CombinePlan`` for N ingredients; offset: the chunk's first element index in
+        the flattened tensor (random masks and rank windows use global indices);
+        probs: None or N float32 tensors (or None entries) of per-element keep probabilities.
+        """
+        from ..methods.combine import combine_torch
+
+        combine_torch(inputs, base, out, plan, offset, probs)
+
+    def magnitude_histogram(self, x, base, prefix_mask: int, prefix: int, shift: int, nbins: int):
+        """int64[nbins] counts of the fp32 bits of |x - b| (``methods.stats``)."""
+        from ..methods.stats import magnitude_histogram_torch
+
+        return magnitude_histogram_torch(x, base, prefix_mask, prefix, shift, nbins)
+
+    def gram(self, inputs, base):
+        """float64[N, N] of sum_j tau_i[j] tau_k[j], tau = x - b."""
+        from ..methods.stats import gram_torch
+
+        return gram_torch(inputs, base)
+
+    def kept_l1(self, inputs, base, plan, offset: int = 0, probs=None):
+        """float64[N, 2]: (sum |tau_i|, sum over kept entries |tau_i|) under ``plan``'s masks."""
+        from ..methods.stats import kept_l1_torch
+
+        return kept_l1_torch(inputs, base, plan, offset, probs)
+
