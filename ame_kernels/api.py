@@ -15,6 +15,7 @@ import torch
 from .backends import get_backend
 from .config import AMEConfig, make_config
 from .errors import MergeError
+from .methods import split_call
 from .schedule import schedule
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -116,14 +117,14 @@ def _check_finite(dicts: List[dict], names: List[str]) -> None:
                 )
 
 
-def _check_pivot_finite(pivot: Any, names: List[str]) -> None:
-    """An explicit pivot (name -> tensor) holds no NaN/Inf in the tensors it provides."""
+def _check_pivot_finite(pivot: Any, names: List[str], what: str = "pivot") -> None:
+    """An explicit pivot or base (name -> tensor) holds no NaN/Inf in the tensors it provides."""
     if not isinstance(pivot, dict):
         return
     for name in names:
         p = pivot.get(name)
         if isinstance(p, torch.Tensor) and p.dtype in FLOAT_DTYPES and not bool(torch.isfinite(p).all()):
-            raise MergeError(f"merge: pivot {_label(name)} contains NaN or Inf (pass check_finite=False to merge anyway)")
+            raise MergeError(f"merge: {what} {_label(name)} contains NaN or Inf (pass check_finite=False to merge anyway)")
 
 
 def _resolve_pivot(pivot: Any, dicts: List[dict], names: List[str], form: str) -> Any:
@@ -139,29 +140,37 @@ def _resolve_pivot(pivot: Any, dicts: List[dict], names: List[str], form: str) -
         if not -n <= pivot < n:
             raise MergeError(f"merge: pivot index {pivot} is out of range for {n} ingredients")
         return pivot % n
-    if isinstance(pivot, torch.Tensor):
+    return resolve_reference(pivot, dicts, names, form, "pivot", "'soup', an ingredient index or a tensor/state dict")
+
+
+def resolve_reference(value: Any, dicts: List[dict], names: List[str], form: str, what: str, expected: str) -> dict:
+    """An explicit pivot or base (a tensor, or a state dict) checked against the ingredients: the
+    floating tensors' names and shapes; returns name -> tensor."""
+    if isinstance(value, torch.Tensor):
         if form == "dict":
-            raise MergeError("merge: ingredients are state dicts, so an explicit pivot must be a state dict too")
-        pivot = {"": pivot}
-    if not isinstance(pivot, dict):
-        raise MergeError(f"merge: pivot must be 'soup', an ingredient index or a tensor/state dict, got {type(pivot).__name__}")
+            raise MergeError(f"merge: ingredients are state dicts, so an explicit {what} must be a state dict too")
+        value = {"": value}
+    if not isinstance(value, dict):
+        raise MergeError(f"merge: {what} must be {expected}, got {type(value).__name__}")
     # Non-floating tensors are copied from ingredient 0, so the pivot needs only the floating ones
     # (a dict(model.named_parameters()) pivot has no buffers).
-    missing = sorted(k for k in set(names) - set(pivot) if dicts[0][k].dtype in FLOAT_DTYPES)
+    missing = sorted(k for k in set(names) - set(value) if dicts[0][k].dtype in FLOAT_DTYPES)
     if missing:
-        raise MergeError(f"merge: the pivot state dict is missing {missing}")
+        raise MergeError(f"merge: the {what} state dict is missing {missing}")
     for name in names:
         ref = dicts[0][name]
         if ref.dtype not in FLOAT_DTYPES:
             continue
-        p = pivot[name]
+        p = value[name]
         if isinstance(p, torch.Tensor):
-            check_tensor_kind(p, f"merge: pivot {_label(name)}", "merge")
+            check_tensor_kind(p, f"merge: {what} {_label(name)}", "merge")
         if not isinstance(p, torch.Tensor) or p.dtype not in FLOAT_DTYPES:
-            raise MergeError(f"merge: pivot {_label(name)} must be a floating tensor (float32/bfloat16/float16)")
+            raise MergeError(f"merge: {what} {_label(name)} must be a floating tensor (float32/bfloat16/float16)")
         if p.shape != ref.shape:
-            raise MergeError(f"merge: pivot {_label(name)} has shape {tuple(p.shape)}, ingredients have {tuple(ref.shape)}")
-    return pivot
+            raise MergeError(f"merge: {what} {_label(name)} has shape {tuple(p.shape)}, ingredients have {tuple(ref.shape)}")
+        if p.device != ref.device and what == "base":
+            raise MergeError(f"merge: base {_label(name)} is on {p.device}, the ingredients on {ref.device}")
+    return value
 
 
 def _copy_non_float(dicts: List[dict], name: str) -> torch.Tensor:
@@ -176,21 +185,34 @@ def _copy_non_float(dicts: List[dict], name: str) -> torch.Tensor:
     return first.clone()
 
 
-def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, **overrides: Any):
-    """Merge N ingredients with Amortized Model Ensembling.
+def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, *, method: Optional[str] = None,
+          base: Any = None, **options: Any):
+    """Merge N ingredients with a merge method (``ak.methods()`` lists them).
 
     ingredients: a list of tensors of one shape, a stacked tensor [N, ...], or a
         list of state dicts (name -> tensor) with identical names and shapes.
-    config / overrides: an AMEConfig (or dict) and/or keyword overrides of its
-        fields (see ``AMEConfig`` for every hyperparameter and its default).
-    Returns the merged tensor, or a dict with the same keys in the same order, on
-    the ingredients' device; each float tensor in ``out_dtype`` (default: its dtype
-    in the first ingredient), non-float tensors copied from the first ingredient.
+    method: 'ame' (Amortized Model Ensembling: ``config`` / AMEConfig fields such as
+        optimizer, lr, epochs), 'linear', 'task_arithmetic', 'ties', 'dare_linear',
+        'dare_ties', 'breadcrumbs', 'breadcrumbs_ties', 'della', 'della_linear', 'slerp',
+        'model_stock'. None: 'ame' when an AME option is given, else the uniform soup.
+    base: the base model (a tensor / state dict like the ingredients) of task-vector methods.
+    options: the method's parameters (per-ingredient ones as a scalar or a list of N;
+        ``lambda_`` for ``lambda``, ``weights`` for ``weight``) and the general options
+        out_dtype, backend, threads, check_finite.
+    Returns the merged tensor, or a dict with the same keys in the same order, on the
+    ingredients' device; each float tensor in ``out_dtype`` (default: its dtype in the
+    base, else in the first ingredient), non-float tensors copied from the first ingredient.
     Raises MergeError, before any work, on bad input.
     """
-    cfg = make_config(config, **overrides)
     dicts, form = _as_state_dicts(ingredients)
     names = _check_structure(dicts)
+    call = split_call(method, options, len(dicts), base is not None, config is not None)
+    if call.name == "ame":
+        return _merge_ame(dicts, form, names, make_config(config, **call.ame_options))
+    return _merge_method(dicts, form, names, call, base)
+
+
+def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig):
     pivot = _resolve_pivot(cfg.pivot, dicts, names, form)
     plan = schedule(cfg, len(dicts))
     if cfg.check_finite:
@@ -199,22 +221,47 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, **overri
     device = dicts[0][names[0]].device if names else torch.device("cpu")
     backend = get_backend(cfg.backend, device.type)
 
+    def run(name, inputs, out):
+        p = pivot[name].detach().to(device).contiguous().reshape(-1) if isinstance(pivot, dict) else pivot
+        backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads)
+
+    return _merge_tensors(dicts, form, names, cfg.out_dtype, cfg.check_finite, None, run)
+
+
+def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: Any):
+    from .methods.run import TorchOps, merge_tensor
+
+    general = make_config(None, **call.general)  # the general options, checked as AMEConfig checks them
+    base_sd = resolve_reference(base, dicts, names, form, "base", "a tensor or state dict") if base is not None else None
+    if general.check_finite:
+        _check_finite(dicts, names)
+        _check_pivot_finite(base_sd, names, "base")
+    device = dicts[0][names[0]].device if names else torch.device("cpu")
+    ops = TorchOps(get_backend(general.backend, device.type), general.threads)
+
+    def run(name, inputs, out):
+        b = base_sd[name].detach().contiguous().reshape(-1) if base_sd is not None else None
+        merge_tensor(call.method, call.params, name, tuple(dicts[0][name].shape), inputs, b, out, ops)
+
+    return _merge_tensors(dicts, form, names, general.out_dtype, general.check_finite, base_sd, run)
+
+
+def _merge_tensors(dicts: List[dict], form: str, names: List[str], out_dtype: Optional[str], check_finite: bool,
+                   base_sd: Optional[dict], run):
+    """Per tensor: copy non-floating ones, else ``run(name, flat inputs, flat out)``; fp16 overflow checked."""
     merged: Dict[str, torch.Tensor] = {}
     for name in names:
         first = dicts[0][name]
         if first.dtype not in FLOAT_DTYPES:
             merged[name] = _copy_non_float(dicts, name)
             continue
-        out_dtype = _DTYPE_BY_NAME[cfg.out_dtype] if cfg.out_dtype else first.dtype
+        own = base_sd[name].dtype if base_sd is not None else first.dtype
+        dtype = _DTYPE_BY_NAME[out_dtype] if out_dtype else own
         inputs = [d[name].detach().contiguous().reshape(-1) for d in dicts]
-        if isinstance(pivot, dict):
-            p = pivot[name].detach().to(device).contiguous().reshape(-1)
-        else:
-            p = pivot
-        out = torch.empty(first.numel(), dtype=out_dtype, device=device)
+        out = torch.empty(first.numel(), dtype=dtype, device=first.device)
         if first.numel():
-            backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads)
-            if out_dtype == torch.float16 and cfg.check_finite and not bool(torch.isfinite(out).all()):
+            run(name, inputs, out)
+            if dtype == torch.float16 and check_finite and not bool(torch.isfinite(out).all()):
                 # finite inputs (checked above) whose merge leaves float16's range: rounding gave Inf
                 raise MergeError(f"merge: {_label(name)}: merged values exceed the float16 range (|x| <= 65504) "
                                  "and were rounded to Inf; use out_dtype='bfloat16' or 'float32' "

@@ -1,0 +1,114 @@
+"""Run one method on one tensor: statistics, plan, combine pass, on a backend.
+
+``TorchOps`` adapts a torch backend (reference, cpu, triton, cuda) to the statistics
+drivers and the combine pass; ``BufferOps`` does the same for the cpu backend's numpy
+buffer functions (the checkpoint engine's torch-free path), where a chunk handle is an
+``(array, dtype_name)`` pair. ``merge_tensor`` is the whole per-tensor sequence; the
+engine calls ``plan_tensor`` and ``combine_chunk`` separately to stream the chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .base import Method, TensorContext
+from .combine import CombinePlan
+from .params import Params
+
+
+class TorchOps:
+    """Chunk handles are flat torch tensors on the backend's device."""
+
+    def __init__(self, backend: Any, threads: Optional[int] = None):
+        self.backend, self.threads = backend, threads
+
+    def hist(self, x, b, prefix_mask: int, prefix: int, shift: int, nbins: int) -> np.ndarray:
+        return self.backend.magnitude_histogram(x, b, prefix_mask, prefix, shift, nbins)
+
+    def gram(self, xs, b) -> np.ndarray:
+        return self.backend.gram(xs, b)
+
+    def kept_l1(self, xs, b, plan: CombinePlan, offset: int, probs) -> np.ndarray:
+        return self.backend.kept_l1(xs, b, plan, offset, probs)
+
+    def magnitudes(self, x, b) -> np.ndarray:
+        from .stats import magnitudes_torch
+
+        return magnitudes_torch(x, b)
+
+    def wrap(self, a: np.ndarray, like):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(like.device)
+
+    def combine(self, xs, b, out, plan: CombinePlan, offset: int, probs) -> None:
+        self.backend.combine(xs, b, out, plan, offset, probs, threads=self.threads)
+
+
+class BufferOps:
+    """Chunk handles are (numpy array, dtype name) pairs; the cpu backend's buffer kernels."""
+
+    def __init__(self, threads: Optional[int] = None):
+        from ..backends import cpu
+
+        self.cpu, self.threads = cpu, threads
+
+    @staticmethod
+    def _split(b):
+        return (None, None) if b is None else b
+
+    def hist(self, x, b, prefix_mask: int, prefix: int, shift: int, nbins: int) -> np.ndarray:
+        bb, bd = self._split(b)
+        return self.cpu.magnitude_histogram_buffers(x[0], x[1], bb, bd, prefix_mask, prefix, shift, nbins,
+                                                    threads=self.threads)
+
+    def gram(self, xs, b) -> np.ndarray:
+        bb, bd = self._split(b)
+        return self.cpu.gram_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, threads=self.threads)
+
+    def kept_l1(self, xs, b, plan: CombinePlan, offset: int, probs) -> np.ndarray:
+        bb, bd = self._split(b)
+        return self.cpu.kept_l1_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, plan, offset, probs,
+                                        threads=self.threads)
+
+    def magnitudes(self, x, b) -> np.ndarray:
+        m = to_f32(*x)
+        if b is not None:
+            m = m - to_f32(*b)
+        return np.abs(m)
+
+    def wrap(self, a: np.ndarray, like):
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def combine(self, xs, b, out, plan: CombinePlan, offset: int, probs) -> None:
+        bb, bd = self._split(b)
+        self.cpu.combine_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, out[0], out[1], plan, offset,
+                                 probs, threads=self.threads)
+
+
+def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    """An fp32 copy/view of ``a`` holding ``dtype`` (bf16 as 16-bit integers)."""
+    if dtype == "float32":
+        return a.view(np.float32) if a.dtype != np.float32 else a
+    if dtype == "bfloat16":
+        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "float16":
+        return a.view(np.float16).astype(np.float32)
+    return a.astype(np.float32)
+
+
+def plan_tensor(method: Method, params: Params, name: str, shape: Tuple[int, ...], n: int, has_base: bool,
+                chunks: Callable, ops: Any) -> Tuple[CombinePlan, Optional[Callable]]:
+    """The tensor's CombinePlan (after its streamed statistics) and its per-chunk probs function."""
+    ctx = TensorContext(name, tuple(shape), n, has_base, chunks, ops)
+    return method.plan(ctx, params), method.probs_for(ctx, params)
+
+
+def merge_tensor(method: Method, params: Params, name: str, shape, xs: Sequence, base, out, ops) -> CombinePlan:
+    """Statistics, plan and combine pass of one in-memory tensor (one chunk)."""
+    chunks = lambda: [(0, xs, base)]  # noqa: E731
+    plan, probs_fn = plan_tensor(method, params, name, shape, len(xs), base is not None, chunks, ops)
+    ops.combine(xs, base, out, plan, 0, probs_fn(0, xs, base) if probs_fn else None)
+    return plan
