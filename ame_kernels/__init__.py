@@ -21,6 +21,13 @@ from .schedule import StepPlan, schedule
 # import soup_gain``) left ``ak.diagnostics`` a module, not callable. The module is torch-free.
 from .diagnostics import Diagnostics, diagnostics, soup_gain
 
+# The same for ``ak.methods`` (the function listing every merge method) and the torch-free
+# ``ame_kernels.methods`` package that holds them: imported now, then the name rebound.
+from . import methods as _methods_package  # noqa: E402
+from .methods import METHODS  # noqa: E402
+
+methods = _methods_package.methods
+
 __version__ = "0.1.0"
 
 #: public name -> (module, attribute), imported on first access (PEP 562)
@@ -51,5 +58,6 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["AMEConfig", "Diagnostics", "MergeError", "StepPlan", "build_info", "diagnostics", "schedule", "soup_gain",
+__all__ = ["AMEConfig", "Diagnostics", "METHODS", "MergeError", "StepPlan", "build_info", "diagnostics", "methods",
+           "schedule", "soup_gain",
            "__version__", *sorted(_LAZY)]

@@ -104,17 +104,28 @@ class MergePlan:
     device: str
     shard_size: int
     warnings: List[str] = field(default_factory=list)
+    #: the method and its checked parameters (methods.MethodCall); steps is None unless it is 'ame'
+    call: Any = None
+    #: the base checkpoint of a task-vector method (read like an ingredient)
+    base: Optional[Checkpoint] = None
 
     @property
     def n(self) -> int:
         return len(self.ingredients)
 
     @property
+    def method(self) -> str:
+        return self.call.name if self.call is not None else "ame"
+
+    @property
+    def extra_checkpoints(self) -> List[Checkpoint]:
+        """The pivot or base checkpoint, when the plan reads one besides the ingredients."""
+        return [ck for ck in (self.pivot, self.base) if isinstance(ck, Checkpoint)]
+
+    @property
     def in_bytes(self) -> int:
-        return sum(t.in_bytes for t in self.tensors) + (
-            sum(t.numel * itemsize(self.pivot.tensors[t.name].dtype) for t in self.tensors if t.merge)
-            if isinstance(self.pivot, Checkpoint)
-            else 0
+        return sum(t.in_bytes for t in self.tensors) + sum(
+            t.numel * itemsize(ck.tensors[t.name].dtype) for ck in self.extra_checkpoints for t in self.tensors if t.merge
         )
 
     @property
@@ -130,7 +141,7 @@ class MergePlan:
         """N mapped input chunks + two staging buffers (+ a pivot chunk) + what this process holds now."""
         widest = max((itemsize(d) for t in self.tensors for d in t.in_dtypes), default=4)
         elems = min(self.chunk_elems, max((t.numel for t in self.tensors), default=0))
-        per_chunk = elems * (self.n * widest + 8 + (4 if isinstance(self.pivot, Checkpoint) else 0))
+        per_chunk = elems * (self.n * widest + 8 + 4 * len(self.extra_checkpoints))
         return per_chunk + current_rss_bytes()
 
     def shard_entries(self, shard: int) -> List[Tuple[str, str, Tuple[int, ...]]]:
@@ -205,7 +216,7 @@ def _label(i: int, ck: Checkpoint) -> str:
     return f"ingredient {i} ({ck.path})"
 
 
-def _check_structure(cks: List[Checkpoint], pivot: Optional[Checkpoint]) -> List[str]:
+def _check_structure(cks: List[Checkpoint], pivot: Optional[Checkpoint], what: str = "pivot") -> List[str]:
     """Same names and shapes everywhere, float/non-float agreeing; the names in ingredient 0's order."""
     names = list(cks[0].tensors)
     ref = set(names)
@@ -242,18 +253,18 @@ def _check_structure(cks: List[Checkpoint], pivot: Optional[Checkpoint]) -> List
     if pivot is not None:
         missing = [n for n in names if n not in pivot.tensors and cks[0].tensors[n].dtype in MERGE_DTYPES]
         if missing:
-            raise MergeError(f"pivot checkpoint {pivot.path}: missing tensors {_short(missing)}")
+            raise MergeError(f"{what} checkpoint {pivot.path}: missing tensors {_short(missing)}")
         for name in names:
             if name not in pivot.tensors or cks[0].tensors[name].dtype not in MERGE_DTYPES:
                 continue
             p = pivot.tensors[name]
             if p.shape != cks[0].tensors[name].shape:
                 raise MergeError(
-                    f"pivot checkpoint {pivot.path}: tensor {name!r} has shape {list(p.shape)}, "
+                    f"{what} checkpoint {pivot.path}: tensor {name!r} has shape {list(p.shape)}, "
                     f"the ingredients have {list(cks[0].tensors[name].shape)}"
                 )
             if p.dtype not in MERGE_DTYPES:
-                raise MergeError(f"pivot checkpoint {pivot.path}: tensor {name!r} is {p.dtype}, expected a float dtype")
+                raise MergeError(f"{what} checkpoint {pivot.path}: tensor {name!r} is {p.dtype}, expected a float dtype")
     return names
 
 
@@ -272,6 +283,9 @@ def plan_merge(
     chunk_mb: float = DEFAULT_CHUNK_MB,
     shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
     device: str = "cpu",
+    method: Optional[str] = None,
+    base: Optional[str] = None,
+    per_model: Optional[List[dict]] = None,
     **overrides: Any,
 ) -> MergePlan:
     """Open and check every checkpoint and fix the whole merge; raises MergeError before any compute.
@@ -281,10 +295,18 @@ def plan_merge(
         (an extra checkpoint read like an ingredient).
     chunk_mb: elements per chunk = chunk_mb MiB / 4 (fp32), for every input alike.
     shard_size: bytes per output shard (int or '5GB', '500MB', ...).
+    method / base / per_model: a merge method other than AME (``ak.methods()``), its base
+        checkpoint's path, and per-ingredient parameters (one dict per model); ``overrides`` then
+        holds the method's parameters. No method and no AME option: the uniform soup.
     """
-    cfg = make_config(config, **overrides)
+    from .methods import split_call
+
     if not models:
         raise MergeError("models: need at least 1 checkpoint, got none")
+    call = split_call(method, overrides, len(models), base is not None, config is not None, per_model)
+    cfg = make_config(config, **call.ame_options) if call.name == "ame" else make_config(None, **call.general)
+    if call.name != "ame" and pivot_path is not None:
+        raise MergeError(f"pivot: method {call.name!r} has no pivot (a task-vector method takes base: PATH)")
     if not (isinstance(chunk_mb, (int, float)) and chunk_mb > 0 and math.isfinite(chunk_mb)):
         raise MergeError(f"chunk_mb: must be a number > 0, got {chunk_mb!r}")
     shard_bytes = parse_size(shard_size)
@@ -292,19 +314,25 @@ def plan_merge(
     try:
         for m in models:
             opened.append(m if isinstance(m, Checkpoint) else open_checkpoint(m))
-        if pivot_path is not None:
-            opened.append(open_checkpoint(pivot_path))
-        return _plan(opened[: len(models)], opened[-1] if pivot_path is not None else None, cfg, chunk_mb, shard_bytes, device)
+        extra = pivot_path if pivot_path is not None else base
+        if extra is not None:
+            opened.append(open_checkpoint(extra))
+        extra_ck = opened[-1] if extra is not None else None
+        return _plan(opened[: len(models)], extra_ck, cfg, chunk_mb, shard_bytes, device, call)
     except BaseException:
         for ck in opened:  # nothing stays open after a failed plan
             ck.close()
         raise
 
 
-def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig, chunk_mb: float, shard_bytes: int, device: str) -> MergePlan:
+def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig, chunk_mb: float, shard_bytes: int,
+          device: str, call: Any) -> MergePlan:
     n = len(cks)
     pivot: Union[None, int, Checkpoint]
-    if pivot_ck is not None:
+    base_ck = None
+    if call.name != "ame":  # the extra checkpoint is the method's base; there is no pivot
+        base_ck, pivot_ck, pivot = pivot_ck, None, None
+    elif pivot_ck is not None:
         pivot = pivot_ck
     elif cfg.pivot == "soup":
         pivot = None
@@ -314,13 +342,14 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
         pivot = cfg.pivot % n
     else:
         raise MergeError(f"pivot: expected 'soup', a model index or a checkpoint path, got {cfg.pivot!r}")
-    names = _check_structure(cks, pivot if isinstance(pivot, Checkpoint) else None)
-    steps = schedule(cfg, n)  # once, reused by every chunk
+    extra = pivot if isinstance(pivot, Checkpoint) else base_ck
+    names = _check_structure(cks, extra, "pivot" if base_ck is None else "base")
+    steps = schedule(cfg, n) if call.name == "ame" else None  # once, reused by every chunk
     backend = _resolve_backend(cfg.backend, device)
 
     # the checkpoint whose dtypes and non-float tensors the output takes
-    src_idx = -1 if isinstance(pivot, Checkpoint) else (pivot if isinstance(pivot, int) else 0)
-    src = pivot if isinstance(pivot, Checkpoint) else cks[src_idx]
+    src_idx = -1 if extra is not None else (pivot if isinstance(pivot, int) else 0)
+    src = extra if extra is not None else cks[src_idx]
     plan_warnings: List[str] = []
     jobs: List[TensorJob] = []
     shard, shard_fill = 0, 0
@@ -340,7 +369,7 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
         shard_fill += job_bytes
         in_dtypes = tuple(ck.tensors[name].dtype for ck in cks)
         jobs.append(TensorJob(name, first.shape, first.numel, merge, in_dtypes, out_dtype, source, shard))
-    for ck in cks + ([pivot_ck] if pivot_ck is not None else []):
+    for ck in cks + ([extra] if extra is not None else []):
         for f in ck.files.values():
             if getattr(f, "in_memory", False):  # a legacy (non-zip) torch file cannot be mapped
                 plan_warnings.append(
@@ -360,17 +389,29 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
     # never more than the largest tensor needs: the staging buffers are sized by it
     largest = max((j.numel for j in jobs), default=0)
     chunk_elems = min(chunk_elems, max(4096, -(-largest // 4096) * 4096))
-    plan = MergePlan(cks, pivot, cfg, steps, jobs, shard_files, [], chunk_elems, backend, device, shard_bytes, plan_warnings)
+    plan = MergePlan(cks, pivot, cfg, steps, jobs, shard_files, [], chunk_elems, backend, device, shard_bytes, plan_warnings,
+                     call, base_ck)
+    rows = call.method.row_aligned
     # work items in file order (shard by shard, tensor by tensor as the shard header lists them), so
     # the single-process writer can stream each shard front to back
     index = {job.name: j for j, job in enumerate(jobs)}
     plan.work = [
-        WorkItem(j, s, min(chunk_elems, jobs[j].numel - s))
+        WorkItem(j, s, min(step, jobs[j].numel - s))
         for k in range(nshards)
         for j in (index[name] for name, _, _ in plan.shard_entries(k))
-        for s in range(0, jobs[j].numel, chunk_elems)
+        for step in (_item_elems(jobs[j], chunk_elems, rows),)
+        for s in range(0, jobs[j].numel, step)
     ]
     return plan
+
+
+def _item_elems(job: TensorJob, chunk_elems: int, rows: bool) -> int:
+    """Elements per work item of ``job``: the chunk size, or whole rows for per-row methods (a row
+    longer than a chunk makes one item per row)."""
+    if not (rows and job.merge and len(job.shape) >= 1):
+        return chunk_elems
+    row = max(1, job.numel // max(1, job.shape[0])) if len(job.shape) >= 2 else max(1, job.numel)
+    return max(row, chunk_elems // row * row)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -420,13 +461,7 @@ class _TorchRunner:
         self.stream_host = self.device.type == "cuda" and hasattr(self.backend, "whole_run_chunked")
 
     def _host(self, a: np.ndarray, dtype: str):
-        """A CPU tensor sharing ``a``'s memory (read-only views are only ever read)."""
-        torch = self.torch
-        if not a.flags.aligned:
-            a = a.copy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # from_numpy warns about read-only arrays
-            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(a)
+        return _host_tensor(a, dtype)
 
     def __call__(self, inputs, in_dtypes, steps, pivot, adaptive, out, out_dtype, check_finite) -> list:
         torch = self.torch
@@ -446,9 +481,123 @@ class _TorchRunner:
 
 
 def _make_runner(plan: MergePlan, threads: Optional[int]):
+    if plan.method != "ame":
+        return _MethodRunner(plan, threads)
     if plan.backend == "cpu" and plan.device == "cpu":
         return _BufferRunner(threads)
     return _TorchRunner(plan.backend, plan.device, threads)
+
+
+def _host_tensor(a: np.ndarray, dtype: str):
+    """A CPU tensor sharing ``a``'s memory (read-only views are only ever read)."""
+    import torch
+
+    if not a.flags.aligned:
+        a = a.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # from_numpy warns about read-only arrays
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(a)
+
+
+def _nonfinite(a: np.ndarray, dtype: str) -> bool:
+    """Whether the chunk ``a`` (storage dtype ``dtype``) holds a NaN or Inf."""
+    if dtype == "bfloat16":
+        return bool(((a.view(np.uint16) & 0x7F80) == 0x7F80).any())
+    return not bool(np.isfinite(a).all())
+
+
+class _MethodRunner:
+    """A merge method on the plan's chunks: per tensor, the streamed statistics (read through the
+    same mapped views, chunk by chunk, pages released after each) and then one combine pass per
+    work item. The cpu backend gets numpy buffers (no torch); other backends torch tensors."""
+
+    def __init__(self, plan: MergePlan, threads: Optional[int]):
+        from .methods.run import BufferOps, TorchOps
+
+        self.plan = plan
+        self.buffers = plan.backend == "cpu" and plan.device == "cpu"
+        if self.buffers:
+            self.ops = BufferOps(threads)
+        else:
+            import torch
+
+            from .backends import get_backend
+
+            self.torch, self.device = torch, torch.device(plan.device)
+            self.ops = TorchOps(get_backend(plan.backend, self.device.type), threads)
+        self.job, self.state = -1, None
+
+    def handle(self, view: np.ndarray, dtype: str):
+        if dtype == "float64":
+            view, dtype = view.astype(np.float32), "float32"
+        if self.buffers:
+            return (view, dtype)
+        return _host_tensor(view, dtype).to(self.device)
+
+    def _chunks(self, job: TensorJob):
+        plan = self.plan
+        cks = plan.ingredients + ([plan.base] if plan.base is not None else [])
+        step = _item_elems(job, plan.chunk_elems, plan.call.method.row_aligned)
+
+        def gen():
+            for s in range(0, job.numel, step):
+                c = min(step, job.numel - s)
+                infos = [ck.tensors[job.name] for ck in cks]
+                hs = [self.handle(ck.reader(info).view(info, s, c), info.dtype) for ck, info in zip(cks, infos)]
+                yield s, hs[: plan.n], (hs[plan.n] if plan.base is not None else None)
+                del hs
+                for ck, info in zip(cks, infos):
+                    ck.reader(info).release(info, s, c)
+
+        return gen
+
+    def _where(self, i: int, name: str) -> str:
+        ck = self.plan.ingredients[i] if i < self.plan.n else self.plan.base
+        return f"{'the base' if i >= self.plan.n else f'ingredient {i}'} ({ck.tensors[name].file})"
+
+    def _tensor(self, j: int):
+        """(CombinePlan, probs function, ingredients to check per chunk) of job ``j``, planned once."""
+        if j != self.job:
+            from .methods.run import plan_tensor
+            from .methods.stats import NonFinite
+
+            plan, job = self.plan, self.plan.tensors[j]
+            check = plan.config.check_finite
+            try:
+                cplan, probs, ctx = plan_tensor(plan.call.method, plan.call.params, job.name, job.shape, plan.n,
+                                                plan.base is not None, self._chunks(job), self.ops, check)
+            except NonFinite as e:
+                where = "; ".join(self._where(i, job.name) for i in e.ingredients)
+                raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where} (or in the base)") from None
+            # a mask may hide a NaN: ingredients with one that no statistics pass read are checked per chunk
+            explicit = [i for i in range(plan.n) if check and cplan.masked(i) and i not in ctx.seen]
+            self.job, self.state = j, (cplan, probs, explicit)
+        return self.state
+
+    def __call__(self, j: int, it: WorkItem, views, dts, base_view, base_dtype, out: np.ndarray, out_dtype: str) -> list:
+        cplan, probs_fn, explicit = self._tensor(j)
+        bad = [i for i in explicit if _nonfinite(views[i], dts[i])]
+        if bad:
+            return bad
+        xs = [self.handle(v, d) for v, d in zip(views, dts)]
+        b = self.handle(base_view, base_dtype) if base_view is not None else None
+        probs = probs_fn(it.start, xs, b) if probs_fn else None
+        if self.buffers:
+            self.ops.combine(xs, b, (out, out_dtype), cplan, it.start, probs)
+        else:
+            o = _host_tensor(out, out_dtype)
+            od = o if self.device.type == "cpu" else self.torch.empty(o.shape[0], dtype=o.dtype, device=self.device)
+            self.ops.combine(xs, b, od, cplan, it.start, probs)
+            if od is not o:
+                o.copy_(od)
+        if self.plan.config.check_finite and _nonfinite(out, out_dtype):
+            # every entry reaches the output unless masked (checked above): find the culprit
+            culprits = [i for i, (v, d) in enumerate(zip(views, dts)) if _nonfinite(v, d)]
+            if base_view is not None and _nonfinite(base_view, base_dtype):
+                culprits.append(self.plan.n)
+            if culprits:
+                return culprits
+        return []
 
 
 # --------------------------------------------------------------------------- run
@@ -604,6 +753,8 @@ def merge_items(
     runner = _make_runner(plan, threads) if any(plan.tensors[it.job].merge for it in items) else None
     cfg = plan.config
     pivot_ck = plan.pivot if isinstance(plan.pivot, Checkpoint) else None
+    extra_ck = pivot_ck or plan.base  # read besides the ingredients: the pivot or the base
+    methods = plan.method != "ame"
     notes: List[str] = []
     cks = plan.ingredients
     try:
@@ -611,7 +762,7 @@ def merge_items(
             job = plan.tensors[it.job]
             if k + 1 < len(items):  # start reading the next chunk while this one computes
                 nxt = items[k + 1]
-                for ck in cks + ([pivot_ck] if pivot_ck else []):
+                for ck in cks + ([extra_ck] if extra_ck else []):
                     info = ck.tensors.get(plan.tensors[nxt.job].name)
                     if info is not None:
                         ck.reader(info).prefetch(info, nxt.start, nxt.count)
@@ -622,18 +773,23 @@ def merge_items(
                 for i, d in enumerate(dts):
                     if d == "float64":
                         views[i], dts[i] = views[i].astype(np.float32), "float32"
-                if pivot_ck is not None:
-                    pinfo = pivot_ck.tensors[job.name]
-                    pview = pivot_ck.reader(pinfo).view(pinfo, it.start, it.count)
-                    if cfg.check_finite and not np.isfinite(_to_f32(pview, pinfo.dtype)).all():
+                if extra_ck is not None:
+                    pinfo = extra_ck.tensors[job.name]
+                    pview = extra_ck.reader(pinfo).view(pinfo, it.start, it.count)
+                    if pivot_ck is not None and cfg.check_finite and not np.isfinite(_to_f32(pview, pinfo.dtype)).all():
                         raise MergeError(f"tensor {job.name!r}: NaN or Inf in the pivot checkpoint ({pinfo.file})")
                     pivot = (pview, pinfo.dtype) if pinfo.dtype in KERNEL_DTYPES else (_to_f32(pview, pinfo.dtype), "float32")
                 else:
                     pivot = plan.pivot
                 out = sink.out(job, it)
-                bad = runner(views, dts, plan.steps, pivot, cfg.adaptive_pivot, out, job.out_dtype, cfg.check_finite)
+                if methods:
+                    bview, bdtype = (pivot[0], pivot[1]) if plan.base is not None else (None, None)
+                    bad = runner(it.job, it, views, dts, bview, bdtype, out, job.out_dtype)
+                else:
+                    bad = runner(views, dts, plan.steps, pivot, cfg.adaptive_pivot, out, job.out_dtype, cfg.check_finite)
                 if bad:
-                    where = "; ".join(f"ingredient {i} ({infos[i].file})" for i in bad)
+                    where = "; ".join(f"ingredient {i} ({infos[i].file})" if i < len(infos)
+                                      else f"the base ({extra_ck.tensors[job.name].file})" for i in bad)
                     raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where}")
                 if job.out_dtype == "float16" and cfg.check_finite and not np.isfinite(out).all():
                     # finite inputs (checked above) whose merge leaves float16's range: the rounding wrote Inf
@@ -643,12 +799,13 @@ def merge_items(
                     )
                 sink.put_out(job, it, out)
             else:
-                src_ck = pivot_ck if job.source == -1 else cks[job.source]
+                src_ck = extra_ck if job.source == -1 else cks[job.source]
                 sinfo = src_ck.tensors[job.name]
                 data = src_ck.reader(sinfo).view(sinfo, it.start, it.count)
                 differ = [i for i, v in enumerate(views) if not np.array_equal(v, data)]
                 if differ:
-                    src_name = "the pivot checkpoint" if job.source == -1 else f"ingredient {job.source}"
+                    src_name = (f"the {'pivot' if pivot_ck is not None else 'base'} checkpoint" if job.source == -1
+                                else f"ingredient {job.source}")
                     notes.append(
                         f"non-floating tensor {job.name!r}: ingredients {differ} differ from {src_name}; "
                         f"copied from {src_name}, not averaged"
@@ -657,9 +814,9 @@ def merge_items(
             del views
             for ck, info in zip(cks, infos):
                 ck.reader(info).release(info, it.start, it.count)
-            if pivot_ck is not None and job.name in pivot_ck.tensors:
-                pinfo = pivot_ck.tensors[job.name]
-                pivot_ck.reader(pinfo).release(pinfo, it.start, it.count)
+            if extra_ck is not None and job.name in extra_ck.tensors:
+                pinfo = extra_ck.tensors[job.name]
+                extra_ck.reader(pinfo).release(pinfo, it.start, it.count)
             if progress is not None:
                 progress(plan.item_bytes(it))
         sink.finish()
@@ -678,7 +835,7 @@ def write_metadata(plan: MergePlan, folder: str, extra: Optional[dict] = None) -
         with open(os.path.join(folder, INDEX), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
             f.write("\n")
-    src = plan.pivot if isinstance(plan.pivot, Checkpoint) else plan.ingredients[plan.pivot if isinstance(plan.pivot, int) else 0]
+    src = (plan.extra_checkpoints or [plan.ingredients[plan.pivot if isinstance(plan.pivot, int) else 0]])[0]
     aux = src.aux_files() or plan.ingredients[0].aux_files()
     copy_aux_files(aux, folder, plan.config.out_dtype)
     with open(os.path.join(folder, PROVENANCE), "w", encoding="utf-8") as f:
@@ -693,14 +850,20 @@ def provenance_yaml(plan: MergePlan, extra: Optional[dict] = None) -> str:
     cfg = plan.config.to_dict()
     if isinstance(plan.pivot, Checkpoint):
         cfg["pivot"] = plan.pivot.path
+    if plan.method != "ame":  # the method's own parameters, and only the general options
+        from .methods import GENERAL_KEYS
+
+        cfg = {"method": plan.method, **plan.call.params.to_dict(), **{k: cfg[k] for k in GENERAL_KEYS}}
     doc = {
         "ame_kernels_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "method": plan.method,
         "models": [
             {"path": ck.path, **({"score": plan.config.scores[i]} if plan.config.scores else {})}
             for i, ck in enumerate(plan.ingredients)
         ],
-        "pivot": plan.pivot.path if isinstance(plan.pivot, Checkpoint) else plan.config.pivot,
+        **({"base": plan.base.path} if plan.base is not None else {}),
+        **({"pivot": plan.pivot.path if isinstance(plan.pivot, Checkpoint) else plan.config.pivot} if plan.method == "ame" else {}),
         "config": cfg,
         "engine": {
             "backend": plan.backend,
@@ -760,7 +923,8 @@ def run_merge(
 
 def merge_checkpoints(models: Sequence[str], out_dir: str, config: Optional[AMEConfig] = None, *, force: bool = False, **kw: Any) -> MergeResult:
     """Plan and run in one call (Python API of the CLI): ``merge_checkpoints(paths, 'out/', optimizer='adam')``."""
-    engine_kw = {k: kw.pop(k) for k in ("pivot_path", "chunk_mb", "shard_size", "device") if k in kw}
+    engine_kw = {k: kw.pop(k) for k in ("pivot_path", "chunk_mb", "shard_size", "device", "method", "base", "per_model")
+                 if k in kw}
     plan = plan_merge(models, config, **engine_kw, **kw)
     try:
         return run_merge(plan, out_dir, force=force)
@@ -771,7 +935,7 @@ def merge_checkpoints(models: Sequence[str], out_dir: str, config: Optional[AMEC
 def input_paths(plan: MergePlan) -> List[str]:
     """Every checkpoint path and file the plan reads (an output folder must never replace one)."""
     paths: List[str] = []
-    for ck in plan.ingredients + ([plan.pivot] if isinstance(plan.pivot, Checkpoint) else []):
+    for ck in plan.ingredients + plan.extra_checkpoints:
         paths.append(ck.path)
         if ck.folder is not None:
             paths.append(ck.folder)
@@ -780,7 +944,7 @@ def input_paths(plan: MergePlan) -> List[str]:
 
 
 def close_plan(plan: MergePlan) -> None:
-    for ck in plan.ingredients + ([plan.pivot] if isinstance(plan.pivot, Checkpoint) else []):
+    for ck in plan.ingredients + plan.extra_checkpoints:
         ck.close()
 
 

@@ -94,8 +94,13 @@ def split_call(method: Any, options: Dict[str, Any], n: int, has_base: bool, has
             method = "ame"
         elif rest or per_model and any(per_model):
             named = sorted(rest) or sorted({k for m in per_model or [] for k in m})
+            known = {canonical(q.name) for m in METHODS.values() for q in m.params}
+            for k in named:
+                if canonical(k) not in known:
+                    raise MergeError(f"{where}: unknown option {k!r}{suggest(k, sorted(known | set(FIELD_NAMES)))}")
+            takers = [m.name for m in METHODS.values() if any(q.name == canonical(named[0]) for q in m.params)]
             raise MergeError(f"{where}: {', '.join(map(repr, named))} given without a method; name one "
-                             f"(method=...; valid: {', '.join(METHODS)})")
+                             f"(method=...; {named[0]!r} is a parameter of {', '.join(takers)})")
         elif has_base:
             raise MergeError(f"{where}: a base is given but no method; name one (e.g. method='task_arithmetic'; "
                              f"the default, the uniform soup, takes no base)")
@@ -114,6 +119,8 @@ def split_call(method: Any, options: Dict[str, Any], n: int, has_base: bool, has
             keys = sorted({k for d in per_model for k in d})
             raise MergeError(f"{where}: method 'ame' takes no per-model parameters, got {', '.join(map(repr, keys))}")
         return MethodCall(m, None, {**rest, **general}, general)
+    own = {q.name for q in m.params}
+    ame_keys = [k for k in ame_keys if canonical(k) not in own]  # 'seed' is both AME's and DARE's
     if ame_keys:
         k = ame_keys[0]
         raise MergeError(f"{where}: {k!r} is an option of method 'ame', not of {m.name!r}; {m.name!r} takes: "

@@ -33,19 +33,32 @@ class TensorContext:
     has_base: bool
     chunks: stats.Chunks
     ops: Any  # hist / gram / kept_l1 / magnitudes on this backend's chunk handles
+    #: raise stats.NonFinite when a statistics pass meets NaN/Inf; ``seen`` then lists the
+    #: ingredients whose every entry a pass read (so no mask can hide a NaN in them)
+    check_finite: bool = False
+    seen: dict = None
+
+    def __post_init__(self) -> None:
+        self.seen = {}
 
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
     def rank_keys(self, targets: Sequence[Tuple[int, int]]) -> List[Tuple[float, int]]:
-        return stats.select_ranks(self.chunks, self.ops, self.numel, targets)
+        return stats.select_ranks(self.chunks, self.ops, self.numel, targets, self.seen if self.check_finite else None)
 
     def gram(self) -> np.ndarray:
         return stats.gram(self.chunks, self.ops, self.n)
 
     def kept_l1(self, plan: CombinePlan, probs_for: Optional[Callable] = None) -> np.ndarray:
-        return stats.kept_l1(self.chunks, self.ops, plan, probs_for)
+        l1 = stats.kept_l1(self.chunks, self.ops, plan, probs_for)
+        if self.check_finite:
+            bad = [i for i in range(self.n) if not np.isfinite(l1[i, 0])]
+            if bad:
+                raise stats.NonFinite(bad)
+            self.seen.update({i: 0 for i in range(self.n)})
+        return l1
 
 
 class Method:

@@ -110,6 +110,10 @@ class CombinePlan:
         self.lam = float(np.float32(self.lam))
         self.inv_prob = bool(self.inv_prob)
 
+    def masked(self, i: int) -> bool:
+        """Whether ingredient i's entries can be dropped (a rank window or a random mask)."""
+        return bool(self.top_mag[i] != INF_MAG or self.end_mag[i] != NO_END_MAG or self.density[i] < 1)
+
     @property
     def random(self) -> bool:
         """Whether any ingredient draws a random mask (needs the Philox stream)."""

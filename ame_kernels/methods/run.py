@@ -100,15 +100,17 @@ def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def plan_tensor(method: Method, params: Params, name: str, shape: Tuple[int, ...], n: int, has_base: bool,
-                chunks: Callable, ops: Any) -> Tuple[CombinePlan, Optional[Callable]]:
-    """The tensor's CombinePlan (after its streamed statistics) and its per-chunk probs function."""
-    ctx = TensorContext(name, tuple(shape), n, has_base, chunks, ops)
-    return method.plan(ctx, params), method.probs_for(ctx, params)
+                chunks: Callable, ops: Any, check_finite: bool = False) -> Tuple[CombinePlan, Optional[Callable], TensorContext]:
+    """The tensor's CombinePlan (after its streamed statistics), its per-chunk probs function and
+    the context (``ctx.seen``: the ingredients a statistics pass checked in full for NaN/Inf;
+    with ``check_finite`` a NaN/Inf met raises ``stats.NonFinite``)."""
+    ctx = TensorContext(name, tuple(shape), n, has_base, chunks, ops, check_finite)
+    return method.plan(ctx, params), method.probs_for(ctx, params), ctx
 
 
 def merge_tensor(method: Method, params: Params, name: str, shape, xs: Sequence, base, out, ops) -> CombinePlan:
     """Statistics, plan and combine pass of one in-memory tensor (one chunk)."""
     chunks = lambda: [(0, xs, base)]  # noqa: E731
-    plan, probs_fn = plan_tensor(method, params, name, shape, len(xs), base is not None, chunks, ops)
+    plan, probs_fn, _ = plan_tensor(method, params, name, shape, len(xs), base is not None, chunks, ops)
     ops.combine(xs, base, out, plan, 0, probs_fn(0, xs, base) if probs_fn else None)
     return plan

@@ -106,9 +106,23 @@ def rank_key(numel: int, rank: int) -> Optional[Tuple[float, int]]:
     return None
 
 
-def select_ranks(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, int]]) -> List[Tuple[float, int]]:
+class NonFinite(Exception):
+    """NaN or Inf task-vector entries met by a statistics pass (``ingredients``: their indices)."""
+
+    def __init__(self, ingredients: Sequence[int]):
+        super().__init__(f"NaN or Inf in ingredients {list(ingredients)}")
+        self.ingredients = list(ingredients)
+
+
+NONFINITE_BIN = 0x7F80  # high 16 bits of +inf: bins at or above hold Inf/NaN magnitudes
+
+
+def select_ranks(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, int]],
+                 seen: Optional[dict] = None) -> List[Tuple[float, int]]:
     """Exact (magnitude, index) keys of the entries of rank r (descending magnitude, ascending
-    index) of ingredient i's task vector, for each target (i, r); streamed over ``chunks``."""
+    index) of ingredient i's task vector, for each target (i, r); streamed over ``chunks``.
+    ``seen`` (optional): ingredient -> count of non-finite magnitudes, for every ingredient
+    whose entries were all histogrammed (a free NaN/Inf check)."""
     keys: List[Optional[Tuple[float, int]]] = [rank_key(numel, r) for _, r in targets]
     todo = [t for t, k in enumerate(keys) if k is None]
     if not todo:
@@ -119,6 +133,12 @@ def select_ranks(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, i
     for _, xs, b in chunks():
         for i in ingredients:
             hi[i] += ops.hist(xs[i], b, 0, 0, HIST_BITS, NBINS)
+    if seen is not None:
+        for i in ingredients:
+            seen[i] = int(hi[i][NONFINITE_BIN:].sum())
+        bad = [i for i in ingredients if seen[i]]
+        if bad:
+            raise NonFinite(bad)
     prefix, remaining = {}, {}
     for t in todo:
         i, r = targets[t]
