@@ -16,148 +16,27 @@ split across the ranks (ame_kernels.distributed).
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-from .config import FIELD_NAMES, AMEConfig, read_yaml, resolve_config_path
 from .errors import MergeError
+from .spec import UsageError, check_call, float_arg, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-ENGINE_KEYS = ("device", "chunk_mb", "shard_size")
-TOP_KEYS = ("models", "pivot") + ENGINE_KEYS + tuple(f for f in FIELD_NAMES if f != "pivot")
-MODEL_KEYS = ("path", "score")
-
-
-class UsageError(MergeError):
-    """Bad usage or config: exit code 2."""
-
-
-def _suggest(key: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(key), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-@dataclass
-class MergeSpec:
-    """What a config file asks for, paths resolved."""
-
-    models: List[str]
-    config: AMEConfig
-    pivot_path: Optional[str] = None
-    engine: dict = field(default_factory=dict)
-    source: str = ""
-
-
-def _resolve_path(p: Any, base: str, what: str) -> str:
-    return resolve_config_path(p, base, what, UsageError)
-
-
-def load_spec(path: str) -> MergeSpec:
-    """Read and check a config file (YAML); raises UsageError naming the key at fault."""
-    doc = read_yaml(path, UsageError)
-    if not isinstance(doc, dict):
-        raise UsageError(f"{path}: expected a mapping with a 'models:' list, got {type(doc).__name__}")
-    for key in doc:
-        if key not in TOP_KEYS:
-            raise UsageError(f"{path}: unknown key {key!r}{_suggest(key, TOP_KEYS)}")
-    for key, value in doc.items():
-        if key != "models":
-            _check_finite(value, f"{path}: {key}")
-    base = os.path.dirname(os.path.abspath(path))
-    models_raw = doc.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise UsageError(f"{path}: 'models' must be a non-empty list of {{path: ..., score: ...}} entries")
-    models, scores = [], []
-    for i, m in enumerate(models_raw):
-        if isinstance(m, str):
-            m = {"path": m}
-        if not isinstance(m, dict):
-            raise UsageError(f"{path}: models[{i}]: expected a mapping with 'path', got {m!r}")
-        for key in m:
-            if key not in MODEL_KEYS:
-                raise UsageError(f"{path}: models[{i}]: unknown key {key!r}{_suggest(key, MODEL_KEYS)}")
-        if "path" not in m:
-            raise UsageError(f"{path}: models[{i}]: missing 'path'")
-        models.append(_resolve_path(m["path"], base, f"{path}: models[{i}].path"))
-        _check_finite(m.get("score"), f"{path}: models[{i}].score")
-        scores.append(m.get("score"))
-    fields = {k: v for k, v in doc.items() if k in FIELD_NAMES and k != "pivot"}
-    given = [s is not None for s in scores]
-    if any(given):
-        if not all(given):
-            missing = [i for i, g in enumerate(given) if not g]
-            raise UsageError(f"{path}: models{missing}: missing 'score' (give a score to every model or to none)")
-        if "scores" in fields:
-            raise UsageError(f"{path}: give scores either per model or as 'scores:', not both")
-        fields["scores"] = scores
-    pivot_path = None
-    pivot = doc.get("pivot", "soup")
-    if isinstance(pivot, dict):
-        if set(pivot) != {"path"}:
-            raise UsageError(f"{path}: pivot: expected 'soup', a model index, a path, or {{path: ...}}, got {pivot!r}")
-        pivot = pivot["path"]
-    if isinstance(pivot, bool) or pivot is None:
-        raise UsageError(f"{path}: pivot: expected 'soup', a model index or a checkpoint path, got {pivot!r}")
-    if isinstance(pivot, str) and pivot.strip() != "soup" and not pivot.strip().lstrip("-").isdigit():
-        pivot_path = _resolve_path(pivot, base, f"{path}: pivot")
-        pivot = "soup"  # placeholder: the engine takes the explicit checkpoint from pivot_path
-    fields["pivot"] = pivot
-    try:
-        config = AMEConfig.from_dict(fields)
-    except MergeError as e:
-        raise UsageError(f"{path}: {e}") from None
-    engine = {k: doc[k] for k in ENGINE_KEYS if k in doc}
-    _check_engine(engine, path)
-    return MergeSpec(models, config, pivot_path, engine, path)
-
-
-def _check_finite(value: Any, what: str) -> None:
-    """NaN or Inf, typed as .nan / .inf / "nan" / "inf" (alone or in a list), is an error naming the key.
-
-    No option takes them, and one slipping through would surface only mid-merge (a kernel refusing
-    the coefficient) or as a silently wrong order (a NaN score)."""
-    import math
-
-    for v in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            continue
-        try:
-            f = float(v)
-        except (TypeError, ValueError, OverflowError):
-            continue
-        if not math.isfinite(f):
-            raise UsageError(f"{what}: must be a finite number, got {v!r}")
-
-
-def _check_engine(engine: dict, path: str) -> None:
-    """chunk_mb, shard_size and device of a config file, each error naming the file and the key."""
-    from .engine import parse_size
-
-    if "chunk_mb" in engine:
-        v = _float_arg(engine["chunk_mb"], f"{path}: chunk_mb")
-        if not v > 0:
-            raise UsageError(f"{path}: chunk_mb: must be a number > 0, got {engine['chunk_mb']!r}")
-        engine["chunk_mb"] = v
-    if "shard_size" in engine:
-        try:
-            engine["shard_size"] = parse_size(engine["shard_size"], f"{path}: shard_size")
-        except MergeError as e:
-            raise UsageError(str(e)) from None
-    if "device" in engine and not isinstance(engine["device"], str):
-        raise UsageError(f"{path}: device: expected 'cpu', 'cuda' or 'cuda:N', got {engine['device']!r}")
+FLAGS = {"backend": "--backend", "threads": "--threads", "out_dtype": "--out-dtype"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ame-merge",
-        description="Merge checkpoints with Amortized Model Ensembling (see docs/cli.md for the YAML schema). "
+        description="Merge checkpoints with a merge method (ame, linear, task_arithmetic, ties, dare_linear, dare_ties, "
+        "breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, model_stock; see docs/cli.md for the YAML schema). "
         "'ame-merge inspect ...' runs the diagnostics.",
     )
-    p.add_argument("config", help="YAML file: models (path, score), pivot, and AMEConfig fields")
+    p.add_argument("config", help="YAML file: models (path, score, per-model parameters), method, base, the method's "
+                   "parameters or AME's (pivot, optimizer, lr, ...)")
     p.add_argument("out_dir", nargs="?", help="output folder (Hugging Face style); optional with --dry-run")
     p.add_argument("--backend", help="auto, cpu, reference, triton, cuda (overrides the config)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
@@ -172,36 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _float_arg(value: Any, what: str) -> float:
-    if isinstance(value, bool):  # YAML's true/yes/on
-        raise UsageError(f"{what}: expected a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what}: expected a number, got {value!r}") from None
-
-
 def prepare(args: argparse.Namespace):
     """Config file + flags -> a checked MergePlan (UsageError/MergeError before any work)."""
     from .engine import DEFAULT_CHUNK_MB, DEFAULT_SHARD_SIZE, parse_size, plan_merge
 
     spec = load_spec(args.config)
-    overrides = {}
-    if args.backend is not None:
-        overrides["backend"] = args.backend
-    if args.threads is not None:
-        overrides["threads"] = args.threads
-    if args.out_dtype is not None:
-        overrides["out_dtype"] = args.out_dtype
+    overrides = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
     try:
-        config = spec.config.replace(**overrides) if overrides else spec.config
+        check_call(spec, overrides)
     except MergeError as e:
-        flag = {"backend": "--backend", "threads": "--threads", "out_dtype": "--out-dtype"}
         msg = str(e)
-        for k, v in flag.items():
-            msg = msg.replace(f"AMEConfig.{k}", v)
+        for k, flag in FLAGS.items():
+            if k in overrides:
+                msg = msg.replace(f"AMEConfig.{k}", flag)
         raise UsageError(msg) from None
-    chunk_mb = _float_arg(args.chunk_mb, "--chunk-mb") if args.chunk_mb is not None else spec.engine.get("chunk_mb", DEFAULT_CHUNK_MB)
+    chunk_mb = float_arg(args.chunk_mb, "--chunk-mb") if args.chunk_mb is not None else spec.engine.get("chunk_mb", DEFAULT_CHUNK_MB)
     if not (chunk_mb > 0 and chunk_mb != float("inf")):
         raise UsageError(f"--chunk-mb: must be a number > 0, got {args.chunk_mb!r}")
     if args.shard_size is not None:
@@ -212,7 +76,9 @@ def prepare(args: argparse.Namespace):
     else:
         shard_size = spec.engine.get("shard_size", DEFAULT_SHARD_SIZE)
     device = str(args.device if args.device is not None else spec.engine.get("device", "cpu"))
-    return plan_merge(spec.models, config, pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size, device=device)
+    return plan_merge(spec.models, None, pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size,
+                      device=device, method=spec.method, base=spec.base, per_model=spec.per_model,
+                      **{**spec.options, **overrides})
 
 
 def describe(plan) -> str:
@@ -221,13 +87,23 @@ def describe(plan) -> str:
 
     cfg = plan.config
     merged = sum(t.merge for t in plan.tensors)
-    pivot = plan.pivot.path if hasattr(plan.pivot, "path") else ("soup" if plan.pivot is None else f"model {plan.pivot}")
+    models = [f"models ({plan.n}):",
+              *[f"  [{i}] {ck.path}  ({len(ck.tensors)} tensors, {ck.nbytes / 1e9:.3f} GB, {ck.kind})"
+                for i, ck in enumerate(plan.ingredients)]]
+    if plan.method == "ame":
+        pivot = plan.pivot.path if hasattr(plan.pivot, "path") else ("soup" if plan.pivot is None else f"model {plan.pivot}")
+        how = [
+            f"method: ame (Amortized Model Ensembling); pivot: {pivot}{' (adaptive)' if cfg.adaptive_pivot else ' (fixed)'}",
+            f"optimizer: {cfg.optimizer}, lr {cfg.resolved_lr:g} ({cfg.lr_schedule if isinstance(cfg.lr_schedule, str) else 'per-step'}), "
+            f"epochs {cfg.epochs}, batch size {cfg.batch_size}: {plan.steps.steps} steps, order {list(plan.steps.order)}",
+        ]
+    else:
+        params = ", ".join(f"{k} {v}" for k, v in plan.call.params.to_dict().items())
+        how = [f"method: {plan.method} ({plan.call.method.title}){'; base: ' + plan.base.path if plan.base else ''}",
+               f"parameters: {params or 'none'}"]
     lines = [
-        f"models ({plan.n}):",
-        *[f"  [{i}] {ck.path}  ({len(ck.tensors)} tensors, {ck.nbytes / 1e9:.3f} GB, {ck.kind})" for i, ck in enumerate(plan.ingredients)],
-        f"pivot: {pivot}{' (adaptive)' if cfg.adaptive_pivot else ' (fixed)'}",
-        f"optimizer: {cfg.optimizer}, lr {cfg.resolved_lr:g} ({cfg.lr_schedule if isinstance(cfg.lr_schedule, str) else 'per-step'}), "
-        f"epochs {cfg.epochs}, batch size {cfg.batch_size}: {plan.steps.steps} steps, order {list(plan.steps.order)}",
+        *models,
+        *how,
         f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied)",
         f"bytes: {plan.in_bytes / 1e9:.3f} GB read, {plan.out_bytes / 1e9:.3f} GB written "
         f"in {len(plan.shard_files)} shard(s) of at most {plan.shard_size / 1e9:g} GB",
@@ -277,13 +153,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _names_strategy(path: str) -> bool:
-    """Whether the config asks for a strategy other than AME (read without importing torch;
-    the same rule as strategies.config_strategy; an unreadable file is reported by the merge path)."""
+    """Whether the config names an in-memory strategy (greedy, stew, greedy_soup); read without
+    importing torch. An unreadable file is reported by the merge path."""
+    from .config import read_yaml
+    from .spec import SOUP_STRATEGIES
+
     try:
         doc = read_yaml(path)
     except MergeError:
         return False
-    return isinstance(doc, dict) and doc.get("strategy") not in (None, "ame")
+    return isinstance(doc, dict) and doc.get("strategy") not in (None, "ame", *SOUP_STRATEGIES)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -138,9 +138,9 @@ def test_a_non_finite_explicit_pivot_is_named():
     bad[1, 2] = float("nan")
     raises("pivot the tensor contains NaN or Inf", ak.merge, xs, pivot=bad)
     raises("pivot tensor 'w' contains NaN or Inf", ak.merge, [{"w": x} for x in xs], pivot={"w": bad})
-    raises(r"weighted_soup: base \(merged as the pivot\): .*contains NaN", ak.weighted_soup, xs, [1, 2, 3], base=bad,
+    raises(r"weighted_soup: merge: base the tensor contains NaN", ak.weighted_soup, xs, [1, 2, 3], base=bad,
            normalize=False)
-    raises(r"weighted_soup: base .*must be a state dict", ak.weighted_soup, [{"w": x} for x in xs], [1, 2, 3], base=xs[0],
+    raises(r"weighted_soup: merge: .*base must be a state dict", ak.weighted_soup, [{"w": x} for x in xs], [1, 2, 3], base=xs[0],
            normalize=False)
     out = ak.merge(xs, pivot=bad, check_finite=False, backend="reference")  # the check can be turned off
     assert not torch.isfinite(out).all()

@@ -17,7 +17,7 @@ epochs, pivot, ...: every earlier call is unchanged), and otherwise the uniform 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from ..errors import MergeError
 from .base import BASE_NEVER, BASE_REQUIRED, Method, TensorContext
