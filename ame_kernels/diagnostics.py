@@ -39,7 +39,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import read_yaml, resolve_config_path
 from .errors import MergeError
 
 DEFAULT_CHUNK_MB = 32
@@ -505,22 +504,11 @@ def soup_gain(loss_soup: float, losses_ingredients: Sequence[float], higher_is_b
 
 
 def _load_models(path: str) -> tuple:
-    """(model paths, base path or None) from a merge config (``models:`` entries; optional ``base:``)."""
-    doc = read_yaml(path)
-    if not isinstance(doc, dict) or not isinstance(doc.get("models"), list) or not doc["models"]:
-        raise MergeError(f"{path}: expected a mapping with a non-empty 'models:' list")
-    here = os.path.dirname(os.path.abspath(path))
+    """(model paths, base path or None) of a merge config, read as ame-merge reads it (``spec``)."""
+    from .spec import load_spec
 
-    def resolve(p: Any, what: str) -> str:
-        return resolve_config_path(p, here, f"{path}: {what}")
-
-    models = []
-    for i, m in enumerate(doc["models"]):
-        if isinstance(m, dict):
-            m = m.get("path", m.get("model"))
-        models.append(resolve(m, f"models[{i}]"))
-    base = doc.get("base", doc.get("base_model"))
-    return models, (resolve(base, "base") if base is not None else None)
+    spec = load_spec(path)
+    return spec.models, spec.base
 
 
 def inspect_main(argv: Optional[Sequence[str]] = None) -> int:

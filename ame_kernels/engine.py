@@ -28,6 +28,7 @@ triton, cuda, or a CUDA device) get torch tensors made from the same views.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -352,7 +353,7 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
     src = extra if extra is not None else cks[src_idx]
     plan_warnings: List[str] = []
     jobs: List[TensorJob] = []
-    shard, shard_fill = 0, 0
+    sizes = []
     for name in names:
         first = cks[0].tensors[name]
         merge = first.dtype in MERGE_DTYPES
@@ -363,12 +364,11 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
         else:
             out_dtype = first.dtype
             source = src_idx if name in src.tensors else 0
-        job_bytes = first.numel * itemsize(out_dtype)
-        if shard_fill and shard_fill + job_bytes > shard_bytes:
-            shard, shard_fill = shard + 1, 0
-        shard_fill += job_bytes
         in_dtypes = tuple(ck.tensors[name].dtype for ck in cks)
-        jobs.append(TensorJob(name, first.shape, first.numel, merge, in_dtypes, out_dtype, source, shard))
+        jobs.append(TensorJob(name, first.shape, first.numel, merge, in_dtypes, out_dtype, source, 0))
+        sizes.append(first.numel * itemsize(out_dtype))
+    shards = assign_shards(sizes, shard_bytes)
+    jobs = [dataclasses.replace(j, shard=k) for j, k in zip(jobs, shards)]
     for ck in cks + ([extra] if extra is not None else []):
         for f in ck.files.values():
             if getattr(f, "in_memory", False):  # a legacy (non-zip) torch file cannot be mapped
@@ -379,12 +379,8 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
                 )
     if any(d == "float64" for j in jobs for d in j.in_dtypes):
         plan_warnings.append("float64 tensors are read through an fp32 copy of each chunk (and written as float32 by default)")
-    nshards = shard + 1
-    shard_files = (
-        ["model.safetensors"]
-        if nshards == 1
-        else [f"model-{k + 1:05d}-of-{nshards:05d}.safetensors" for k in range(nshards)]
-    )
+    nshards = (shards[-1] + 1) if shards else 1
+    shard_files = shard_names(nshards)
     chunk_elems = max(4096, int(min(chunk_mb * 2**20, 2**62)) // 4 // 4096 * 4096)  # a multiple of 4096 elements
     # never more than the largest tensor needs: the staging buffers are sized by it
     largest = max((j.numel for j in jobs), default=0)
@@ -403,6 +399,22 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
         for s in range(0, jobs[j].numel, step)
     ]
     return plan
+
+
+def assign_shards(sizes: Sequence[int], shard_bytes: int) -> List[int]:
+    """The shard of each tensor (bytes ``sizes``, in order): a new shard when the next one would
+    overflow ``shard_bytes`` (a tensor larger than that gets a shard of its own), as Hugging Face."""
+    out, shard, fill = [], 0, 0
+    for size in sizes:
+        if fill and fill + size > shard_bytes:
+            shard, fill = shard + 1, 0
+        fill += size
+        out.append(shard)
+    return out
+
+
+def shard_names(nshards: int) -> List[str]:
+    return ["model.safetensors"] if nshards == 1 else [f"model-{k + 1:05d}-of-{nshards:05d}.safetensors" for k in range(nshards)]
 
 
 def _item_elems(job: TensorJob, chunk_elems: int, rows: bool) -> int:
@@ -930,6 +942,44 @@ def merge_checkpoints(models: Sequence[str], out_dir: str, config: Optional[AMEC
         return run_merge(plan, out_dir, force=force)
     finally:
         close_plan(plan)
+
+
+def write_state_dict(tensors: Sequence[Tuple[str, str, Tuple[int, ...], np.ndarray]], out_dir: str, *,
+                     shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, aux: Sequence[str] = (),
+                     out_dtype: Optional[str] = None, provenance: str = "", force: bool = False,
+                     protect: Sequence[str] = ()) -> List[str]:
+    """Write in-memory results ((name, dtype, shape, storage array) each) through the engine's output
+    path: shards of ``shard_size`` (+ index), the ``aux`` files (config.json's dtype set to an explicit
+    ``out_dtype``), ``ame_merge.yaml``; built under a temporary name and renamed into place."""
+    shard_bytes = parse_size(shard_size)
+    shards = assign_shards([int(np.prod(shape, dtype=np.int64)) * itemsize(d) for _, d, shape, _ in tensors], shard_bytes)
+    files = shard_names((shards[-1] + 1) if shards else 1)
+    atomic = AtomicDir(out_dir, force=force, protect=list(protect))
+    tmp = atomic.create()
+    try:
+        for k, fname in enumerate(files):
+            mine = [t for t, s in zip(tensors, shards) if s == k]
+            mine.sort(key=lambda t: -itemsize(t[1]))  # widest first: every tensor aligned to its itemsize
+            w = ShardWriter(os.path.join(tmp, fname), [(n, d, tuple(shape)) for n, d, shape, _ in mine], {"format": "pt"}).create()
+            try:
+                for name, _, _, data in mine:
+                    if data.size:
+                        w.write(name, 0, np.ascontiguousarray(data).reshape(-1))
+            finally:
+                w.close()
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(int(np.prod(s, dtype=np.int64)) * itemsize(d) for _, d, s, _ in tensors)},
+                     "weight_map": {t[0]: files[s] for t, s in zip(tensors, shards)}}
+            with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+        copy_aux_files(list(aux), tmp, out_dtype)
+        with open(os.path.join(tmp, PROVENANCE), "w", encoding="utf-8") as f:
+            f.write(provenance)
+        atomic.commit()
+    finally:
+        atomic.abort()
+    return files
 
 
 def input_paths(plan: MergePlan) -> List[str]:

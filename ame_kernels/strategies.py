@@ -1,15 +1,17 @@
-"""Stateful strategies from a merge config: greedy AME, stew, and model soups.
+"""Stateful strategies from a merge config: greedy AME, stew and the greedy soup, in memory.
 
-A config picks one with ``strategy:`` (absent or ``ame``: the plain ``ak.merge``
-run of the CLI engine). The others need whole models in memory (``evaluate``
-scores whole candidates), so they load the checkpoints as state dicts:
+A config picks one with ``strategy:``; these need whole models in memory (``evaluate``
+scores whole candidates), so they load the checkpoints as state dicts, and write the
+result through the engine's output path (``engine.write_state_dict``):
 
     strategy: greedy            # greedy_merge: evaluate:, start: worst|best (default worst)
     strategy: stew              # Stew over the schedule's batches: mode: server|merge (default server)
     strategy: greedy_soup       # greedy_soup: evaluate:
-    strategy: uniform_soup
-    strategy: weighted_soup     # weights: [a_1, ..., a_N], normalize: true|false
     evaluate: my_pkg.evals:val_accuracy   # 'module:function' or 'path/to/file.py:function'
+
+``strategy: uniform_soup`` and ``weighted_soup`` are merge methods (``linear``,
+``task_arithmetic``) and stream on the engine (``spec._soup_as_method``); ``run_strategy``
+still takes them from Python.
 
 ``evaluate`` gets the candidate as a state dict (name -> tensor) and returns a
 number, higher is better. Per-model ``score:`` entries (config.scores) order the
@@ -30,12 +32,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .config import FIELD_NAMES, AMEConfig, make_config, read_yaml
+from .config import AMEConfig, make_config, read_yaml
 from .errors import MergeError
 
-STRATEGIES = ("greedy", "stew", "greedy_soup", "uniform_soup", "weighted_soup")
-#: keys a strategy config may hold besides the CLI's own (models, pivot, engine keys, AMEConfig fields).
-STRATEGY_KEYS = ("strategy", "evaluate", "start", "mode", "weights", "normalize", "base")
+from .spec import SOUP_STRATEGIES, STRATEGIES
 
 
 def load_callable(spec: Any, base_dir: Optional[str] = None, what: str = "evaluate") -> Callable:
@@ -173,21 +173,15 @@ def run_strategy(strategy: str, state_dicts: Sequence[Dict[str, torch.Tensor]], 
 # --------------------------------------------------------------------------- the CLI path
 
 
-def _read_yaml(path: str) -> dict:
-    doc = read_yaml(path)
-    if not isinstance(doc, dict):
-        raise MergeError(f"{path}: expected a mapping with a 'models:' list, got {type(doc).__name__}")
-    return doc
-
-
 def config_strategy(path: str) -> Optional[str]:
-    """The config's strategy if it names one of STRATEGIES, else None (plain merge, or unreadable: the CLI reports it)."""
+    """The config's in-memory strategy (greedy, stew, greedy_soup), else None (a merge method on the
+    engine, or unreadable: the CLI reports it)."""
     try:
-        doc = _read_yaml(path)
+        doc = read_yaml(path)
     except MergeError:
         return None
-    s = doc.get("strategy")
-    return None if s in (None, "ame") else str(s)
+    s = doc.get("strategy") if isinstance(doc, dict) else None
+    return None if s in (None, "ame", *SOUP_STRATEGIES) else str(s)
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -213,52 +207,35 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 def load_strategy_spec(path: str, overrides: Optional[dict] = None) -> tuple:
-    """(strategy, model paths, AMEConfig, strategy entry, config dir) from a strategy config."""
-    from .cli import ENGINE_KEYS, _resolve_path
+    """(strategy, model paths, AMEConfig, strategy entry, config dir) from a strategy config
+    (read by ``spec.load_spec``, the one reader of config files)."""
+    from .spec import check_call, load_spec
 
-    doc = _read_yaml(path)
-    base = os.path.dirname(os.path.abspath(path))
-    allowed = ("models", "pivot") + tuple(ENGINE_KEYS) + STRATEGY_KEYS + tuple(f for f in FIELD_NAMES if f != "pivot")
-    for key in doc:
-        if key not in allowed:
-            raise MergeError(f"{path}: unknown key {key!r}")
-    strategy = doc.get("strategy")
-    if strategy not in STRATEGIES:
-        raise MergeError(f"{path}: strategy: expected one of {', '.join(STRATEGIES)} (or 'ame'), got {strategy!r}")
-    models_raw = doc.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise MergeError(f"{path}: 'models' must be a non-empty list of {{path: ..., score: ...}} entries")
-    models, scores = [], []
-    for i, m in enumerate(models_raw):
-        m = {"path": m} if isinstance(m, str) else m
-        if not isinstance(m, dict) or "path" not in m or set(m) - {"path", "score"}:
-            raise MergeError(f"{path}: models[{i}]: expected a path or {{path: ..., score: ...}}, got {m!r}")
-        models.append(_resolve_path(m["path"], base, f"{path}: models[{i}].path"))
-        scores.append(m.get("score"))
-    fields = {k: v for k, v in doc.items() if k in FIELD_NAMES and k != "pivot"}
-    if any(s is not None for s in scores):
-        if not all(s is not None for s in scores):
-            raise MergeError(f"{path}: give a score to every model or to none")
-        fields["scores"] = scores
-    pivot = doc.get("pivot", "soup")
-    if isinstance(pivot, str) and pivot.strip() != "soup" and not pivot.strip().lstrip("-").isdigit():
-        raise MergeError(f"{path}: pivot: strategies take 'soup' or a model index, got {pivot!r}")
-    fields["pivot"] = pivot
-    fields.update(overrides or {})
-    try:
-        cfg = AMEConfig.from_dict(fields)
-    except MergeError as e:
-        raise MergeError(f"{path}: {e}") from None
-    entry = {k: doc[k] for k in STRATEGY_KEYS if k in doc}
-    return strategy, models, cfg, entry, base
+    spec = load_spec(path)
+    if spec.strategy is None:
+        raise MergeError(f"{path}: strategy: expected one of greedy, stew, greedy_soup (the soups are methods: "
+                         "ame-merge runs them on the engine)")
+    return spec.strategy, spec.models, check_call(spec, overrides), dict(spec.strategy_keys), spec.folder
+
+
+def _storage(t: torch.Tensor):
+    """(dtype name, numpy array of the tensor's storage) for the safetensors writer."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return "bfloat16", t.view(torch.int16).numpy().view("uint16")
+    return str(t.dtype).replace("torch.", ""), t.numpy()
 
 
 def run_cli(args) -> int:
-    """``ame-merge CONFIG.yaml OUT_DIR`` for a config with ``strategy:`` (argparse namespace of cli.build_parser)."""
-    from safetensors.torch import save_file
+    """``ame-merge CONFIG.yaml OUT_DIR`` for a config with an in-memory ``strategy:`` (argparse namespace
+    of cli.build_parser). The checkpoints are checked as the engine checks them (headers only) before
+    any is loaded, and the result is written through the engine's output path (shards, config.json's
+    dtype, ame_merge.yaml, atomic)."""
+    import yaml
 
-    from .io.atomic import AtomicDir, check_target
-    from .io.checkpoint import aux_files_in, copy_aux_files
+    from . import __version__
+    from .engine import DEFAULT_SHARD_SIZE, close_plan, parse_size, plan_merge
+    from .io.atomic import check_target
 
     def error(msg: str) -> int:
         print(f"ame-merge: error: {msg}", file=sys.stderr)
@@ -268,11 +245,24 @@ def run_cli(args) -> int:
                  if v is not None}
     try:
         strategy, models, cfg, entry, base = load_strategy_spec(args.config, overrides)
+        from .spec import load_spec
+
+        engine = load_spec(args.config).engine
+        shard_size = parse_size(args.shard_size, "--shard-size") if args.shard_size else engine.get("shard_size", DEFAULT_SHARD_SIZE)
         protect = list(models) + [args.config]  # --force never replaces an input or the config
-        if not args.dry_run:
+        if args.out_dir:
             check_target(args.out_dir, args.force, protect=protect)
+        plan = plan_merge(models, cfg, shard_size=shard_size)  # every input's header, names and shapes checked
+        try:
+            aux = (plan.ingredients[cfg.pivot if isinstance(cfg.pivot, int) else 0].aux_files()
+                   or plan.ingredients[0].aux_files())
+            protect += [p for ck in plan.ingredients for p in ([ck.path] + [str(f) for f in ck.files])]
+        finally:
+            close_plan(plan)
         if args.dry_run:
-            print(f"strategy: {strategy}\nmodels ({len(models)}):\n" + "\n".join(f"  [{i}] {m}" for i, m in enumerate(models)))
+            print(f"strategy: {strategy} (in memory)\nmodels ({len(models)}):\n"
+                  + "\n".join(f"  [{i}] {m}" for i, m in enumerate(models))
+                  + f"\nchecked: {len(plan.tensors)} tensors agree in names and shapes")
             return 0
         if "evaluate" in entry:  # an import error is reported before any checkpoint is read
             entry["evaluate"] = load_callable(entry["evaluate"], base)
@@ -284,16 +274,16 @@ def run_cli(args) -> int:
         dicts = [{k: v.to(dev) for k, v in load_state_dict(m).items()} for m in models]
         log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
         merged = run_strategy(strategy, dicts, cfg, entry, base_dir=base, log=log)
-        out = AtomicDir(args.out_dir, args.force, protect=protect)
-        with out as tmp:  # the folder appears complete or not at all
-            save_file({k: v.detach().cpu().contiguous() for k, v in merged.items()}, os.path.join(tmp, "model.safetensors"),
-                      metadata={"format": "pt", "ame_strategy": strategy})
-            src = models[cfg.pivot] if isinstance(cfg.pivot, int) else models[0]
-            folder = src if os.path.isdir(src) else os.path.dirname(src)
-            copy_aux_files(aux_files_in(folder), tmp)
-            out.commit()
+        tensors = [(k, dt, tuple(v.shape), a) for k, v in merged.items() for dt, a in (_storage(v),)]
+        doc = {"ame_kernels_version": __version__, "strategy": strategy, "models": [{"path": m} for m in models],
+               "config": cfg.to_dict(), **({k: str(v) for k, v in entry.items()} if entry else {})}
+        from .engine import write_state_dict
+
+        files = write_state_dict(tensors, args.out_dir, shard_size=shard_size, aux=aux, out_dtype=cfg.out_dtype,
+                                 provenance="# Written by ame-kernels: how this folder was merged.\n"
+                                 + yaml.safe_dump(doc, sort_keys=False), force=args.force, protect=protect)
         if not args.quiet:
-            print(f"{strategy}: wrote {os.path.abspath(args.out_dir)} ({len(merged)} tensors)")
+            print(f"{strategy}: wrote {os.path.abspath(args.out_dir)} ({len(merged)} tensors, {len(files)} shard(s))")
         return 0
     except MergeError as e:
         return error(str(e))

@@ -31,9 +31,12 @@ descending magnitude, ties broken by ascending element index; it keeps the ranks
 rank, so the test is elementwise:
 
     before(g, (m*, k*)) = m > m*  or  (m == m* and g < k*)
-    window_i(m, g)      = not before(g, top_i)  and  before(g, end_i)
+    window_i(m, g)      = not before(g, top_i)  and  (end_mag[i] < 0 or before(g, end_i))
     top_i = (top_mag[i], top_idx[i]) = key of rank r_lo   (r_lo = 0: (+inf, 0))
-    end_i = (end_mag[i], end_idx[i]) = key of rank r_hi   (r_hi = numel: (-1, 0))
+    end_i = (end_mag[i], end_idx[i]) = key of rank r_hi   (r_hi = numel: (-1, 0), "no end")
+
+With no window (both sentinels) every entry is kept, a NaN included, so a NaN input
+reaches the output (where the engine's finite check sees it).
 
 ``ame_kernels.methods.stats`` finds those keys exactly (radix selection over the fp32
 bits of m, streamed over the chunks).
@@ -185,7 +188,7 @@ def keep_masks(inputs: Sequence, base, plan: CombinePlan, offset: int, probs: Op
         tm, ti = float(plan.top_mag[i]), int(plan.top_idx[i])
         em, ei = float(plan.end_mag[i]), int(plan.end_idx[i])
         before_top = (m > tm) | ((m == tm) & (g < ti))
-        before_end = (m > em) | ((m == em) & (g < ei))
+        before_end = (m > em) | ((m == em) & (g < ei)) if em >= 0 else torch.ones_like(m, dtype=torch.bool)
         keep = ~before_top & before_end
         p = None
         if probs is not None and probs[i] is not None:
