@@ -248,7 +248,7 @@ def run_cli(args) -> int:
         from .spec import load_spec
 
         engine = load_spec(args.config).engine
-        shard_size = parse_size(args.shard_size, "--shard-size") if args.shard_size else engine.get("shard_size", DEFAULT_SHARD_SIZE)
+        shard_size = parse_size(args.shard_size, "--shard-size") if getattr(args, "shard_size", None) else engine.get("shard_size", DEFAULT_SHARD_SIZE)
         protect = list(models) + [args.config]  # --force never replaces an input or the config
         if args.out_dir:
             check_target(args.out_dir, args.force, protect=protect)
