@@ -16,6 +16,7 @@
 #include "common/dispatch.h"
 #include "common/dtypes.h"
 #include "common/macros.h"
+#include "cpu/combine.h"
 #include "cpu/kernels.h"
 
 namespace py = pybind11;
@@ -102,6 +103,91 @@ void check_coeffs(const py::array& coeffs, int64_t rows, const char* fn) {
 void* pointer_arg(uintptr_t p, int64_t numel, const char* fn, const std::string& arg) {
   AME_CHECK(numel == 0 || p != 0, std::string("[") + fn + "] " + arg + ": null pointer");
   return reinterpret_cast<void*>(p);
+}
+
+// ---- the combine pass and its statistics (cpu/combine.h) ----------------------------
+
+// Owns what a CombineArgs points into while a call runs.
+struct CombineHold {
+  std::vector<const void*> inputs;
+  std::vector<DType> dtypes;
+  std::vector<const float*> probs;
+};
+
+// Inputs (N pointers + dtypes), base (0 = none) and the element range, checked.
+void combine_inputs_arg(cpu::CombineArgs& a, CombineHold& h, const char* fn, const std::vector<uintptr_t>& inputs,
+                        const std::vector<std::string>& input_dtypes, uintptr_t base, const std::string& base_dtype,
+                        int64_t numel) {
+  const std::string f = std::string("[") + fn + "] ";
+  a.n = static_cast<int>(inputs.size());
+  AME_CHECK(a.n >= 1, f + "inputs: need at least 1 ingredient");
+  AME_CHECK(input_dtypes.size() == inputs.size(), f + "input_dtypes: expected one dtype per input (" +
+                                                      std::to_string(a.n) + "), got " +
+                                                      std::to_string(input_dtypes.size()));
+  AME_CHECK(numel >= 0, f + "numel: must be >= 0, got " + std::to_string(numel));
+  a.numel = numel;
+  h.inputs.resize(a.n);
+  h.dtypes.resize(a.n);
+  for (int i = 0; i < a.n; ++i) {
+    h.dtypes[i] = dtype_arg(input_dtypes[i], fn, "input_dtypes[" + std::to_string(i) + "]");
+    h.inputs[i] = pointer_arg(inputs[i], numel, fn, "inputs[" + std::to_string(i) + "]");
+  }
+  a.inputs = h.inputs.data();
+  a.input_dtypes = h.dtypes.data();
+  a.base = reinterpret_cast<const void*>(base);  // 0: no base (b = 0)
+  a.base_dtype = dtype_arg(base_dtype, fn, "base_dtype");
+}
+
+// A CombinePlan's arrays (CombinePlan.kernel_kwargs()) and scalars, the chunk offset and the
+// per-element probabilities, checked.
+void combine_plan_arg(cpu::CombineArgs& a, CombineHold& h, const char* fn, int64_t offset, const py::array& weight,
+                      const py::array& scale, const py::array& top_mag, const py::array& top_idx,
+                      const py::array& end_mag, const py::array& end_idx, const py::array& density,
+                      const std::vector<uintptr_t>& probs, uint64_t seed, int64_t name_key, int elect,
+                      bool normalize, double lam, bool inv_prob, int threads) {
+  const std::string f = std::string("[") + fn + "] ";
+  AME_CHECK(offset >= 0, f + "offset: must be >= 0, got " + std::to_string(offset));
+  AME_CHECK(offset <= (int64_t{1} << 62) - a.numel, f + "offset: offset + numel must stay below 2^62");
+  a.offset = offset;
+  auto per_ingredient = [&](const py::array& arr, const char* name) {
+    AME_CHECK(arr.ndim() == 1 && arr.shape(0) == a.n,
+              f + name + ": expected shape [N] = [" + std::to_string(a.n) + "] (one value per ingredient)");
+  };
+  a.weight = array_arg<float>(weight, fn, "weight", "float32");
+  per_ingredient(weight, "weight");
+  a.scale = array_arg<float>(scale, fn, "scale", "float32");
+  per_ingredient(scale, "scale");
+  a.top_mag = array_arg<float>(top_mag, fn, "top_mag", "float32");
+  per_ingredient(top_mag, "top_mag");
+  a.top_idx = array_arg<int64_t>(top_idx, fn, "top_idx", "int64");
+  per_ingredient(top_idx, "top_idx");
+  a.end_mag = array_arg<float>(end_mag, fn, "end_mag", "float32");
+  per_ingredient(end_mag, "end_mag");
+  a.end_idx = array_arg<int64_t>(end_idx, fn, "end_idx", "int64");
+  per_ingredient(end_idx, "end_idx");
+  a.density = array_arg<float>(density, fn, "density", "float32");
+  per_ingredient(density, "density");
+  AME_CHECK(probs.empty() || static_cast<int>(probs.size()) == a.n,
+            f + "probs: expected [] (none) or one pointer per ingredient (" + std::to_string(a.n) + "), got " +
+                std::to_string(probs.size()));
+  if (!probs.empty()) {
+    h.probs.resize(a.n);
+    for (int i = 0; i < a.n; ++i) h.probs[i] = reinterpret_cast<const float*>(probs[i]);  // 0: none
+    a.probs = h.probs.data();
+  }
+  a.seed = seed;
+  AME_CHECK(name_key >= 0 && name_key <= 0xFFFFFFFFll,
+            f + "name_key: must be a 32-bit unsigned value, got " + std::to_string(name_key));
+  a.name_key = static_cast<uint32_t>(name_key);
+  AME_CHECK(elect >= 0 && elect <= 2, f + "elect: must be 0 (none), 1 (sum) or 2 (count), got " + std::to_string(elect));
+  a.elect = elect;
+  a.normalize = normalize;
+  AME_CHECK(std::isnan(lam) || static_cast<double>(static_cast<float>(lam)) == lam,
+            f + "lam: must be a float32 value (CombinePlan rounds it), got " + std::to_string(lam));
+  a.lam = static_cast<float>(lam);
+  a.inv_prob = inv_prob;
+  AME_CHECK(threads >= 1, f + "threads: must be >= 1, got " + std::to_string(threads));
+  a.threads = threads;
 }
 
 }  // namespace
@@ -273,4 +359,139 @@ void init_cpu(py::module_& m) {
       py::arg("in_bytes"), py::arg("numel"), py::arg("threads"), py::arg("block"),
       "Elements per block the whole-run kernel uses when one element of all inputs takes in_bytes bytes\n"
       "(block = 0: sized for the L2 cache).");
+
+  m.def(
+      "combine",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, uintptr_t base,
+         const std::string& base_dtype, uintptr_t out, const std::string& out_dtype, int64_t numel, int64_t offset,
+         const py::array& weight, const py::array& scale, const py::array& top_mag, const py::array& top_idx,
+         const py::array& end_mag, const py::array& end_idx, const py::array& density,
+         const std::vector<uintptr_t>& probs, uint64_t seed, int64_t name_key, int elect, bool normalize, double lam,
+         bool inv_prob, int threads, const std::string& simd) {
+        const char* fn = "combine";
+        cpu::CombineArgs a;
+        CombineHold h;
+        combine_inputs_arg(a, h, fn, inputs, input_dtypes, base, base_dtype, numel);
+        a.out = pointer_arg(out, numel, fn, "out");
+        a.out_dtype = dtype_arg(out_dtype, fn, "out_dtype");
+        combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
+                         name_key, elect, normalize, lam, inv_prob, threads);
+        const SimdLevel level = simd_arg(simd, fn);
+        py::gil_scoped_release release;
+        cpu::combine(a, level);
+      },
+      py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("weight"), py::arg("scale"),
+      py::arg("top_mag"), py::arg("top_idx"), py::arg("end_mag"), py::arg("end_idx"), py::arg("density"),
+      py::arg("probs"), py::arg("seed"), py::arg("name_key"), py::arg("elect"), py::arg("normalize"), py::arg("lam"),
+      py::arg("inv_prob"), py::arg("threads"), py::arg("simd"),
+      "The combine pass (ame_kernels.methods.combine) over one chunk of numel elements whose first has global\n"
+      "index offset: N input pointers (float32/bfloat16/float16, mixed), base pointer (0: none), out (written\n"
+      "once, round to nearest even). weight, scale, top_mag, end_mag, density: float32 [N]; top_idx, end_idx:\n"
+      "int64 [N] (CombinePlan.kernel_kwargs()); probs: [] or N float32 pointers (0: none). elect: 0 none,\n"
+      "1 sum, 2 count. Bitwise combine_torch. Every argument is required: no defaults here.");
+
+  m.def(
+      "kept_l1",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, uintptr_t base,
+         const std::string& base_dtype, int64_t numel, int64_t offset, const py::array& weight,
+         const py::array& scale, const py::array& top_mag, const py::array& top_idx, const py::array& end_mag,
+         const py::array& end_idx, const py::array& density, const std::vector<uintptr_t>& probs, uint64_t seed,
+         int64_t name_key, int elect, bool normalize, double lam, bool inv_prob, int threads,
+         const std::string& simd) {
+        const char* fn = "kept_l1";
+        cpu::CombineArgs a;
+        CombineHold h;
+        combine_inputs_arg(a, h, fn, inputs, input_dtypes, base, base_dtype, numel);
+        combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
+                         name_key, elect, normalize, lam, inv_prob, threads);
+        const SimdLevel level = simd_arg(simd, fn);
+        py::array_t<double> result({static_cast<py::ssize_t>(a.n), static_cast<py::ssize_t>(2)});
+        double* out = result.mutable_data();
+        {
+          py::gil_scoped_release release;
+          cpu::kept_l1(a, out, level);
+        }
+        return result;
+      },
+      py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"),
+      py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"), py::arg("top_idx"),
+      py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("probs"), py::arg("seed"),
+      py::arg("name_key"), py::arg("elect"), py::arg("normalize"), py::arg("lam"), py::arg("inv_prob"),
+      py::arg("threads"), py::arg("simd"),
+      "float64 [N, 2]: per ingredient (sum |tau_i|, sum over kept entries |tau_i|) under the combine plan's\n"
+      "masks (ame_kernels.methods.stats.kept_l1_torch); arguments as combine's, without out.");
+
+  m.def(
+      "magnitude_histogram",
+      [](uintptr_t x, const std::string& x_dtype, uintptr_t base, const std::string& base_dtype, int64_t numel,
+         int64_t prefix_mask, int64_t prefix, int shift, int64_t nbins, int threads, const std::string& simd) {
+        const char* fn = "magnitude_histogram";
+        const std::string f = "[magnitude_histogram] ";
+        cpu::HistArgs a;
+        AME_CHECK(numel >= 0, f + "numel: must be >= 0, got " + std::to_string(numel));
+        a.numel = numel;
+        a.x = pointer_arg(x, numel, fn, "x");
+        a.x_dtype = dtype_arg(x_dtype, fn, "x_dtype");
+        a.base = reinterpret_cast<const void*>(base);
+        a.base_dtype = dtype_arg(base_dtype, fn, "base_dtype");
+        AME_CHECK(prefix_mask >= 0 && prefix_mask <= 0xFFFFFFFFll,
+                  f + "prefix_mask: must be a 32-bit unsigned value, got " + std::to_string(prefix_mask));
+        AME_CHECK(prefix >= 0 && prefix <= 0xFFFFFFFFll,
+                  f + "prefix: must be a 32-bit unsigned value, got " + std::to_string(prefix));
+        a.prefix_mask = static_cast<uint32_t>(prefix_mask);
+        a.prefix = static_cast<uint32_t>(prefix);
+        AME_CHECK(shift >= 0 && shift <= 31, f + "shift: must be in [0, 31], got " + std::to_string(shift));
+        a.shift = shift;
+        AME_CHECK(nbins >= 1 && nbins <= (int64_t{1} << 24) && (nbins & (nbins - 1)) == 0,
+                  f + "nbins: must be a power of two in [1, 2^24], got " + std::to_string(nbins));
+        a.nbins = nbins;
+        AME_CHECK(threads >= 1, f + "threads: must be >= 1, got " + std::to_string(threads));
+        a.threads = threads;
+        const SimdLevel level = simd_arg(simd, fn);
+        py::array_t<int64_t> result(static_cast<py::ssize_t>(nbins));
+        a.counts = result.mutable_data();
+        {
+          py::gil_scoped_release release;
+          cpu::magnitude_histogram(a, level);
+        }
+        return result;
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"),
+      py::arg("prefix_mask"), py::arg("prefix"), py::arg("shift"), py::arg("nbins"), py::arg("threads"),
+      py::arg("simd"),
+      "int64 [nbins]: counts of ((m >> shift) & (nbins - 1)) over the fp32 bits m of |x - b| whose\n"
+      "(m & prefix_mask) == prefix (prefix_mask 0: all entries); base 0: b = 0\n"
+      "(ame_kernels.methods.stats.magnitude_histogram_torch).");
+
+  m.def(
+      "gram",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, uintptr_t base,
+         const std::string& base_dtype, int64_t numel, int threads, const std::string& simd) {
+        const char* fn = "gram";
+        cpu::CombineArgs c;
+        CombineHold h;
+        combine_inputs_arg(c, h, fn, inputs, input_dtypes, base, base_dtype, numel);
+        AME_CHECK(threads >= 1, "[gram] threads: must be >= 1, got " + std::to_string(threads));
+        cpu::GramArgs a;
+        a.n = c.n;
+        a.numel = c.numel;
+        a.inputs = c.inputs;
+        a.input_dtypes = c.input_dtypes;
+        a.base = c.base;
+        a.base_dtype = c.base_dtype;
+        a.threads = threads;
+        const SimdLevel level = simd_arg(simd, fn);
+        py::array_t<double> result({static_cast<py::ssize_t>(a.n), static_cast<py::ssize_t>(a.n)});
+        a.out = result.mutable_data();
+        {
+          py::gil_scoped_release release;
+          cpu::gram(a, level);
+        }
+        return result;
+      },
+      py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"),
+      py::arg("threads"), py::arg("simd"),
+      "float64 [N, N] (symmetric): sum_j tau_i[j] tau_k[j], tau = x - b in float32, products and sums in\n"
+      "float64, summed in a fixed order (ame_kernels.methods.stats.gram_torch).");
 }

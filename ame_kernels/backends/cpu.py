@@ -4,9 +4,15 @@
 no upcast or stacking copy) and writes ``out`` once; ``step`` is one fused optimizer
 step on fp32 buffers. Both follow the contract in ``base.py``.
 
-``whole_run_buffers`` is the same kernel for the checkpoint engine, on numpy arrays or
-any object with the buffer protocol (an ``mmap`` of a safetensors file, a memoryview),
-without torch. ``info()`` reports the build and the SIMD levels.
+``combine`` is the merge methods' elementwise pass (``ame_kernels.methods.combine``),
+bitwise ``combine_torch``; ``magnitude_histogram``, ``gram`` and ``kept_l1`` are the
+statistics primitives they stream first (``ame_kernels.methods.stats``): exact counts,
+float64 sums in a fixed order (the same for every thread count and SIMD level).
+
+``whole_run_buffers``, ``combine_buffers``, ``magnitude_histogram_buffers``,
+``gram_buffers`` and ``kept_l1_buffers`` are the same kernels for the checkpoint engine,
+on numpy arrays or any object with the buffer protocol (an ``mmap`` of a safetensors
+file, a memoryview), without torch. ``info()`` reports the build and the SIMD levels.
 
 Threads: the ``threads`` argument, else ``torch.get_num_threads()`` when torch is
 imported, else ``os.cpu_count()``. SIMD level: the ``simd`` argument (``CpuBackend(simd=)``
@@ -133,6 +139,77 @@ def _check_tensor(t: Any, numel: int, fn: str, what: str) -> str:
     return _torch_dtype_name(t, fn, what)
 
 
+# ---------------------------------------------------------------------------- combine helpers
+
+
+def _native_call(f, **kwargs):
+    """A native entry point; its argument errors (ValueError naming function and argument) as MergeError."""
+    try:
+        return f(**kwargs)
+    except MergeError:
+        raise
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+
+
+def _check_combine_plan(fn: str, plan: Any, inputs: Any):
+    from ..methods.combine import CombinePlan
+
+    if not isinstance(plan, CombinePlan):
+        raise MergeError(f"[{fn}] plan: expected a CombinePlan, got {type(plan).__name__}")
+    n = len(list(inputs))
+    if not n:
+        raise MergeError(f"[{fn}] inputs: need at least 1 ingredient")
+    if n != plan.n:
+        raise MergeError(f"[{fn}] inputs: the plan is for {plan.n} ingredients, got {n}")
+    return plan
+
+
+def _check_offset(fn: str, offset: Any) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+        raise MergeError(f"[{fn}] offset: must be an integer >= 0 (the chunk's first global index), got {offset!r}")
+    return int(offset)
+
+
+def _hist_kwargs(fn: str, prefix_mask: Any, prefix: Any, shift: Any, nbins: Any) -> dict:
+    vals = dict(prefix_mask=prefix_mask, prefix=prefix, shift=shift, nbins=nbins)
+    for k, v in vals.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise MergeError(f"[{fn}] {k}: must be an integer, got {v!r}")
+    return {k: int(v) for k, v in vals.items()}
+
+
+def _torch_sources(fn: str, inputs: Any, base: Any, numel: int):
+    """Checked CPU tensors: (input pointers, dtype names, base pointer or 0, base dtype name)."""
+    inputs = list(inputs)
+    if not inputs:
+        raise MergeError(f"[{fn}] inputs: need at least 1 ingredient")
+    dtypes = [_check_tensor(x, numel, fn, f"inputs[{i}]") for i, x in enumerate(inputs)]
+    bptr, bdtype = 0, "float32"
+    if base is not None:
+        bdtype = _check_tensor(base, numel, fn, "base")
+        bptr = base.data_ptr()
+    return [x.data_ptr() for x in inputs], dtypes, bptr, bdtype
+
+
+def _torch_probs(fn: str, probs: Any, n: int, numel: int) -> list:
+    """[] (no per-element probabilities) or N pointers (0 for a None entry) of float32 CPU tensors."""
+    if probs is None:
+        return []
+    probs = list(probs)
+    if len(probs) != n:
+        raise MergeError(f"[{fn}] probs: expected None or {n} entries (one per ingredient), got {len(probs)}")
+    out = []
+    for i, p in enumerate(probs):
+        if p is None:
+            out.append(0)
+            continue
+        if _check_tensor(p, numel, fn, f"probs[{i}]") != "float32":
+            raise MergeError(f"[{fn}] probs[{i}]: must be float32, got {p.dtype}")
+        out.append(p.data_ptr())
+    return out
+
+
 class CpuBackend(Backend):
     """Fused C++ kernels on CPU tensors; ``simd`` forces a level (None: $AME_SIMD or the best)."""
 
@@ -231,6 +308,57 @@ class CpuBackend(Backend):
             **hyper_kwargs(hyper),
         )
 
+    # ------------------------------------------------------------------ merge methods
+
+    def combine(self, inputs, base, out, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> None:
+        """The combine pass over one chunk (``ame_kernels.methods.combine``), bitwise ``combine_torch``."""
+        fn = "combine"
+        plan = _check_combine_plan(fn, plan, inputs)
+        numel = out.numel() if hasattr(out, "numel") else -1
+        out_dtype = _check_tensor(out, numel, fn, "out")
+        ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
+        _native_call(
+            _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=out.data_ptr(),
+            out_dtype=out_dtype, numel=numel, offset=_check_offset(fn, offset),
+            probs=_torch_probs(fn, probs, plan.n, numel), threads=default_threads(threads),
+            simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
+        )
+
+    def magnitude_histogram(self, x, base, prefix_mask: int, prefix: int, shift: int, nbins: int,
+                            threads: Optional[int] = None) -> np.ndarray:
+        """int64[nbins] counts of the fp32 bits of |x - b| (``methods.stats``), exact."""
+        fn = "magnitude_histogram"
+        numel = x.numel() if hasattr(x, "numel") else -1
+        xdtype = _check_tensor(x, numel, fn, "x")
+        bptr, bdtype = (0, "float32") if base is None else (base.data_ptr(), _check_tensor(base, numel, fn, "base"))
+        return _native_call(
+            _module().magnitude_histogram, x=x.data_ptr(), x_dtype=xdtype, base=bptr, base_dtype=bdtype, numel=numel,
+            **_hist_kwargs(fn, prefix_mask, prefix, shift, nbins), threads=default_threads(threads),
+            simd=resolve_simd(self.simd),
+        )
+
+    def gram(self, inputs, base, threads: Optional[int] = None) -> np.ndarray:
+        """float64[N, N] of sum_j tau_i[j] tau_k[j], tau = x - b (fp32), products and sums in float64."""
+        fn = "gram"
+        inputs = list(inputs)
+        numel = inputs[0].numel() if inputs and hasattr(inputs[0], "numel") else -1
+        ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
+        return _native_call(_module().gram, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype,
+                            numel=numel, threads=default_threads(threads), simd=resolve_simd(self.simd))
+
+    def kept_l1(self, inputs, base, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> np.ndarray:
+        """float64[N, 2]: (sum |tau_i|, sum over kept entries |tau_i|) under ``plan``'s masks."""
+        fn = "kept_l1"
+        plan = _check_combine_plan(fn, plan, inputs)
+        inputs = list(inputs)
+        numel = inputs[0].numel() if hasattr(inputs[0], "numel") else -1
+        ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
+        return _native_call(
+            _module().kept_l1, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, numel=numel,
+            offset=_check_offset(fn, offset), probs=_torch_probs(fn, probs, plan.n, numel),
+            threads=default_threads(threads), simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
+        )
+
 
 # ---------------------------------------------------------------------------- buffers
 
@@ -323,4 +451,129 @@ def whole_run_buffers(
                    adaptive_pivot, threads, simd, check_finite, fold)
 
 
-__all__ = ["CpuBackend", "default_threads", "info", "resolve_simd", "whole_run_buffers"]
+def _buffer_sources(fn: str, inputs: Any, input_dtypes: Any, base: Any, base_dtype: Any, numel: Optional[int] = None):
+    """Checked buffers: (arrays held alive, pointers, dtype names, base pointer or 0, base dtype, numel).
+    numel None: taken from inputs[0]."""
+    inputs = list(inputs)
+    if isinstance(input_dtypes, str):
+        raise MergeError(f"[{fn}] input_dtypes: expected one dtype name per input, got the string {input_dtypes!r}")
+    input_dtypes = list(input_dtypes)
+    if not inputs:
+        raise MergeError(f"[{fn}] inputs: need at least 1 ingredient")
+    if len(input_dtypes) != len(inputs):
+        raise MergeError(f"[{fn}] input_dtypes: expected {len(inputs)} dtypes (one per input), got {len(input_dtypes)}")
+    arrays, dtypes = [], []
+    for i, (x, d) in enumerate(zip(inputs, input_dtypes)):
+        d = _dtype_name(d, fn, f"input_dtypes[{i}]")
+        a = _as_array(x, fn, f"inputs[{i}]")
+        if numel is None:
+            numel = a.nbytes // _ITEMSIZE[d]
+        _check_buffer(a, d, numel, fn, f"inputs[{i}]")
+        arrays.append(a)
+        dtypes.append(d)
+    bptr, bdtype = 0, "float32"
+    if base is not None:
+        bdtype = _dtype_name(base_dtype, fn, "base_dtype")
+        b = _as_array(base, fn, "base")
+        _check_buffer(b, bdtype, numel, fn, "base")
+        arrays.append(b)
+        bptr = b.ctypes.data
+    return arrays, [a.ctypes.data for a in arrays[: len(dtypes)]], dtypes, bptr, bdtype, numel
+
+
+def _buffer_probs(fn: str, probs: Any, n: int, numel: int, hold: list) -> list:
+    """[] or N pointers (0 for None) of float32 buffers of numel elements; the arrays go to ``hold``."""
+    if probs is None:
+        return []
+    probs = list(probs)
+    if len(probs) != n:
+        raise MergeError(f"[{fn}] probs: expected None or {n} entries (one per ingredient), got {len(probs)}")
+    out = []
+    for i, p in enumerate(probs):
+        if p is None:
+            out.append(0)
+            continue
+        a = _as_array(p, fn, f"probs[{i}]")
+        if a.dtype != np.uint8 and a.dtype != np.float32:
+            raise MergeError(f"[{fn}] probs[{i}]: must hold float32, got an array of {a.dtype}")
+        _check_buffer(a, "float32", numel, fn, f"probs[{i}]")
+        hold.append(a)
+        out.append(a.ctypes.data)
+    return out
+
+
+def combine_buffers(
+    inputs: Sequence[Any],
+    input_dtypes: Sequence[str],
+    base: Any,
+    base_dtype: Optional[str],
+    out: Any,
+    out_dtype: str,
+    plan: Any,
+    offset: int = 0,
+    probs: Optional[Sequence[Any]] = None,
+    threads: Optional[int] = None,
+    simd: str = "auto",
+) -> None:
+    """The combine pass on raw buffers, without torch (the checkpoint engine): bitwise ``combine_torch``.
+
+    inputs: N numpy arrays / buffer-protocol objects of C elements, ``input_dtypes`` their dtype names
+    (bf16 as uint16 or raw bytes with "bfloat16"); base: None (zero) or such a buffer of ``base_dtype``;
+    out: writable, C elements of ``out_dtype``; plan: a ``CombinePlan`` for N ingredients; offset: the
+    chunk's first global element index; probs: None or N float32 buffers (or None entries).
+    """
+    fn = "combine_buffers"
+    plan = _check_combine_plan(fn, plan, inputs)
+    out_dtype = _dtype_name(out_dtype, fn, "out_dtype")
+    o = _as_array(out, fn, "out", writable=True)
+    numel = o.nbytes // _ITEMSIZE[out_dtype]
+    _check_buffer(o, out_dtype, numel, fn, "out")
+    hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, inputs, input_dtypes, base, base_dtype, numel)
+    _native_call(
+        _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=o.ctypes.data,
+        out_dtype=out_dtype, numel=numel, offset=_check_offset(fn, offset),
+        probs=_buffer_probs(fn, probs, plan.n, numel, hold), threads=default_threads(threads),
+        simd=resolve_simd(simd), **plan.kernel_kwargs(),
+    )
+
+
+def magnitude_histogram_buffers(
+    x: Any, dtype: str, base: Any, base_dtype: Optional[str], prefix_mask: int, prefix: int, shift: int, nbins: int,
+    threads: Optional[int] = None, simd: str = "auto",
+) -> np.ndarray:
+    """int64[nbins]: counts of ((m >> shift) & (nbins - 1)) over the fp32 bits m of |x - b| with
+    (m & prefix_mask) == prefix (``methods.stats.magnitude_histogram_torch``), on buffers."""
+    fn = "magnitude_histogram_buffers"
+    hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, [x], [dtype], base, base_dtype)
+    return _native_call(
+        _module().magnitude_histogram, x=ptrs[0], x_dtype=dtypes[0], base=bptr, base_dtype=bdtype, numel=numel,
+        **_hist_kwargs(fn, prefix_mask, prefix, shift, nbins), threads=default_threads(threads),
+        simd=resolve_simd(simd),
+    )
+
+
+def gram_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_dtype: Optional[str],
+                 threads: Optional[int] = None, simd: str = "auto") -> np.ndarray:
+    """float64[N, N] of sum_j tau_i[j] tau_k[j] (``methods.stats.gram_torch``), on buffers."""
+    fn = "gram_buffers"
+    hold, ptrs, dts, bptr, bdtype, numel = _buffer_sources(fn, inputs, dtypes, base, base_dtype)
+    return _native_call(_module().gram, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype, numel=numel,
+                        threads=default_threads(threads), simd=resolve_simd(simd))
+
+
+def kept_l1_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_dtype: Optional[str], plan: Any,
+                    offset: int = 0, probs: Optional[Sequence[Any]] = None, threads: Optional[int] = None,
+                    simd: str = "auto") -> np.ndarray:
+    """float64[N, 2]: (sum |tau_i|, sum over kept |tau_i|) under ``plan``'s masks (``methods.stats.kept_l1_torch``)."""
+    fn = "kept_l1_buffers"
+    plan = _check_combine_plan(fn, plan, inputs)
+    hold, ptrs, dts, bptr, bdtype, numel = _buffer_sources(fn, inputs, dtypes, base, base_dtype)
+    return _native_call(
+        _module().kept_l1, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype, numel=numel,
+        offset=_check_offset(fn, offset), probs=_buffer_probs(fn, probs, plan.n, numel, hold),
+        threads=default_threads(threads), simd=resolve_simd(simd), **plan.kernel_kwargs(),
+    )
+
+
+__all__ = ["CpuBackend", "combine_buffers", "default_threads", "gram_buffers", "info", "kept_l1_buffers",
+           "magnitude_histogram_buffers", "resolve_simd", "whole_run_buffers"]

@@ -1,0 +1,106 @@
+// The combine pass and its statistics primitives on the CPU: arguments and entry points.
+//
+// The arithmetic is normative in ame_kernels/methods/combine.py (module docstring,
+// CombinePlan, combine_torch) and ame_kernels/methods/stats.py; these kernels give the
+// combine pass BITWISE what combine_torch gives (same fp32 operations in the same order,
+// no FMA contraction: the combine_* files compile with -ffp-contract=off), the histogram
+// exact counts, and gram / kept_l1 float64 sums (tau in fp32, products exact in float64)
+// in a fixed order: per task of kStatsTask elements, then tasks in index order, so the
+// result depends neither on the thread count nor on the SIMD level.
+//
+//   combine:             one chunk of C elements (global indices offset .. offset + C - 1),
+//                        N inputs (any mix of fp32/bf16/fp16), optional base -> out.
+//   magnitude_histogram: int64 [nbins] counts of the fp32 bits of |x - b|.
+//   gram:                float64 [N][N] of sum_j tau_i[j] tau_k[j].
+//   kept_l1:             float64 [N][2] of (sum |tau_i|, sum over kept |tau_i|).
+//
+// Each entry exists once per SIMD level (namespaces scalar / avx2 / avx512, compiled from
+// combine_{scalar,avx2,avx512}.cpp with that ISA's flags, all from cpu/combine_kernel.h);
+// combine.cpp dispatches. The binding (python/bind_cpu.cpp) checks every argument.
+#pragma once
+#include <cstdint>
+
+#include "common/cpu_features.h"
+#include "common/dtypes.h"
+
+namespace ame {
+namespace cpu {
+
+struct CombineArgs {
+  int n = 0;                                // ingredients
+  int64_t numel = 0;                        // C: elements of this chunk
+  int64_t offset = 0;                       // global index of the chunk's first element
+  const void* const* inputs = nullptr;      // [n] pointers, each [numel] of input_dtypes[i]
+  const DType* input_dtypes = nullptr;      // [n]
+  const void* base = nullptr;               // [numel] of base_dtype, or null (b = 0)
+  DType base_dtype = DType::F32;
+  void* out = nullptr;                      // [numel] of out_dtype (combine only)
+  DType out_dtype = DType::F32;
+  // The plan (CombinePlan.kernel_kwargs()), per ingredient:
+  const float* weight = nullptr;            // [n]
+  const float* scale = nullptr;             // [n]
+  const float* top_mag = nullptr;           // [n] window start key (magnitude, index)
+  const int64_t* top_idx = nullptr;         // [n]
+  const float* end_mag = nullptr;           // [n] window end key
+  const int64_t* end_idx = nullptr;         // [n]
+  const float* density = nullptr;           // [n] keep probability (< 1: random drop)
+  const float* const* probs = nullptr;      // null, or [n] pointers (each null or [numel] fp32)
+  uint64_t seed = 0;
+  uint32_t name_key = 0;
+  int elect = 0;                            // 0 none, 1 sum (TIES), 2 count
+  bool normalize = false;
+  float lam = 1.f;
+  bool inv_prob = false;
+  int threads = 1;
+};
+
+struct HistArgs {
+  const void* x = nullptr;                  // [numel] of x_dtype
+  DType x_dtype = DType::F32;
+  const void* base = nullptr;               // [numel] of base_dtype, or null
+  DType base_dtype = DType::F32;
+  int64_t numel = 0;
+  uint32_t prefix_mask = 0;                 // 0: every entry counts
+  uint32_t prefix = 0;
+  int shift = 0;                            // bin = (bits >> shift) & (nbins - 1)
+  int64_t nbins = 1;                        // a power of two
+  int64_t* counts = nullptr;                // [nbins], overwritten
+  int threads = 1;
+};
+
+struct GramArgs {
+  int n = 0;
+  int64_t numel = 0;
+  const void* const* inputs = nullptr;
+  const DType* input_dtypes = nullptr;
+  const void* base = nullptr;
+  DType base_dtype = DType::F32;
+  double* out = nullptr;                    // [n][n], overwritten (symmetric)
+  int threads = 1;
+};
+
+// Elements per statistics task (gram, kept_l1): the unit of the fixed summation order.
+constexpr int64_t kStatsTask = 1 << 16;
+// Elements per combine task.
+constexpr int64_t kCombineTask = 1 << 15;
+
+void combine(const CombineArgs& a, SimdLevel level);
+void magnitude_histogram(const HistArgs& a, SimdLevel level);
+void gram(const GramArgs& a, SimdLevel level);
+// kept_l1 reads a's plan, inputs and base (out is not used); writes out [n][2].
+void kept_l1(const CombineArgs& a, double* out, SimdLevel level);
+
+#define AME_DECLARE_COMBINE_LEVEL(ns)                        \
+  namespace ns {                                             \
+  void combine(const CombineArgs& a);                        \
+  void magnitude_histogram(const HistArgs& a);               \
+  void gram(const GramArgs& a);                              \
+  void kept_l1(const CombineArgs& a, double* out);           \
+  }
+AME_DECLARE_COMBINE_LEVEL(scalar)
+AME_DECLARE_COMBINE_LEVEL(avx2)
+AME_DECLARE_COMBINE_LEVEL(avx512)
+#undef AME_DECLARE_COMBINE_LEVEL
+
+}  // namespace cpu
+}  // namespace ame

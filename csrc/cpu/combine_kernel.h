@@ -1,0 +1,570 @@
+// The combine pass and its statistics primitives, templated on the vector width.
+//
+// Included by combine_{scalar,avx2,avx512}.cpp, each of which defines AME_ISA_NS (the
+// namespace, so the per-ISA instantiations never merge at link time) and AME_W (16, 8 or
+// 1) and compiles with that ISA's flags plus -ffp-contract=off: every fp32 operation
+// below is one IEEE operation, in the order combine_torch performs it.
+//
+// Per vector of W elements (chunk-local j, global g = offset + j), in one pass over the
+// inputs (bf16/fp16 widened in registers, no upcast copy):
+//   b = base or 0; for i = 0..N-1: tau = x_i - b, m = |tau|, keep = window(m, g) and
+//   (u < p if the ingredient draws), t = keep ? (inv_prob && p ? tau / p : tau) * scale : 0,
+//   y_i = weight * t; elect none: acc += y_i as it comes; elect sum/count: y_i kept in a
+//   small per-worker array, the vote summed as it comes, then a second loop over the N
+//   registers-worth of y_i (never the inputs) sums the agreeing ones.
+// The ragged end of a chunk runs the same code at W = 1 (scalar float ops, the same IEEE
+// results), so a chunk gives the same bits as the same slice of a whole-tensor call.
+//
+// Philox4x32-10 is vectorised: W counters (g, g >> 32, i, 0) at once, 32x32 -> 64-bit
+// products from mul_epu32 on the even and odd lanes. Within a vector g >> 32 is one
+// value (else the lanes run the scalar generator), so round 0 and half of round 1 are
+// lane-invariant and run as scalars; the last round computes only word 0.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "common/simd.h"
+#include "cpu/combine.h"
+#include "cpu/thread_pool.h"
+
+#ifndef AME_ISA_NS
+#error "define AME_ISA_NS and AME_W before including cpu/combine_kernel.h"
+#endif
+
+namespace ame {
+namespace cpu {
+namespace AME_ISA_NS {
+namespace {
+
+constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+
+// Word 0 of Philox4x32-10 on counter (c0, c1, c2, c3), key (k0, k1).
+AME_HD uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += kW0;
+      k1 += kW1;
+    }
+    const uint64_t p0 = static_cast<uint64_t>(c0) * kM0;
+    const uint64_t p1 = static_cast<uint64_t>(c2) * kM1;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c0 = n0;
+    c1 = static_cast<uint32_t>(p1);
+    c2 = n2;
+    c3 = static_cast<uint32_t>(p0);
+  }
+  return c0;
+}
+
+// u in [0, 1) of ingredient i at global index g (methods.combine.philox_uniform).
+AME_HD float philox_u(uint64_t g, uint32_t i, uint32_t k0, uint32_t k1) {
+  const uint32_t r = philox_word0(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), i, 0u, k0, k1);
+  return static_cast<float>(r >> 8) * 0x1p-24f;
+}
+
+// The vectorised generator over an integer vector type (IOps: set1, xor_, mulhilo,
+// iota_from), for W consecutive counters from (lo, hi) with lo + W - 1 < 2^32.
+template <class IO>
+AME_HD typename IO::I philox_word0_vec(uint32_t lo, uint32_t hi, uint32_t i, uint32_t k0, uint32_t k1) {
+  using I = typename IO::I;
+  // round 0: c = (lo + lane, hi, i, 0): the c2 product and so words 0 and 1 are lane-invariant
+  const uint64_t q1 = static_cast<uint64_t>(i) * kM1;
+  const uint32_t s0 = static_cast<uint32_t>(q1 >> 32) ^ hi ^ k0;
+  const uint32_t s1 = static_cast<uint32_t>(q1);
+  I h0, l0;
+  IO::mulhilo(IO::iota_from(lo), kM0, h0, l0);
+  I c2 = IO::xor_(h0, IO::set1(k1));  // hi0 ^ c3 (= 0) ^ k1
+  I c3 = l0;
+  // round 1: c0 = s0 (invariant), c1 = s1, c2 / c3 vary
+  k0 += kW0;
+  k1 += kW1;
+  const uint64_t q0 = static_cast<uint64_t>(s0) * kM0;
+  I h1, l1;
+  IO::mulhilo(c2, kM1, h1, l1);
+  I c0 = IO::xor_(h1, IO::set1(s1 ^ k0));
+  I c1 = l1;
+  c2 = IO::xor_(c3, IO::set1(static_cast<uint32_t>(q0 >> 32) ^ k1));
+  c3 = IO::set1(static_cast<uint32_t>(q0));
+  // rounds 2..8
+  for (int r = 2; r < 9; ++r) {
+    k0 += kW0;
+    k1 += kW1;
+    I a0, b0, a1, b1;
+    IO::mulhilo(c0, kM0, a0, b0);
+    IO::mulhilo(c2, kM1, a1, b1);
+    c0 = IO::xor_(IO::xor_(a1, c1), IO::set1(k0));
+    c1 = b1;
+    c2 = IO::xor_(IO::xor_(a0, c3), IO::set1(k1));
+    c3 = b0;
+  }
+  // round 9: word 0 only
+  k0 += kW0;
+  I a1, b1;
+  IO::mulhilo(c2, kM1, a1, b1);
+  return IO::xor_(IO::xor_(a1, c1), IO::set1(k0));
+}
+
+// ------------------------------------------------------------------ per-width operations
+
+// W = 1: plain float and bool (also the ragged end of the vector levels).
+struct Ops1 {
+  static constexpr int W = 1;
+  using F = float;
+  using M = bool;
+  static AME_HD F set1(float x) { return x; }
+  static AME_HD F zero() { return 0.f; }
+  static AME_HD F add(F a, F b) { return a + b; }
+  static AME_HD F sub(F a, F b) { return a - b; }
+  static AME_HD F mul(F a, F b) { return a * b; }
+  static AME_HD F div(F a, F b) { return a / b; }
+  static AME_HD F abs(F a) { return f32_from_bits(f32_bits(a) & 0x7fffffffu); }
+  static AME_HD M gt(F a, F b) { return a > b; }
+  static AME_HD M lt(F a, F b) { return a < b; }
+  static AME_HD M ge(F a, F b) { return a >= b; }
+  static AME_HD M eq(F a, F b) { return a == b; }
+  static AME_HD M m_and(M a, M b) { return a && b; }
+  static AME_HD M m_or(M a, M b) { return a || b; }
+  static AME_HD M m_andn(M a, M b) { return a && !b; }  // a and not b
+  static AME_HD bool any(M m) { return m; }
+  static AME_HD F select(M m, F a, F b) { return m ? a : b; }
+  // lanes whose global index g0 + lane is below k
+  static AME_HD M lanes_below(int64_t k, int64_t g0) { return g0 < k; }
+  static AME_HD F load(const void* p, DType d, int64_t j) { return load_f32(p, d, j); }
+  static AME_HD F loadf(const float* p) { return *p; }
+  static AME_HD void store(void* p, DType d, int64_t j, F x) { store_f32(p, d, j, x); }
+  static AME_HD void storef(float* p, F x) { *p = x; }
+  static AME_HD F uniform(int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
+    return philox_u(static_cast<uint64_t>(g0), i, k0, k1);
+  }
+};
+
+#if AME_W == 16
+struct IOps16 {
+  using I = __m512i;
+  static AME_HD I set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+  static AME_HD I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
+  static AME_HD I iota_from(uint32_t lo) {
+    return _mm512_add_epi32(set1(lo), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+  static AME_HD void mulhilo(I a, uint32_t m, I& hi, I& lo) {
+    const I mv = set1(m);
+    const I pe = _mm512_mul_epu32(a, mv);                          // even lanes, 64-bit
+    const I po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), mv);   // odd lanes, 64-bit
+    lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+  }
+};
+
+struct OpsV {
+  static constexpr int W = 16;
+  using F = __m512;
+  using M = __mmask16;
+  static AME_HD F set1(float x) { return _mm512_set1_ps(x); }
+  static AME_HD F zero() { return _mm512_setzero_ps(); }
+  static AME_HD F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static AME_HD F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static AME_HD F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static AME_HD F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static AME_HD F abs(F a) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fffffff)));
+  }
+  static AME_HD M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static AME_HD M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static AME_HD M ge(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+  static AME_HD M eq(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static AME_HD M m_and(M a, M b) { return static_cast<M>(a & b); }
+  static AME_HD M m_or(M a, M b) { return static_cast<M>(a | b); }
+  static AME_HD M m_andn(M a, M b) { return static_cast<M>(a & ~b); }
+  static AME_HD bool any(M m) { return m != 0; }
+  static AME_HD F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }
+  static AME_HD M lanes_below(int64_t k, int64_t g0) {
+    if (k <= g0) return 0;
+    const int64_t d = k - g0;  // no overflow: g0 >= 0
+    return d >= 16 ? static_cast<M>(0xFFFF) : static_cast<M>((1u << d) - 1u);
+  }
+  static AME_HD F load(const void* p, DType d, int64_t j) { return vload_any<16>(p, d, j).v; }
+  static AME_HD F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static AME_HD void store(void* p, DType d, int64_t j, F x) { vstore_any<16>(p, d, j, Simd16(x)); }
+  static AME_HD void storef(float* p, F x) { _mm512_storeu_ps(p, x); }
+  static AME_HD F uniform(int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
+    const uint32_t lo = static_cast<uint32_t>(g0), hi = static_cast<uint32_t>(static_cast<uint64_t>(g0) >> 32);
+    if (lo > 0xFFFFFFFFu - 15u) {  // g >> 32 changes inside this vector: lane by lane
+      alignas(64) float u[16];
+      for (int l = 0; l < 16; ++l) u[l] = philox_u(static_cast<uint64_t>(g0) + l, i, k0, k1);
+      return _mm512_load_ps(u);
+    }
+    const __m512i r = _mm512_srli_epi32(philox_word0_vec<IOps16>(lo, hi, i, k0, k1), 8);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(0x1p-24f));
+  }
+};
+#elif AME_W == 8
+struct IOps8 {
+  using I = __m256i;
+  static AME_HD I set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+  static AME_HD I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
+  static AME_HD I iota_from(uint32_t lo) { return _mm256_add_epi32(set1(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static AME_HD void mulhilo(I a, uint32_t m, I& hi, I& lo) {
+    const I mv = set1(m);
+    const I pe = _mm256_mul_epu32(a, mv);
+    const I po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), mv);
+    lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  }
+};
+
+struct OpsV {
+  static constexpr int W = 8;
+  using F = __m256;
+  using M = __m256;  // all-ones lanes
+  static AME_HD F set1(float x) { return _mm256_set1_ps(x); }
+  static AME_HD F zero() { return _mm256_setzero_ps(); }
+  static AME_HD F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static AME_HD F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static AME_HD F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static AME_HD F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static AME_HD F abs(F a) {
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(a), _mm256_set1_epi32(0x7fffffff)));
+  }
+  static AME_HD M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static AME_HD M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static AME_HD M ge(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+  static AME_HD M eq(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+  static AME_HD M m_and(M a, M b) { return _mm256_and_ps(a, b); }
+  static AME_HD M m_or(M a, M b) { return _mm256_or_ps(a, b); }
+  static AME_HD M m_andn(M a, M b) { return _mm256_andnot_ps(b, a); }  // a & ~b
+  static AME_HD bool any(M m) { return _mm256_movemask_ps(m) != 0; }
+  static AME_HD F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, m); }
+  static AME_HD M lanes_below(int64_t k, int64_t g0) {
+    if (k <= g0) return _mm256_setzero_ps();
+    const int64_t d = k - g0;
+    const int dc = d >= 8 ? 8 : static_cast<int>(d);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(dc), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  }
+  static AME_HD F load(const void* p, DType d, int64_t j) { return vload_any<8>(p, d, j).v; }
+  static AME_HD F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static AME_HD void store(void* p, DType d, int64_t j, F x) { vstore_any<8>(p, d, j, Simd8(x)); }
+  static AME_HD void storef(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static AME_HD F uniform(int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
+    const uint32_t lo = static_cast<uint32_t>(g0), hi = static_cast<uint32_t>(static_cast<uint64_t>(g0) >> 32);
+    if (lo > 0xFFFFFFFFu - 7u) {
+      alignas(32) float u[8];
+      for (int l = 0; l < 8; ++l) u[l] = philox_u(static_cast<uint64_t>(g0) + l, i, k0, k1);
+      return _mm256_load_ps(u);
+    }
+    const __m256i r = _mm256_srli_epi32(philox_word0_vec<IOps8>(lo, hi, i, k0, k1), 8);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(r), _mm256_set1_ps(0x1p-24f));
+  }
+};
+#elif AME_W == 1
+using OpsV = Ops1;
+#else
+#error "AME_W must be 16, 8 or 1"
+#endif
+
+// ------------------------------------------------------------------ the combine pass
+
+// Host-side constants of one call.
+struct Prep {
+  uint32_t k0 = 0, k1 = 0;  // Philox key
+  float div_none = 1.f;     // elect none: sum_i weight[i] in fp32, |.| < 1e-8 -> 1
+};
+
+inline Prep prepare(const CombineArgs& a) {
+  Prep p;
+  p.k0 = static_cast<uint32_t>(a.seed);
+  p.k1 = static_cast<uint32_t>(a.seed >> 32) ^ a.name_key;
+  float d = 0.f;  // as combine_torch: 0-dim fp32 adds from zero, ascending i
+  for (int i = 0; i < a.n; ++i) d = d + a.weight[i];
+  p.div_none = std::fabs(d) < 1e-8f ? 1.f : d;  // torch compares in fp32: 1e-8 -> 1e-8f
+  return p;
+}
+
+// The keep mask of ingredient i for the W elements from j, given tau; p: the keep
+// probability when the ingredient has one (per-element probs or density < 1), and
+// whether it has (which is when combine_torch divides by p under inv_prob).
+template <class O>
+AME_HD bool keep_mask(const CombineArgs& a, const Prep& pr, int i, int64_t j, int64_t g0, typename O::F tau,
+                      typename O::M& keep, typename O::F& p) {
+  using F = typename O::F;
+  using M = typename O::M;
+  const F m = O::abs(tau);
+  const F tm = O::set1(a.top_mag[i]), em = O::set1(a.end_mag[i]);
+  const M before_top = O::m_or(O::gt(m, tm), O::m_and(O::eq(m, tm), O::lanes_below(a.top_idx[i], g0)));
+  const M before_end = O::m_or(O::gt(m, em), O::m_and(O::eq(m, em), O::lanes_below(a.end_idx[i], g0)));
+  keep = O::m_andn(before_end, before_top);
+  const float* pp = a.probs ? a.probs[i] : nullptr;
+  if (pp) {
+    p = O::loadf(pp + j);
+  } else if (a.density[i] < 1.f) {
+    p = O::set1(a.density[i]);
+  } else {
+    return false;
+  }
+  if (O::any(keep)) keep = O::m_and(keep, O::lt(O::uniform(g0, static_cast<uint32_t>(i), pr.k0, pr.k1), p));
+  return true;
+}
+
+template <class O>
+AME_HD typename O::F sign_of(typename O::F y) {
+  const typename O::F zero = O::zero();
+  return O::select(O::gt(y, zero), O::set1(1.f), O::select(O::lt(y, zero), O::set1(-1.f), zero));
+}
+
+// W elements from chunk-local j; ys: [n] scratch for the elected modes.
+template <class O>
+AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typename O::F* ys) {
+  using F = typename O::F;
+  using M = typename O::M;
+  const int64_t g0 = a.offset + j;
+  const F zero = O::zero();
+  const F b = a.base ? O::load(a.base, a.base_dtype, j) : zero;
+  F acc = zero, vote = zero;
+  for (int i = 0; i < a.n; ++i) {
+    const F tau = O::sub(O::load(a.inputs[i], a.input_dtypes[i], j), b);
+    M keep;
+    F p;
+    const bool has_p = keep_mask<O>(a, pr, i, j, g0, tau, keep, p);
+    F t = (has_p && a.inv_prob) ? O::div(tau, p) : tau;
+    t = O::mul(t, O::set1(a.scale[i]));
+    t = O::select(keep, t, zero);
+    const F y = O::mul(O::set1(a.weight[i]), t);
+    if (a.elect == 0) {
+      acc = O::add(acc, y);
+    } else {
+      ys[i] = y;
+      vote = O::add(vote, a.elect == 1 ? y : sign_of<O>(y));
+    }
+  }
+  F dv;
+  if (a.elect == 0) {
+    dv = O::set1(pr.div_none);
+  } else {
+    const M pos = O::ge(vote, zero);  // s = +1 (else -1; a NaN vote is -1 as in torch)
+    dv = zero;
+    for (int i = 0; i < a.n; ++i) {
+      const F y = ys[i];
+      const M agree = O::m_or(O::m_and(pos, O::gt(y, zero)), O::m_andn(O::lt(y, zero), pos));
+      acc = O::add(acc, O::select(agree, y, zero));
+      dv = O::add(dv, O::select(agree, O::set1(a.weight[i]), zero));
+    }
+    dv = O::select(O::eq(dv, zero), O::set1(1.f), dv);
+  }
+  const F mixed = a.normalize ? O::div(acc, dv) : acc;
+  O::store(a.out, a.out_dtype, j, O::add(b, O::mul(O::set1(a.lam), mixed)));
+}
+
+void combine_impl(const CombineArgs& a) {
+  if (a.numel <= 0) return;
+  const Prep pr = prepare(a);
+  const int64_t ntasks = (a.numel + kCombineTask - 1) / kCombineTask;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
+  using FV = typename OpsV::F;
+  std::vector<std::vector<FV>> ysv(threads, std::vector<FV>(a.n));
+  std::vector<std::vector<float>> ys1(threads, std::vector<float>(a.n));
+  parallel_for(ntasks, threads, [&](int64_t task, int worker) {
+    const int64_t j0 = task * kCombineTask;
+    const int64_t j1 = std::min(a.numel, j0 + kCombineTask);
+    FV* ys = ysv[worker].data();
+    int64_t j = j0;
+    for (; j + OpsV::W <= j1; j += OpsV::W) combine_vec<OpsV>(a, pr, j, ys);
+    for (; j < j1; ++j) combine_vec<Ops1>(a, pr, j, ys1[worker].data());
+  });
+}
+
+// ------------------------------------------------------------------ statistics
+
+// Fixed accumulation lanes: element j of a task adds into lane j % kLanes at every SIMD
+// level, so sums do not depend on the level (nor, tasks summed in order, on threads).
+constexpr int kLanes = 16;
+static_assert(kLanes % OpsV::W == 0, "a lane group holds whole vectors");
+static_assert(kStatsTask % kLanes == 0, "tasks hold whole lane groups");
+
+// |x - b| (mags) or x - b into out[0, kLanes) from chunk-local j (a whole lane group).
+template <bool kAbs>
+AME_HD void tau_group(const void* x, DType xd, const void* base, DType bd, int64_t j, float* out) {
+  using F = typename OpsV::F;
+  for (int v = 0; v < kLanes; v += OpsV::W) {
+    const F b = base ? OpsV::load(base, bd, j + v) : OpsV::zero();
+    const F t = OpsV::sub(OpsV::load(x, xd, j + v), b);
+    OpsV::storef(out + v, kAbs ? OpsV::abs(t) : t);
+  }
+}
+template <bool kAbs>
+AME_HD float tau_one(const void* x, DType xd, const void* base, DType bd, int64_t j) {
+  const float b = base ? load_f32(base, bd, j) : 0.f;
+  const float t = load_f32(x, xd, j) - b;
+  return kAbs ? Ops1::abs(t) : t;
+}
+
+void histogram_impl(const HistArgs& a) {
+  std::fill(a.counts, a.counts + a.nbins, int64_t{0});
+  if (a.numel <= 0) return;
+  const int64_t ntasks = (a.numel + kStatsTask - 1) / kStatsTask;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
+  std::vector<std::vector<int64_t>> counts(threads > 1 ? threads : 0, std::vector<int64_t>(a.nbins, 0));
+  const uint32_t mask = static_cast<uint32_t>(a.nbins - 1), pm = a.prefix_mask, pre = a.prefix;
+  const int shift = a.shift;
+  parallel_for(ntasks, threads, [&](int64_t task, int worker) {
+    int64_t* cnt = threads > 1 ? counts[worker].data() : a.counts;
+    const int64_t j0 = task * kStatsTask;
+    const int64_t j1 = std::min(a.numel, j0 + kStatsTask);
+    alignas(64) float m[kLanes];
+    auto count = [&](float v) {
+      const uint32_t bits = f32_bits(v);
+      if (pm == 0 || (bits & pm) == pre) ++cnt[(bits >> shift) & mask];
+    };
+    int64_t j = j0;
+    for (; j + kLanes <= j1; j += kLanes) {
+      tau_group<true>(a.x, a.x_dtype, a.base, a.base_dtype, j, m);
+      for (int l = 0; l < kLanes; ++l) count(m[l]);
+    }
+    for (; j < j1; ++j) count(tau_one<true>(a.x, a.x_dtype, a.base, a.base_dtype, j));
+  });
+  for (const auto& c : counts)
+    for (int64_t k = 0; k < a.nbins; ++k) a.counts[k] += c[k];
+}
+
+// Gram: per task, blocks of kGramBlock elements staged as float64 rows tau_i (products of
+// fp32 values are exact in float64), then lane-wise dot products per pair i <= k.
+constexpr int64_t kGramBlock = 512;
+static_assert(kStatsTask % kGramBlock == 0 && kGramBlock % kLanes == 0, "gram blocks tile the tasks");
+
+void gram_impl(const GramArgs& a) {
+  const int n = a.n;
+  std::fill(a.out, a.out + static_cast<int64_t>(n) * n, 0.0);
+  if (a.numel <= 0) return;
+  const int64_t ntasks = (a.numel + kStatsTask - 1) / kStatsTask;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
+  const int npairs = n * (n + 1) / 2;
+  std::vector<double> partial(static_cast<size_t>(ntasks) * npairs, 0.0);
+  std::vector<std::vector<double>> rows(threads, std::vector<double>(static_cast<size_t>(n) * kGramBlock));
+  std::vector<std::vector<double>> lanes(threads, std::vector<double>(static_cast<size_t>(npairs) * kLanes));
+  parallel_for(ntasks, threads, [&](int64_t task, int worker) {
+    double* R = rows[worker].data();
+    double* L = lanes[worker].data();
+    std::fill(L, L + static_cast<size_t>(npairs) * kLanes, 0.0);
+    const int64_t t0 = task * kStatsTask;
+    const int64_t t1 = std::min(a.numel, t0 + kStatsTask);
+    alignas(64) float tmp[kLanes];
+    for (int64_t b0 = t0; b0 < t1; b0 += kGramBlock) {
+      const int64_t len = std::min(kGramBlock, t1 - b0);
+      const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
+      for (int i = 0; i < n; ++i) {
+        double* r = R + static_cast<int64_t>(i) * kGramBlock;
+        int64_t j = 0;
+        for (; j + kLanes <= len; j += kLanes) {
+          tau_group<false>(a.inputs[i], a.input_dtypes[i], a.base, a.base_dtype, b0 + j, tmp);
+          for (int l = 0; l < kLanes; ++l) r[j + l] = static_cast<double>(tmp[l]);
+        }
+        for (; j < len; ++j) r[j] = static_cast<double>(tau_one<false>(a.inputs[i], a.input_dtypes[i], a.base, a.base_dtype, b0 + j));
+        for (; j < padded; ++j) r[j] = 0.0;
+      }
+      int pair = 0;
+      for (int i = 0; i < n; ++i) {
+        const double* ri = R + static_cast<int64_t>(i) * kGramBlock;
+        for (int k = i; k < n; ++k, ++pair) {
+          const double* rk = R + static_cast<int64_t>(k) * kGramBlock;
+          double acc[kLanes];
+          for (int l = 0; l < kLanes; ++l) acc[l] = L[pair * kLanes + l];
+          for (int64_t j = 0; j < padded; j += kLanes)
+            for (int l = 0; l < kLanes; ++l) acc[l] += ri[j + l] * rk[j + l];
+          for (int l = 0; l < kLanes; ++l) L[pair * kLanes + l] = acc[l];
+        }
+      }
+    }
+    double* P = partial.data() + task * npairs;
+    for (int q = 0; q < npairs; ++q) {
+      double s = 0.0;
+      for (int l = 0; l < kLanes; ++l) s += L[q * kLanes + l];
+      P[q] = s;
+    }
+  });
+  for (int64_t task = 0; task < ntasks; ++task) {
+    const double* P = partial.data() + task * npairs;
+    int pair = 0;
+    for (int i = 0; i < n; ++i)
+      for (int k = i; k < n; ++k, ++pair) a.out[i * n + k] += P[pair];
+  }
+  for (int i = 0; i < n; ++i)
+    for (int k = 0; k < i; ++k) a.out[i * n + k] = a.out[k * n + i];
+}
+
+// kept_l1: per task and ingredient, lane-wise float64 sums of |tau| and of the kept |tau|.
+void kept_l1_impl(const CombineArgs& a, double* out) {
+  const int n = a.n;
+  std::fill(out, out + 2 * static_cast<int64_t>(n), 0.0);
+  if (a.numel <= 0) return;
+  const Prep pr = prepare(a);
+  const int64_t ntasks = (a.numel + kStatsTask - 1) / kStatsTask;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
+  std::vector<double> partial(static_cast<size_t>(ntasks) * 2 * n, 0.0);
+  std::vector<std::vector<double>> lanes(threads, std::vector<double>(static_cast<size_t>(n) * 2 * kLanes));
+  using F = typename OpsV::F;
+  using M = typename OpsV::M;
+  parallel_for(ntasks, threads, [&](int64_t task, int worker) {
+    double* L = lanes[worker].data();
+    std::fill(L, L + static_cast<size_t>(n) * 2 * kLanes, 0.0);
+    const int64_t t0 = task * kStatsTask;
+    const int64_t t1 = std::min(a.numel, t0 + kStatsTask);
+    alignas(64) float mv[kLanes], kv[kLanes];
+    int64_t j = t0;
+    for (; j + kLanes <= t1; j += kLanes) {
+      for (int i = 0; i < n; ++i) {
+        for (int v = 0; v < kLanes; v += OpsV::W) {
+          const int64_t jj = j + v;
+          const F b = a.base ? OpsV::load(a.base, a.base_dtype, jj) : OpsV::zero();
+          const F tau = OpsV::sub(OpsV::load(a.inputs[i], a.input_dtypes[i], jj), b);
+          M keep;
+          F p;
+          keep_mask<OpsV>(a, pr, i, jj, a.offset + jj, tau, keep, p);
+          const F m = OpsV::abs(tau);
+          OpsV::storef(mv + v, m);
+          OpsV::storef(kv + v, OpsV::select(keep, m, OpsV::zero()));
+        }
+        double* li = L + static_cast<int64_t>(i) * 2 * kLanes;
+        for (int l = 0; l < kLanes; ++l) {
+          li[l] += static_cast<double>(mv[l]);
+          li[kLanes + l] += static_cast<double>(kv[l]);
+        }
+      }
+    }
+    for (; j < t1; ++j) {
+      const int l = static_cast<int>((j - t0) % kLanes);
+      for (int i = 0; i < n; ++i) {
+        const float b = a.base ? load_f32(a.base, a.base_dtype, j) : 0.f;
+        const float tau = load_f32(a.inputs[i], a.input_dtypes[i], j) - b;
+        bool keep;
+        float p;
+        keep_mask<Ops1>(a, pr, i, j, a.offset + j, tau, keep, p);
+        const float m = Ops1::abs(tau);
+        double* li = L + static_cast<int64_t>(i) * 2 * kLanes;
+        li[l] += static_cast<double>(m);
+        li[kLanes + l] += static_cast<double>(keep ? m : 0.f);
+      }
+    }
+    double* P = partial.data() + task * 2 * n;
+    for (int q = 0; q < 2 * n; ++q) {
+      double s = 0.0;
+      for (int l = 0; l < kLanes; ++l) s += L[q * kLanes + l];
+      P[q] = s;
+    }
+  });
+  for (int64_t task = 0; task < ntasks; ++task)
+    for (int q = 0; q < 2 * n; ++q) out[q] += partial[task * 2 * n + q];
+}
+
+}  // namespace
+
+void combine(const CombineArgs& a) { combine_impl(a); }
+void magnitude_histogram(const HistArgs& a) { histogram_impl(a); }
+void gram(const GramArgs& a) { gram_impl(a); }
+void kept_l1(const CombineArgs& a, double* out) { kept_l1_impl(a, out); }
+
+}  // namespace AME_ISA_NS
+}  // namespace cpu
+}  // namespace ame

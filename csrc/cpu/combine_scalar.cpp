@@ -1,0 +1,6 @@
+// Instantiates csrc/cpu/combine_kernel.h for the scalar level (W = 1); CMake compiles files named
+// *_avx2.cpp / *_avx512.cpp with that ISA's flags, and combine_*.cpp with -ffp-contract=off
+// (the combine pass is bitwise combine_torch). Nothing else belongs here.
+#define AME_ISA_NS scalar
+#define AME_W 1
+#include "cpu/combine_kernel.h"
