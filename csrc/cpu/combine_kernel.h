@@ -295,7 +295,10 @@ AME_HD bool keep_mask(const CombineArgs& a, const Prep& pr, int i, int64_t j, in
   const F m = O::abs(tau);
   const F tm = O::set1(a.top_mag[i]), em = O::set1(a.end_mag[i]);
   const M before_top = O::m_or(O::gt(m, tm), O::m_and(O::eq(m, tm), O::lanes_below(a.top_idx[i], g0)));
-  const M before_end = O::m_or(O::gt(m, em), O::m_and(O::eq(m, em), O::lanes_below(a.end_idx[i], g0)));
+  // no end (end_mag < 0): every entry, NaN included, is before it (methods/combine.py)
+  const M before_end = a.end_mag[i] < 0.f
+                           ? O::gt(O::set1(1.f), O::set1(0.f))
+                           : O::m_or(O::gt(m, em), O::m_and(O::eq(m, em), O::lanes_below(a.end_idx[i], g0)));
   keep = O::m_andn(before_end, before_top);
   const float* pp = a.probs ? a.probs[i] : nullptr;
   if (pp) {
