@@ -362,6 +362,9 @@ def main(argv=None) -> int:
         assert set(out) == {n for n, _ in models.shapes()}, sorted(set(out) ^ {n for n, _ in models.shapes()})
         entry = {k: v for k, v in cfg.items()}
         entry["yaml"] = text.replace(work + "/models/", "MODELS/")
+        if isinstance(cfg["parameters"].get("t"), list):
+            entry["t_per_tensor"] = {n: slerp_t(n, cfg["parameters"]["t"], models.SPEC["layers"])
+                                     for n, _ in models.shapes()}
         if cfg["kind"] == "exact":
             worst = 0.0
             for name, _ in models.shapes():
