@@ -1,7 +1,8 @@
-"""ame-merge against mergekit's linear merge of the same files, measured in one run.
+"""ame-merge against mergekit on the same files, one row per merge method, measured in one run.
 
     python benchmarks/bench_mergekit.py --mergekit /path/to/mergekit-yaml          # 4 x 1.1B bf16
     python benchmarks/bench_mergekit.py --mergekit /path/to/mergekit-yaml --small  # 4 x ~0.1B
+    python benchmarks/bench_mergekit.py --mergekit ... --small --methods linear ties --only mergekit
 
 mergekit is not a dependency of this project: install it in an environment of its own
 (``python -m venv mk && mk/bin/pip install mergekit``) and pass its ``mergekit-yaml``.
@@ -9,11 +10,24 @@ Without one (flag or PATH) the script says so and exits 0.
 
 Both tools get the same sharded bf16 Llama-shaped checkpoints (the bench_e2e generator
 plus a full Llama config.json, which mergekit needs to resolve the architecture) and do
-the same merge: the uniform soup (mergekit ``linear`` with equal weights; ame-merge GD
-with lr 1 constant, fixed pivot). After one warm-up run of each (page cache warm), the
-two run interleaved for ``--repeat`` rounds, each as a fresh process: wall time
-(start-up included) and the process's peak RSS (wait4). The outputs are compared tensor
-by tensor (max |difference| in units of the bf16 result).
+the same merge, one row per method (``--methods``, default all of METHODS):
+
+* ``soup``: the uniform soup (mergekit ``linear`` with equal weights; ame-merge GD with
+  lr 1 constant, fixed pivot: the AME path);
+* ``linear``, ``task_arithmetic``, ``ties``, ``breadcrumbs``, ``dare_ties``, ``della``,
+  ``slerp``, ``model_stock``: the same config in both schemas (mergekit's
+  ``merge_method`` / ``base_model`` / ``parameters``; ame-merge's ``method:`` / ``base:`` /
+  per-model keys / top-level parameters). model0 is the base of the task-vector methods
+  and model_stock, models 1..N-1 the fine-tunes; slerp interpolates model0 -> model1.
+
+After one warm-up run of each (page cache warm), the tools run interleaved for
+``--repeat`` rounds, each as a fresh process: wall time (start-up included) and the
+process's peak RSS (wait4). A tool that fails prints its error and its row says
+``FAILED``; the other rows still run. The outputs of the deterministic methods are
+compared tensor by tensor (max |difference| relative to the result, bf16 outputs;
+mergekit computes task-vector methods in bf16 itself, ame-merge in float32, so a few
+bf16 ulps are expected there); DARE/DELLA draw different random masks and are not
+compared (tests/test_mergekit_parity.py checks them statistically).
 """
 
 from __future__ import annotations
@@ -43,15 +57,22 @@ def llama_config(vocab, hidden, inter, layers, kv) -> dict:
     }
 
 
+
+class ToolFailed(Exception):
+    pass
+
+
 def timed(cmd: list, cwd: str) -> tuple:
-    """(wall seconds, peak RSS bytes) of ``cmd`` as a fresh process."""
+    """(wall seconds, peak RSS bytes) of ``cmd`` as a fresh process; ToolFailed on failure."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read()  # drain while it runs (a full pipe would block the child)
     _, status, ru = os.wait4(proc.pid, 0)
     secs = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise SystemExit(f"bench_mergekit: {' '.join(cmd)} failed ({code}): {proc.stderr.read().decode()[-2000:]}")
+        tail = err.decode(errors="replace").strip()[-2000:]
+        raise ToolFailed(f"exit {code}: {tail.splitlines()[-1] if tail else 'no message'}", " ".join(cmd), tail)
     return secs, ru.ru_maxrss * 1024
 
 
@@ -69,13 +90,80 @@ def compare(a_dir: str, b_dir: str) -> float:
 
     a, b = tensors(a_dir), tensors(b_dir)
     if set(a) != set(b):
-        raise SystemExit(f"bench_mergekit: the outputs hold different tensors: {sorted(set(a) ^ set(b))[:5]}")
+        raise ToolFailed(f"the outputs hold different tensors: {sorted(set(a) ^ set(b))[:5]}")
     worst = 0.0
     for name in a:
         x, y = a[name].float(), b[name].float()
         worst = max(worst, float(((x - y).abs() / y.abs().clamp_min(1e-3)).max()))
     del torch
     return worst
+
+
+#: method -> (base?, which models, per-model parameters, global parameters, deterministic?)
+#: per-model values are lists over the fine-tunes (cycled); the same numbers go to both tools
+METHODS = {
+    "soup": None,  # the historical row: the uniform soup, AME path on ame-merge's side
+    "linear": dict(base=False, per={"weight": [1.0, 0.5, 0.8]}, glob={"normalize": True}, exact=True),
+    "task_arithmetic": dict(base=True, per={"weight": [0.6, 0.4, 0.5]}, glob={"lambda": 0.9}, exact=True),
+    "ties": dict(base=True, per={"weight": [1.0, 0.7, 0.5], "density": [0.5, 0.7, 0.5]},
+                 glob={"normalize": True, "lambda": 1.0}, exact=True),
+    "breadcrumbs": dict(base=True, per={"weight": [1.0, 0.7, 0.5], "density": [0.7], "gamma": [0.05]},
+                        glob={}, exact=True),
+    "dare_ties": dict(base=True, per={"weight": [1.0, 0.7, 0.5], "density": [0.6]}, glob={}, exact=False),
+    "della": dict(base=True, per={"weight": [1.0, 0.7, 0.5], "density": [0.5], "epsilon": [0.1]},
+                  glob={}, exact=False),
+    "slerp": dict(base=True, two=True, per={}, glob={"t": 0.3}, exact=True),
+    "model_stock": dict(base=True, per={}, glob={}, exact=True),
+}
+
+
+def _yaml(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v)
+
+
+def method_configs(method: str, models: list, fam: str, dtype: str = "bfloat16") -> tuple:
+    """(mergekit config path, ame-merge config path) of one method on these models."""
+    spec = METHODS[method]
+    mk_cfg, ak_cfg = os.path.join(fam, f"mergekit_{method}.yml"), os.path.join(fam, f"ame_{method}.yaml")
+    if spec is None:
+        with open(mk_cfg, "w") as f:
+            f.write(f"merge_method: linear\ndtype: {dtype}\nmodels:\n")
+            for m in models:
+                f.write(f"  - model: {m}\n    parameters:\n      weight: 1.0\n")
+        with open(ak_cfg, "w") as f:
+            f.write("models:\n" + "".join(f"  - path: {m}\n" for m in models))
+            f.write("optimizer: sgd\nlr: 1\nlr_schedule: constant\nadaptive_pivot: false\n")
+        return mk_cfg, ak_cfg
+    base = models[0] if spec["base"] else None
+    if spec.get("two"):
+        mk_models, ak_models = [models[0], models[1]], [models[0], models[1]]  # slerp: [base_model, other]
+    elif base:
+        mk_models = ak_models = models[1:]
+    else:
+        mk_models = ak_models = models
+    per = [{k: v[i % len(v)] for k, v in spec["per"].items()} for i in range(len(mk_models))]
+    with open(mk_cfg, "w") as f:
+        f.write(f"merge_method: {method}\ndtype: {dtype}\n")
+        if base:
+            f.write(f"base_model: {base}\n")
+        f.write("models:\n")
+        for m, p in zip(mk_models, per):
+            f.write(f"  - model: {m}\n")
+            if p:
+                f.write("    parameters:\n" + "".join(f"      {k}: {_yaml(v)}\n" for k, v in p.items()))
+        if spec["glob"]:
+            f.write("parameters:\n" + "".join(f"  {k}: {_yaml(v)}\n" for k, v in spec["glob"].items()))
+    with open(ak_cfg, "w") as f:
+        f.write(f"method: {method}\n")
+        if base and not spec.get("two"):
+            f.write(f"base: {base}\n")
+        f.write("models:\n")
+        for m, p in zip(ak_models, per):
+            f.write(f"  - path: {m}\n" + "".join(f"    {k}: {_yaml(v)}\n" for k, v in p.items()))
+        f.write("".join(f"{k}: {_yaml(v)}\n" for k, v in spec["glob"].items()))
+        if method in ("dare_ties", "della"):
+            f.write("seed: 0\n")
+    return mk_cfg, ak_cfg
 
 
 def main(argv=None) -> int:
@@ -85,11 +173,17 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--dir", default="/tmp/ame_bench_mergekit")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                    help=f"rows to run (default all: {' '.join(METHODS)})")
+    ap.add_argument("--only", choices=("mergekit", "ame"), help="run one tool only (no comparison)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up run of each tool")
     ap.add_argument("--clean", action="store_true", help="delete the generated data at the end")
     args = ap.parse_args(argv)
-    if not args.mergekit or not os.path.exists(args.mergekit):
+    if args.only != "ame" and (not args.mergekit or not os.path.exists(args.mergekit)):
         print("bench_mergekit: no mergekit-yaml (pass --mergekit or put it on PATH): skipped")
         return 0
+    if args.n < 3 and "model_stock" in args.methods:
+        raise SystemExit("bench_mergekit: model_stock needs a base and >= 2 fine-tunes: --n >= 3 (4 by default)")
 
     dims = SMALL if args.small else FULL
     shapes = llama_shapes(**dims)
@@ -105,45 +199,69 @@ def main(argv=None) -> int:
             json.dump(llama_config(**dims), f)
     params = sum(int(np.prod(s)) for _, s in shapes)
 
-    mk_cfg = os.path.join(fam, "mergekit_linear.yml")
-    with open(mk_cfg, "w") as f:
-        f.write("merge_method: linear\ndtype: bfloat16\nmodels:\n")
-        for m in models:
-            f.write(f"  - model: {m}\n    parameters:\n      weight: 1.0\n")
-    ak_cfg = os.path.join(fam, "ame_soup.yaml")
-    with open(ak_cfg, "w") as f:
-        f.write("models:\n" + "".join(f"  - path: {m}\n" for m in models))
-        f.write("optimizer: sgd\nlr: 1\nlr_schedule: constant\nadaptive_pivot: false\n")
+    def tool_runs(method):
+        mk_cfg, ak_cfg = method_configs(method, models, fam)
+        mk_out, ak_out = os.path.join(fam, f"out_mergekit_{method}"), os.path.join(fam, f"out_ame_{method}")
 
-    mk_out, ak_out = os.path.join(fam, "out_mergekit"), os.path.join(fam, "out_ame")
-    def run_mergekit():
-        shutil.rmtree(mk_out, ignore_errors=True)  # mergekit has no --force
-        return timed([args.mergekit, mk_cfg, mk_out, "--allow-crimes"], fam)
+        def run_mergekit():
+            shutil.rmtree(mk_out, ignore_errors=True)  # mergekit has no --force
+            return timed([args.mergekit, mk_cfg, mk_out, "--allow-crimes", "--random-seed", "0"], fam)
 
-    runs = {
-        "mergekit linear": run_mergekit,
-        "ame-merge soup": lambda: timed([sys.executable, "-m", "ame_kernels", ak_cfg, ak_out, "--force", "--quiet"],
-                                        ROOT),
-    }
+        label = "soup" if method == "soup" else method
+        runs = {
+            f"mergekit {'linear' if method == 'soup' else method}": (run_mergekit, mk_out),
+            f"ame-merge {label}": (lambda: timed([sys.executable, "-m", "ame_kernels", ak_cfg, ak_out, "--force",
+                                                   "--quiet"], ROOT), ak_out),
+        }
+        if args.only == "mergekit":
+            runs = dict(list(runs.items())[:1])
+        elif args.only == "ame":
+            runs = dict(list(runs.items())[1:])
+        return runs
+
     mach = machine()
     print(f"# machine: {mach}")
-    print(f"# {args.n} x {params / 1e9:.3f}B params bf16, sharded; warm page cache; median of {args.repeat} rounds")
-    samples = {k: [] for k in runs}
-    for run in runs.values():  # warm-up: page cache, and each tool's own first-run costs
-        run()
-    for _ in range(args.repeat):
-        for k, run in runs.items():
-            samples[k].append(run())
-    worst = compare(ak_out, mk_out)
-    print(f"{'tool':<18} {'seconds':>8} {'[min-max]':>14} {'peak RSS':>10}")
-    med = {}
-    for k, vals in samples.items():
-        secs = [v[0] for v in vals]
-        rss = max(v[1] for v in vals)
-        med[k] = statistics.median(secs)
-        print(f"{k:<18} {med[k]:8.2f} {f'[{min(secs):.2f}-{max(secs):.2f}]':>14} {rss / 2**20:8.0f} MiB")
-    print(f"ame-merge is {med['mergekit linear'] / med['ame-merge soup']:.1f}x faster; "
-          f"outputs agree to {worst:.2e} relative (bf16 rounding of the same mean)")
+    print(f"# {args.n} x {params / 1e9:.3f}B params bf16, sharded; warm page cache; median of {args.repeat} rounds"
+          f"{'' if not args.no_warmup else ' (no warm-up)'}")
+    print(f"{'tool':<26} {'seconds':>8} {'[min-max]':>14} {'peak RSS':>10}  notes")
+    for method in args.methods:
+        runs = tool_runs(method)
+        samples, failed = {k: [] for k in runs}, {}
+        rounds = ([None] if not args.no_warmup else []) + list(range(args.repeat))
+        for r in rounds:
+            for k, (run, _) in runs.items():
+                if k in failed:
+                    continue
+                try:
+                    v = run()
+                except ToolFailed as e:
+                    failed[k] = e.args[0]
+                    print(f"bench_mergekit: {k}: {' '.join(e.args[1:2])} failed:\n{e.args[-1]}", file=sys.stderr)
+                    continue
+                if r is not None:
+                    samples[k].append(v)
+        med = {}
+        for k, vals in samples.items():
+            if k in failed or not vals:
+                print(f"{k:<26} {'FAILED':>8} {'':>14} {'':>10}  {failed.get(k, 'no sample')[:160]!r}")
+                continue
+            secs = [v[0] for v in vals]
+            rss = max(v[1] for v in vals)
+            med[k] = statistics.median(secs)
+            print(f"{k:<26} {med[k]:8.2f} {f'[{min(secs):.2f}-{max(secs):.2f}]':>14} {rss / 2**20:8.0f} MiB")
+        note = ""
+        if len(med) == 2:
+            (mk_k, (_, mk_out)), (ak_k, (_, ak_out)) = list(runs.items())
+            note = f"ame-merge {med[mk_k] / med[ak_k]:.1f}x faster"
+            exact = method == "soup" or METHODS[method]["exact"]
+            if exact:
+                try:
+                    note += f"; outputs agree to {compare(ak_out, mk_out):.2e} relative"
+                except ToolFailed as e:
+                    note += f"; outputs not comparable: {e}"
+            else:
+                note += "; random masks differ by design: not compared"
+            print(f"  {method}: {note}")
     if args.clean:
         shutil.rmtree(fam, ignore_errors=True)
     return 0
