@@ -11,8 +11,8 @@ summed, with TIES sign election for the ``*_ties`` variants and ``della``:
     out     = base + lambda * merged
 
 Sparsification, per tensor (as mergekit; each tensor ranked on its own):
-- ``magnitude`` (TIES, Yadav et al. 2023): keep the k = int(density * numel) entries of
-  largest |tau|.
+- ``magnitude`` (TIES, Yadav et al. 2023): keep the k = max(1, int(density * numel)) entries
+  of largest |tau| (none at density 0).
 - ``random`` (DARE, Yu et al. 2023): keep each entry with probability ``density``.
 - ``outliers`` (breadcrumbs, Davari & Belilovsky 2023): drop the n_top = int(gamma * numel)
   largest entries, keep the next int(density * numel).
@@ -107,8 +107,8 @@ class TaskVectorMethod(Method):
                 continue
             d = p["density"][i]
             target = int(d * numel)
-            if self.sparsify == "magnitude":
-                out.append((0, target))
+            if self.sparsify == "magnitude":  # mergekit keeps at least one entry of a density > 0
+                out.append((0, max(1, target) if d > 0 else 0))
                 continue
             n_top = int(p["gamma"][i] * numel)
             n_bot = numel - target - n_top
