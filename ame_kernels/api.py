@@ -208,21 +208,32 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, *, metho
     names = _check_structure(dicts)
     call = split_call(method, options, len(dicts), base is not None, config is not None)
     if call.name == "ame":
-        return _merge_ame(dicts, form, names, make_config(config, **call.ame_options))
+        return _merge_ame(dicts, form, names, make_config(config, **call.ame_options), call.transform, base)
     return _merge_method(dicts, form, names, call, base)
 
 
-def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig):
+def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, transform=None, base: Any = None):
     pivot = _resolve_pivot(cfg.pivot, dicts, names, form)
     plan = schedule(cfg, len(dicts))
+    base_sd = resolve_reference(base, dicts, names, form, "base", "a tensor or state dict") if base is not None else None
     if cfg.check_finite:
         _check_finite(dicts, names)
         _check_pivot_finite(pivot, names)
+        _check_pivot_finite(base_sd, names, "base")
     device = dicts[0][names[0]].device if names else torch.device("cpu")
     backend = get_backend(cfg.backend, device.type)
 
     def run(name, inputs, out):
         p = pivot[name].detach().to(device).contiguous().reshape(-1) if isinstance(pivot, dict) else pivot
+        if transform is not None:  # the ingredients' task vectors sparsified first (methods.transforms)
+            from .methods.run import TorchOps, plan_tensor
+            from .methods.transforms import transform_chunk, unit_params
+
+            method, params = transform
+            b = base_sd[name].detach().contiguous().reshape(-1)
+            tplan, _, _ = plan_tensor(method, unit_params(params, len(inputs)), name, tuple(dicts[0][name].shape),
+                                      len(inputs), True, lambda: [(0, inputs, b)], TorchOps(backend, cfg.threads))
+            inputs = transform_chunk(method, tplan, inputs, b, 0)
         backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads)
 
     return _merge_tensors(dicts, form, names, cfg.out_dtype, cfg.check_finite, None, run)

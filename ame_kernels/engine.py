@@ -308,6 +308,9 @@ def plan_merge(
     cfg = make_config(config, **call.ame_options) if call.name == "ame" else make_config(None, **call.general)
     if call.name != "ame" and pivot_path is not None:
         raise MergeError(f"pivot: method {call.name!r} has no pivot (a task-vector method takes base: PATH)")
+    if call.transform is not None and pivot_path is not None:
+        raise MergeError("pivot: a checkpoint pivot together with a transform is not supported on the engine "
+                         "(use pivot: soup or a model index; ak.merge takes both)")
     if not (isinstance(chunk_mb, (int, float)) and chunk_mb > 0 and math.isfinite(chunk_mb)):
         raise MergeError(f"chunk_mb: must be a number > 0, got {chunk_mb!r}")
     shard_bytes = parse_size(shard_size)
@@ -319,20 +322,20 @@ def plan_merge(
         if extra is not None:
             opened.append(open_checkpoint(extra))
         extra_ck = opened[-1] if extra is not None else None
-        return _plan(opened[: len(models)], extra_ck, cfg, chunk_mb, shard_bytes, device, call)
+        return _plan(opened[: len(models)], extra_ck if base is None else None, extra_ck if base is not None else None,
+                     cfg, chunk_mb, shard_bytes, device, call)
     except BaseException:
         for ck in opened:  # nothing stays open after a failed plan
             ck.close()
         raise
 
 
-def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig, chunk_mb: float, shard_bytes: int,
-          device: str, call: Any) -> MergePlan:
+def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], base_ck: Optional[Checkpoint], cfg: AMEConfig,
+          chunk_mb: float, shard_bytes: int, device: str, call: Any) -> MergePlan:
     n = len(cks)
     pivot: Union[None, int, Checkpoint]
-    base_ck = None
-    if call.name != "ame":  # the extra checkpoint is the method's base; there is no pivot
-        base_ck, pivot_ck, pivot = pivot_ck, None, None
+    if call.name != "ame":  # a task-vector method's base; there is no pivot
+        pivot = None
     elif pivot_ck is not None:
         pivot = pivot_ck
     elif cfg.pivot == "soup":
@@ -387,7 +390,7 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], cfg: AMEConfig,
     chunk_elems = min(chunk_elems, max(4096, -(-largest // 4096) * 4096))
     plan = MergePlan(cks, pivot, cfg, steps, jobs, shard_files, [], chunk_elems, backend, device, shard_bytes, plan_warnings,
                      call, base_ck)
-    rows = call.method.row_aligned
+    rows = call.method.row_aligned or (call.transform is not None and call.transform[0].row_aligned)
     # work items in file order (shard by shard, tensor by tensor as the shard header lists them), so
     # the single-process writer can stream each shard front to back
     index = {job.name: j for j, job in enumerate(jobs)}
@@ -527,6 +530,7 @@ class _MethodRunner:
         from .methods.run import BufferOps, TorchOps
 
         self.plan = plan
+        self.method, self.params = plan.call.method, plan.call.params
         self.buffers = plan.backend == "cpu" and plan.device == "cpu"
         if self.buffers:
             self.ops = BufferOps(threads)
@@ -549,7 +553,7 @@ class _MethodRunner:
     def _chunks(self, job: TensorJob):
         plan = self.plan
         cks = plan.ingredients + ([plan.base] if plan.base is not None else [])
-        step = _item_elems(job, plan.chunk_elems, plan.call.method.row_aligned)
+        step = _item_elems(job, plan.chunk_elems, self.method.row_aligned)
 
         def gen():
             for s in range(0, job.numel, step):
@@ -576,7 +580,7 @@ class _MethodRunner:
             plan, job = self.plan, self.plan.tensors[j]
             check = plan.config.check_finite
             try:
-                cplan, probs, ctx = plan_tensor(plan.call.method, plan.call.params, job.name, job.shape, plan.n,
+                cplan, probs, ctx = plan_tensor(self.method, self.params, job.name, job.shape, plan.n,
                                                 plan.base is not None, self._chunks(job), self.ops, check)
             except NonFinite as e:
                 where = "; ".join(self._where(i, job.name) for i in e.ingredients)
@@ -610,6 +614,39 @@ class _MethodRunner:
             if culprits:
                 return culprits
         return []
+
+
+class _TransformStage(_MethodRunner):
+    """A task-vector transform under AME (``methods.transforms``): per tensor the transform's
+    statistics, then per work item the transformed ingredients as fp32 arrays for the AME runner.
+    Runs on host torch tensors (the cpu backend's primitives where it is built)."""
+
+    def __init__(self, plan: MergePlan, threads: Optional[int]):
+        import torch
+
+        from .backends import get_backend
+        from .methods.run import TorchOps
+        from .methods.transforms import unit_params
+
+        self.plan = plan
+        self.method, params = plan.call.transform
+        self.params = unit_params(params, plan.n)
+        self.buffers, self.torch, self.device = False, torch, torch.device("cpu")
+        name = plan.backend if plan.backend in ("cpu", "reference") else "auto"
+        self.ops = TorchOps(get_backend(name, "cpu"), threads)
+        self.job, self.state = -1, None
+
+    def __call__(self, j: int, it: WorkItem, views, dts, base_view, base_dtype) -> Tuple[list, list]:
+        from .methods.transforms import transform_chunk
+
+        cplan, _, explicit = self._tensor(j)
+        bad = [i for i in explicit if _nonfinite(views[i], dts[i])]
+        if bad:
+            raise MergeError(f"tensor {self.plan.tensors[j].name!r}: NaN or Inf in "
+                             + "; ".join(self._where(i, self.plan.tensors[j].name) for i in bad))
+        xs = [self.handle(v, d) for v, d in zip(views, dts)]
+        out = transform_chunk(self.method, cplan, xs, self.handle(base_view, base_dtype), it.start)
+        return [t.numpy() for t in out], ["float32"] * len(out)
 
 
 # --------------------------------------------------------------------------- run
@@ -767,6 +804,8 @@ def merge_items(
     pivot_ck = plan.pivot if isinstance(plan.pivot, Checkpoint) else None
     extra_ck = pivot_ck or plan.base  # read besides the ingredients: the pivot or the base
     methods = plan.method != "ame"
+    transform = _TransformStage(plan, threads) if (not methods and plan.call is not None and plan.call.transform
+                                                   is not None and runner is not None) else None
     notes: List[str] = []
     cks = plan.ingredients
     try:
@@ -797,6 +836,9 @@ def merge_items(
                 if methods:
                     bview, bdtype = (pivot[0], pivot[1]) if plan.base is not None else (None, None)
                     bad = runner(it.job, it, views, dts, bview, bdtype, out, job.out_dtype)
+                elif transform is not None:  # AME on the transformed ingredients, around its own pivot
+                    xs, xdts = transform(it.job, it, views, dts, pivot[0], pivot[1])
+                    bad = runner(xs, xdts, plan.steps, plan.pivot, cfg.adaptive_pivot, out, job.out_dtype, cfg.check_finite)
                 else:
                     bad = runner(views, dts, plan.steps, pivot, cfg.adaptive_pivot, out, job.out_dtype, cfg.check_finite)
                 if bad:

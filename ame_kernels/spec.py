@@ -118,7 +118,7 @@ def load_spec(path: str) -> MergeSpec:
     if not isinstance(doc, dict):
         raise UsageError(f"{path}: expected a mapping with a 'models:' list, got {type(doc).__name__}")
     params = method_param_names()
-    top = ("models", "method", "base", "pivot") + ENGINE_KEYS + STRATEGY_KEYS + tuple(
+    top = ("models", "method", "base", "pivot", "transform") + ENGINE_KEYS + STRATEGY_KEYS + tuple(
         f for f in FIELD_NAMES if f != "pivot") + params
     for key in doc:
         if key not in top:
@@ -160,7 +160,7 @@ def load_spec(path: str) -> MergeSpec:
                 check_finite_value(value, f"{path}: models[{i}].{key}")
         scores.append(m.get("score"))
         spec.per_model.append({k: v for k, v in m.items() if k not in ("path", "score")})
-    options = {k: v for k, v in doc.items() if k in FIELD_NAMES or k in params}
+    options = {k: v for k, v in doc.items() if k in FIELD_NAMES or k in params or k == "transform"}
     options.pop("pivot", None)
     given = [s is not None for s in scores]
     if any(given):

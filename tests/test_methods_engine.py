@@ -167,3 +167,40 @@ def test_a_nan_hidden_by_a_mask_is_still_reported(tmp_path, capsys):
         code, _, err = _cli(capsys, tmp_path / "c.yaml", tmp_path / "out", "--quiet")
         assert code == 1 and "tensor 'w': NaN or Inf in ingredient 1" in err, err
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("transform, kw", [("dare", dict(density=0.4)), ("ties", dict(density=0.3)),
+                                            ("breadcrumbs", dict(density=0.5, gamma=0.1))])
+def test_transforms_under_ame_stream_like_in_memory(tmp_path, transform, kw):
+    base, fts, paths, bpath = _family(tmp_path)
+    merge_checkpoints(paths, str(tmp_path / "out"), optimizer="adam", lr=1e-2, epochs=2, transform=transform,
+                      base=bpath, seed=2, chunk_mb=0.02, backend="reference", **kw)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    want = ak.merge(fts, optimizer="adam", lr=1e-2, epochs=2, transform=transform, base=base, seed=2,
+                    backend="reference", **kw)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    plain = ak.merge(fts, optimizer="adam", lr=1e-2, epochs=2, backend="reference")
+    assert not torch.equal(plain["w"], want["w"])  # the transform changed what AME averaged
+
+
+def test_transform_semantics():
+    """GD soup (lr 1, fixed pivot) over DARE-dropped ingredients == dare_linear with weights 1/N;
+    the TIES transform zeroes entries against the elected sign."""
+    torch.manual_seed(1)
+    base = torch.randn(30, 20)
+    xs = [base + 0.1 * torch.randn(30, 20) for _ in range(3)]
+    soup = dict(optimizer="sgd", lr=1.0, lr_schedule="constant", adaptive_pivot=False, pivot=0)
+    a = ak.merge(xs, **soup, transform="dare", base=base, density=0.5, seed=4, rescale="inverse")
+    b = ak.merge(xs, method="dare_linear", base=base, density=0.5, seed=4, rescale="inverse", weights=[1 / 3] * 3)
+    assert torch.allclose(a, b, atol=1e-6)
+    x = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-1.0, 1.0, 1.0]), torch.tensor([2.0, 1.0, -5.0])]
+    t = ak.merge(x, **soup, transform="ties", base=torch.zeros(3), density=1.0)
+    assert torch.allclose(t, torch.tensor([3.0, 2.0, -5.0]) / 3)
+    with pytest.raises(ak.MergeError, match="transform 'dare' needs a base"):
+        ak.merge(xs, optimizer="adam", transform="dare", density=0.5)
+    with pytest.raises(ak.MergeError, match="unknown transform 'dar'"):
+        ak.merge(xs, optimizer="adam", transform="dar", base=base)
+    with pytest.raises(ak.MergeError, match="transform 'ties' takes density, consensus, not 'gamma'"):
+        ak.merge(xs, optimizer="adam", transform="ties", base=base, gamma=0.1)
+    with pytest.raises(ak.MergeError, match="transform is an option of method 'ame'"):
+        ak.merge(xs, method="ties", transform="dare", base=base)

@@ -71,6 +71,8 @@ class MethodCall:
     params: Optional[Params]          # None for ame
     ame_options: Dict[str, Any]       # AMEConfig fields for ame (general options included)
     general: Dict[str, Any]
+    #: ame only: (method, params) of a task-vector transform applied to the ingredients first
+    transform: Any = None
 
     @property
     def name(self) -> str:
@@ -88,7 +90,7 @@ def split_call(method: Any, options: Dict[str, Any], n: int, has_base: bool, has
 
     general = {k: v for k, v in options.items() if k in GENERAL_KEYS}
     rest = {k: v for k, v in options.items() if k not in GENERAL_KEYS}
-    ame_keys = [k for k in rest if k in FIELD_NAMES]
+    ame_keys = [k for k in rest if k in FIELD_NAMES or k == "transform"]
     if method is None:
         if ame_keys or has_config:
             method = "ame"
@@ -108,9 +110,16 @@ def split_call(method: Any, options: Dict[str, Any], n: int, has_base: bool, has
             method = "linear"
     m = get_method(method, where)
     if m.name == "ame":
-        if has_base:
+        from .transforms import split_transform
+
+        transform_name = rest.get("transform")
+        transform, rest = split_transform(rest, n, where)
+        if has_base and transform is None:
             raise MergeError(f"{where}: method 'ame' takes a pivot, not a base (pivot=<state dict> with "
-                             "adaptive_pivot=False runs AME around a fixed point)")
+                             "adaptive_pivot=False runs AME around a fixed point; a base is for transform=...)")
+        if transform is not None and not has_base:
+            raise MergeError(f"{where}: transform {transform_name!r} needs a base model "
+                             "(its task vectors are x_i - base)")
         unknown = [k for k in rest if k not in FIELD_NAMES]
         if unknown:
             raise MergeError(f"{where}: method 'ame' has no option {unknown[0]!r}"
@@ -118,7 +127,10 @@ def split_call(method: Any, options: Dict[str, Any], n: int, has_base: bool, has
         if per_model and any(per_model):
             keys = sorted({k for d in per_model for k in d})
             raise MergeError(f"{where}: method 'ame' takes no per-model parameters, got {', '.join(map(repr, keys))}")
-        return MethodCall(m, None, {**rest, **general}, general)
+        return MethodCall(m, None, {**rest, **general}, general, transform)
+    if "transform" in rest:
+        raise MergeError(f"{where}: transform is an option of method 'ame' (a transform under the AME optimizers); "
+                         f"{m.name!r} sparsifies by its own parameters")
     own = {q.name for q in m.params}
     ame_keys = [k for k in ame_keys if canonical(k) not in own]  # 'seed' is both AME's and DARE's
     if ame_keys:

@@ -104,7 +104,8 @@ class ModelStock(Method):
         cos = [max(-1.0, min(1.0, g[i, j] / max(norms[i] * norms[j], MODEL_STOCK_EPS)))
                for i in range(k) for j in range(i + 1, k)]
         c = float(np.mean(cos))
-        return k * c / (1 + (k - 1) * c), c
+        den = 1 + (k - 1) * c
+        return (k * c / den if abs(den) >= MODEL_STOCK_EPS else 0.0), c  # mergekit: t = 0 at a vanishing denominator
 
     def plan(self, ctx, p: Params) -> CombinePlan:
         t, c = self.ratio(ctx.gram())
