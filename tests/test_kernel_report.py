@@ -122,6 +122,22 @@ def test_size_argument_is_widened_before_any_index_math(triton_rows):
         assert r["c_narrow_ops"] == [], f"{r['kernel']} sm_{r['arch']} {r['c_narrow_ops']} on C: {r['variant']}"
 
 
+def test_triton_combine_variants_compile_and_read_whole_vectors(triton_rows):
+    """The combine kernel (backends/triton/combine.py): every input kind x elect mode compiles for
+    both archs; aligned 16-bit inputs are 16-byte loads (the generic checks above cover spills, stores
+    and the size argument for these rows too), and the unaligned control falls back to 2-byte loads."""
+    rows = [r for r in triton_rows if r["kernel"] == "_combine_kernel"]
+    for arch in ARCHS:
+        seen = {(v["IN_KIND"], v["ELECT"]) for v in (_variant(r) for r in rows if r["arch"] == arch)}
+        assert seen == {(str(k), str(e)) for k in range(4) for e in range(3)}, (arch, seen)
+    aligned16 = [r for r in rows if _variant(r)["ALIGNED"] == "1" and r["in_type"] in ("bf16", "fp16")]
+    assert len(aligned16) >= 12
+    for r in aligned16:
+        assert _loads(r, "ld.global.b16") == 0 and _loads(r, "ld.global.v4") >= 1, r["variant"]
+    unaligned = [r for r in rows if _variant(r)["ALIGNED"] == "0"]
+    assert unaligned and all(_loads(r, "ld.global.b16") > 0 for r in unaligned)
+
+
 # --- CUDA C++ -------------------------------------------------------------------------
 
 def _cuda_module_built() -> bool:
