@@ -157,7 +157,7 @@ def cuda_rows():
 
 def _concrete(row) -> bool:
     """A kernel over one input dtype (not the run-time Mixed dispatch)."""
-    return row["kernel"].endswith(("whole_run_kernel", "step_kernel", "weighted_sum_kernel")) \
+    return row["kernel"].endswith(("whole_run_kernel", "step_kernel", "weighted_sum_kernel", "combine_kernel")) \
         and "Mixed" not in row["variant"]
 
 
@@ -179,3 +179,15 @@ def test_cuda_kernels_use_16_byte_loads_and_stores(cuda_rows):
 def test_cuda_kernels_do_not_use_local_memory(cuda_rows):
     for r in cuda_rows:
         assert r["local"] == 0, f"{r['variant']} sm_{r['arch']}"
+
+
+def test_cuda_combine_kernel_variants_are_built(cuda_rows):
+    """csrc/cuda/combine.cu: TIn (3 dtypes + Mixed) x TOut x (elect none, elect sum/count) per arch,
+    16-byte loads and stores in each (the concrete ones are also in the checks above), no local memory."""
+    for arch in ARCHS:
+        rows = [r for r in cuda_rows if r["arch"] == arch and r["kernel"].endswith("combine_kernel")]
+        assert len(rows) == 4 * 3 * 2, (arch, [r["variant"] for r in rows])
+        for r in rows:
+            assert any(k.startswith("LDG.E.128") for k in r["loads"]), r["variant"]
+            assert any(k.startswith("STG.E.128") for k in r["stores"]), r["variant"]
+            assert r["local"] == 0 and r["stack"] == 0, r["variant"]
