@@ -184,6 +184,10 @@ def _combine_variants() -> list:
             consts = dict(IN_KIND=kind, HAS_BASE=k % 3 != 2, HAS_PROBS=k % 2 == 1, RANDOM=k % 4 != 0,
                           ELECT=elect, NORMALIZE=elect != 1 or kind == 0, INV_PROB=k % 2 == 0, ALIGNED=True)
             out.append(("_combine_kernel", consts, dict(out=outs[k % 3], base=outs[(k + 1) % 3]), (1024, 4)))
+    # the heaviest variant (every option on, mixed inputs, elect count): the register ceiling
+    out.append(("_combine_kernel", dict(IN_KIND=3, HAS_BASE=True, HAS_PROBS=True, RANDOM=True, ELECT=2,
+                                        NORMALIZE=True, INV_PROB=True, ALIGNED=True),
+                dict(out="bf16", base="bf16"), (1024, 4)))
     out.append(("_combine_kernel", dict(IN_KIND=1, HAS_BASE=True, HAS_PROBS=True, RANDOM=True, ELECT=1,
                                         NORMALIZE=True, INV_PROB=True, ALIGNED=False),
                 dict(out="bf16", base="bf16"), (1024, 4)))

@@ -143,8 +143,8 @@ def test_nonfinite_inputs_follow_the_oracle(elect):
     _check(xs, b, plan, BF16, 0, None, f"nonfinite elect={elect}")
 
 
-def test_more_than_64_ingredients_recompute_their_keep(elect=ELECT_SUM):
-    """Keep bits carry ingredients 0..63 to the second elect pass; the rest recompute (window, draw)."""
+def test_more_than_32_ingredients_recompute_their_keep(elect=ELECT_SUM):
+    """Keep bits carry ingredients 0..31 to the second elect pass; the rest recompute (window, draw)."""
     n = 66
     xs, b, plan, _ = _case(n, 7, [BF16], BF16, elect=elect, normalize=True, density=np.linspace(0.2, 1.0, n),
                            window=(1, 6), weights=np.linspace(-1.0, 1.5, n))

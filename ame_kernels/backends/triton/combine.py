@@ -25,10 +25,11 @@ as a multiply then an add, each rounded, and a contracted FMA would round once a
 differ in the last bit.
 
 elect none is one pass over the inputs. elect sum / count need every y_i twice (the
-vote, then the agreeing sum): the first pass records keep_i as bit i of an int64 per
-element (ingredients 0..63), the second re-reads the inputs (L1/L2 hits: this program
-just read them) and rebuilds y_i from the bit without redrawing Philox; ingredients
-past 63 recompute their keep (window and draw) in the second pass.
+vote, then the agreeing sum): the first pass records keep_i as bit i of an int32 per
+element (ingredients 0..31; an int64 costs the heaviest variant two registers past 128),
+the second re-reads the inputs (L1/L2 hits: this program just read them) and rebuilds
+y_i from the bit without redrawing Philox; ingredients past 31 recompute their keep
+(window and draw) in the second pass.
 
 Philox4x32-10: 32-bit words as uint32 tensors, ``tl.umulhi`` for the high halves, the
 constants and key schedule of ``methods.combine.philox4x32_10``; counter
@@ -53,7 +54,6 @@ from .whole_run import GPU_CONFIGS, _ready, _upload, aligned16, check_inputs, on
 FP_FUSION = False
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MODE_NONE, _MODE_DENSITY, _MODE_PROBS = 0, 1, 2
-_BITS = 64  # ingredients whose keep bit is carried from the first pass to the second
 
 
 def _configs():
@@ -148,7 +148,7 @@ def _combine_kernel(
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     vote = tl.zeros([BLOCK], dtype=tl.float32)
-    bits = tl.zeros([BLOCK], dtype=tl.int64)
+    bits = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(0, N):
         x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
         tau = x - b
@@ -167,8 +167,8 @@ def _combine_kernel(
                 vote = vote + y
             else:
                 vote = vote + _sign(y)
-            if i < 64:
-                bits = bits | (keep.to(tl.int64) << i)
+            if i < 32:
+                bits = bits | (keep.to(tl.int32) << i)
 
     if ELECT == 0:
         div = tl.zeros([BLOCK], dtype=tl.float32) + div_none  # sum of weights, |.| < 1e-8 -> 1 (host)
@@ -179,7 +179,7 @@ def _combine_kernel(
             x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
             tau = x - b
             p, mode = _prob(fparams, iparams, ptable, i, N, offs, mask, HAS_PROBS, ALIGNED, BLOCK)
-            if i < 64:
+            if i < 32:
                 keep = ((bits >> i) & 1) != 0
             else:
                 keep = _keep(tl.abs(tau), g, p, mode, fparams, iparams, i, N, k0, k1, RANDOM)
