@@ -30,10 +30,11 @@ build: $(BUILD_STAMP)
 
 # The first pass runs the backend-generic tests (paper identities, stew, greedy, soups,
 # properties) on the Triton kernels under the interpreter, which the second (whole-suite)
-# pass skips on a CPU.
+# pass skips on a CPU, and the Triton combine kernel's bitwise tests.
 test: $(BUILD_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -k triton \
-		tests/test_identities.py tests/test_stew.py tests/test_greedy.py tests/test_soups.py tests/test_properties.py
+		tests/test_identities.py tests/test_stew.py tests/test_greedy.py tests/test_soups.py tests/test_properties.py \
+		tests/test_triton_combine.py
 	$(PY) -m pytest -q -ra tests
 
 demo: $(BUILD_STAMP)

@@ -135,6 +135,10 @@ _TRITON_ARGS = {
     "_step_kernel": dict(
         w_ptr="*fp32", state_ptr="*fp32", table="*i64", codes="*i32", pivot_ptr="*fp32",
         C="i32", M="i32", first="i32", gscale="fp32", lr_eff="fp32", decay="fp32", inv_bc2_sqrt="fp32"),
+    "_combine_kernel": dict(
+        table="*i64", codes="*i32", base_ptr="*{base}", out_ptr="*{out}", fparams="*fp32", iparams="*i64",
+        ptable="*i64", C="i32", N="i32", C_LOG2="i32", offset="i64", k0_arg="i64", k1_arg="i64",
+        div_none="fp32", lam="fp32"),
 }
 _DIVISIBLE = ("C",)  # sizes specialised as multiples of 16, as Triton's JIT does for such values
 
@@ -164,6 +168,29 @@ def _triton_variants() -> list:
         for pivot in (False, True):
             out.append(("_weighted_sum_kernel", dict(IN_KIND=kind, PIVOT=pivot, CHECK_FINITE=pivot, ALIGNED=True),
                         dict(out=outs[kind % 3], pivot=outs[(kind + 1) % 3]), (1024, 4)))
+    out += _combine_variants()
+    return out
+
+
+def _combine_variants() -> list:
+    """The combine kernel (backends/triton/combine.py): every input kind x elect mode, each
+    option (base, probs table, random draws, normalize, inv_prob) on and off at least once,
+    aligned and not (unaligned only for bf16, the negative control)."""
+    outs = ["bf16", "fp32", "fp16"]
+    out = []
+    for kind in _IN_TYPES:
+        for elect in (0, 1, 2):
+            k = kind + elect
+            consts = dict(IN_KIND=kind, HAS_BASE=k % 3 != 2, HAS_PROBS=k % 2 == 1, RANDOM=k % 4 != 0,
+                          ELECT=elect, NORMALIZE=elect != 1 or kind == 0, INV_PROB=k % 2 == 0, ALIGNED=True)
+            out.append(("_combine_kernel", consts, dict(out=outs[k % 3], base=outs[(k + 1) % 3]), (1024, 4)))
+    # the heaviest variant (every option on, mixed inputs, elect count): the register ceiling
+    out.append(("_combine_kernel", dict(IN_KIND=3, HAS_BASE=True, HAS_PROBS=True, RANDOM=True, ELECT=2,
+                                        NORMALIZE=True, INV_PROB=True, ALIGNED=True),
+                dict(out="bf16", base="bf16"), (1024, 4)))
+    out.append(("_combine_kernel", dict(IN_KIND=1, HAS_BASE=True, HAS_PROBS=True, RANDOM=True, ELECT=1,
+                                        NORMALIZE=True, INV_PROB=True, ALIGNED=False),
+                dict(out="bf16", base="bf16"), (1024, 4)))
     return out
 
 
@@ -172,9 +199,9 @@ def _compile_triton(kernel_name: str, consts: dict, dtypes: dict, block_warps: t
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .backends.triton import step, whole_run
+    from .backends.triton import combine, step, whole_run
 
-    fn = getattr(whole_run, kernel_name, None) or getattr(step, kernel_name)
+    fn = getattr(whole_run, kernel_name, None) or getattr(step, kernel_name, None) or getattr(combine, kernel_name)
     while not isinstance(fn, triton.runtime.JITFunction):
         fn = fn.fn  # autotuned kernels wrap the JITFunction
     types = _TRITON_ARGS[kernel_name]
@@ -198,7 +225,8 @@ def _compile_triton(kernel_name: str, consts: dict, dtypes: dict, block_warps: t
         raise KeyError(f"kernel_report: {kernel_name} has no argument(s) {sorted(missing)}")
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, enable_fp_fusion=whole_run.FP_FUSION))
+                              options=dict(num_warps=warps, enable_fp_fusion=getattr(
+                                  combine if kernel_name == "_combine_kernel" else whole_run, "FP_FUSION")))
     usage = _resource_usage(compiled.asm["cubin"], tmpdir)
     regs, stack, local = next(iter(usage.values()))
     ptx = compiled.asm["ptx"]

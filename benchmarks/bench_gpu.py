@@ -13,6 +13,12 @@ Measured in this run, on this GPU, with the same inputs for every provider:
   available; ms (median, 20th/80th percentile), effective GB/s = (N*C*sizeof(in) +
   C*sizeof(out)) / time, % of the D2D copy bandwidth, speedup over the reference; the
   largest difference to the reference output;
+- the combine pass (``ame_kernels.methods.combine``: linear, task arithmetic, TIES, DARE,
+  DELLA plans over the same N inputs and a base): the triton and CUDA C++ combine kernels,
+  ms and effective GB/s = (bytes read + written: N inputs, base, per-element probs for
+  DELLA, out) / time as a % of the D2D copy; max|diff| is checked bit for bit against the
+  oracle ``combine_torch`` over a slice (--combine-check elements at a global offset past
+  2^32), so the column counts differing elements there (0 expected);
 - the chunked host path (driver.py): inputs in host memory (pinned, and pageable),
   streamed through the GPU; effective GB/s as a % of the pinned H2D bandwidth.
 Rows are appended to benchmarks/results/bench_gpu.csv. Without a CUDA GPU it prints
@@ -156,6 +162,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--host-elems", type=int, default=1 << 28, help="elements per ingredient for the chunked host path")
     ap.add_argument("--chunk-elems", type=int, default=None, help="driver chunk (default: its own choice)")
+    ap.add_argument("--combine", default="linear,task_arithmetic,ties,dare,della",
+                    help=f"comma list of combine plans ({', '.join(COMBINE_PLANS)}); empty: skip the combine pass")
+    ap.add_argument("--combine-check", type=int, default=1 << 22,
+                    help="elements of each combine output checked bit for bit against combine_torch")
     ap.add_argument("--csv", default=None, help=f"rows appended here (default {os.path.relpath(CSV_PATH, ROOT)}; "
                                                 "none for --device cpu)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -263,6 +273,14 @@ def main(argv=None) -> int:
             rows.append(_row("whole_run", opt, name, n, c, args, t, traffic, d2d_gbs, ref_ms, diff, meta))
             _print(opt, name, t, traffic, d2d_gbs, ref_ms, diff)
         del ref_out
+
+    # --- combine pass, inputs resident on the GPU ---------------------------------------------
+    methods = [m.strip() for m in args.combine.split(",") if m.strip()]
+    for m in methods:
+        if m not in COMBINE_PLANS:
+            ap.error(f"--combine: unknown {m!r}; choose from {', '.join(COMBINE_PLANS)}")
+    if methods:
+        bench_combine(methods, xs, out, triton_be, cuda_be, args, timer, d2d_gbs, meta, rows, dev, gen)
     del xs, out
     _empty_cache()
 
@@ -301,6 +319,79 @@ def main(argv=None) -> int:
             w.writerow(dataclasses.asdict(r))
     print(f"\n{len(rows)} rows appended to {os.path.relpath(args.csv, ROOT)}")
     return 0
+
+
+def _combine_plan(method: str, n: int, c: int):
+    """(CombinePlan, uses base, uses per-element probs) for one method's shape of combine pass."""
+    from ame_kernels.methods.combine import ELECT_SUM, CombinePlan, name_key
+
+    w = np.full(n, 1.0 / n, dtype=np.float32)
+    key = name_key("model.layers.0.mlp.down_proj.weight")
+    if method == "linear":
+        return CombinePlan(n=n, weight=w, normalize=True), False, False
+    if method == "task_arithmetic":
+        return CombinePlan(n=n, weight=np.ones(n), lam=0.5), True, False
+    if method == "ties":  # top 20% by magnitude (the window keys here are synthetic: the kernel's cost is the same)
+        return CombinePlan(n=n, weight=np.ones(n), top_mag=np.full(n, np.inf), end_mag=np.full(n, 0.25),
+                           end_idx=np.zeros(n), elect=ELECT_SUM, normalize=True), True, False
+    if method == "dare":
+        return CombinePlan(n=n, weight=np.ones(n), density=np.full(n, 0.1), inv_prob=True, seed=7, name_key=key,
+                           lam=0.5), True, False
+    if method == "della":  # per-element keep probabilities, elect sum
+        return CombinePlan(n=n, weight=np.ones(n), density=np.full(n, 0.5), inv_prob=True, seed=7, name_key=key,
+                           elect=ELECT_SUM, normalize=True), True, True
+    raise KeyError(method)
+
+
+COMBINE_PLANS = ("linear", "task_arithmetic", "ties", "dare", "della")
+
+
+def bench_combine(methods, xs, out, triton_be, cuda_be, args, timer, d2d_gbs, meta, rows, dev, gen) -> None:
+    """The combine kernels over the whole-run section's inputs (see the module docstring)."""
+    import torch
+
+    from ame_kernels.methods.combine import combine_torch
+
+    n, c = len(xs), out.numel()
+    isz = xs[0].element_size()
+    base = torch.randn(c, device=dev, generator=gen).to(xs[0].dtype)
+    # the slice checked against the oracle, at a global offset past 2^32 (both Philox counter words)
+    k = min(c, args.combine_check)
+    offset = (1 << 32) - k // 2
+    print(f"\ncombine pass: N={n} x {c:,} elements, base {args.dtype}; bitwise check over {k:,} elements at offset "
+          f"{offset}")
+    print(f"{'method':<16} {'provider':<10} {'ms':>9} {'p20-p80':>17} {'GB/s':>8} {'% D2D':>6} {'differ':>7}")
+    for method in methods:
+        plan, with_base, with_probs = _combine_plan(method, n, c)
+        b = base if with_base else None
+        probs = None
+        if with_probs:
+            free, _ = torch.cuda.mem_get_info() if torch.cuda.is_available() else (1 << 62, 0)
+            if n * c * 4 + (2 << 30) > free:
+                print(f"{method:<16} skipped: {n} fp32 probability rows of {c:,} elements do not fit in free memory")
+                continue
+            probs = [torch.rand(c, device=dev, generator=gen) for _ in range(n)]
+        traffic = n * c * isz + c * isz + (c * isz if with_base else 0) + (n * c * 4 if with_probs else 0)
+        want = torch.empty(k, dtype=out.dtype)
+        sl = slice(0, k)
+        combine_torch([x[sl].cpu() for x in xs], None if b is None else b[sl].cpu(), want, plan, offset,
+                      None if probs is None else [p[sl].cpu() for p in probs])
+        providers = [("triton", triton_be)] + ([("cuda", cuda_be)] if cuda_be is not None else [])
+        for name, be in providers:
+            t = timer(lambda: be.combine(xs, b, out, plan, 0, probs), args.repeats, args.warmup)
+            got = torch.empty(k, dtype=out.dtype, device=dev)
+            be.combine([x[sl] for x in xs], None if b is None else b[sl], got, plan, offset,
+                       None if probs is None else [p[sl] for p in probs])
+            bits = torch.int32 if out.dtype == torch.float32 else torch.int16
+            differ = int((got.cpu().view(bits) != want.view(bits)).sum())
+            gbs = traffic / (t[0] * 1e-3) / 1e9
+            rows.append(Row(f"combine_{method}", "-", name, n, c, args.dtype, args.dtype, *t, gbs, "d2d_copy", d2d_gbs,
+                            100 * gbs / d2d_gbs, float("nan"), float(differ), **meta))
+            print(f"{method:<16} {name:<10} {t[0]:9.2f} {t[1]:8.2f}-{t[2]:<8.2f} {gbs:8.1f} {100 * gbs / d2d_gbs:5.1f}% "
+                  f"{differ:7d}")
+        del probs, want
+        _empty_cache()
+    del base
 
 
 def _empty_cache() -> None:

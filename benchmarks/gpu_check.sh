@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should run, in stages: build with the machine's own torch (no
 # venv: a GPU box has its CUDA torch and triton), the CUDA C++ tests, the Triton tests, the
-# GPU benchmark, the static kernel report, and (on request) a compute-sanitizer pass.
+# GPU benchmark (whole-run and combine kernels against a same-run D2D copy), the static
+# kernel report, and (on request) a compute-sanitizer pass.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [STAGE ...]
 #
@@ -68,7 +69,8 @@ EOF
 stage_cuda() {
   # CUDA_LAUNCH_BLOCKING: a faulting kernel fails at its own launch (check_launch names it),
   # not at some later torch call.
-  CUDA_LAUNCH_BLOCKING=1 pytest_stage cuda tests/test_cuda.py tests/test_gpu_fold.py -k "not triton"
+  CUDA_LAUNCH_BLOCKING=1 pytest_stage cuda tests/test_cuda.py tests/test_cuda_combine.py tests/test_gpu_fold.py \
+    -k "not triton"
 }
 
 stage_triton() {
@@ -76,7 +78,8 @@ stage_triton() {
   # merge larger than the memory the process may use, triton == cuda. One autotune config
   # (AME_TRITON_AUTOTUNE=0): hundreds of variants need compiling, not four benchmarks each;
   # the bench stage tunes.
-  AME_TRITON_AUTOTUNE=0 pytest_stage triton tests/test_triton.py tests/test_gpu_fold.py tests/test_cuda.py -k triton
+  AME_TRITON_AUTOTUNE=0 pytest_stage triton tests/test_triton.py tests/test_triton_combine.py tests/test_gpu_fold.py \
+    tests/test_cuda.py -k triton
 }
 
 stage_bench() {
@@ -91,7 +94,10 @@ stage_report() {
 stage_sanitize() {
   compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     -k "whole_run_matches_reference and 4099 or step_matches_reference" 2>&1 | tee "$LOGS/sanitize.log" | tail -30
-  return "${PIPESTATUS[0]}"
+  local rc=${PIPESTATUS[0]}
+  compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_combine.py \
+    -k "gpu_combine_bitwise" 2>&1 | tee -a "$LOGS/sanitize.log" | tail -30
+  [ "${PIPESTATUS[0]}" -eq 0 ] && return "$rc" || return 1
 }
 
 for s in "${STAGES[@]}"; do

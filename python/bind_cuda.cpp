@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/macros.h"
+#include "cuda/combine.h"
 #include "cuda/launch.h"
 
 namespace py = pybind11;
@@ -404,6 +405,177 @@ void step_emulated(uintptr_t w, uintptr_t state, int64_t c, const std::vector<ui
   ame::cuda::step_emulated(a, vec && aligned);
 }
 
+// ---- combine (csrc/cuda/combine.cu; the pass of ame_kernels/methods/combine.py) ----
+
+// The plan's per-ingredient host arrays, checked and packed as the kernel reads them
+// (combine.h: fparams [5, n], iparams [2, n]); `a` gets the scalars.
+struct CombineHost {
+  std::vector<float> fparams;
+  std::vector<int64_t> iparams;
+};
+
+CombineHost combine_args(const std::string& fn, ame::cuda::CombineArgs& a, const std::vector<uintptr_t>& inputs,
+                         const std::vector<std::string>& input_dtypes, int64_t c, int64_t offset, bool has_base,
+                         const std::string& base_dtype, const std::string& out_dtype,
+                         const std::vector<uintptr_t>& probs, const py::array& weight, const py::array& scale,
+                         const py::array& top_mag, const py::array& top_idx, const py::array& end_mag,
+                         const py::array& end_idx, const py::array& density, uint64_t seed, int64_t name_key,
+                         int elect, bool normalize, double lam, bool inv_prob) {
+  const std::string f = "[" + fn + "] ";
+  const int64_t n = static_cast<int64_t>(inputs.size());
+  AME_CHECK(n >= 1, f + "inputs: need at least 1 ingredient");
+  AME_CHECK(n <= INT32_MAX, f + "inputs: too many ingredients");
+  AME_CHECK(static_cast<int64_t>(input_dtypes.size()) == n,
+            f + "input_dtypes: expected one dtype per input (" + std::to_string(n) + "), got " +
+                std::to_string(input_dtypes.size()));
+  AME_CHECK(c >= 0, f + "c: must be >= 0");
+  AME_CHECK(offset >= 0 && offset <= INT64_MAX - c, f + "offset: must be >= 0 with offset + c < 2^63");
+  AME_CHECK(probs.empty() || static_cast<int64_t>(probs.size()) == n,
+            f + "probs: expected none or one address per input (" + std::to_string(n) + "; 0 for none), got " +
+                std::to_string(probs.size()));
+  AME_CHECK(elect >= 0 && elect <= 2, f + "elect: must be 0 (none), 1 (sum) or 2 (count), got " + std::to_string(elect));
+  AME_CHECK(name_key >= 0 && name_key <= static_cast<int64_t>(UINT32_MAX), f + "name_key: must be a 32-bit value");
+  AME_CHECK(std::isfinite(lam), f + "lam: must be finite");
+  a.n = static_cast<int32_t>(n);
+  a.c = c;
+  a.offset = offset;
+  a.in_dtype = common_code(input_dtypes, f + "input_dtypes");
+  if (has_base) a.base_dtype = dtype_code(base_dtype, f + "base_dtype");
+  a.out_dtype = dtype_code(out_dtype, f + "out_dtype");
+  a.k0 = static_cast<uint32_t>(seed & 0xffffffffu);
+  a.k1 = static_cast<uint32_t>((seed >> 32) ^ static_cast<uint64_t>(name_key));
+  a.elect = elect;
+  a.normalize = normalize;
+  a.inv_prob = inv_prob;
+  a.lam = static_cast<float>(lam);
+
+  const auto floats = [&](const py::array& arr, const char* what) {
+    const float* p = host_array<float>(arr, f + what, 1);
+    AME_CHECK(arr.shape(0) == n, f + what + ": expected shape [" + std::to_string(n) + "], got [" +
+                                     std::to_string(arr.shape(0)) + "]");
+    return p;
+  };
+  const auto ints = [&](const py::array& arr, const char* what) {
+    const int64_t* p = host_array<int64_t>(arr, f + what, 1);
+    AME_CHECK(arr.shape(0) == n, f + what + ": expected shape [" + std::to_string(n) + "], got [" +
+                                     std::to_string(arr.shape(0)) + "]");
+    return p;
+  };
+  const float* fields[ame::cuda::kCombineFloatFields] = {floats(weight, "weight"), floats(scale, "scale"),
+                                                         floats(top_mag, "top_mag"), floats(end_mag, "end_mag"),
+                                                         floats(density, "density")};
+  const int64_t* idx[ame::cuda::kCombineIndexFields] = {ints(top_idx, "top_idx"), ints(end_idx, "end_idx")};
+  CombineHost host;
+  for (const float* fld : fields) host.fparams.insert(host.fparams.end(), fld, fld + n);
+  for (const int64_t* fld : idx) host.iparams.insert(host.iparams.end(), fld, fld + n);
+
+  // elect none's divisor: the weights summed in fp32, in order, from 0 (the oracle's).
+  float div = 0.f;
+  for (int64_t i = 0; i < n; ++i) div = div + fields[ame::cuda::kWeight][i];
+  a.div_none = std::fabs(div) < 1e-8f ? 1.f : div;
+  bool random = false;
+  for (int64_t i = 0; i < n; ++i) {
+    random = random || fields[ame::cuda::kDensity][i] < 1.f || (!probs.empty() && probs[static_cast<size_t>(i)] != 0);
+  }
+  a.random = random;
+  return host;
+}
+
+void combine(const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, int64_t c,
+             uintptr_t input_table, uintptr_t dtype_table, uintptr_t base, const std::string& base_dtype,
+             uintptr_t out, const std::string& out_dtype, const std::vector<uintptr_t>& probs, uintptr_t probs_table,
+             uintptr_t fparams_dev, uintptr_t iparams_dev, int64_t offset, const py::array& weight,
+             const py::array& scale, const py::array& top_mag, const py::array& top_idx, const py::array& end_mag,
+             const py::array& end_idx, const py::array& density, uint64_t seed, int64_t name_key, int elect,
+             bool normalize, double lam, bool inv_prob, int device, uintptr_t stream) {
+  using ame::cuda::check_device_pointer;
+  ame::cuda::CombineArgs a;
+  combine_args("combine", a, inputs, input_dtypes, c, offset, base != 0, base_dtype, out_dtype, probs, weight, scale,
+               top_mag, top_idx, end_mag, end_idx, density, seed, name_key, elect, normalize, lam, inv_prob);
+  check_device("combine", device);
+  if (c == 0) return;
+  bool aligned = true;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    check_device_pointer(reinterpret_cast<const void*>(inputs[i]), device, "[combine] inputs[" + std::to_string(i) + "]");
+    aligned = aligned && aligned16(inputs[i]);
+  }
+  check_device_pointer(reinterpret_cast<const void*>(input_table), device, "[combine] input_table");
+  AME_CHECK((input_table & 7u) == 0, "[combine] input_table: must be 8-byte aligned");
+  if (a.in_dtype == ame::cuda::kMixed) {
+    check_device_pointer(reinterpret_cast<const void*>(dtype_table), device, "[combine] dtype_table");
+  }
+  bool any_probs = false;
+  for (size_t i = 0; i < probs.size(); ++i) {
+    if (probs[i] == 0) continue;
+    check_device_pointer(reinterpret_cast<const void*>(probs[i]), device, "[combine] probs[" + std::to_string(i) + "]");
+    AME_CHECK((probs[i] & 3u) == 0, "[combine] probs[" + std::to_string(i) + "]: fp32 data must be 4-byte aligned");
+    aligned = aligned && aligned16(probs[i]);
+    any_probs = true;
+  }
+  if (any_probs) {
+    check_device_pointer(reinterpret_cast<const void*>(probs_table), device, "[combine] probs_table");
+    AME_CHECK((probs_table & 7u) == 0, "[combine] probs_table: must be 8-byte aligned");
+    a.probs = reinterpret_cast<const uint64_t*>(probs_table);
+  }
+  if (base != 0) {
+    check_device_pointer(reinterpret_cast<const void*>(base), device, "[combine] base");
+    a.base = reinterpret_cast<const void*>(base);
+  }
+  check_device_pointer(reinterpret_cast<const void*>(out), device, "[combine] out");
+  check_device_pointer(reinterpret_cast<const void*>(fparams_dev), device, "[combine] fparams_dev");
+  AME_CHECK((fparams_dev & 3u) == 0, "[combine] fparams_dev: must be 4-byte aligned");
+  check_device_pointer(reinterpret_cast<const void*>(iparams_dev), device, "[combine] iparams_dev");
+  AME_CHECK((iparams_dev & 7u) == 0, "[combine] iparams_dev: must be 8-byte aligned");
+  a.inputs = reinterpret_cast<const uint64_t*>(input_table);
+  a.in_dtypes = reinterpret_cast<const int32_t*>(dtype_table);
+  a.out = reinterpret_cast<void*>(out);
+  a.fparams = reinterpret_cast<const float*>(fparams_dev);
+  a.iparams = reinterpret_cast<const int64_t*>(iparams_dev);
+  a.device = device;
+  a.stream = stream;
+  py::gil_scoped_release release;
+  ame::cuda::combine(a, aligned);
+}
+
+void combine_emulated(const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, int64_t c,
+                      uintptr_t base, const std::string& base_dtype, uintptr_t out, const std::string& out_dtype,
+                      const std::vector<uintptr_t>& probs, int64_t offset, const py::array& weight,
+                      const py::array& scale, const py::array& top_mag, const py::array& top_idx,
+                      const py::array& end_mag, const py::array& end_idx, const py::array& density, uint64_t seed,
+                      int64_t name_key, int elect, bool normalize, double lam, bool inv_prob, bool vec) {
+  ame::cuda::CombineArgs a;
+  const CombineHost host =
+      combine_args("combine_emulated", a, inputs, input_dtypes, c, offset, base != 0, base_dtype, out_dtype, probs,
+                   weight, scale, top_mag, top_idx, end_mag, end_idx, density, seed, name_key, elect, normalize, lam,
+                   inv_prob);
+  if (c == 0) return;
+  std::vector<uint64_t> ptrs;
+  std::vector<int32_t> codes;
+  bool aligned = aligned16(out) && (base == 0 || aligned16(base));
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    AME_CHECK(inputs[i] != 0, "[combine_emulated] inputs[" + std::to_string(i) + "]: null address");
+    ptrs.push_back(inputs[i]);
+    codes.push_back(dtype_code(input_dtypes[i], "[combine_emulated] input_dtypes"));
+    aligned = aligned && aligned16(inputs[i]);
+  }
+  std::vector<uint64_t> ptab;
+  for (uintptr_t p : probs) {
+    ptab.push_back(p);
+    aligned = aligned && aligned16(p);  // 0 is aligned
+  }
+  AME_CHECK(out != 0, "[combine_emulated] out: null address");
+  a.in_dtype = ame::cuda::kMixed;  // the emulation reads every input through the dtype table
+  a.inputs = ptrs.data();
+  a.in_dtypes = codes.data();
+  a.base = reinterpret_cast<const void*>(base);
+  a.out = reinterpret_cast<void*>(out);
+  a.probs = ptab.empty() ? nullptr : ptab.data();
+  a.fparams = host.fparams.data();
+  a.iparams = host.iparams.data();
+  py::gil_scoped_release release;
+  ame::cuda::combine_emulated(a, vec && aligned);
+}
+
 py::dict device_info(int device) {
   const ame::cuda::DeviceInfo info = ame::cuda::device_info(device);
   py::dict d;
@@ -467,6 +639,29 @@ void init_cuda(py::module_& m) {
         py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("rho"),
         py::arg("amsgrad"), py::arg("eps_inside_sqrt"), py::arg("initial_accumulator_value"), py::arg("vec"),
         "step's per-group kernel code run on the host over HOST addresses (tests without a GPU).");
+  m.def("combine", &combine, py::kw_only(), py::arg("inputs"), py::arg("input_dtypes"), py::arg("c"),
+        py::arg("input_table"), py::arg("dtype_table"), py::arg("base"), py::arg("base_dtype"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("probs"), py::arg("probs_table"), py::arg("fparams_dev"), py::arg("iparams_dev"),
+        py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"), py::arg("top_idx"),
+        py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("seed"), py::arg("name_key"),
+        py::arg("elect"), py::arg("normalize"), py::arg("lam"), py::arg("inv_prob"), py::arg("device"),
+        py::arg("stream"),
+        "The combine pass (ame_kernels.methods.combine) over one chunk on `stream` (asynchronous).\n\n"
+        "inputs: N device addresses of [c] arrays with input_dtypes; input_table / dtype_table their device copies\n"
+        "(uint64 [N], int32 codes [N]); base: device address of [c] base_dtype or 0 (no base); out: [c] out_dtype;\n"
+        "probs: [] or N addresses of fp32 [c] keep probabilities (0 for none), probs_table their device copy (uint64\n"
+        "[N]); weight/scale/top_mag/end_mag/density: host float32 [N], top_idx/end_idx: host int64 [N] (a CombinePlan,\n"
+        "checked here), fparams_dev / iparams_dev: their device copies packed as float32 [5, N] (weight, scale,\n"
+        "top_mag, end_mag, density) and int64 [2, N] (top_idx, end_idx); offset: the chunk's first global index;\n"
+        "seed (uint64), name_key (uint32), elect (0 none, 1 sum, 2 count), normalize, lam, inv_prob as the plan.");
+  m.def("combine_emulated", &combine_emulated, py::kw_only(), py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("c"), py::arg("base"), py::arg("base_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("probs"),
+        py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"), py::arg("top_idx"),
+        py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("seed"), py::arg("name_key"),
+        py::arg("elect"), py::arg("normalize"), py::arg("lam"), py::arg("inv_prob"), py::arg("vec"),
+        "combine's per-group kernel code run on the host over HOST addresses (tests without a GPU).\n\n"
+        "Arguments as combine, minus the device tables, stream and device. vec: use the 16-byte vector path where\n"
+        "every address allows it.");
   m.def("step", &step, py::kw_only(), py::arg("w"), py::arg("state"), py::arg("c"), py::arg("batch"),
         py::arg("batch_dtypes"), py::arg("batch_table"), py::arg("dtype_table"), py::arg("pivot"), py::arg("coeffs"),
         py::arg("t"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),

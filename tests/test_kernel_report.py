@@ -122,6 +122,22 @@ def test_size_argument_is_widened_before_any_index_math(triton_rows):
         assert r["c_narrow_ops"] == [], f"{r['kernel']} sm_{r['arch']} {r['c_narrow_ops']} on C: {r['variant']}"
 
 
+def test_triton_combine_variants_compile_and_read_whole_vectors(triton_rows):
+    """The combine kernel (backends/triton/combine.py): every input kind x elect mode compiles for
+    both archs; aligned 16-bit inputs are 16-byte loads (the generic checks above cover spills, stores
+    and the size argument for these rows too), and the unaligned control falls back to 2-byte loads."""
+    rows = [r for r in triton_rows if r["kernel"] == "_combine_kernel"]
+    for arch in ARCHS:
+        seen = {(v["IN_KIND"], v["ELECT"]) for v in (_variant(r) for r in rows if r["arch"] == arch)}
+        assert seen == {(str(k), str(e)) for k in range(4) for e in range(3)}, (arch, seen)
+    aligned16 = [r for r in rows if _variant(r)["ALIGNED"] == "1" and r["in_type"] in ("bf16", "fp16")]
+    assert len(aligned16) >= 12
+    for r in aligned16:
+        assert _loads(r, "ld.global.b16") == 0 and _loads(r, "ld.global.v4") >= 1, r["variant"]
+    unaligned = [r for r in rows if _variant(r)["ALIGNED"] == "0"]
+    assert unaligned and all(_loads(r, "ld.global.b16") > 0 for r in unaligned)
+
+
 # --- CUDA C++ -------------------------------------------------------------------------
 
 def _cuda_module_built() -> bool:
@@ -141,7 +157,7 @@ def cuda_rows():
 
 def _concrete(row) -> bool:
     """A kernel over one input dtype (not the run-time Mixed dispatch)."""
-    return row["kernel"].endswith(("whole_run_kernel", "step_kernel", "weighted_sum_kernel")) \
+    return row["kernel"].endswith(("whole_run_kernel", "step_kernel", "weighted_sum_kernel", "combine_kernel")) \
         and "Mixed" not in row["variant"]
 
 
@@ -163,3 +179,15 @@ def test_cuda_kernels_use_16_byte_loads_and_stores(cuda_rows):
 def test_cuda_kernels_do_not_use_local_memory(cuda_rows):
     for r in cuda_rows:
         assert r["local"] == 0, f"{r['variant']} sm_{r['arch']}"
+
+
+def test_cuda_combine_kernel_variants_are_built(cuda_rows):
+    """csrc/cuda/combine.cu: TIn (3 dtypes + Mixed) x TOut x (elect none, elect sum/count) per arch,
+    16-byte loads and stores in each (the concrete ones are also in the checks above), no local memory."""
+    for arch in ARCHS:
+        rows = [r for r in cuda_rows if r["arch"] == arch and r["kernel"].endswith("combine_kernel")]
+        assert len(rows) == 4 * 3 * 2, (arch, [r["variant"] for r in rows])
+        for r in rows:
+            assert any(k.startswith("LDG.E.128") for k in r["loads"]), r["variant"]
+            assert any(k.startswith("STG.E.128") for k in r["stores"]), r["variant"]
+            assert r["local"] == 0 and r["stack"] == 0, r["variant"]

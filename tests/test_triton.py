@@ -552,8 +552,11 @@ def test_bench_gpu_smoke_run_on_cpu():
         rows = {ln.split()[1]: ln.split() for ln in lines if ln.split()[:1] == [opt]}
         assert set(rows) == {"reference", "triton"}, (opt, proc.stdout)
         assert float(rows["triton"][-1]) <= 2 ** -5, (opt, rows["triton"])  # bf16 out: an ulp or two at most
+    for method in ("linear", "task_arithmetic", "ties", "dare", "della"):  # the combine pass: bitwise
+        rows = [ln.split() for ln in lines if ln.split()[:2] == [method, "triton"]]
+        assert len(rows) == 1 and rows[0][-1] == "0", (method, proc.stdout)
     assert any(ln.split()[:2] == ["pageable", "triton"] for ln in lines), proc.stdout
-    assert lines[-1].strip() == "13 rows (smoke run: none written)", proc.stdout
+    assert lines[-1].strip() == "18 rows (smoke run: none written)", proc.stdout
 
 
 _AOT_SCRIPT = r'''

@@ -12,6 +12,9 @@ binding (``python/bind_cuda.cpp``) checks every argument again and names it.
   cpu backend's fold, uploaded and cached like the plan) and the kernel computes one
   weighted sum, reading each input once whatever the number of epochs.
   ``CudaBackend(fold=False)``, other optimizers and ill-conditioned folds step.
+- ``combine`` (the pass of every non-AME merge method, ``methods.combine``): one launch
+  of ``csrc/cuda/combine.cu`` on CUDA tensors, bitwise equal to ``combine_torch``; host
+  tensors are copied to the current GPU and back (one chunk: the engine sizes chunks).
 - Host tensors: streamed through the GPU chunk by chunk by the Triton backend's
   generic driver (``backends/triton/driver.py``: pinned double buffers, copy and
   compute streams), with this backend's kernel; ``step`` on host tensors copies to the
@@ -58,6 +61,7 @@ class _Uploads:
         self._plans: dict = {}
         self._tables: dict = {}
         self._weights: dict = {}
+        self._combine: dict = {}
 
     @staticmethod
     def _upload(host: tuple, device) -> tuple:
@@ -108,6 +112,18 @@ class _Uploads:
         if hit[1] is None:
             return None
         return hit[1], self._ready(hit[2], device)[0]
+
+    def combine_params(self, plan, device) -> tuple:
+        """(fparams float32 [5N], iparams int64 [2N]) of a CombinePlan on ``device`` (csrc/cuda/combine.h)."""
+        key = (id(plan), str(device))
+        hit = self._combine.get(key)
+        if hit is None or hit[0] is not plan:
+            f = np.concatenate([plan.weight, plan.scale, plan.top_mag, plan.end_mag, plan.density]).astype(np.float32)
+            i = np.concatenate([plan.top_idx, plan.end_idx]).astype(np.int64)
+            if len(self._combine) >= _MAX_CACHED_PLANS:
+                self._combine.pop(next(iter(self._combine)))
+            hit = self._combine[key] = (plan,) + self._upload((f, i), device)
+        return self._ready(hit[1:], device)
 
     def table(self, ptrs: tuple, codes: tuple, device) -> tuple:
         """(uint64 [M] addresses, int32 [M] dtype codes) on ``device``."""
@@ -305,6 +321,89 @@ class CudaBackend(Backend):
         )
 
 
+    # -- combine -----------------------------------------------------------------
+    def combine(self, inputs, base, out, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> None:
+        import torch
+
+        inputs = list(inputs)
+        probs = None if probs is None else list(probs)
+        tensors = [t for t in inputs + [base, out] + (probs or []) if isinstance(t, torch.Tensor)]
+        if all(t.device.type == "cuda" for t in tensors):
+            self._combine_device(inputs, base, out, plan, offset, probs)
+            return
+        # Host (or mixed) tensors: one chunk through the current GPU, copied back.
+        dev = torch.device("cuda", torch.cuda.current_device())
+        move = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        out_d = out if isinstance(out, torch.Tensor) and out.device == dev else torch.empty(
+            out.shape, dtype=out.dtype, device=dev)
+        self._combine_device([move(x) for x in inputs], move(base), out_d, plan, offset,
+                             None if probs is None else [move(p) for p in probs])
+        if out_d is not out:
+            out.copy_(out_d)
+
+    def _combine_device(self, inputs, base, out, plan, offset: int, probs) -> None:
+        import torch
+
+        fn = "cuda.combine"
+        if not isinstance(out, torch.Tensor) or out.device.type != "cuda":
+            raise MergeError(f"{fn}: out must be a CUDA tensor")
+        device, c = out.device, out.numel()
+        kw = _combine_kwargs(fn, inputs, base, out, plan, offset, probs, device)
+        if c == 0:
+            return
+        ptrs = tuple(kw["inputs"])
+        table, codes = self._uploads.table(ptrs, tuple(_CODES[n] for n in kw["input_dtypes"]), device)
+        fparams, iparams = self._uploads.combine_params(plan, device)
+        probs_table = 0
+        if any(kw["probs"]):
+            probs_table = self._uploads.table(tuple(kw["probs"]), (0,) * len(kw["probs"]), device)[0].data_ptr()
+        _module().combine(
+            input_table=table.data_ptr(), dtype_table=codes.data_ptr(), probs_table=probs_table,
+            fparams_dev=fparams.data_ptr(), iparams_dev=iparams.data_ptr(),
+            device=device.index, stream=torch.cuda.current_stream(device).cuda_stream, **kw)
+
+
+def _combine_kwargs(fn: str, inputs, base, out, plan, offset: int, probs, device) -> dict:
+    """The binding's host-side keyword arguments of a combine call (tensors checked here)."""
+    from ..methods.combine import CombinePlan
+
+    if not isinstance(plan, CombinePlan):
+        raise MergeError(f"{fn}: plan must be a CombinePlan, got {type(plan).__name__}")
+    inputs = list(inputs)
+    if len(inputs) != plan.n or plan.n < 1:
+        raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n} (N >= 1)")
+    c = out.numel()
+    out_name = check_flat(fn, "out", out, c, device)
+    names = [check_flat(fn, f"inputs[{k}]", x, c, device) for k, x in enumerate(inputs)]
+    base_name = check_flat(fn, "base", base, c, device) if base is not None else "float32"
+    if int(offset) < 0:
+        raise MergeError(f"{fn}: offset must be >= 0, got {offset}")
+    probs_ptrs = []
+    if probs is not None:
+        probs = list(probs)
+        if len(probs) != plan.n:
+            raise MergeError(f"{fn}: probs has {len(probs)} entries, expected N={plan.n} (tensors or None)")
+        for k, p in enumerate(probs):
+            if p is not None:
+                check_flat(fn, f"probs[{k}]", p, c, device, dtypes=("float32",))
+        probs_ptrs = [0 if p is None else p.data_ptr() for p in probs]
+    return dict(inputs=[x.data_ptr() for x in inputs], input_dtypes=names, c=c,
+                base=0 if base is None else base.data_ptr(), base_dtype=base_name, out=out.data_ptr(),
+                out_dtype=out_name, probs=probs_ptrs, offset=int(offset), **plan.kernel_kwargs())
+
+
+def combine_emulated(inputs, base, out, plan, offset: int = 0, probs=None, vec: bool = True) -> None:
+    """``CudaBackend.combine`` on HOST tensors through ``_C_cuda.combine_emulated``: the kernel's
+    per-group code (csrc/cuda/combine.cuh) run on the CPU. For tests without a GPU.
+    vec: take the 16-byte vector path where the addresses allow it."""
+    import torch
+
+    kw = _combine_kwargs("cuda.combine_emulated", inputs, base, out, plan, offset, probs, torch.device("cpu"))
+    if out.numel() == 0:
+        return
+    _module().combine_emulated(vec=bool(vec), **kw)
+
+
 def whole_run_emulated(inputs, plan: StepPlan, pivot, adaptive_pivot: bool, out, check_finite: bool = False,
                        fold: bool = True, vec: bool = True) -> list:
     """``CudaBackend.whole_run`` on HOST tensors through ``_C_cuda.whole_run_emulated``: the
@@ -333,4 +432,4 @@ def device_info(device: int = 0) -> dict:
     return dict(_module().device_info(device))
 
 
-__all__ = ["CudaBackend", "device_info", "whole_run_emulated"]
+__all__ = ["CudaBackend", "combine_emulated", "device_info", "whole_run_emulated"]

@@ -5,6 +5,8 @@ Modules:
     whole_run.py  ``_whole_run_kernel``: the whole schedule per block, w and moments in registers;
                   ``_weighted_sum_kernel``: GD (sgd) folded into N+1 weights, each input read once
     step.py       ``_step_kernel``: one step with the state in fp32 buffers (stateful APIs)
+    combine.py    ``_combine_kernel``: the combine pass of the non-AME merge methods
+                  (``ame_kernels.methods.combine``), bitwise equal to ``combine_torch``
     driver.py     ``run_chunked``: models in host memory, streamed through the GPU in chunks
                   with pinned double buffers and three CUDA streams (generic over the kernel,
                   the CUDA C++ backend reuses it)
@@ -130,3 +132,29 @@ class TritonBackend(Backend):
         step(w_d, state_d, [x.to(dev) for x in batch], None if pivot is None else pivot.to(dev), coeffs, t, hyper)
         w.copy_(w_d)
         state.copy_(state_d)
+
+    def combine(self, inputs, base, out, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> None:
+        """The combine pass over one chunk (``backends/triton/combine.py``).
+
+        CUDA tensors: one launch. Host tensors on a GPU machine: copied to the current GPU,
+        combined there and copied back (one chunk; the engine sizes chunks). Under the
+        interpreter, device tensors run on host copies (the pointer tables are read from
+        host memory)."""
+        from .combine import combine
+
+        inputs = list(inputs)
+        probs = None if probs is None else list(probs)
+        tensors = inputs + [base, out] + (probs or [])
+        on_host = self._stream_host_tensors(tensors)
+        if not on_host and not (_interpreting() and any(t is not None and t.device.type != "cpu" for t in tensors)):
+            combine(inputs, base, out, plan, offset, probs)
+            return
+        import torch
+
+        dev = torch.device("cpu") if _interpreting() else torch.device("cuda", torch.cuda.current_device())
+        move = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        out_d = torch.empty(out.shape, dtype=out.dtype, device=dev) if out.device != dev else out
+        combine([move(x) for x in inputs], move(base), out_d, plan, offset,
+                None if probs is None else [move(p) for p in probs])
+        if out_d is not out:
+            out.copy_(out_d)

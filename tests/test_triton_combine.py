@@ -1,0 +1,243 @@
+"""Triton combine kernel (backends/triton/combine.py) against the oracle ``combine_torch``, bit for bit.
+
+The combine pass (``ame_kernels.methods.combine``) is exact fp32 arithmetic in a fixed
+order, so the kernel must reproduce the oracle's output bits: every case here compares
+raw bits, not values within a tolerance.
+
+Without a CUDA device the kernel runs under the Triton interpreter on CPU tensors, with
+the interpreter handling of tests/test_triton.py: the variable is set while this module
+imports the kernel and while its tests run, and restored after; if triton was already
+imported without it, the tests skip and ``test_interpreter_in_subprocess`` reruns this
+file in a child with TRITON_INTERPRET=1. The interpreter is slow (Philox is 10 rounds of
+numpy ops per block), so the cases are few and small: sizes 1, 7, 33, 1000 and 4099 (five
+programs of the interpreter's BLOCK of 1024), N = 1..8 spread over the cases.
+GPU-only tests (large sizes) skip without CUDA.
+"""
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ame_kernels.errors import MergeError
+from ame_kernels.methods.combine import ELECT_COUNT, ELECT_NONE, ELECT_SUM, combine_torch
+from combine_cases import BF16, CASES, F16, F32, assert_bitwise, make_case
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRET = not CUDA
+_TOO_LATE = INTERPRET and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+KERNELS = {}
+
+
+def _set_interpret():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return saved
+
+
+def _restore_interpret(saved) -> None:
+    if saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = saved
+
+
+if not _TOO_LATE:
+    _saved = _set_interpret() if INTERPRET else None
+    try:
+        KERNELS["combine"] = importlib.import_module("ame_kernels.backends.triton.combine")
+    finally:
+        if INTERPRET:
+            _restore_interpret(_saved)
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI runs the kernel under TRITON_INTERPRET=1)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter():
+    saved = _set_interpret() if INTERPRET and not _TOO_LATE else None
+    try:
+        yield
+    finally:
+        if INTERPRET and not _TOO_LATE:
+            _restore_interpret(saved)
+
+
+@pytest.fixture(autouse=True)
+def _in_process(request):
+    if _TOO_LATE and request.node.originalname != "test_interpreter_in_subprocess":
+        pytest.skip("triton was imported before TRITON_INTERPRET could be set; test_interpreter_in_subprocess runs this file")
+
+
+@pytest.fixture(scope="module")
+def triton_backend():
+    from ame_kernels.backends.triton import TritonBackend
+
+    return TritonBackend()
+
+
+@pytest.mark.skipif(not _TOO_LATE, reason="the kernel runs in this process")
+def test_interpreter_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, f"{__file__} under TRITON_INTERPRET=1 failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _case(*args, **kw):
+    return make_case(*args, device=DEVICE, **kw)
+
+
+def _check(xs, b, plan, out_dtype, offset=0, probs=None, what=""):
+    fn = KERNELS["combine"].combine
+    got = torch.full((xs[0].numel(),), float("nan"), dtype=out_dtype, device=xs[0].device)
+    fn(xs, b, got, plan, offset, probs)
+    want = torch.empty(xs[0].numel(), dtype=out_dtype)
+    combine_torch([x.cpu() for x in xs], None if b is None else b.cpu(), want, plan, offset,
+                  None if probs is None else [None if p is None else p.cpu() for p in probs])
+    assert_bitwise(got, want, what)
+    return got
+
+
+# --------------------------------------------------------------------------- cases
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_combine_bitwise_equals_oracle(case):
+    name, n, size, dts, out_dtype, opts = case
+    offset = opts.get("offset", 0)
+    xs, b, plan, probs = _case(n, size, dts, out_dtype, **opts)
+    _check(xs, b, plan, out_dtype, offset, probs, name)
+
+
+@pytest.mark.parametrize("out_dtype", [F32, BF16, F16], ids=str)
+@pytest.mark.parametrize("elect", [ELECT_NONE, ELECT_SUM, ELECT_COUNT], ids=["none", "sum", "count"])
+def test_every_option_at_once(elect, out_dtype):
+    """N = 8 mixed dtypes, a tied window, densities, per-element probs and inv_prob, past 2^32."""
+    offset = (1 << 32) - 3000
+    xs, b, plan, probs = _case(8, 4099, [BF16, F32, F16], out_dtype, elect=elect, normalize=elect != ELECT_COUNT,
+                               inv_prob=True, density=[0.3, 1.0, 0.6, 0.9] * 2, probs=True, window=(17, 3000),
+                               ties=True, offset=offset, base_dtype=F16)
+    _check(xs, b, plan, out_dtype, offset, probs, f"elect={elect}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("elect", [ELECT_NONE, ELECT_SUM, ELECT_COUNT], ids=["none", "sum", "count"])
+def test_nonfinite_inputs_follow_the_oracle(elect):
+    """NaN deltas fail every window test (dropped); infinite ones vote; sign(NaN) = 0 as torch's."""
+    xs, b, plan, _ = _case(3, 33, [F32], BF16, elect=elect, normalize=True, density=[1.0, 0.5, 1.0])
+    xs[0][3], xs[1][3], xs[2][3] = float("nan"), float("inf"), float("-inf")
+    xs[0][5], xs[1][6] = float("inf"), float("nan")
+    plan.weight[2] = 0.0  # 0 * inf: a NaN y
+    _check(xs, b, plan, BF16, 0, None, f"nonfinite elect={elect}")
+
+
+def test_more_than_32_ingredients_recompute_their_keep(elect=ELECT_SUM):
+    """Keep bits carry ingredients 0..31 to the second elect pass; the rest recompute (window, draw)."""
+    n = 66
+    xs, b, plan, _ = _case(n, 7, [BF16], BF16, elect=elect, normalize=True, density=np.linspace(0.2, 1.0, n),
+                           window=(1, 6), weights=np.linspace(-1.0, 1.5, n))
+    _check(xs, b, plan, BF16, 0, None, f"n={n}")
+
+
+def test_random_mask_matches_the_oracle_philox_stream():
+    """DARE alone with unit weights and lam: out = b + keep * tau, so the bits are the Philox mask."""
+    n, size = 2, 1000
+    xs, b, plan, _ = _case(n, size, [F32], F32, density=0.5, weights=[1.0, 1.0], lam=1.0)
+    plan.scale[:] = 1.0
+    got = _check(xs, b, plan, F32, offset=(1 << 32) - 500, what="dare mask")
+    kept = (got.cpu() != b.cpu()).float().mean().item()
+    assert 0.4 < kept < 0.9  # two draws of 0.5: about 3/4 of the elements move
+
+
+def test_chunks_with_offsets_equal_one_call():
+    """Masks and windows use global indices: combining [0, k) and [k, C) with offset k is the whole."""
+    size, k = 1000, 389
+    xs, b, plan, probs = _case(3, size, [BF16], BF16, density=[0.4, 1.0, 0.8], inv_prob=True,
+                               elect=ELECT_SUM, normalize=True, window=(10, 600), probs=True)
+    fn = KERNELS["combine"].combine
+    whole = torch.empty(size, dtype=BF16, device=xs[0].device)
+    fn(xs, b, whole, plan, 0, probs)
+    parts = torch.empty_like(whole)
+    for lo, hi in ((0, k), (k, size)):
+        fn([x[lo:hi] for x in xs], b[lo:hi], parts[lo:hi], plan, lo,
+           [None if p is None else p[lo:hi] for p in probs])
+    assert_bitwise(parts, whole, "chunked")
+
+
+def test_unaligned_views_take_the_scalar_path():
+    xs, b, plan, _ = _case(2, 34, [BF16], BF16, density=0.5, elect=ELECT_COUNT)
+    xs = [x[1:] for x in xs]  # 2-byte offset: not 16-byte aligned
+    _check(xs, b[1:], plan, BF16, what="unaligned")
+
+
+def test_triton_backend_combine_and_empty_chunk(triton_backend):
+    xs, b, plan, probs = _case(2, 7, [F16], BF16, elect=ELECT_SUM, probs=True, density=0.5)
+    got = torch.empty(7, dtype=BF16, device=xs[0].device)
+    triton_backend.combine(xs, b, got, plan, offset=5, probs=probs)
+    want = torch.empty(7, dtype=BF16)
+    combine_torch([x.cpu() for x in xs], b.cpu(), want, plan, 5, [None if p is None else p.cpu() for p in probs])
+    assert_bitwise(got, want, "backend")
+    empty = torch.empty(0, dtype=BF16, device=xs[0].device)
+    triton_backend.combine([x[:0] for x in xs], b[:0], empty, plan)
+
+
+def test_bad_arguments_raise_naming_function_and_argument():
+    fn = KERNELS["combine"].combine
+    xs, b, plan, _ = _case(2, 7, [F32], F32)
+    out = torch.empty(7, device=xs[0].device)
+    with pytest.raises(MergeError, match="triton.combine: inputs has 1 tensors"):
+        fn(xs[:1], b, out, plan)
+    with pytest.raises(MergeError, match=r"probs\[0\] has dtype torch.bfloat16"):
+        fn(xs, b, out, plan, 0, [xs[0].to(BF16), None])
+    with pytest.raises(MergeError, match="probs has 1 entries"):
+        fn(xs, b, out, plan, 0, [None])
+    with pytest.raises(MergeError, match=r"base\[0\] has 6 elements"):
+        fn(xs, b[:6], out, plan)
+    with pytest.raises(MergeError, match="offset"):
+        fn(xs, b, out, plan, -1)
+    with pytest.raises(MergeError, match="plan must be a CombinePlan"):
+        fn(xs, b, out, None)
+
+
+def test_autotune_key_names_every_constexpr_but_block():
+    """As tests/test_triton.py's: a constexpr missing from the key would reuse another variant's config."""
+    import inspect
+
+    mod = KERNELS["combine"]
+    tuner = mod._combine_kernel
+    params = inspect.signature(tuner.fn.fn).parameters.values()
+    constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+    assert "ELECT" in constexprs, constexprs  # the annotation was read
+    assert set(tuner.keys) >= constexprs - {"BLOCK"}, sorted(constexprs - {"BLOCK"} - set(tuner.keys))
+    assert "BLOCK" not in tuner.keys and {"C_LOG2", "N"} <= set(tuner.keys)
+    assert mod.FP_FUSION is False  # the oracle's separate multiply and add, never an FMA
+
+
+def test_elect_none_divisor_is_the_fp32_sum_in_order():
+    mod = KERNELS["combine"]
+    assert mod.elect_none_divisor(np.array([0.1, 0.2, 0.3], dtype=np.float32)) == float(
+        np.float32(np.float32(np.float32(0.1) + np.float32(0.2)) + np.float32(0.3)))
+    assert mod.elect_none_divisor(np.array([1.0, -1.0], dtype=np.float32)) == 1.0
+    assert mod.elect_none_divisor(np.array([5e-9], dtype=np.float32)) == 1.0
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("elect", [ELECT_NONE, ELECT_SUM, ELECT_COUNT])
+def test_gpu_large_bitwise(elect):
+    size = (1 << 22) + 3
+    xs, b, plan, probs = _case(8, size, [BF16, F32], BF16, elect=elect, normalize=True, inv_prob=True,
+                               density=[0.3, 1.0] * 4, probs=True, window=(1000, size // 2), offset=(1 << 32) - size // 2)
+    _check(xs, b, plan, BF16, (1 << 32) - size // 2, probs, f"gpu elect={elect}")
