@@ -121,7 +121,8 @@ AME_HD void group_probs(const Ingredient& in, int64_t base, int64_t c, bool v, f
 // keep_i: not before the top key, before the end key, and the draw u < p.
 AME_HD bool keep(const CombineArgs& a, const Ingredient& in, int i, float m, int64_t g, float p) {
   const bool before_top = m > in.top_mag || (m == in.top_mag && g < in.top_idx);
-  const bool before_end = m > in.end_mag || (m == in.end_mag && g < in.end_idx);
+  // no end (end_mag < 0): every entry, NaN included, is before it (methods/combine.py)
+  const bool before_end = in.end_mag < 0.f || m > in.end_mag || (m == in.end_mag && g < in.end_idx);
   bool kp = !before_top && before_end;
   if (in.draw) kp = kp && philox_uniform(g, static_cast<uint32_t>(i), a.k0, a.k1) < p;
   return kp;
