@@ -281,3 +281,21 @@ def test_methods_lists_every_method_with_parameters():
     assert listed["ties"]["params"]["density"]["default"] == 1.0
     assert listed["ties"]["base"] == "required" and listed["slerp"]["max_n"] == 2
     assert "optimizer" in listed["ame"]["params"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_combine_keeps_a_nan_without_a_window_and_trims_it_with_one(backend):
+    """No rank window: a NaN input reaches the output (the engine's finite check needs that); with a
+    window, a NaN ranks nowhere and is dropped, the same on every backend."""
+    from ame_kernels.methods.combine import CombinePlan, combine_torch
+
+    be = ak.get_backend(backend)
+    x = torch.randn(37)
+    x[5] = float("nan")
+    for plan in (CombinePlan(1, weight=[1.0]), CombinePlan(1, weight=[1.0], end_mag=[0.5], end_idx=[0])):
+        out, want = torch.empty(37), torch.empty(37)
+        be.combine([x], None, out, plan, 0)
+        combine_torch([x], None, want, plan, 0)
+        assert torch.equal(torch.isnan(out), torch.isnan(want))
+        assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(want))
+    assert torch.isnan(want).sum() == 0 and torch.isnan(out).sum() == 0  # the windowed plan dropped it

@@ -106,7 +106,7 @@ def _keep(m, g, p, mode, fparams, iparams, i, N, k0, k1, RANDOM: tl.constexpr):
     ti = tl.load(iparams + i)
     ei = tl.load(iparams + N + i)
     before_top = (m > tm) | ((m == tm) & (g < ti))
-    before_end = (m > em) | ((m == em) & (g < ei)) | (em < 0)  # no end: every entry, NaN included
+    before_end = (m > em) | ((m == em) & (g < ei)) | ((tl.zeros_like(m) + em) < 0)  # no end: every entry, NaN included
     keep = (before_top == 0) & before_end
     if RANDOM:
         if mode != 0:
