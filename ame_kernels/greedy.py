@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from .api import _as_state_dicts, _check_finite, _check_structure, _resolve_pivot
+from .checks import as_state_dicts, check_all_finite, check_structure, resolve_pivot
 from .config import AMEConfig, make_config
 from .errors import MergeError
 from .schedule import schedule
@@ -100,19 +100,19 @@ def greedy_merge(
     cfg = make_config(config, **overrides)
     if cfg.order is not None or cfg.scores is not None:
         raise MergeError("greedy_merge: pass scores as greedy_merge(scores=...), not in the config (order/scores)")
-    dicts, form = _as_state_dicts(ingredients)
+    dicts, form = as_state_dicts(ingredients)
     if form == "stacked":
         form = "list"
-    names = _check_structure(dicts)
+    names = check_structure(dicts)
     n = len(dicts)
     if cfg.check_finite:
-        _check_finite(dicts, names)
+        check_all_finite(dicts, names)
     ranked = ingredient_scores([d[""] if form == "list" else d for d in dicts], evaluate, scores, "greedy_merge")
     cfg = cfg.replace(scores=tuple(ranked), descending=(start == "best"))
     plan = schedule(cfg, n)
     first = plan.order[0]
     pivot_spec = first if pivot is None else pivot
-    resolved = _resolve_pivot(pivot_spec, dicts, names, form)
+    resolved = resolve_pivot(pivot_spec, dicts, names, form)
     if resolved is None:  # 'soup': the fp32 uniform mean
         x0 = {k: (torch.stack([d[k].float() for d in dicts]).mean(0) if dicts[0][k].is_floating_point() else dicts[0][k])
               for k in names}

@@ -27,10 +27,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import AMEConfig
+from .config import OPTIMIZERS, AMEConfig
 from .errors import MergeError
 
-OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2, "adamw": 3, "adadelta": 4}
+#: kernel codes: the position in config.OPTIMIZERS (csrc/common/dispatch.h optimizer_name agrees)
+OPTIMIZER_CODES = {name: code for code, name in enumerate(OPTIMIZERS)}
 COEFF_COLUMNS = ("gscale", "lr_eff", "decay", "inv_bc2_sqrt")
 
 

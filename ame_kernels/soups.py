@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from .api import _as_state_dicts, _check_finite, _check_structure, merge
+from .api import merge
+from .checks import as_state_dicts, check_all_finite, check_structure
 from .config import AMEConfig
 from .errors import MergeError
 from .greedy import GreedyStep, _score, ingredient_scores
@@ -41,7 +42,7 @@ def weighted_soup(ingredients, weights: Sequence[float], *, normalize: bool = Tr
     base + sum_i a_i (x_i - base) (task arithmetic). With ``normalize=True`` a base would cancel,
     so giving one is an error rather than silently unused.
     """
-    dicts, _ = _as_state_dicts(ingredients)
+    dicts, _ = as_state_dicts(ingredients)
     n = len(dicts)
     try:
         a = [float(v) for v in weights]
@@ -82,10 +83,10 @@ def greedy_soup(ingredients, evaluate: Callable[[Any], float], scores: Optional[
     """
     if not callable(evaluate):
         raise MergeError(f"greedy_soup: evaluate must be callable, got {type(evaluate).__name__}")
-    dicts, form = _as_state_dicts(ingredients)
-    names = _check_structure(dicts)
+    dicts, form = as_state_dicts(ingredients)
+    names = check_structure(dicts)
     if check_finite:
-        _check_finite(dicts, names)
+        check_all_finite(dicts, names)
     items = [d[""] for d in dicts] if form in ("list", "stacked") else dicts
     given = scores is not None
     ranked = ingredient_scores(items, evaluate, scores, "greedy_soup")

@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .api import FLOAT_DTYPES, _DTYPE_BY_NAME, _label, check_tensor_kind
+from .checks import DTYPE_BY_NAME, FLOAT_DTYPES, check_tensor_kind, label
 from .backends import get_backend
 from .config import AMEConfig, make_config
 from .errors import MergeError
@@ -161,15 +161,15 @@ class Stew:
         devices = set()
         for name, x in pivot_dict.items():
             if not isinstance(x, torch.Tensor):
-                raise MergeError(f"Stew: pivot {_label(name)} is a {type(x).__name__}, not a tensor")
-            check_tensor_kind(x, f"Stew: pivot {_label(name)}", "a stew")
+                raise MergeError(f"Stew: pivot {label(name)} is a {type(x).__name__}, not a tensor")
+            check_tensor_kind(x, f"Stew: pivot {label(name)}", "a stew")
             devices.add(x.device)
         if len(devices) > 1:
             raise MergeError(f"Stew: pivot tensors are spread over several devices: {sorted(map(str, devices))}")
         if cfg.check_finite:
             for name, x in pivot_dict.items():
                 if x.dtype in FLOAT_DTYPES and not bool(torch.isfinite(x).all()):
-                    raise MergeError(f"Stew: pivot {_label(name)} contains NaN or Inf")
+                    raise MergeError(f"Stew: pivot {label(name)} contains NaN or Inf")
         self.device = devices.pop() if devices else torch.device("cpu")
         self.backend = get_backend(cfg.backend, self.device.type)
 
@@ -178,7 +178,7 @@ class Stew:
         self._float = {k: v.dtype in FLOAT_DTYPES for k, v in pivot_dict.items()}
         like = self._dtypes_like(dtypes_like, pivot_dict)
         self._out_dtype = {
-            k: (_DTYPE_BY_NAME[cfg.out_dtype] if cfg.out_dtype else like[k].dtype) for k in pivot_dict if self._float[k]
+            k: (DTYPE_BY_NAME[cfg.out_dtype] if cfg.out_dtype else like[k].dtype) for k in pivot_dict if self._float[k]
         }
         self._buffers = {k: v.detach().clone() for k, v in pivot_dict.items() if not self._float[k]}
         self._w: Dict[str, torch.Tensor] = {}
@@ -209,9 +209,9 @@ class Stew:
                 continue
             x = like.get(k)
             if not isinstance(x, torch.Tensor):
-                raise MergeError(f"Stew: dtypes_like has no tensor for {_label(k)}")
+                raise MergeError(f"Stew: dtypes_like has no tensor for {label(k)}")
             if x.dtype not in FLOAT_DTYPES:
-                raise MergeError(f"Stew: dtypes_like {_label(k)} has dtype {x.dtype}, expected float32/bfloat16/float16")
+                raise MergeError(f"Stew: dtypes_like {label(k)} has dtype {x.dtype}, expected float32/bfloat16/float16")
         return like
 
     # -- stepping -------------------------------------------------------------
@@ -243,20 +243,20 @@ class Stew:
             for name in self.names:
                 x = d[name]
                 if not isinstance(x, torch.Tensor):
-                    raise MergeError(f"Stew.add: {_label(name)} of ingredient {i} is a {type(x).__name__}, not a tensor")
-                check_tensor_kind(x, f"Stew.add: {_label(name)} of ingredient {i}", "a stew")
+                    raise MergeError(f"Stew.add: {label(name)} of ingredient {i} is a {type(x).__name__}, not a tensor")
+                check_tensor_kind(x, f"Stew.add: {label(name)} of ingredient {i}", "a stew")
                 if tuple(x.shape) != self._shapes[name]:
                     raise MergeError(
-                        f"Stew.add: {_label(name)} has shape {tuple(x.shape)} in ingredient {i} but {self._shapes[name]} in the pivot"
+                        f"Stew.add: {label(name)} has shape {tuple(x.shape)} in ingredient {i} but {self._shapes[name]} in the pivot"
                     )
                 if (x.dtype in FLOAT_DTYPES) != self._float[name]:
                     raise MergeError(
-                        f"Stew.add: {_label(name)} is {x.dtype} in ingredient {i}, not the pivot's kind "
+                        f"Stew.add: {label(name)} is {x.dtype} in ingredient {i}, not the pivot's kind "
                         "(floating and non-floating tensors cannot be mixed)"
                     )
                 if self.config.check_finite and self._float[name] and not bool(torch.isfinite(x).all()):
                     raise MergeError(
-                        f"Stew.add: {_label(name)} of ingredient {i} contains NaN or Inf (check_finite=False to add anyway)"
+                        f"Stew.add: {label(name)} of ingredient {i} contains NaN or Inf (check_finite=False to add anyway)"
                     )
         return dicts
 
@@ -283,7 +283,7 @@ class Stew:
                              if d[name].dtype != buf.dtype or not torch.equal(d[name].to(self.device), buf)]
                 if differing:
                     warnings.warn(
-                        f"Stew.add: non-floating {_label(name)} differs from the pivot's (in value or dtype) in batch "
+                        f"Stew.add: non-floating {label(name)} differs from the pivot's (in value or dtype) in batch "
                         f"ingredients {differing}; the pivot's is kept, not averaged",
                         stacklevel=2,
                     )
@@ -354,11 +354,11 @@ class Stew:
         for k, w in self._w.items():
             shape_w = tuple(w.shape) if flat else self._shapes[k]
             if tuple(weights[k].shape) != shape_w:
-                raise MergeError(f"{what}: {_label(k)} has shape {tuple(weights[k].shape)}, this stew has {shape_w}")
+                raise MergeError(f"{what}: {label(k)} has shape {tuple(weights[k].shape)}, this stew has {shape_w}")
             s = self._state[k]
             shape_s = tuple(s.shape) if flat else (s.shape[0],) + self._shapes[k]
             if tuple(state[k].shape) != shape_s:
-                raise MergeError(f"{what}: optimizer state of {_label(k)} has shape {tuple(state[k].shape)}, expected {shape_s}")
+                raise MergeError(f"{what}: optimizer state of {label(k)} has shape {tuple(state[k].shape)}, expected {shape_s}")
 
     # -- resumable state ------------------------------------------------------
     def _meta(self) -> dict:
@@ -423,7 +423,7 @@ class Stew:
             if k in buffers:
                 x0[k] = buffers[k]
             else:
-                x0[k] = (pivot[k] if pivot is not None else weights[k]).to(_DTYPE_BY_NAME[out_dtypes[k]])
+                x0[k] = (pivot[k] if pivot is not None else weights[k]).to(DTYPE_BY_NAME[out_dtypes[k]])
         # Build with check_finite off (an fp32 weight may overflow a fp16 out dtype in the dummy x0).
         stew = cls(x0["" ] if form == "tensor" else x0, cfg.replace(check_finite=False), mode=mode, n=n,
                    amplification=amp)
@@ -434,10 +434,10 @@ class Stew:
             stew._state[k].copy_(state[k].reshape(stew._state[k].shape))
             if stew._w0 is not None:
                 if pivot is None or k not in pivot:
-                    raise MergeError(f"Stew.from_state_dict: a fixed-pivot stew needs its pivot for {_label(k)}")
+                    raise MergeError(f"Stew.from_state_dict: a fixed-pivot stew needs its pivot for {label(k)}")
                 stew._w0[k].copy_(pivot[k].reshape(-1))
             if shapes.get(k) != stew._shapes[k]:
-                raise MergeError(f"Stew.from_state_dict: {_label(k)} has shape {stew._shapes[k]}, metadata says {shapes.get(k)}")
+                raise MergeError(f"Stew.from_state_dict: {label(k)} has shape {stew._shapes[k]}, metadata says {shapes.get(k)}")
         stew.t = step
         return stew
 
@@ -517,7 +517,7 @@ class Stew:
                 sd["buffers"][k] = tensors[f"buffer.{i}"]
                 continue
             if f"weights.{i}" not in tensors:
-                raise MergeError(f"Stew.load: {tpath} lacks the weights of {_label(k)}")
+                raise MergeError(f"Stew.load: {tpath} lacks the weights of {label(k)}")
             w = tensors[f"weights.{i}"]
             sd["weights"][k] = w
             sd["state"][k] = tensors.get(f"state.{i}", torch.empty(slots, w.numel(), device=dev))

@@ -150,11 +150,11 @@ def run_strategy(strategy: str, state_dicts: Sequence[Dict[str, torch.Tensor]], 
         normalize = _as_bool("normalize", entry.get("normalize", True))
         return weighted_soup(dicts, weights, normalize=normalize, **common)
     # stew: the schedule's batches (order, scores, batch_size, epochs, shuffle), one add() each.
-    from .api import _check_structure
+    from .checks import check_structure
     from .schedule import schedule
     from .stew import Stew
 
-    _check_structure(dicts)
+    check_structure(dicts)
     mode = entry.get("mode", "server")
     plan = schedule(cfg, len(dicts))
     pivot = _stew_pivot(cfg, dicts)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ame_kernels.config import OPTIMIZERS
 import ame_kernels
 from ame_kernels.backends import available
 from ame_kernels.config import AMEConfig
@@ -101,7 +102,7 @@ SCHEDULES = {
 
 
 @pytest.mark.parametrize("simd", LEVELS)
-@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "adamw", "adadelta"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("sched", sorted(SCHEDULES))
 def test_parity_schedules(sched, optimizer, simd):
     opts = dict(SCHEDULES[sched])

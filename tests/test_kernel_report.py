@@ -18,12 +18,14 @@ import sys
 
 import pytest
 
+from ame_kernels.config import OPTIMIZERS
+
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)
-OPTS = ("sgd", "adagrad", "adam", "adamw", "adadelta")
+OPTS = OPTIMIZERS
 
 
 def _report(*args) -> list:

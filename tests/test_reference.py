@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ame_kernels.config import OPTIMIZERS
 import ame_kernels as ak
 
 
@@ -73,7 +74,7 @@ def independent_ame(xs, *, optimizer, lr, lr_schedule, lr_power, zeta, epochs, b
 
 
 configs = st.fixed_dictionaries({
-    "optimizer": st.sampled_from(["sgd", "adagrad", "adam", "adamw", "adadelta"]),
+    "optimizer": st.sampled_from(OPTIMIZERS),
     "n": st.integers(1, 6),
     "size": st.integers(1, 9),
     "epochs": st.integers(1, 3),
