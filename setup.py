@@ -43,10 +43,14 @@ def _torch_cuda_version(python=None):
     if not out:
         return None
     try:
-        text = (Path(out).parent / "version.py").read_text()
+        return parse_torch_cuda((Path(out).parent / "version.py").read_text())
     except OSError:
         return None
-    m = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+
+
+def parse_torch_cuda(version_py):
+    """torch/version.py's ``cuda: Optional[str] = '12.8'`` -> '12.8'; a CPU build's ``= None`` -> None."""
+    m = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", version_py, re.M)
     return m.group(1) if m else None
 
 
