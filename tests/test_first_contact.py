@@ -222,3 +222,65 @@ def test_demo_next_steps_are_commands_a_pip_user_has(tmp_path, monkeypatch, caps
     assert any(c.endswith("help config") for c in cmds) and any(" inspect " in c for c in cmds)
     for c in cmds:  # each names this environment's ame-merge: on PATH, or this Python with -m
         assert c.startswith("ame-merge ") or " -m ame_kernels " in c, c
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _folders(tmp_path, n=3, zero_bias=True):
+    import torch
+    from safetensors.torch import save_file
+
+    base = torch.randn(40, 30)
+    paths = []
+    for i in range(n):
+        sd = {"w": base + 0.05 * torch.randn(40, 30), "b": torch.randn(30)}
+        if zero_bias:
+            sd["pooler.bias"] = torch.zeros(30)  # MiniLM's pooler.dense.bias: zero in every model
+        d = tmp_path / f"model_{i}"
+        d.mkdir()
+        save_file(sd, str(d / "model.safetensors"))
+        paths.append(str(d))
+    return paths
+
+
+def test_inspect_takes_model_folders(tmp_path, capsys, monkeypatch):
+    paths = _folders(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["inspect", "model_0", "model_1", "model_2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 models") and str(tmp_path / "model_2") in out
+    assert cli.main(["inspect", *paths, "--base", paths[0], "--json"]) == 0
+    assert '"relative_to": "task vectors"' in capsys.readouterr().out
+    # one model, a config among folders, a missing folder: one line each, exit 2
+    for argv, msg in ((["model_0"], "at least 2 models"), (["c.yaml", "model_0"], "not both"),
+                      (["model_0", "nope"], "nope")):
+        assert cli.main(["inspect", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+
+
+def test_inspect_zero_norm_tensor_is_not_least_similar_nor_nan(tmp_path, capsys):
+    paths = _folders(tmp_path)
+    from ame_kernels.diagnostics import diagnostics
+
+    d = diagnostics(paths)
+    assert d.summary["zero_norm_tensors"] == ["pooler.bias"]
+    assert [r["name"] for r in d.summary["least_similar_tensors"]] == ["b", "w"]  # ranked by cosine, finite only
+    table = d.table()
+    assert "nan" not in table.split("least similar tensors")[1]
+    assert "zero in some model, no cosine" in table and "pooler.bias" in table
+
+
+def test_inspect_gives_numbers_not_a_verdict(tmp_path, capsys):
+    import torch
+
+    from ame_kernels.diagnostics import diagnostics
+
+    d = diagnostics([torch.randn(2000) for _ in range(3)])  # independent: crosses the cosine threshold
+    table = d.table()
+    assert "verdict" not in table and "unlikely to soup well" not in table and "threshold checks (heuristics" in table
+    assert "low_similarity: lowest whole-model cosine" in table
+    assert not d.soupable  # the API's summary keeps its flag levels
+    calm = diagnostics([torch.ones(50) + 0.01 * torch.randn(50) for _ in range(3)]).table()
+    assert "threshold checks: none crossed" in calm
