@@ -120,17 +120,19 @@ Errors are one line on stderr, 'ame-merge: error: ...' (--verbose adds the trace
 
 def _install() -> str:
     return """\
-Installing ame-kernels
+Installing ame-kernels (from a clone: '.' for 'ame-kernels')
 
-  pip install ame-kernels             # CPU kernels (C++, compiled at install: needs cmake and a C++17 compiler)
+  pip install torch                   # first: the torch build this machine needs
+  pip install ame-kernels             # the package and its C++ CPU kernels (needs a C++17 compiler)
   pip install 'ame-kernels[demo]'     # + scikit-learn, for python -m ame_kernels.demo
   pip install 'ame-kernels[triton]'   # + the Triton GPU kernels
 
-The CUDA C++ module is compiled only where it can run (a CUDA build of torch or an NVIDIA
-driver, and nvcc): it adds minutes to the install. Environment switches: AME_BUILD_CUDA=1
-(always; an error without nvcc) or 0 (never), AME_SKIP_NATIVE=1 (pure Python: the reference
-and Triton backends only), AME_CUDA_ARCHS="80;90", AME_BUILD_JOBS=N.
-ame-merge --version says what this install was built with."""
+The CUDA C++ module is built only where it can run: the installed torch is a CUDA build or
+an NVIDIA driver is visible, and nvcc is found. It adds about 3 minutes to the install on
+2 cores. Torch installed by the same pip command arrives after the build: install it first.
+Environment switches: AME_BUILD_CUDA=1 (always; an error without nvcc) or 0 (never),
+AME_SKIP_NATIVE=1 (pure Python: the reference and Triton backends only),
+AME_CUDA_ARCHS="80;90", AME_BUILD_JOBS=N. ame-merge --version says what was built."""
 
 
 TOPICS: Dict[str, Callable[[], str]] = {
