@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUILD_STAMP := $(VENV)/.built
 TORCH_PIN ?= torch==2.13.0
+# The CUDA module is compiled (not run) wherever nvcc exists, as CI's compile check of the
+# CUDA sources: a pip install builds it only where it can run (setup.py's AME_BUILD_CUDA=auto).
+# `AME_BUILD_CUDA=0 make build` skips it. Exported: tests/test_cuda.py reads it too.
+AME_BUILD_CUDA ?= $(if $(shell command -v nvcc 2>/dev/null),1,auto)
+export AME_BUILD_CUDA
 DEPS := numpy pybind11 safetensors pyyaml tqdm psutil hypothesis pytest pytest-benchmark \
         scikit-learn matplotlib triton setuptools wheel
 

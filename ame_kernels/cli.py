@@ -3,13 +3,15 @@
     ame-merge CONFIG.yaml OUT_DIR [--backend B] [--device D] [--threads T] [--chunk-mb M]
               [--shard-size S] [--out-dtype D] [--force] [--dry-run] [--quiet] [--verbose]
     ame-merge inspect ...          (routed to ame_kernels.diagnostics:inspect_main)
+    ame-merge help [TOPIC]         (ame_kernels.help_topics: config, strategies, ...)
+    ame-merge --version
     python -m ame_kernels ...      (the same)
 
 Exit codes: 0 done; 2 bad usage, config or input (nothing was written); 1 a
 failure during the merge (nothing was left behind); 130 (Ctrl-C) or 143
 (SIGTERM) interrupted, nothing left behind. Errors go
-to stderr as one line (the traceback with --verbose). The YAML schema is in
-docs/cli.md. Under torchrun (WORLD_SIZE > 1 in the environment) the merge is
+to stderr as one line (the traceback with --verbose). The YAML schema:
+``ame-merge help config`` (ame_kernels/help_topics.py). Under torchrun (WORLD_SIZE > 1 in the environment) the merge is
 split across the ranks (ame_kernels.distributed).
 """
 
@@ -28,13 +30,28 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FLAGS = {"backend": "--backend", "threads": "--threads", "out_dtype": "--out-dtype"}
 
 
+def version_line() -> str:
+    """``ame-merge --version``: the package version and what the native part was built with."""
+    from . import __version__
+    from ._native import build_info
+
+    info = build_info()
+    if not info.get("native"):
+        native = "no native kernels (reference and Triton backends only)"
+    else:
+        native = f"CPU kernels {info.get('simd_best', '?')}, CUDA module {'built' if info.get('cuda_compiled') else 'not built'}"
+    return f"ame-merge {__version__} ({native}; Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ame-merge",
         description="Merge checkpoints with a merge method (ame, linear, task_arithmetic, ties, dare_linear, dare_ties, "
-        "breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, model_stock; see docs/cli.md for the YAML schema). "
+        "breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, model_stock). "
+        "'ame-merge help config' prints the YAML schema; 'ame-merge help' lists the other topics; "
         "'ame-merge inspect ...' runs the diagnostics.",
     )
+    p.add_argument("--version", action="version", version=version_line())
     p.add_argument("config", help="YAML file: models (path, score, per-model parameters), method, base, the method's "
                    "parameters or AME's (pivot, optimizer, lr, ...)")
     p.add_argument("out_dir", nargs="?", help="output folder (Hugging Face style); optional with --dry-run")
@@ -128,6 +145,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
         return _inspect(argv[1:])
+    if argv and argv[0] == "help":  # ame-merge help [TOPIC] (ame_kernels/help_topics.py)
+        from .help_topics import help_main
+
+        return help_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

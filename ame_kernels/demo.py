@@ -206,6 +206,12 @@ def merge_api(state_dicts: Sequence[StateDict], cfg: dict) -> Tuple[StateDict, d
     return out, {"wall_s": time.perf_counter() - t0, "merge_s": time.perf_counter() - t0}
 
 
+def merged_dir(out_root: str, name: str) -> str:
+    """Where the demo writes the merge ``name``: OUT/merged/NAME ('uniform soup' -> uniform_soup,
+    'greedy soup (asc)' -> greedy_soup_asc), with its YAML config beside it as NAME.yaml."""
+    return os.path.join(out_root, "merged", re.sub(r"[^A-Za-z0-9-]+", "_", name).strip("_"))
+
+
 def cli_available() -> bool:
     try:
         import importlib.util
@@ -291,20 +297,28 @@ def run_setting(setting: Setting, out_root: str, ame: Optional[Dict[str, dict]] 
                             {"hidden_size": h, "num_labels": 10, "excluded_classes": ex, "seed": setting.seed})
         res.ingredient_dirs.append(d)
         res.rows.append(dict(method=f"ingredient {j}", kind="ingredient", val=evaluate(sd, "va"), test=evaluate(sd, "te"),
-                             excluded=ex, wall_s=float("nan"), merge_s=float("nan")))
+                             excluded=ex, wall_s=float("nan"), merge_s=float("nan"), output=d))
     val_scores = [r["val"] for r in res.rows]
     # ingredients are read back from their folders: the merges see exactly what was saved
     reloaded = [load_checkpoint(d) for d in res.ingredient_dirs]
 
     def do_merge(name: str, cfg: dict):
         if use_cli:
-            out, tm = merge_cli(res.ingredient_dirs, cfg, os.path.join(out_root, "merged", name.replace(" ", "_")))
+            folder = merged_dir(out_root, name)
+            out, tm = merge_cli(res.ingredient_dirs, cfg, folder)
+            tm["output"] = folder
             if cross_check:
                 ref, _ = merge_api(reloaded, cfg)
                 res.cli_vs_api_maxdiff[name] = max(float((out[k].float() - ref[k].float()).abs().max()) for k in ref)
         else:
             out, tm = merge_api(reloaded, cfg)
+            tm["output"] = None  # in memory only
         return out, tm
+
+    def save_greedy(name: str, sd: StateDict, size: int):
+        if not use_cli:  # the in-memory path writes no merges
+            return None
+        return save_checkpoint(sd, merged_dir(out_root, name), {"hidden_size": h, "num_labels": 10, "greedy_soup_members": size})
 
     merges: List[Tuple[str, str, dict]] = [("uniform soup", "soup", SOUP_CONFIG)]
     merges += [(name, "ame", {**AME_COMMON, **cfg}) for name, cfg in ame.items()]
@@ -317,30 +331,119 @@ def run_setting(setting: Setting, out_root: str, ame: Optional[Dict[str, dict]] 
     t1 = time.perf_counter()
     gsoup, size = greedy_soup_of(reloaded, val_scores, lambda sd: evaluate(sd, "va"))
     res.rows.append(dict(method="greedy soup", kind="greedy", val=evaluate(gsoup, "va"), test=evaluate(gsoup, "te"),
-                         members=size, merge_s=time.perf_counter() - t1, wall_s=float("nan")))
+                         members=size, merge_s=time.perf_counter() - t1, wall_s=float("nan"),
+                         output=save_greedy("greedy soup", gsoup, size)))
     t1 = time.perf_counter()
     gsoup, size = greedy_soup_of(reloaded, val_scores, lambda sd: evaluate(sd, "va"), ascending=True)
     res.rows.append(dict(method="greedy soup (asc)", kind="greedy", val=evaluate(gsoup, "va"), test=evaluate(gsoup, "te"),
-                         members=size, merge_s=time.perf_counter() - t1, wall_s=float("nan")))
+                         members=size, merge_s=time.perf_counter() - t1, wall_s=float("nan"),
+                         output=save_greedy("greedy soup (asc)", gsoup, size)))
     best = int(np.argmax(val_scores))
     b = res.rows[best]
     res.rows.append(dict(method="best ingredient (by val)", kind="best", val=b["val"], test=b["test"], index=best,
-                         wall_s=float("nan"), merge_s=float("nan")))
+                         wall_s=float("nan"), merge_s=float("nan"), output=b["output"]))
     return res
 
 
-def format_table(res: RunResult) -> str:
-    order = ["best ingredient (by val)", "uniform soup", "greedy soup", "greedy soup (asc)"] + [r["method"] for r in res.rows if r["kind"] == "ame"]
-    wall = "CLI wall s" if res.via == "cli" else "wall s"
-    lines = [f"{'method':<26} {'val acc':>8} {'test acc':>9} {'merge s':>8} {wall:>10}"]
+ROW_ORDER = ["best ingredient (by val)", "uniform soup", "greedy soup", "greedy soup (asc)"]
+
+
+def format_table(res: RunResult, root: Optional[str] = None) -> str:
+    """One row per method: val and test accuracy, the merge's time, the CLI command's time, where it is.
+
+    root: the demo's output folder; outputs under it are shown relative to it."""
+    order = ROW_ORDER + [r["method"] for r in res.rows if r["kind"] == "ame"]
+    where = f"output (in {root})" if root else "output"
+    lines = [f"{'method':<26} {'val acc':>8} {'test acc':>9} {'merge s':>8} {'CLI s':>6}  {where}"]
     for name in order:
         r = res.row(name)
-        ms = "" if np.isnan(r["merge_s"]) else f"{r['merge_s']:.3f}"
-        ws = "" if np.isnan(r["wall_s"]) else f"{r['wall_s']:.2f}"
+        ms = "-" if np.isnan(r["merge_s"]) else f"{r['merge_s']:.3f}"
+        ws = "-" if np.isnan(r["wall_s"]) or res.via != "cli" or r["kind"] not in ("soup", "ame") else f"{r['wall_s']:.2f}"
+        out = r.get("output")
+        if out is None:
+            out = "(in memory)"
+        else:
+            out = os.path.relpath(out, root) if root and not os.path.relpath(out, root).startswith("..") else out
+            out += "/"
         extra = f"  ({r['members']} of {res.setting.n_ingredients} kept)" if "members" in r else ""
-        extra += f"  (ingredient {r['index']})" if "index" in r else ""
-        lines.append(f"{name:<26} {100 * r['val']:>7.1f}% {100 * r['test']:>8.1f}% {ms:>8} {ws:>10}{extra}")
+        lines.append(f"{name:<26} {100 * r['val']:>7.1f}% {100 * r['test']:>8.1f}% {ms:>8} {ws:>6}  {out}{extra}")
     return "\n".join(lines)
+
+
+def _ame_settings() -> str:
+    lrs = ", ".join(f"{k.replace('-AME', '')} {v['lr']:g}" + (f" (weight decay {v['weight_decay']:g})" if "weight_decay" in v else "")
+                    for k, v in DEFAULT_AME.items())
+    return (f"pivot soup (adaptive), {AME_COMMON['epochs']} epochs, batch {AME_COMMON['batch_size']}, shuffled, "
+            f"constant lr {lrs}")
+
+
+def format_legend(res: RunResult, width: int = 100) -> str:
+    """What each row and column of format_table is, wrapped to ``width`` columns."""
+    import textwrap
+
+    n = res.setting.n_ingredients
+    rows = [
+        ("best ingredient", "the one ingredient with the best val acc: what you would have without merging"),
+        ("uniform soup", f"the plain mean of the {n} ingredients (= GD-AME with lr 1, fixed pivot, 1 epoch, batch 1: "
+                         f"max |merged - mean| = {res.soup_identity_maxdiff:.1e})"),
+        ("greedy soup", "the model-soups recipe: start from the best ingredient by val acc, offer the others best "
+                        "first, keep one only if the soup's val acc improves"),
+        ("greedy soup (asc)", "the same from the worst ingredient, offered worst first (the paper's Greedy Soup (Asc)). "
+                              "Both greedy soups choose on the val split, so their val acc flatters them: compare test acc"),
+        ("*-AME", "AME: the optimizer (GD, Adagrad, Adam, AdamW) stepped on the pseudogradients pivot - x_i; "
+                  + _ame_settings() + ". The lrs are fixed (the best mean val acc of the sweep in "
+                  "benchmarks/repro/digits.py of the source repository), not tuned on this run"),
+    ]
+    cols = [
+        ("val acc, test acc", "accuracy on the validation split and on the held-out test split"),
+        ("merge s", "the merge itself: the engine's time from ame-merge's summary line (greedy soups: the search in "
+                    "Python, evaluations included)"),
+        ("CLI s", "the whole ame-merge command, a fresh Python process with its start-up (-: no command ran)"),
+    ]
+    indent = 2 + 19
+    lines = []
+    for title, items in (("rows:", rows), ("columns:", cols)):
+        lines.append(title)
+        for label, text in items:
+            lines.append(textwrap.fill(text, width, initial_indent=f"  {label:<19}", subsequent_indent=" " * indent))
+    return "\n".join(lines)
+
+
+def format_reading(res: RunResult) -> str:
+    """What this run's numbers say, on test accuracy (one seed: the spread between seeds is several points)."""
+    soup, best = res.row("uniform soup"), res.row("best ingredient (by val)")
+    pts = lambda a, b: 100 * (a - b)  # noqa: E731
+    ame = [f"{r['method']} {pts(r['test'], soup['test']):+.1f}" for r in res.rows if r["kind"] == "ame"]
+    top = max((r for r in res.rows if r["kind"] != "ingredient"), key=lambda r: r["test"])
+    import textwrap
+
+    text = (f"this run, on test: the soup is {pts(soup['test'], best['test']):+.1f} points against the best ingredient"
+            + (f"; against the soup: {', '.join(ame)}" if ame else "")
+            + f"; the best row is {top['method']} ({100 * top['test']:.1f}%). One seed of a small setting: seeds "
+            "differ by several points, and AME's lr is not tuned here (the *-AME row above).")
+    return textwrap.fill(text, 100)
+
+
+def _cli_command() -> str:
+    """How to run ame-merge from here: ``ame-merge`` when it is on PATH, else this Python with -m
+    (``make demo`` runs .venv/bin/python, whose bin/ is usually not on PATH)."""
+    import shutil
+
+    exe = shutil.which("ame-merge")
+    if exe and os.path.dirname(os.path.abspath(exe)) == os.path.dirname(os.path.abspath(sys.executable)):
+        return "ame-merge"
+    py = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else sys.executable
+    return f"{py} -m ame_kernels"
+
+
+def _missing_extra() -> Optional[str]:
+    """The one-line error when the demo's extra (scikit-learn) is not installed, else None."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return ("ame_kernels.demo: error: the demo needs scikit-learn (for its bundled digits data set): "
+                "pip install 'ame-kernels[demo]' (or pip install scikit-learn)")
+    return None
 
 
 def main(argv=None) -> int:
@@ -352,24 +455,42 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--via", choices=("auto", "cli", "api"), default="auto", help="merge path (auto: the CLI when present)")
     a = p.parse_args(argv)
+    missing = _missing_extra()
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the CLI merges run beside it
     t0 = time.perf_counter()
     setting = Setting(n_ingredients=a.ingredients, excluded=a.excluded, train_epochs=a.epochs, seed=a.seed)
     res = run_setting(setting, a.out, via=a.via, cross_check=False)
-    via = "the ame-merge CLI (python -m ame_kernels CONFIG.yaml OUT)" if (a.via == "cli" or (a.via == "auto" and cli_available())) else "ak.merge"
-    print(f"AME demo: load_digits, MLP 64-{setting.hidden}-10, {setting.n_ingredients} ingredients from one shared init, "
-          f"each trained {setting.train_epochs} epochs without {setting.excluded} of the 10 classes "
-          f"({10 * setting.excluded}% out-of-domain), seed {setting.seed}")
-    print(f"checkpoints: {os.path.abspath(a.out)}/ingredient_*/ (model.safetensors + config.json); merged via {via}")
+    root = os.path.abspath(a.out)
+    n, m = setting.n_ingredients, setting.excluded
+    print(f"AME demo: scikit-learn's digits (8x8 images, 10 classes), an MLP 64-{setting.hidden}-10; {n} ingredients "
+          f"trained from one shared init, each {setting.train_epochs} epochs without {m} of the 10 classes "
+          f"(blind to {10 * m}% of the test set), seed {setting.seed}")
     ing = [r for r in res.rows if r["kind"] == "ingredient"]
-    print(f"ingredients: test acc {100 * min(r['test'] for r in ing):.1f}% .. {100 * max(r['test'] for r in ing):.1f}% "
-          f"(training {res.train_s:.1f} s)")
-    print(format_table(res))
-    print(f"soup = GD identity (lr 1 constant, fixed pivot, zeta 1, 1 epoch, batch 1): "
-          f"max |merged - mean| = {res.soup_identity_maxdiff:.2e}")
-    print(f"AME: pivot soup, adaptive pivot, {AME_COMMON['epochs']} epochs, batch {AME_COMMON['batch_size']}, shuffled, constant lr: "
-          + ", ".join(f"{k} lr {v['lr']:g}" + (f" wd {v['weight_decay']:g}" if "weight_decay" in v else "") for k, v in DEFAULT_AME.items()))
-    print(f"total {time.perf_counter() - t0:.1f} s. Full experiment (levels x seeds, lr chosen on val): make repro")
+    print(f"ingredients: {os.path.join(root, 'ingredient_00')} .. ingredient_{n - 1:02d} (model.safetensors + config.json), "
+          f"test acc {100 * min(r['test'] for r in ing):.1f}% .. {100 * max(r['test'] for r in ing):.1f}%, "
+          f"trained in {res.train_s:.1f} s")
+    if res.via == "cli":
+        print(f"merges: each through the ame-merge CLI (python -m ame_kernels NAME.yaml NAME), "
+              f"into {os.path.join(root, 'merged')}/NAME/ with its config beside it as NAME.yaml")
+    else:
+        print("merges: in memory through ak.merge (--via api): none written to disk")
+    print()
+    print(format_table(res, root))
+    print()
+    print(format_legend(res))
+    print()
+    print(format_reading(res))
+    cli = _cli_command()
+    steps = [(f"{cli} inspect {os.path.join(a.out, 'ingredient_*')}", "how alike the ingredients are")]
+    if res.via == "cli" and "Adam-AME" in DEFAULT_AME:
+        steps.append((f"{cli} {os.path.join(a.out, 'merged', 'Adam-AME.yaml')} OUT --dry-run", "one merge's plan"))
+    steps.append((f"{cli} help config", "the YAML config's keys"))
+    w = max(len(c) for c, _ in steps)
+    print("next:\n" + "\n".join(f"  {c:<{w}}  # {what}" for c, what in steps))
+    print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

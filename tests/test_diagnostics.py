@@ -168,7 +168,7 @@ def test_inspect_output(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("models:\n  - m0.safetensors\n  - path: m1.safetensors\n")
     assert inspect_main([str(tmp_path / "c.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "pairwise cosine similarity" in out and "pairwise L2 distance" in out and "verdict:" in out
+    assert "pairwise cosine similarity" in out and "pairwise L2 distance" in out and "threshold checks" in out
     assert inspect_main([str(tmp_path / "c.yaml"), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["n"] == 2 and len(doc["model"]["cosine"]) == 2 and "x" in doc["tensors"]
