@@ -53,7 +53,7 @@ PAUSE_ENV = "AME_TEST_PAUSE_AT"
 
 def pause_point(stage: str) -> None:
     """A test hook: when ``$AME_TEST_PAUSE_AT`` names ``stage`` (comma-separated stages), write
-    ``ame-test-pause: STAGE`` to stderr and wait for one byte on stdin (or its end), so a test can
+    ``ame-test-pause: STAGE PID`` to stderr and wait for one byte on stdin (or its end), so a test can
     signal or kill the process at exactly that point. Stages: ``chunk`` (views of a chunk made,
     not yet read), ``metadata`` (shards written), ``commit`` (signals blocked, nothing renamed),
     ``commit-moved`` (journal fallback: the old folder moved aside, the new not yet in place),
@@ -61,7 +61,7 @@ def pause_point(stage: str) -> None:
     want = os.environ.get(PAUSE_ENV)
     if not want or stage not in want.split(","):
         return
-    os.write(2, f"ame-test-pause: {stage}\n".encode())
+    os.write(2, f"ame-test-pause: {stage} {os.getpid()}\n".encode())
     try:
         os.read(0, 1)
     except OSError:
@@ -153,13 +153,19 @@ def terminate_as_exception() -> Iterator[None]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a killed process its parent has not reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_temps(target: str) -> List[str]:
@@ -346,8 +352,7 @@ class AtomicDir:
     def commit(self) -> None:
         """Move the complete temporary folder into place (see the module docstring for ``force``)."""
         # no signal while renaming: one arriving here is delivered after, when the output is in place
-        blocked = _block_signals()
-        try:
+        with _signals_deferred():
             pause_point("commit")
             if not os.path.lexists(self.target):
                 os.rename(self.tmp, self.target)
@@ -361,8 +366,6 @@ class AtomicDir:
                 remove_tree(self.tmp)
             else:
                 self._replace_with_journal()
-        finally:
-            _unblock_signals(blocked)
 
     def _committed(self) -> None:
         _live.discard(self.tmp)
@@ -409,9 +412,37 @@ class AtomicDir:
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP arriving in the block take effect at its end (through the handlers in
+    place before it: KeyboardInterrupt, ``Terminated``, or the default action).
+
+    In the main thread the handlers are swapped for ones that only note the signal: blocking the
+    signal in this thread alone would not do, since the kernel hands a process-directed signal to
+    any thread that does not block it (the kernels' worker threads), and Python then runs the
+    handler in the main thread at once. Elsewhere (Python handlers live in the main thread only)
+    the signals are blocked in this thread."""
+    if threading.current_thread() is not threading.main_thread():
+        blocked = _block_signals()
+        try:
+            yield
+        finally:
+            _unblock_signals(blocked)
+        return
+    pending: List[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)  # the restored handler runs now (raises, or ends the process)
+
+
 def _block_signals():
     """Block SIGINT/SIGTERM/SIGHUP in this thread (delivered at unblock); None where unsupported."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if not hasattr(signal, "pthread_sigmask"):
         return None
     return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
 
