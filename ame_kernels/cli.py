@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import List, Optional, Sequence
 
-from .errors import MergeError
+from .errors import MergeError, Terminated
 from .spec import UsageError, check_call, float_arg, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -142,6 +144,37 @@ def _error(msg: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # first thing: SIGTERM/SIGHUP raise Terminated (as Ctrl-C raises KeyboardInterrupt), so an interrupt
+    # at any point ends in one line and the right exit code, never a traceback or a silent -15
+    old = _raise_on_terminate()
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, Terminated) as e:  # outside a merge (a merge reports its own, see _run)
+        _error(f"interrupted ({_signal_name(e)})")
+        return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _raise_on_terminate() -> dict:
+    """SIGTERM and SIGHUP raise Terminated in the main thread; the previous handlers (to restore)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _signal_name(e: BaseException) -> str:
+    if isinstance(e, Terminated):
+        return signal.Signals(e.signum).name if e.signum in signal.Signals._value2member_map_ else f"signal {e.signum}"
+    return "Ctrl-C"
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
         return _inspect(argv[1:])
@@ -158,9 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _error("OUT_DIR is required (or pass --dry-run)")
         return EXIT_USAGE
     if _names_strategy(args.config):  # 'strategy: greedy|stew|...' runs in memory (ame_kernels/strategies.py)
-        from .strategies import run_cli  # imports torch: only for those configs
-
-        return run_cli(args)
+        return _run_strategy(args)
     from .distributed import world_from_env
 
     world = world_from_env()
@@ -171,6 +202,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return main_distributed(args, world)
     return _run(args)
+
+
+def _run_strategy(args: argparse.Namespace) -> int:
+    """A strategy config, with the merge path's error and signal handling (its AtomicDir cleans up)."""
+    try:
+        from .strategies import run_cli  # imports torch: only for those configs
+
+        return run_cli(args)
+    except (KeyboardInterrupt, Terminated) as e:
+        _error(f"interrupted ({_signal_name(e)})")
+        if args.verbose:
+            traceback.print_exc()
+        return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    except MergeError as e:
+        _error(str(e))
+        if args.verbose:
+            traceback.print_exc()
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 (one clear line; traceback on request)
+        where = f"; nothing was written to {os.path.abspath(args.out_dir)}" if args.out_dir else ""
+        _error(f"{_describe(e)}{where}")
+        if args.verbose:
+            traceback.print_exc()
+        return EXIT_FAILED
 
 
 def _names_strategy(path: str) -> bool:
@@ -187,10 +242,8 @@ def _names_strategy(path: str) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import warnings
-
-    from .engine import close_plan, input_paths, run_merge
-    from .io.atomic import Terminated, check_target, terminate_as_exception
+    from .engine import close_plan, input_paths
+    from .io.atomic import check_target
 
     plan = None
     try:
@@ -208,34 +261,75 @@ def _run(args: argparse.Namespace) -> int:
             return EXIT_OK
         for w in plan.warnings:
             print(f"ame-merge: warning: {w}", file=sys.stderr)
-        try:
-            with terminate_as_exception(), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = run_merge(plan, args.out_dir, force=args.force, progress=not args.quiet, protect=[args.config])
-            for w in caught:
-                print(f"ame-merge: warning: {w.message}", file=sys.stderr)
-        except (KeyboardInterrupt, Terminated) as e:
-            _error(f"interrupted ({str(e) or 'Ctrl-C'}); nothing was written to {os.path.abspath(args.out_dir)}")
-            if args.verbose:
-                traceback.print_exc()
-            return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
-        except Exception as e:  # noqa: BLE001 (one clear line; traceback on request)
-            msg = _describe(e)
-            _error(f"{msg}; nothing was written to {os.path.abspath(args.out_dir)}")
-            if args.verbose:
-                traceback.print_exc()
-            return EXIT_FAILED
-        if not args.quiet:
-            print(result.summary())
-        return EXIT_OK
-    except KeyboardInterrupt:  # Ctrl-C while checking the inputs (a merge handles its own above)
+        from .io.guard import guard_available, run_guarded
+
+        if plan.device == "cpu" and guard_available():
+            # in a forked child: an input truncated while mapped (SIGBUS) becomes an error naming it
+            return run_guarded(lambda: _merge_and_report(args, plan), _needed_bytes(plan), os.path.abspath(args.out_dir))
+        return _merge_and_report(args, plan)
+    except KeyboardInterrupt:  # Ctrl-C while checking the inputs (a merge handles its own)
         _error("interrupted (Ctrl-C) before the merge started; nothing was written")
         if args.verbose:
             traceback.print_exc()
         return EXIT_INTERRUPTED
+    except Terminated as e:
+        _error(f"interrupted ({_signal_name(e)}) before the merge started; nothing was written")
+        return 128 + e.signum
     finally:
         if plan is not None:
             close_plan(plan)
+
+
+def _merge_and_report(args: argparse.Namespace, plan) -> int:
+    """Run the checked plan into OUT_DIR; report the result (or the error) truthfully; the exit code."""
+    import warnings
+
+    from .engine import run_merge
+    from .io.atomic import terminate_as_exception
+
+    out = os.path.abspath(args.out_dir)
+    done = False
+    try:
+        with terminate_as_exception(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run_merge(plan, args.out_dir, force=args.force, progress=not args.quiet, protect=[args.config])
+            done = True
+            for w in caught:
+                print(f"ame-merge: warning: {w.message}", file=sys.stderr)
+            if not args.quiet:
+                print(result.summary())
+        return EXIT_OK
+    except (KeyboardInterrupt, Terminated) as e:
+        if done or getattr(e, "output_complete", None):  # delivered once the commit was done: the output is complete
+            print(f"ame-merge: {_signal_name(e)} received after the merge was complete: {out} holds the merged model", file=sys.stderr)
+            return EXIT_OK
+        _error(f"interrupted ({str(e) or 'Ctrl-C'}); nothing was written to {out}")
+        if args.verbose:
+            traceback.print_exc()
+        return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 (one clear line; traceback on request)
+        if done or getattr(e, "output_complete", None):
+            print(f"ame-merge: warning: {_describe(e)} after the merge was complete: {out} holds the merged model", file=sys.stderr)
+            return EXIT_OK
+        _error(f"{_describe(e)}; nothing was written to {out}")
+        if args.verbose:
+            traceback.print_exc()
+        return EXIT_FAILED
+
+
+def _needed_bytes(plan) -> dict:
+    """Input file -> bytes the merge reads from it (its size, for files that are not safetensors)."""
+    needed = {}
+    for ck in plan.ingredients + ([plan.pivot] if not isinstance(plan.pivot, (int, type(None))) else []):
+        for path, f in ck.files.items():
+            size = getattr(f, "needed", None)
+            if size is None:
+                try:
+                    size = os.path.getsize(path)
+                except OSError:
+                    continue
+            needed[path] = size
+    return needed
 
 
 def _describe(e: BaseException) -> str:

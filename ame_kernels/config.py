@@ -322,13 +322,14 @@ _LOADER = None
 
 
 def _unique_key_loader():
-    """yaml.SafeLoader refusing a key given twice in one mapping (PyYAML keeps the last one silently,
-    so a config with two 'lr:' lines would merge with the second without a word)."""
+    """The bounded YAML loader (``io.yaml_bounded``: alias bombs, deep nesting and huge values are
+    refused before anything is built) refusing a key given twice in one mapping (PyYAML keeps the
+    last one silently, so a config with two 'lr:' lines would merge with the second without a word)."""
     global _LOADER
     if _LOADER is None:
-        import yaml
+        from .io.yaml_bounded import bounded_loader
 
-        class UniqueKeyLoader(yaml.SafeLoader):
+        class UniqueKeyLoader(bounded_loader()):
             def construct_mapping(self, node, deep=False):
                 seen = {}
                 for key_node, _ in node.value:
@@ -338,7 +339,7 @@ def _unique_key_loader():
                     line = key_node.start_mark.line + 1
                     try:
                         if key in seen:
-                            raise _DuplicateKey(f"duplicate key {key!r} at line {line} (first at line {seen[key]})")
+                            raise _DuplicateKey(f"duplicate key {_brief(key)} at line {line} (first at line {seen[key]})")
                         seen[key] = line
                     except TypeError:  # an unhashable key: reported by the caller
                         continue
@@ -348,25 +349,62 @@ def _unique_key_loader():
     return _LOADER
 
 
+def _brief(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...'"
+
+
 def read_yaml(path: str, error: type = MergeError) -> Any:
     """The YAML document in ``path``; a missing file or bad YAML raises ``error`` naming the file
-    (and the line and column of a syntax error). Torch-free: the CLI reads configs with it."""
+    (and the line and column of a syntax error). Torch-free: the CLI reads configs with it.
+
+    Hostile files are errors too, never a hang, a traceback or an exhausted machine: a FIFO or
+    device (opened without blocking, refused), a file over ``io.yaml_bounded.MAX_FILE_BYTES``,
+    bytes that are not UTF-8, and documents beyond the bounded loader's limits (alias bombs,
+    nesting deeper than 64 levels, huge integers)."""
+    import stat
+
     import yaml
 
+    from .io.yaml_bounded import MAX_FILE_BYTES, YAMLLimitError
+
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            return yaml.load(f, Loader=_unique_key_loader())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise error(f"{path}: not a regular file (a FIFO, socket or device); a config must be a YAML file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise error(f"{path}: the config file has {st.st_size} bytes (at most {MAX_FILE_BYTES})")
+            raw = f.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise error(f"{path}: the config file has more than {MAX_FILE_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise error(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line})") from None
+        return yaml.load(text, Loader=_unique_key_loader())
+    except MergeError:  # ours, above (a ValueError: not to be caught below)
+        raise
     except _DuplicateKey as e:
         raise error(f"{path}: {e}") from None
+    except YAMLLimitError as e:
+        raise error(f"{path}: config refused: {e}") from None
     except FileNotFoundError:
         raise error(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, expected a YAML config file") from None
     except OSError as e:
         raise error(f"{path}: cannot read the config file ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = str(getattr(e, "problem", None) or str(e).splitlines()[0])
+        problem = problem if len(problem) <= 200 else problem[:195] + " ..."
         raise error(f"{path}: invalid YAML{where}: {problem}") from None
+    except (RecursionError, ValueError, OverflowError) as e:  # a value PyYAML's constructors cannot build
+        raise error(f"{path}: invalid YAML: {type(e).__name__}: {_brief(str(e), 200)}") from None
 
 
 def make_config(config: Optional[AMEConfig] = None, **overrides: Any) -> AMEConfig:

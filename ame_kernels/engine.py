@@ -45,7 +45,7 @@ import numpy as np
 
 from .config import AMEConfig, make_config
 from .errors import MergeError
-from .io.atomic import AtomicDir
+from .io.atomic import AtomicDir, pause_point
 from .io.checkpoint import Checkpoint, copy_aux_files, open_checkpoint
 from .io.safetensors import KERNEL_DTYPES, MERGE_DTYPES, ShardWriter, itemsize, np_dtype
 from .io.stream import ShardStream
@@ -819,6 +819,7 @@ def merge_items(
                         ck.reader(info).prefetch(info, nxt.start, nxt.count)
             infos = [ck.tensors[job.name] for ck in cks]
             views = [ck.reader(info).view(info, it.start, it.count) for ck, info in zip(cks, infos)]
+            pause_point("chunk")  # a test hook (no-op unless $AME_TEST_PAUSE_AT names it)
             if job.merge:
                 dts = list(job.in_dtypes)
                 for i, d in enumerate(dts):
@@ -960,8 +961,18 @@ def run_merge(
     tmp = atomic.create()
     try:
         notes = merge_items(plan, tmp, plan.work, threads, bar.update if bar else None, stream=True)
-        write_metadata(plan, tmp, extra_provenance)
+        pause_point("metadata")
+        try:
+            write_metadata(plan, tmp, extra_provenance)
+        except OSError as e:
+            if e.filename is None:  # a write or close error names no file: name the folder being written
+                raise OSError(e.errno, e.strerror, f"{tmp} (writing the index, config and {PROVENANCE} files)") from None
+            raise
         atomic.commit()
+    except BaseException as e:
+        if atomic.committed:  # a signal delivered as the commit ended: the output is in place and complete
+            e.output_complete = atomic.target
+        raise
     finally:
         if bar is not None:
             bar.close()

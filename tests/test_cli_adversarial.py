@@ -129,6 +129,8 @@ def test_disk_error_names_the_file_and_a_rerun_works(tmp_path, capsys, monkeypat
 def test_a_failed_final_rename_keeps_the_old_target(tmp_path, monkeypatch):
     from ame_kernels.io import AtomicDir
 
+    monkeypatch.setenv("AME_NO_RENAME_EXCHANGE", "1")  # the two-rename (journal) fallback
+
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep").write_text("old")

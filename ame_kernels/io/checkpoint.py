@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..errors import MergeError
-from .safetensors import SafetensorsFile, TensorInfo
+from .safetensors import SafetensorsFile, TensorInfo, open_regular
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -135,12 +135,17 @@ def _open_file(path: str):
 def _from_index(folder: str, index_name: str, kind: str) -> Checkpoint:
     index_path = os.path.join(folder, index_name)
     try:
-        with open(index_path, "r", encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        with open_regular(index_path) as f:
+            weight_map = json.loads(f.read().decode("utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
+    except MergeError:
+        raise
+    except RecursionError:
+        raise MergeError(f"{index_path}: unreadable shard index (JSON nested too deeply)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MergeError(f"{index_path}: unreadable shard index ({e})") from None
+        text = str(e) if len(str(e)) <= 120 else str(e)[:116] + " ..."
+        raise MergeError(f"{index_path}: unreadable shard index ({text})") from None
     if not weight_map:
         raise MergeError(f"{index_path}: lists no tensors (its weight_map is empty)")
     files: Dict[str, object] = {}
@@ -150,7 +155,7 @@ def _from_index(folder: str, index_name: str, kind: str) -> Checkpoint:
         shard_path = os.path.join(folder, shard)
         if os.path.isdir(shard_path):
             raise MergeError(f"{index_path}: lists shard {shard!r}, which is a folder ({shard_path}), not a file")
-        if not os.path.isfile(shard_path):
+        if not os.path.exists(shard_path):
             raise MergeError(f"{index_path}: lists shard {shard!r}, which is missing ({shard_path}: no such file)")
         try:
             files[shard_path] = _open_file(shard_path)
@@ -215,6 +220,8 @@ def _open_checkpoint(path: str) -> Checkpoint:
             p = os.path.join(path, name)
             if os.path.isfile(p):
                 return _from_index(path, name, kind) if kind else _from_file(p, path)
+            if os.path.lexists(p) and not os.path.isdir(p) and os.path.exists(p):  # a FIFO, socket or device
+                raise MergeError(f"{p}: not a regular file (a FIFO, socket or device); expected a checkpoint file")
         single = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if len(single) == 1:
             return _from_file(os.path.join(path, single[0]), path)
@@ -225,6 +232,8 @@ def _open_checkpoint(path: str) -> Checkpoint:
         )
     if os.path.isfile(path):
         return _from_file(path, os.path.dirname(path) if _has_aux(os.path.dirname(path)) else None)
+    if os.path.exists(path):  # a FIFO, socket or device
+        raise MergeError(f"{path}: not a regular file (a FIFO, socket or device); expected a checkpoint file or folder")
     raise MergeError(f"{path}: no such file or folder")
 
 

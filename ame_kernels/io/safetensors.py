@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -95,8 +96,9 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
     (a truncated download).
     """
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        f = open_regular(path)
+        size = os.fstat(f.fileno()).st_size
+        with f:
             head = f.read(8)
             if len(head) < 8:
                 raise MergeError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
@@ -117,7 +119,9 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
-        raise MergeError(f"{path}: corrupt safetensors header ({e})") from None
+        raise MergeError(f"{path}: corrupt safetensors header ({_cut(str(e))})") from None
+    except RecursionError:
+        raise MergeError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     data_start = 8 + hlen
     data_size = size - data_start
     metadata = header.pop("__metadata__", None) or {}
@@ -130,9 +134,9 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
                 raise TypeError("shape and data_offsets must hold integers")
             shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}") from None
+            raise MergeError(f"{path}: corrupt header entry for tensor {_brief(name)}: {_brief(entry)}") from None
         if not isinstance(code, str) or code not in CODE_TO_NAME:
-            raise MergeError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
+            raise MergeError(f"{path}: tensor {_brief(name)} has unknown dtype {_brief(code)}")
         info = TensorInfo(name, CODE_TO_NAME[code], shape, path, data_start + begin)
         if any(s < 0 for s in shape) or end - begin != info.nbytes or begin < 0:
             raise MergeError(
@@ -146,11 +150,43 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], dict]:
             )
         tensors[name] = info
         spans.append((begin, end, name))
-    spans.sort()
+    # overlaps among the tensors that hold bytes (a zero-size tensor between two overlapping ones
+    # must not hide them from the adjacent-pairs check)
+    spans = sorted(s for s in spans if s[1] > s[0])
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-        if b1 < e0 and e1 > b1 and e0 > b0:
+        if b1 < e0:
             raise MergeError(f"{path}: corrupt header: tensors {n0!r} and {n1!r} overlap")
     return tensors, metadata
+
+
+def open_regular(path: str):
+    """``path`` opened for binary reading without blocking (a FIFO would block the open forever);
+    MergeError naming it when it is not a regular file (a FIFO, socket or device)."""
+    return os.fdopen(open_regular_fd(path), "rb")
+
+
+def open_regular_fd(path: str) -> int:
+    """``open_regular``, as a file descriptor."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise MergeError(f"{path}: is a folder, expected a .safetensors file")
+        if not stat.S_ISREG(mode):
+            raise MergeError(f"{path}: not a regular file (a FIFO, socket or device); expected a checkpoint file")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _brief(value, limit: int = 120) -> str:
+    """repr of a value from a file, cut to ``limit`` characters (a hostile header can hold anything)."""
+    return _cut(repr(value), limit)
 
 
 def _is_int(v) -> bool:
@@ -164,20 +200,44 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         self.tensors, self.metadata = read_header(path)
+        #: bytes of the file a merge reads (the end of the last tensor's data)
+        self.needed = max((t.offset + t.nbytes for t in self.tensors.values()), default=0)
         self._fd: Optional[int] = None
         self._mm: Optional[mmap.mmap] = None
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            fd = open_regular_fd(self.path)
+            try:
+                size = os.fstat(fd).st_size
+                if size < self.needed:  # truncated since the header was read
+                    raise MergeError(self._shrunk(size))
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
         return self._mm
+
+    def _shrunk(self, size: int, info: Optional[TensorInfo] = None) -> str:
+        what = f"tensor {info.name!r} needs" if info is not None else "the tensors need"
+        return f"{self.path}: truncated while being merged (now {size} bytes; {what} data up to byte {self.needed})"
+
+    def check_size(self, info: Optional[TensorInfo] = None) -> None:
+        """MergeError naming the file when it is now shorter than its tensors need (cut by another
+        process while merging: reading the lost pages would raise SIGBUS)."""
+        if self._fd is not None:
+            size = os.fstat(self._fd).st_size
+            if size < self.needed:
+                raise MergeError(self._shrunk(size, info))
 
     def view(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
         """Elements [start, start+count) of ``info`` as a read-only numpy view of the mapped file."""
         if count == 0:
             return np.empty(0, dtype=np_dtype(info.dtype))
-        return np.frombuffer(self._map(), dtype=np_dtype(info.dtype), count=count, offset=info.offset + start * itemsize(info.dtype))
+        mm = self._map()
+        self.check_size(info)
+        return np.frombuffer(mm, dtype=np_dtype(info.dtype), count=count, offset=info.offset + start * itemsize(info.dtype))
 
     def _range(self, info: TensorInfo, start: int, count: int) -> Tuple[int, int]:
         b = info.offset + start * itemsize(info.dtype)

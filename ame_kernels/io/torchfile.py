@@ -83,6 +83,9 @@ class TorchFile:
         self.path = path
         if not os.path.exists(path):
             raise MergeError(f"{path}: no such file")
+        from .safetensors import open_regular
+
+        open_regular(path).close()  # a FIFO or device would block torch.load forever
         self.in_memory = False  # legacy format: every tensor loaded into this process
         try:
             try:
