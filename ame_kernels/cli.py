@@ -26,10 +26,8 @@ import traceback
 from typing import List, Optional, Sequence
 
 from .errors import MergeError, Terminated
-from .spec import UsageError, check_call, float_arg, load_spec
+from .cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, error as _error, prepare
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-FLAGS = {"backend": "--backend", "threads": "--threads", "out_dtype": "--out-dtype"}
 
 
 def version_line() -> str:
@@ -70,36 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare(args: argparse.Namespace):
-    """Config file + flags -> a checked MergePlan (UsageError/MergeError before any work)."""
-    from .engine import DEFAULT_CHUNK_MB, DEFAULT_SHARD_SIZE, parse_size, plan_merge
-
-    spec = load_spec(args.config)
-    overrides = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
-    try:
-        check_call(spec, overrides)
-    except MergeError as e:
-        msg = str(e)
-        for k, flag in FLAGS.items():
-            if k in overrides:
-                msg = msg.replace(f"AMEConfig.{k}", flag)
-        raise UsageError(msg) from None
-    chunk_mb = float_arg(args.chunk_mb, "--chunk-mb") if args.chunk_mb is not None else spec.engine.get("chunk_mb", DEFAULT_CHUNK_MB)
-    if not (chunk_mb > 0 and chunk_mb != float("inf")):
-        raise UsageError(f"--chunk-mb: must be a number > 0, got {args.chunk_mb!r}")
-    if args.shard_size is not None:
-        try:
-            shard_size = parse_size(args.shard_size, "--shard-size")
-        except MergeError as e:
-            raise UsageError(str(e)) from None
-    else:
-        shard_size = spec.engine.get("shard_size", DEFAULT_SHARD_SIZE)
-    device = str(args.device if args.device is not None else spec.engine.get("device", "cpu"))
-    return plan_merge(spec.models, None, pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size,
-                      device=device, method=spec.method, base=spec.base, per_model=spec.per_model,
-                      **{**spec.options, **overrides})
-
-
 def describe(plan) -> str:
     """The --dry-run report."""
     from .engine import measure_copy_bandwidth
@@ -137,10 +105,6 @@ def describe(plan) -> str:
     )
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
-
-
-def _error(msg: str) -> None:
-    print(f"ame-merge: error: {msg}", file=sys.stderr)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

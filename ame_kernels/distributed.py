@@ -113,7 +113,8 @@ def _status(fn, *a, **kw) -> dict:
 
 def main_distributed(args, world: dict) -> int:
     """The torchrun path of ``ame-merge`` (see the module docstring); returns the same exit code on every rank."""
-    from .cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, _error, prepare
+    from .cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, prepare
+    from .cli_common import error as _error
     from .engine import close_plan, create_shards, input_paths, merge_items, peak_rss_bytes, write_metadata
     from .io.atomic import AtomicDir, Terminated, check_target, terminate_as_exception
 
