@@ -21,7 +21,8 @@ in fp32, ingredients in ascending order i = 0..N-1:
     elect == 1:  s = +1 if sum_i y_i >= 0 else -1                          ("sum", TIES)
     elect == 2:  s = +1 if sum_i sign(y_i) >= 0 else -1                    ("count")
     elect >= 1:  acc = sum_{i: sign(y_i) == s} y_i ; div = sum_{same i} weight[i] ; div == 0 -> 1
-                 (sign(0) = 0 matches no s: dropped entries never vote nor count)
+                 (sign(0) = 0 matches no s: dropped entries never vote nor count;
+                  sign(NaN) = 0 too, as torch on the CPU; NaN payloads are not part of the contract)
     mixed = acc / div if normalize else acc
     out[j] = round_to_out_dtype(b + lam * mixed)          (round to nearest even)
 
