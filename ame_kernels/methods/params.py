@@ -99,6 +99,11 @@ class Params:
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.values.items()}
 
+    def for_tensor(self, name: str, shape: tuple = ()) -> "Params":
+        """The values that apply to tensor ``name`` (the same for every tensor here; a subclass
+        with per-tensor rules, e.g. mergekit's filters and layer gradients, overrides this)."""
+        return self
+
 
 def canonical(key: str) -> str:
     return ALIASES.get(key, key)

@@ -105,6 +105,7 @@ def plan_tensor(method: Method, params: Params, name: str, shape: Tuple[int, ...
     the context (``ctx.seen``: the ingredients a statistics pass checked in full for NaN/Inf;
     with ``check_finite`` a NaN/Inf met raises ``stats.NonFinite``)."""
     ctx = TensorContext(name, tuple(shape), n, has_base, chunks, ops, check_finite)
+    params = params.for_tensor(name, tuple(shape))  # per-tensor values (filters, layer gradients)
     return method.plan(ctx, params), method.probs_for(ctx, params), ctx
 
 
