@@ -33,6 +33,14 @@ class TorchOps:
     def kept_l1(self, xs, b, plan: CombinePlan, offset: int, probs) -> np.ndarray:
         return self.backend.kept_l1(xs, b, plan, offset, probs)
 
+    @staticmethod
+    def length(x) -> int:
+        return x.numel()
+
+    @staticmethod
+    def slice(x, a: int, b: int):
+        return x[a:b]
+
     def magnitudes(self, x, b) -> np.ndarray:
         from .stats import magnitudes_torch
 
@@ -72,6 +80,18 @@ class BufferOps:
         bb, bd = self._split(b)
         return self.cpu.kept_l1_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, plan, offset, probs,
                                         threads=self.threads)
+
+    @staticmethod
+    def length(x) -> int:
+        return x[0].size if x[0].dtype != np.uint8 else x[0].size // {"float32": 4}.get(x[1], 2)
+
+    @staticmethod
+    def slice(x, a: int, b: int):
+        arr, dtype = x
+        if arr.dtype == np.uint8:  # raw bytes: slice by element size
+            size = {"float32": 4}.get(dtype, 2)
+            return arr[a * size:b * size], dtype
+        return arr[a:b], dtype
 
     def magnitudes(self, x, b) -> np.ndarray:
         m = to_f32(*x)

@@ -92,6 +92,8 @@ class TorchStats:
     """The statistics primitives on torch tensors (any device): the reference implementation."""
 
     hist = staticmethod(magnitude_histogram_torch)
+    length = staticmethod(lambda x: x.numel())
+    slice = staticmethod(lambda x, a, b: x[a:b])
     gram = staticmethod(gram_torch)
     kept_l1 = staticmethod(kept_l1_torch)
     magnitudes = staticmethod(magnitudes_torch)
@@ -161,17 +163,34 @@ def select_ranks(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, i
             break
         for t in sorted(pending):
             i = targets[t][0]
-            count = int(ops.hist(xs[i], b, 0xFFFFFFFF, value_bits[t], 0, 1)[0])
+            whole = ops.length(xs[i]) == numel  # one chunk: the entry is in it, no count needed
+            count = numel if whole else int(ops.hist(xs[i], b, 0xFFFFFFFF, value_bits[t], 0, 1)[0])
             if seen[t] + count > nth_equal[t]:
-                m = ops.magnitudes(xs[i], b).view(np.uint32)
-                where = np.flatnonzero(m == np.uint32(value_bits[t]))
-                idx = off + int(where[nth_equal[t] - seen[t]])
+                idx = off + _locate(ops, xs[i], b, value_bits[t], nth_equal[t] - seen[t])
                 keys[t] = (float(np.uint32(value_bits[t]).view(np.float32)), idx)
                 pending.discard(t)
             else:
                 seen[t] += count
     assert not pending, "select_ranks: a rank was not found (counts changed between passes)"
     return keys  # type: ignore[return-value]
+
+
+LOCATE_BLOCK = 1 << 16
+
+
+def _locate(ops, x, b, bits: int, nth: int) -> int:
+    """The index in chunk ``x`` of its nth (0-based) entry whose magnitude has exactly ``bits``:
+    counted block by block by the backend, then only one block's magnitudes computed here."""
+    n = ops.length(x)
+    for start in range(0, n, LOCATE_BLOCK):
+        stop = min(n, start + LOCATE_BLOCK)
+        xb, bb = ops.slice(x, start, stop), (ops.slice(b, start, stop) if b is not None else None)
+        count = int(ops.hist(xb, bb, 0xFFFFFFFF, bits, 0, 1)[0]) if stop - start < n else n
+        if nth < count:
+            m = ops.magnitudes(xb, bb).view(np.uint32)
+            return start + int(np.flatnonzero(m == np.uint32(bits))[nth])
+        nth -= count
+    raise AssertionError("select_ranks: the located entry is not in its chunk (counts changed)")
 
 
 def _descend(hist: np.ndarray, r: int) -> Tuple[int, int]:
