@@ -12,7 +12,7 @@ import torch
 
 import ame_kernels as ak
 from ame_kernels.errors import MergeError
-from ame_kernels.sweep import expand_grid, linear_many, merge_many, sweep
+from ame_kernels.sweeps import expand_grid, linear_many, merge_many, sweep
 
 HAVE_CPU = ak.available_backends()["cpu"][0]
 
