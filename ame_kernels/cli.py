@@ -252,6 +252,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
         return _inspect(argv[1:])
+    if argv and argv[0] == "sweep":
+        from .sweep_cli import main as sweep_main
+        return int(sweep_main(argv[1:]) or 0)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

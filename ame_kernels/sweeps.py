@@ -220,6 +220,16 @@ def _prepare(dicts, names, form, index: int, params: Dict[str, Any], fold: bool)
         raise MergeError(f"{where}: {msg}") from None
 
 
+def check_candidates(ingredients, candidates: Sequence[Dict[str, Any]]) -> None:
+    """Check every candidate against the ingredients (names, values, pivots) before any compute;
+    a MergeError names the first bad one. Methods other than 'ame' and 'linear' are checked by
+    ``ak.merge`` when they run."""
+    dicts, form = _as_state_dicts(ingredients)
+    names = _check_structure(dicts)
+    for k, c in enumerate(candidates):
+        _prepare(dicts, names, form, k, dict(c), fold=True)
+
+
 def merge_many(ingredients, candidates: Sequence[Dict[str, Any]], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
                fold: bool = True) -> List[Any]:
     """Merge the ingredients once per candidate (a dict of ``ak.merge`` arguments) in one pass
@@ -452,10 +462,7 @@ def sweep(ingredients, evaluate: Callable[[Any], float], grid: Grid, top: Option
     if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
         raise MergeError(f"sweep: group_size must be an integer >= 1, got {group_size!r}")
     log = progress if callable(progress) else ((lambda line: print(line, file=sys.stderr)) if progress else None)
-    dicts, form = _as_state_dicts(ingredients)
-    names = _check_structure(dicts)
-    for k, c in enumerate(cands):  # every candidate checked before any compute
-        _prepare(dicts, names, form, k, c, fold=True)
+    check_candidates(ingredients, cands)  # every candidate checked before any compute
 
     sign = 1.0 if maximize else -1.0
     keep = max(1, top or 1)
@@ -512,4 +519,4 @@ def sweep(ingredients, evaluate: Callable[[Any], float], grid: Grid, top: Option
     return result
 
 
-__all__ = ["SweepResult", "expand_grid", "linear_many", "merge_many", "sweep"]
+__all__ = ["SweepResult", "check_candidates", "expand_grid", "linear_many", "merge_many", "sweep"]

@@ -212,3 +212,80 @@ def test_other_methods_pass_through_to_merge():
         pytest.skip("merge methods have landed: covered by their own tests")
     with pytest.raises(MergeError, match="candidate 0 \\(method=ties density=0.5\\)"):
         sweep(xs, lambda m: 0.0, {"method": ["ties"], "density": [0.5]})
+
+
+# ------------------------------------------------------------------ ame-merge sweep
+
+
+def _write_models(tmp_path, n=3):
+    from safetensors.torch import save_file
+
+    xs = _ingredients(n, seed=7)
+    paths = []
+    for i, sd in enumerate(xs):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        save_file(sd, str(d / "model.safetensors"))
+        (d / "config.json").write_text('{"model_type": "toy"}')
+        paths.append(str(d))
+    return xs, paths
+
+
+def test_cli_sweep_writes_best_csv_plot_and_top_soup(tmp_path):
+    from ame_kernels.cli import main
+
+    xs, paths = _write_models(tmp_path)
+    target = ak.merge(xs, optimizer="adam", lr=1e-2, epochs=2)["w"]
+    torch.save(target, tmp_path / "target.pt")
+    (tmp_path / "myeval.py").write_text(textwrap.dedent(f"""
+        import torch
+        T = torch.load({str(tmp_path / 'target.pt')!r})
+        def score(sd):
+            return -float(((sd["w"].float() - T) ** 2).sum())
+    """))
+    (tmp_path / "s.yaml").write_text(textwrap.dedent(f"""
+        models: [m0, m1, {{path: m2}}]
+        evaluate: myeval.py:score
+        optimizer: adam
+        grid:
+          lr: [1e-3, 1e-2, 1.0e-1]
+          epochs: [1, 2]
+        top: 2
+    """))
+    out = tmp_path / "out"
+    assert main(["sweep", str(tmp_path / "s.yaml"), str(out), "--quiet"]) == 0
+    from safetensors.torch import load_file
+
+    best = load_file(str(out / "model.safetensors"))
+    assert torch.equal(best["w"], target)
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert len(rows) == 6 and rows[3]["lr"] == "0.01" and rows[3]["epochs"] == "2" and rows[3]["rank"] == "1"
+    assert (out / "config.json").exists() and (out / "top_soup" / "model.safetensors").exists()
+    import yaml
+
+    summary = yaml.safe_load(open(out / "sweep.yaml"))
+    assert summary["best"]["params"] == {"optimizer": "adam", "lr": 0.01, "epochs": 2}
+    assert (out / "sweep.png").exists()
+    # exists already: refused without --force (exit 2), nothing changed
+    assert main(["sweep", str(tmp_path / "s.yaml"), str(out), "--quiet"]) == 2
+
+
+@pytest.mark.parametrize("body,match", [
+    ("evaluate: myeval.py:score\ngrid: {lrr: [1]}", "unknown key 'lrr'"),
+    ("evaluate: myeval.py:score\ngrid: {optimizer: [adamx]}", "candidate 0 \\(optimizer=adamx\\)"),
+    ("evaluate: myeval.py:nope\ngrid: {lr: [1]}", "no attribute 'nope'"),
+    ("grid: {lr: [1]}", "missing 'evaluate"),
+    ("evaluate: myeval.py:score", "missing 'grid:'"),
+    ("evaluate: myeval.py:score\ngrid: {lr: [1]}\nsurprise: 1", "unknown key 'surprise'"),
+])
+def test_cli_sweep_bad_config_exit_2_nothing_written(tmp_path, capsys, body, match):
+    from ame_kernels.cli import main
+
+    _, paths = _write_models(tmp_path, 2)
+    (tmp_path / "myeval.py").write_text("def score(sd):\n    return 0.0\n")
+    (tmp_path / "s.yaml").write_text("models: [m0, m1]\n" + body + "\n")
+    assert main(["sweep", str(tmp_path / "s.yaml"), str(tmp_path / "out"), "--quiet"]) == 2
+    import re
+
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
