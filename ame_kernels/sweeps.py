@@ -231,12 +231,14 @@ def check_candidates(ingredients, candidates: Sequence[Dict[str, Any]]) -> None:
 
 
 def merge_many(ingredients, candidates: Sequence[Dict[str, Any]], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-               fold: bool = True) -> List[Any]:
+               fold: bool = True, inputs_checked: bool = False) -> List[Any]:
     """Merge the ingredients once per candidate (a dict of ``ak.merge`` arguments) in one pass
     over the inputs (module docstring); returns one merged tensor / state dict per candidate,
     as ``ak.merge`` would. ``fold=False`` runs GD-AME candidates on the backend kernel instead
     of the coefficient matrix (bit-identical to ``ak.merge`` on every optimizer, then).
-    Every candidate is checked before any compute; an error names the candidate."""
+    Every candidate is checked before any compute; an error names the candidate. The inputs'
+    NaN/Inf check runs once per call (``inputs_checked=True``: the caller ran it already; ``sweep``
+    runs it once for all its groups: on bf16 inputs it can cost more than an Adam merge)."""
     cands = [dict(c) for c in candidates]
     if not cands:
         return []
@@ -246,7 +248,8 @@ def merge_many(ingredients, candidates: Sequence[Dict[str, Any]], *, chunk_elems
     names = _check_structure(dicts)
     jobs = [_prepare(dicts, names, form, k, p, fold) for k, p in enumerate(cands)]
     if any(j.check_finite for j in jobs if j.kind != "merge"):
-        _check_finite(dicts, names)
+        if not inputs_checked:
+            _check_finite(dicts, names)
         for j in jobs:
             if isinstance(j.pivot, dict):
                 from .api import _check_pivot_finite
@@ -320,13 +323,13 @@ def _run_fused(dicts, names, jobs: List[_Job], chunk: int) -> List[Dict[str, tor
 
 
 def linear_many(ingredients, weights, *, normalize: bool = True, out_dtype: Optional[str] = None,
-                chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> List[Any]:
+                chunk_elems: int = DEFAULT_CHUNK_ELEMS, check_finite: bool = True) -> List[Any]:
     """K weighted sums of the N ingredients from one read: ``weights`` is [K, N] (rows of
     per-ingredient weights; each row divided by its sum when ``normalize``). Returns K
     tensors / state dicts, each bit-identical whatever K and ``chunk_elems``."""
     rows = weights.tolist() if isinstance(weights, torch.Tensor) else [list(r) for r in weights]
-    cands = [{"method": "linear", "weights": r, "normalize": normalize, **({"out_dtype": out_dtype} if out_dtype else {})}
-             for r in rows]
+    cands = [{"method": "linear", "weights": r, "normalize": normalize, "check_finite": check_finite,
+              **({"out_dtype": out_dtype} if out_dtype else {})} for r in rows]
     return merge_many(ingredients, cands, chunk_elems=chunk_elems)
 
 
@@ -463,6 +466,11 @@ def sweep(ingredients, evaluate: Callable[[Any], float], grid: Grid, top: Option
         raise MergeError(f"sweep: group_size must be an integer >= 1, got {group_size!r}")
     log = progress if callable(progress) else ((lambda line: print(line, file=sys.stderr)) if progress else None)
     check_candidates(ingredients, cands)  # every candidate checked before any compute
+    inputs_checked = False
+    if one_pass and any(c.get("check_finite", True) for c in cands):
+        dicts, _ = _as_state_dicts(ingredients)
+        _check_finite(dicts, _check_structure(dicts))  # once for the sweep, not once per group
+        inputs_checked = True
 
     sign = 1.0 if maximize else -1.0
     keep = max(1, top or 1)
@@ -472,7 +480,7 @@ def sweep(ingredients, evaluate: Callable[[Any], float], grid: Grid, top: Option
         group = cands[g0:g0 + group_size]
         t0 = time.perf_counter()
         if one_pass:
-            models = merge_many(ingredients, group, chunk_elems=chunk_elems)
+            models = merge_many(ingredients, group, chunk_elems=chunk_elems, inputs_checked=inputs_checked)
         else:
             models = []
             for k, c in enumerate(group, start=g0):
