@@ -20,9 +20,13 @@ chunk is in cache:
 - candidates that differ only in coefficients (``method="linear"`` with ``weights`` /
   ``normalize``, and GD-AME, which is linear in the ingredients and the pivot:
   ``schedule.linear_coefficients``) become one row of a [K, N+1] coefficient matrix and are
-  computed together, K outputs from one fp32 conversion of the chunk, as
+  computed together in torch, K outputs from one fp32 conversion of the chunk, as
   ``acc[k] = (((w_k0 x_0) + w_k1 x_1) + ...)`` (one rounding per product and per sum, in
-  ascending ingredient order, so each output is bit-identical whatever K and the chunk size);
+  ascending ingredient order, so each output is bit-identical whatever K and the chunk size).
+  That is the path off the native cpu backend (GPU tensors, the reference backend) or with
+  ``fold=True``; on the cpu backend (``fold='auto'``) the backend's own folded GD kernel is
+  faster than torch's elementwise ops, so these candidates run it chunk by chunk like the
+  others (a linear candidate as ``ak.weighted_soup`` runs it, bit-identical to it);
 - other AME candidates (Adam, Adagrad, ...) run the backend's whole-run kernel on the chunk,
   one candidate after another: each output is bit-identical to ``ak.merge`` with the same
   arguments on the same backend (the update is elementwise);
@@ -175,32 +179,48 @@ def _linear_row(params: Dict[str, Any], n: int, where: str) -> Any:
     return np.array(a + [0.0], dtype=np.float64)
 
 
-def _prepare(dicts, names, form, index: int, params: Dict[str, Any], fold: bool) -> _Job:
+def _use_coef(fold: Any, backend: Any) -> bool:
+    """fold: True (the coefficient matrix), False (the backend kernel), 'auto': the kernel on the
+    native cpu backend (its folded GD kernel is faster than torch ops there), the matrix elsewhere."""
+    if fold == "auto":
+        return getattr(backend, "name", "") != "cpu"
+    return bool(fold)
+
+
+def _prepare(dicts, names, form, index: int, params: Dict[str, Any], fold: Any) -> _Job:
     """Check one candidate before any compute; errors name it."""
     where = f"sweep: candidate {index} ({describe(params)})"
     method = params.get("method")
     n = len(dicts)
+    device = dicts[0][names[0]].device if names else torch.device("cpu")
     try:
         if method == "linear":
             out_dtype = params.get("out_dtype")
             if out_dtype is not None and out_dtype not in _DTYPE_BY_NAME:
                 raise MergeError(f"out_dtype must be one of {', '.join(_DTYPE_BY_NAME)}, got {out_dtype!r}")
-            return _Job(index, params, "coef", coef=_linear_row(params, n, where), out_dtype=out_dtype,
-                        check_finite=bool(params.get("check_finite", True)))
-        if method not in (None, "ame"):
+            row = _linear_row(params, n, where)
+            backend = get_backend(params.get("backend", "auto"), device.type)
+            if _use_coef(fold, backend) or not params.get("normalize", True):
+                return _Job(index, params, "coef", coef=row, out_dtype=out_dtype,
+                            check_finite=bool(params.get("check_finite", True)))
+            # as ak.weighted_soup: one GD epoch, lr 1, fixed pivot x_0, zeta_t = N a_t -> sum a_t x_t
+            fields = dict(optimizer="sgd", lr=1.0, lr_schedule="constant", adaptive_pivot=False, epochs=1,
+                          batch_size=1, shuffle=False, pivot=0, amplification=tuple(n * float(v) for v in row[:n]),
+                          **{k: params[k] for k in ("out_dtype", "backend", "threads", "check_finite") if k in params})
+        elif method not in (None, "ame"):
             return _Job(index, params, "merge")
-        fields = {k: v for k, v in params.items() if k != "method"}
+        else:
+            fields = {k: v for k, v in params.items() if k != "method"}
         bad = sorted(set(fields) - set(FIELD_NAMES))
         if bad:
             raise MergeError(f"{bad} are not AME options (name a method= to use them)")
         cfg = make_config(None, **fields)
         pivot = _resolve_pivot(cfg.pivot, dicts, names, form)
         plan = schedule(cfg, n)
-        device = dicts[0][names[0]].device if names else torch.device("cpu")
         backend = get_backend(cfg.backend, device.type)
         job = _Job(index, params, "ame", pivot=pivot, plan=plan, cfg=cfg, backend=backend, out_dtype=cfg.out_dtype,
                    threads=cfg.threads, check_finite=cfg.check_finite)
-        if fold and cfg.optimizer == "sgd":
+        if cfg.optimizer == "sgd" and _use_coef(fold, backend):
             c = linear_coefficients(plan, cfg.adaptive_pivot)
             if c is not None:
                 c = c.copy()
@@ -227,15 +247,16 @@ def check_candidates(ingredients, candidates: Sequence[Dict[str, Any]]) -> None:
     dicts, form = _as_state_dicts(ingredients)
     names = _check_structure(dicts)
     for k, c in enumerate(candidates):
-        _prepare(dicts, names, form, k, dict(c), fold=True)
+        _prepare(dicts, names, form, k, dict(c), fold="auto")
 
 
 def merge_many(ingredients, candidates: Sequence[Dict[str, Any]], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-               fold: bool = True, inputs_checked: bool = False) -> List[Any]:
+               fold: Any = "auto", inputs_checked: bool = False) -> List[Any]:
     """Merge the ingredients once per candidate (a dict of ``ak.merge`` arguments) in one pass
     over the inputs (module docstring); returns one merged tensor / state dict per candidate,
-    as ``ak.merge`` would. ``fold=False`` runs GD-AME candidates on the backend kernel instead
-    of the coefficient matrix (bit-identical to ``ak.merge`` on every optimizer, then).
+    as ``ak.merge`` would. ``fold``: where linear and GD-AME candidates run: True, the
+    coefficient matrix; False, the backend's kernel, chunk by chunk (bit-identical to ``ak.merge``
+    / ``ak.weighted_soup``); 'auto' (default), the kernel on the native cpu backend, else the matrix.
     Every candidate is checked before any compute; an error names the candidate. The inputs'
     NaN/Inf check runs once per call (``inputs_checked=True``: the caller ran it already; ``sweep``
     runs it once for all its groups: on bf16 inputs it can cost more than an Adam merge)."""
@@ -280,6 +301,9 @@ def _run_fused(dicts, names, jobs: List[_Job], chunk: int) -> List[Dict[str, tor
     if coef_jobs:
         W = torch.tensor(np.stack([j.coef for j in coef_jobs]), dtype=torch.float32, device=device)  # [K, N+1]
         wcols = [W[:, i:i + 1] for i in range(n + 1)]
+        sub = max(1024, min(chunk, (1 << 18) // len(coef_jobs)))  # K x sub fp32 = 1 MiB
+        acc_buf = torch.empty(len(coef_jobs), sub, dtype=torch.float32, device=device)
+        tmp_buf = torch.empty_like(acc_buf)
     outs: List[Dict[str, torch.Tensor]] = [{} for _ in jobs]
     pos = {id(j): r for r, j in enumerate(jobs)}
     for name in names:
@@ -300,16 +324,18 @@ def _run_fused(dicts, names, jobs: List[_Job], chunk: int) -> List[Dict[str, tor
         for c0 in range(0, numel, chunk):
             c1 = min(numel, c0 + chunk)
             xs = [f[c0:c1] for f in flats]
-            if coef_jobs:
-                xf = [x.float() for x in xs]
-                acc = wcols[0] * xf[0]  # [K, C]; one rounding per product and per sum, ascending i
+            for s0 in range(c0, c1, sub) if coef_jobs else ():  # sub-chunks: the [K, C] accumulator in cache
+                s1 = min(c1, s0 + sub)
+                xf = [f[s0:s1].float() for f in flats]
+                acc = torch.mul(wcols[0], xf[0], out=acc_buf[:, :s1 - s0])  # one rounding per product and sum
+                tmp = tmp_buf[:, :s1 - s0]
                 for i in range(1, n):
-                    acc += wcols[i] * xf[i]
+                    acc.add_(torch.mul(wcols[i], xf[i], out=tmp))
                 for r, j in enumerate(coef_jobs):
                     row = acc[r]
                     if id(j) in piv and j.coef[n] != 0.0:
-                        row = row + wcols[n][r] * piv[id(j)][c0:c1].float()
-                    buf[id(j)][c0:c1].copy_(row)
+                        row = row + wcols[n][r] * piv[id(j)][s0:s1].float()
+                    buf[id(j)][s0:s1].copy_(row)
             for j in ame_jobs:
                 p = piv[id(j)][c0:c1] if id(j) in piv else j.pivot
                 j.backend.whole_run(xs, j.plan, p, j.cfg.adaptive_pivot, buf[id(j)][c0:c1], threads=j.threads)
@@ -323,14 +349,14 @@ def _run_fused(dicts, names, jobs: List[_Job], chunk: int) -> List[Dict[str, tor
 
 
 def linear_many(ingredients, weights, *, normalize: bool = True, out_dtype: Optional[str] = None,
-                chunk_elems: int = DEFAULT_CHUNK_ELEMS, check_finite: bool = True) -> List[Any]:
+                chunk_elems: int = DEFAULT_CHUNK_ELEMS, check_finite: bool = True, fold: Any = "auto") -> List[Any]:
     """K weighted sums of the N ingredients from one read: ``weights`` is [K, N] (rows of
     per-ingredient weights; each row divided by its sum when ``normalize``). Returns K
     tensors / state dicts, each bit-identical whatever K and ``chunk_elems``."""
     rows = weights.tolist() if isinstance(weights, torch.Tensor) else [list(r) for r in weights]
     cands = [{"method": "linear", "weights": r, "normalize": normalize, "check_finite": check_finite,
               **({"out_dtype": out_dtype} if out_dtype else {})} for r in rows]
-    return merge_many(ingredients, cands, chunk_elems=chunk_elems)
+    return merge_many(ingredients, cands, chunk_elems=chunk_elems, fold=fold)
 
 
 # --------------------------------------------------------------------------- the sweep

@@ -97,15 +97,18 @@ def test_one_pass_equals_merge_one_by_one_bitwise_on_cpu(dtype):
             assert o[k].dtype == ref[k].dtype and torch.equal(o[k], ref[k]), (c, k)
 
 
-def test_coefficient_pass_is_bitwise_independent_of_k_and_chunk():
+@pytest.mark.parametrize("fold", [True, "auto"])
+def test_coefficient_pass_is_bitwise_independent_of_k_and_chunk(fold):
     xs = _ingredients(6, seed=2, dtype=torch.bfloat16)
     W = torch.rand(9, 6, generator=torch.Generator().manual_seed(4)) + 0.1
-    many = linear_many(xs, W, out_dtype="float32", chunk_elems=64)
+    many = linear_many(xs, W, out_dtype="float32", chunk_elems=64, fold=fold)
     for k in range(9):
-        one = linear_many(xs, W[k:k + 1], out_dtype="float32", chunk_elems=1 << 20)[0]
+        one = linear_many(xs, W[k:k + 1], out_dtype="float32", chunk_elems=1 << 20, fold=fold)[0]
         for name in one:
             assert torch.equal(many[k][name], one[name])
         ref = ak.weighted_soup(xs, W[k].tolist(), out_dtype="float32")
+        if fold == "auto" and HAVE_CPU:  # the cpu backend's kernel, chunk by chunk: weighted_soup exactly
+            assert torch.equal(many[k]["w"], ref["w"]) and torch.equal(many[k]["b"], ref["b"])
         torch.testing.assert_close(many[k]["w"], ref["w"], rtol=0, atol=2e-6)
     # unnormalised weights and integer buffers
     out = linear_many(xs, [[2.0] + [0.0] * 5], normalize=False)[0]
@@ -116,13 +119,13 @@ def test_gd_candidates_fold_to_coefficients_and_match_merge():
     xs = _ingredients(4, seed=3)
     cands = [dict(optimizer="sgd", lr=lr, epochs=e, **extra) for lr in (0.5, 1.0) for e in (1, 3)
              for extra in ({}, {"pivot": 1}, {"pivot": xs[2], "adaptive_pivot": False})]
-    outs = merge_many(xs, cands, chunk_elems=100)
+    outs = merge_many(xs, cands, chunk_elems=100, fold=True)
     for c, o in zip(cands, outs):
         ref = ak.merge(xs, **c)
         for k in ref:
             torch.testing.assert_close(o[k], ref[k], rtol=1e-6, atol=1e-6)
     # the paper's identity through the fold: GD, harmonic lr, adaptive pivot, zeta = N -> the soup
-    soup = merge_many(xs, [dict(optimizer="sgd", lr=1.0, lr_schedule="harmonic", amplification=4.0)])[0]
+    soup = merge_many(xs, [dict(optimizer="sgd", lr=1.0, lr_schedule="harmonic", amplification=4.0)], fold=True)[0]
     torch.testing.assert_close(soup["w"], torch.stack([x["w"] for x in xs]).mean(0), rtol=0, atol=1e-6)
 
 
