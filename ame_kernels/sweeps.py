@@ -450,8 +450,8 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def _score(evaluate: Callable, model: Any, index: int, params: Dict[str, Any]) -> float:
-    where = f"sweep: candidate {index} ({describe(params)})"
+def _score(evaluate: Callable, model: Any, index: int, params: Dict[str, Any], where: Optional[str] = None) -> float:
+    where = where or f"sweep: candidate {index} ({describe(params)})"
     try:
         s = evaluate(model)
     except MergeError:
@@ -546,7 +546,7 @@ def sweep(ingredients, evaluate: Callable[[Any], float], grid: Grid, top: Option
         result.top_params = [dict(cands[i]) for _, i, _ in kept[:top]]
         result.top_soup = uniform_soup(models)
         if evaluate_top_soup:
-            result.top_soup_score = _score(evaluate, result.top_soup, -1, {"top_soup": top})
+            result.top_soup_score = _score(evaluate, result.top_soup, -1, {}, where=f"sweep: the top-{top} soup")
             if log is not None:
                 log(f"sweep: uniform soup of the top {top}: score {result.top_soup_score:.6g}")
     result.seconds = time.perf_counter() - t_start

@@ -292,3 +292,10 @@ def test_cli_sweep_bad_config_exit_2_nothing_written(tmp_path, capsys, body, mat
 
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_top_soup_evaluate_error_is_named():
+    xs = _ingredients(2)
+    calls = iter([1.0, 2.0, None])
+    with pytest.raises(MergeError, match="the top-2 soup: evaluate must return a number"):
+        sweep(xs, lambda m: next(calls), {"method": ["linear"], "weights": [[1, 0], [0, 1]]}, top=2)
