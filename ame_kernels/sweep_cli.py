@@ -85,7 +85,7 @@ def load_sweep_spec(path: str) -> dict:
     if not isinstance(maximize, bool):
         raise MergeError(f"{path}: maximize: expected true or false, got {maximize!r}")
     return {"models": models, "evaluate": doc["evaluate"], "candidates": cands, "top": top, "maximize": maximize,
-            "group_size": doc.get("group_size", 8), "chunk_elems": doc.get("chunk_elems", 1 << 18),
+            "group_size": doc.get("group_size", 8), "chunk_elems": doc.get("chunk_elems"),
             "device": doc.get("device", "cpu"), "base": base, "fixed": fixed}
 
 
