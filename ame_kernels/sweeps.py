@@ -164,7 +164,8 @@ def _linear_row(params: Dict[str, Any], n: int, where: str) -> Any:
     if isinstance(w, torch.Tensor):
         w = w.tolist()
     if isinstance(w, (str, bytes)) or not hasattr(w, "__iter__"):
-        w = [w] * n  # one scalar for every ingredient
+        raise MergeError(f"{where}: weights must be a list of {n} numbers (one per ingredient), got {w!r} "
+                         "(in a dict grid, a list is the values to try: write one weights vector as [[...]])")
     try:
         a = [float(v) for v in w]
     except (TypeError, ValueError):

@@ -171,6 +171,7 @@ def test_nan_score_ranks_last_with_warning():
     ({"optimizer": ["adam", "rmsprop"]}, "candidate 1 \\(optimizer=rmsprop\\)"),
     ({"method": ["linear"], "weights": [[1, 2]]}, "candidate 0 .*expected 3 weights"),
     ({"density": [0.5]}, "candidate 0 .*not AME options"),
+    ({"method": ["linear"], "weights": [1, 2, 3]}, "candidate 0 .*weights must be a list of 3 numbers.*\\[\\[\\.\\.\\.\\]\\]"),
     ({"lr": [1]}, None),
 ])
 def test_bad_grid_is_a_clear_error_before_any_work(grid, match):
