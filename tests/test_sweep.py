@@ -300,3 +300,15 @@ def test_top_soup_evaluate_error_is_named():
     calls = iter([1.0, 2.0, None])
     with pytest.raises(MergeError, match="the top-2 soup: evaluate must return a number"):
         sweep(xs, lambda m: next(calls), {"method": ["linear"], "weights": [[1, 0], [0, 1]]}, top=2)
+
+
+def test_cli_sweep_dry_run_lists_candidates(tmp_path, capsys):
+    from ame_kernels.cli import main
+
+    _write_models(tmp_path, 2)
+    (tmp_path / "s.yaml").write_text("models: [m0, m1]\nevaluate: nowhere:score\noptimizer: adam\n"
+                                     "grid: [{lr: 1e-3}, {lr: 1e-2, epochs: 3}]\n")
+    assert main(["sweep", str(tmp_path / "s.yaml"), str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "[0] optimizer=adam lr=0.001" in out and "[1] optimizer=adam lr=0.01 epochs=3" in out
+    assert not (tmp_path / "out").exists()
