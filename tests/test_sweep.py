@@ -1,10 +1,7 @@
 """ak.sweep / merge_many / linear_many: planted optima, top-n soups, one-read equals one by one, bad input."""
 
 import csv
-import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest

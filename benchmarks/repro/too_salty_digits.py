@@ -18,7 +18,6 @@ correlation of each predictor with the gain over all pairs.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import numpy as np
