@@ -89,6 +89,39 @@ def load_sweep_spec(path: str) -> dict:
             "device": doc.get("device", "cpu"), "base": base, "fixed": fixed}
 
 
+def load_mapped(path: str):
+    """(state dict, checkpoint to close): a safetensors checkpoint's tensors as zero-copy views of
+    its memory-mapped files (read-only; the sweep never writes its inputs), so the N inputs are
+    page cache rather than N private copies. float64 tensors (and any tensor whose bytes are not
+    aligned to its element size) are copied. A torch-format checkpoint: (its copied state dict, None)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from .io.checkpoint import open_checkpoint
+    from .strategies import load_state_dict
+
+    ck = open_checkpoint(path)
+    if ck.kind != "safetensors":
+        ck.close()
+        return load_state_dict(path), None
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch.from_numpy of a read-only array: never written
+        for name, info in ck.tensors.items():
+            v = ck.view(name, 0, info.numel)
+            if info.dtype == "float64" or (info.numel and v.ctypes.data % max(1, v.itemsize)):
+                v = np.array(v)
+            t = torch.from_numpy(v)
+            if info.dtype == "bfloat16":
+                t = t.view(torch.int16).view(torch.bfloat16)
+            elif info.dtype == "float64":
+                t = t.float()
+            out[name] = t.reshape(info.shape)
+    return out, ck
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ame-merge sweep",
                                 description="Merge once per candidate of a grid, rank the merges on held-out data "
@@ -127,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         return code
 
+    opened: List[Any] = []
+    dicts: List[Any] = []
     try:
         spec = load_sweep_spec(args.config)
         for c in spec["candidates"]:
@@ -150,23 +185,57 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         from .strategies import load_callable, load_state_dict
-        from .sweeps import check_candidates, describe, sweep
+        from .sweeps import check_candidates
 
         evaluate = load_callable(spec["evaluate"], spec["base"])  # an import error before any checkpoint is read
         try:
             dev = torch.device(spec["device"])
         except (RuntimeError, TypeError):
             raise MergeError(f"{args.config}: device: expected cpu, cuda or cuda:N, got {spec['device']!r}") from None
-        dicts = [{k: v.to(dev) for k, v in load_state_dict(m).items()} for m in spec["models"]]
+        if dev.type == "cpu":
+            for m in spec["models"]:
+                sd, ck = load_mapped(m)
+                opened.append(ck)
+                dicts.append(sd)
+        else:
+            dicts = [{k: v.to(dev) for k, v in load_state_dict(m).items()} for m in spec["models"]]
         check_candidates(dicts, spec["candidates"])
     except MergeError as e:
+        _close(opened)
         return error(str(e))
+    try:
+        return _sweep_and_write(args, spec, dicts, evaluate, top, maximize, protect)
+    finally:
+        del dicts
+        _close(opened)
+
+
+def _close(opened) -> None:
+    for ck in opened:
+        if ck is not None:
+            try:
+                ck.close()
+            except (BufferError, OSError):  # a view still alive: the map is released with it
+                pass
+
+
+def _sweep_and_write(args, spec, dicts, evaluate, top, maximize, protect) -> int:
+    from .sweeps import describe, sweep
+
+    def error(msg: str, code: int = 2) -> int:
+        print(f"ame-merge sweep: error: {msg}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return code
+
     try:
         log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
         res = sweep(dicts, evaluate, spec["candidates"], top=top, maximize=maximize, group_size=spec["group_size"],
                     chunk_elems=spec["chunk_elems"], progress=log or False)
     except MergeError as e:
         return error(str(e), 1)
+    except Exception as e:  # noqa: BLE001 (one clear line; the traceback with --verbose)
+        return error(f"{type(e).__name__}: {e}; nothing was written to {os.path.abspath(args.out_dir)}", 1)
     except KeyboardInterrupt:
         return error(f"interrupted (Ctrl-C); nothing was written to {os.path.abspath(args.out_dir)}", 130)
     try:

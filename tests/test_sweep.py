@@ -309,3 +309,25 @@ def test_cli_sweep_dry_run_lists_candidates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[0] optimizer=adam lr=0.001" in out and "[1] optimizer=adam lr=0.01 epochs=3" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_inputs_are_mapped_not_copied(tmp_path):
+    from safetensors.torch import save_file
+
+    from ame_kernels.sweep_cli import load_mapped
+
+    sd = {"w": torch.randn(64).bfloat16(), "d": torch.randn(3, dtype=torch.float64), "i": torch.arange(4)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    got, ck = load_mapped(str(tmp_path / "m.safetensors"))
+    try:
+        assert got["w"].dtype == torch.bfloat16 and torch.equal(got["w"], sd["w"])
+        assert got["d"].dtype == torch.float32 and torch.equal(got["d"], sd["d"].float())
+        assert torch.equal(got["i"], sd["i"])
+        view = ck.view("w", 0, 64)
+        assert got["w"].data_ptr() == view.ctypes.data  # the mapped bytes themselves
+    finally:
+        del got
+        try:
+            ck.close()
+        except BufferError:
+            pass
