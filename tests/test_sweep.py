@@ -331,3 +331,10 @@ def test_cli_inputs_are_mapped_not_copied(tmp_path):
             ck.close()
         except BufferError:
             pass
+
+
+def test_public_names_stay_functions_after_their_modules_are_imported():
+    import ame_kernels.learned_soups  # noqa: F401
+    import ame_kernels.sweeps  # noqa: F401
+
+    assert callable(ak.sweep) and callable(ak.learned_soup) and callable(ak.merge_many)
