@@ -93,9 +93,24 @@ def resolve_head(model: torch.nn.Module, head: Optional[str], what: str) -> Tupl
     return last
 
 
-def forward(model: torch.nn.Module, sd: Dict[str, torch.Tensor], inputs: Any, head: Optional[torch.nn.Module] = None):
+def forward(model: torch.nn.Module, sd: Dict[str, torch.Tensor], inputs: Any, head: Optional[torch.nn.Module] = None,
+            batch_size: Optional[int] = None):
     """(outputs, features) of ``model`` with the weights ``sd`` on ``inputs``; features are the
-    input of ``head`` (None without a head)."""
+    input of ``head`` (None without a head). ``batch_size``: run the rows of ``inputs`` (every
+    positional tensor split along dim 0) in batches and concatenate the results."""
+    if batch_size is not None:
+        args = _args(inputs)
+        n = int(args[0].shape[0])
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise MergeError(f"ensemble: batch_size must be an integer >= 1, got {batch_size!r}")
+        outs, feats = [], []
+        for b in range(0, n, batch_size):
+            part = tuple(a[b:b + batch_size] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == n else a
+                         for a in args)
+            o, f = forward(model, sd, part, head)
+            outs.append(o)
+            feats.append(f)
+        return torch.cat(outs), (torch.cat(feats) if head is not None else None)
     captured = []
     handle = None
     if head is not None:
@@ -120,7 +135,7 @@ def _head_params(name: str, head: torch.nn.Module, sd: Dict[str, torch.Tensor]) 
 class _Outputs:
     """Each model's logits (and features) computed once; ensembles of any subset from them."""
 
-    def __init__(self, sds, model, inputs, kind: str, head: Optional[str], what: str):
+    def __init__(self, sds, model, inputs, kind: str, head: Optional[str], what: str, batch_size: Optional[int] = None):
         if kind not in KINDS:
             raise MergeError(f"{what}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
         if not isinstance(model, torch.nn.Module):
@@ -133,7 +148,7 @@ class _Outputs:
         self.logits, self.features = [], []
         with torch.no_grad():
             for sd in sds:
-                out, feat = forward(model, sd, inputs, self.head)
+                out, feat = forward(model, sd, inputs, self.head, batch_size)
                 self.logits.append(out)
                 self.features.append(feat)
 
@@ -154,12 +169,13 @@ class _Outputs:
 
 
 def ensemble(models: Sequence[Any], model: torch.nn.Module, inputs: Any, kind: str = "logits",
-             head: Optional[str] = None) -> torch.Tensor:
+             head: Optional[str] = None, batch_size: Optional[int] = None) -> torch.Tensor:
     """The ensembled outputs of ``models`` (state dicts or modules of ``model``'s architecture)
     on ``inputs`` (a tensor, or a tuple of positional arguments); ``kind`` as the module
-    docstring; ``head``: the module whose input is the penultimate features (feature kinds)."""
+    docstring; ``head``: the module whose input is the penultimate features (feature kinds);
+    ``batch_size``: run the inputs' rows in batches of that many (bounded memory)."""
     sds = as_state_dicts(models, "ensemble")
-    outs = _Outputs(sds, model, inputs, kind, head, "ensemble")
+    outs = _Outputs(sds, model, inputs, kind, head, "ensemble", batch_size)
     return outs.combine(range(len(sds)))
 
 
@@ -178,8 +194,8 @@ def _score(score_fn: Callable, outputs: torch.Tensor, what: str, label: str) -> 
 
 
 def greedy_ensemble(models: Sequence[Any], model: torch.nn.Module, inputs: Any, score_fn: Callable[[torch.Tensor], float],
-                    kind: str = "logits", head: Optional[str] = None,
-                    scores: Optional[Sequence[float]] = None) -> Tuple[torch.Tensor, List[int]]:
+                    kind: str = "logits", head: Optional[str] = None, scores: Optional[Sequence[float]] = None,
+                    batch_size: Optional[int] = None) -> Tuple[torch.Tensor, List[int]]:
     """Greedy ensemble (module docstring): ``score_fn(outputs) -> number`` (higher is better) on
     held-out ``inputs``; ``scores``: the models' own held-out scores (None: ``score_fn`` of each
     model's own outputs). Returns (the ensembled outputs, the indices kept, in order of addition)."""
@@ -187,7 +203,7 @@ def greedy_ensemble(models: Sequence[Any], model: torch.nn.Module, inputs: Any, 
     if not callable(score_fn):
         raise MergeError(f"{what}: score_fn must be callable (outputs -> score), got {type(score_fn).__name__}")
     sds = as_state_dicts(models, what)
-    outs = _Outputs(sds, model, inputs, kind, head, what)
+    outs = _Outputs(sds, model, inputs, kind, head, what, batch_size)
     if scores is None:
         own = [_score(score_fn, outs.combine([i]), what, f"model {i}") for i in range(len(sds))]
     else:
@@ -209,7 +225,8 @@ def greedy_ensemble(models: Sequence[Any], model: torch.nn.Module, inputs: Any, 
 
 def compare_outputs(merges: Dict[str, Any], ingredients: Sequence[Any], model: torch.nn.Module, inputs: Any,
                     score_fn: Callable[[torch.Tensor], float], head: Optional[str] = None,
-                    kinds: Sequence[str] = ("logits", "features"), greedy: bool = True) -> List[Dict[str, Any]]:
+                    kinds: Sequence[str] = ("logits", "features"), greedy: bool = True,
+                    batch_size: Optional[int] = None) -> List[Dict[str, Any]]:
     """A results table, merges and ensembles side by side on the same ``inputs``: one row
     ``{"name", "kind", "score"}`` per merged state dict in ``merges`` (name -> state dict), for the
     best and the mean ingredient, for each ensemble ``kind`` and (``greedy``) its greedy variant."""
@@ -220,18 +237,19 @@ def compare_outputs(merges: Dict[str, Any], ingredients: Sequence[Any], model: t
     with torch.no_grad():
         for i, sd in enumerate(sds):
             check_names(model, sd, what, f"ingredient {i}")
-            own.append(_score(score_fn, forward(model, sd, inputs)[0], what, f"ingredient {i}"))
+            own.append(_score(score_fn, forward(model, sd, inputs, batch_size=batch_size)[0], what, f"ingredient {i}"))
         rows.append({"name": "best ingredient", "kind": "model", "score": max(own)})
         rows.append({"name": "mean ingredient", "kind": "model", "score": sum(own) / len(own)})
         for name, sd in merges.items():
             check_names(model, sd, what, f"merge {name!r}")
-            rows.append({"name": name, "kind": "merge", "score": _score(score_fn, forward(model, sd, inputs)[0], what, name)})
+            rows.append({"name": name, "kind": "merge", "score": _score(score_fn, forward(model, sd, inputs, batch_size=batch_size)[0], what, name)})
     names = {"logits": "logit ensemble", "features": "feature ensemble", "features_first_head": "feature ensemble (first head)"}
     for kind in kinds:
-        outs = _Outputs(sds, model, inputs, kind, head, what)
+        outs = _Outputs(sds, model, inputs, kind, head, what, batch_size)
         rows.append({"name": names[kind], "kind": "ensemble", "score": _score(score_fn, outs.combine(range(len(sds))), what, kind)})
         if greedy:
-            out, members = greedy_ensemble(sds, model, inputs, score_fn, kind=kind, head=head, scores=own)
+            out, members = greedy_ensemble(sds, model, inputs, score_fn, kind=kind, head=head, scores=own,
+                                           batch_size=batch_size)
             rows.append({"name": f"greedy {names[kind]}", "kind": "ensemble", "score": _score(score_fn, out, what, kind),
                          "members": members})
     return rows

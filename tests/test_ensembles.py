@@ -49,6 +49,9 @@ def test_feature_ensembles_hand_computed():
     torch.testing.assert_close(ak.ensemble(ms, MLP(), x, kind="features"), ref)  # head found: fc
     torch.testing.assert_close(ak.ensemble(ms, MLP(), x, kind="features", head="fc"), ref)
     torch.testing.assert_close(ak.ensemble(ms, MLP(), x, kind="features_first_head", head="fc"), ref_first)
+    # in batches of 5 rows (32 is not a multiple): the same outputs
+    torch.testing.assert_close(ak.ensemble(ms, MLP(), x, kind="features", batch_size=5), ref)
+    torch.testing.assert_close(ak.ensemble(ms, MLP(), x, batch_size=5), ak.ensemble(ms, MLP(), x))
 
 
 def _accuracy(y):
