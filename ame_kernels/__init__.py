@@ -42,6 +42,21 @@ _LAZY = {
     "weighted_soup": ("soups", "weighted_soup"),
     "Stew": ("stew", "Stew"),
     "StewSnapshot": ("stew", "StewSnapshot"),
+    # modules named sweeps / learned_soups, not sweep / learned_soup: importing a submodule sets the
+    # package attribute of its name (see diagnostics above), which would shadow these functions
+    "sweep": ("sweeps", "sweep"),
+    "SweepResult": ("sweeps", "SweepResult"),
+    "merge_many": ("sweeps", "merge_many"),
+    "learned_soup": ("learned_soups", "learned_soup"),
+    "ensemble": ("ensembles", "ensemble"),
+    "greedy_ensemble": ("ensembles", "greedy_ensemble"),
+    "compare_outputs": ("ensembles", "compare_outputs"),
+    "linear_cka": ("soupability", "linear_cka"),
+    "logit_kl": ("soupability", "logit_kl"),
+    "logit_mse": ("soupability", "logit_mse"),
+    "spearman": ("soupability", "spearman"),
+    "output_diagnostics": ("soupability", "output_diagnostics"),
+    "soupability_report": ("soupability", "soupability_report"),
 }
 
 

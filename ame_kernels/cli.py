@@ -146,6 +146,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         from .help_topics import help_main
 
         return help_main(argv[1:])
+    if argv and argv[0] == "sweep":
+        from .sweep_cli import main as sweep_main
+
+        return int(sweep_main(argv[1:]) or 0)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
