@@ -142,14 +142,18 @@ def _check_tensor(t: Any, numel: int, fn: str, what: str) -> str:
 # ---------------------------------------------------------------------------- combine helpers
 
 
-def _native_call(f, **kwargs):
-    """A native entry point; its argument errors (ValueError naming function and argument) as MergeError."""
+def _native_call(fn: str, f, **kwargs):
+    """A native entry point; its argument errors (ValueError "[native name] arg: ...") as MergeError
+    naming the wrapper ``fn``."""
     try:
         return f(**kwargs)
     except MergeError:
         raise
     except ValueError as e:
-        raise MergeError(str(e)) from None
+        msg = str(e)
+        if msg.startswith("[") and "]" in msg:
+            msg = f"[{fn}]" + msg[msg.index("]") + 1:]
+        raise MergeError(msg) from None
 
 
 def _check_combine_plan(fn: str, plan: Any, inputs: Any):
@@ -318,7 +322,7 @@ class CpuBackend(Backend):
         out_dtype = _check_tensor(out, numel, fn, "out")
         ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
         _native_call(
-            _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=out.data_ptr(),
+            fn, _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=out.data_ptr(),
             out_dtype=out_dtype, numel=numel, offset=_check_offset(fn, offset),
             probs=_torch_probs(fn, probs, plan.n, numel), threads=default_threads(threads),
             simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
@@ -332,7 +336,7 @@ class CpuBackend(Backend):
         xdtype = _check_tensor(x, numel, fn, "x")
         bptr, bdtype = (0, "float32") if base is None else (base.data_ptr(), _check_tensor(base, numel, fn, "base"))
         return _native_call(
-            _module().magnitude_histogram, x=x.data_ptr(), x_dtype=xdtype, base=bptr, base_dtype=bdtype, numel=numel,
+            fn, _module().magnitude_histogram, x=x.data_ptr(), x_dtype=xdtype, base=bptr, base_dtype=bdtype, numel=numel,
             **_hist_kwargs(fn, prefix_mask, prefix, shift, nbins), threads=default_threads(threads),
             simd=resolve_simd(self.simd),
         )
@@ -343,7 +347,7 @@ class CpuBackend(Backend):
         inputs = list(inputs)
         numel = inputs[0].numel() if inputs and hasattr(inputs[0], "numel") else -1
         ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
-        return _native_call(_module().gram, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype,
+        return _native_call(fn, _module().gram, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype,
                             numel=numel, threads=default_threads(threads), simd=resolve_simd(self.simd))
 
     def kept_l1(self, inputs, base, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> np.ndarray:
@@ -354,7 +358,7 @@ class CpuBackend(Backend):
         numel = inputs[0].numel() if hasattr(inputs[0], "numel") else -1
         ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
         return _native_call(
-            _module().kept_l1, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, numel=numel,
+            fn, _module().kept_l1, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, numel=numel,
             offset=_check_offset(fn, offset), probs=_torch_probs(fn, probs, plan.n, numel),
             threads=default_threads(threads), simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
         )
@@ -530,7 +534,7 @@ def combine_buffers(
     _check_buffer(o, out_dtype, numel, fn, "out")
     hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, inputs, input_dtypes, base, base_dtype, numel)
     _native_call(
-        _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=o.ctypes.data,
+        fn, _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=o.ctypes.data,
         out_dtype=out_dtype, numel=numel, offset=_check_offset(fn, offset),
         probs=_buffer_probs(fn, probs, plan.n, numel, hold), threads=default_threads(threads),
         simd=resolve_simd(simd), **plan.kernel_kwargs(),
@@ -546,7 +550,7 @@ def magnitude_histogram_buffers(
     fn = "magnitude_histogram_buffers"
     hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, [x], [dtype], base, base_dtype)
     return _native_call(
-        _module().magnitude_histogram, x=ptrs[0], x_dtype=dtypes[0], base=bptr, base_dtype=bdtype, numel=numel,
+        fn, _module().magnitude_histogram, x=ptrs[0], x_dtype=dtypes[0], base=bptr, base_dtype=bdtype, numel=numel,
         **_hist_kwargs(fn, prefix_mask, prefix, shift, nbins), threads=default_threads(threads),
         simd=resolve_simd(simd),
     )
@@ -557,7 +561,7 @@ def gram_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_d
     """float64[N, N] of sum_j tau_i[j] tau_k[j] (``methods.stats.gram_torch``), on buffers."""
     fn = "gram_buffers"
     hold, ptrs, dts, bptr, bdtype, numel = _buffer_sources(fn, inputs, dtypes, base, base_dtype)
-    return _native_call(_module().gram, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype, numel=numel,
+    return _native_call(fn, _module().gram, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype, numel=numel,
                         threads=default_threads(threads), simd=resolve_simd(simd))
 
 
@@ -569,7 +573,7 @@ def kept_l1_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, bas
     plan = _check_combine_plan(fn, plan, inputs)
     hold, ptrs, dts, bptr, bdtype, numel = _buffer_sources(fn, inputs, dtypes, base, base_dtype)
     return _native_call(
-        _module().kept_l1, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype, numel=numel,
+        fn, _module().kept_l1, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype, numel=numel,
         offset=_check_offset(fn, offset), probs=_buffer_probs(fn, probs, plan.n, numel, hold),
         threads=default_threads(threads), simd=resolve_simd(simd), **plan.kernel_kwargs(),
     )
