@@ -372,6 +372,8 @@ class _CpuOps:
         return self.be.magnitude_histogram(x, b, pm, p, shift, nbins)
 
     magnitudes = staticmethod(stats.magnitudes_torch)
+    length = staticmethod(stats.TorchStats.length)
+    slice = staticmethod(stats.TorchStats.slice)
 
 
 def test_select_ranks_with_native_histogram():
