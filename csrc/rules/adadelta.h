@@ -21,7 +21,7 @@ struct Adadelta {
     s[1] = V(0.f);
   }
 
-  template <class V>
+  template <class V, class M = ExactMath>
   static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
     (void)first;
     V a = v_fma(h.one_minus_rho * g, g, h.rho * s[0]);
@@ -29,7 +29,7 @@ struct Adadelta {
     // sqrt((u + eps) / (a + eps)) rather than torch's sqrt(u + eps) / sqrt(a + eps): the same
     // value within about one ulp, with one square root instead of two (the CPU kernel is
     // sqrt/div-bound here: 89 -> 6x ms for N=8 x 32M bf16 on 2 cores).
-    V d = v_sqrt(v_div(s[1] + h.eps, a + h.eps)) * g;
+    V d = M::sqrt(M::div(s[1] + h.eps, a + h.eps)) * g;
     s[1] = v_fma(h.one_minus_rho * d, d, h.rho * s[1]);
     w = v_fma(V(0.f) - c.lr_eff, d, w);
   }

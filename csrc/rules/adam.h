@@ -27,7 +27,7 @@ struct Adam {
     for (int k = 0; k < kSlots; ++k) s[k] = V(0.f);
   }
 
-  template <class V>
+  template <class V, class M = ExactMath>
   static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
     (void)first;
     if (kDecoupled) w = w * c.decay;
@@ -39,13 +39,13 @@ struct Adam {
       v = v_max(s[2], v);
       s[2] = v;
     }
-    V denom;
+    V q;  // m / denom
     if (kEpsInside) {
-      denom = v_sqrt(v_fma(v * c.inv_bc2_sqrt, c.inv_bc2_sqrt, h.eps));
+      q = M::rsqrt_mul(m, v_fma(v * c.inv_bc2_sqrt, c.inv_bc2_sqrt, h.eps));  // one rsqrt (fast)
     } else {
-      denom = v_fma(v_sqrt(v), c.inv_bc2_sqrt, h.eps);
+      q = M::div(m, v_fma(M::sqrt(v), c.inv_bc2_sqrt, h.eps));
     }
-    w = v_fma(V(0.f) - c.lr_eff, v_div(m, denom), w);
+    w = v_fma(V(0.f) - c.lr_eff, q, w);
   }
 };
 

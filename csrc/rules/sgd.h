@@ -25,7 +25,7 @@ struct Sgd {
     for (int k = 0; k < kSlots; ++k) s[k] = V(0.f);
   }
 
-  template <class V>
+  template <class V, class M = ExactMath>
   static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
     if (kMomentum) {
       V buf = first ? g : v_fma(h.momentum, s[0], h.one_minus_dampening * g);
