@@ -1,7 +1,9 @@
 """ak.merge: validate, schedule, pick a backend, run it per tensor, in that order.
 
 Every check happens before any compute, so bad input costs nothing and leaves
-nothing half-done.
+nothing half-done, except the NaN/Inf check of the ingredients (``check_finite``): the
+kernels flag them while they read the inputs anyway, so merge raises after the kernel
+of the first tensor holding one, and returns nothing.
 """
 
 from __future__ import annotations
@@ -193,8 +195,7 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, **overri
     names = _check_structure(dicts)
     pivot = _resolve_pivot(cfg.pivot, dicts, names, form)
     plan = schedule(cfg, len(dicts))
-    if cfg.check_finite:
-        _check_finite(dicts, names)
+    if cfg.check_finite:  # the ingredients: the kernels' own flags, below (no extra pass over them)
         _check_pivot_finite(pivot, names)
     device = dicts[0][names[0]].device if names else torch.device("cpu")
     backend = get_backend(cfg.backend, device.type)
@@ -213,7 +214,11 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, **overri
             p = pivot
         out = torch.empty(first.numel(), dtype=out_dtype, device=device)
         if first.numel():
-            backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads)
+            bad = backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads,
+                                    check_finite=cfg.check_finite)
+            if bad:  # flagged by the kernel while it read them: raise, return nothing
+                raise MergeError(f"merge: {_label(name)} of ingredient {bad[0]} contains NaN or Inf "
+                                 "(pass check_finite=False to merge anyway)")
             if out_dtype == torch.float16 and cfg.check_finite and not bool(torch.isfinite(out).all()):
                 # finite inputs (checked above) whose merge leaves float16's range: rounding gave Inf
                 raise MergeError(f"merge: {_label(name)}: merged values exceed the float16 range (|x| <= 65504) "

@@ -7,11 +7,11 @@
 // (W = 1) with the overloads in rules/common.h and the scalar helpers in dtypes.h.
 //
 // v_sqrt / v_div are the exact (correctly rounded) instructions: with them (ExactMath, the
-// kernels' exact=True) the vector levels are bit-identical to each other. v_sqrt_fast /
-// v_div_fast / v_rsqrt_fast (FastMath, the CPU kernels' default) are the hardware estimates
-// with one Newton step: a few ulp from exact, and the AVX2 and AVX-512 estimates differ, so
-// the levels no longer agree bit for bit. On the Intel Xeon (AVX-512) the exact zmm
-// vsqrtps/vdivps bound the adaptive optimizers' loops (see README, CPU kernels).
+// kernels' exact=True, and always on AVX2) the vector levels are bit-identical to each
+// other. v_sqrt_fast / v_div_fast / v_rsqrt_fast (FastMath, the AVX-512 kernels' default)
+// are the vrsqrt14ps / vrcp14ps estimates with one Newton step: about one ulp from exact,
+// so AVX-512 no longer agrees with AVX2 bit for bit. On the Intel Xeon the exact zmm
+// vsqrtps/vdivps bound the adaptive optimizers' loops (README, CPU kernels).
 #pragma once
 #include <stdint.h>
 
@@ -140,30 +140,8 @@ AME_HD Simd8 v_sqrt(Simd8 a) { return _mm256_sqrt_ps(a.v); }
 AME_HD Simd8 v_div(Simd8 a, Simd8 b) { return _mm256_div_ps(a.v, b.v); }
 AME_HD Simd8 v_max(Simd8 a, Simd8 b) { return _mm256_max_ps(b.v, a.v); }
 AME_HD bool v_any_nan(Simd8 a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
-// FastMath on AVX2: rsqrtps / rcpps (relative error < 1.5 * 2^-12; they read subnormal
-// inputs as 0) and one Newton step, about 2^-23 before the last rounding. The square root's
-// input is raised to FLT_MIN for the estimate, so sqrt(0) = 0 and a subnormal a gets a
-// result below 1.1e-19 (not its exact root); +Inf is passed through by a blend.
-AME_HD Simd8 v_sqrt_fast(Simd8 a) {
-  const __m256 y = _mm256_rsqrt_ps(_mm256_max_ps(a.v, _mm256_set1_ps(1.17549435e-38f)));
-  const __m256 s0 = _mm256_mul_ps(a.v, y);
-  const __m256 s = _mm256_fmadd_ps(_mm256_fnmadd_ps(s0, s0, a.v), _mm256_mul_ps(y, _mm256_set1_ps(0.5f)), s0);
-  return _mm256_blendv_ps(s, a.v, _mm256_cmp_ps(a.v, _mm256_set1_ps(__builtin_inff()), _CMP_EQ_OQ));
-}
-// As the AVX-512 one; a subnormal b reads as 0 (the result is a * Inf).
-AME_HD Simd8 v_div_fast(Simd8 a, Simd8 b) {
-  const __m256 y = _mm256_rcp_ps(b.v);
-  const __m256 q0 = _mm256_mul_ps(a.v, y);
-  const __m256 q = _mm256_fmadd_ps(_mm256_fnmadd_ps(b.v, q0, a.v), y, q0);
-  return _mm256_blendv_ps(q, q0, _mm256_cmp_ps(q, q, _CMP_UNORD_Q));
-}
-// 1/sqrt(a); a = 0 (or subnormal) gives +Inf, a = +Inf gives +0 (the estimate itself).
-AME_HD Simd8 v_rsqrt_fast(Simd8 a) {
-  const __m256 y = _mm256_rsqrt_ps(a.v);
-  const __m256 e = _mm256_fnmadd_ps(_mm256_mul_ps(a.v, y), y, _mm256_set1_ps(1.f));
-  const __m256 r = _mm256_fmadd_ps(_mm256_mul_ps(y, _mm256_set1_ps(0.5f)), e, y);
-  return _mm256_blendv_ps(r, y, _mm256_cmp_ps(r, r, _CMP_UNORD_Q));
-}
+// No FastMath on AVX2: on the Intel Xeon the ymm vsqrtps/vdivps beat rsqrtps/rcpps with a
+// Newton step (README, CPU kernels), so the avx2 kernels keep the exact instructions.
 #endif
 
 // The portable path: W = 1 is plain float.

@@ -115,7 +115,10 @@ void step(const StepArgs& a) {
       using M = decltype(math);
       a.hyper.weight_decay != 0.f ? step_impl<Rule, M, true>(a) : step_impl<Rule, M, false>(a);
     };
-    if (a.exact || kStepW == 1) run(ExactMath{}); else run(FastMath{});
+    if constexpr (AME_ESTIMATES) {
+      if (!a.exact) return run(FastMath{});
+    }
+    run(ExactMath{});
   });
 }
 

@@ -33,7 +33,7 @@
 #include "cpu/thread_pool.h"
 
 #ifndef AME_ISA_NS
-#error "define AME_ISA_NS, AME_W and AME_U before including cpu/whole_run.h"
+#error "define AME_ISA_NS, AME_W, AME_U and AME_ESTIMATES before including cpu/whole_run.h"
 #endif
 
 namespace ame {
@@ -215,7 +215,16 @@ void whole_run_impl(const WholeRunArgs& a) {
   // known and prefetched; across runs the pool balances load between threads.
   const int64_t run = std::max<int64_t>(1, nblocks / (8 * static_cast<int64_t>(threads)));
   const int64_t ntasks = (nblocks + run - 1) / run;
-  const HyperT<V> h(a.hyper);
+  // FastPrivateMath: the rule's (1 - beta) weights folded into a copy of the step constants
+  HyperScalars hs = a.hyper;
+  std::vector<float> folded;
+  const float* coeffs = a.coeffs;
+  if constexpr (M::kPrivateState) {
+    folded.assign(a.coeffs, a.coeffs + 4 * static_cast<int64_t>(a.steps));
+    Rule::fold_private(hs, folded.data(), a.steps);  // whole_run() checked that it applies
+    coeffs = folded.data();
+  }
+  const HyperT<V> h(hs);
   const bool soup = a.pivot_mode == PivotMode::Soup;
   const SortedBatches sb(a);
 
@@ -272,13 +281,13 @@ void whole_run_impl(const WholeRunArgs& a) {
       const int64_t lines_per_step = (bs * in_bytes / 64 + tiles - 1) / tiles / std::max(a.steps, 1) + 1;
       const int64_t full = len / kTile * kTile;
       for (int64_t j = 0; j < full; j += kTile)
-        run_tile<Rule, M, kAdaptive, kWd>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, sb, a.coeffs,
+        run_tile<Rule, M, kAdaptive, kWd>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, sb, coeffs,
                                           a.steps, h, pf, lines_per_step);
       if (full < len) {  // the ragged last tile: a zero-padded fp32 copy of its inputs
         for (int i = 0; i < n; ++i)
           copy_slice(a.inputs[i], a.input_dtypes[i], b0 + full, len - full, kTile, s.tail.p + i * kTile);
         run_tile<Rule, M, kAdaptive, kWd>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr, sb,
-                                          a.coeffs, a.steps, h, pf, 0);
+                                          coeffs, a.steps, h, pf, 0);
       }
 
       // 3. store w_T in the output dtype
@@ -372,8 +381,17 @@ void whole_run(const WholeRunArgs& a) {
       else
         wd ? whole_run_impl<Rule, M, false, true>(a) : whole_run_impl<Rule, M, false, false>(a);
     };
-    // The portable path has no estimates to gain from: exact either way.
-    if (a.exact || kW == 1) run(ExactMath{}); else run(FastMath{});
+    // AME_ESTIMATES (per level, csrc/cpu/whole_run_<level>.cpp): 0 where exact is as fast.
+    if constexpr (AME_ESTIMATES) {
+      if (!a.exact) {
+        if constexpr (Rule::kPrivateScaling) {
+          HyperScalars probe = a.hyper;
+          if (Rule::fold_private(probe, nullptr, 0)) return run(FastPrivateMath{});
+        }
+        return run(FastMath{});
+      }
+    }
+    run(ExactMath{});
   });
 }
 

@@ -14,6 +14,7 @@ namespace ame {
 template <bool kEpsInside>
 struct Adagrad {
   static constexpr int kSlots = 1;
+  static constexpr bool kPrivateScaling = false;  // nothing to fold
 
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {

@@ -55,6 +55,7 @@ AME_HD float v_rsqrt_fast(float a) { return 1.f / sqrtf(a); }
 //              rules may reorder their arithmetic (kFast) to need fewer of them.
 struct ExactMath {
   static constexpr bool kFast = false;
+  static constexpr bool kPrivateState = false;
   template <class V>
   static AME_HD V sqrt(V a) { return v_sqrt(a); }
   template <class V>
@@ -64,12 +65,21 @@ struct ExactMath {
 };
 struct FastMath {
   static constexpr bool kFast = true;
+  static constexpr bool kPrivateState = false;
   template <class V>
   static AME_HD V sqrt(V a) { return v_sqrt_fast(a); }
   template <class V>
   static AME_HD V div(V a, V b) { return v_div_fast(a, b); }
   template <class V>
   static AME_HD V rsqrt_mul(V a, V b) { return a * v_rsqrt_fast(b); }
+};
+
+// FastMath where the state never leaves the kernel (the CPU whole-run kernel keeps it in
+// registers): a rule with kPrivateScaling may keep its moving averages divided by their
+// (1 - beta) weight, a multiply less per average and step, after
+// Rule::fold_private(hyper, coeff rows) has moved those weights into the step constants.
+struct FastPrivateMath : FastMath {
+  static constexpr bool kPrivateState = true;
 };
 
 // Scalar hyperparameters, resolved on the host (StepPlan.hyper); bools as ints so the

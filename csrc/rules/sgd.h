@@ -18,6 +18,7 @@ template <bool kMomentum, bool kNesterov>
 struct Sgd {
   static_assert(kMomentum || !kNesterov, "nesterov needs momentum");
   static constexpr int kSlots = kMomentum ? 1 : 0;
+  static constexpr bool kPrivateScaling = false;  // nothing to fold
 
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {
