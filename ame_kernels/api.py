@@ -1,9 +1,9 @@
 """ak.merge: validate, schedule, pick a backend, run it per tensor, in that order.
 
 Every check happens before any compute, so bad input costs nothing and leaves
-nothing half-done, except the NaN/Inf check of the ingredients (``check_finite``): the
-kernels flag them while they read the inputs anyway, so merge raises after the kernel
-of the first tensor holding one, and returns nothing.
+nothing half-done, except the NaN/Inf check of the ingredients (``check_finite``) on the
+kernel backends: the kernels flag them while they read the inputs anyway, so merge
+raises after the kernel of the first tensor holding one, and returns nothing.
 """
 
 from __future__ import annotations
@@ -195,10 +195,14 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, **overri
     names = _check_structure(dicts)
     pivot = _resolve_pivot(cfg.pivot, dicts, names, form)
     plan = schedule(cfg, len(dicts))
-    if cfg.check_finite:  # the ingredients: the kernels' own flags, below (no extra pass over them)
-        _check_pivot_finite(pivot, names)
     device = dicts[0][names[0]].device if names else torch.device("cpu")
     backend = get_backend(cfg.backend, device.type)
+    if cfg.check_finite:
+        # The kernel backends flag NaN/Inf ingredients while they read them (below: no extra
+        # pass); the reference checks with torch first, before any compute.
+        if backend.name == "reference":
+            _check_finite(dicts, names)
+        _check_pivot_finite(pivot, names)
 
     merged: Dict[str, torch.Tensor] = {}
     for name in names:

@@ -383,3 +383,29 @@ def test_concurrent_callers_share_the_pool():
     for w in workers:
         w.join(timeout=60)
     assert len(same) == 15 and all(same)
+
+
+def test_merge_names_non_finite_ingredients_from_the_kernel_flags(monkeypatch):
+    """ak.merge on the cpu backend takes the kernel's NaN/Inf flags (no torch pass over the
+    ingredients first) and raises the same MergeError, naming the tensor and the ingredient."""
+    from ame_kernels import api
+
+    def no_torch_pass(*a, **k):
+        raise AssertionError("the cpu backend's merge must not run the torch finite check")
+
+    monkeypatch.setattr(api, "_check_finite", no_torch_pass)
+    a = {"w": torch.randn(40), "v": torch.randn(4099).to(torch.bfloat16)}
+    b = {"w": torch.randn(40), "v": torch.randn(4099).to(torch.bfloat16)}
+    c = {"w": torch.randn(40), "v": torch.randn(4099).to(torch.bfloat16)}
+    c["v"][4098] = float("inf")
+    for opt in ("sgd", "adam"):  # the folded weighted sum and the stepped kernel
+        with pytest.raises(MergeError, match=r"merge: tensor 'v' of ingredient 2 contains NaN or Inf"):
+            ame_kernels.merge([a, b, c], optimizer=opt, backend="cpu")
+        out = ame_kernels.merge([a, b, c], optimizer=opt, backend="cpu", check_finite=False)
+        assert not torch.isfinite(out["v"].float()).all() and torch.isfinite(out["w"]).all()
+    xs = [torch.randn(100) for _ in range(3)]
+    xs[1][7] = float("nan")
+    with pytest.raises(MergeError, match=r"merge: the tensor of ingredient 1 contains NaN or Inf"):
+        ame_kernels.merge(xs, optimizer="adagrad", backend="cpu")
+    xs[1][7] = 0.0
+    assert torch.isfinite(ame_kernels.merge(xs, optimizer="adagrad", backend="cpu")).all()
