@@ -2,6 +2,7 @@
 
     python benchmarks/bench_whole_run.py            # N=8 bf16 ingredients of 32M elements (~0.6 GB read)
     python benchmarks/bench_whole_run.py --small    # N=8 x 2M elements, a quick look
+    python benchmarks/bench_whole_run.py --cycles   # in-cache cost per element-step, exact vs default
     pytest benchmarks/bench_whole_run.py            # pytest-benchmark variant (small sizes)
 
 Prints, for every optimizer and for 1 and 5 epochs: the reference backend's time (run once
@@ -223,7 +224,63 @@ def run(argv=None) -> list:
     return rows
 
 
+def _cpu_mhz() -> float:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1])
+    except OSError:
+        pass
+    return float("nan")
+
+
+def cycles(argv=None) -> None:
+    """Cost per element-step of the step phase, out of DRAM's way: N=8 bf16 inputs of 32K
+    elements (512 KiB, L2-resident), 20 epochs (160 steps), one thread, the minimum of many
+    interleaved runs (robust to other processes on a shared machine). Cycles are the clock
+    /proc/cpuinfo reports (in a VM: the TSC rate), times the time: no counters needed."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cycles", action="store_true")
+    ap.add_argument("--optimizers", default="adagrad,adam,adamw,adadelta")
+    ap.add_argument("--simd", default=None)
+    ap.add_argument("--repeat", type=int, default=31)
+    args, _ = ap.parse_known_args(argv)
+    from ame_kernels.backends.cpu import CpuBackend
+
+    n, c, epochs = 8, 32768, 20
+    xs = make_inputs(n, c, torch.bfloat16)
+    out = torch.empty(c, dtype=torch.bfloat16)
+    mhz = _cpu_mhz()
+    mach = machine(1)
+    print(mach.header())
+    print(f"# in-cache step phase: N={n} bf16 x {c}, {epochs} epochs, 1 thread, min of {args.repeat}; "
+          f"clock {mhz:.0f} MHz (/proc/cpuinfo)")
+    table = []
+    for name in args.optimizers.split(","):
+        plan = schedule(AMEConfig(**OPTIMIZERS[name], epochs=epochs), n)
+        fns = {mode: (lambda be=CpuBackend(simd=args.simd, exact=(mode == "exact")), p=plan:
+                      be.whole_run(xs, p, None, True, out, threads=1)) for mode in ("exact", "default")}
+        best = {k: float("inf") for k in fns}
+        for f in fns.values():
+            f()
+        for _ in range(args.repeat):
+            for k, f in fns.items():
+                best[k] = min(best[k], timeit(f, warmup=0, repeat=1).median)
+        es = n * c * epochs
+        row = [name]
+        for k in fns:
+            row += [f"{best[k] / es * 1e9:.3f}", f"{best[k] / es * mhz * 1e6:.2f}"]
+        row.append(f"{best['exact'] / best['default']:.2f}x")
+        table.append(row)
+    print_table(["optimizer", "exact ns/elem-step", "exact cycles", "default ns/elem-step", "default cycles",
+                 "default speedup"], table)
+
+
 def main(argv=None) -> int:
+    if "--cycles" in (sys.argv[1:] if argv is None else argv):
+        cycles(argv)
+        return 0
     run(argv)
     return 0
 
