@@ -1,7 +1,9 @@
 """ak.merge: validate, schedule, pick a backend, run it per tensor, in that order.
 
 Every check happens before any compute, so bad input costs nothing and leaves
-nothing half-done.
+nothing half-done, except the NaN/Inf check of the ingredients (``check_finite``) on the
+kernel backends: the kernels flag them while they read the inputs anyway, so merge
+raises after the kernel of the first tensor holding one, and returns nothing.
 """
 
 from __future__ import annotations
@@ -49,12 +51,15 @@ def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, t
     pivot = resolve_pivot(cfg.pivot, dicts, names, form)
     plan = schedule(cfg, len(dicts))
     base_sd = resolve_reference(base, dicts, names, form, "base", "a tensor or state dict") if base is not None else None
-    if cfg.check_finite:
-        check_all_finite(dicts, names)
-        check_reference_finite(pivot, names)
-        check_reference_finite(base_sd, names, "base")
     device = dicts[0][names[0]].device if names else torch.device("cpu")
     backend = get_backend(cfg.backend, device.type)
+    if cfg.check_finite:
+        # The kernel backends flag NaN/Inf ingredients while they read them (no extra pass); the
+        # reference, and a transform (which reads the ingredients first), check with torch up front.
+        if backend.name == "reference" or transform is not None:
+            check_all_finite(dicts, names)
+        check_reference_finite(pivot, names)
+        check_reference_finite(base_sd, names, "base")
 
     def run(name, inputs, out):
         p = pivot[name].detach().to(device).contiguous().reshape(-1) if isinstance(pivot, dict) else pivot
@@ -67,7 +72,8 @@ def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, t
             tplan, _, _ = plan_tensor(method, unit_params(params, len(inputs)), name, tuple(dicts[0][name].shape),
                                       len(inputs), True, lambda: [(0, inputs, b)], TorchOps(backend, cfg.threads))
             inputs = transform_chunk(method, tplan, inputs, b, 0)
-        backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads)
+        return backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads,
+                                 check_finite=cfg.check_finite)
 
     return _merge_tensors(dicts, form, names, cfg.out_dtype, cfg.check_finite, None, run)
 
@@ -104,7 +110,10 @@ def _merge_tensors(dicts: List[dict], form: str, names: List[str], out_dtype: Op
         inputs = [d[name].detach().contiguous().reshape(-1) for d in dicts]
         out = torch.empty(first.numel(), dtype=dtype, device=first.device)
         if first.numel():
-            run(name, inputs, out)
+            bad = run(name, inputs, out)
+            if bad:  # flagged by the kernel while it read them: raise, return nothing
+                raise MergeError(f"merge: {label(name)} of ingredient {bad[0]} contains NaN or Inf "
+                                 "(pass check_finite=False to merge anyway)")
             if dtype == torch.float16 and check_finite and not bool(torch.isfinite(out).all()):
                 # finite inputs (checked above) whose merge leaves float16's range: rounding gave Inf
                 raise MergeError(f"merge: {label(name)}: merged values exceed the float16 range (|x| <= 65504) "

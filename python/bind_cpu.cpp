@@ -201,7 +201,7 @@ void init_cpu(py::module_& m) {
          double weight_decay, double beta1, double beta2, double eps, double rho, bool amsgrad, bool eps_inside_sqrt,
          double initial_accumulator_value, const std::string& pivot_mode, int pivot_index, uintptr_t pivot,
          const std::string& pivot_dtype, bool adaptive, int threads, const std::string& simd, bool check_finite,
-         int64_t block, const py::object& linear) {
+         int64_t block, const py::object& linear, bool exact) {
         const char* fn = "whole_run";
         cpu::WholeRunArgs a;
         a.n = static_cast<int>(inputs.size());
@@ -264,6 +264,7 @@ void init_cpu(py::module_& m) {
         AME_CHECK(block >= 0, "[whole_run] block: must be >= 0 (0 = automatic), got " + std::to_string(block));
         a.block = block;
         a.check_finite = check_finite;
+        a.exact = exact;
         py::array linear_arr;
         if (!linear.is_none()) {
           linear_arr = py::array::ensure(linear);
@@ -290,13 +291,14 @@ void init_cpu(py::module_& m) {
       py::arg("eps"), py::arg("rho"), py::arg("amsgrad"), py::arg("eps_inside_sqrt"),
       py::arg("initial_accumulator_value"), py::arg("pivot_mode"), py::arg("pivot_index"), py::arg("pivot"),
       py::arg("pivot_dtype"), py::arg("adaptive"), py::arg("threads"), py::arg("simd"), py::arg("check_finite"),
-      py::arg("block"), py::arg("linear"),
+      py::arg("block"), py::arg("linear"), py::arg("exact"),
       "Run the whole schedule over numel elements: N input pointers (float32/bfloat16/float16, mixed allowed) ->\n"
       "out (written once, round to nearest even). batch_ptr int32 [T+1], batch_idx int32, coeffs float32 [T, 4]\n"
       "(gscale, lr_eff, decay, inv_bc2_sqrt) come from ame_kernels.schedule. pivot_mode: soup | index | pointer.\n"
       "linear: None (step) or a float32 [N + 1] GD fold (ame_kernels.schedule.linear_coefficients): out = sum_i\n"
       "linear[i] x_i + linear[N] * pivot (pointer pivot only); the schedule arrays are still checked but not stepped.\n"
-      "block: elements per block (0: sized for the L2 cache). Every argument is required: no defaults here.\n"
+      "block: elements per block (0: sized for the L2 cache). exact: correctly rounded sqrt/div (SIMD levels\n"
+      "bit-identical) instead of the refined estimates. Every argument is required: no defaults here.\n"
       "Returns the indices of inputs in which a NaN/Inf was read (always [] unless check_finite).");
 
   m.def(
@@ -305,7 +307,7 @@ void init_cpu(py::module_& m) {
          const std::vector<std::string>& batch_dtypes, uintptr_t pivot, const py::array& coeffs, int t,
          const std::string& optimizer, double momentum, double dampening, bool nesterov, double weight_decay,
          double beta1, double beta2, double eps, double rho, bool amsgrad, bool eps_inside_sqrt,
-         double initial_accumulator_value, int threads, const std::string& simd) {
+         double initial_accumulator_value, int threads, const std::string& simd, bool exact) {
         const char* fn = "step";
         cpu::StepArgs a;
         AME_CHECK(numel >= 0, "[step] numel: must be >= 0, got " + std::to_string(numel));
@@ -336,6 +338,7 @@ void init_cpu(py::module_& m) {
         a.t = t;
         AME_CHECK(threads >= 1, "[step] threads: must be >= 1, got " + std::to_string(threads));
         a.threads = threads;
+        a.exact = exact;
         const SimdLevel level = simd_arg(simd, fn);
         py::gil_scoped_release release;
         cpu::step(a, level);
@@ -344,7 +347,7 @@ void init_cpu(py::module_& m) {
       py::arg("pivot"), py::arg("coeffs"), py::arg("t"), py::arg("optimizer"), py::arg("momentum"),
       py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"), py::arg("beta1"), py::arg("beta2"),
       py::arg("eps"), py::arg("rho"), py::arg("amsgrad"), py::arg("eps_inside_sqrt"),
-      py::arg("initial_accumulator_value"), py::arg("threads"), py::arg("simd"),
+      py::arg("initial_accumulator_value"), py::arg("threads"), py::arg("simd"), py::arg("exact"),
       "One fused optimizer step in place: w float32 [numel] and state float32 [slots, numel] (read-modify-write),\n"
       "batch: M input pointers of any float dtype; pivot: float32 [numel] pointer or 0 (adaptive: p = w);\n"
       "coeffs: float32 [4] row of global step t (1-based).");

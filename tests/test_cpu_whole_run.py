@@ -139,19 +139,25 @@ def test_threads_do_not_change_result(threads):
     assert torch.equal(a, b)
 
 
-def test_vector_levels_agree_bitwise():
-    """avx2 and avx512 run the same fp32 operations (FMA, exact sqrt/div) lane by lane."""
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam", "adamw", "adadelta"])
+def test_vector_levels_agree_bitwise_when_exact(optimizer):
+    """exact=True: avx2 and avx512 run the same fp32 operations (FMA, exact sqrt/div) lane
+    by lane. The default estimates differ between the levels, within the tolerances."""
     vec = [lvl for lvl in LEVELS if lvl != "scalar"]
     if len(vec) < 2:
         pytest.skip("needs two vector levels on this CPU")
     xs = _inputs(4, 4097, ["bfloat16", "float16"])
-    plan = schedule(AMEConfig(optimizer="adamw", lr=0.01, weight_decay=0.1, epochs=2), 4)
-    outs = []
+    plan = schedule(AMEConfig(optimizer=optimizer, lr=0.01, weight_decay=0.1, epochs=2, batch_size=2), 4)
+    outs, fast = [], []
     for lvl in vec:
-        o = torch.empty(4097)
-        CpuBackend(simd=lvl).whole_run(xs, plan, None, True, o)
+        o, f = torch.empty(4097), torch.empty(4097)
+        CpuBackend(simd=lvl, exact=True).whole_run(xs, plan, None, True, o)
+        CpuBackend(simd=lvl, exact=False).whole_run(xs, plan, None, True, f)
         outs.append(o)
+        fast.append(f)
     assert torch.equal(outs[0], outs[1])
+    assert_close(fast[0], fast[1], what=f"{optimizer}: fast avx2 vs avx512")
+    assert_close(fast[1], outs[1], what=f"{optimizer}: fast vs exact")
 
 
 def test_bf16_rounding_is_nearest_even():
@@ -264,7 +270,7 @@ def test_simd_env_override(monkeypatch):
 
 # what the binding needs besides pointers, dtypes and the schedule arrays (it has no defaults)
 LAUNCH_KWARGS = dict(pivot_mode="soup", pivot_index=0, pivot=0, pivot_dtype="float32", adaptive=True, threads=1,
-                     simd="auto", check_finite=False, block=0, linear=None)
+                     simd="auto", check_finite=False, block=0, linear=None, exact=False)
 
 
 def _binding_kwargs(**over):
@@ -378,3 +384,29 @@ def test_concurrent_callers_share_the_pool():
     for w in workers:
         w.join(timeout=60)
     assert len(same) == 15 and all(same)
+
+
+def test_merge_names_non_finite_ingredients_from_the_kernel_flags(monkeypatch):
+    """ak.merge on the cpu backend takes the kernel's NaN/Inf flags (no torch pass over the
+    ingredients first) and raises the same MergeError, naming the tensor and the ingredient."""
+    from ame_kernels import api
+
+    def no_torch_pass(*a, **k):
+        raise AssertionError("the cpu backend's merge must not run the torch finite check")
+
+    monkeypatch.setattr(api, "check_all_finite", no_torch_pass)
+    a = {"w": torch.randn(40), "v": torch.randn(4099).to(torch.bfloat16)}
+    b = {"w": torch.randn(40), "v": torch.randn(4099).to(torch.bfloat16)}
+    c = {"w": torch.randn(40), "v": torch.randn(4099).to(torch.bfloat16)}
+    c["v"][4098] = float("inf")
+    for opt in ("sgd", "adam"):  # the folded weighted sum and the stepped kernel
+        with pytest.raises(MergeError, match=r"merge: tensor 'v' of ingredient 2 contains NaN or Inf"):
+            ame_kernels.merge([a, b, c], optimizer=opt, backend="cpu")
+        out = ame_kernels.merge([a, b, c], optimizer=opt, backend="cpu", check_finite=False)
+        assert not torch.isfinite(out["v"].float()).all() and torch.isfinite(out["w"]).all()
+    xs = [torch.randn(100) for _ in range(3)]
+    xs[1][7] = float("nan")
+    with pytest.raises(MergeError, match=r"merge: the tensor of ingredient 1 contains NaN or Inf"):
+        ame_kernels.merge(xs, optimizer="adagrad", backend="cpu")
+    xs[1][7] = 0.0
+    assert torch.isfinite(ame_kernels.merge(xs, optimizer="adagrad", backend="cpu")).all()

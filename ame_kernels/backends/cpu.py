@@ -19,6 +19,14 @@ imported, else ``os.cpu_count()``. SIMD level: the ``simd`` argument (``CpuBacke
 or ``whole_run_buffers(simd=)``), else the environment variable ``AME_SIMD``
 (``scalar`` / ``avx2`` / ``avx512``; for tests and benchmarks), else the best level this
 CPU supports.
+
+Arithmetic: by default the adaptive optimizers' square roots and divisions use the CPU's
+estimates (``vrsqrt14ps``/``vrcp14ps``, ``rsqrtps``/``rcpps``) with one Newton step, a few
+ulp from the correctly rounded result and within ``tests/tolerances.py`` of the reference;
+the AVX2 and AVX-512 levels then differ in the last bits. ``exact=True``
+(``CpuBackend(exact=True)``, ``whole_run_buffers(exact=True)``, or the environment
+variable ``AME_EXACT=1``) restores the correctly rounded instructions, bit-identical
+across the SIMD levels.
 """
 
 from __future__ import annotations
@@ -66,6 +74,19 @@ def resolve_simd(simd: Optional[str] = None) -> str:
     return level
 
 
+def resolve_exact(exact: Optional[bool] = None) -> bool:
+    """Whether to run the exact instructions: ``exact`` unless None, else $AME_EXACT
+    ('1'/'true'/'yes' on, ''/'0'/'false'/'no' off), else False."""
+    if exact is not None:
+        return bool(exact)
+    env = os.environ.get("AME_EXACT", "").strip().lower()
+    if env in ("", "0", "false", "no", "off"):
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    raise MergeError(f"cpu backend: AME_EXACT={os.environ.get('AME_EXACT')!r} is not a boolean; use 1 or 0")
+
+
 def info() -> dict:
     """Build and CPU information: compiler, SIMD levels compiled/supported, the level 'auto' picks."""
     mod = _native.load("_C")
@@ -75,6 +96,7 @@ def info() -> dict:
     d["available"] = hasattr(mod, "whole_run")
     d["simd_auto"] = d.get("simd_best")
     d["simd_env"] = os.environ.get("AME_SIMD")
+    d["exact_env"] = os.environ.get("AME_EXACT")
     d["threads_default"] = default_threads()
     return d
 
@@ -102,7 +124,8 @@ def _pivot_index(fn: str, pivot: Any, n: int) -> Optional[int]:
 
 
 def _launch(plan: StepPlan, ptrs: list, dtypes: list, numel: int, out_ptr: int, out_dtype: str, pivot: Any,
-            adaptive: bool, threads: Optional[int], simd: Optional[str], check_finite: bool, fold: bool) -> list:
+            adaptive: bool, threads: Optional[int], simd: Optional[str], check_finite: bool, fold: bool,
+            exact: Optional[bool] = None) -> list:
     """The native whole_run on checked pointers; pivot: None (soup), an index, or (pointer, dtype)."""
     mode, index, pptr, pdtype = "soup", 0, 0, "float32"
     if isinstance(pivot, int):
@@ -114,7 +137,8 @@ def _launch(plan: StepPlan, ptrs: list, dtypes: list, numel: int, out_ptr: int, 
             inputs=ptrs, input_dtypes=dtypes, numel=numel, out=out_ptr, out_dtype=out_dtype,
             pivot_mode=mode, pivot_index=index, pivot=pptr, pivot_dtype=pdtype, adaptive=bool(adaptive),
             threads=default_threads(threads), simd=resolve_simd(simd), check_finite=bool(check_finite),
-            block=0, linear=_linear(plan, adaptive, mode, index, fold), **plan_kwargs(plan),
+            block=0, linear=_linear(plan, adaptive, mode, index, fold), exact=resolve_exact(exact),
+            **plan_kwargs(plan),
         )
     )
 
@@ -219,12 +243,14 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, simd: Optional[str] = None, fold: bool = True):
+    def __init__(self, simd: Optional[str] = None, fold: bool = True, exact: Optional[bool] = None):
         """simd: force a level (None: $AME_SIMD or the best); fold: run GD as one weighted
         sum (schedule.linear_coefficients) instead of stepping it (False: step, bit for bit
-        what the step kernel gives)."""
+        what the step kernel gives); exact: correctly rounded sqrt/div, bit-identical across
+        SIMD levels (None: $AME_EXACT, else the faster refined estimates)."""
         self.simd = simd
         self.fold = fold
+        self.exact = exact
 
     def available(self) -> tuple:
         mod = _native.load("_C")
@@ -259,7 +285,7 @@ class CpuBackend(Backend):
         if piv is None and pivot is not None:
             piv = (pivot.data_ptr(), _check_tensor(pivot, numel, fn, "pivot"))
         return _launch(plan, [x.data_ptr() for x in inputs], dtypes, numel, out.data_ptr(), out_dtype, piv,
-                       adaptive_pivot, threads, self.simd, check_finite, self.fold)
+                       adaptive_pivot, threads, self.simd, check_finite, self.fold, self.exact)
 
     def step(
         self,
@@ -309,6 +335,7 @@ class CpuBackend(Backend):
             t=int(t),
             threads=default_threads(threads),
             simd=resolve_simd(self.simd),
+            exact=resolve_exact(self.exact),
             **hyper_kwargs(hyper),
         )
 
@@ -410,6 +437,7 @@ def whole_run_buffers(
     check_finite: bool = False,
     simd: str = "auto",
     fold: bool = True,
+    exact: Optional[bool] = None,
 ) -> list:
     """The whole-run kernel on raw buffers, without torch (for the checkpoint engine).
 
@@ -452,7 +480,7 @@ def whole_run_buffers(
         _check_buffer(keep, pdtype, numel, fn, "pivot")
         piv = (keep.ctypes.data, pdtype)
     return _launch(plan, [a.ctypes.data for a in arrays], dtypes, numel, o.ctypes.data, out_dtype, piv,
-                   adaptive_pivot, threads, simd, check_finite, fold)
+                   adaptive_pivot, threads, simd, check_finite, fold, exact)
 
 
 def _buffer_sources(fn: str, inputs: Any, input_dtypes: Any, base: Any, base_dtype: Any, numel: Optional[int] = None):
@@ -581,3 +609,4 @@ def kept_l1_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, bas
 
 __all__ = ["CpuBackend", "combine_buffers", "default_threads", "gram_buffers", "info", "kept_l1_buffers",
            "magnitude_histogram_buffers", "resolve_simd", "whole_run_buffers"]
+__all__ = ["CpuBackend", "default_threads", "info", "resolve_exact", "resolve_simd", "whole_run_buffers"]

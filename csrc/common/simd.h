@@ -6,10 +6,12 @@
 // for that ISA (csrc/cpu/*_avx512.cpp, *_avx2.cpp); the portable path uses plain float
 // (W = 1) with the overloads in rules/common.h and the scalar helpers in dtypes.h.
 //
-// Division and square root are the exact (correctly rounded) instructions. An rsqrt14 /
-// rcp14 + Newton variant measured no faster on Zen 4 (Adam update loop, AVX-512, one core:
-// 3.2-3.5 G updates/s either way: the FP pipes, not the divider, bound it), and exact
-// results keep the vector levels bit-identical to each other (tests check avx2 == avx512).
+// v_sqrt / v_div are the exact (correctly rounded) instructions: with them (ExactMath, the
+// kernels' exact=True, and always on AVX2) the vector levels are bit-identical to each
+// other. v_sqrt_fast / v_div_fast / v_rsqrt_fast (FastMath, the AVX-512 kernels' default)
+// are the vrsqrt14ps / vrcp14ps estimates with one Newton step: about one ulp from exact,
+// so AVX-512 no longer agrees with AVX2 bit for bit. On the Intel Xeon the exact zmm
+// vsqrtps/vdivps bound the adaptive optimizers' loops (README, CPU kernels).
 #pragma once
 #include <stdint.h>
 
@@ -67,6 +69,33 @@ AME_HD Simd16 v_div(Simd16 a, Simd16 b) { return _mm512_div_ps(a.v, b.v); }
 AME_HD Simd16 v_max(Simd16 a, Simd16 b) { return _mm512_max_ps(b.v, a.v); }  // NaN -> b
 // Whether any lane is NaN (check_finite accumulates x * 0, which is NaN for Inf/NaN x).
 AME_HD bool v_any_nan(Simd16 a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) != 0; }
+// FastMath (rules/common.h): vrsqrt14ps / vrcp14ps (relative error < 2^-14, subnormals
+// handled) and one Newton step on the residual: about 2^-28 before the last rounding.
+// vfixupimmps sets the lanes where the refinement meets 0 * Inf: nibble k of the table is
+// the result for input class k (0 QNaN, 1 SNaN, 2 zero, 3 +1, 4 -Inf, 5 +Inf, 6 negative,
+// 7 positive): 0 keeps the refined value, 1 takes the classified operand itself, 5 +Inf, 8 +0.
+// sqrt(a) = a y + (a - (a y)^2) y/2; sqrt(+-0) = +-0 and sqrt(+Inf) = +Inf as vsqrtps.
+AME_HD Simd16 v_sqrt_fast(Simd16 a) {
+  const __m512 y = _mm512_rsqrt14_ps(a.v);
+  const __m512 s0 = _mm512_mul_ps(a.v, y);
+  const __m512 s = _mm512_fmadd_ps(_mm512_fnmadd_ps(s0, s0, a.v), _mm512_mul_ps(y, _mm512_set1_ps(0.5f)), s0);
+  return _mm512_fixupimm_ps(s, a.v, _mm512_set1_epi32(0x00100100), 0);
+}
+// a / b = q0 + (a - b q0) y with q0 = a y, y ~ 1/b. Where that is NaN (b = 0 or Inf, a NaN)
+// q0 = a y is already a / b's value (+-Inf, +-0, NaN).
+AME_HD Simd16 v_div_fast(Simd16 a, Simd16 b) {
+  const __m512 y = _mm512_rcp14_ps(b.v);
+  const __m512 q0 = _mm512_mul_ps(a.v, y);
+  const __m512 q = _mm512_fmadd_ps(_mm512_fnmadd_ps(b.v, q0, a.v), y, q0);
+  return _mm512_fixupimm_ps(q0, q, _mm512_set1_epi32(0x11111110), 0);
+}
+// 1/sqrt(a) = y + y/2 (1 - a y^2); 1/sqrt(0) = +Inf, 1/sqrt(+Inf) = +0.
+AME_HD Simd16 v_rsqrt_fast(Simd16 a) {
+  const __m512 y = _mm512_rsqrt14_ps(a.v);
+  const __m512 e = _mm512_fnmadd_ps(_mm512_mul_ps(a.v, y), y, _mm512_set1_ps(1.f));
+  const __m512 r = _mm512_fmadd_ps(_mm512_mul_ps(y, _mm512_set1_ps(0.5f)), e, y);
+  return _mm512_fixupimm_ps(r, a.v, _mm512_set1_epi32(0x00800500), 0);
+}
 #endif
 
 #if defined(__AVX2__)
@@ -111,6 +140,8 @@ AME_HD Simd8 v_sqrt(Simd8 a) { return _mm256_sqrt_ps(a.v); }
 AME_HD Simd8 v_div(Simd8 a, Simd8 b) { return _mm256_div_ps(a.v, b.v); }
 AME_HD Simd8 v_max(Simd8 a, Simd8 b) { return _mm256_max_ps(b.v, a.v); }
 AME_HD bool v_any_nan(Simd8 a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
+// No FastMath on AVX2: on the Intel Xeon the ymm vsqrtps/vdivps beat rsqrtps/rcpps with a
+// Newton step (README, CPU kernels), so the avx2 kernels keep the exact instructions.
 #endif
 
 // The portable path: W = 1 is plain float.

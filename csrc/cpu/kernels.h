@@ -47,6 +47,9 @@ struct WholeRunArgs {
   // schedule is not stepped; out = sum_i linear[i] x_i (+ linear[n] * pivot for
   // PivotMode::Pointer; soup and index pivots are folded into linear[0..n) already).
   const float* linear = nullptr;           // [n + 1]
+  // true: the correctly rounded square roots and divisions (rules/common.h ExactMath), the
+  // SIMD levels bit-identical; false: the estimates with a Newton step (FastMath), faster.
+  bool exact = false;
 };
 
 struct StepArgs {
@@ -62,6 +65,7 @@ struct StepArgs {
   int optimizer = 0;
   HyperScalars hyper;
   int threads = 1;
+  bool exact = false;                      // as WholeRunArgs::exact
 };
 
 void whole_run(const WholeRunArgs& a, SimdLevel level);

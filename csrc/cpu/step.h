@@ -7,6 +7,7 @@
 // in the last chunk, a scalar tail (the rule with V = float).
 #pragma once
 #include <algorithm>
+#include <vector>
 
 #include "common/dispatch.h"
 #include "common/simd.h"
@@ -25,29 +26,68 @@ namespace {
 constexpr int kStepW = AME_W;
 constexpr int64_t kStepChunk = 1 << 15;  // elements per task (multiple of every W)
 
-// Elements [lo, hi) with vectors of width W (hi - lo a multiple of W, or W == 1).
-template <int W, class Rule, bool kWd>
+// Elements [lo, hi) with vectors of width W (hi - lo a multiple of W, or W == 1). The
+// pseudogradient as the whole-run kernel takes it: zeta_t / N * (p - mean of the batch),
+// the batch summed in the order given (ascending ingredient index makes a batch of every
+// ingredient against the soup pivot exactly zero) and divided by m (FastMath: times 1/m).
+template <int W, class Rule, class M, bool kWd>
 AME_HD void step_range(const StepArgs& a, int64_t lo, int64_t hi, const HyperT<typename VecOf<W>::type>& h) {
   using VT = typename VecOf<W>::type;
   constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
   const StepCoeffsT<VT> c = StepCoeffsT<VT>::load(a.coeffs);
+  const VT zs = VT(static_cast<float>(static_cast<double>(a.coeffs[0]) * a.m));  // zeta_t / N
+  const float count = static_cast<float>(a.m), inv_count = static_cast<float>(1.0 / a.m);
   const bool first = a.t == 1;
   for (int64_t j = lo; j < hi; j += W) {
     VT w = vload<W>(a.w + j);
     VT st[S];
     for (int k = 0; k < Rule::kSlots; ++k) st[k] = vload<W>(a.state + k * a.numel + j);
     const VT p = a.pivot ? vload<W>(a.pivot + j) : w;
-    VT acc = p - vload_any<W>(a.batch[0], a.batch_dtypes[0], j);
-    for (int m = 1; m < a.m; ++m) acc = acc + (p - vload_any<W>(a.batch[m], a.batch_dtypes[m], j));
-    VT g = acc * c.gscale;
+    VT mean = vload_any<W>(a.batch[0], a.batch_dtypes[0], j);
+    if (a.m > 1) {
+      for (int m = 1; m < a.m; ++m) mean = mean + vload_any<W>(a.batch[m], a.batch_dtypes[m], j);
+      if constexpr (M::kFast) mean = mean * VT(inv_count); else mean = v_div(mean, VT(count));
+    }
+    VT g = (p - mean) * zs;
     if (kWd) g = add_weight_decay(g, w, h);
-    Rule::update(w, g, st, c, h, first);
+    Rule::template update<VT, M>(w, g, st, c, h, first);
     vstore<W>(a.w + j, w);
     for (int k = 0; k < Rule::kSlots; ++k) vstore<W>(a.state + k * a.numel + j, st[k]);
   }
 }
 
-template <class Rule, bool kWd>
+// Elements [lo, hi), fewer than one vector: staged into zero-padded fp32 vectors (w, the
+// state, the pivot, the batch), stepped with width kStepW, the first hi - lo copied back.
+template <class Rule, class M, bool kWd>
+void step_tail(const StepArgs& a, int64_t lo, int64_t hi, const HyperT<typename VecOf<kStepW>::type>& h) {
+  constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
+  const int64_t len = hi - lo;
+  alignas(64) float w[kStepW] = {}, st[S][kStepW] = {}, piv[kStepW] = {};
+  std::vector<float> xs(static_cast<size_t>(a.m) * kStepW, 0.f);
+  std::vector<const void*> ptrs(a.m);
+  std::vector<DType> dts(a.m, DType::F32);
+  for (int64_t j = 0; j < len; ++j) {
+    w[j] = a.w[lo + j];
+    for (int k = 0; k < Rule::kSlots; ++k) st[k][j] = a.state[k * a.numel + lo + j];
+    if (a.pivot) piv[j] = a.pivot[lo + j];
+    for (int m = 0; m < a.m; ++m) xs[m * kStepW + j] = load_f32(a.batch[m], a.batch_dtypes[m], lo + j);
+  }
+  for (int m = 0; m < a.m; ++m) ptrs[m] = xs.data() + m * kStepW;
+  StepArgs t = a;
+  t.numel = kStepW;
+  t.w = w;
+  t.state = &st[0][0];
+  t.batch = ptrs.data();
+  t.batch_dtypes = dts.data();
+  t.pivot = a.pivot ? piv : nullptr;
+  step_range<kStepW, Rule, M, kWd>(t, 0, kStepW, h);
+  for (int64_t j = 0; j < len; ++j) {
+    a.w[lo + j] = w[j];
+    for (int k = 0; k < Rule::kSlots; ++k) a.state[k * a.numel + lo + j] = st[k][j];
+  }
+}
+
+template <class Rule, class M, bool kWd>
 void step_impl(const StepArgs& a) {
   const int64_t nchunks = (a.numel + kStepChunk - 1) / kStepChunk;
   const HyperT<typename VecOf<kStepW>::type> hv(a.hyper);
@@ -56,8 +96,13 @@ void step_impl(const StepArgs& a) {
     const int64_t lo = chunk * kStepChunk;
     const int64_t hi = std::min(a.numel, lo + kStepChunk);
     const int64_t hv_end = lo + (hi - lo) / kStepW * kStepW;
-    step_range<kStepW, Rule, kWd>(a, lo, hv_end, hv);
-    if (kStepW > 1) step_range<1, Rule, kWd>(a, hv_end, hi, hs);
+    step_range<kStepW, Rule, M, kWd>(a, lo, hv_end, hv);
+    if (kStepW > 1 && hv_end < hi) {
+      if constexpr (M::kFast)  // the vector estimates on a zero-padded copy, as whole_run's last tile
+        step_tail<Rule, M, kWd>(a, hv_end, hi, hv);
+      else
+        step_range<1, Rule, M, kWd>(a, hv_end, hi, hs);
+    }
   });
 }
 
@@ -65,10 +110,15 @@ void step_impl(const StepArgs& a) {
 
 void step(const StepArgs& a) {
   dispatch_rule(a.optimizer, a.hyper, [&](auto rule) {
-    if (a.hyper.weight_decay != 0.f)
-      step_impl<decltype(rule), true>(a);
-    else
-      step_impl<decltype(rule), false>(a);
+    using Rule = decltype(rule);
+    auto run = [&](auto math) {
+      using M = decltype(math);
+      a.hyper.weight_decay != 0.f ? step_impl<Rule, M, true>(a) : step_impl<Rule, M, false>(a);
+    };
+    if constexpr (AME_ESTIMATES) {
+      if (!a.exact) return run(FastMath{});
+    }
+    run(ExactMath{});
   });
 }
 

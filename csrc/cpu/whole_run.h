@@ -21,6 +21,7 @@
 // The last, partial tile of the whole range runs on a zero-padded fp32 copy of its few
 // elements (padding lanes compute on zeros and are never stored).
 #pragma once
+#include <algorithm>
 #include <cstdlib>
 #include <new>
 #include <cstring>
@@ -32,7 +33,7 @@
 #include "cpu/thread_pool.h"
 
 #ifndef AME_ISA_NS
-#error "define AME_ISA_NS, AME_W and AME_U before including cpu/whole_run.h"
+#error "define AME_ISA_NS, AME_W, AME_U and AME_ESTIMATES before including cpu/whole_run.h"
 #endif
 
 namespace ame {
@@ -133,13 +134,43 @@ struct Prefetcher {
   }
 };
 
+// The batch mean as the soup takes it: summed in the order given (ascending ingredient
+// index, see SortedBatches), then divided by |B| (ExactMath, as torch.mean) or multiplied
+// by 1/|B| (FastMath); the soup pass uses the same operation with N.
+template <class M>
+AME_HD V mean_of(V sum, float count, float inv_count) {
+  if constexpr (M::kFast) return sum * V(inv_count); else return v_div(sum, V(count));
+}
+
+// Per-step constants the kernel derives once on the host from the plan: the batch members
+// in ascending ingredient index (so a batch of every ingredient sums exactly as the soup
+// does), |B_t|, 1/|B_t| and zeta_t / N = gscale_t |B_t| (double, rounded once).
+struct SortedBatches {
+  std::vector<int32_t> idx;
+  std::vector<float> count, inv_count, zscale;
+  explicit SortedBatches(const WholeRunArgs& a)
+      : idx(a.batch_idx, a.batch_idx + (a.steps > 0 ? a.batch_ptr[a.steps] : 0)),
+        count(a.steps), inv_count(a.steps), zscale(a.steps) {
+    for (int t = 0; t < a.steps; ++t) {
+      const int nb = a.batch_ptr[t + 1] - a.batch_ptr[t];
+      std::sort(idx.begin() + a.batch_ptr[t], idx.begin() + a.batch_ptr[t + 1]);
+      count[t] = static_cast<float>(nb);
+      inv_count[t] = static_cast<float>(1.0 / nb);
+      zscale[t] = static_cast<float>(static_cast<double>(a.coeffs[4 * t]) * nb);
+    }
+  }
+};
+
 // Step phase over one tile of kTile elements: w from P, inputs from src[i] at element i0;
 // all T steps in registers, w_T back to P. Each step also issues `pf_lines` prefetches of
-// the next block (spread thin: bursts of prefetches stall the step loop).
-template <class Rule, bool kAdaptive, bool kWd>
+// the next block (spread thin: bursts of prefetches stall the step loop). Step t's
+// pseudogradient is zeta_t / N * (p - mean_{i in B_t} x_i) (DESIGN 1, Numerics): with the
+// soup pivot and a batch of every ingredient, exactly zero.
+template <class Rule, class M, bool kAdaptive, bool kWd>
 AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t i0, const int32_t* bp,
-                     const int32_t* bi, const float* coeffs, int steps, const HyperT<V>& h, Prefetcher& pf,
+                     const SortedBatches& sb, const float* coeffs, int steps, const HyperT<V>& h, Prefetcher& pf,
                      int64_t pf_lines) {
+  const int32_t* bi = sb.idx.data();
   constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
   V w[kU], p0[kU], st[kU][S];
   for (int u = 0; u < kU; ++u) {
@@ -151,24 +182,27 @@ AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t
   for (int t = 0; t < steps; ++t) {
     const StepCoeffsT<V> c = StepCoeffsT<V>::load(coeffs + 4 * t);
     pf.issue(pf_lines);
-    V acc[kU], x[kU];
+    V mean[kU], x[kU];
     int32_t k = bp[t];
-    load_tile(src[bi[k]], dts[bi[k]], i0, x);
-    for (int u = 0; u < kU; ++u) acc[u] = (kAdaptive ? w[u] : p0[u]) - x[u];
-    for (++k; k < bp[t + 1]; ++k) {
-      load_tile(src[bi[k]], dts[bi[k]], i0, x);
-      for (int u = 0; u < kU; ++u) acc[u] = acc[u] + ((kAdaptive ? w[u] : p0[u]) - x[u]);
+    load_tile(src[bi[k]], dts[bi[k]], i0, mean);
+    if (bp[t + 1] - k > 1) {
+      for (++k; k < bp[t + 1]; ++k) {
+        load_tile(src[bi[k]], dts[bi[k]], i0, x);
+        for (int u = 0; u < kU; ++u) mean[u] = mean[u] + x[u];
+      }
+      for (int u = 0; u < kU; ++u) mean[u] = mean_of<M>(mean[u], sb.count[t], sb.inv_count[t]);
     }
+    const V zs = V(sb.zscale[t]);
     for (int u = 0; u < kU; ++u) {
-      V g = acc[u] * c.gscale;
+      V g = ((kAdaptive ? w[u] : p0[u]) - mean[u]) * zs;
       if (kWd) g = add_weight_decay(g, w[u], h);
-      Rule::update(w[u], g, st[u], c, h, t == 0);
+      Rule::template update<V, M>(w[u], g, st[u], c, h, t == 0);
     }
   }
   for (int u = 0; u < kU; ++u) vstore<kW>(P + u * kW, w[u]);
 }
 
-template <class Rule, bool kAdaptive, bool kWd>
+template <class Rule, class M, bool kAdaptive, bool kWd>
 void whole_run_impl(const WholeRunArgs& a) {
   const int n = a.n;
   int64_t in_bytes = 0;  // bytes of one element across all inputs
@@ -181,8 +215,18 @@ void whole_run_impl(const WholeRunArgs& a) {
   // known and prefetched; across runs the pool balances load between threads.
   const int64_t run = std::max<int64_t>(1, nblocks / (8 * static_cast<int64_t>(threads)));
   const int64_t ntasks = (nblocks + run - 1) / run;
-  const HyperT<V> h(a.hyper);
+  // FastPrivateMath: the rule's (1 - beta) weights folded into a copy of the step constants
+  HyperScalars hs = a.hyper;
+  std::vector<float> folded;
+  const float* coeffs = a.coeffs;
+  if constexpr (M::kPrivateState) {
+    folded.assign(a.coeffs, a.coeffs + 4 * static_cast<int64_t>(a.steps));
+    Rule::fold_private(hs, folded.data(), a.steps);  // whole_run() checked that it applies
+    coeffs = folded.data();
+  }
+  const HyperT<V> h(hs);
   const bool soup = a.pivot_mode == PivotMode::Soup;
+  const SortedBatches sb(a);
 
   std::vector<Scratch> scratch(threads);
   for (Scratch& s : scratch) {
@@ -219,8 +263,10 @@ void whole_run_impl(const WholeRunArgs& a) {
       }
       if (soup) {
         for (int64_t j = len; j < padded; ++j) P[j] = 0.f;
-        const V nv = V(static_cast<float>(n));  // mean = sum / N, divided as torch.mean does
-        for (int64_t j = 0; j < padded; j += kW) vstore<kW>(P + j, v_div(vload<kW>(P + j), nv));
+        // mean = sum / N (as torch.mean; FastMath: * 1/N), the batch means' operation
+        const float nf = static_cast<float>(n), inv_n = static_cast<float>(1.0 / n);
+        if (n > 1)
+          for (int64_t j = 0; j < padded; j += kW) vstore<kW>(P + j, mean_of<M>(vload<kW>(P + j), nf, inv_n));
       } else if (a.pivot_mode == PivotMode::Index) {
         copy_slice(a.inputs[a.pivot_index], a.input_dtypes[a.pivot_index], b0, len, padded, P);
       } else {
@@ -235,13 +281,13 @@ void whole_run_impl(const WholeRunArgs& a) {
       const int64_t lines_per_step = (bs * in_bytes / 64 + tiles - 1) / tiles / std::max(a.steps, 1) + 1;
       const int64_t full = len / kTile * kTile;
       for (int64_t j = 0; j < full; j += kTile)
-        run_tile<Rule, kAdaptive, kWd>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, a.batch_idx, a.coeffs,
-                                       a.steps, h, pf, lines_per_step);
+        run_tile<Rule, M, kAdaptive, kWd>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, sb, coeffs,
+                                          a.steps, h, pf, lines_per_step);
       if (full < len) {  // the ragged last tile: a zero-padded fp32 copy of its inputs
         for (int i = 0; i < n; ++i)
           copy_slice(a.inputs[i], a.input_dtypes[i], b0 + full, len - full, kTile, s.tail.p + i * kTile);
-        run_tile<Rule, kAdaptive, kWd>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr,
-                                       a.batch_idx, a.coeffs, a.steps, h, pf, 0);
+        run_tile<Rule, M, kAdaptive, kWd>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr, sb,
+                                          coeffs, a.steps, h, pf, 0);
       }
 
       // 3. store w_T in the output dtype
@@ -328,10 +374,24 @@ void whole_run(const WholeRunArgs& a) {
   dispatch_rule(a.optimizer, a.hyper, [&](auto rule) {
     using Rule = decltype(rule);
     const bool wd = a.hyper.weight_decay != 0.f;
-    if (a.adaptive)
-      wd ? whole_run_impl<Rule, true, true>(a) : whole_run_impl<Rule, true, false>(a);
-    else
-      wd ? whole_run_impl<Rule, false, true>(a) : whole_run_impl<Rule, false, false>(a);
+    auto run = [&](auto math) {
+      using M = decltype(math);
+      if (a.adaptive)
+        wd ? whole_run_impl<Rule, M, true, true>(a) : whole_run_impl<Rule, M, true, false>(a);
+      else
+        wd ? whole_run_impl<Rule, M, false, true>(a) : whole_run_impl<Rule, M, false, false>(a);
+    };
+    // AME_ESTIMATES (per level, csrc/cpu/whole_run_<level>.cpp): 0 where exact is as fast.
+    if constexpr (AME_ESTIMATES) {
+      if (!a.exact) {
+        if constexpr (Rule::kPrivateScaling) {
+          HyperScalars probe = a.hyper;
+          if (Rule::fold_private(probe, nullptr, 0)) return run(FastPrivateMath{});
+        }
+        return run(FastMath{});
+      }
+    }
+    run(ExactMath{});
   });
 }
 

@@ -3,4 +3,5 @@
 #define AME_ISA_NS avx512
 #define AME_W 16
 #define AME_U 8  // 8 x 16 lanes: enough independent chains to hide sqrt/div latency (32 zmm registers)
+#define AME_ESTIMATES 1  // FastMath by default (exact=True: ExactMath)
 #include "cpu/whole_run.h"

@@ -3,4 +3,5 @@
 #define AME_ISA_NS scalar
 #define AME_W 1
 #define AME_U 4
+#define AME_ESTIMATES 0  // always ExactMath (no estimates worth having here)
 #include "cpu/whole_run.h"

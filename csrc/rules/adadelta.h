@@ -13,6 +13,17 @@ namespace ame {
 
 struct Adadelta {
   static constexpr int kSlots = 2;
+  // FastPrivateMath: s[k] divided by (1 - rho) and eps by the same (the ratio is unchanged):
+  //   a~ <- rho a~ + g^2, d = sqrt((u~ + eps~) / (a~ + eps~)) g, u~ <- rho u~ + d^2. Not for
+  //   rho = 1 (the averages then never move; fold_private declines).
+  static constexpr bool kPrivateScaling = true;
+  static bool fold_private(HyperScalars& h, float* coeffs, int steps) {
+    (void)coeffs;
+    (void)steps;
+    if (!(h.one_minus_rho > 0.f)) return false;
+    h.eps = static_cast<float>(static_cast<double>(h.eps) / h.one_minus_rho);
+    return true;
+  }
 
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {
@@ -21,16 +32,19 @@ struct Adadelta {
     s[1] = V(0.f);
   }
 
-  template <class V>
+  template <class V, class M = ExactMath>
   static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
     (void)first;
-    V a = v_fma(h.one_minus_rho * g, g, h.rho * s[0]);
+    V a;
+    if constexpr (M::kPrivateState) a = v_fma(g, g, h.rho * s[0]);
+    else a = v_fma(h.one_minus_rho * g, g, h.rho * s[0]);
     s[0] = a;
     // sqrt((u + eps) / (a + eps)) rather than torch's sqrt(u + eps) / sqrt(a + eps): the same
     // value within about one ulp, with one square root instead of two (the CPU kernel is
     // sqrt/div-bound here: 89 -> 6x ms for N=8 x 32M bf16 on 2 cores).
-    V d = v_sqrt(v_div(s[1] + h.eps, a + h.eps)) * g;
-    s[1] = v_fma(h.one_minus_rho * d, d, h.rho * s[1]);
+    V d = M::sqrt(M::div(s[1] + h.eps, a + h.eps)) * g;
+    if constexpr (M::kPrivateState) s[1] = v_fma(d, d, h.rho * s[1]);
+    else s[1] = v_fma(h.one_minus_rho * d, d, h.rho * s[1]);
     w = v_fma(V(0.f) - c.lr_eff, d, w);
   }
 };

@@ -14,19 +14,20 @@ namespace ame {
 template <bool kEpsInside>
 struct Adagrad {
   static constexpr int kSlots = 1;
+  static constexpr bool kPrivateScaling = false;  // nothing to fold
 
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {
     s[0] = h.initial_accumulator_value;
   }
 
-  template <class V>
+  template <class V, class M = ExactMath>
   static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
     (void)first;
     V sum = v_fma(g, g, s[0]);
     s[0] = sum;
-    V denom = kEpsInside ? v_sqrt(sum + h.eps) : v_sqrt(sum) + h.eps;
-    w = v_fma(V(0.f) - c.lr_eff, v_div(g, denom), w);
+    const V q = kEpsInside ? M::rsqrt_mul(g, sum + h.eps) : M::div(g, M::sqrt(sum) + h.eps);
+    w = v_fma(V(0.f) - c.lr_eff, q, w);
   }
 };
 

@@ -13,6 +13,8 @@
 // exp_avg_sq) or 3 with amsgrad (+ max_exp_avg_sq). One struct serves adam and adamw;
 // kDecoupled = false (Adam, where decay == 1) only skips the multiply by 1.
 #pragma once
+#include <cmath>
+
 #include "rules/common.h"
 
 namespace ame {
@@ -20,6 +22,18 @@ namespace ame {
 template <bool kAmsgrad, bool kEpsInside, bool kDecoupled = true>
 struct Adam {
   static constexpr int kSlots = kAmsgrad ? 3 : 2;
+  // FastPrivateMath: s[0] = m / (1 - b1), s[1] = v / (1 - b2) (and s[2] = vm / (1 - b2)):
+  //   m~ <- b1 m~ + g,  v~ <- b2 v~ + g^2,  and the host folds (1 - b1) into lr_eff and
+  //   sqrt(1 - b2) into inv_bc2_sqrt (both uses of v, eps inside or outside, take it so).
+  static constexpr bool kPrivateScaling = true;
+  static bool fold_private(HyperScalars& h, float* coeffs, int steps) {
+    const double b2 = std::sqrt(static_cast<double>(h.one_minus_beta2));
+    for (int t = 0; t < steps; ++t) {
+      coeffs[4 * t + 1] = static_cast<float>(static_cast<double>(coeffs[4 * t + 1]) * h.one_minus_beta1);
+      coeffs[4 * t + 3] = static_cast<float>(static_cast<double>(coeffs[4 * t + 3]) * b2);
+    }
+    return true;
+  }
 
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {
@@ -27,25 +41,31 @@ struct Adam {
     for (int k = 0; k < kSlots; ++k) s[k] = V(0.f);
   }
 
-  template <class V>
+  template <class V, class M = ExactMath>
   static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
     (void)first;
     if (kDecoupled) w = w * c.decay;
-    V m = v_fma(h.one_minus_beta1, g - s[0], s[0]);
-    V v = v_fma(h.one_minus_beta2 * g, g, h.beta2 * s[1]);
+    V m, v;
+    if constexpr (M::kPrivateState) {
+      m = v_fma(h.beta1, s[0], g);
+      v = v_fma(g, g, h.beta2 * s[1]);
+    } else {
+      m = v_fma(h.one_minus_beta1, g - s[0], s[0]);
+      v = v_fma(h.one_minus_beta2 * g, g, h.beta2 * s[1]);
+    }
     s[0] = m;
     s[1] = v;
     if (kAmsgrad) {
       v = v_max(s[2], v);
       s[2] = v;
     }
-    V denom;
+    V q;  // m / denom
     if (kEpsInside) {
-      denom = v_sqrt(v_fma(v * c.inv_bc2_sqrt, c.inv_bc2_sqrt, h.eps));
+      q = M::rsqrt_mul(m, v_fma(v * c.inv_bc2_sqrt, c.inv_bc2_sqrt, h.eps));  // one rsqrt (fast)
     } else {
-      denom = v_fma(v_sqrt(v), c.inv_bc2_sqrt, h.eps);
+      q = M::div(m, v_fma(M::sqrt(v), c.inv_bc2_sqrt, h.eps));
     }
-    w = v_fma(V(0.f) - c.lr_eff, v_div(m, denom), w);
+    w = v_fma(V(0.f) - c.lr_eff, q, w);
   }
 };
 

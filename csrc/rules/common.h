@@ -10,10 +10,11 @@
 //   grad_of(p, x..)            (kernels) g = gscale * sum_{i in batch} (p - x_i) + weight_decay * w
 //   Rule::kSlots               fp32 state slots per element, in base.py's order
 //   Rule::init(s, h)           initial state (0; Adagrad: initial_accumulator_value)
-//   Rule::update(w, g, s, c, h, first)
+//   Rule::update<V, M>(w, g, s, c, h, first)
 //                              one optimizer step of one value (or vector of values) w with
 //                              pseudogradient g (weight decay already added), state s[kSlots],
-//                              step coefficients c, hyperparameters h; first = (t == 1).
+//                              step coefficients c, hyperparameters h; first = (t == 1);
+//                              M (default ExactMath) says how to take square roots and divide.
 //
 // Math helpers the rules use, overloaded for float here and for Simd in csrc/common/simd.h:
 //   v_fma(a, b, c) = a*b + c, v_sqrt(a), v_div(a, b) = a/b, v_max(a, b) (b when either is NaN).
@@ -39,6 +40,47 @@ AME_HD float v_sqrt(float a) { return sqrtf(a); }
 AME_HD float v_div(float a, float b) { return a / b; }
 // maxps semantics: returns b when either operand is NaN.
 AME_HD float v_max(float a, float b) { return a > b ? a : b; }
+
+// Fast variants for the scalar path (W = 1, CUDA): the exact operations. The vector ones
+// (csrc/common/simd.h) are approximations refined to about one ulp.
+AME_HD float v_sqrt_fast(float a) { return sqrtf(a); }
+AME_HD float v_div_fast(float a, float b) { return a / b; }
+AME_HD float v_rsqrt_fast(float a) { return 1.f / sqrtf(a); }
+
+// How the rules take square roots and divide (their `M` template argument):
+//   ExactMath  the correctly rounded instructions (v_sqrt, v_div): the CUDA kernels and the
+//              CPU kernels with exact=True, bit-identical across the CPU's SIMD levels;
+//   FastMath   v_sqrt_fast / v_div_fast / v_rsqrt_fast (CPU vectors: vrsqrt14/vrcp14 or
+//              rsqrtps/rcpps with a Newton/residual step, within a few ulp of exact), and
+//              rules may reorder their arithmetic (kFast) to need fewer of them.
+struct ExactMath {
+  static constexpr bool kFast = false;
+  static constexpr bool kPrivateState = false;
+  template <class V>
+  static AME_HD V sqrt(V a) { return v_sqrt(a); }
+  template <class V>
+  static AME_HD V div(V a, V b) { return v_div(a, b); }
+  template <class V>
+  static AME_HD V rsqrt_mul(V a, V b) { return v_div(a, v_sqrt(b)); }  // a / sqrt(b)
+};
+struct FastMath {
+  static constexpr bool kFast = true;
+  static constexpr bool kPrivateState = false;
+  template <class V>
+  static AME_HD V sqrt(V a) { return v_sqrt_fast(a); }
+  template <class V>
+  static AME_HD V div(V a, V b) { return v_div_fast(a, b); }
+  template <class V>
+  static AME_HD V rsqrt_mul(V a, V b) { return a * v_rsqrt_fast(b); }
+};
+
+// FastMath where the state never leaves the kernel (the CPU whole-run kernel keeps it in
+// registers): a rule with kPrivateScaling may keep its moving averages divided by their
+// (1 - beta) weight, a multiply less per average and step, after
+// Rule::fold_private(hyper, coeff rows) has moved those weights into the step constants.
+struct FastPrivateMath : FastMath {
+  static constexpr bool kPrivateState = true;
+};
 
 // Scalar hyperparameters, resolved on the host (StepPlan.hyper); bools as ints so the
 // struct has the same layout on every compiler.

@@ -18,6 +18,7 @@ template <bool kMomentum, bool kNesterov>
 struct Sgd {
   static_assert(kMomentum || !kNesterov, "nesterov needs momentum");
   static constexpr int kSlots = kMomentum ? 1 : 0;
+  static constexpr bool kPrivateScaling = false;  // nothing to fold
 
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {
@@ -25,7 +26,7 @@ struct Sgd {
     for (int k = 0; k < kSlots; ++k) s[k] = V(0.f);
   }
 
-  template <class V>
+  template <class V, class M = ExactMath>
   static AME_HD void update(V& w, V g, V* s, const StepCoeffsT<V>& c, const HyperT<V>& h, bool first) {
     if (kMomentum) {
       V buf = first ? g : v_fma(h.momentum, s[0], h.one_minus_dampening * g);
