@@ -146,6 +146,19 @@ def plain_io(inputs, out_path, out_bytes, direct=False, buf_mb=64):
     return secs
 
 
+#: --methods: name -> (parameters, whether model 0 is the base)
+METHOD_CASES = {
+    "linear": ({}, False),
+    "task_arithmetic": ({"weight": 0.5}, True),
+    "ties": ({"density": 0.2}, True),
+    "dare_ties": ({"density": 0.3}, True),
+    "breadcrumbs": ({"density": 0.3, "gamma": 0.01}, True),
+    "della": ({"density": 0.3, "epsilon": 0.1}, True),
+    "slerp": ({"t": 0.4}, False),
+    "model_stock": ({}, True),
+}
+
+
 def _timed_plain(inputs, out_path, out_bytes, direct, pause):
     import resource
 
@@ -253,6 +266,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3, help="warm rounds (the median is reported; default 3)")
     ap.add_argument("--clean", action="store_true", help="delete the generated models afterwards")
     ap.add_argument("--settle", type=float, default=3.0, help="pause before every measured run, seconds (default 3)")
+    ap.add_argument("--methods", default="", help="also these merge methods, comma-separated, or 'all' (model 0 is "
+                    "the base of the methods that take one, the others its fine-tunes; slerp merges models 0 and 1)")
     args = ap.parse_args(argv)
 
     spec = SMALL if args.small else FULL
@@ -297,10 +312,18 @@ def main(argv=None):
     for direct in (False, True):
         cases.append((f"plain IO ({'direct' if direct else 'buffered'} write)", True,
                       lambda direct=direct: _timed_plain(inputs, os.path.join(root, "plain.out"), out_bytes, direct, args.settle)))
-    for label, cfg in cfgs.items():
-        cfg_path = os.path.join(root, f"{cfg['optimizer']}.yaml")
+    docs = {label: {"models": [{"path": m} for m in models], **cfg} for label, cfg in cfgs.items()}
+    wanted = list(METHOD_CASES) if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    for name in wanted:
+        if name not in METHOD_CASES:
+            raise SystemExit(f"bench_e2e: --methods: unknown method {name!r}; valid: {', '.join(METHOD_CASES)}")
+        params, base = METHOD_CASES[name]
+        ms = models[:2] if name == "slerp" else (models[1:] if base else models)
+        docs[name] = {"method": name, **({"base": models[0]} if base else {}), "models": [{"path": m} for m in ms], **params}
+    for label, doc in docs.items():
+        cfg_path = os.path.join(root, f"{label.split()[0].lower()}.yaml")
         with open(cfg_path, "w") as f:
-            yaml.safe_dump({"models": [{"path": m} for m in models], **cfg}, f)
+            yaml.safe_dump(doc, f)
         cases.append((label, False, lambda c=cfg_path: run_merge(c, out_dir, extra, pause=args.settle)))
         if eager_torch and backend == "cpu":
             cases.append((f"{label}, torch-free entry", False,
