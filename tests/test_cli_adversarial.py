@@ -334,7 +334,7 @@ def test_bad_config_values_are_named_before_work(tmp_path, capsys, text, needles
 
 def test_distributed_sigterm_exits_143(monkeypatch):
     """Under torchrun a SIGTERM is reported as 128 + 15, as in a single process (not 130, Ctrl-C's code)."""
-    from ame_kernels import cli, distributed
+    from ame_kernels import cli_common, distributed
     from ame_kernels.io.atomic import Terminated
 
     class OneRank:
@@ -351,7 +351,7 @@ def test_distributed_sigterm_exits_143(monkeypatch):
         raise Terminated(signal.SIGTERM)
 
     monkeypatch.setattr(distributed, "_Group", OneRank)
-    monkeypatch.setattr(cli, "prepare", prepare)
+    monkeypatch.setattr(cli_common, "prepare", prepare)
     args = types.SimpleNamespace(device="cpu", threads="1", out_dir="out", force=False, quiet=True, verbose=False)
     world = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
     assert distributed.main_distributed(args, world) == 128 + signal.SIGTERM
