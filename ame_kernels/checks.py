@@ -45,6 +45,9 @@ def label(name: str) -> str:
 def check_tensor_kind(x: torch.Tensor, what: str, where: str) -> None:
     """Reject what no backend can merge, naming ``what`` (``'merge: tensor 'w' of ingredient 1'``):
     meta tensors (no data), complex tensors, and floating dtypes other than float32/bfloat16/float16."""
+    if x.layout != torch.strided:
+        raise MergeError(f"{what} is a {str(x.layout).replace('torch.', '')} tensor; merging needs dense tensors "
+                         "(convert it with .to_dense())")
     if x.device.type == "meta":
         raise MergeError(
             f"{what} is a meta tensor (shape only, no data); materialise it first "

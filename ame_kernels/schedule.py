@@ -220,7 +220,10 @@ def _coeffs(hyper: Hyper, lr: np.ndarray, t: np.ndarray, gscale: np.ndarray) -> 
 
 
 #: A plan's batch indices are int32 (``batch_idx``): epochs x N must fit.
-MAX_PLAN_VISITS = 2**31 - 1
+#: the most ingredient visits (epochs x N) a plan holds: about 60 bytes per step on the host
+#: (indices, lr, zeta, coefficients), so 1e7 visits is under 1 GB; far beyond any merge schedule
+#: (the paper's longest is 100s of steps), and a clear error instead of an exhausted machine
+MAX_PLAN_VISITS = 10**7
 
 
 def schedule(config: AMEConfig, n: int) -> StepPlan:
@@ -230,7 +233,8 @@ def schedule(config: AMEConfig, n: int) -> StepPlan:
     if config.epochs * n > MAX_PLAN_VISITS:
         raise MergeError(
             f"AMEConfig.epochs: {config.epochs} epochs x {n} ingredients = {config.epochs * n} ingredient visits, "
-            f"more than a plan holds ({MAX_PLAN_VISITS}, int32 indices)"
+            f"more than a plan holds ({MAX_PLAN_VISITS:.0e}; a merge schedule needs far fewer: fewer epochs, or a "
+            "larger batch_size)"
         )
     hyper = resolve_hyper(config)
     orders = epoch_orders(config, n)
@@ -242,11 +246,12 @@ def schedule(config: AMEConfig, n: int) -> StepPlan:
             "use a smaller batch, another pivot, or sgd",
             stacklevel=2,
         )
-    batches = [order[s : s + bsz] for order in orders for s in range(0, n, bsz)]
-    steps = len(batches)
+    # batches are consecutive slices of each epoch's order: compact arrays, no per-step Python objects
+    batch_idx = np.asarray(orders, dtype=np.int32).reshape(-1)
+    sizes_per_epoch = [min(bsz, n - s) for s in range(0, n, bsz)]
+    steps = len(sizes_per_epoch) * len(orders)
     batch_ptr = np.zeros(steps + 1, dtype=np.int32)
-    batch_ptr[1:] = np.cumsum([len(b) for b in batches])
-    batch_idx = np.asarray([i for b in batches for i in b], dtype=np.int32)
+    batch_ptr[1:] = np.cumsum(np.tile(np.asarray(sizes_per_epoch, dtype=np.int64), len(orders)))
 
     lr = lr_values(config, steps)
     zeta = _per_step("amplification", config.amplification, steps, lambda t: 1.0)

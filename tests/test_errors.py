@@ -129,3 +129,18 @@ def test_config_round_trip_and_overrides():
     a = ak.merge(xs, cfg, epochs=1, backend="reference")
     b = ak.merge(xs, optimizer="adam", lr=1e-3, betas=(0.8, 0.99), epochs=1, backend="reference")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_schedule_too_long_to_hold_is_refused_at_once():
+    """epochs: 1e8 used to plan for minutes and end in a MemoryError; now one clear error before planning."""
+    with pytest.raises(ak.MergeError, match=r"AMEConfig.epochs: 100000000 epochs x 3 ingredients .* more than a plan holds"):
+        ak.schedule(ak.AMEConfig(epochs=10**8), 3)
+    plan = ak.schedule(ak.AMEConfig(epochs=4, batch_size=2), 3)  # the compact batches are the same batches
+    assert plan.batch_ptr.tolist() == [0, 2, 3, 5, 6, 8, 9, 11, 12] and plan.batch_idx.tolist() == [0, 1, 2] * 4
+
+
+def test_sparse_tensors_are_named():
+    import torch
+
+    with pytest.raises(ak.MergeError, match=r"ingredient 0 is a sparse_coo tensor; merging needs dense tensors"):
+        ak.merge([torch.eye(3).to_sparse(), torch.eye(3).to_sparse()])
