@@ -76,6 +76,20 @@ def check_flat(fn: str, arg: str, x, numel: int, device, dtypes=FLOAT_DTYPE_NAME
         raise MergeError(f"{fn}: {arg} is on {x.device}, expected {device} (all tensors on one device)")
     return name
 
+def check_probs(fn: str, probs, n: int, numel: int, device):
+    """None, or ``probs`` as a list of N entries, each None or a float32 tensor of ``numel`` elements
+    on ``device`` (the combine pass's per-element keep probabilities)."""
+    if probs is None:
+        return None
+    probs = list(probs)
+    if len(probs) != n:
+        raise MergeError(f"{fn}: probs has {len(probs)} entries, expected N={n} (tensors or None)")
+    for k, p in enumerate(probs):
+        if p is not None:
+            check_flat(fn, f"probs[{k}]", p, numel, device, dtypes=("float32",))
+    return probs
+
+
 def hyper_kwargs(hyper) -> dict:
     """A ``schedule.Hyper`` as the native bindings' keyword arguments (``_C`` and ``_C_cuda``
     take the same names): the optimizer code name, floats and bools."""

@@ -41,7 +41,7 @@ import numpy as np
 from .. import _native
 from ..errors import MergeError
 from ..schedule import Hyper, StepPlan, folded_weights
-from .base import Backend, check_flat, check_plan_inputs, check_step_row, hyper_kwargs, plan_kwargs
+from .base import Backend, check_flat, check_plan_inputs, check_probs, check_step_row, hyper_kwargs, plan_kwargs
 
 _MAX_CACHED_PLANS = 8
 _MAX_CACHED_TABLES = 64
@@ -378,15 +378,8 @@ def _combine_kwargs(fn: str, inputs, base, out, plan, offset: int, probs, device
     base_name = check_flat(fn, "base", base, c, device) if base is not None else "float32"
     if int(offset) < 0:
         raise MergeError(f"{fn}: offset must be >= 0, got {offset}")
-    probs_ptrs = []
-    if probs is not None:
-        probs = list(probs)
-        if len(probs) != plan.n:
-            raise MergeError(f"{fn}: probs has {len(probs)} entries, expected N={plan.n} (tensors or None)")
-        for k, p in enumerate(probs):
-            if p is not None:
-                check_flat(fn, f"probs[{k}]", p, c, device, dtypes=("float32",))
-        probs_ptrs = [0 if p is None else p.data_ptr() for p in probs]
+    probs = check_probs(fn, probs, plan.n, c, device)
+    probs_ptrs = [0 if p is None else p.data_ptr() for p in probs] if probs is not None else []
     return dict(inputs=[x.data_ptr() for x in inputs], input_dtypes=names, c=c,
                 base=0 if base is None else base.data_ptr(), base_dtype=base_name, out=out.data_ptr(),
                 out_dtype=out_name, probs=probs_ptrs, offset=int(offset), **plan.kernel_kwargs())

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ...errors import MergeError
 from ...methods.combine import MASK32, CombinePlan
-from ..base import check_flat
+from ..base import check_probs
 from . import rules
 from .whole_run import GPU_CONFIGS, _ready, _upload, aligned16, check_inputs, on_device, pointer_table
 
@@ -265,13 +265,7 @@ def combine(inputs, base, out, plan: CombinePlan, offset: int = 0, probs=None) -
     offset = int(offset)
     if offset < 0 or offset + c >= 2 ** 63:
         raise MergeError(f"{fn}: offset must be in [0, 2^63 - C), got {offset}")
-    if probs is not None:
-        probs = list(probs)
-        if len(probs) != plan.n:
-            raise MergeError(f"{fn}: probs has {len(probs)} entries, expected N={plan.n} (tensors or None)")
-        for k, p in enumerate(probs):
-            if p is not None:
-                check_flat(fn, f"probs[{k}]", p, c, device, dtypes=("float32",))
+    probs = check_probs(fn, probs, plan.n, c, device)
     modes = tuple(
         _MODE_PROBS if probs is not None and probs[k] is not None
         else (_MODE_DENSITY if plan.density[k] < 1 else _MODE_NONE)
