@@ -27,6 +27,7 @@ entry by its keep probability), or ``none``.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -234,9 +235,21 @@ def della_probs(m: np.ndarray, shape: tuple, density: float, epsilon: float) -> 
     """Keep probabilities (fp32) of a chunk of whole rows from its magnitudes ``m`` (fp32)."""
     _, cols, rest = _rows(shape, m.size)
     v = m.reshape(-1, cols, rest)
-    order = np.argsort(v, axis=1, kind="stable")  # ascending magnitude, ties by index
-    rank = np.empty(v.shape, dtype=np.float32)  # the inverse permutation, scattered
-    np.put_along_axis(rank, order, np.arange(cols, dtype=np.float32)[None, :, None], axis=1)
+    rank = np.empty(v.shape, dtype=np.float32)
+    steps = np.arange(cols, dtype=np.float32)[None, :, None]
+
+    def rows(lo: int, hi: int) -> None:  # ascending magnitude, ties by index; the inverse permutation
+        np.put_along_axis(rank[lo:hi], np.argsort(v[lo:hi], axis=1, kind="stable"), steps, axis=1)
+
+    workers = min(os.cpu_count() or 1, v.shape[0])
+    if workers > 1 and v.size >= 1 << 20:  # numpy's sort releases the GIL: rows split over the cores
+        from concurrent.futures import ThreadPoolExecutor
+
+        bounds = np.linspace(0, v.shape[0], workers + 1).astype(int)
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(rows, bounds[:-1], bounds[1:]))
+    else:
+        rows(0, v.shape[0])
     norm = rank / np.float32(max(cols - 1, 1))
     p = norm * np.float32(2.0) * np.float32(epsilon) + np.float32(density - epsilon)
     return p.reshape(-1).astype(np.float32)
