@@ -1,4 +1,6 @@
-"""ak.merge: validate, schedule, pick a backend, run it per tensor, in that order.
+"""ak.merge: pick the method (``methods.split_call``), validate, plan, pick a backend, run it
+per tensor, in that order: the AME schedule on the whole-run kernels, or another method's
+statistics and combine pass (``methods.run``).
 
 Every check happens before any compute, so bad input costs nothing and leaves
 nothing half-done, except the NaN/Inf check of the ingredients (``check_finite``) on the
