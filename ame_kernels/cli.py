@@ -246,7 +246,14 @@ def describe(plan) -> str:
     return "\n".join(lines)
 
 
+#: the longest error line printed; a longer one (a value quoted from a hostile file) is cut in the middle
+MAX_ERROR_CHARS = 1000
+
+
 def _error(msg: str) -> None:
+    if len(msg) > MAX_ERROR_CHARS:
+        cut = len(msg) - MAX_ERROR_CHARS + 200
+        msg = f"{msg[: MAX_ERROR_CHARS - 400]} ...[{cut} characters cut]... {msg[-200:]}"
     print(f"ame-merge: error: {msg}", file=sys.stderr)
 
 
