@@ -235,6 +235,9 @@ def problems(code, err: str, root: str, argv: List[str]) -> List[str]:
         bad.append(f"exit {code}")
     if "Traceback" in err:
         bad.append("a traceback")
+    stray = [ln for ln in err.splitlines() if "Warning" in ln and not ln.startswith("ame-merge:")]
+    if stray:
+        bad.append(f"a stray warning: {stray[0][:200]}")
     lines = [ln for ln in err.splitlines() if ln.startswith("ame-merge: error:")]
     if any(len(ln) > 2000 for ln in lines):
         bad.append(f"an error line of {max(len(ln) for ln in lines)} characters")
