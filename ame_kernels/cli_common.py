@@ -17,7 +17,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 FLAGS = {"backend": "--backend", "threads": "--threads", "out_dtype": "--out-dtype"}
 
 
+#: the longest error line printed; a longer one (a value quoted from a hostile file) is cut in the middle
+MAX_ERROR_CHARS = 1000
+
+
 def error(msg: str) -> None:
+    if len(msg) > MAX_ERROR_CHARS:
+        cut = len(msg) - MAX_ERROR_CHARS + 200
+        msg = f"{msg[: MAX_ERROR_CHARS - 400]} ...[{cut} characters cut]... {msg[-200:]}"
     print(f"ame-merge: error: {msg}", file=sys.stderr)
 
 

@@ -824,7 +824,14 @@ def merge_items(
                 dts = list(job.in_dtypes)
                 for i, d in enumerate(dts):
                     if d == "float64":
-                        views[i], dts[i] = views[i].astype(np.float32), "float32"
+                        with np.errstate(over="ignore"):  # numpy's bare "overflow encountered in cast" names nothing
+                            f32 = views[i].astype(np.float32)
+                        if cfg.check_finite and not np.isfinite(f32).all() and np.isfinite(views[i]).all():
+                            raise MergeError(
+                                f"tensor {job.name!r}: float64 values beyond the float32 range (|x| > 3.4e38) in "
+                                f"ingredient {i} ({infos[i].file}); the merge computes in float32"
+                            )
+                        views[i], dts[i] = f32, "float32"
                 if extra_ck is not None:
                     pinfo = extra_ck.tensors[job.name]
                     pview = extra_ck.reader(pinfo).view(pinfo, it.start, it.count)

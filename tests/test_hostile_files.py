@@ -197,3 +197,26 @@ def test_disk_full_while_writing_metadata_names_the_output(tmp_path, capsys, mon
     line = _error_line(err)
     assert code == 1 and "No space left" in line and str(tmp_path / ".out.tmp-") in line, line
     assert_no_output(tmp_path, ("m0", "m1", "merge.yaml"))
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_float64_beyond_float32_is_named_without_stray_warnings(tmp_path, capsys, check_finite):
+    """A finite float64 value of 1e300 became Inf in the fp32 cast: numpy's 'overflow encountered in
+    cast' warning (naming nothing), then 'NaN or Inf in ingredient 0', which the file does not hold."""
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from fuzz_hostile import safetensors_bytes
+
+    for i in range(2):
+        os.makedirs(tmp_path / f"m{i}")
+        (tmp_path / f"m{i}" / "model.safetensors").write_bytes(safetensors_bytes({"h": ("F64", np.full(4, 1e300, "<f8"))}))
+    cfg = write_config(tmp_path, [str(tmp_path / "m0"), str(tmp_path / "m1")], check_finite=check_finite)
+    code, _, err = run_cli(capsys, cfg, tmp_path / "out", "--quiet")
+    assert "overflow" not in err, err
+    if check_finite:
+        line = _error_line(err)
+        assert code == 1 and "float32 range" in line and "m0" in line, line
+        assert_no_output(tmp_path, ("m0", "m1", "merge.yaml"))
+    else:
+        assert code == 0, err

@@ -168,14 +168,16 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def remove_stale_temps(target: str) -> List[str]:
+def remove_stale_temps(target: str, keep: Sequence[str] = ()) -> List[str]:
     """Clean up after processes beside ``target`` that no longer exist (a SIGKILL); returns what was done.
 
     ``.NAME.tmp-<pid>`` folders (and ``.old`` copies of a replaced target) of dead processes are
     removed, except where a commit was cut short: with a journal ``.NAME.tmp-<pid>.commit`` and no
     ``NAME``, the new folder (complete: the journal is written only then) is renamed into place;
-    without a journal, an ``.old`` copy is put back. Never removes across a mount point.
+    without a journal, an ``.old`` copy is put back. Never removes across a mount point, nor a
+    path in ``keep`` (the inputs, however they are named).
     """
+    kept = {os.path.realpath(str(k)) for k in keep}
     parent, name = os.path.split(target)
     prefix = f".{name}.tmp-"
     try:
@@ -184,7 +186,7 @@ def remove_stale_temps(target: str) -> List[str]:
         return []
     groups = {}
     for entry in entries:
-        if entry.startswith(prefix):
+        if entry.startswith(prefix) and os.path.realpath(os.path.join(parent, entry)) not in kept:
             tag = entry[len(prefix) :].split(".")[0]
             pid = tag.split("-")[0]
             if pid.isdigit() and not _pid_alive(int(pid)):
@@ -237,7 +239,7 @@ def check_target(target: str, force: bool, protect: Sequence[str] = ()) -> str:
     ``--force`` commit is completed), whatever the outcome of the check.
     """
     target = os.path.abspath(os.path.expanduser(str(target)))
-    for note in remove_stale_temps(target):
+    for note in remove_stale_temps(target, keep=protect):
         print(f"ame-merge: note: {note}", file=sys.stderr)
     if os.path.lexists(target):
         forms = {target, os.path.realpath(target)}

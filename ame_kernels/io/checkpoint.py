@@ -148,10 +148,12 @@ def _from_index(folder: str, index_name: str, kind: str) -> Checkpoint:
         raise MergeError(f"{index_path}: unreadable shard index ({text})") from None
     if not weight_map:
         raise MergeError(f"{index_path}: lists no tensors (its weight_map is empty)")
+    for shard in weight_map.values():  # before any hashing: a list or an object there is unhashable
+        if not isinstance(shard, str):
+            text = repr(shard) if len(repr(shard)) <= 120 else repr(shard)[:116] + " ..."
+            raise MergeError(f"{index_path}: expected shard file names in weight_map, found {text}")
     files: Dict[str, object] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        if not isinstance(shard, str):
-            raise MergeError(f"{index_path}: expected shard file names in weight_map, found {shard!r}")
         shard_path = os.path.join(folder, shard)
         if os.path.isdir(shard_path):
             raise MergeError(f"{index_path}: lists shard {shard!r}, which is a folder ({shard_path}), not a file")

@@ -69,10 +69,31 @@ def run_guarded(fn: Callable[[], int], needed: Dict[str, int], target: Optional[
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     parent = os.getpid()
-    pid = os.fork()
+    child: List[int] = []
+    early: List[int] = []
+
+    def forward(signum, frame):
+        if child:
+            try:
+                os.kill(child[0], signum)
+            except ProcessLookupError:
+                pass
+        else:  # before the fork returned: delivered to the child right after
+            early.append(signum)
+
+    # the forwarding handlers are in place before the fork: no signal finds the parent without them
+    old = {s: signal.signal(s, forward) for s in _FORWARD}
+    try:
+        pid = os.fork()
+    except BaseException:
+        for s, h in old.items():
+            signal.signal(s, h)
+        raise
     if pid == 0:  # the child: the merge, then straight out (the parent's atexit handlers are not ours)
         code = 1
         try:
+            for s, h in old.items():  # the parent forwards what arrived before the fork returned
+                signal.signal(s, h)
             os.setpgid(0, 0)  # terminal signals go to the parent, which forwards each once
             _set_pdeathsig()
             if os.getppid() != parent:  # the parent died before the death signal was armed
@@ -88,20 +109,13 @@ def run_guarded(fn: Callable[[], int], needed: Dict[str, int], target: Optional[
                 sys.stderr.flush()
             finally:
                 os._exit(code)
+    child.append(pid)
     try:
         os.setpgid(pid, pid)
     except OSError:  # the child did it first, or has exited already
         pass
-    old = {}
-
-    def forward(signum, frame):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for s in _FORWARD:
-        old[s] = signal.signal(s, forward)
+    for s in early:
+        forward(s, None)
     try:
         while True:
             try:
