@@ -201,3 +201,20 @@ def test_soup_full_batch_matches_the_float64_oracle():
         CpuBackend(fold=False).whole_run(xs, plan, None, True, out)
         exact = torch.stack([x.double() for x in xs]).mean(0)  # g = 0 in exact arithmetic: w_T = w_0
         assert (out.double() - exact).abs().max().item() <= exact.abs().max().item() * 2**-23, optimizer
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fast", "exact"])
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam", "adamw", "adadelta"])
+def test_all_bf16_inputs_equal_their_fp32_copies(optimizer, simd, exact):
+    """All-bf16 inputs take the AVX-512 kernel's paired-lane loads (even/odd elements); the
+    same values given as fp32 take the plain loads: the results agree bit for bit."""
+    n, c = 5, 3 * 4096 + 77  # whole tiles and a ragged tail
+    xs = [x.to(torch.bfloat16) for x in _inputs(n, c, seed=4)]
+    plan = schedule(AMEConfig(optimizer=optimizer, lr=0.01, weight_decay=0.05, epochs=2, batch_size=2), n)
+    be = CpuBackend(simd=simd, exact=exact)
+    for pivot, adaptive in ((None, True), (1, False)):
+        a, b = torch.empty(c), torch.empty(c)
+        be.whole_run(xs, plan, pivot, adaptive, a, threads=2)
+        be.whole_run([x.float() for x in xs], plan, pivot, adaptive, b, threads=2)
+        assert torch.equal(a, b), f"pivot={pivot}: max |diff| {(a - b).abs().max().item():g}"
