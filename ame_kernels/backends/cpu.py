@@ -20,13 +20,14 @@ or ``whole_run_buffers(simd=)``), else the environment variable ``AME_SIMD``
 (``scalar`` / ``avx2`` / ``avx512``; for tests and benchmarks), else the best level this
 CPU supports.
 
-Arithmetic: by default the adaptive optimizers' square roots and divisions use the CPU's
-estimates (``vrsqrt14ps``/``vrcp14ps``, ``rsqrtps``/``rcpps``) with one Newton step, a few
-ulp from the correctly rounded result and within ``tests/tolerances.py`` of the reference;
-the AVX2 and AVX-512 levels then differ in the last bits. ``exact=True``
-(``CpuBackend(exact=True)``, ``whole_run_buffers(exact=True)``, or the environment
-variable ``AME_EXACT=1``) restores the correctly rounded instructions, bit-identical
-across the SIMD levels.
+Arithmetic: by default the AVX-512 whole-run kernel takes the adaptive optimizers' square
+roots and divisions from the CPU's estimates (``vrsqrt14ps``/``vrcp14ps``) with one Newton
+step, about one ulp from the correctly rounded result and within ``tests/tolerances.py`` of
+the reference; its results then differ from the AVX2 level's in the last bits (the AVX2 and
+scalar levels, and the step kernel at every level, run the exact instructions, which
+measured as fast there). ``exact=True`` (``CpuBackend(exact=True)``,
+``whole_run_buffers(exact=True)``, or the environment variable ``AME_EXACT=1``) restores
+the correctly rounded instructions everywhere, bit-identical across the SIMD levels.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
 // (W = 1) with the overloads in rules/common.h and the scalar helpers in dtypes.h.
 //
 // v_sqrt / v_div are the exact (correctly rounded) instructions: with them (ExactMath, the
-// kernels' exact=True, and always on AVX2) the vector levels are bit-identical to each
-// other. v_sqrt_fast / v_div_fast / v_rsqrt_fast (FastMath, the AVX-512 kernels' default)
+// kernels' exact=True, and always on AVX2 and in the step kernel) the vector levels are
+// bit-identical. v_sqrt_fast / v_div_fast / v_rsqrt_fast (FastMath, the AVX-512 whole-run
+// kernel's default)
 // are the vrsqrt14ps / vrcp14ps estimates with one Newton step: about one ulp from exact,
 // so AVX-512 no longer agrees with AVX2 bit for bit. On the Intel Xeon the exact zmm
 // vsqrtps/vdivps bound the adaptive optimizers' loops (README, CPU kernels).

@@ -7,7 +7,6 @@
 // in the last chunk, a scalar tail (the rule with V = float).
 #pragma once
 #include <algorithm>
-#include <vector>
 
 #include "common/dispatch.h"
 #include "common/simd.h"
@@ -56,37 +55,6 @@ AME_HD void step_range(const StepArgs& a, int64_t lo, int64_t hi, const HyperT<t
   }
 }
 
-// Elements [lo, hi), fewer than one vector: staged into zero-padded fp32 vectors (w, the
-// state, the pivot, the batch), stepped with width kStepW, the first hi - lo copied back.
-template <class Rule, class M, bool kWd>
-void step_tail(const StepArgs& a, int64_t lo, int64_t hi, const HyperT<typename VecOf<kStepW>::type>& h) {
-  constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
-  const int64_t len = hi - lo;
-  alignas(64) float w[kStepW] = {}, st[S][kStepW] = {}, piv[kStepW] = {};
-  std::vector<float> xs(static_cast<size_t>(a.m) * kStepW, 0.f);
-  std::vector<const void*> ptrs(a.m);
-  std::vector<DType> dts(a.m, DType::F32);
-  for (int64_t j = 0; j < len; ++j) {
-    w[j] = a.w[lo + j];
-    for (int k = 0; k < Rule::kSlots; ++k) st[k][j] = a.state[k * a.numel + lo + j];
-    if (a.pivot) piv[j] = a.pivot[lo + j];
-    for (int m = 0; m < a.m; ++m) xs[m * kStepW + j] = load_f32(a.batch[m], a.batch_dtypes[m], lo + j);
-  }
-  for (int m = 0; m < a.m; ++m) ptrs[m] = xs.data() + m * kStepW;
-  StepArgs t = a;
-  t.numel = kStepW;
-  t.w = w;
-  t.state = &st[0][0];
-  t.batch = ptrs.data();
-  t.batch_dtypes = dts.data();
-  t.pivot = a.pivot ? piv : nullptr;
-  step_range<kStepW, Rule, M, kWd>(t, 0, kStepW, h);
-  for (int64_t j = 0; j < len; ++j) {
-    a.w[lo + j] = w[j];
-    for (int k = 0; k < Rule::kSlots; ++k) a.state[k * a.numel + lo + j] = st[k][j];
-  }
-}
-
 template <class Rule, class M, bool kWd>
 void step_impl(const StepArgs& a) {
   const int64_t nchunks = (a.numel + kStepChunk - 1) / kStepChunk;
@@ -97,12 +65,10 @@ void step_impl(const StepArgs& a) {
     const int64_t hi = std::min(a.numel, lo + kStepChunk);
     const int64_t hv_end = lo + (hi - lo) / kStepW * kStepW;
     step_range<kStepW, Rule, M, kWd>(a, lo, hv_end, hv);
-    if (kStepW > 1 && hv_end < hi) {
-      if constexpr (M::kFast)  // the vector estimates on a zero-padded copy, as whole_run's last tile
-        step_tail<Rule, M, kWd>(a, hv_end, hi, hv);
-      else
-        step_range<1, Rule, M, kWd>(a, hv_end, hi, hs);
-    }
+    // FastMath (not used by any level today, see step_<level>.cpp) would need the tail on a
+    // padded vector, as whole_run's last tile, to match the whole-run kernel bit for bit.
+    static_assert(!M::kFast || kStepW == 1, "step: FastMath needs a vector tail");
+    if (kStepW > 1) step_range<1, Rule, M, kWd>(a, hv_end, hi, hs);
   });
 }
 

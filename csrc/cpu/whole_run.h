@@ -77,6 +77,46 @@ AME_HD void load_tile(const void* p, DType d, int64_t i, V* x) {
   }
 }
 
+// All-bf16 inputs on AVX-512 (run_tile's kPairs): the tile's vectors 2k and 2k+1 hold the
+// even and the odd elements of its elements [32k, 32k + 32), so one 512-bit load of 32 bf16
+// widens with one shift (even: the low halves) and one mask (odd: the high halves) instead
+// of a widening move and a shift per vector. w converts to and from that order once per
+// tile (to_pairs / from_pairs); the arithmetic is elementwise, so the lane order is free.
+#if AME_W == 16
+constexpr bool kHavePairs = kU % 2 == 0;
+AME_HD void load_pairs(const void* p, int64_t i, V* x) {
+  const uint16_t* q = static_cast<const uint16_t*>(p) + i;
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int u = 0; u + 1 < kU; u += 2) {
+    const __m512i raw = _mm512_loadu_si512(q + u * kW);
+    x[u] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    x[u + 1] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi));
+  }
+}
+AME_HD void to_pairs(const float* P, V* w) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int u = 0; u + 1 < kU; u += 2) {
+    const __m512 a = _mm512_loadu_ps(P + u * kW), b = _mm512_loadu_ps(P + (u + 1) * kW);
+    w[u] = _mm512_permutex2var_ps(a, even, b);
+    w[u + 1] = _mm512_permutex2var_ps(a, odd, b);
+  }
+}
+AME_HD void from_pairs(const V* w, float* P) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int u = 0; u + 1 < kU; u += 2) {
+    _mm512_storeu_ps(P + u * kW, _mm512_permutex2var_ps(w[u].v, lo, w[u + 1].v));
+    _mm512_storeu_ps(P + (u + 1) * kW, _mm512_permutex2var_ps(w[u].v, hi, w[u + 1].v));
+  }
+}
+#else
+constexpr bool kHavePairs = false;  // never called: run_tile<..., true> is AVX-512 only
+AME_HD void load_pairs(const void*, int64_t, V*) {}
+AME_HD void to_pairs(const float*, V*) {}
+AME_HD void from_pairs(const V*, float*) {}
+#endif
+
 // One pass over `len` elements of src from element b0: with kSoup, P += x (P = x for the
 // first input); with `check`, returns whether a NaN/Inf was read.
 template <bool kSoup, bool kFirst>
@@ -166,15 +206,16 @@ struct SortedBatches {
 // the next block (spread thin: bursts of prefetches stall the step loop). Step t's
 // pseudogradient is zeta_t / N * (p - mean_{i in B_t} x_i) (DESIGN 1, Numerics): with the
 // soup pivot and a batch of every ingredient, exactly zero.
-template <class Rule, class M, bool kAdaptive, bool kWd>
+template <class Rule, class M, bool kAdaptive, bool kWd, bool kPairs>
 AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t i0, const int32_t* bp,
                      const SortedBatches& sb, const float* coeffs, int steps, const HyperT<V>& h, Prefetcher& pf,
                      int64_t pf_lines) {
   const int32_t* bi = sb.idx.data();
   constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
   V w[kU], p0[kU], st[kU][S];
+  if constexpr (kPairs) to_pairs(P, w);
   for (int u = 0; u < kU; ++u) {
-    w[u] = vload<kW>(P + u * kW);
+    if constexpr (!kPairs) w[u] = vload<kW>(P + u * kW);
     p0[u] = w[u];
     Rule::init(st[u], h);
   }
@@ -184,10 +225,10 @@ AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t
     pf.issue(pf_lines);
     V mean[kU], x[kU];
     int32_t k = bp[t];
-    load_tile(src[bi[k]], dts[bi[k]], i0, mean);
+    if constexpr (kPairs) load_pairs(src[bi[k]], i0, mean); else load_tile(src[bi[k]], dts[bi[k]], i0, mean);
     if (bp[t + 1] - k > 1) {
       for (++k; k < bp[t + 1]; ++k) {
-        load_tile(src[bi[k]], dts[bi[k]], i0, x);
+        if constexpr (kPairs) load_pairs(src[bi[k]], i0, x); else load_tile(src[bi[k]], dts[bi[k]], i0, x);
         for (int u = 0; u < kU; ++u) mean[u] = mean[u] + x[u];
       }
       for (int u = 0; u < kU; ++u) mean[u] = mean_of<M>(mean[u], sb.count[t], sb.inv_count[t]);
@@ -199,7 +240,8 @@ AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t
       Rule::template update<V, M>(w[u], g, st[u], c, h, t == 0);
     }
   }
-  for (int u = 0; u < kU; ++u) vstore<kW>(P + u * kW, w[u]);
+  if constexpr (kPairs) from_pairs(w, P); else
+    for (int u = 0; u < kU; ++u) vstore<kW>(P + u * kW, w[u]);
 }
 
 template <class Rule, class M, bool kAdaptive, bool kWd>
@@ -227,6 +269,8 @@ void whole_run_impl(const WholeRunArgs& a) {
   const HyperT<V> h(hs);
   const bool soup = a.pivot_mode == PivotMode::Soup;
   const SortedBatches sb(a);
+  bool all_bf16 = kHavePairs;
+  for (int i = 0; i < n; ++i) all_bf16 = all_bf16 && a.input_dtypes[i] == DType::BF16;
 
   std::vector<Scratch> scratch(threads);
   for (Scratch& s : scratch) {
@@ -280,13 +324,18 @@ void whole_run_impl(const WholeRunArgs& a) {
       const int64_t tiles = padded / kTile;
       const int64_t lines_per_step = (bs * in_bytes / 64 + tiles - 1) / tiles / std::max(a.steps, 1) + 1;
       const int64_t full = len / kTile * kTile;
-      for (int64_t j = 0; j < full; j += kTile)
-        run_tile<Rule, M, kAdaptive, kWd>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, sb, coeffs,
-                                          a.steps, h, pf, lines_per_step);
+      for (int64_t j = 0; j < full; j += kTile) {
+        if (all_bf16)
+          run_tile<Rule, M, kAdaptive, kWd, kHavePairs>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, sb,
+                                                        coeffs, a.steps, h, pf, lines_per_step);
+        else
+          run_tile<Rule, M, kAdaptive, kWd, false>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, sb, coeffs,
+                                                   a.steps, h, pf, lines_per_step);
+      }
       if (full < len) {  // the ragged last tile: a zero-padded fp32 copy of its inputs
         for (int i = 0; i < n; ++i)
           copy_slice(a.inputs[i], a.input_dtypes[i], b0 + full, len - full, kTile, s.tail.p + i * kTile);
-        run_tile<Rule, M, kAdaptive, kWd>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr, sb,
+        run_tile<Rule, M, kAdaptive, kWd, false>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr, sb,
                                           coeffs, a.steps, h, pf, 0);
       }
 

@@ -50,9 +50,10 @@ AME_HD float v_rsqrt_fast(float a) { return 1.f / sqrtf(a); }
 // How the rules take square roots and divide (their `M` template argument):
 //   ExactMath  the correctly rounded instructions (v_sqrt, v_div): the CUDA kernels and the
 //              CPU kernels with exact=True, bit-identical across the CPU's SIMD levels;
-//   FastMath   v_sqrt_fast / v_div_fast / v_rsqrt_fast (CPU vectors: vrsqrt14/vrcp14 or
-//              rsqrtps/rcpps with a Newton/residual step, within a few ulp of exact), and
-//              rules may reorder their arithmetic (kFast) to need fewer of them.
+//   FastMath   v_sqrt_fast / v_div_fast / v_rsqrt_fast (AVX-512: vrsqrt14ps / vrcp14ps
+//              with a Newton step on the residual, about one ulp from exact; the AVX-512
+//              whole-run kernel's default), and rules may reorder their arithmetic (kFast)
+//              to need fewer of them (a / sqrt(b) as a * rsqrt(b)).
 struct ExactMath {
   static constexpr bool kFast = false;
   static constexpr bool kPrivateState = false;
