@@ -322,7 +322,6 @@ template <class O>
 AME_HD bool keep_mask(const Ing& g, const Prep& pr, int i, int64_t j, int64_t g0, typename O::F tau,
                       typename O::M& keep, typename O::F& p) {
   using F = typename O::F;
-  using M = typename O::M;
   const F m = O::abs(tau);
   if (g.test_end) {
     const F em = O::set1(g.end_mag);
@@ -403,13 +402,17 @@ void combine_impl(const CombineArgs& a) {
   const int64_t ntasks = (a.numel + kCombineTask - 1) / kCombineTask;
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
   using FV = typename OpsV::F;
-  std::vector<std::vector<FV>> ysv(threads, std::vector<FV>(a.n));
-  std::vector<std::vector<float>> ys1(threads, std::vector<float>(a.n));
+  // per worker: [n] vectors (64-byte aligned by hand; FV's alignment does not survive a
+  // std::vector template argument) and [n] floats for the ragged end
+  const size_t per = static_cast<size_t>(a.n) * (OpsV::W + 1) + 16;
+  std::vector<std::vector<float>> scratch(threads, std::vector<float>(per));
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     const int64_t j0 = task * kCombineTask;
     const int64_t j1 = std::min(a.numel, j0 + kCombineTask);
-    FV* ys = ysv[worker].data();
-    float* y1 = ys1[worker].data();
+    float* raw = scratch[worker].data();
+    float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+    FV* ys = reinterpret_cast<FV*>(aligned);
+    float* y1 = aligned + static_cast<size_t>(a.n) * OpsV::W;
     if (a.elect == 0) combine_range<0>(a, pr, j0, j1, ys, y1);
     else if (a.elect == 1) combine_range<1>(a, pr, j0, j1, ys, y1);
     else combine_range<2>(a, pr, j0, j1, ys, y1);
