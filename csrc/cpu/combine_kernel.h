@@ -477,6 +477,35 @@ void histogram_impl(const HistArgs& a) {
 constexpr int64_t kGramBlock = 512;
 static_assert(kStatsTask % kGramBlock == 0 && kGramBlock % kLanes == 0, "gram blocks tile the tasks");
 
+// Lane-wise dot products of row ri with the G consecutive rows from rk (row stride
+// kGramBlock) over [0, padded), into the G pairs' kLanes accumulators at L. Each pair's
+// lane adds its elements in ascending order, whatever G is.
+// GCC vector extensions: 8 doubles (unaligned loads allowed), lowered to each level's
+// registers (two of them make the kLanes = 16 lanes of a pair).
+typedef double GramVec __attribute__((vector_size(64), aligned(8)));
+static_assert(kLanes == 16, "gram_rows holds a pair's lanes in two 8-double vectors");
+
+template <int G>
+AME_HD void gram_rows(const double* ri, const double* rk, int64_t padded, double* L) {
+  GramVec acc[G][2];
+  for (int g = 0; g < G; ++g) {
+    acc[g][0] = *reinterpret_cast<const GramVec*>(L + g * kLanes);
+    acc[g][1] = *reinterpret_cast<const GramVec*>(L + g * kLanes + 8);
+  }
+  for (int64_t j = 0; j < padded; j += kLanes) {
+    const GramVec x0 = *reinterpret_cast<const GramVec*>(ri + j);
+    const GramVec x1 = *reinterpret_cast<const GramVec*>(ri + j + 8);
+    for (int g = 0; g < G; ++g) {
+      acc[g][0] += x0 * *reinterpret_cast<const GramVec*>(rk + g * kGramBlock + j);
+      acc[g][1] += x1 * *reinterpret_cast<const GramVec*>(rk + g * kGramBlock + j + 8);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    *reinterpret_cast<GramVec*>(L + g * kLanes) = acc[g][0];
+    *reinterpret_cast<GramVec*>(L + g * kLanes + 8) = acc[g][1];
+  }
+}
+
 void gram_impl(const GramArgs& a) {
   const int n = a.n;
   std::fill(a.out, a.out + static_cast<int64_t>(n) * n, 0.0);
@@ -507,17 +536,12 @@ void gram_impl(const GramArgs& a) {
         for (; j < len; ++j) r[j] = static_cast<double>(tau_one<false>(a.inputs[i], a.input_dtypes[i], a.base, a.base_dtype, b0 + j));
         for (; j < padded; ++j) r[j] = 0.0;
       }
-      int pair = 0;
+      int pair = 0;  // pairs (i, k >= i) in row order; up to 4 k's share each load of row i
       for (int i = 0; i < n; ++i) {
         const double* ri = R + static_cast<int64_t>(i) * kGramBlock;
-        for (int k = i; k < n; ++k, ++pair) {
-          const double* rk = R + static_cast<int64_t>(k) * kGramBlock;
-          double acc[kLanes];
-          for (int l = 0; l < kLanes; ++l) acc[l] = L[pair * kLanes + l];
-          for (int64_t j = 0; j < padded; j += kLanes)
-            for (int l = 0; l < kLanes; ++l) acc[l] += ri[j + l] * rk[j + l];
-          for (int l = 0; l < kLanes; ++l) L[pair * kLanes + l] = acc[l];
-        }
+        int k = i;
+        for (; k + 4 <= n; k += 4, pair += 4) gram_rows<4>(ri, R + static_cast<int64_t>(k) * kGramBlock, padded, L + pair * kLanes);
+        for (; k < n; ++k, ++pair) gram_rows<1>(ri, R + static_cast<int64_t>(k) * kGramBlock, padded, L + pair * kLanes);
       }
     }
     double* P = partial.data() + task * npairs;
