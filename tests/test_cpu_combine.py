@@ -191,7 +191,8 @@ def test_combine_windows_from_real_ranks(c):
     for simd in LEVELS:
         run_both(xs, base, plan, "bfloat16", simd=simd, what=f"windows {simd}")
         got = torch.empty(c)
-        CpuBackend(simd=simd).kept_l1(xs, base, plan)  # runs the same window logic
+        np.testing.assert_allclose(CpuBackend(simd=simd).kept_l1(xs, base, plan), stats.kept_l1_torch(xs, base, plan, 0),
+                                   rtol=1e-12)
         # a chunk in the middle of the tensor equals the same slice of the whole call
         whole = torch.empty(c)
         CpuBackend(simd=simd).combine(xs, base, whole, plan, 0)

@@ -12,9 +12,11 @@ in fp32, ingredients in ascending order i = 0..N-1:
     b     = base[j] if a base is given else 0
     tau_i = x_i[j] - b ;  m_i = |tau_i|
     keep_i = window_i(m_i, g)                              (magnitude-rank window)
-             and (u_i < p_i  if p_i < 1)                   (random drop: DARE, DELLA)
+             and u_i < p_i   when ingredient i draws        (random drop: DARE, DELLA)
         u_i = philox_uniform(seed, name_key, i, g)         (see below)
-        p_i = probs[i][j] if per-element probs are given else density[i]
+        p_i = probs[i][j] where per-element probs are given for i (always drawn),
+              else density[i] (drawn when density[i] < 1)
+    (the 1e-8 threshold below is compared in fp32, where it is 9.99999994e-9)
     t_i   = keep_i ? (inv_prob ? tau_i / p_i : tau_i) * scale[i] : 0
     y_i   = weight[i] * t_i
     elect == 0:  acc = sum_i y_i ;                   div = sum_i weight[i] ; |div| < 1e-8 -> 1

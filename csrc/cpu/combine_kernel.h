@@ -15,10 +15,11 @@
 // The ragged end of a chunk runs the same code at W = 1 (scalar float ops, the same IEEE
 // results), so a chunk gives the same bits as the same slice of a whole-tensor call.
 //
-// Philox4x32-10 is vectorised: W counters (g, g >> 32, i, 0) at once, 32x32 -> 64-bit
-// products from mul_epu32 on the even and odd lanes. Within a vector g >> 32 is one
-// value (else the lanes run the scalar generator), so round 0 and half of round 1 are
-// lane-invariant and run as scalars; the last round computes only word 0.
+// Philox4x32-10 is vectorised: W counters (g, g >> 32, i, 0) at once, as two halves (even
+// and odd lanes) of one counter per 64-bit lane, so a 32x32 -> 64-bit product is one
+// mul_epu32. Within a vector g >> 32 is one value (else the lanes run the scalar
+// generator), so round 0 and half of round 1 are lane-invariant and run as scalars; the
+// last round computes only word 0.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -67,20 +68,24 @@ AME_HD float philox_u(uint64_t g, uint32_t i, uint32_t k0, uint32_t k1) {
   return static_cast<float>(r >> 8) * 0x1p-24f;
 }
 
-// The vectorised generator over an integer vector type (IOps: set1, xor_, mulhilo,
-// iota_from), for W consecutive counters from (lo, hi) with lo + W - 1 < 2^32.
+// The vectorised generator over an integer vector type IO, on counters held one per
+// 64-bit lane (the low 32 bits; the high halves carry junk that nothing reads): then one
+// mul_epu32 is a whole 32x32 -> 64 product, hi = product >> 32 and lo = the product
+// itself. A vector of 2K 32-bit counters runs as two such halves (even and odd lanes).
+// IO: I, set1, xor_, xor3, mulhilo. c0: the first counter words (lane-varying); hi: word 1
+// (lane-invariant); i: word 2; word 3 is 0.
 template <class IO>
-AME_HD typename IO::I philox_word0_vec(uint32_t lo, uint32_t hi, uint32_t i, uint32_t k0, uint32_t k1) {
+AME_HD typename IO::I philox_word0_vec(typename IO::I c0in, uint32_t hi, uint32_t i, uint32_t k0, uint32_t k1) {
   using I = typename IO::I;
-  // round 0: c = (lo + lane, hi, i, 0): the c2 product and so words 0 and 1 are lane-invariant
+  // round 0: the c2 product, so words 0 and 1 of the next state, are lane-invariant
   const uint64_t q1 = static_cast<uint64_t>(i) * kM1;
   const uint32_t s0 = static_cast<uint32_t>(q1 >> 32) ^ hi ^ k0;
   const uint32_t s1 = static_cast<uint32_t>(q1);
   I h0, l0;
-  IO::mulhilo(IO::iota_from(lo), kM0, h0, l0);
+  IO::mulhilo(c0in, kM0, h0, l0);
   I c2 = IO::xor_(h0, IO::set1(k1));  // hi0 ^ c3 (= 0) ^ k1
   I c3 = l0;
-  // round 1: c0 = s0 (invariant), c1 = s1, c2 / c3 vary
+  // round 1: c0 = s0 and c1 = s1 are lane-invariant, c2 / c3 vary
   k0 += kW0;
   k1 += kW1;
   const uint64_t q0 = static_cast<uint64_t>(s0) * kM0;
@@ -97,16 +102,16 @@ AME_HD typename IO::I philox_word0_vec(uint32_t lo, uint32_t hi, uint32_t i, uin
     I a0, b0, a1, b1;
     IO::mulhilo(c0, kM0, a0, b0);
     IO::mulhilo(c2, kM1, a1, b1);
-    c0 = IO::xor_(IO::xor_(a1, c1), IO::set1(k0));
+    c0 = IO::xor3(a1, c1, IO::set1(k0));
     c1 = b1;
-    c2 = IO::xor_(IO::xor_(a0, c3), IO::set1(k1));
+    c2 = IO::xor3(a0, c3, IO::set1(k1));
     c3 = b0;
   }
   // round 9: word 0 only
   k0 += kW0;
   I a1, b1;
   IO::mulhilo(c2, kM1, a1, b1);
-  return IO::xor_(IO::xor_(a1, c1), IO::set1(k0));
+  return IO::xor3(a1, c1, IO::set1(k0));
 }
 
 // ------------------------------------------------------------------ per-width operations
@@ -145,18 +150,13 @@ struct Ops1 {
 
 #if AME_W == 16
 struct IOps16 {
-  using I = __m512i;
+  using I = __m512i;  // 8 counters, one per 64-bit lane (low 32 bits)
   static AME_HD I set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
   static AME_HD I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
-  static AME_HD I iota_from(uint32_t lo) {
-    return _mm512_add_epi32(set1(lo), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  }
+  static AME_HD I xor3(I a, I b, I c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
   static AME_HD void mulhilo(I a, uint32_t m, I& hi, I& lo) {
-    const I mv = set1(m);
-    const I pe = _mm512_mul_epu32(a, mv);                          // even lanes, 64-bit
-    const I po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), mv);   // odd lanes, 64-bit
-    lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+    lo = _mm512_mul_epu32(a, set1(m));
+    hi = _mm512_srli_epi64(lo, 32);
   }
 };
 
@@ -198,22 +198,23 @@ struct OpsV {
       for (int l = 0; l < 16; ++l) u[l] = philox_u(static_cast<uint64_t>(g0) + l, i, k0, k1);
       return _mm512_load_ps(u);
     }
-    const __m512i r = _mm512_srli_epi32(philox_word0_vec<IOps16>(lo, hi, i, k0, k1), 8);
+    const __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i even = philox_word0_vec<IOps16>(c0, hi, i, k0, k1);
+    const __m512i odd = philox_word0_vec<IOps16>(_mm512_srli_epi64(c0, 32), hi, i, k0, k1);
+    const __m512i r = _mm512_srli_epi32(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)), 8);
     return _mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(0x1p-24f));
   }
 };
 #elif AME_W == 8
 struct IOps8 {
-  using I = __m256i;
+  using I = __m256i;  // 4 counters, one per 64-bit lane (low 32 bits)
   static AME_HD I set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   static AME_HD I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
-  static AME_HD I iota_from(uint32_t lo) { return _mm256_add_epi32(set1(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static AME_HD I xor3(I a, I b, I c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
   static AME_HD void mulhilo(I a, uint32_t m, I& hi, I& lo) {
-    const I mv = set1(m);
-    const I pe = _mm256_mul_epu32(a, mv);
-    const I po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), mv);
-    lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
-    hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+    lo = _mm256_mul_epu32(a, set1(m));
+    hi = _mm256_srli_epi64(lo, 32);
   }
 };
 
@@ -256,7 +257,10 @@ struct OpsV {
       for (int l = 0; l < 8; ++l) u[l] = philox_u(static_cast<uint64_t>(g0) + l, i, k0, k1);
       return _mm256_load_ps(u);
     }
-    const __m256i r = _mm256_srli_epi32(philox_word0_vec<IOps8>(lo, hi, i, k0, k1), 8);
+    const __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i even = philox_word0_vec<IOps8>(c0, hi, i, k0, k1);
+    const __m256i odd = philox_word0_vec<IOps8>(_mm256_srli_epi64(c0, 32), hi, i, k0, k1);
+    const __m256i r = _mm256_srli_epi32(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA), 8);
     return _mm256_mul_ps(_mm256_cvtepi32_ps(r), _mm256_set1_ps(0x1p-24f));
   }
 };
@@ -268,10 +272,22 @@ using OpsV = Ops1;
 
 // ------------------------------------------------------------------ the combine pass
 
+// One ingredient's plan entries, gathered, with the window tests that are constant for
+// the whole call folded away (exactly: they are false or "m is not NaN" for every m >= 0).
+struct Ing {
+  float weight, scale, top_mag, end_mag, density;
+  int64_t top_idx, end_idx;
+  const float* probs;  // per-element keep probabilities or null
+  bool test_top;       // false: before_top is false for every entry (top = (+inf, <= offset))
+  bool test_end;       // false: no end (end_mag < 0, the (-1, 0) sentinel): every entry is before it
+  bool draws;          // a Philox draw against p (probs given or density < 1)
+};
+
 // Host-side constants of one call.
 struct Prep {
   uint32_t k0 = 0, k1 = 0;  // Philox key
   float div_none = 1.f;     // elect none: sum_i weight[i] in fp32, |.| < 1e-8 -> 1
+  std::vector<Ing> ing;
 };
 
 inline Prep prepare(const CombineArgs& a) {
@@ -281,6 +297,21 @@ inline Prep prepare(const CombineArgs& a) {
   float d = 0.f;  // as combine_torch: 0-dim fp32 adds from zero, ascending i
   for (int i = 0; i < a.n; ++i) d = d + a.weight[i];
   p.div_none = std::fabs(d) < 1e-8f ? 1.f : d;  // torch compares in fp32: 1e-8 -> 1e-8f
+  p.ing.resize(a.n);
+  for (int i = 0; i < a.n; ++i) {
+    Ing& g = p.ing[i];
+    g.weight = a.weight[i];
+    g.scale = a.scale[i];
+    g.top_mag = a.top_mag[i];
+    g.end_mag = a.end_mag[i];
+    g.density = a.density[i];
+    g.top_idx = a.top_idx[i];
+    g.end_idx = a.end_idx[i];
+    g.probs = a.probs ? a.probs[i] : nullptr;
+    g.test_top = !(g.top_mag == INFINITY && g.top_idx <= a.offset);
+    g.test_end = !(g.end_mag < 0.f);
+    g.draws = g.probs != nullptr || g.density < 1.f;
+  }
   return p;
 }
 
@@ -288,26 +319,22 @@ inline Prep prepare(const CombineArgs& a) {
 // probability when the ingredient has one (per-element probs or density < 1), and
 // whether it has (which is when combine_torch divides by p under inv_prob).
 template <class O>
-AME_HD bool keep_mask(const CombineArgs& a, const Prep& pr, int i, int64_t j, int64_t g0, typename O::F tau,
+AME_HD bool keep_mask(const Ing& g, const Prep& pr, int i, int64_t j, int64_t g0, typename O::F tau,
                       typename O::M& keep, typename O::F& p) {
   using F = typename O::F;
-  using M = typename O::M;
   const F m = O::abs(tau);
-  const F tm = O::set1(a.top_mag[i]), em = O::set1(a.end_mag[i]);
-  const M before_top = O::m_or(O::gt(m, tm), O::m_and(O::eq(m, tm), O::lanes_below(a.top_idx[i], g0)));
-  // no end (end_mag < 0): every entry, NaN included, is before it (methods/combine.py)
-  const M before_end = a.end_mag[i] < 0.f
-                           ? O::gt(O::set1(1.f), O::set1(0.f))
-                           : O::m_or(O::gt(m, em), O::m_and(O::eq(m, em), O::lanes_below(a.end_idx[i], g0)));
-  keep = O::m_andn(before_end, before_top);
-  const float* pp = a.probs ? a.probs[i] : nullptr;
-  if (pp) {
-    p = O::loadf(pp + j);
-  } else if (a.density[i] < 1.f) {
-    p = O::set1(a.density[i]);
+  if (g.test_end) {
+    const F em = O::set1(g.end_mag);
+    keep = O::m_or(O::gt(m, em), O::m_and(O::eq(m, em), O::lanes_below(g.end_idx, g0)));
   } else {
-    return false;
+    keep = O::gt(O::set1(1.f), O::set1(0.f));  // no end (end_mag < 0): every entry, NaN included (methods/combine.py)
   }
+  if (g.test_top) {
+    const F tm = O::set1(g.top_mag);
+    keep = O::m_andn(keep, O::m_or(O::gt(m, tm), O::m_and(O::eq(m, tm), O::lanes_below(g.top_idx, g0))));
+  }
+  if (!g.draws) return false;
+  p = g.probs ? O::loadf(g.probs + j) : O::set1(g.density);
   if (O::any(keep)) keep = O::m_and(keep, O::lt(O::uniform(g0, static_cast<uint32_t>(i), pr.k0, pr.k1), p));
   return true;
 }
@@ -318,8 +345,8 @@ AME_HD typename O::F sign_of(typename O::F y) {
   return O::select(O::gt(y, zero), O::set1(1.f), O::select(O::lt(y, zero), O::set1(-1.f), zero));
 }
 
-// W elements from chunk-local j; ys: [n] scratch for the elected modes.
-template <class O>
+// W elements from chunk-local j; ys: [n] scratch for the elected modes (kElect = a.elect).
+template <class O, int kElect>
 AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typename O::F* ys) {
   using F = typename O::F;
   using M = typename O::M;
@@ -328,23 +355,24 @@ AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typenam
   const F b = a.base ? O::load(a.base, a.base_dtype, j) : zero;
   F acc = zero, vote = zero;
   for (int i = 0; i < a.n; ++i) {
+    const Ing& g = pr.ing[i];
     const F tau = O::sub(O::load(a.inputs[i], a.input_dtypes[i], j), b);
     M keep;
     F p;
-    const bool has_p = keep_mask<O>(a, pr, i, j, g0, tau, keep, p);
+    const bool has_p = keep_mask<O>(g, pr, i, j, g0, tau, keep, p);
     F t = (has_p && a.inv_prob) ? O::div(tau, p) : tau;
-    t = O::mul(t, O::set1(a.scale[i]));
+    t = O::mul(t, O::set1(g.scale));
     t = O::select(keep, t, zero);
-    const F y = O::mul(O::set1(a.weight[i]), t);
-    if (a.elect == 0) {
+    const F y = O::mul(O::set1(g.weight), t);
+    if (kElect == 0) {
       acc = O::add(acc, y);
     } else {
       ys[i] = y;
-      vote = O::add(vote, a.elect == 1 ? y : sign_of<O>(y));
+      vote = O::add(vote, kElect == 1 ? y : sign_of<O>(y));
     }
   }
   F dv;
-  if (a.elect == 0) {
+  if (kElect == 0) {
     dv = O::set1(pr.div_none);
   } else {
     const M pos = O::ge(vote, zero);  // s = +1 (else -1; a NaN vote is -1 as in torch)
@@ -353,12 +381,19 @@ AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typenam
       const F y = ys[i];
       const M agree = O::m_or(O::m_and(pos, O::gt(y, zero)), O::m_andn(O::lt(y, zero), pos));
       acc = O::add(acc, O::select(agree, y, zero));
-      dv = O::add(dv, O::select(agree, O::set1(a.weight[i]), zero));
+      dv = O::add(dv, O::select(agree, O::set1(pr.ing[i].weight), zero));
     }
     dv = O::select(O::eq(dv, zero), O::set1(1.f), dv);
   }
   const F mixed = a.normalize ? O::div(acc, dv) : acc;
   O::store(a.out, a.out_dtype, j, O::add(b, O::mul(O::set1(a.lam), mixed)));
+}
+
+template <int kElect>
+void combine_range(const CombineArgs& a, const Prep& pr, int64_t j0, int64_t j1, typename OpsV::F* ys, float* ys1) {
+  int64_t j = j0;
+  for (; j + OpsV::W <= j1; j += OpsV::W) combine_vec<OpsV, kElect>(a, pr, j, ys);
+  for (; j < j1; ++j) combine_vec<Ops1, kElect>(a, pr, j, ys1);
 }
 
 void combine_impl(const CombineArgs& a) {
@@ -367,15 +402,20 @@ void combine_impl(const CombineArgs& a) {
   const int64_t ntasks = (a.numel + kCombineTask - 1) / kCombineTask;
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
   using FV = typename OpsV::F;
-  std::vector<std::vector<FV>> ysv(threads, std::vector<FV>(a.n));
-  std::vector<std::vector<float>> ys1(threads, std::vector<float>(a.n));
+  // per worker: [n] vectors (64-byte aligned by hand; FV's alignment does not survive a
+  // std::vector template argument) and [n] floats for the ragged end
+  const size_t per = static_cast<size_t>(a.n) * (OpsV::W + 1) + 16;
+  std::vector<std::vector<float>> scratch(threads, std::vector<float>(per));
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     const int64_t j0 = task * kCombineTask;
     const int64_t j1 = std::min(a.numel, j0 + kCombineTask);
-    FV* ys = ysv[worker].data();
-    int64_t j = j0;
-    for (; j + OpsV::W <= j1; j += OpsV::W) combine_vec<OpsV>(a, pr, j, ys);
-    for (; j < j1; ++j) combine_vec<Ops1>(a, pr, j, ys1[worker].data());
+    float* raw = scratch[worker].data();
+    float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+    FV* ys = reinterpret_cast<FV*>(aligned);
+    float* y1 = aligned + static_cast<size_t>(a.n) * OpsV::W;
+    if (a.elect == 0) combine_range<0>(a, pr, j0, j1, ys, y1);
+    else if (a.elect == 1) combine_range<1>(a, pr, j0, j1, ys, y1);
+    else combine_range<2>(a, pr, j0, j1, ys, y1);
   });
 }
 
@@ -437,6 +477,35 @@ void histogram_impl(const HistArgs& a) {
 constexpr int64_t kGramBlock = 512;
 static_assert(kStatsTask % kGramBlock == 0 && kGramBlock % kLanes == 0, "gram blocks tile the tasks");
 
+// Lane-wise dot products of row ri with the G consecutive rows from rk (row stride
+// kGramBlock) over [0, padded), into the G pairs' kLanes accumulators at L. Each pair's
+// lane adds its elements in ascending order, whatever G is.
+// GCC vector extensions: 8 doubles (unaligned loads allowed), lowered to each level's
+// registers (two of them make the kLanes = 16 lanes of a pair).
+typedef double GramVec __attribute__((vector_size(64), aligned(8)));
+static_assert(kLanes == 16, "gram_rows holds a pair's lanes in two 8-double vectors");
+
+template <int G>
+AME_HD void gram_rows(const double* ri, const double* rk, int64_t padded, double* L) {
+  GramVec acc[G][2];
+  for (int g = 0; g < G; ++g) {
+    acc[g][0] = *reinterpret_cast<const GramVec*>(L + g * kLanes);
+    acc[g][1] = *reinterpret_cast<const GramVec*>(L + g * kLanes + 8);
+  }
+  for (int64_t j = 0; j < padded; j += kLanes) {
+    const GramVec x0 = *reinterpret_cast<const GramVec*>(ri + j);
+    const GramVec x1 = *reinterpret_cast<const GramVec*>(ri + j + 8);
+    for (int g = 0; g < G; ++g) {
+      acc[g][0] += x0 * *reinterpret_cast<const GramVec*>(rk + g * kGramBlock + j);
+      acc[g][1] += x1 * *reinterpret_cast<const GramVec*>(rk + g * kGramBlock + j + 8);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    *reinterpret_cast<GramVec*>(L + g * kLanes) = acc[g][0];
+    *reinterpret_cast<GramVec*>(L + g * kLanes + 8) = acc[g][1];
+  }
+}
+
 void gram_impl(const GramArgs& a) {
   const int n = a.n;
   std::fill(a.out, a.out + static_cast<int64_t>(n) * n, 0.0);
@@ -467,17 +536,12 @@ void gram_impl(const GramArgs& a) {
         for (; j < len; ++j) r[j] = static_cast<double>(tau_one<false>(a.inputs[i], a.input_dtypes[i], a.base, a.base_dtype, b0 + j));
         for (; j < padded; ++j) r[j] = 0.0;
       }
-      int pair = 0;
+      int pair = 0;  // pairs (i, k >= i) in row order; up to 4 k's share each load of row i
       for (int i = 0; i < n; ++i) {
         const double* ri = R + static_cast<int64_t>(i) * kGramBlock;
-        for (int k = i; k < n; ++k, ++pair) {
-          const double* rk = R + static_cast<int64_t>(k) * kGramBlock;
-          double acc[kLanes];
-          for (int l = 0; l < kLanes; ++l) acc[l] = L[pair * kLanes + l];
-          for (int64_t j = 0; j < padded; j += kLanes)
-            for (int l = 0; l < kLanes; ++l) acc[l] += ri[j + l] * rk[j + l];
-          for (int l = 0; l < kLanes; ++l) L[pair * kLanes + l] = acc[l];
-        }
+        int k = i;
+        for (; k + 4 <= n; k += 4, pair += 4) gram_rows<4>(ri, R + static_cast<int64_t>(k) * kGramBlock, padded, L + pair * kLanes);
+        for (; k < n; ++k, ++pair) gram_rows<1>(ri, R + static_cast<int64_t>(k) * kGramBlock, padded, L + pair * kLanes);
       }
     }
     double* P = partial.data() + task * npairs;
@@ -524,7 +588,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
           const F tau = OpsV::sub(OpsV::load(a.inputs[i], a.input_dtypes[i], jj), b);
           M keep;
           F p;
-          keep_mask<OpsV>(a, pr, i, jj, a.offset + jj, tau, keep, p);
+          keep_mask<OpsV>(pr.ing[i], pr, i, jj, a.offset + jj, tau, keep, p);
           const F m = OpsV::abs(tau);
           OpsV::storef(mv + v, m);
           OpsV::storef(kv + v, OpsV::select(keep, m, OpsV::zero()));
@@ -543,7 +607,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
         const float tau = load_f32(a.inputs[i], a.input_dtypes[i], j) - b;
         bool keep;
         float p;
-        keep_mask<Ops1>(a, pr, i, j, a.offset + j, tau, keep, p);
+        keep_mask<Ops1>(pr.ing[i], pr, i, j, a.offset + j, tau, keep, p);
         const float m = Ops1::abs(tau);
         double* li = L + static_cast<int64_t>(i) * 2 * kLanes;
         li[l] += static_cast<double>(m);
