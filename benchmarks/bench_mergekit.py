@@ -62,18 +62,37 @@ class ToolFailed(Exception):
     pass
 
 
+GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+
+
 def timed(cmd: list, cwd: str) -> tuple:
-    """(wall seconds, peak RSS bytes) of ``cmd`` as a fresh process; ToolFailed on failure."""
+    """(wall seconds, peak RSS bytes) of ``cmd`` as a fresh process; ToolFailed on failure.
+
+    Linux keeps a process's peak RSS across exec, so a child forked from this (large, after the
+    output comparisons) process would report this process's peak: the tool runs under GNU time,
+    itself small, which reports the tool's own peak."""
+    import tempfile
+
+    rss_file = tempfile.NamedTemporaryFile(prefix="ame_rss_", delete=False).name if GNU_TIME else None
+    full = [GNU_TIME, "-f", "%M", "-o", rss_file, *cmd] if GNU_TIME else cmd
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = proc.stderr.read()  # drain while it runs (a full pipe would block the child)
     _, status, ru = os.wait4(proc.pid, 0)
     secs = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
+    rss = ru.ru_maxrss * 1024
+    if rss_file:
+        try:
+            with open(rss_file) as f:
+                rss = int(f.read().strip().splitlines()[-1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        os.unlink(rss_file)
     if code != 0:
         tail = err.decode(errors="replace").strip()[-2000:]
         raise ToolFailed(f"exit {code}: {tail.splitlines()[-1] if tail else 'no message'}", " ".join(cmd), tail)
-    return secs, ru.ru_maxrss * 1024
+    return secs, rss
 
 
 def compare(a_dir: str, b_dir: str) -> float:
