@@ -370,6 +370,10 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], base_ck: Option
         in_dtypes = tuple(ck.tensors[name].dtype for ck in cks)
         jobs.append(TensorJob(name, first.shape, first.numel, merge, in_dtypes, out_dtype, source, 0))
         sizes.append(first.numel * itemsize(out_dtype))
+    params = getattr(call, "params", None)
+    if hasattr(params, "bind"):  # per-tensor values (layer gradients, filters): all checked before any read
+        params.bind(names, getattr(call, "positions", None))
+        params.check_tensors([j.name for j in jobs if j.merge])
     shards = assign_shards(sizes, shard_bytes)
     jobs = [dataclasses.replace(j, shard=k) for j, k in zip(jobs, shards)]
     for ck in cks + ([extra] if extra is not None else []):
