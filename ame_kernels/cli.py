@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", help="CPU threads for the kernels")
     p.add_argument("--chunk-mb", help="chunk size in MiB of fp32 elements per ingredient (default 64)")
     p.add_argument("--shard-size", help="output shard size, e.g. 5GB (default), 500MB, 2GiB")
+    p.add_argument("--out-shard-size", help="mergekit-yaml's flag: output shard size with mergekit's suffixes "
+                   "(K/M/B = 1e3/1e6/1e9 bytes: 5B is 5e9); in a mergekit config --shard-size reads K/M/B/G the same way")
     p.add_argument("--out-dtype", help="float32, bfloat16 or float16 (default: the pivot's dtype)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
@@ -88,7 +90,10 @@ def describe(plan) -> str:
         params = ", ".join(f"{k} {v}" for k, v in plan.call.params.to_dict().items())
         how = [f"method: {plan.method} ({plan.call.method.title}){'; base: ' + plan.base.path if plan.base else ''}",
                f"parameters: {params or 'none'}"]
+    schema = getattr(plan, "schema", None)
     lines = [
+        *(["schema: ame (ame-merge help config)"] if schema == "ame" else []),
+        *getattr(plan, "notes", []),
         *models,
         *how,
         f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied)",

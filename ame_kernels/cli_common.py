@@ -21,6 +21,21 @@ def error(msg: str) -> None:
     print(f"ame-merge: error: {msg}", file=sys.stderr)
 
 
+def mergekit_size(value, what: str, strict: bool = True):
+    """mergekit's size suffixes (mergekit-yaml --out-shard-size): K, M, B (and G) are powers of 1000,
+    so '5B' is 5e9 bytes; a plain number is bytes. With ``strict`` False anything else (5GB, 2GiB)
+    is returned unchanged for parse_size."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KkMmBbGg])?\s*", str(value))
+    if not m:
+        if strict:
+            raise UsageError(f"{what}: cannot read {value!r} as a size (mergekit's form: 500M, 5B; K/M/B = 1e3/1e6/1e9)")
+        return value
+    mult = {None: 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}[m.group(2).upper() if m.group(2) else None]
+    return int(float(m.group(1)) * mult)
+
+
 def prepare(args: argparse.Namespace):
     """Config file + flags -> a checked MergePlan (UsageError/MergeError before any work)."""
     from .engine import DEFAULT_CHUNK_MB, DEFAULT_SHARD_SIZE, parse_size, plan_merge
@@ -38,7 +53,11 @@ def prepare(args: argparse.Namespace):
     chunk_mb = float_arg(args.chunk_mb, "--chunk-mb") if args.chunk_mb is not None else spec.engine.get("chunk_mb", DEFAULT_CHUNK_MB)
     if not (chunk_mb > 0 and chunk_mb != float("inf")):
         raise UsageError(f"--chunk-mb: must be a number > 0, got {args.chunk_mb!r}")
+    if getattr(args, "out_shard_size", None) is not None and args.shard_size is None:
+        args.shard_size = mergekit_size(args.out_shard_size, "--out-shard-size")
     if args.shard_size is not None:
+        if spec.schema == "mergekit":  # mergekit's reading: 5B = 5e9 (K/M/B/G powers of 1000)
+            args.shard_size = mergekit_size(args.shard_size, "--shard-size", strict=False)
         try:
             shard_size = parse_size(args.shard_size, "--shard-size")
         except MergeError as e:
@@ -46,6 +65,15 @@ def prepare(args: argparse.Namespace):
     else:
         shard_size = spec.engine.get("shard_size", DEFAULT_SHARD_SIZE)
     device = str(args.device if args.device is not None else spec.engine.get("device", "cpu"))
-    return plan_merge(spec.models, None, pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size,
+    plan = plan_merge(spec.checkpoints() if hasattr(spec, "checkpoints") else spec.models, None,
+                      pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size,
                       device=device, method=spec.method, base=spec.base, per_model=spec.per_model,
                       **{**spec.options, **overrides})
+    plan.schema = spec.schema
+    plan.notes = list(spec.notes)
+    if spec.schema == "mergekit":  # what mergekit writes besides the weights: the config as run
+        plan.tokenizer_from = spec.tokenizer_from
+        plan.config_updates = dict(getattr(spec, "config_updates", {}) or {})
+        with open(args.config, encoding="utf-8") as f:
+            plan.extra_files["mergekit_config.yml"] = f.read()
+    return plan

@@ -34,12 +34,13 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -109,6 +110,12 @@ class MergePlan:
     call: Any = None
     #: the base checkpoint of a task-vector method (read like an ingredient)
     base: Optional[Checkpoint] = None
+    #: a folder whose tokenizer files replace the copied ones (mergekit's tokenizer_source)
+    tokenizer_from: Optional[str] = None
+    #: more files written beside the shards: name -> text (mergekit_config.yml)
+    extra_files: Dict[str, str] = field(default_factory=dict)
+    #: config.json keys to set in the copied config (a frankenmerge's num_hidden_layers)
+    config_updates: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -897,6 +904,24 @@ def write_metadata(plan: MergePlan, folder: str, extra: Optional[dict] = None) -
     src = (plan.extra_checkpoints or [plan.ingredients[plan.pivot if isinstance(plan.pivot, int) else 0]])[0]
     aux = src.aux_files() or plan.ingredients[0].aux_files()
     copy_aux_files(aux, folder, plan.config.out_dtype)
+    if plan.tokenizer_from:
+        from .mergekit_schema import TOKENIZER_FILES
+
+        for f in TOKENIZER_FILES:
+            src_f = os.path.join(plan.tokenizer_from, f)
+            if os.path.isfile(src_f):
+                shutil.copyfile(src_f, os.path.join(folder, f))
+    cfg_path = os.path.join(folder, "config.json")
+    if plan.config_updates and os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            hf = json.load(f)
+        hf.update(plan.config_updates)
+        with open(cfg_path, "w", encoding="utf-8") as f:
+            json.dump(hf, f, indent=2)
+            f.write("\n")
+    for fname, text in plan.extra_files.items():
+        with open(os.path.join(folder, fname), "w", encoding="utf-8") as f:
+            f.write(text)
     with open(os.path.join(folder, PROVENANCE), "w", encoding="utf-8") as f:
         f.write(provenance_yaml(plan, extra))
 
