@@ -359,7 +359,7 @@ def _tokenizer(doc: dict, path: str, folder: str) -> Optional[str]:
 
 
 def _method(spec, method: str, entries, top: dict, base: Optional[str], seed, path: str) -> None:
-    from .methods.params import Chain
+    from .methods.params import Chain, Required, Rule
 
     allowed = mk_params(method)
     for key in top:
@@ -415,11 +415,15 @@ def _method(spec, method: str, entries, top: dict, base: Optional[str], seed, pa
             glob = top.get(key)
             own_s = parse_setting(own, f"{path}: {at}.parameters.{key}") if own is not None else None
             glob_s = parse_setting(glob, f"{path}: parameters.{key}") if glob is not None else None
-            if own_s is not None and glob_s is not None:
-                mine[key] = Chain([own_s, glob_s])
-            elif own_s is not None or glob_s is not None:
-                mine[key] = own_s if own_s is not None else glob_s
-            elif key == "weight" and (method == "linear" or method in GTA):
+            required = key == "weight" and (method == "linear" or method in GTA)
+            chain = [s for s in (own_s, glob_s) if s is not None]
+            if chain and required and any(isinstance(s, Rule) for s in chain):
+                mine[key] = Chain(chain + [Required(key, f"{path}: {at}")])
+            elif len(chain) > 1:
+                mine[key] = Chain(chain)
+            elif chain:
+                mine[key] = chain[0]
+            elif required:
                 raise _usage(f"{path}: {at}: {ings[i][0]} has no weight (mergekit requires "
                              f"'weight' for {method}: give it in the model's parameters or the top-level ones)")
         per_model.append(mine)

@@ -303,6 +303,24 @@ class Chain(Rule):
         return s.to_yaml() if isinstance(s, Rule) else s
 
 
+class Required(Rule):
+    """The end of a chain for a parameter without a default (mergekit's ``weight``): no value for a
+    tensor is an error naming the tensor, the key and where it was looked for."""
+
+    def __init__(self, key: str, where: str):
+        self.key, self.where = key, where
+
+    def value(self, name: str, x: float, p: Param) -> Any:
+        raise MergeError(f"{self.where}: no {self.key} for tensor {name!r} (no filter rule matched it and there is "
+                         f"no default; mergekit requires {self.key}: add a rule without a filter)")
+
+    def leaves(self) -> List[Any]:
+        return []
+
+    def to_yaml(self) -> Any:
+        return None
+
+
 class RuleParams(Params):
     """Params whose values may depend on the tensor (``Rule`` values): ``for_tensor`` gives the
     plain Params of one tensor. ``bind(names)`` fixes the layer count (the largest layer index + 1
