@@ -65,10 +65,15 @@ def prepare(args: argparse.Namespace):
     else:
         shard_size = spec.engine.get("shard_size", DEFAULT_SHARD_SIZE)
     device = str(args.device if args.device is not None else spec.engine.get("device", "cpu"))
-    plan = plan_merge(spec.checkpoints() if hasattr(spec, "checkpoints") else spec.models, None,
-                      pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size,
-                      device=device, method=spec.method, base=spec.base, per_model=spec.per_model,
-                      **{**spec.options, **overrides})
+    try:
+        plan = plan_merge(spec.checkpoints() if hasattr(spec, "checkpoints") else spec.models, None,
+                          pivot_path=spec.pivot_path, chunk_mb=chunk_mb, shard_size=shard_size,
+                          device=device, method=spec.method, base=spec.base, per_model=spec.per_model,
+                          **{**spec.options, **overrides})
+    except MergeError as e:  # a per-tensor parameter check (mergekit's gradients and filters): name the file
+        if spec.schema == "mergekit" and str(e).startswith("merge: "):
+            raise UsageError(f"{spec.source}: {str(e)[len('merge: '):]}") from None
+        raise
     plan.schema = spec.schema
     plan.notes = list(spec.notes)
     if spec.schema == "mergekit":  # what mergekit writes besides the weights: the config as run

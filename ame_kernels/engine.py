@@ -327,7 +327,7 @@ def plan_merge(
             opened.append(m if isinstance(m, Checkpoint) else open_checkpoint(m))
         extra = pivot_path if pivot_path is not None else base
         if extra is not None:
-            opened.append(open_checkpoint(extra))
+            opened.append(extra if isinstance(extra, Checkpoint) else open_checkpoint(extra))
         extra_ck = opened[-1] if extra is not None else None
         return _plan(opened[: len(models)], extra_ck if base is None else None, extra_ck if base is not None else None,
                      cfg, chunk_mb, shard_bytes, device, call)

@@ -361,3 +361,72 @@ def test_merge_method_ame(mroot, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "method: ame" in out and "optimizer: sgd" in out
     assert _cli([p, tmp_path / "out", "-q"]) == 0
+
+
+# ---- slices: frankenmerges and slices merged by a method (stored mergekit outputs) ----------
+
+with open(os.path.join(REFS, "SLICES.json")) as _f:
+    SLICES = {c["name"]: c for c in json.load(_f)["configs"]}
+
+
+@pytest.mark.parametrize("name", sorted(SLICES))
+def test_slices_match_mergekit(mroot, tmp_path, name):
+    from safetensors.numpy import load_file
+
+    root, _ = mroot
+    c = SLICES[name]
+    text = open(os.path.join(REFS, c["config"])).read().replace("MODELS/", root + "/")
+    p = _write(tmp_path, "s.yml", text)
+    out = tmp_path / "out"
+    assert _cli([p, out, "-q"]) == 0
+    ref = load_file(os.path.join(REFS, c["file"]))
+    got = _out(out)
+    assert set(got) == set(ref)
+    for n in ref:
+        d = np.abs(got[n].astype(np.float64) - ref[n])
+        assert d.max() <= ATOL, (name, n, float(d.max()))
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == c["num_hidden_layers"]
+
+
+def test_passthrough_renames_layers(mroot, tmp_path):
+    root, f32 = mroot
+    text = open(os.path.join(REFS, SLICES["passthrough"]["config"])).read().replace("MODELS/", root + "/")
+    assert _cli([_write(tmp_path, "p.yml", text), tmp_path / "out", "-q"]) == 0
+    got = _out(tmp_path / "out")
+    # ft0 layers [0, 2) then ft1 layers [1, 3): output layers 0, 1 from ft0, 2, 3 = ft1's 1, 2
+    n = "model.layers.{}.mlp.down_proj.weight"
+    assert np.array_equal(got[n.format(1)], f32["ft0"][n.format(1)])
+    assert np.array_equal(got[n.format(2)], f32["ft1"][n.format(1)])
+    assert np.array_equal(got[n.format(3)], f32["ft1"][n.format(2)])
+    assert np.array_equal(got["model.embed_tokens.weight"], f32["ft0"]["model.embed_tokens.weight"])
+    assert np.array_equal(got["lm_head.weight"], f32["ft1"]["lm_head.weight"])
+
+
+SLICE_ERRORS = [
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: R/ft0, layer_range: [0, 9]}]\n",
+     ["slices[0].sources[0].layer_range", "beyond the 3 layers"]),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: R/ft0, layer_range: [2, 1]}]\n",
+     ["slices[0].sources[0].layer_range"]),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: R/ft0, layer_range: [0, 1]}, {model: R/ft1, layer_range: [0, 1]}]\n",
+     ["slices[0].sources", "one source"]),
+    ("merge_method: linear\nslices:\n  - sources: [{model: R/ft0, layer_range: [0, 1]}, {model: R/ft1, layer_range: [0, 2]}]\n",
+     ["slices[0].sources", "same number of layers"]),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: R/ft0, layer_rang: [0, 1]}]\n",
+     ["slices[0].sources[0]", "'layer_range'"]),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: R/ft0, layer_range: [0, 1]}]\n    residual_weight: 0.5\n",
+     ["slices[0]", "residual_weight"]),
+    ("merge_method: ties\nbase_model: R/base\nslices:\n  - sources: [{model: R/ft0, layer_range: [0, 1], parameters: {weight: 1}}]\n",
+     ["slices[0].sources", "base_model", "not among"]),
+]
+
+
+@pytest.mark.parametrize("text,needles", SLICE_ERRORS, ids=[f"s{i}" for i in range(len(SLICE_ERRORS))])
+def test_slice_errors_name_file_and_key(mroot, tmp_path, capsys, text, needles):
+    root, _ = mroot
+    p = _write(tmp_path, "bad.yml", text.replace("R/", root + "/"))
+    assert _cli([p, tmp_path / "out", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert str(p) in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "out").exists()
