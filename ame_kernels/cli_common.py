@@ -21,6 +21,22 @@ def error(msg: str) -> None:
     print(f"ame-merge: error: {msg}", file=sys.stderr)
 
 
+def _mergekit_flags(args: argparse.Namespace, spec) -> None:
+    """mergekit-yaml's flags: --cuda and -j mapped; the rest accepted with a one-line note."""
+    if getattr(args, "cuda", False):
+        if args.device is not None and args.device != "cuda":
+            raise UsageError(f"--cuda and --device {args.device} disagree")
+        args.device = "cuda"
+    if getattr(args, "num_threads", None) is not None:
+        if args.threads is not None:
+            raise UsageError("give --threads or -j/--num-threads, not both")
+        args.threads = args.num_threads
+    for flag in getattr(args, "mk_noop", None) or []:
+        if not getattr(args, "quiet", False):
+            print(f"ame-merge: note: {flag} has no effect here (mergekit-yaml's flag; this engine streams in "
+                  "bounded memory and copies config and tokenizer files)", file=sys.stderr)
+
+
 def mergekit_size(value, what: str, strict: bool = True):
     """mergekit's size suffixes (mergekit-yaml --out-shard-size): K, M, B (and G) are powers of 1000,
     so '5B' is 5e9 bytes; a plain number is bytes. With ``strict`` False anything else (5GB, 2GiB)
@@ -41,7 +57,14 @@ def prepare(args: argparse.Namespace):
     from .engine import DEFAULT_CHUNK_MB, DEFAULT_SHARD_SIZE, parse_size, plan_merge
 
     spec = load_spec(args.config)
+    _mergekit_flags(args, spec)
     overrides = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    if getattr(args, "random_seed", None) is not None and spec.method in ("dare_ties", "dare_linear", "della",
+                                                                          "della_linear", "ame"):
+        try:
+            overrides["seed"] = int(args.random_seed)
+        except ValueError:
+            raise UsageError(f"--random-seed: expected an integer, got {args.random_seed!r}") from None
     try:
         check_call(spec, overrides)
     except MergeError as e:
