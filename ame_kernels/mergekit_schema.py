@@ -139,6 +139,36 @@ def resolve_hf_id(ref: str, what: str) -> str:
     return snap
 
 
+class LoraRef(str):
+    """A ``base+lora`` model reference: the string 'BASE+ADAPTER' (resolved), opened by
+    ``io.lora.open_lora`` when the merge is planned."""
+
+    base: str = ""
+    adapter: str = ""
+
+
+def _lora_ref(ref: str, folder: str, what: str) -> LoraRef:
+    base_s, _, ad_s = ref.partition("+")
+    if not base_s or not ad_s:
+        raise _lora(ref, what)
+    base = resolve_model(base_s, folder, what + " (the base before '+')")
+    adapter = resolve_model(ad_s, folder, what + " (the LoRA adapter after '+')")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise _lora(ref, what, f"{adapter} has no adapter_config.json")
+    out = LoraRef(f"{base}+{adapter}")
+    out.base, out.adapter = base, adapter
+    return out
+
+
+def open_model(ref: str, what: str = "model"):
+    """A resolved reference -> a Checkpoint (a LoraRef applies its adapter) or the path itself."""
+    if isinstance(ref, LoraRef):
+        from .io.lora import open_lora
+
+        return open_lora(ref.base, ref.adapter, what)
+    return ref
+
+
 def resolve_model(ref: Any, folder: str, what: str) -> str:
     """A mergekit model reference: a local path (beside the config, else the working directory),
     or a Hugging Face ID from the local cache; ``base+lora`` is refused, naming it."""
@@ -149,21 +179,20 @@ def resolve_model(ref: Any, folder: str, what: str) -> str:
     p = os.path.expanduser(ref.strip())
     if os.path.isabs(p):
         if not os.path.exists(p) and "+" in p:
-            raise _lora(ref, what)
+            return _lora_ref(p, folder, what)
         return p
     for cand in (os.path.join(folder, p), os.path.abspath(p)):
         if os.path.exists(cand):
             return os.path.abspath(cand)
     if "+" in p:
-        raise _lora(ref, what)
+        return _lora_ref(p, folder, what)
     if HF_ID.match(p):
         return resolve_hf_id(p, what)
     return os.path.abspath(os.path.join(folder, p))  # missing: reported by the reader with this path
 
 
-def _lora(ref: str, what: str):
-    return _usage(f"{what}: {ref!r}: the 'base+lora' form (a LoRA adapter applied to its base) is not supported "
-                  "yet; merge the adapter first (PEFT's merge_and_unload) and give that folder")
+def _lora(ref: str, what: str, why: str = "expected BASE+ADAPTER"):
+    return _usage(f"{what}: {ref!r}: the 'base+lora' form (a PEFT LoRA adapter folder applied to its base): {why}")
 
 
 # ------------------------------------------------------------------------- parameter settings
@@ -320,6 +349,22 @@ def load_mergekit(doc: dict, path: str):
         _method(spec, method, entries, top, base, seed, path)
     spec.notes.insert(0, f"schema: mergekit (merge_method: {method})")
     check_call(spec)
+    if any(isinstance(m, LoraRef) for m in spec.models + [spec.base]):
+        def checkpoints():
+            opened = []
+            try:
+                for i, m in enumerate(spec.models):
+                    opened.append(open_model(m, f"{path}: models[{i}].model"))
+                if isinstance(spec.base, LoraRef):
+                    spec.base = open_model(spec.base, f"{path}: base_model")
+            except BaseException:
+                for ck in opened:
+                    if not isinstance(ck, str):
+                        ck.close()
+                raise
+            return opened
+
+        spec.checkpoints = checkpoints
     return spec
 
 

@@ -195,9 +195,11 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
 
 def _open(cache: dict, p: str):
     from .io.checkpoint import open_checkpoint
+    from .mergekit_schema import open_model
 
     if p not in cache:
-        cache[p] = open_checkpoint(p)
+        m = open_model(p)
+        cache[p] = open_checkpoint(m) if isinstance(m, str) else m
     return cache[p]
 
 

@@ -430,3 +430,44 @@ def test_slice_errors_name_file_and_key(mroot, tmp_path, capsys, text, needles):
     for needle in needles:
         assert needle in err, (needle, err)
     assert not (tmp_path / "out").exists()
+
+
+# ---- base+lora: a PEFT adapter applied on the fly, against PEFT's merge_and_unload ---------
+
+def test_base_plus_lora_matches_peft_merge_and_unload(mroot, tmp_path):
+    from safetensors.numpy import load_file
+
+    root, f32 = mroot
+    adapter = os.path.join(REFS, "lora", "adapter")
+    text = f"merge_method: linear\nmodels:\n  - model: {root}/base+{adapter}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+    assert _cli([_write(tmp_path, "l.yml", text), tmp_path / "out", "-q"]) == 0
+    ref = load_file(os.path.join(REFS, "out", "lora_merged.safetensors"))
+    got = _out(tmp_path / "out")
+    changed = 0
+    for n in ref:
+        np.testing.assert_allclose(got[n], ref[n], rtol=0, atol=2e-6, err_msg=n)
+        changed += not np.array_equal(ref[n], f32["base"][n])
+    assert changed == 3 * 3 + 1  # q_proj, v_proj, down_proj of 3 layers, and lm_head (modules_to_save)
+    # the same adapter in a task-vector merge: base+lora is one more fine-tune
+    text2 = (f"merge_method: task_arithmetic\nbase_model: {root}/base\nmodels:\n"
+             f"  - model: {root}/base+{adapter}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    assert _cli([_write(tmp_path, "l2.yml", text2), tmp_path / "out2", "-q"]) == 0
+    got2 = _out(tmp_path / "out2")
+    n = "model.layers.1.self_attn.q_proj.weight"
+    np.testing.assert_allclose(got2[n], f32["base"][n] + 0.5 * (ref[n] - f32["base"][n]), atol=2e-6)
+
+
+def test_lora_rank_mismatch_is_an_error(mroot, tmp_path, capsys):
+    root, _ = mroot
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    src = os.path.join(REFS, "lora", "adapter")
+    cfg = json.load(open(os.path.join(src, "adapter_config.json")))
+    cfg["r"] = 8
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    (ad / "adapter_model.safetensors").write_bytes(open(os.path.join(src, "adapter_model.safetensors"), "rb").read())
+    text = f"merge_method: linear\nmodels:\n  - model: {root}/base+{ad}\n    parameters: {{weight: 1.0}}\n"
+    assert _cli([_write(tmp_path, "l.yml", text), tmp_path / "out", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "rank 4" in err and "r = 8" in err
+    assert not (tmp_path / "out").exists()
