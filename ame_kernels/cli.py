@@ -47,7 +47,7 @@ def version_line() -> str:
 #: streams in bounded memory, copies config and tokenizer files, and writes no model card
 MERGEKIT_NOOP_FLAGS = ("--allow-crimes", "--lazy-unpickle", "--no-lazy-unpickle", "--low-cpu-memory", "--read-to-gpu",
                        "--multi-gpu", "--trust-remote-code", "--copy-tokenizer", "--no-copy-tokenizer",
-                       "--write-model-card", "--no-write-model-card", "--clone-tensors", "--safe-serialization")
+                       "--clone-tensors", "--safe-serialization")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--cuda", action="store_true", help="= --device cuda")
     mk.add_argument("-j", "--num-threads", dest="num_threads", help="= --threads")
     mk.add_argument("--random-seed", dest="random_seed", help="the seed of dare_* / della* (= random_seed)")
+    mk.add_argument("--write-model-card", dest="model_card", action="store_true", default=None,
+                    help="write README.md, a model card (the default with a mergekit config, as mergekit)")
+    mk.add_argument("--no-write-model-card", dest="model_card", action="store_false")
     for flag in MERGEKIT_NOOP_FLAGS:
         mk.add_argument(flag, dest="mk_noop", action="append_const", const=flag, help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")

@@ -104,4 +104,29 @@ def prepare(args: argparse.Namespace):
         plan.config_updates = dict(getattr(spec, "config_updates", {}) or {})
         with open(args.config, encoding="utf-8") as f:
             plan.extra_files["mergekit_config.yml"] = f.read()
+        if getattr(args, "model_card", None) is not False:  # mergekit writes one by default
+            plan.extra_files["README.md"] = model_card(spec, plan.extra_files["mergekit_config.yml"])
+    elif getattr(args, "model_card", None):
+        with open(args.config, encoding="utf-8") as f:
+            plan.extra_files["README.md"] = model_card(spec, f.read())
     return plan
+
+
+def model_card(spec, config_text: str) -> str:
+    """README.md as mergekit writes it: front matter (base_model, tags), the method, the models, the config."""
+    models = [str(m) for m in spec.models]
+    base = spec.base if isinstance(spec.base, str) else getattr(spec.base, "path", None)
+    listed = ([base] if base else []) + [m for m in models if m != base]
+    front = "---\nbase_model:\n" + "".join(f"- {m}\n" for m in listed) + \
+        "library_name: transformers\ntags:\n- mergekit\n- merge\n- ame-kernels\n---\n"
+    body = [
+        "# merged model", "",
+        "A merge of pre-trained language models made with ame-kernels' `ame-merge` from a "
+        "[mergekit](https://github.com/arcee-ai/mergekit) config.", "",
+        "## Merge details", "", "### Merge method", "",
+        f"`{getattr(spec, 'source_method', spec.method)}`" + (f", with {base} as the base." if base else "."), "",
+        "### Models merged", "", *[f"* {m}" for m in models if m != base], "",
+        "### Configuration", "", "The YAML configuration used to produce this model:", "",
+        "```yaml", config_text.rstrip("\n"), "```", "",
+    ]
+    return front + "\n".join(body)

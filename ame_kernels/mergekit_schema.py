@@ -348,24 +348,73 @@ def load_mergekit(doc: dict, path: str):
     else:
         _method(spec, method, entries, top, base, seed, path)
     spec.notes.insert(0, f"schema: mergekit (merge_method: {method})")
+    spec.source_method = method
     check_call(spec)
-    if any(isinstance(m, LoraRef) for m in spec.models + [spec.base]):
-        def checkpoints():
-            opened = []
-            try:
-                for i, m in enumerate(spec.models):
-                    opened.append(open_model(m, f"{path}: models[{i}].model"))
-                if isinstance(spec.base, LoraRef):
-                    spec.base = open_model(spec.base, f"{path}: base_model")
-            except BaseException:
-                for ck in opened:
-                    if not isinstance(ck, str):
-                        ck.close()
-                raise
-            return opened
 
-        spec.checkpoints = checkpoints
+    def checkpoints():
+        from .io.checkpoint import open_checkpoint
+
+        opened = []
+        try:
+            for i, m in enumerate(spec.models):
+                ck = open_model(m, f"{path}: models[{i}].model")
+                opened.append(open_checkpoint(ck) if isinstance(ck, str) else ck)
+            if spec.base is not None and isinstance(spec.base, str):
+                ck = open_model(spec.base, f"{path}: base_model")
+                spec.base = open_checkpoint(ck) if isinstance(ck, str) else ck
+                opened.append(spec.base)
+            cks = tie_embeddings(opened[: len(spec.models)] + ([spec.base] if spec.base is not None else []), spec)
+            if spec.base is not None:
+                spec.base = cks[-1]
+            return cks[: len(spec.models)]
+        except BaseException:
+            for ck in opened:
+                ck.close()
+            raise
+
+    spec.checkpoints = checkpoints
     return spec
+
+
+LM_HEAD = "lm_head.weight"
+EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")
+
+
+def tie_embeddings(cks: list, spec) -> list:
+    """mergekit's tied lm_head: a checkpoint without ``lm_head.weight`` whose config.json says
+    ``tie_word_embeddings: true`` reads its embeddings as lm_head when another input has one
+    (so tied and untied models merge); the output then has its own lm_head, and its config
+    says tie_word_embeddings: false. All tied (or all untied): unchanged."""
+    import dataclasses
+
+    from .io.checkpoint import Checkpoint
+
+    has = [LM_HEAD in ck.tensors for ck in cks]
+    if all(has) or not any(has):
+        return cks
+    out = []
+    for ck in cks:
+        if LM_HEAD in ck.tensors:
+            out.append(ck)
+            continue
+        emb = next((e for e in EMBED_NAMES if e in ck.tensors), None)
+        tied = False
+        if ck.folder and os.path.isfile(os.path.join(ck.folder, "config.json")):
+            import json
+
+            try:
+                with open(os.path.join(ck.folder, "config.json"), encoding="utf-8") as f:
+                    tied = bool(json.load(f).get("tie_word_embeddings", False))
+            except (OSError, ValueError):
+                tied = False
+        if emb is None or not tied:
+            return cks  # the engine's structure check names the difference
+        tensors = dict(ck.tensors)
+        tensors[LM_HEAD] = dataclasses.replace(ck.tensors[emb], name=LM_HEAD)
+        out.append(Checkpoint(ck.path, ck.kind, tensors, ck.files, ck.folder))
+        spec.notes.append(f"{ck.path}: tied lm_head (tie_word_embeddings): its embeddings are read as lm_head.weight")
+    spec.config_updates = {**getattr(spec, "config_updates", {}), "tie_word_embeddings": False}
+    return out
 
 
 def _tokenizer(doc: dict, path: str, folder: str) -> Optional[str]:

@@ -184,6 +184,7 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
     if method == "slerp" and "t" not in top and not any("t" in sl["params"] for sl in slices):
         raise _usage(f"{path}: parameters.t: slerp needs t")
     spec.notes.insert(0, f"schema: mergekit (merge_method: {method}, {len(slices)} slices)")
+    spec.source_method = method
     state = {"slices": slices, "roles": roles, "n": n, "top": gtop, "allowed": allowed, "method": method,
              "has_base": has_base}
     spec.checkpoints = lambda: _build(spec, state)

@@ -471,3 +471,39 @@ def test_lora_rank_mismatch_is_an_error(mroot, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "rank 4" in err and "r = 8" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_lm_head_merges_with_untied_ones(mroot, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    root, f32 = mroot
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    sd = {n: v for n, v in f32["ft1"].items() if n != "lm_head.weight"}
+    save_file(sd, str(tied / "model.safetensors"))
+    cfg = {**mkmodels.llama_config(), "tie_word_embeddings": True}
+    (tied / "config.json").write_text(json.dumps(cfg))
+    text = (f"merge_method: linear\nmodels:\n  - model: {root}/ft0\n    parameters: {{weight: 1}}\n"
+            f"  - model: {tied}\n    parameters: {{weight: 1}}\ndtype: float32\n")
+    p = _write(tmp_path, "t.yml", text)
+    assert _cli([p, tmp_path / "out", "-q"]) == 0
+    got = _out(tmp_path / "out")
+    want = (f32["ft0"]["lm_head.weight"].astype(np.float64) + f32["ft1"]["model.embed_tokens.weight"]) / 2
+    np.testing.assert_allclose(got["lm_head.weight"], want, rtol=1e-6, atol=1e-7)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    # without the tie in its config, the missing lm_head is the engine's structure error
+    cfg["tie_word_embeddings"] = False
+    (tied / "config.json").write_text(json.dumps(cfg))
+    assert _cli([p, tmp_path / "out2", "-q"]) == 2
+    assert "lm_head.weight" in capsys.readouterr().err
+
+
+def test_model_card_is_written_as_mergekit_does(mroot, tmp_path):
+    root, _ = mroot
+    p = _write(tmp_path, "m.yml", CONFIGS["ties_raw"]["yaml"].replace("MODELS/", root + "/"))
+    assert _cli([p, tmp_path / "out", "-q"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.startswith("---\nbase_model:\n") and "- mergekit" in card and "`ties`" in card
+    assert "merge_method: ties" in card  # the config as run
+    assert _cli([p, tmp_path / "out2", "-q", "--no-write-model-card"]) == 0
+    assert not (tmp_path / "out2" / "README.md").exists()
