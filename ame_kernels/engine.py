@@ -328,9 +328,15 @@ def plan_merge(
         extra = pivot_path if pivot_path is not None else base
         if extra is not None:
             opened.append(extra if isinstance(extra, Checkpoint) else open_checkpoint(extra))
-        extra_ck = opened[-1] if extra is not None else None
-        return _plan(opened[: len(models)], extra_ck if base is None else None, extra_ck if base is not None else None,
+        from .io.checkpoint import fill_missing_buffers
+
+        # a non-floating buffer some checkpoints lack (an old position_ids) is read from one that has it
+        filled, buffer_notes = fill_missing_buffers(opened)
+        extra_ck = filled[-1] if extra is not None else None
+        plan = _plan(filled[: len(models)], extra_ck if base is None else None, extra_ck if base is not None else None,
                      cfg, chunk_mb, shard_bytes, device, call)
+        plan.warnings[:0] = buffer_notes
+        return plan
     except BaseException:
         for ck in opened:  # nothing stays open after a failed plan
             ck.close()

@@ -507,3 +507,27 @@ def test_model_card_is_written_as_mergekit_does(mroot, tmp_path):
     assert "merge_method: ties" in card  # the config as run
     assert _cli([p, tmp_path / "out2", "-q", "--no-write-model-card"]) == 0
     assert not (tmp_path / "out2" / "README.md").exists()
+
+
+def test_a_buffer_missing_in_some_models_is_copied_with_a_warning(mroot, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    root, f32 = mroot
+    old = tmp_path / "old"
+    old.mkdir()
+    pos = np.arange(16, dtype=np.int64).reshape(1, 16)
+    save_file({**f32["ft0"], "embeddings.position_ids": pos}, str(old / "model.safetensors"))
+    (old / "config.json").write_text(json.dumps(mkmodels.llama_config()))
+    (old / "modules.json").write_text("[]")
+    (old / "1_Pooling").mkdir()
+    (old / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    text = (f"merge_method: linear\nmodels:\n  - model: {old}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {root}/ft1\n    parameters: {{weight: 1}}\n")
+    assert _cli([_write(tmp_path, "b.yml", text), tmp_path / "out"]) == 0
+    err = capsys.readouterr().err
+    assert "embeddings.position_ids" in err and "copied from" in err
+    got = _out(tmp_path / "out")
+    assert np.array_equal(got["embeddings.position_ids"], pos)
+    # sentence-transformers files come along (modules.json and the module folders)
+    assert (tmp_path / "out" / "modules.json").exists()
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").exists()
