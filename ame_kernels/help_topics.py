@@ -191,15 +191,21 @@ effect on the result (mergekit only stores its masks as int8). --dry-run prints
 
 Hugging Face IDs resolve through the local cache only (HF_HUB_CACHE, else $HF_HOME/hub,
 else ~/.cache/huggingface/hub; org/name@rev reads refs/rev); one not there is an error
-saying how to download it. Not supported (an error naming it): modules:, base+lora models,
-tokenizer_source: union, tokenizer.tokens, chat_template, mergekit's other methods.
+saying how to download it. 'model: BASE+ADAPTER' applies a PEFT LoRA adapter folder to its
+base tensor by tensor (W + alpha/r B@A, as PEFT's merge_and_unload; modules_to_save
+honoured). A model with a tied lm_head (none in its files, tie_word_embeddings: true)
+merges with untied ones through its embeddings, as mergekit. Not supported (an error naming
+it): modules:, tokenizer_source: union, tokenizer.tokens, chat_template, DoRA adapters,
+mergekit's other methods. Besides the weights the output holds mergekit_config.yml and a
+README.md model card (--no-write-model-card: none).
 
 Sizes: with a mergekit config, --shard-size and --out-shard-size read mergekit's suffixes,
 K/M/B (and G) as powers of 1000: 5B is 5e9 bytes (with the ame schema 5B is 5 bytes; 5GB
 is 5e9 in both). mergekit-yaml's other flags: --cuda (= --device cuda), -j/--num-threads
 (= --threads), --random-seed (= random_seed); --allow-crimes, --lazy-unpickle,
---low-cpu-memory, --read-to-gpu, --multi-gpu, --trust-remote-code, --copy-tokenizer,
---write-model-card (and their --no- forms) are accepted with a one-line note."""
+--low-cpu-memory, --read-to-gpu, --multi-gpu, --trust-remote-code, --copy-tokenizer (and
+their --no- forms) are accepted with a one-line note. No 'mergekit-yaml' command is
+installed (it would replace mergekit's own where both are installed): run ame-merge."""
 
 
 TOPICS: Dict[str, Callable[[], str]] = {
