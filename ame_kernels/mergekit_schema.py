@@ -364,6 +364,7 @@ def load_mergekit(doc: dict, path: str):
                 spec.base = open_checkpoint(ck) if isinstance(ck, str) else ck
                 opened.append(spec.base)
             cks = tie_embeddings(opened[: len(spec.models)] + ([spec.base] if spec.base is not None else []), spec)
+            check_vocab(cks, path)
             if spec.base is not None:
                 spec.base = cks[-1]
             return cks[: len(spec.models)]
@@ -374,6 +375,17 @@ def load_mergekit(doc: dict, path: str):
 
     spec.checkpoints = checkpoints
     return spec
+
+
+def check_vocab(cks: list, path: str) -> None:
+    """Vocabularies of different sizes: refused naming the sizes (mergekit's tokenizer_source: union,
+    which permutes and pads the embeddings, is not implemented)."""
+    for name in (LM_HEAD,) + EMBED_NAMES:
+        rows = {ck.path: ck.tensors[name].shape[0] for ck in cks if name in ck.tensors and ck.tensors[name].shape}
+        if len(set(rows.values())) > 1:
+            sizes = ", ".join(f"{p}: {r}" for p, r in rows.items())
+            raise _usage(f"{path}: the models' vocabularies differ ({name} rows: {sizes}); merging them needs "
+                         "mergekit's tokenizer_source: union, which is not supported here")
 
 
 LM_HEAD = "lm_head.weight"

@@ -531,3 +531,20 @@ def test_a_buffer_missing_in_some_models_is_copied_with_a_warning(mroot, tmp_pat
     # sentence-transformers files come along (modules.json and the module folders)
     assert (tmp_path / "out" / "modules.json").exists()
     assert (tmp_path / "out" / "1_Pooling" / "config.json").exists()
+
+
+def test_different_vocabularies_are_refused_naming_the_sizes(mroot, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    root, f32 = mroot
+    big = tmp_path / "big"
+    big.mkdir()
+    sd = dict(f32["ft1"])
+    sd["model.embed_tokens.weight"] = np.concatenate([sd["model.embed_tokens.weight"]] * 2)
+    sd["lm_head.weight"] = np.concatenate([sd["lm_head.weight"]] * 2)
+    save_file(sd, str(big / "model.safetensors"))
+    text = (f"merge_method: linear\nmodels:\n  - model: {root}/ft0\n    parameters: {{weight: 1}}\n"
+            f"  - model: {big}\n    parameters: {{weight: 1}}\n")
+    assert _cli([_write(tmp_path, "v.yml", text), tmp_path / "out", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "vocabularies differ" in err and ": 256" in err and ": 512" in err and "union" in err
