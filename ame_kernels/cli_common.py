@@ -104,6 +104,15 @@ def prepare(args: argparse.Namespace):
         plan.config_updates = dict(getattr(spec, "config_updates", {}) or {})
         with open(args.config, encoding="utf-8") as f:
             plan.extra_files["mergekit_config.yml"] = f.read()
+        template = getattr(spec, "chat_template", None)
+        if template == "auto":
+            from .mergekit_schema import auto_chat_template
+
+            cks = plan.ingredients + ([plan.base] if plan.base is not None else [])
+            template = auto_chat_template([ck.folder for ck in cks if ck.folder])
+        if template:  # written beside the tokenizer (newer transformers read chat_template.jinja, older the key)
+            plan.extra_files["chat_template.jinja"] = template
+            plan.config_updates["tokenizer_config.json"] = {"chat_template": template}
         if getattr(args, "model_card", None) is not False:  # mergekit writes one by default
             plan.extra_files["README.md"] = model_card(spec, plan.extra_files["mergekit_config.yml"])
     elif getattr(args, "model_card", None):

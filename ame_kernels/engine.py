@@ -114,7 +114,8 @@ class MergePlan:
     tokenizer_from: Optional[str] = None
     #: more files written beside the shards: name -> text (mergekit_config.yml)
     extra_files: Dict[str, str] = field(default_factory=dict)
-    #: config.json keys to set in the copied config (a frankenmerge's num_hidden_layers)
+    #: config.json keys to set in the copied config (a frankenmerge's num_hidden_layers); a key
+    #: 'NAME.json' with a dict value updates that copied file instead (tokenizer_config.json)
     config_updates: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -917,14 +918,18 @@ def write_metadata(plan: MergePlan, folder: str, extra: Optional[dict] = None) -
             src_f = os.path.join(plan.tokenizer_from, f)
             if os.path.isfile(src_f):
                 shutil.copyfile(src_f, os.path.join(folder, f))
-    cfg_path = os.path.join(folder, "config.json")
-    if plan.config_updates and os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            hf = json.load(f)
-        hf.update(plan.config_updates)
-        with open(cfg_path, "w", encoding="utf-8") as f:
-            json.dump(hf, f, indent=2)
-            f.write("\n")
+    # config.json keys, or {"tokenizer_config.json": {...}}: updates of another copied JSON file
+    updates = {"config.json": {k: v for k, v in plan.config_updates.items() if not k.endswith(".json")},
+               **{k: v for k, v in plan.config_updates.items() if k.endswith(".json")}}
+    for fname, upd in updates.items():
+        path = os.path.join(folder, fname)
+        if upd and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+            hf.update(upd)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(hf, f, indent=2)
+                f.write("\n")
     for fname, text in plan.extra_files.items():
         with open(os.path.join(folder, fname), "w", encoding="utf-8") as f:
             f.write(text)

@@ -195,7 +195,8 @@ saying how to download it. 'model: BASE+ADAPTER' applies a PEFT LoRA adapter fol
 base tensor by tensor (W + alpha/r B@A, as PEFT's merge_and_unload; modules_to_save
 honoured). A model with a tied lm_head (none in its files, tie_word_embeddings: true)
 merges with untied ones through its embeddings, as mergekit. Not supported (an error naming
-it): modules:, tokenizer_source: union, tokenizer.tokens, chat_template, DoRA adapters,
+it): modules:, tokenizer_source: union, tokenizer.tokens, mergekit's named chat templates
+(chat_template takes the Jinja text or 'auto'), DoRA adapters,
 mergekit's other methods. Besides the weights the output holds mergekit_config.yml and a
 README.md model card (--no-write-model-card: none).
 

@@ -12,6 +12,7 @@ error naming the file and the key (with a hint among mergekit's keys), never ign
     parameters: {normalize: true, int8_mask: true}
     dtype: bfloat16                 # out_dtype defaults to it; compute is float32 here
     tokenizer_source: base          # base, or a model path whose tokenizer files are copied
+    chat_template: auto             # or the template's Jinja text (written to the tokenizer files)
     random_seed: 0                  # the seed of dare_* / della*
 
 Semantics followed (mergekit 0.1.5, benchmarks/mergekit_refs/MANIFEST.json "semantics"):
@@ -307,6 +308,7 @@ def load_mergekit(doc: dict, path: str):
         if key not in ("models", "slices", "parameters", "tokenizer"):
             check_finite_value(value, f"{path}: {key}")
     spec.tokenizer_from = _tokenizer(doc, path, folder)
+    spec.chat_template = _chat_template(doc.get("chat_template"), path)
     base = None
     if doc.get("base_model") is not None:
         base = resolve_model(doc["base_model"], folder, f"{path}: base_model")
@@ -445,9 +447,6 @@ def _tokenizer(doc: dict, path: str, folder: str) -> Optional[str]:
                 raise _usage(f"{path}: tokenizer.{k}: not supported (only tokenizer.source: base or a model path; "
                              "token embeddings and padding of a new vocabulary are not)")
         src, key = tok.get("source"), "tokenizer.source"
-    if doc.get("chat_template") is not None:
-        raise _usage(f"{path}: chat_template: not supported (the chat template comes with the copied "
-                     "tokenizer_config.json); remove it, or set it in the output's tokenizer_config.json")
     if src is None:
         return None
     if src == "base":
@@ -462,6 +461,49 @@ def _tokenizer(doc: dict, path: str, folder: str) -> Optional[str]:
     if not os.path.isdir(p) or not any(os.path.isfile(os.path.join(p, f)) for f in TOKENIZER_FILES):
         raise _usage(f"{path}: {key}: {p} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     return p
+
+
+def _chat_template(value: Any, path: str) -> Optional[str]:
+    """mergekit's chat_template: a Jinja template text (written to the output's tokenizer files),
+    or 'auto' (the most common template among the models' tokenizer_config.json, chosen when the
+    plan is made); mergekit's named templates (chatml, llama3, ...) are its own data files,
+    not shipped here: an error asking for the text."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _usage(f"{path}: chat_template: expected a Jinja template text or 'auto', got {value!r}")
+    if value == "auto":
+        return value
+    if len(value) < 20 or "{" not in value:
+        raise _usage(f"{path}: chat_template: {value!r}: mergekit's named templates (alpaca, chatml, exaone, "
+                     "llama3, mistral) are not shipped here; give the template's Jinja text, or 'auto'")
+    return value
+
+
+def auto_chat_template(folders: List[str]) -> Optional[str]:
+    """The most common chat template among the models' tokenizer files (mergekit's 'auto')."""
+    import json
+    from collections import Counter
+
+    found = []
+    for d in folders:
+        t = None
+        jinja = os.path.join(d, "chat_template.jinja")
+        tc = os.path.join(d, "tokenizer_config.json")
+        try:
+            if os.path.isfile(jinja):
+                with open(jinja, encoding="utf-8") as f:
+                    t = f.read()
+            elif os.path.isfile(tc):
+                with open(tc, encoding="utf-8") as f:
+                    t = json.load(f).get("chat_template")
+        except (OSError, ValueError):
+            t = None
+        if isinstance(t, dict):
+            t = t.get("default")
+        if isinstance(t, str) and t.strip():
+            found.append(t.strip())
+    return Counter(found).most_common(1)[0][0] if found else None
 
 
 def _method(spec, method: str, entries, top: dict, base: Optional[str], seed, path: str) -> None:

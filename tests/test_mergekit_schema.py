@@ -253,7 +253,8 @@ ERRORS = [
     ("merge_method: linear\nmodels: [{model: R/ft0, parameters: {weight: 1}}]\ndtype: float64\n", ["dtype", "float64"]),
     ("merge_method: linear\nmodels: [{model: R/ft0, parameters: {weight: 1}}]\ntokenizer_source: union\n",
      ["tokenizer_source", "union"]),
-    ("merge_method: linear\nmodels: [{model: R/ft0, parameters: {weight: 1}}]\nchat_template: chatml\n", ["chat_template"]),
+    ("merge_method: linear\nmodels: [{model: R/ft0, parameters: {weight: 1}}]\nchat_template: chatml\n",
+     ["chat_template", "named templates", "Jinja text"]),
     ("merge_method: linear\nmodels: [{model: R/ft0, parameters: {weight: 1}}]\ntokenizer: {source: base, tokens: {}}\n",
      ["tokenizer.tokens"]),
     ("merge_method: linear\nmodels: [{model: R/ft0+R/lora, parameters: {weight: 1}}]\n", ["models[0].model", "base+lora"]),
@@ -548,3 +549,23 @@ def test_different_vocabularies_are_refused_naming_the_sizes(mroot, tmp_path, ca
     assert _cli([_write(tmp_path, "v.yml", text), tmp_path / "out", "-q"]) == 2
     err = capsys.readouterr().err
     assert "vocabularies differ" in err and ": 256" in err and ": 512" in err and "union" in err
+
+
+def test_chat_template_text_and_auto(mroot, tmp_path):
+    root, _ = mroot
+    tpl = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    for name in ("ft0", "ft1"):
+        (tmp_path / name).mkdir()
+        for f in os.listdir(os.path.join(root, name)):
+            (tmp_path / name / f).write_bytes(open(os.path.join(root, name, f), "rb").read())
+        (tmp_path / name / "tokenizer_config.json").write_text(json.dumps({"chat_template": tpl + name}))
+    head = (f"merge_method: linear\nmodels:\n  - model: {tmp_path}/ft0\n    parameters: {{weight: 1}}\n"
+            f"  - model: {tmp_path}/ft1\n    parameters: {{weight: 1}}\n")
+    p = _write(tmp_path, "c.yml", head + "chat_template: \"" + tpl + "\"\n")
+    assert _cli([p, tmp_path / "out", "-q"]) == 0
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == tpl
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == tpl
+    (tmp_path / "ft1" / "tokenizer_config.json").write_text(json.dumps({"chat_template": tpl + "ft0"}))
+    p2 = _write(tmp_path, "c2.yml", head + "chat_template: auto\n")
+    assert _cli([p2, tmp_path / "out2", "-q"]) == 0  # both models now carry tpl + 'ft0'
+    assert (tmp_path / "out2" / "chat_template.jinja").read_text() == tpl + "ft0"
