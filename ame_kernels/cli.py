@@ -46,8 +46,7 @@ def version_line() -> str:
 #: mergekit-yaml flags accepted without effect here (a one-line note each): this engine always
 #: streams in bounded memory, copies config and tokenizer files, and writes no model card
 MERGEKIT_NOOP_FLAGS = ("--allow-crimes", "--lazy-unpickle", "--no-lazy-unpickle", "--low-cpu-memory", "--read-to-gpu",
-                       "--multi-gpu", "--trust-remote-code", "--copy-tokenizer", "--no-copy-tokenizer",
-                       "--clone-tensors", "--safe-serialization")
+                       "--multi-gpu", "--trust-remote-code", "--clone-tensors", "--safe-serialization")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--write-model-card", dest="model_card", action="store_true", default=None,
                     help="write README.md, a model card (the default with a mergekit config, as mergekit)")
     mk.add_argument("--no-write-model-card", dest="model_card", action="store_false")
+    mk.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=None,
+                    help="copy the tokenizer files (the default)")
+    mk.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false",
+                    help="no tokenizer files in the output")
     for flag in MERGEKIT_NOOP_FLAGS:
         mk.add_argument(flag, dest="mk_noop", action="append_const", const=flag, help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")

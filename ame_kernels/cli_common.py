@@ -98,6 +98,10 @@ def prepare(args: argparse.Namespace):
             raise UsageError(f"{spec.source}: {str(e)[len('merge: '):]}") from None
         raise
     plan.schema = spec.schema
+    if getattr(args, "copy_tokenizer", None) is False:
+        if spec.tokenizer_from or getattr(spec, "chat_template", None):
+            raise UsageError(f"--no-copy-tokenizer: {spec.source} names a tokenizer_source or chat_template")
+        plan.copy_tokenizer = False
     plan.notes = list(spec.notes)
     if spec.schema == "mergekit":  # what mergekit writes besides the weights: the config as run
         plan.tokenizer_from = spec.tokenizer_from

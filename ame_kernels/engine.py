@@ -112,6 +112,8 @@ class MergePlan:
     base: Optional[Checkpoint] = None
     #: a folder whose tokenizer files replace the copied ones (mergekit's tokenizer_source)
     tokenizer_from: Optional[str] = None
+    #: False: no tokenizer files in the output (mergekit-yaml --no-copy-tokenizer)
+    copy_tokenizer: bool = True
     #: more files written beside the shards: name -> text (mergekit_config.yml)
     extra_files: Dict[str, str] = field(default_factory=dict)
     #: config.json keys to set in the copied config (a frankenmerge's num_hidden_layers); a key
@@ -910,8 +912,12 @@ def write_metadata(plan: MergePlan, folder: str, extra: Optional[dict] = None) -
             f.write("\n")
     src = (plan.extra_checkpoints or [plan.ingredients[plan.pivot if isinstance(plan.pivot, int) else 0]])[0]
     aux = src.aux_files() or plan.ingredients[0].aux_files()
+    if not plan.copy_tokenizer:
+        from .mergekit_schema import TOKENIZER_FILES
+
+        aux = [a for a in aux if os.path.basename(a) not in TOKENIZER_FILES]
     copy_aux_files(aux, folder, plan.config.out_dtype)
-    if plan.tokenizer_from:
+    if plan.tokenizer_from and plan.copy_tokenizer:
         from .mergekit_schema import TOKENIZER_FILES
 
         for f in TOKENIZER_FILES:

@@ -203,9 +203,9 @@ README.md model card (--no-write-model-card: none).
 Sizes: with a mergekit config, --shard-size and --out-shard-size read mergekit's suffixes,
 K/M/B (and G) as powers of 1000: 5B is 5e9 bytes (with the ame schema 5B is 5 bytes; 5GB
 is 5e9 in both). mergekit-yaml's other flags: --cuda (= --device cuda), -j/--num-threads
-(= --threads), --random-seed (= random_seed); --allow-crimes, --lazy-unpickle,
---low-cpu-memory, --read-to-gpu, --multi-gpu, --trust-remote-code, --copy-tokenizer (and
-their --no- forms) are accepted with a one-line note. No 'mergekit-yaml' command is
+(= --threads), --random-seed (= random_seed), --no-copy-tokenizer (no tokenizer files), --no-write-model-card (no README.md);
+--allow-crimes, --lazy-unpickle, --low-cpu-memory, --read-to-gpu, --multi-gpu and
+--trust-remote-code are accepted with a one-line note. No 'mergekit-yaml' command is
 installed (it would replace mergekit's own where both are installed): run ame-merge."""
 
 

@@ -569,3 +569,22 @@ def test_chat_template_text_and_auto(mroot, tmp_path):
     p2 = _write(tmp_path, "c2.yml", head + "chat_template: auto\n")
     assert _cli([p2, tmp_path / "out2", "-q"]) == 0  # both models now carry tpl + 'ft0'
     assert (tmp_path / "out2" / "chat_template.jinja").read_text() == tpl + "ft0"
+
+
+def test_mergekit_yaml_flags(mroot, tmp_path, capsys):
+    root, f32 = mroot
+    text = (f"merge_method: linear\nmodels:\n  - model: {root}/ft0\n    parameters: {{weight: 1}}\n"
+            f"  - model: {root}/ft1\n    parameters: {{weight: 1}}\ntokenizer_source: {root}/ft1\n")
+    p = _write(tmp_path, "f.yml", text)
+    assert _cli([p, tmp_path / "out", "-q", "--no-copy-tokenizer"]) == 2  # it names a tokenizer_source
+    assert "--no-copy-tokenizer" in capsys.readouterr().err
+    p2 = _write(tmp_path, "f2.yml", text.replace(f"tokenizer_source: {root}/ft1\n", ""))
+    # ft0 has no tokenizer; ft1's is not copied from ingredient 0 either way: use ft1 first
+    p3 = _write(tmp_path, "f3.yml", text.replace(f"tokenizer_source: {root}/ft1\n", "").replace("ft0", "TMP")
+                .replace("ft1", "ft0").replace("TMP", "ft1"))
+    assert _cli([p3, tmp_path / "o3", "-q"]) == 0 and (tmp_path / "o3" / "tokenizer.json").exists()
+    assert _cli([p3, tmp_path / "o4", "-q", "--no-copy-tokenizer", "--allow-crimes", "-j", "1"]) == 0
+    assert not (tmp_path / "o4" / "tokenizer.json").exists() and (tmp_path / "o4" / "config.json").exists()
+    assert _cli([p2, tmp_path / "o5", "--allow-crimes", "--lazy-unpickle"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --allow-crimes has no effect" in err and "note: --lazy-unpickle has no effect" in err
