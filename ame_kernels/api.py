@@ -84,6 +84,9 @@ def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: An
     from .methods.run import TorchOps, merge_tensor
 
     general = make_config(None, **call.general)  # the general options, checked as AMEConfig checks them
+    if hasattr(call.params, "bind"):  # per-tensor values (layer gradients, filters): every tensor checked first
+        call.params.bind(names)
+        call.params.check_tensors([n for n in names if dicts[0][n].dtype in FLOAT_DTYPES])
     base_sd = resolve_reference(base, dicts, names, form, "base", "a tensor or state dict") if base is not None else None
     if general.check_finite:
         check_all_finite(dicts, names)

@@ -43,6 +43,12 @@ def version_line() -> str:
     return f"ame-merge {__version__} ({native}; Python {sys.version.split()[0]})"
 
 
+#: mergekit-yaml flags accepted without effect here (a one-line note each): this engine always
+#: streams in bounded memory, copies config and tokenizer files, and writes no model card
+MERGEKIT_NOOP_FLAGS = ("--allow-crimes", "--lazy-unpickle", "--no-lazy-unpickle", "--low-cpu-memory", "--read-to-gpu",
+                       "--multi-gpu", "--trust-remote-code", "--clone-tensors", "--safe-serialization")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ame-merge",
@@ -60,7 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", help="CPU threads for the kernels")
     p.add_argument("--chunk-mb", help="chunk size in MiB of fp32 elements per ingredient (default 64)")
     p.add_argument("--shard-size", help="output shard size, e.g. 5GB (default), 500MB, 2GiB")
+    p.add_argument("--out-shard-size", help="mergekit-yaml's flag: output shard size with mergekit's suffixes "
+                   "(K/M/B = 1e3/1e6/1e9 bytes: 5B is 5e9); in a mergekit config --shard-size reads K/M/B/G the same way")
     p.add_argument("--out-dtype", help="float32, bfloat16 or float16 (default: the pivot's dtype)")
+    mk = p.add_argument_group("mergekit-yaml's flags (ame-merge help mergekit)")
+    mk.add_argument("--cuda", action="store_true", help="= --device cuda")
+    mk.add_argument("-j", "--num-threads", dest="num_threads", help="= --threads")
+    mk.add_argument("--random-seed", dest="random_seed", help="the seed of dare_* / della* (= random_seed)")
+    mk.add_argument("--write-model-card", dest="model_card", action="store_true", default=None,
+                    help="write README.md, a model card (the default with a mergekit config, as mergekit)")
+    mk.add_argument("--no-write-model-card", dest="model_card", action="store_false")
+    mk.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=None,
+                    help="copy the tokenizer files (the default)")
+    mk.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false",
+                    help="no tokenizer files in the output")
+    for flag in MERGEKIT_NOOP_FLAGS:
+        mk.add_argument(flag, dest="mk_noop", action="append_const", const=flag, help=argparse.SUPPRESS)
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the plan; write nothing")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
@@ -88,7 +109,10 @@ def describe(plan) -> str:
         params = ", ".join(f"{k} {v}" for k, v in plan.call.params.to_dict().items())
         how = [f"method: {plan.method} ({plan.call.method.title}){'; base: ' + plan.base.path if plan.base else ''}",
                f"parameters: {params or 'none'}"]
+    schema = getattr(plan, "schema", None)
     lines = [
+        *(["schema: ame (ame-merge help config)"] if schema == "ame" else []),
+        *getattr(plan, "notes", []),
         *models,
         *how,
         f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied)",

@@ -34,12 +34,13 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -109,6 +110,15 @@ class MergePlan:
     call: Any = None
     #: the base checkpoint of a task-vector method (read like an ingredient)
     base: Optional[Checkpoint] = None
+    #: a folder whose tokenizer files replace the copied ones (mergekit's tokenizer_source)
+    tokenizer_from: Optional[str] = None
+    #: False: no tokenizer files in the output (mergekit-yaml --no-copy-tokenizer)
+    copy_tokenizer: bool = True
+    #: more files written beside the shards: name -> text (mergekit_config.yml)
+    extra_files: Dict[str, str] = field(default_factory=dict)
+    #: config.json keys to set in the copied config (a frankenmerge's num_hidden_layers); a key
+    #: 'NAME.json' with a dict value updates that copied file instead (tokenizer_config.json)
+    config_updates: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -320,10 +330,16 @@ def plan_merge(
             opened.append(m if isinstance(m, Checkpoint) else open_checkpoint(m))
         extra = pivot_path if pivot_path is not None else base
         if extra is not None:
-            opened.append(open_checkpoint(extra))
-        extra_ck = opened[-1] if extra is not None else None
-        return _plan(opened[: len(models)], extra_ck if base is None else None, extra_ck if base is not None else None,
+            opened.append(extra if isinstance(extra, Checkpoint) else open_checkpoint(extra))
+        from .io.checkpoint import fill_missing_buffers
+
+        # a non-floating buffer some checkpoints lack (an old position_ids) is read from one that has it
+        filled, buffer_notes = fill_missing_buffers(opened)
+        extra_ck = filled[-1] if extra is not None else None
+        plan = _plan(filled[: len(models)], extra_ck if base is None else None, extra_ck if base is not None else None,
                      cfg, chunk_mb, shard_bytes, device, call)
+        plan.warnings[:0] = buffer_notes
+        return plan
     except BaseException:
         for ck in opened:  # nothing stays open after a failed plan
             ck.close()
@@ -370,6 +386,10 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], base_ck: Option
         in_dtypes = tuple(ck.tensors[name].dtype for ck in cks)
         jobs.append(TensorJob(name, first.shape, first.numel, merge, in_dtypes, out_dtype, source, 0))
         sizes.append(first.numel * itemsize(out_dtype))
+    params = getattr(call, "params", None)
+    if hasattr(params, "bind"):  # per-tensor values (layer gradients, filters): all checked before any read
+        params.bind(names, getattr(call, "positions", None))
+        params.check_tensors([j.name for j in jobs if j.merge])
     shards = assign_shards(sizes, shard_bytes)
     jobs = [dataclasses.replace(j, shard=k) for j, k in zip(jobs, shards)]
     for ck in cks + ([extra] if extra is not None else []):
@@ -899,7 +919,33 @@ def write_metadata(plan: MergePlan, folder: str, extra: Optional[dict] = None) -
             f.write("\n")
     src = (plan.extra_checkpoints or [plan.ingredients[plan.pivot if isinstance(plan.pivot, int) else 0]])[0]
     aux = src.aux_files() or plan.ingredients[0].aux_files()
+    if not plan.copy_tokenizer:
+        from .mergekit_schema import TOKENIZER_FILES
+
+        aux = [a for a in aux if os.path.basename(a) not in TOKENIZER_FILES]
     copy_aux_files(aux, folder, plan.config.out_dtype)
+    if plan.tokenizer_from and plan.copy_tokenizer:
+        from .mergekit_schema import TOKENIZER_FILES
+
+        for f in TOKENIZER_FILES:
+            src_f = os.path.join(plan.tokenizer_from, f)
+            if os.path.isfile(src_f):
+                shutil.copyfile(src_f, os.path.join(folder, f))
+    # config.json keys, or {"tokenizer_config.json": {...}}: updates of another copied JSON file
+    updates = {"config.json": {k: v for k, v in plan.config_updates.items() if not k.endswith(".json")},
+               **{k: v for k, v in plan.config_updates.items() if k.endswith(".json")}}
+    for fname, upd in updates.items():
+        path = os.path.join(folder, fname)
+        if upd and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+            hf.update(upd)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(hf, f, indent=2)
+                f.write("\n")
+    for fname, text in plan.extra_files.items():
+        with open(os.path.join(folder, fname), "w", encoding="utf-8") as f:
+            f.write(text)
     with open(os.path.join(folder, PROVENANCE), "w", encoding="utf-8") as f:
         f.write(provenance_yaml(plan, extra))
 

@@ -160,6 +160,55 @@ AME_SKIP_NATIVE=1 (pure Python: the reference and Triton backends only),
 AME_CUDA_ARCHS="80;90", AME_BUILD_JOBS=N. ame-merge --version says what was built."""
 
 
+def _mergekit() -> str:
+    return """\
+mergekit configs (a YAML file with 'merge_method:' is read with mergekit's schema, unchanged)
+
+  merge_method: ties            # linear task_arithmetic ties dare_ties dare_linear breadcrumbs
+  base_model: org/base          #   breadcrumbs_ties della della_linear slerp model_stock
+  models:                       #   passthrough (slices) ame (AME: parameters optimizer, lr, ...)
+    - model: path/or/org-name@revision
+      parameters:
+        weight: 0.5                          # required for linear and the task-vector methods
+        density: [0.2, 0.5, 0.8]             # a gradient over the layers
+        gamma: [{filter: mlp, value: 0.02}, {value: 0.01}]   # filter rules, then a default
+  parameters: {lambda: 1.0, normalize: true, int8_mask: true}
+  dtype: bfloat16               # the output dtype unless out_dtype (compute is float32 here)
+  tokenizer_source: base        # or a model path: its tokenizer files are copied
+  random_seed: 0                # dare_* / della* masks
+
+  slices:                       # instead of models: stack layer ranges (a frankenmerge)
+    - sources: [{model: a/, layer_range: [0, 24]}]
+    - sources: [{model: b/, layer_range: [8, 32]}]
+
+Parameters as mergekit evaluates them: a list is interpolated over the layer index (layer i
+of L at i/(L-1); embeddings, final norm and lm_head at 0); {filter, value} rules match a
+substring of the tensor name, in order; a model's own parameters come before the top-level
+ones (shared ones: lambda, normalize, rescale, t, filter_wise, top level only). The base
+model is excluded from the task vectors; for slerp it is the t = 0 end. int8_mask has no
+effect on the result (mergekit only stores its masks as int8). --dry-run prints
+'schema: mergekit'. The output also holds mergekit_config.yml (the config as run).
+
+Hugging Face IDs resolve through the local cache only (HF_HUB_CACHE, else $HF_HOME/hub,
+else ~/.cache/huggingface/hub; org/name@rev reads refs/rev); one not there is an error
+saying how to download it. 'model: BASE+ADAPTER' applies a PEFT LoRA adapter folder to its
+base tensor by tensor (W + alpha/r B@A, as PEFT's merge_and_unload; modules_to_save
+honoured). A model with a tied lm_head (none in its files, tie_word_embeddings: true)
+merges with untied ones through its embeddings, as mergekit. Not supported (an error naming
+it): modules:, tokenizer_source: union, tokenizer.tokens, mergekit's named chat templates
+(chat_template takes the Jinja text or 'auto'), DoRA adapters,
+mergekit's other methods. Besides the weights the output holds mergekit_config.yml and a
+README.md model card (--no-write-model-card: none).
+
+Sizes: with a mergekit config, --shard-size and --out-shard-size read mergekit's suffixes,
+K/M/B (and G) as powers of 1000: 5B is 5e9 bytes (with the ame schema 5B is 5 bytes; 5GB
+is 5e9 in both). mergekit-yaml's other flags: --cuda (= --device cuda), -j/--num-threads
+(= --threads), --random-seed (= random_seed), --no-copy-tokenizer (no tokenizer files), --no-write-model-card (no README.md);
+--allow-crimes, --lazy-unpickle, --low-cpu-memory, --read-to-gpu, --multi-gpu and
+--trust-remote-code are accepted with a one-line note. No 'mergekit-yaml' command is
+installed (it would replace mergekit's own where both are installed): run ame-merge."""
+
+
 TOPICS: Dict[str, Callable[[], str]] = {
     "config": _config,
     "methods": _methods,
@@ -167,6 +216,7 @@ TOPICS: Dict[str, Callable[[], str]] = {
     "inspect": _inspect,
     "exit-codes": _exit_codes,
     "install": _install,
+    "mergekit": _mergekit,
 }
 
 SUMMARY = {
@@ -176,6 +226,7 @@ SUMMARY = {
     "inspect": "ame-merge inspect: how alike the models are (cosine, L2, norms)",
     "exit-codes": "what each exit code means",
     "install": "pip extras and build switches",
+    "mergekit": "mergekit's YAML configs (merge_method:, slices:, gradients, filters) run unchanged",
 }
 
 

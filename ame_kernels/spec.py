@@ -75,6 +75,12 @@ class MergeSpec:
     strategy: Optional[str] = None
     strategy_keys: Dict[str, Any] = field(default_factory=dict)
     folder: str = ""
+    #: which schema read the file: 'ame' (this module) or 'mergekit' (a file with merge_method:)
+    schema: str = "ame"
+    #: a folder whose tokenizer files replace the copied ones (mergekit's tokenizer_source)
+    tokenizer_from: Optional[str] = None
+    #: lines for --dry-run (the schema used, keys without effect)
+    notes: List[str] = field(default_factory=list)
 
     @property
     def config(self) -> AMEConfig:
@@ -117,11 +123,20 @@ def load_spec(path: str) -> MergeSpec:
     doc = read_yaml(path, UsageError)
     if not isinstance(doc, dict):
         raise UsageError(f"{path}: expected a mapping with a 'models:' list, got {type(doc).__name__}")
+    if "merge_method" in doc:  # mergekit's schema (ame_kernels/mergekit_schema.py)
+        from .mergekit_schema import load_mergekit
+
+        return load_mergekit(doc, path)
     params = method_param_names()
     top = ("models", "method", "base", "pivot", "transform") + ENGINE_KEYS + STRATEGY_KEYS + tuple(
         f for f in FIELD_NAMES if f != "pivot") + params
     for key in doc:
         if key not in top:
+            from .mergekit_schema import TOP_KEYS as MK_KEYS
+
+            if key in MK_KEYS:  # a mergekit config that lost its merge_method line
+                raise UsageError(f"{path}: unknown key {key!r} (a key of mergekit's schema: a mergekit config "
+                                 "needs 'merge_method:', e.g. merge_method: linear)")
             raise UsageError(f"{path}: unknown key {key!r}{_suggest(key, top)}")
     for key, value in doc.items():
         if key != "models":

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import MergeError
 from .safetensors import SafetensorsFile, TensorInfo, open_regular
@@ -42,7 +43,14 @@ AUX_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
     "sentencepiece.bpe.model",
+    # sentence-transformers: the pipeline (Pooling, Normalize, ...) around the transformer
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 )
+#: sentence-transformers module folders (``1_Pooling/``, ``2_Normalize/``): copied whole when
+#: small and free of weights of their own (a Dense layer's weights cannot be merged here)
+MODULE_DIR = re.compile(r"^\d+_[A-Za-z]\w*$")
 #: remote-code modules (``config.json``'s ``auto_map`` names them; without them ``trust_remote_code`` fails).
 AUX_PATTERNS = ("configuration_*.py", "modeling_*.py", "tokenization_*.py", "processing_*.py", "image_processing_*.py")
 
@@ -91,6 +99,9 @@ def aux_files_in(folder: str) -> List[str]:
         for f in entries
         if any(fnmatch.fnmatchcase(f, pat) for pat in AUX_PATTERNS) and os.path.isfile(os.path.join(folder, f))
     ]
+    if os.path.isfile(os.path.join(folder, "modules.json")):
+        found += [os.path.join(folder, f) for f in entries if MODULE_DIR.match(f) and os.path.isdir(os.path.join(folder, f))
+                  and not any(g.endswith((".safetensors", ".bin", ".pt", ".pth")) for g in os.listdir(os.path.join(folder, f)))]
     return found
 
 
@@ -100,6 +111,9 @@ def copy_aux_files(paths: List[str], folder: str, out_dtype: Optional[str] = Non
     import shutil
 
     for path in paths:
+        if os.path.isdir(path):  # a sentence-transformers module folder
+            shutil.copytree(path, os.path.join(folder, os.path.basename(path)))
+            continue
         shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
     if out_dtype and any(os.path.basename(p) == "config.json" for p in paths):
         _set_config_dtype(os.path.join(folder, "config.json"), out_dtype)
@@ -241,3 +255,35 @@ def _open_checkpoint(path: str) -> Checkpoint:
 
 def _has_aux(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def fill_missing_buffers(cks: List[Checkpoint]) -> Tuple[List[Checkpoint], List[str]]:
+    """Non-floating tensors (buffers such as an old base's int64 ``embeddings.position_ids``) that
+    some checkpoints have and others lack: read from the first one that has it, with a warning
+    each, as transformers tolerates them; floating tensors missing somewhere stay an error."""
+    import dataclasses
+
+    from .safetensors import MERGE_DTYPES
+
+    have: dict = {}
+    for ck in cks:
+        for name, info in ck.tensors.items():
+            if info.dtype not in MERGE_DTYPES and name not in have:
+                have[name] = (ck, info)
+    missing = {name for name in have if any(name not in ck.tensors for ck in cks)}
+    if not missing:
+        return cks, []
+    out, notes = [], []
+    for ck in cks:
+        lack = [n for n in have if n in missing and n not in ck.tensors]
+        if not lack:
+            out.append(ck)
+            continue
+        tensors, files = dict(ck.tensors), dict(ck.files)
+        for n in lack:
+            src, info = have[n]
+            tensors[n] = dataclasses.replace(info)
+            files.setdefault(info.file, src.files[info.file])
+            notes.append(f"{ck.path}: has no {n!r} (a non-floating {info.dtype} buffer): copied from {src.path}")
+        out.append(Checkpoint(ck.path, ck.kind, tensors, files, ck.folder))
+    return out, notes

@@ -23,7 +23,7 @@ from ..errors import MergeError
 from .base import BASE_NEVER, BASE_REQUIRED, Method, TensorContext
 from .combine import CombinePlan
 from .interpolation import Linear, ModelStock, Slerp
-from .params import Params, canonical, resolve, suggest
+from .params import Params, RuleParams, canonical, resolve, suggest
 from .task_vectors import (Breadcrumbs, BreadcrumbsTies, DareLinear, DareTies, Della, DellaLinear, TaskArithmetic,
                            Ties)
 
@@ -144,7 +144,10 @@ def split_call(method: Any, options: Dict[str, Any], n: int, has_base: bool, has
         raise MergeError(f"{where}: method {m.name!r} takes no base model"
                          + (" (task_arithmetic is the weighted sum of task vectors around a base)" if m.name == "linear" else ""))
     params = resolve(m.name, m.params, n, rest, per_model, where)
-    m.check(params, n, where)
+    if isinstance(params, RuleParams):  # per-tensor values: checked per tensor (RuleParams.for_tensor)
+        params.checker = lambda p, w, _m=m, _n=n: _m.check(p, _n, w)
+    else:
+        m.check(params, n, where)
     return MethodCall(m, params, {}, general)
 
 

@@ -95,7 +95,14 @@ class ModelStock(Method):
     formula = "t = k cos / (1 + (k-1) cos), cos the mean pairwise cosine of the task vectors; t mean(x_i) + (1-t) base"
     base = BASE_REQUIRED
     min_n = 2
-    params = ()
+    #: chunks hold whole rows (filter_wise takes per-row statistics)
+    row_aligned = True
+    params = (Param("filter_wise", "bool", False, "per-row statistics and t (rows along the last dimension; "
+                    "a 1-D tensor is one row), as mergekit's filter_wise"),)
+
+    @staticmethod
+    def row_len(shape) -> int:
+        return int(shape[-1]) if len(shape) >= 2 else max(1, int(np.prod(shape, dtype=np.int64)) if shape else 1)
 
     @staticmethod
     def ratio(g: np.ndarray) -> tuple:
@@ -108,6 +115,15 @@ class ModelStock(Method):
         return (k * c / den if abs(den) >= MODEL_STOCK_EPS else 0.0), c  # mergekit: t = 0 at a vanishing denominator
 
     def plan(self, ctx, p: Params) -> CombinePlan:
+        if p.get("filter_wise", False) and len(ctx.shape) >= 1 and ctx.numel:
+            row = self.row_len(ctx.shape)
+            grams = [ctx.ops.row_gram(xs, b, row) for _, xs, b in ctx.chunks()]
+            g = np.concatenate(grams, axis=0)  # [rows, N, N]
+            ts = np.array([self.ratio(gr)[0] for gr in g])
+            W = np.ascontiguousarray(np.repeat((ts / ctx.n)[:, None], ctx.n, axis=1), dtype=np.float32)
+            plan = CombinePlan(ctx.n, weight=W[0])
+            plan.notes.update(row_weight=(row, W), t=ts)
+            return plan
         t, c = self.ratio(ctx.gram())
         plan = CombinePlan(ctx.n, weight=[t / ctx.n] * ctx.n)
         plan.notes.update(cos=c, t=t)
@@ -116,6 +132,14 @@ class ModelStock(Method):
     def reference(self, xs: Sequence, base, p: Params, name: str):
         import torch
 
+        if p.get("filter_wise", False):
+            row = self.row_len(tuple(base.shape))
+            b2 = base.reshape(-1, row).double()
+            outs = []
+            for r in range(b2.shape[0]):
+                sub = Params(self.name, {"filter_wise": False}, ())
+                outs.append(self.reference([x.reshape(-1, row)[r] for x in xs], b2[r], sub, name))
+            return torch.cat(outs)
         b = base.reshape(-1).double()
         taus = [x.reshape(-1).double() - b for x in xs]
         k = len(taus)

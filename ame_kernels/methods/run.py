@@ -51,7 +51,25 @@ class TorchOps:
 
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(like.device)
 
+    def row_gram(self, xs, b, row: int) -> np.ndarray:
+        """float64[R, N, N]: the gram matrix of each row of ``row`` elements of a row-aligned chunk."""
+        import torch
+
+        taus = torch.stack([(x.float() - b.float()) if b is not None else x.float() for x in xs]).double()
+        taus = taus.reshape(len(xs), -1, row)
+        return torch.einsum("irc,jrc->rij", taus, taus).cpu().numpy()
+
+    @staticmethod
+    def cut(h, a: int, z: int):
+        return h[a:z]
+
+    @staticmethod
+    def size(h) -> int:
+        return int(h.numel())
+
     def combine(self, xs, b, out, plan: CombinePlan, offset: int, probs) -> None:
+        if combine_rows(self, xs, b, out, plan, offset, probs):
+            return
         self.backend.combine(xs, b, out, plan, offset, probs, threads=self.threads)
 
 
@@ -102,10 +120,45 @@ class BufferOps:
     def wrap(self, a: np.ndarray, like):
         return np.ascontiguousarray(a, dtype=np.float32)
 
+    def row_gram(self, xs, b, row: int) -> np.ndarray:
+        taus = np.stack([to_f32(*x).astype(np.float64) - (to_f32(*b) if b is not None else 0.0) for x in xs])
+        taus = taus.reshape(len(xs), -1, row)
+        return np.einsum("irc,jrc->rij", taus, taus)
+
+    @staticmethod
+    def cut(h, a: int, z: int):
+        return (h[0][a:z], h[1])
+
+    @staticmethod
+    def size(h) -> int:
+        return int(h[0].shape[0])
+
     def combine(self, xs, b, out, plan: CombinePlan, offset: int, probs) -> None:
+        if combine_rows(self, xs, b, out, plan, offset, probs):
+            return
         bb, bd = self._split(b)
         self.cpu.combine_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, out[0], out[1], plan, offset,
                                  probs, threads=self.threads)
+
+
+def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs) -> bool:
+    """A plan with per-row weights (``plan.notes['row_weight'] = (row, W[R, N])``, model_stock
+    filter_wise) runs as one combine pass per row of the (row-aligned) chunk, each with that row's
+    weights: the CombinePlan contract (per-ingredient scalars) is unchanged. False otherwise."""
+    rw = plan.notes.get("row_weight")
+    if rw is None:
+        return False
+    import dataclasses
+
+    row, W = rw
+    size = ops.size(xs[0])
+    r0 = offset // row
+    for r in range(size // row):
+        a, z = r * row, (r + 1) * row
+        sub = dataclasses.replace(plan, weight=W[r0 + r], notes={})
+        ops.combine([ops.cut(x, a, z) for x in xs], None if b is None else ops.cut(b, a, z), ops.cut(out, a, z),
+                    sub, offset + a, None if probs is None else [p[a:z] for p in probs])
+    return True
 
 
 def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
