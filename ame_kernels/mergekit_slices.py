@@ -22,8 +22,6 @@ layers). Nothing is copied: the output is read from the sources' files through r
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from .methods.params import LAYER_RE, Chain, Param, Rule, evaluate, layer_index
@@ -206,7 +204,6 @@ def _open(cache: dict, p: str):
 
 def _build(spec, state) -> list:
     """Open the sources and build the renamed views (one Checkpoint per ingredient, and the base's)."""
-    from .errors import MergeError
     from .io.checkpoint import Checkpoint
     from .mergekit_schema import GTA
 
