@@ -25,7 +25,7 @@ $(STAMP):
 # The stamp gets the time the build started (a temporary stamp touched first, moved into
 # place on success), so a source edited while a build runs is newer than it: the next
 # `make build` rebuilds.
-$(BUILD_STAMP): $(STAMP) CMakeLists.txt setup.py $(shell find csrc python -type f 2>/dev/null)
+$(BUILD_STAMP): $(STAMP) CMakeLists.txt setup.py pyproject.toml $(shell find csrc python -type f 2>/dev/null)
 	touch $@.tmp
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import ame_kernels as ak; print('ame_kernels built:', ak.build_info())"
