@@ -154,6 +154,9 @@ def load_spec(path: str) -> MergeSpec:
         k = next(iter(spec.strategy_keys))
         raise UsageError(f"{path}: {k!r} is a key of strategies greedy, stew and greedy_soup, and this config "
                          f"names {'no strategy' if spec.strategy is None else 'strategy ' + repr(spec.strategy)}")
+    if spec.strategy in ("greedy", "greedy_soup") and "evaluate" not in spec.strategy_keys:
+        raise UsageError(f"{path}: strategy {spec.strategy!r} needs 'evaluate: module:function' "
+                         "(candidate state dict -> score)")
     models_raw = doc.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise UsageError(f"{path}: 'models' must be a non-empty list of {{path: ..., score: ...}} entries")

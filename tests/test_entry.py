@@ -37,3 +37,18 @@ def test_a_signal_while_importing_is_one_line(tmp_path, sig, code, name):
 def test_the_entry_runs_the_cli():
     out = subprocess.run([sys.executable, "-c", ENTRY, "--version"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("ame-merge "), out
+
+
+def test_a_strategy_config_without_evaluate_fails_the_dry_run(tmp_path, capsys):
+    """It passed --dry-run, then failed (issue 17, defect 9)."""
+    import yaml
+
+    from ame_kernels.cli import main
+    from test_io import make_family
+
+    paths, _ = make_family(tmp_path, n=2)
+    for strategy in ("greedy_soup", "greedy"):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(yaml.safe_dump({"strategy": strategy, "models": paths}))
+        assert main([str(cfg), "--dry-run"]) == 2
+        assert f"strategy '{strategy}' needs 'evaluate: module:function'" in capsys.readouterr().err
