@@ -1050,42 +1050,66 @@ def merge_checkpoints(models: Sequence[str], out_dir: str, config: Optional[AMEC
         close_plan(plan)
 
 
+def write_model_folder(tensors: Sequence[Tuple[str, str, Tuple[int, ...], np.ndarray]], folder: str, *,
+                       shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, aux: Sequence[str] = (),
+                       out_dtype: Optional[str] = None, provenance: str = "") -> List[str]:
+    """Write in-memory results ((name, dtype, shape, storage array) each) into ``folder`` as the
+    engine writes a merge: shards of ``shard_size`` (+ index), the ``aux`` files (config.json's dtype
+    set to an explicit ``out_dtype``) and ``ame_merge.yaml``. Returns the shard file names."""
+    shard_bytes = parse_size(shard_size)
+    shards = assign_shards([int(np.prod(shape, dtype=np.int64)) * itemsize(d) for _, d, shape, _ in tensors], shard_bytes)
+    files = shard_names((shards[-1] + 1) if shards else 1)
+    os.makedirs(folder, exist_ok=True)
+    for k, fname in enumerate(files):
+        mine = [t for t, s in zip(tensors, shards) if s == k]
+        mine.sort(key=lambda t: -itemsize(t[1]))  # widest first: every tensor aligned to its itemsize
+        w = ShardWriter(os.path.join(folder, fname), [(n, d, tuple(shape)) for n, d, shape, _ in mine], {"format": "pt"}).create()
+        try:
+            for name, _, _, data in mine:
+                if data.size:
+                    w.write(name, 0, np.ascontiguousarray(data).reshape(-1))
+        finally:
+            w.close()
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(int(np.prod(s, dtype=np.int64)) * itemsize(d) for _, d, s, _ in tensors)},
+                 "weight_map": {t[0]: files[s] for t, s in zip(tensors, shards)}}
+        with open(os.path.join(folder, INDEX), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+    copy_aux_files(list(aux), folder, out_dtype)
+    with open(os.path.join(folder, PROVENANCE), "w", encoding="utf-8") as f:
+        f.write(provenance)
+    return files
+
+
 def write_state_dict(tensors: Sequence[Tuple[str, str, Tuple[int, ...], np.ndarray]], out_dir: str, *,
                      shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, aux: Sequence[str] = (),
                      out_dtype: Optional[str] = None, provenance: str = "", force: bool = False,
                      protect: Sequence[str] = ()) -> List[str]:
-    """Write in-memory results ((name, dtype, shape, storage array) each) through the engine's output
-    path: shards of ``shard_size`` (+ index), the ``aux`` files (config.json's dtype set to an explicit
-    ``out_dtype``), ``ame_merge.yaml``; built under a temporary name and renamed into place."""
-    shard_bytes = parse_size(shard_size)
-    shards = assign_shards([int(np.prod(shape, dtype=np.int64)) * itemsize(d) for _, d, shape, _ in tensors], shard_bytes)
-    files = shard_names((shards[-1] + 1) if shards else 1)
+    """``write_model_folder`` into ``out_dir``, built under a temporary name and renamed into place."""
     atomic = AtomicDir(out_dir, force=force, protect=list(protect))
     tmp = atomic.create()
     try:
-        for k, fname in enumerate(files):
-            mine = [t for t, s in zip(tensors, shards) if s == k]
-            mine.sort(key=lambda t: -itemsize(t[1]))  # widest first: every tensor aligned to its itemsize
-            w = ShardWriter(os.path.join(tmp, fname), [(n, d, tuple(shape)) for n, d, shape, _ in mine], {"format": "pt"}).create()
-            try:
-                for name, _, _, data in mine:
-                    if data.size:
-                        w.write(name, 0, np.ascontiguousarray(data).reshape(-1))
-            finally:
-                w.close()
-        if len(files) > 1:
-            index = {"metadata": {"total_size": sum(int(np.prod(s, dtype=np.int64)) * itemsize(d) for _, d, s, _ in tensors)},
-                     "weight_map": {t[0]: files[s] for t, s in zip(tensors, shards)}}
-            with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-        copy_aux_files(list(aux), tmp, out_dtype)
-        with open(os.path.join(tmp, PROVENANCE), "w", encoding="utf-8") as f:
-            f.write(provenance)
+        files = write_model_folder(tensors, tmp, shard_size=shard_size, aux=aux, out_dtype=out_dtype,
+                                   provenance=provenance)
         atomic.commit()
     finally:
         atomic.abort()
     return files
+
+
+def storage_arrays(state: dict) -> List[Tuple[str, str, Tuple[int, ...], np.ndarray]]:
+    """(name, dtype name, shape, storage array) of each torch tensor of ``state``, for the writers."""
+    import torch
+
+    out = []
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            out.append((name, "bfloat16", tuple(t.shape), t.view(torch.int16).numpy().view(np.uint16)))
+        else:
+            out.append((name, str(t.dtype).replace("torch.", ""), tuple(t.shape), t.numpy()))
+    return out
 
 
 def input_paths(plan: MergePlan) -> List[str]:

@@ -218,14 +218,6 @@ def load_strategy_spec(path: str, overrides: Optional[dict] = None) -> tuple:
     return spec.strategy, spec.models, check_call(spec, overrides), dict(spec.strategy_keys), spec.folder
 
 
-def _storage(t: torch.Tensor):
-    """(dtype name, numpy array of the tensor's storage) for the safetensors writer."""
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return "bfloat16", t.view(torch.int16).numpy().view("uint16")
-    return str(t.dtype).replace("torch.", ""), t.numpy()
-
-
 def run_cli(args) -> int:
     """``ame-merge CONFIG.yaml OUT_DIR`` for a config with an in-memory ``strategy:`` (argparse namespace
     of cli.build_parser). The checkpoints are checked as the engine checks them (headers only) before
@@ -274,11 +266,11 @@ def run_cli(args) -> int:
         dicts = [{k: v.to(dev) for k, v in load_state_dict(m).items()} for m in models]
         log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
         merged = run_strategy(strategy, dicts, cfg, entry, base_dir=base, log=log)
-        tensors = [(k, dt, tuple(v.shape), a) for k, v in merged.items() for dt, a in (_storage(v),)]
+        from .engine import storage_arrays, write_state_dict
+
+        tensors = storage_arrays(merged)
         doc = {"ame_kernels_version": __version__, "strategy": strategy, "models": [{"path": m} for m in models],
                "config": cfg.to_dict(), **({k: str(v) for k, v in entry.items()} if entry else {})}
-        from .engine import write_state_dict
-
         files = write_state_dict(tensors, args.out_dir, shard_size=shard_size, aux=aux, out_dtype=cfg.out_dtype,
                                  provenance="# Written by ame-kernels: how this folder was merged.\n"
                                  + yaml.safe_dump(doc, sort_keys=False), force=args.force, protect=protect)

@@ -140,15 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _write_model(sd, folder: str, models: List[str], meta: dict) -> None:
-    from safetensors.torch import save_file
+    """The merged state dict as the engine writes a merge (shards, config/tokenizer, ame_merge.yaml)."""
+    import yaml
 
-    from .io.checkpoint import aux_files_in, copy_aux_files
+    from . import __version__
+    from .engine import storage_arrays, write_model_folder
+    from .io.checkpoint import aux_files_in
 
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": "pt", **{k: str(v) for k, v in meta.items()}})
     src = models[0]
-    copy_aux_files(aux_files_in(src if os.path.isdir(src) else os.path.dirname(src)), folder)
+    doc = {"ame_kernels_version": __version__, "written_by": "ame-merge sweep", "models": [{"path": m} for m in models],
+           **{k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in meta.items()}}
+    write_model_folder(storage_arrays(sd), folder, aux=aux_files_in(src if os.path.isdir(src) else os.path.dirname(src)),
+                       provenance="# Written by ame-kernels: how this folder was merged.\n"
+                       + yaml.safe_dump(doc, sort_keys=False))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -264,6 +264,10 @@ def test_cli_sweep_writes_best_csv_plot_and_top_soup(tmp_path):
     assert (out / "config.json").exists() and (out / "top_soup" / "model.safetensors").exists()
     import yaml
 
+    prov = yaml.safe_load((out / "ame_merge.yaml").read_text())  # written as the engine writes a merge
+    assert prov["written_by"] == "ame-merge sweep" and "ame_sweep_best" in prov
+    assert (out / "top_soup" / "ame_merge.yaml").exists()
+
     summary = yaml.safe_load(open(out / "sweep.yaml"))
     assert summary["best"]["params"] == {"optimizer": "adam", "lr": 0.01, "epochs": 2}
     assert (out / "sweep.png").exists()
