@@ -44,6 +44,19 @@ def main(argv=None):
     else:
         digits.run(out=a.out)
     t["digits"] = time.perf_counter() - t0
+    # the data-aware studies (issue 19): each script's own command line, quick = one seed, fewer levels
+    for name, title, quick in [
+        ("digits_data_aware", "Data-aware merging: sweep-selected AME, learned soup, output ensembles",
+         ["--levels", "1", "5", "--seeds", "0", "--train-epochs", "10"]),
+        ("too_salty_digits", "Too Salty: soupability from the models' outputs", ["--branch-epochs", "0", "2", "5"]),
+        ("digits_table2_fig2", "AME Table 2 / Figure 2 on digits", ["--levels", "1", "5", "--seeds", "0"]),
+    ]:
+        import importlib
+
+        t0 = time.perf_counter()
+        print(f"\n== {title}")
+        importlib.import_module(name).main((quick if a.quick else []) + (["--out", a.out] if a.out else []))
+        t[name] = time.perf_counter() - t0
     print("\n" + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + f"; results in {out}")
 
 
