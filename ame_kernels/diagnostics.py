@@ -207,6 +207,9 @@ class Diagnostics:
     tensors: Dict[str, PairStats]
     skipped: List[str]  # non-floating tensors (not compared)
     summary: dict = field(default_factory=dict)
+    #: per pair, from the models' outputs on held-out data (``model=``, ``data=``): KL and MSE of
+    #: logits, linear CKA of logits and features, and the measured soup gain (soupability module)
+    outputs: List[dict] = field(default_factory=list)
 
     @property
     def flags(self) -> List[dict]:
@@ -226,6 +229,7 @@ class Diagnostics:
             "tensors": {k: v.to_dict() for k, v in self.tensors.items()},
             "skipped": self.skipped,
             "summary": self.summary,
+            "outputs": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in self.outputs],
         }
 
     def table(self, top: int = 10) -> str:
@@ -262,6 +266,13 @@ class Diagnostics:
             lines += [f"  {f['code']}: {f['message']}" for f in self.flags]
         else:
             lines += ["", "threshold checks: none crossed (heuristics, not a prediction)"]
+        if self.outputs:
+            lines += ["", "from the outputs on the held-out data (KL/MSE of logits, linear CKA; gain = measured soup gain):",
+                      f"{'pair':>8}  {'KL':>10}  {'MSE':>10}  {'CKA logits':>10}  {'CKA feat.':>10}  {'soup gain':>10}"]
+            for r in self.outputs:
+                i, j = r["pair"]
+                lines.append(f"{f'{i}-{j}':>8}  {r['kl']:>10.4g}  {r['mse']:>10.4g}  {r['cka_logits']:>10.4f}  "
+                             f"{r['cka_features']:>10.4f}  {r['gain']:>10.4g}")
         return "\n".join(lines)
 
 
@@ -312,13 +323,23 @@ def diagnostics(
     chunk_mb: float = DEFAULT_CHUNK_MB,
     thresholds: Optional[dict] = None,
     labels: Optional[Sequence[str]] = None,
+    model: Any = None,
+    data: Any = None,
+    loss_fn: Any = None,
+    head: Optional[str] = None,
+    higher_is_better: bool = False,
 ) -> Diagnostics:
     """Pairwise similarity of ``ingredients`` (tensors, state dicts or checkpoint paths), see the module docstring.
 
     base: a tensor / state dict / path: compare task vectors x_i - base instead of weights.
     chunk_mb: float64 chunk per ingredient (memory ~ (N + 2) x chunk_mb).
     thresholds: overrides of DEFAULT_THRESHOLDS. labels: names for the report (default: paths or indices).
+    model, data (with loss_fn, head, higher_is_better): the architecture (an nn.Module) and held-out
+        (inputs, targets) batches: adds, per pair, what the outputs say (``Diagnostics.outputs``:
+        ``soupability.output_diagnostics``: KL, MSE, CKA of logits and features, the soup gain).
     """
+    if (model is None) != (data is None):
+        raise MergeError("diagnostics: give model= and data= together (the architecture and held-out batches)")
     import torch
 
     if isinstance(ingredients, (dict, str, os.PathLike)):
@@ -396,9 +417,16 @@ def diagnostics(
     finally:
         for s in sources + ([base_src] if base_src is not None else []):
             s.close()
-    model = PairStats.from_gram(gram_total, centred_total, total)
-    result = Diagnostics(n, labels, "task vectors" if base is not None else "weights", model, per_tensor, skipped)
+    stats = PairStats.from_gram(gram_total, centred_total, total)
+    result = Diagnostics(n, labels, "task vectors" if base is not None else "weights", stats, per_tensor, skipped)
     result.summary = _summarise(result, th)
+    if model is not None:
+        from .soupability import output_diagnostics
+        from .strategies import load_state_dict
+
+        sds = [load_state_dict(str(x)) if isinstance(x, (str, os.PathLike)) else x for x in items]
+        result.outputs = output_diagnostics(sds, model, data, loss_fn=loss_fn, head=head,
+                                            higher_is_better=higher_is_better)
     return result
 
 
@@ -544,6 +572,9 @@ def inspect_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="print the full diagnostics as JSON (per-tensor included)")
     p.add_argument("--top", type=int, default=10, help="least similar tensors to list in the table (default 10)")
     p.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_MB, help="float64 chunk per model (default 32)")
+    p.add_argument("--data", metavar="module:function", help="also compare the models' outputs: a function "
+                   "returning {'model': nn.Module, 'data': (inputs, targets) or batches, optional 'loss_fn', "
+                   "'head', 'higher_is_better'}")
     try:
         args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:
@@ -561,7 +592,19 @@ def inspect_main(argv: Optional[Sequence[str]] = None) -> int:
                 raise MergeError(f"need at least 2 models to compare, got {len(models)} ({models[0]})")
         if args.base:
             base = os.path.abspath(os.path.expanduser(args.base))
-        d = diagnostics(models, base=base, chunk_mb=args.chunk_mb)
+        extra = {}
+        if args.data:
+            from .strategies import load_callable
+
+            got = load_callable(args.data, os.getcwd(), "--data")()
+            if not isinstance(got, dict) or "model" not in got or "data" not in got:
+                raise MergeError(f"--data: {args.data} must return a dict with 'model' and 'data' "
+                                 f"(and optional loss_fn, head, higher_is_better), got {type(got).__name__}")
+            unknown = set(got) - {"model", "data", "loss_fn", "head", "higher_is_better"}
+            if unknown:
+                raise MergeError(f"--data: {args.data} returned unknown keys {sorted(unknown)}")
+            extra = got
+        d = diagnostics(models, base=base, chunk_mb=args.chunk_mb, **extra)
     except MergeError as e:
         print(f"ame-merge inspect: error: {e}", file=sys.stderr)
         return 2

@@ -135,3 +135,41 @@ def test_output_diagnostics_pairs_and_report():
     assert all(-1.0 <= v <= 1.0 or math.isnan(v) for v in rep.values())
     with pytest.raises(MergeError, match="'gain'"):
         ak.soupability_report([{"kl": 1.0}, {"kl": 2.0}])
+
+
+def test_diagnostics_with_model_and_data_adds_output_rows(tmp_path, capsys):
+    """ak.diagnostics(..., model=, data=) and `ame-merge inspect --data` report, per pair, what the
+    outputs say (KL of identical models is 0) beside the weight statistics."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from ame_kernels.cli import main
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    a = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    b = {k: v + 0.3 * torch.randn_like(v) for k, v in a.items()}
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    d = ak.diagnostics([a, a, b], model=net, data=(x, y))
+    rows = {r["pair"]: r for r in d.outputs}
+    assert set(rows) == {(0, 1), (0, 2), (1, 2)}
+    assert rows[(0, 1)]["kl"] == 0.0 and rows[(0, 1)]["gain"] == 0.0 and rows[(0, 2)]["kl"] > 0
+    assert "from the outputs on the held-out data" in d.table() and d.to_dict()["outputs"][0]["pair"] == [0, 1]
+    with pytest.raises(ak.MergeError, match="give model= and data= together"):
+        ak.diagnostics([a, b], model=net)
+    paths = []
+    for i, sd in enumerate((a, b)):
+        os.makedirs(tmp_path / f"m{i}")
+        save_file(sd, str(tmp_path / f"m{i}" / "model.safetensors"))
+        paths.append(str(tmp_path / f"m{i}"))
+    torch.save({"x": x, "y": y, "state": a}, tmp_path / "held_out.pt")
+    (tmp_path / "probe.py").write_text(
+        "import torch\n"
+        "def held_out():\n"
+        "    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\n"
+        f"    d = torch.load({str(tmp_path / 'held_out.pt')!r})\n"
+        "    return {'model': net, 'data': (d['x'], d['y'])}\n")
+    assert main(["inspect", *paths, "--data", f"{tmp_path / 'probe.py'}:held_out"]) == 0
+    out = capsys.readouterr().out
+    assert "from the outputs on the held-out data" in out and "0-1" in out
