@@ -392,6 +392,9 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], base_ck: Option
         params.check_tensors([j.name for j in jobs if j.merge])
     shards = assign_shards(sizes, shard_bytes)
     jobs = [dataclasses.replace(j, shard=k) for j, k in zip(jobs, shards)]
+    if n == 1:
+        plan_warnings.append(f"one model ({cks[0].path}): there is nothing to merge it with; the output is that "
+                             f"model as method {call.name!r} computes it from one input")
     for ck in cks + ([extra] if extra is not None else []):
         for f in ck.files.values():
             if getattr(f, "in_memory", False):  # a legacy (non-zip) torch file cannot be mapped
@@ -956,6 +959,7 @@ def provenance_yaml(plan: MergePlan, extra: Optional[dict] = None) -> str:
     from . import __version__
 
     cfg = plan.config.to_dict()
+    cfg["lr"], cfg["eps"] = plan.config.resolved_lr, plan.config.resolved_eps  # the values used, not null
     if isinstance(plan.pivot, Checkpoint):
         cfg["pivot"] = plan.pivot.path
     if plan.method != "ame":  # the method's own parameters, and only the general options

@@ -130,6 +130,8 @@ def run_strategy(strategy: str, state_dicts: Sequence[Dict[str, torch.Tensor]], 
 
         evaluate = need_evaluate()
         soup, history = greedy_soup(dicts, evaluate, scores, **common)
+        start = sorted(set(range(len(dicts))) - {h.ingredient for h in history})
+        say(f"greedy_soup: starts from model {start[0] if start else 0} (the best by score)")
         for h in history:
             say(f"greedy_soup: model {h.ingredient}: score {h.score:.6g} {'kept' if h.accepted else 'skipped'}")
         return soup

@@ -293,3 +293,20 @@ def test_inspect_gives_numbers_not_a_verdict(tmp_path, capsys):
     assert not d.soupable  # the API's summary keeps its flag levels
     calm = diagnostics([torch.ones(50) + 0.01 * torch.randn(50) for _ in range(3)]).table()
     assert "threshold checks: none crossed" in calm
+
+
+def test_provenance_records_the_lr_used_and_one_model_is_said(tmp_path, capsys):
+    """lr: null was recorded when the lr was defaulted; a one-model merge ran without a word."""
+    import yaml
+
+    from test_io import make_family
+
+    paths, _ = make_family(tmp_path, n=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"models": paths, "optimizer": "adam"}))
+    assert cli.main([str(cfg), str(tmp_path / "out"), "--quiet"]) == 0
+    prov = yaml.safe_load((tmp_path / "out" / "ame_merge.yaml").read_text())
+    assert prov["config"]["lr"] == 1e-3 and prov["config"]["eps"] == 1e-8
+    cfg.write_text(yaml.safe_dump({"models": paths[:1]}))
+    assert cli.main([str(cfg), str(tmp_path / "one"), "--quiet"]) == 0
+    assert "warning: one model" in capsys.readouterr().err

@@ -232,3 +232,11 @@ def test_strategy_cli_force_never_replaces_an_input_and_copies_remote_code(backe
         assert (tmp_path / "m0" / "model.safetensors").exists() and cfg.exists()
     assert main([str(cfg), str(tmp_path / "out"), "--backend", backend, "--quiet"]) == 0
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "modeling_custom.py").exists()
+
+
+def test_greedy_soup_log_names_its_starting_model(backend):
+    sds = [{"w": torch.full((3,), float(v))} for v in (0.0, 1.0, 2.0)]
+    lines = []
+    run_strategy("greedy_soup", sds, {"backend": backend}, {"evaluate": lambda sd: -float(sd["w"].sum())},
+                 log=lines.append)
+    assert lines[0] == "greedy_soup: starts from model 0 (the best by score)", lines
