@@ -140,15 +140,32 @@ def ingredient_order(config: AMEConfig, n: int) -> list:
     return list(range(n))
 
 
+def randperms(seed: int, n: int, count: int) -> list:
+    """``count`` successive ``torch.randperm(n, generator=torch.Generator().manual_seed(seed))`` draws,
+    without importing torch: torch's CPU generator is MT19937 seeded with the low 32 bits of the seed
+    (the standard init_genrand, as numpy's legacy seeding), and its randperm swaps r[i] with
+    r[i + u % (n - i)] for i = 0..n-2, u one 32-bit draw each (tests/test_reference.py checks the
+    equality against torch)."""
+    bg = np.random.MT19937()
+    bg._legacy_seeding(int(seed) & 0xFFFFFFFF)
+    out = []
+    for _ in range(count):
+        r = list(range(n))
+        draws = bg.random_raw(max(n - 1, 0)) if n > 1 else []
+        for i in range(n - 1):
+            z = int(draws[i]) % (n - i)
+            r[i], r[i + z] = r[i + z], r[i]
+        out.append(r)
+    return out
+
+
 def epoch_orders(config: AMEConfig, n: int) -> list:
-    """One order per epoch; with shuffle, exactly the torch.randperm recipe of the API contract."""
+    """One order per epoch; with shuffle, exactly the torch.randperm recipe of the API contract
+    (``randperms``, so shuffling does not import torch)."""
     base = ingredient_order(config, n)
     if not config.shuffle:
         return [base] * config.epochs
-    import torch  # only shuffle needs torch's generator
-
-    g = torch.Generator().manual_seed(config.seed)
-    return [[base[j] for j in torch.randperm(n, generator=g).tolist()] for _ in range(config.epochs)]
+    return [[base[j] for j in perm] for perm in randperms(config.seed, n, config.epochs)]
 
 
 def call_schedule(name: str, fn: Callable[[int], Any], t: int) -> float:

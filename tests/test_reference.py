@@ -172,3 +172,14 @@ def test_reference_step_api_equals_whole_run():
         for t in range(1, plan.steps + 1):
             be.step(w, state, [xs[i] for i in plan.batch(t)], w0, plan.coeffs[t - 1], t, plan.hyper)
         torch.testing.assert_close(w, whole, rtol=1e-5, atol=1e-6, msg=f"{opt} {extra}")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 + 5, 2**40 + 3, 2**64 - 1, -7])
+def test_shuffle_permutations_equal_torch_randperm_without_torch(seed):
+    """schedule.randperms draws what torch.randperm draws from a generator seeded with ``seed``."""
+    from ame_kernels.schedule import randperms
+
+    for n in (1, 2, 3, 8, 17, 64):
+        g = torch.Generator().manual_seed(seed)
+        want = [torch.randperm(n, generator=g).tolist() for _ in range(3)]
+        assert randperms(seed, n, 3) == want, (seed, n)
