@@ -364,13 +364,14 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], base_ck: Option
         raise MergeError(f"pivot: expected 'soup', a model index or a checkpoint path, got {cfg.pivot!r}")
     extra = pivot if isinstance(pivot, Checkpoint) else base_ck
     names = _check_structure(cks, extra, "pivot" if base_ck is None else "base")
+    names, tied_notes = _drop_tied(names, cks)
     steps = schedule(cfg, n) if call.name == "ame" else None  # once, reused by every chunk
     backend = _resolve_backend(cfg.backend, device)
 
     # the checkpoint whose dtypes and non-float tensors the output takes
     src_idx = -1 if extra is not None else (pivot if isinstance(pivot, int) else 0)
     src = extra if extra is not None else cks[src_idx]
-    plan_warnings: List[str] = []
+    plan_warnings: List[str] = list(tied_notes)
     jobs: List[TensorJob] = []
     sizes = []
     for name in names:
@@ -425,6 +426,24 @@ def _plan(cks: List[Checkpoint], pivot_ck: Optional[Checkpoint], base_ck: Option
         for s in range(0, jobs[j].numel, step)
     ]
     return plan
+
+
+def _tied(ck: Checkpoint) -> dict:
+    """name -> the earlier name whose storage it shares, over the checkpoint's PyTorch files."""
+    out: dict = {}
+    for f in ck.files.values():
+        out.update(getattr(f, "tied", {}) or {})
+    return out
+
+
+def _drop_tied(names: List[str], cks: List[Checkpoint]) -> Tuple[List[str], List[str]]:
+    """Names without the tensors tied to an earlier one in every ingredient (written once, as
+    transformers writes safetensors; its loaders tie them again), and a note for each."""
+    ties = [_tied(ck) for ck in cks]
+    drop = {n: ties[0][n] for n in ties[0] if all(t.get(n) == ties[0][n] for t in ties[1:]) and ties[0][n] in names}
+    notes = [f"tensor {n!r} shares its storage with {src!r} in every model (tied weights): written once, as "
+             f"{src!r}, as transformers writes safetensors" for n, src in drop.items()]
+    return [n for n in names if n not in drop], notes
 
 
 def assign_shards(sizes: Sequence[int], shard_bytes: int) -> List[int]:

@@ -399,3 +399,27 @@ def test_shard_stream_writes_exact_bytes(tmp_path, direct):
     with pytest.raises(RuntimeError, match="produced 10 bytes, expected 100"):
         stream.close_file()
     stream.shutdown()
+
+
+def test_tied_tensors_of_bin_inputs_are_written_once(tmp_path):
+    """T5 / GPT-2 style .bin files tie lm_head to the embeddings: the merge wrote both (twice the bytes)."""
+    from safetensors.torch import load_file
+
+    from ame_kernels.engine import merge_checkpoints
+
+    paths = []
+    for i in range(2):
+        emb = torch.randn(50, 16) + i
+        sd = {"embed.weight": emb, "lm_head.weight": emb, "norm.weight": torch.randn(16)}
+        os.makedirs(tmp_path / f"m{i}")
+        torch.save(sd, tmp_path / f"m{i}" / "pytorch_model.bin")
+        paths.append(str(tmp_path / f"m{i}"))
+    res = merge_checkpoints(paths, str(tmp_path / "out"))
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == {"embed.weight", "norm.weight"}
+    assert any("'lm_head.weight' shares its storage with 'embed.weight'" in w for w in res.warnings)
+    # untied in one model: both names stay
+    sd = {"embed.weight": torch.randn(50, 16), "lm_head.weight": torch.randn(50, 16), "norm.weight": torch.randn(16)}
+    torch.save(sd, tmp_path / "m1" / "pytorch_model.bin")
+    merge_checkpoints(paths, str(tmp_path / "out2"))
+    assert set(load_file(str(tmp_path / "out2" / "model.safetensors"))) == {"embed.weight", "lm_head.weight", "norm.weight"}

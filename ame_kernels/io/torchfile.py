@@ -116,6 +116,9 @@ class TorchFile:
         self._tensors: Dict[str, "torch.Tensor"] = {}
         self._flat: Dict[str, "torch.Tensor"] = {}  # contiguous copies of non-contiguous tensors being read
         self.tensors: Dict[str, TensorInfo] = {}
+        #: name -> the earlier name whose storage it shares exactly (tied weights, e.g. lm_head/embeddings)
+        self.tied: Dict[str, str] = {}
+        seen: Dict[tuple, str] = {}
         for name, t in sd.items():
             if not isinstance(t, torch.Tensor):
                 raise MergeError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
@@ -124,6 +127,11 @@ class TorchFile:
                 raise MergeError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
             self._tensors[name] = t
             self.tensors[name] = TensorInfo(name, dtype, tuple(t.shape), path, -1)
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
+            if t.numel() and key in seen:
+                self.tied[name] = seen[key]
+            else:
+                seen.setdefault(key, name)
 
     @property
     def nbytes(self) -> int:
