@@ -310,3 +310,15 @@ def test_provenance_records_the_lr_used_and_one_model_is_said(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"models": paths[:1]}))
     assert cli.main([str(cfg), str(tmp_path / "one"), "--quiet"]) == 0
     assert "warning: one model" in capsys.readouterr().err
+
+
+def test_a_misspelled_strategy_gets_did_you_mean(tmp_path, capsys):
+    import yaml
+
+    from test_io import make_family
+
+    paths, _ = make_family(tmp_path, n=2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"models": paths, "strategy": "greedy_sop", "evaluate": "x:y"}))
+    assert cli.main([str(cfg), "--dry-run"]) == 2
+    assert "(did you mean 'greedy_soup'?)" in capsys.readouterr().err
