@@ -43,6 +43,7 @@ import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import MergeError
+from .methods.params import suggest as _suggest
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "dtype", "out_dtype", "parameters",
             "tokenizer_source", "tokenizer", "chat_template", "random_seed")
@@ -87,10 +88,6 @@ class MergekitSchemaError(MergeError):
     pass
 
 
-def _suggest(key: Any, choices) -> str:
-    from .methods.params import suggest
-
-    return suggest(str(key), list(choices))
 
 
 def _usage(msg: str):

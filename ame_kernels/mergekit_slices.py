@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 from .methods.params import LAYER_RE, Chain, Param, Rule, evaluate, layer_index
+from .methods.params import suggest as _suggest
 
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -37,10 +38,6 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
-def _suggest(key, choices) -> str:
-    from .methods.params import suggest
-
-    return suggest(str(key), list(choices))
 
 
 class PerTensor(Rule):

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from .config import FIELD_NAMES, AMEConfig, read_yaml, resolve_config_path
 from .errors import MergeError
+from .methods.params import suggest as _suggest
 
 ENGINE_KEYS = ("device", "chunk_mb", "shard_size")
 STRATEGIES = ("greedy", "stew", "greedy_soup", "uniform_soup", "weighted_soup")
@@ -54,10 +55,6 @@ def per_model_param_names() -> tuple:
     return tuple(sorted({q.name for m in METHODS.values() for q in m.params if q.per_ingredient} | {"weights"}))
 
 
-def _suggest(key: Any, choices) -> str:
-    from .methods.params import suggest
-
-    return suggest(str(key), list(choices))
 
 
 @dataclass
