@@ -221,22 +221,25 @@ def _torch_sources(fn: str, inputs: Any, base: Any, numel: int):
     return [x.data_ptr() for x in inputs], dtypes, bptr, bdtype
 
 
-def _torch_probs(fn: str, probs: Any, n: int, numel: int) -> list:
-    """[] (no per-element probabilities) or N pointers (0 for a None entry) of float32 CPU tensors."""
+def _probs_pointers(fn: str, probs: Any, n: int, pointer) -> list:
+    """[] (no per-element probabilities) or N pointers (0 for a None entry); ``pointer(i, p)`` checks
+    entry i and returns its address."""
     if probs is None:
         return []
     probs = list(probs)
     if len(probs) != n:
         raise MergeError(f"[{fn}] probs: expected None or {n} entries (one per ingredient), got {len(probs)}")
-    out = []
-    for i, p in enumerate(probs):
-        if p is None:
-            out.append(0)
-            continue
+    return [0 if p is None else pointer(i, p) for i, p in enumerate(probs)]
+
+
+def _torch_probs(fn: str, probs: Any, n: int, numel: int) -> list:
+    """``_probs_pointers`` of float32 CPU tensors of numel elements."""
+    def pointer(i, p):
         if _check_tensor(p, numel, fn, f"probs[{i}]") != "float32":
             raise MergeError(f"[{fn}] probs[{i}]: must be float32, got {p.dtype}")
-        out.append(p.data_ptr())
-    return out
+        return p.data_ptr()
+
+    return _probs_pointers(fn, probs, n, pointer)
 
 
 class CpuBackend(Backend):
@@ -515,24 +518,16 @@ def _buffer_sources(fn: str, inputs: Any, input_dtypes: Any, base: Any, base_dty
 
 
 def _buffer_probs(fn: str, probs: Any, n: int, numel: int, hold: list) -> list:
-    """[] or N pointers (0 for None) of float32 buffers of numel elements; the arrays go to ``hold``."""
-    if probs is None:
-        return []
-    probs = list(probs)
-    if len(probs) != n:
-        raise MergeError(f"[{fn}] probs: expected None or {n} entries (one per ingredient), got {len(probs)}")
-    out = []
-    for i, p in enumerate(probs):
-        if p is None:
-            out.append(0)
-            continue
+    """``_probs_pointers`` of float32 buffers of numel elements; the arrays go to ``hold``."""
+    def pointer(i, p):
         a = _as_array(p, fn, f"probs[{i}]")
         if a.dtype != np.uint8 and a.dtype != np.float32:
             raise MergeError(f"[{fn}] probs[{i}]: must hold float32, got an array of {a.dtype}")
         _check_buffer(a, "float32", numel, fn, f"probs[{i}]")
         hold.append(a)
-        out.append(a.ctypes.data)
-    return out
+        return a.ctypes.data
+
+    return _probs_pointers(fn, probs, n, pointer)
 
 
 def combine_buffers(
