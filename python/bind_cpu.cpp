@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -113,6 +114,15 @@ struct CombineHold {
   std::vector<DType> dtypes;
   std::vector<const float*> probs;
 };
+
+// A 1-D numpy array that owns v's memory (moved to the heap, freed with the array): no copy.
+template <class T>
+py::array_t<T> vector_array(std::vector<T>&& v) {
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule free_it(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, {static_cast<py::ssize_t>(sizeof(T))},
+                        owned->data(), free_it);
+}
 
 // Inputs (N pointers + dtypes), base (0 = none) and the element range, checked.
 void combine_inputs_arg(cpu::CombineArgs& a, CombineHold& h, const char* fn, const std::vector<uintptr_t>& inputs,
@@ -466,6 +476,76 @@ void init_cpu(py::module_& m) {
       "int64 [nbins]: counts of ((m >> shift) & (nbins - 1)) over the fp32 bits m of |x - b| whose\n"
       "(m & prefix_mask) == prefix (prefix_mask 0: all entries); base 0: b = 0\n"
       "(ame_kernels.methods.stats.magnitude_histogram_torch).");
+
+  // The rank-selection pass's checks: the inputs, and which[t] in range.
+  auto rank_pass_args = [](cpu::RankPassArgs& a, cpu::CombineArgs& c, CombineHold& h, std::vector<int>& which_h,
+                           const char* fn, const std::vector<uintptr_t>& inputs,
+                           const std::vector<std::string>& input_dtypes, uintptr_t base, const std::string& base_dtype,
+                           int64_t numel, const std::vector<int>& which, int threads) {
+    const std::string f = std::string("[") + fn + "] ";
+    combine_inputs_arg(c, h, fn, inputs, input_dtypes, base, base_dtype, numel);
+    AME_CHECK(numel <= 0xFFFFFFFFll, f + "numel: must be < 2^32 (a chunk), got " + std::to_string(numel));
+    for (size_t t = 0; t < which.size(); ++t)
+      AME_CHECK(which[t] >= 0 && which[t] < c.n, f + "which[" + std::to_string(t) + "]: must be in [0, " +
+                                                   std::to_string(c.n) + "), got " + std::to_string(which[t]));
+    AME_CHECK(threads >= 1, f + "threads: must be >= 1, got " + std::to_string(threads));
+    which_h = which;
+    a.numel = c.numel;
+    a.inputs = c.inputs;
+    a.input_dtypes = c.input_dtypes;
+    a.base = c.base;
+    a.base_dtype = c.base_dtype;
+    a.which = which_h.data();
+    a.k = static_cast<int>(which_h.size());
+    a.threads = threads;
+  };
+
+  m.def(
+      "magnitude_bracket",
+      [rank_pass_args](const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes,
+                       uintptr_t base, const std::string& base_dtype, int64_t numel, const std::vector<int>& which,
+                       const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t cap, int threads,
+                       const std::string& simd) {
+        const char* fn = "magnitude_bracket";
+        const std::string f = "[magnitude_bracket] ";
+        cpu::RankPassArgs a;
+        cpu::CombineArgs c;
+        CombineHold h;
+        std::vector<int> w;
+        rank_pass_args(a, c, h, w, fn, inputs, input_dtypes, base, base_dtype, numel, which, threads);
+        AME_CHECK(lo.size() == which.size() && hi.size() == which.size(),
+                  f + "lo, hi: expected one per target (" + std::to_string(which.size()) + ")");
+        AME_CHECK(cap >= 0, f + "cap: must be >= 0, got " + std::to_string(cap));
+        std::vector<uint32_t> lo32(lo.size()), hi32(hi.size());
+        for (size_t t = 0; t < lo.size(); ++t) {
+          AME_CHECK(lo[t] >= 0 && hi[t] <= 0xFFFFFFFFll && lo[t] <= hi[t],
+                    f + "target " + std::to_string(t) + ": need 0 <= lo <= hi < 2^32, got [" + std::to_string(lo[t]) +
+                        ", " + std::to_string(hi[t]) + "]");
+          lo32[t] = static_cast<uint32_t>(lo[t]);
+          hi32[t] = static_cast<uint32_t>(hi[t]);
+        }
+        a.lo = lo32.data();
+        a.hi = hi32.data();
+        a.cap = cap;
+        const SimdLevel level = simd_arg(simd, fn);
+        std::vector<std::vector<uint32_t>> bits(a.k);
+        std::vector<std::vector<int64_t>> idx(a.k);
+        py::array_t<int64_t> counts({static_cast<py::ssize_t>(a.k), static_cast<py::ssize_t>(3)});
+        int64_t* cn = counts.mutable_data();
+        {
+          py::gil_scoped_release release;
+          cpu::magnitude_bracket(a, cn, bits.data(), idx.data(), level);
+        }
+        py::list found;
+        for (int t = 0; t < a.k; ++t) found.append(py::make_tuple(vector_array(std::move(bits[t])),
+                                                                  vector_array(std::move(idx[t]))));
+        return py::make_tuple(counts, found);
+      },
+      py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"),
+      py::arg("which"), py::arg("lo"), py::arg("hi"), py::arg("cap"), py::arg("threads"), py::arg("simd"),
+      "(int64 [k, 3], [(uint32 bits, int64 index)] * k): for target t, over the fp32 bits m of |x - b| of input\n"
+      "which[t]: the counts of m > hi[t], of lo[t] <= m <= hi[t] and of m >= +inf, and the bits and chunk-local\n"
+      "indices (ascending) of the entries inside the bracket, or empty arrays when more than cap are inside.");
 
   m.def(
       "gram",

@@ -386,7 +386,7 @@ def test_select_ranks_with_native_histogram():
     targets = [(0, 1), (0, 2500), (1, 4999), (1, 0), (1, c), (0, 777)]
     ref = stats.select_ranks(chunks, stats.TorchStats, c, targets)
     for simd in LEVELS:
-        assert stats.select_ranks(chunks, _CpuOps(simd), c, targets) == ref
+        assert stats.select_ranks_radix(chunks, _CpuOps(simd), c, targets) == ref
 
 
 # --------------------------------------------------------------------------- buffers

@@ -8,7 +8,7 @@ flattening, validation, scheduling and output placement, so a backend only compu
 - ``combine``: the elementwise pass of every other merge method (linear, task
   arithmetic, TIES, DARE, breadcrumbs, DELLA, SLERP, model stock) for one chunk, from a
   ``CombinePlan``; its arithmetic is defined in ``ame_kernels.methods.combine``.
-- ``magnitude_histogram``, ``gram``, ``kept_l1``: the per-chunk statistics primitives
+- ``magnitude_bracket``, ``magnitude_histogram``, ``gram``, ``kept_l1``: the per-chunk statistics primitives
   those methods stream before their combine pass (``ame_kernels.methods.stats``). The
   defaults here are plain torch on any device; native backends may override them.
 - Host-streaming and buffer variants that only some backends have, with the same
@@ -222,6 +222,13 @@ class Backend:
         from ..methods.stats import magnitude_histogram_torch
 
         return magnitude_histogram_torch(x, base, prefix_mask, prefix, shift, nbins)
+
+    def magnitude_bracket(self, inputs, base, which, lo, hi, cap: int):
+        """Per target t: counts of |x - b|'s fp32 bits above / inside [lo[t], hi[t]] / non-finite
+        for input which[t], and the entries inside (``methods.stats``)."""
+        from ..methods.stats import magnitude_bracket_torch
+
+        return magnitude_bracket_torch(inputs, base, which, lo, hi, cap)
 
     def gram(self, inputs, base):
         """float64[N, N] of sum_j tau_i[j] tau_k[j], tau = x - b."""

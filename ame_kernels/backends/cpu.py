@@ -208,6 +208,16 @@ def _hist_kwargs(fn: str, prefix_mask: Any, prefix: Any, shift: Any, nbins: Any)
     return {k: int(v) for k, v in vals.items()}
 
 
+def _bracket_kwargs(fn: str, which: Any, lo: Any, hi: Any, cap: Any) -> dict:
+    vals = dict(which=list(which), lo=list(lo), hi=list(hi))
+    for k, v in vals.items():
+        if any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) for e in v):
+            raise MergeError(f"[{fn}] {k}: must be integers, got {v!r}")
+    if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)):
+        raise MergeError(f"[{fn}] cap: must be an integer, got {cap!r}")
+    return dict({k: [int(e) for e in v] for k, v in vals.items()}, cap=int(cap))
+
+
 def _torch_sources(fn: str, inputs: Any, base: Any, numel: int):
     """Checked CPU tensors: (input pointers, dtype names, base pointer or 0, base dtype name)."""
     inputs = list(inputs)
@@ -371,6 +381,17 @@ class CpuBackend(Backend):
             **_hist_kwargs(fn, prefix_mask, prefix, shift, nbins), threads=default_threads(threads),
             simd=resolve_simd(self.simd),
         )
+
+    def magnitude_bracket(self, inputs, base, which, lo, hi, cap: int, threads: Optional[int] = None):
+        """Per target, counts above / inside / non-finite and the entries inside a bracket of |x - b|'s
+        fp32 bits (``methods.stats.magnitude_bracket_torch``), in one native pass."""
+        fn = "magnitude_bracket"
+        inputs = list(inputs)
+        numel = inputs[0].numel() if inputs and hasattr(inputs[0], "numel") else -1
+        ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
+        return _native_call(fn, _module().magnitude_bracket, inputs=ptrs, input_dtypes=dtypes, base=bptr,
+                            base_dtype=bdtype, numel=numel, **_bracket_kwargs(fn, which, lo, hi, cap),
+                            threads=default_threads(threads), simd=resolve_simd(self.simd))
 
     def gram(self, inputs, base, threads: Optional[int] = None) -> np.ndarray:
         """float64[N, N] of sum_j tau_i[j] tau_k[j], tau = x - b (fp32), products and sums in float64."""
@@ -580,6 +601,17 @@ def magnitude_histogram_buffers(
     )
 
 
+def magnitude_bracket_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_dtype: Optional[str],
+                              which: Sequence[int], lo: Sequence[int], hi: Sequence[int], cap: int,
+                              threads: Optional[int] = None, simd: str = "auto"):
+    """``CpuBackend.magnitude_bracket`` on buffers."""
+    fn = "magnitude_bracket_buffers"
+    hold, ptrs, dts, bptr, bdtype, numel = _buffer_sources(fn, inputs, dtypes, base, base_dtype)
+    return _native_call(fn, _module().magnitude_bracket, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype,
+                        numel=numel, **_bracket_kwargs(fn, which, lo, hi, cap), threads=default_threads(threads),
+                        simd=resolve_simd(simd))
+
+
 def gram_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_dtype: Optional[str],
                  threads: Optional[int] = None, simd: str = "auto") -> np.ndarray:
     """float64[N, N] of sum_j tau_i[j] tau_k[j] (``methods.stats.gram_torch``), on buffers."""
@@ -604,5 +636,5 @@ def kept_l1_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, bas
 
 
 __all__ = ["CpuBackend", "combine_buffers", "default_threads", "gram_buffers", "info", "kept_l1_buffers",
-           "magnitude_histogram_buffers", "resolve_simd", "whole_run_buffers"]
-__all__ = ["CpuBackend", "default_threads", "info", "resolve_exact", "resolve_simd", "whole_run_buffers"]
+           "magnitude_bracket_buffers", "magnitude_histogram_buffers", "resolve_exact", "resolve_simd",
+           "whole_run_buffers"]

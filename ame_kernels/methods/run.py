@@ -27,6 +27,14 @@ class TorchOps:
     def hist(self, x, b, prefix_mask: int, prefix: int, shift: int, nbins: int) -> np.ndarray:
         return self.backend.magnitude_histogram(x, b, prefix_mask, prefix, shift, nbins)
 
+    def bracket(self, xs, b, which, lo, hi, cap: int):
+        return self.backend.magnitude_bracket(xs, b, which, lo, hi, cap)
+
+    def sample(self, x, b, positions: np.ndarray) -> np.ndarray:
+        from .stats import magnitude_sample_torch
+
+        return magnitude_sample_torch(x, b, positions)
+
     def gram(self, xs, b) -> np.ndarray:
         return self.backend.gram(xs, b)
 
@@ -89,6 +97,17 @@ class BufferOps:
         bb, bd = self._split(b)
         return self.cpu.magnitude_histogram_buffers(x[0], x[1], bb, bd, prefix_mask, prefix, shift, nbins,
                                                     threads=self.threads)
+
+    def bracket(self, xs, b, which, lo, hi, cap: int):
+        bb, bd = self._split(b)
+        return self.cpu.magnitude_bracket_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, which, lo, hi, cap,
+                                                  threads=self.threads)
+
+    def sample(self, x, b, positions: np.ndarray) -> np.ndarray:
+        m = to_f32(*_take(x, positions))
+        if b is not None:
+            m = m - to_f32(*_take(b, positions))
+        return np.abs(m).view(np.uint32)
 
     def gram(self, xs, b) -> np.ndarray:
         bb, bd = self._split(b)
@@ -159,6 +178,14 @@ def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs) -> bool
         ops.combine([ops.cut(x, a, z) for x in xs], None if b is None else ops.cut(b, a, z), ops.cut(out, a, z),
                     sub, offset + a, None if probs is None else [p[a:z] for p in probs])
     return True
+
+
+def _take(h, positions: np.ndarray):
+    """Entries ``positions`` of a buffer handle (typed or raw bytes) as a handle."""
+    arr, dtype = h
+    if arr.dtype == np.uint8:
+        arr = arr.view(np.float32 if dtype == "float32" else np.uint16)
+    return arr[positions], dtype
 
 
 def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:

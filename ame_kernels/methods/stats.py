@@ -3,13 +3,20 @@
 Three primitives run per chunk on a backend (plain torch here, the oracle; native
 versions in the cpu backend), and drivers combine them over a tensor's chunks:
 
-- ``magnitude_histogram``: counts of the fp32 bit patterns of m = |x - b| (a
-  non-negative float's bits sort like its value) in 2^k bins, among the entries whose
-  high bits match a prefix. ``select_rank`` runs it twice (high 16 bits, then low 16
-  bits under the found prefix) and then counts equal entries chunk by chunk, to find
-  the exact key (magnitude, index) of the entry of a given rank in the order
-  "descending magnitude, ascending index" (the combine pass's magnitude window). Memory
-  is 65536 counters per target, never the tensor.
+- ``magnitude_bracket``: for brackets [lo, hi] of fp32 bit patterns of m = |x - b| (a
+  non-negative float's bits sort like its value), the counts of entries above, inside
+  and non-finite, and the entries inside (bits, index). ``select_ranks`` finds the exact
+  key (magnitude, index) of the entry of a given rank in the order "descending
+  magnitude, ascending index" (the combine pass's magnitude window) in one pass: a
+  stratified sample of a few thousand entries places a bracket around the rank, the pass
+  counts what lies above it and collects what lies inside, and the key is selected among
+  the collected entries. The counts verify the bracket, so the result is exact whatever
+  the sample; when a bracket misses (or would hold too many entries: heavy ties) the
+  rank falls back to the radix passes below. Small tensors are collected whole.
+- ``magnitude_histogram``: counts of the bit patterns in 2^k bins, among the entries
+  whose high bits match a prefix: the radix fallback runs it twice (high 16 bits, then
+  low 16 bits under the found prefix) and then counts equal entries chunk by chunk.
+  Memory is 65536 counters per target, never the tensor.
 - ``gram``: G[i][k] = sum_j tau_i[j] tau_k[j] (tau = x - b in fp32, products and sums in
   float64): norms, dot products and cosines for SLERP and model stock.
 - ``kept_l1``: per ingredient (sum |tau|, sum over kept entries |tau|) under a combine
@@ -56,6 +63,37 @@ def magnitude_histogram_torch(x, base, prefix_mask: int, prefix: int, shift: int
     return torch.bincount(idx, minlength=nbins).cpu().numpy().astype(np.int64)
 
 
+def magnitude_bracket_torch(inputs: Sequence, base, which: Sequence[int], lo: Sequence[int], hi: Sequence[int],
+                            cap: int):
+    """(int64[k, 3], [(uint32 bits, int64 index)] * k): per target t over the bits m of |x - b| of
+    input which[t], the counts of m > hi[t], of lo[t] <= m <= hi[t] and of m >= +inf, and the
+    entries inside the bracket (index ascending; empty arrays when more than ``cap``)."""
+    import torch
+
+    counts = np.zeros((len(which), 3), dtype=np.int64)
+    found = []
+    for t, i in enumerate(which):
+        m = _mag_bits(inputs[i], base)
+        inside = (m >= int(lo[t])) & (m <= int(hi[t]))
+        counts[t] = [int((m > int(hi[t])).sum()), int(inside.sum()), int((m >= INF_BITS).sum())]
+        if counts[t, 1] <= cap:
+            idx = torch.nonzero(inside).reshape(-1)
+            found.append((m[idx].cpu().numpy().astype(np.uint32), idx.cpu().numpy().astype(np.int64)))
+        else:
+            found.append((np.zeros(0, np.uint32), np.zeros(0, np.int64)))
+    return counts, found
+
+
+def magnitude_sample_torch(x, base, positions: np.ndarray) -> np.ndarray:
+    """uint32 bits of |x - b| at ``positions`` (chunk-local)."""
+    import torch
+
+    pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(x.device)
+    xs = x.reshape(-1)[pos]
+    bs = base.reshape(-1)[pos] if base is not None else None
+    return _mag_bits(xs, bs).cpu().numpy().astype(np.uint32)
+
+
 def gram_torch(inputs: Sequence, base) -> np.ndarray:
     """float64[N, N] of sum_j tau_i[j] * tau_k[j]."""
     import torch
@@ -92,6 +130,8 @@ class TorchStats:
     """The statistics primitives on torch tensors (any device): the reference implementation."""
 
     hist = staticmethod(magnitude_histogram_torch)
+    bracket = staticmethod(magnitude_bracket_torch)
+    sample = staticmethod(magnitude_sample_torch)
     length = staticmethod(lambda x: x.numel())
     slice = staticmethod(lambda x, a, b: x[a:b])
     gram = staticmethod(gram_torch)
@@ -117,6 +157,13 @@ class NonFinite(Exception):
 
 
 NONFINITE_BIN = 0x7F80  # high 16 bits of +inf: bins at or above hold Inf/NaN magnitudes
+INF_BITS = NONFINITE_BIN << 16
+ALL_BITS = 0xFFFFFFFF
+
+SAMPLE = 1 << 16           # stratified sample per ingredient that places a bracket
+EXACT_MAX = 1 << 18        # tensors up to this many entries are collected whole
+BRACKET_BUDGET = 1 << 23   # entries one bracket pass may collect over all targets (12 bytes each)
+SIGMAS = 4.0               # a bracket's half-width in binomial standard deviations of the sample
 
 
 def select_ranks(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, int]],
@@ -124,7 +171,131 @@ def select_ranks(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, i
     """Exact (magnitude, index) keys of the entries of rank r (descending magnitude, ascending
     index) of ingredient i's task vector, for each target (i, r); streamed over ``chunks``.
     ``seen`` (optional): ingredient -> count of non-finite magnitudes, for every ingredient
-    whose entries were all histogrammed (a free NaN/Inf check)."""
+    whose entries were all counted (a free NaN/Inf check; NonFinite raised when any)."""
+    keys: List[Optional[Tuple[float, int]]] = [rank_key(numel, r) for _, r in targets]
+    todo = [t for t, k in enumerate(keys) if k is None]
+    if not todo:
+        return keys  # type: ignore[return-value]
+    source = chunks()
+    first = next(iter(source), None)
+    if first is not None and ops.length(first[1][targets[todo[0]][0]]) == numel:
+        # one chunk: the sample and the pass read the same mapped views (pages faulted once)
+        try:
+            return _select(lambda: [first], ops, numel, targets, keys, todo, seen)
+        finally:
+            for _ in source:  # the source releases its views as it ends
+                pass
+    for _ in source:
+        pass
+    return _select(chunks, ops, numel, targets, keys, todo, seen)
+
+
+def _select(chunks: Chunks, ops, numel: int, targets, keys: list, todo: list, seen: Optional[dict]) -> list:
+    if numel <= EXACT_MAX or numel >= 1 << 32:  # whole (or too large for 32-bit sample maths)
+        brackets = {t: (0, ALL_BITS) for t in todo}
+    else:
+        brackets = _sample_brackets(chunks, ops, numel, targets, todo)
+    cap = max(EXACT_MAX, BRACKET_BUDGET // len(todo))
+    counts, found = bracket_pass(chunks, ops, [targets[t][0] for t in todo], [brackets[t] for t in todo], cap)
+    _check_seen({targets[t][0]: int(counts[q, 2]) for q, t in enumerate(todo)}, seen)
+    missed = []
+    for q, t in enumerate(todo):
+        above, inside = int(counts[q, 0]), int(counts[q, 1])
+        r = targets[t][1]
+        if above <= r < above + inside and len(found[q][0]) == inside:
+            keys[t] = _nth_key(found[q][0], found[q][1], r - above)
+        else:
+            missed.append(t)
+    if missed:
+        for t, k in zip(missed, select_ranks_radix(chunks, ops, numel, [targets[t] for t in missed])):
+            keys[t] = k
+    return keys  # type: ignore[return-value]
+
+
+def _check_seen(nonfinite: dict, seen: Optional[dict]) -> None:
+    if seen is None:
+        return
+    seen.update(nonfinite)
+    bad = sorted(i for i, c in nonfinite.items() if c)
+    if bad:
+        raise NonFinite(bad)
+
+
+def bracket_pass(chunks: Chunks, ops, which: Sequence[int], brackets: Sequence[Tuple[int, int]], cap: int):
+    """``magnitude_bracket`` over a tensor's chunks: counts summed, entries (global indices)
+    concatenated in index order; a target whose entries pass ``cap`` keeps none."""
+    lo, hi = [b[0] for b in brackets], [b[1] for b in brackets]
+    k = len(which)
+    counts = np.zeros((k, 3), dtype=np.int64)
+    parts: List[list] = [[] for _ in range(k)]
+    for off, xs, b in chunks():
+        c, found = ops.bracket(xs, b, which, lo, hi, cap)
+        counts += c
+        for q in range(k):
+            if parts[q] is not None and counts[q, 1] <= cap:
+                parts[q].append((found[q][0], found[q][1] + off))
+            else:
+                parts[q] = None
+    out = []
+    for q in range(k):
+        if parts[q]:
+            out.append((np.concatenate([p[0] for p in parts[q]]), np.concatenate([p[1] for p in parts[q]])))
+        else:
+            out.append((np.zeros(0, np.uint32), np.zeros(0, np.int64)))
+    return counts, out
+
+
+def _nth_key(bits: np.ndarray, idx: np.ndarray, nth: int) -> Tuple[float, int]:
+    """The key of the nth (0-based) entry in (bits descending, index ascending) order (indices
+    below 2^32: one uint64 per entry, bits high, the index's complement low, then a partition)."""
+    key = (bits.astype(np.uint64) << np.uint64(32)) | (np.uint64(ALL_BITS) - idx.astype(np.uint64))
+    j = len(key) - 1 - nth
+    k = int(np.partition(key, j)[j])
+    return float(np.uint32(k >> 32).view(np.float32)), ALL_BITS - (k & ALL_BITS)
+
+
+def sample_positions(numel: int, size: int) -> np.ndarray:
+    """``size`` ascending positions, one per stratum [k numel / size, (k + 1) numel / size), at a
+    fixed pseudo-random offset inside it (a hash of k): deterministic, spread over the tensor."""
+    k = np.arange(size, dtype=np.uint64)
+    start = (k * np.uint64(numel)) // np.uint64(size)
+    width = ((k + np.uint64(1)) * np.uint64(numel)) // np.uint64(size) - start
+    h = (k + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(31)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(29)
+    return (start + h % np.maximum(width, np.uint64(1))).astype(np.int64)
+
+
+def _sample_brackets(chunks: Chunks, ops, numel: int, targets, todo) -> dict:
+    """Per target, a bracket [lo, hi] of bit patterns that holds its rank unless the sample misleads:
+    the sample's quantile at the rank's fraction, widened by SIGMAS binomial deviations."""
+    ingredients = sorted({targets[t][0] for t in todo})
+    pos = sample_positions(numel, SAMPLE)
+    got = {i: [] for i in ingredients}
+    for off, xs, b in chunks():
+        length = ops.length(xs[ingredients[0]])
+        a, z = np.searchsorted(pos, [off, off + length])
+        if z > a:
+            for i in ingredients:
+                got[i].append(ops.sample(xs[i], b, pos[a:z] - off))
+    desc = {i: np.sort(np.concatenate(got[i]))[::-1] for i in ingredients}
+    out = {}
+    for t in todo:
+        i, r = targets[t]
+        s = desc[i]
+        q = r / numel * len(s)
+        d = SIGMAS * np.sqrt(len(s) * (r / numel) * (1 - r / numel)) + 2
+        j_hi, j_lo = int(np.floor(q - d)), int(np.ceil(q + d))
+        hi = ALL_BITS if j_hi < 0 else int(s[min(j_hi, len(s) - 1)])
+        lo = 0 if j_lo >= len(s) else int(s[max(j_lo, 0)])
+        out[t] = (min(lo, hi), hi)
+    return out
+
+
+def select_ranks_radix(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, int]],
+                       seen: Optional[dict] = None) -> List[Tuple[float, int]]:
+    """``select_ranks`` by radix passes only (three passes, whatever the ties): the fallback."""
     keys: List[Optional[Tuple[float, int]]] = [rank_key(numel, r) for _, r in targets]
     todo = [t for t, k in enumerate(keys) if k is None]
     if not todo:

@@ -32,6 +32,10 @@ void check_combine_level(SimdLevel level, const char* fn) {
 void combine(const CombineArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(combine, a) }
 void magnitude_histogram(const HistArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(magnitude_histogram, a) }
 void gram(const GramArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(gram, a) }
+void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits,
+                       std::vector<int64_t>* idx, SimdLevel level) {
+  AME_COMBINE_DISPATCH(magnitude_bracket, a, counts, bits, idx)
+}
 void kept_l1(const CombineArgs& a, double* out, SimdLevel level) { AME_COMBINE_DISPATCH(kept_l1, a, out) }
 
 #undef AME_COMBINE_DISPATCH

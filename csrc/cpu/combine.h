@@ -19,6 +19,7 @@
 // combine.cpp dispatches. The binding (python/bind_cpu.cpp) checks every argument.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "common/cpu_features.h"
 #include "common/dtypes.h"
@@ -79,6 +80,25 @@ struct GramArgs {
   int threads = 1;
 };
 
+// The rank selection's one pass over several targets (the base loaded once per element), for
+// ``methods.stats.select_ranks``:
+//   magnitude_bracket: per target t (ingredient which[t], a bracket of fp32 bit patterns
+//     [lo[t], hi[t]]), counts of the magnitudes above it, inside it and non-finite, and the
+//     bits and chunk-local indices, ascending, of the entries inside it (while at most cap).
+struct RankPassArgs {
+  int64_t numel = 0;
+  const void* const* inputs = nullptr;      // indexed by which[t]
+  const DType* input_dtypes = nullptr;
+  const void* base = nullptr;               // or null: b = 0
+  DType base_dtype = DType::F32;
+  const int* which = nullptr;               // [k] ingredient per target
+  const uint32_t* lo = nullptr;             // [k] the bracket's bounds, inclusive
+  const uint32_t* hi = nullptr;
+  int k = 0;
+  int64_t cap = 0;                          // most entries collected per target
+  int threads = 1;
+};
+
 // Elements per statistics task (gram, kept_l1): the unit of the fixed summation order.
 constexpr int64_t kStatsTask = 1 << 16;
 // Elements per combine task.
@@ -87,6 +107,9 @@ constexpr int64_t kCombineTask = 1 << 15;
 void combine(const CombineArgs& a, SimdLevel level);
 void magnitude_histogram(const HistArgs& a, SimdLevel level);
 void gram(const GramArgs& a, SimdLevel level);
+// counts [k][3]: above, inside, non-finite; bits, idx: [k] vectors, overwritten (empty if inside > cap)
+void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits,
+                       std::vector<int64_t>* idx, SimdLevel level);
 // kept_l1 reads a's plan, inputs and base (out is not used); writes out [n][2].
 void kept_l1(const CombineArgs& a, double* out, SimdLevel level);
 
@@ -95,6 +118,8 @@ void kept_l1(const CombineArgs& a, double* out, SimdLevel level);
   void combine(const CombineArgs& a);                        \
   void magnitude_histogram(const HistArgs& a);               \
   void gram(const GramArgs& a);                              \
+  void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits, \
+                         std::vector<int64_t>* idx);                                         \
   void kept_l1(const CombineArgs& a, double* out);           \
   }
 AME_DECLARE_COMBINE_LEVEL(scalar)

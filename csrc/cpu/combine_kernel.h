@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <vector>
 
@@ -472,6 +473,131 @@ void histogram_impl(const HistArgs& a) {
     for (int64_t k = 0; k < a.nbins; ++k) a.counts[k] += c[k];
 }
 
+AME_HD void base_group(const void* base, DType bd, int64_t j, float* b) {
+  for (int v = 0; v < kLanes; v += OpsV::W)
+    OpsV::storef(b + v, base ? OpsV::load(base, bd, j + v) : OpsV::zero());
+}
+
+AME_HD uint32_t bits_one(const void* x, DType xd, const void* base, DType bd, int64_t j) {
+  return f32_bits(tau_one<true>(x, xd, base, bd, j));
+}
+
+// Per target t: counts of the magnitudes above the bracket (bits > hi[t]) and of the
+// non-finite ones (bits >= +inf), and the entries inside it (lo[t] <= bits <= hi[t]),
+// collected per task and concatenated in task order (indices ascend whatever the threads)
+// while the bracket holds at most cap entries (then only counted). Blocks of
+// kBracketBlock magnitudes are staged as bits, then counted and compacted without
+// branches (the loops vectorize; entries inside a bracket are a few percent).
+constexpr int64_t kBracketBlock = 256;
+static_assert(kStatsTask % kBracketBlock == 0 && kBracketBlock % kLanes == 0, "blocks tile the tasks");
+
+void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits, std::vector<int64_t>* idx) {
+  std::fill(counts, counts + 3 * a.k, int64_t{0});
+  for (int t = 0; t < a.k; ++t) {
+    bits[t].clear();
+    idx[t].clear();
+  }
+  if (a.numel <= 0 || a.k <= 0) return;
+  const int64_t ntasks = (a.numel + kStatsTask - 1) / kStatsTask;
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
+  // Per task and target, room for the whole task (+ a vector's slack), allocated on its first
+  // entry and left uninitialised: only the pages written are ever touched.
+  std::vector<std::unique_ptr<uint32_t[]>> tb(static_cast<size_t>(ntasks * a.k));
+  std::vector<std::unique_ptr<int64_t[]>> ti(static_cast<size_t>(ntasks * a.k));
+  std::vector<size_t> tn(static_cast<size_t>(ntasks * a.k), 0);     // entries used in tb, ti
+  std::vector<int64_t> tc(static_cast<size_t>(ntasks * a.k * 3), 0);  // above, inside, non-finite
+  parallel_for(ntasks, threads, [&](int64_t task, int) {
+    const int64_t j0 = task * kStatsTask, j1 = std::min(a.numel, j0 + kStatsTask);
+    alignas(64) float b[kBracketBlock];
+    alignas(64) float m[kBracketBlock];
+    alignas(64) uint32_t u[kBracketBlock];
+    for (int64_t jb = j0; jb < j1; jb += kBracketBlock) {
+      const int64_t len = std::min(kBracketBlock, j1 - jb);
+      const int64_t whole = len - len % kLanes;
+      for (int64_t q = 0; q < whole; q += kLanes) base_group(a.base, a.base_dtype, jb + q, b + q);
+      for (int t = 0; t < a.k; ++t) {
+        const int i = a.which[t];
+        const void* x = a.inputs[i];
+        const DType xd = a.input_dtypes[i];
+        for (int64_t q = 0; q < whole; q += OpsV::W)
+          OpsV::storef(m + q, OpsV::abs(OpsV::sub(OpsV::load(x, xd, jb + q), OpsV::loadf(b + q))));
+        std::memcpy(u, m, static_cast<size_t>(whole) * sizeof(uint32_t));
+        for (int64_t q = whole; q < len; ++q) u[q] = bits_one(x, xd, a.base, a.base_dtype, jb + q);
+        const uint32_t l0 = a.lo[t], h0 = a.hi[t], width = h0 - l0;
+        uint32_t n_above = 0, n_in = 0, n_nf = 0;
+        for (int64_t q = 0; q < len; ++q) {
+          n_above += u[q] > h0;
+          n_in += (u[q] - l0) <= width;
+          n_nf += u[q] >= 0x7F800000u;
+        }
+        int64_t* c = tc.data() + (task * a.k + t) * 3;
+        c[0] += n_above;
+        c[1] += n_in;
+        c[2] += n_nf;
+        auto& vb = tb[task * a.k + t];
+        auto& vi = ti[task * a.k + t];
+        size_t& used = tn[task * a.k + t];
+        if (!n_in || static_cast<int64_t>(used) >= a.cap) continue;
+        if (!vb) {
+          vb.reset(new uint32_t[static_cast<size_t>(j1 - j0 + kLanes)]);
+          vi.reset(new int64_t[static_cast<size_t>(j1 - j0 + kLanes)]);
+        }
+        uint32_t* pb = vb.get() + used;
+        int64_t* pi = vi.get() + used;
+        size_t n = 0;
+        for (int64_t g = 0; g < len; g += kLanes) {  // lane groups without an entry inside are skipped
+          const int64_t ge = std::min<int64_t>(len, g + kLanes);
+#if AME_W == 16
+          if (ge - g == 16) {  // compressed in registers, then a full store into the block's slack
+            const __m512i v = _mm512_loadu_si512(u + g);
+            const __mmask16 k =
+                _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, _mm512_set1_epi32(static_cast<int>(l0))),
+                                        _mm512_set1_epi32(static_cast<int>(width)));
+            if (!k) continue;
+            const __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64(jb + g), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+            const __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
+            const int n0 = __builtin_popcount(static_cast<unsigned>(k & 0xFF));
+            _mm512_storeu_si512(pb + n, _mm512_maskz_compress_epi32(k, v));
+            _mm512_storeu_si512(pi + n, _mm512_maskz_compress_epi64(static_cast<__mmask8>(k), i0));
+            _mm512_storeu_si512(pi + n + n0, _mm512_maskz_compress_epi64(static_cast<__mmask8>(k >> 8), i1));
+            n += static_cast<size_t>(__builtin_popcount(static_cast<unsigned>(k)));
+            continue;
+          }
+#endif
+          uint32_t any = 0;
+          for (int64_t q = g; q < ge; ++q) any |= static_cast<uint32_t>((u[q] - l0) <= width);
+          if (!any) continue;
+          for (int64_t q = g; q < ge; ++q) {
+            pb[n] = u[q];
+            pi[n] = jb + q;
+            n += (u[q] - l0) <= width;
+          }
+        }
+        used += n;
+      }
+    }
+  });
+  for (int t = 0; t < a.k; ++t) {
+    int64_t inside = 0;
+    for (int64_t task = 0; task < ntasks; ++task) {
+      const int64_t* c = tc.data() + (task * a.k + t) * 3;
+      for (int q = 0; q < 3; ++q) counts[3 * t + q] += c[q];
+      inside += c[1];
+    }
+    if (inside > a.cap) continue;  // overflowed: counted only
+    bits[t].reserve(static_cast<size_t>(inside));
+    idx[t].reserve(static_cast<size_t>(inside));
+    for (int64_t task = 0; task < ntasks; ++task) {
+      const auto& vb = tb[task * a.k + t];
+      const auto& vi = ti[task * a.k + t];
+      const size_t used = tn[task * a.k + t];
+      if (!used) continue;
+      bits[t].insert(bits[t].end(), vb.get(), vb.get() + used);
+      idx[t].insert(idx[t].end(), vi.get(), vi.get() + used);
+    }
+  }
+}
+
 // Gram: per task, blocks of kGramBlock elements staged as float64 rows tau_i (products of
 // fp32 values are exact in float64), then lane-wise dot products per pair i <= k.
 constexpr int64_t kGramBlock = 512;
@@ -630,6 +756,10 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
 void combine(const CombineArgs& a) { combine_impl(a); }
 void magnitude_histogram(const HistArgs& a) { histogram_impl(a); }
 void gram(const GramArgs& a) { gram_impl(a); }
+void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits,
+                       std::vector<int64_t>* idx) {
+  bracket_impl(a, counts, bits, idx);
+}
 void kept_l1(const CombineArgs& a, double* out) { kept_l1_impl(a, out); }
 
 }  // namespace AME_ISA_NS
