@@ -81,6 +81,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "spiece.model", "chat_template.jinja",
                    "chat_template.json")
+#: mergekit 0.1.5's named chat templates (its own data files, not shipped here)
+MK_CHAT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -94,6 +96,13 @@ def _usage(msg: str):
     from .spec import UsageError
 
     return UsageError(msg)
+
+
+def _mk_only(msg: str):
+    """A refusal of something mergekit itself runs (spec.MergekitOnly: mergekit-yaml may hand it over)."""
+    from .spec import MergekitOnly
+
+    return MergekitOnly(msg)
 
 
 # ------------------------------------------------------------------------- model references
@@ -269,7 +278,7 @@ def load_mergekit(doc: dict, path: str):
 
     for key in doc:
         if key in UNSUPPORTED_TOP:
-            raise _usage(f"{path}: {key}: {UNSUPPORTED_TOP[key]}")
+            raise _mk_only(f"{path}: {key}: {UNSUPPORTED_TOP[key]}")
         if key not in TOP_KEYS:
             raise _usage(f"{path}: unknown key {key!r} of mergekit's schema{_suggest(key, TOP_KEYS)} "
                          f"(a file with 'merge_method' is read as a mergekit config; its keys: {', '.join(TOP_KEYS)})")
@@ -278,7 +287,7 @@ def load_mergekit(doc: dict, path: str):
     if not isinstance(method, str) or method.lower() not in METHODS:
         hint = _suggest(str(method).lower(), METHODS)
         if isinstance(method, str) and method.lower() in OTHER_MK_METHODS:
-            raise _usage(f"{path}: merge_method: mergekit's {method!r} is not supported here; supported: "
+            raise _mk_only(f"{path}: merge_method: mergekit's {method!r} is not supported here; supported: "
                          f"{', '.join(METHODS)}")
         raise _usage(f"{path}: merge_method: unknown method {method!r}{hint}; supported: {', '.join(METHODS)}")
     method = method.lower()
@@ -290,9 +299,10 @@ def load_mergekit(doc: dict, path: str):
             v = doc[key]
             name = str(v).lower().replace("torch.", "")
             if name not in DTYPES:
-                extra = " (float64 merges are not supported: the kernels compute in float32)" if name in (
-                    "float64", "double", "fp64") else ""
-                raise _usage(f"{path}: {key}: expected float32, bfloat16 or float16, got {v!r}{extra}")
+                if name in ("float64", "double", "fp64"):
+                    raise _mk_only(f"{path}: {key}: {v!r}: float64 merges are not supported (the kernels compute "
+                                   "in float32); use float32, bfloat16 or float16")
+                raise _usage(f"{path}: {key}: expected float32, bfloat16 or float16, got {v!r}")
     out_dtype = doc.get("out_dtype") or doc.get("dtype")
     options: Dict[str, Any] = {}
     if out_dtype is not None:
@@ -363,7 +373,7 @@ def load_mergekit(doc: dict, path: str):
                 spec.base = open_checkpoint(ck) if isinstance(ck, str) else ck
                 opened.append(spec.base)
             cks = tie_embeddings(opened[: len(spec.models)] + ([spec.base] if spec.base is not None else []), spec)
-            check_vocab(cks, path)
+            check_vocab(cks, path, mk_only=doc.get("tokenizer_source") is not None or doc.get("tokenizer") is not None)
             if spec.base is not None:
                 spec.base = cks[-1]
             return cks[: len(spec.models)]
@@ -376,15 +386,17 @@ def load_mergekit(doc: dict, path: str):
     return spec
 
 
-def check_vocab(cks: list, path: str) -> None:
+def check_vocab(cks: list, path: str, mk_only: bool = False) -> None:
     """Vocabularies of different sizes: refused naming the sizes (mergekit's tokenizer_source: union,
-    which permutes and pads the embeddings, is not implemented)."""
+    which permutes and pads the embeddings, is not implemented). ``mk_only``: the config names a
+    tokenizer source, with which mergekit merges them (the refusal is then spec.MergekitOnly)."""
     for name in (LM_HEAD,) + EMBED_NAMES:
         rows = {ck.path: ck.tensors[name].shape[0] for ck in cks if name in ck.tensors and ck.tensors[name].shape}
         if len(set(rows.values())) > 1:
             sizes = ", ".join(f"{p}: {r}" for p, r in rows.items())
-            raise _usage(f"{path}: the models' vocabularies differ ({name} rows: {sizes}); merging them needs "
-                         "mergekit's tokenizer_source: union, which is not supported here")
+            raise (_mk_only if mk_only else _usage)(
+                f"{path}: the models' vocabularies differ ({name} rows: {sizes}); merging them needs "
+                "mergekit's tokenizer_source: union, which is not supported here")
 
 
 LM_HEAD = "lm_head.weight"
@@ -441,9 +453,11 @@ def _tokenizer(doc: dict, path: str, folder: str) -> Optional[str]:
             raise _usage(f"{path}: tokenizer: expected a mapping {{source: ...}}, got {tok!r}")
         for k in tok:
             if k != "source":
-                raise _usage(f"{path}: tokenizer.{k}: not supported (only tokenizer.source: base or a model path; "
-                             "token embeddings and padding of a new vocabulary are not)")
-        src, key = tok.get("source"), "tokenizer.source"
+                make = _mk_only if k in ("tokens", "pad_to_multiple_of") else _usage
+                raise make(f"{path}: tokenizer.{k}: not supported (only tokenizer.source: base or a model path; "
+                           "token embeddings and padding of a new vocabulary are not)")
+        # mergekit's TokenizerConfig.source defaults to 'union'
+        src, key = tok.get("source", "union"), "tokenizer.source"
     if src is None:
         return None
     if src == "base":
@@ -451,7 +465,8 @@ def _tokenizer(doc: dict, path: str, folder: str) -> Optional[str]:
             raise _usage(f"{path}: {key}: 'base' needs a base_model")
         src = doc["base_model"]
     if src == "union":
-        raise _usage(f"{path}: {key}: 'union' (a merged vocabulary) is not supported; use 'base' or a model path")
+        dflt = " (mergekit's default when tokenizer: has no source)" if "source" not in (tok or {"source": 1}) else ""
+        raise _mk_only(f"{path}: {key}: 'union'{dflt} (a merged vocabulary) is not supported; use 'base' or a model path")
     if isinstance(src, str) and src.startswith("model:"):
         src = src[len("model:"):]
     p = resolve_model(src, folder, f"{path}: {key}")
@@ -472,8 +487,9 @@ def _chat_template(value: Any, path: str) -> Optional[str]:
     if value == "auto":
         return value
     if len(value) < 20 or "{" not in value:
-        raise _usage(f"{path}: chat_template: {value!r}: mergekit's named templates (alpaca, chatml, exaone, "
-                     "llama3, mistral) are not shipped here; give the template's Jinja text, or 'auto'")
+        make = _mk_only if value in MK_CHAT_TEMPLATES else _usage
+        raise make(f"{path}: chat_template: {value!r}: mergekit's named templates (alpaca, chatml, exaone, "
+                   "llama3, mistral) are not shipped here; give the template's Jinja text, or 'auto'")
     return value
 
 
