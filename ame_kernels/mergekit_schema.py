@@ -107,43 +107,14 @@ def _mk_only(msg: str):
 
 # ------------------------------------------------------------------------- model references
 
-def hf_cache_dir() -> str:
-    """HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return os.path.expanduser(os.environ[var])
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
-
-
 def resolve_hf_id(ref: str, what: str) -> str:
-    """``org/name[@revision]`` -> its snapshot folder in the local Hugging Face cache (no network)."""
-    repo, _, rev = ref.partition("@")
-    rev = rev or "main"
-    cache = hf_cache_dir()
-    folder = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    how = (f"download it first (`huggingface-cli download {repo}"
-           f"{' --revision ' + rev if rev != 'main' else ''}`, or `hf download`), or give a local path")
-    if not os.path.isdir(folder):
-        raise _usage(f"{what}: {ref!r} is not a local path and not in the Hugging Face cache ({folder} does not "
-                     f"exist; the cache is HF_HUB_CACHE or $HF_HOME/hub); no network is used: {how}")
-    commit = None
-    refs = os.path.join(folder, "refs", rev)
-    if os.path.isfile(refs):
-        with open(refs, encoding="utf-8") as f:
-            commit = f.read().strip()
-    elif os.path.isdir(os.path.join(folder, "snapshots", rev)):
-        commit = rev
-    else:
-        snaps = os.path.join(folder, "snapshots")
-        hits = [s for s in (os.listdir(snaps) if os.path.isdir(snaps) else []) if len(rev) >= 7 and s.startswith(rev)]
-        if len(hits) == 1:
-            commit = hits[0]
-    snap = os.path.join(folder, "snapshots", commit) if commit else None
-    if snap is None or not os.path.isdir(snap):
-        raise _usage(f"{what}: revision {rev!r} of {repo!r} is not in the Hugging Face cache ({folder} has no "
-                     f"refs/{rev} nor snapshots/{rev}); {how}")
-    return snap
+    """``org/name[@revision]`` -> its snapshot folder: from the local cache, else downloaded (io/hub.py)."""
+    from .io.hub import HubError, resolve_hf_id as resolve
+
+    try:
+        return resolve(ref, what)
+    except HubError as e:
+        raise _usage(str(e)) from None
 
 
 class LoraRef(str):
@@ -178,7 +149,7 @@ def open_model(ref: str, what: str = "model"):
 
 def resolve_model(ref: Any, folder: str, what: str) -> str:
     """A mergekit model reference: a local path (beside the config, else the working directory),
-    or a Hugging Face ID from the local cache; ``base+lora`` is refused, naming it."""
+    or a Hugging Face ID (the local cache, else downloaded: io/hub.py); ``base+lora`` a LoraRef."""
     if isinstance(ref, dict):
         raise _usage(f"{what}: expected a model path or Hugging Face ID as a string, got a mapping {ref!r}")
     if not isinstance(ref, str) or not ref.strip():
