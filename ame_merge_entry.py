@@ -1,4 +1,5 @@
-"""The ``ame-merge`` console entry: Ctrl-C, SIGTERM and SIGHUP are handled from the first line.
+"""The ``ame-merge`` and ``mergekit-yaml`` console entries: Ctrl-C, SIGTERM and SIGHUP are handled
+from the first line. (``mergekit-yaml`` is ame-merge with mergekit's argv: ame_kernels/mergekit_yaml.py.)
 
 Importing ``ame_kernels`` (numpy, the native module) takes a few tenths of a second, and a
 console script imports its target before calling it: a signal in that window used to print a
@@ -26,6 +27,16 @@ def _raise(signum, frame):
 
 
 def main() -> int:
+    """``ame-merge``."""
+    return _start("ame_kernels.cli")
+
+
+def mergekit_yaml_main() -> int:
+    """``mergekit-yaml CONFIG OUT [mergekit-yaml's flags]``: this engine, handing to mergekit what only it runs."""
+    return _start("ame_kernels.mergekit_yaml")
+
+
+def _start(module: str) -> int:
     old = {s: signal.signal(s, _raise) for s in _NAMES}
     try:
         if "import" in os.environ.get("AME_TEST_PAUSE_AT", "").split(","):  # the test hook of io.atomic
@@ -34,7 +45,9 @@ def main() -> int:
                 os.read(0, 1)
             except OSError:
                 pass
-        from ame_kernels.cli import main as cli_main
+        import importlib
+
+        cli_main = importlib.import_module(module).main
     except (_EarlySignal, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"ame-merge: error: interrupted ({_NAMES[signum]}) while starting; nothing was written", file=sys.stderr)

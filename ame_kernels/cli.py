@@ -26,6 +26,7 @@ import traceback
 from typing import List, Optional, Sequence
 
 from .errors import MergeError, Terminated
+from .spec import MergekitOnly
 from .cli_common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, error as _error, prepare
 
 
@@ -131,12 +132,14 @@ def describe(plan) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, raise_mergekit_only: bool = False) -> int:
+    """The exit code. ``raise_mergekit_only``: a spec.MergekitOnly refusal found while checking
+    (before anything is written) is raised instead of reported (the mergekit-yaml script hands it over)."""
     # first thing: SIGTERM/SIGHUP raise Terminated (as Ctrl-C raises KeyboardInterrupt), so an interrupt
     # at any point ends in one line and the right exit code, never a traceback or a silent -15
     old = _raise_on_terminate()
     try:
-        return _main(argv)
+        return _main(argv, raise_mergekit_only)
     except (KeyboardInterrupt, Terminated) as e:  # outside a merge (a merge reports its own, see _run)
         _error(f"interrupted ({_signal_name(e)})")
         return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
@@ -162,7 +165,7 @@ def _signal_name(e: BaseException) -> str:
     return "Ctrl-C"
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
+def _main(argv: Optional[Sequence[str]], raise_mergekit_only: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "inspect":
         return _inspect(argv[1:])
@@ -193,7 +196,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         from .distributed import main_distributed
 
         return main_distributed(args, world)
-    return _run(args)
+    return _run(args, raise_mergekit_only)
 
 
 def _run_strategy(args: argparse.Namespace) -> int:
@@ -233,7 +236,7 @@ def _names_strategy(path: str) -> bool:
     return isinstance(doc, dict) and doc.get("strategy") not in (None, "ame", *SOUP_STRATEGIES)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, raise_mergekit_only: bool = False) -> int:
     from .engine import close_plan, input_paths
     from .io.atomic import check_target
 
@@ -244,6 +247,8 @@ def _run(args: argparse.Namespace) -> int:
             if args.out_dir:  # also with --dry-run: it checks everything the merge would
                 check_target(args.out_dir, args.force, protect=input_paths(plan) + [args.config])
         except (MergeError, OSError) as e:  # OSError: an input that cannot be read, named by _describe
+            if raise_mergekit_only and isinstance(e, MergekitOnly) and not args.dry_run:
+                raise
             _error(_describe(e))
             if args.verbose:
                 traceback.print_exc()

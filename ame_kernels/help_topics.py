@@ -189,9 +189,10 @@ model is excluded from the task vectors; for slerp it is the t = 0 end. int8_mas
 effect on the result (mergekit only stores its masks as int8). --dry-run prints
 'schema: mergekit'. The output also holds mergekit_config.yml (the config as run).
 
-Hugging Face IDs resolve through the local cache only (HF_HUB_CACHE, else $HF_HOME/hub,
-else ~/.cache/huggingface/hub; org/name@rev reads refs/rev); one not there is an error
-saying how to download it. 'model: BASE+ADAPTER' applies a PEFT LoRA adapter folder to its
+Hugging Face IDs resolve through the local cache (HF_HUB_CACHE, else $HF_HOME/hub,
+else ~/.cache/huggingface/hub; org/name@rev reads refs/rev); one not there is downloaded
+into it (huggingface_hub, the extra ame-kernels[hub]) unless HF_HUB_OFFLINE=1, else an error
+saying how to get it. 'model: BASE+ADAPTER' applies a PEFT LoRA adapter folder to its
 base tensor by tensor (W + alpha/r B@A, as PEFT's merge_and_unload; modules_to_save
 honoured). A model with a tied lm_head (none in its files, tie_word_embeddings: true)
 merges with untied ones through its embeddings, as mergekit. Not supported (an error naming
@@ -205,8 +206,13 @@ K/M/B (and G) as powers of 1000: 5B is 5e9 bytes (with the ame schema 5B is 5 by
 is 5e9 in both). mergekit-yaml's other flags: --cuda (= --device cuda), -j/--num-threads
 (= --threads), --random-seed (= random_seed), --no-copy-tokenizer (no tokenizer files), --no-write-model-card (no README.md);
 --allow-crimes, --lazy-unpickle, --low-cpu-memory, --read-to-gpu, --multi-gpu and
---trust-remote-code are accepted with a one-line note. No 'mergekit-yaml' command is
-installed (it would replace mergekit's own where both are installed): run ame-merge."""
+--trust-remote-code are accepted with a one-line note.
+
+A 'mergekit-yaml CONFIG OUT [flags]' command is installed: this engine under mergekit's name.
+Where mergekit is installed too, the package installed last owns bin/mergekit-yaml; ours hands
+a run it refuses but mergekit supports (union tokenizers, modules:, DoRA, other methods, a
+mergekit-only flag) to mergekit's own entry, with the same argv, when mergekit is importable
+and AME_NO_MERGEKIT_FALLBACK=1 is not set; never a config mergekit refuses too."""
 
 
 TOPICS: Dict[str, Callable[[], str]] = {

@@ -81,6 +81,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "spiece.model", "chat_template.jinja",
                    "chat_template.json")
+#: mergekit 0.1.5's named chat templates (its own data files, not shipped here)
+MK_CHAT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -96,45 +98,23 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
+def _mk_only(msg: str):
+    """A refusal of something mergekit itself runs (spec.MergekitOnly: mergekit-yaml may hand it over)."""
+    from .spec import MergekitOnly
+
+    return MergekitOnly(msg)
+
+
 # ------------------------------------------------------------------------- model references
 
-def hf_cache_dir() -> str:
-    """HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return os.path.expanduser(os.environ[var])
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
-
-
 def resolve_hf_id(ref: str, what: str) -> str:
-    """``org/name[@revision]`` -> its snapshot folder in the local Hugging Face cache (no network)."""
-    repo, _, rev = ref.partition("@")
-    rev = rev or "main"
-    cache = hf_cache_dir()
-    folder = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    how = (f"download it first (`huggingface-cli download {repo}"
-           f"{' --revision ' + rev if rev != 'main' else ''}`, or `hf download`), or give a local path")
-    if not os.path.isdir(folder):
-        raise _usage(f"{what}: {ref!r} is not a local path and not in the Hugging Face cache ({folder} does not "
-                     f"exist; the cache is HF_HUB_CACHE or $HF_HOME/hub); no network is used: {how}")
-    commit = None
-    refs = os.path.join(folder, "refs", rev)
-    if os.path.isfile(refs):
-        with open(refs, encoding="utf-8") as f:
-            commit = f.read().strip()
-    elif os.path.isdir(os.path.join(folder, "snapshots", rev)):
-        commit = rev
-    else:
-        snaps = os.path.join(folder, "snapshots")
-        hits = [s for s in (os.listdir(snaps) if os.path.isdir(snaps) else []) if len(rev) >= 7 and s.startswith(rev)]
-        if len(hits) == 1:
-            commit = hits[0]
-    snap = os.path.join(folder, "snapshots", commit) if commit else None
-    if snap is None or not os.path.isdir(snap):
-        raise _usage(f"{what}: revision {rev!r} of {repo!r} is not in the Hugging Face cache ({folder} has no "
-                     f"refs/{rev} nor snapshots/{rev}); {how}")
-    return snap
+    """``org/name[@revision]`` -> its snapshot folder: from the local cache, else downloaded (io/hub.py)."""
+    from .io.hub import HubError, resolve_hf_id as resolve
+
+    try:
+        return resolve(ref, what)
+    except HubError as e:
+        raise _usage(str(e)) from None
 
 
 class LoraRef(str):
@@ -169,7 +149,7 @@ def open_model(ref: str, what: str = "model"):
 
 def resolve_model(ref: Any, folder: str, what: str) -> str:
     """A mergekit model reference: a local path (beside the config, else the working directory),
-    or a Hugging Face ID from the local cache; ``base+lora`` is refused, naming it."""
+    or a Hugging Face ID (the local cache, else downloaded: io/hub.py); ``base+lora`` a LoraRef."""
     if isinstance(ref, dict):
         raise _usage(f"{what}: expected a model path or Hugging Face ID as a string, got a mapping {ref!r}")
     if not isinstance(ref, str) or not ref.strip():
@@ -269,7 +249,7 @@ def load_mergekit(doc: dict, path: str):
 
     for key in doc:
         if key in UNSUPPORTED_TOP:
-            raise _usage(f"{path}: {key}: {UNSUPPORTED_TOP[key]}")
+            raise _mk_only(f"{path}: {key}: {UNSUPPORTED_TOP[key]}")
         if key not in TOP_KEYS:
             raise _usage(f"{path}: unknown key {key!r} of mergekit's schema{_suggest(key, TOP_KEYS)} "
                          f"(a file with 'merge_method' is read as a mergekit config; its keys: {', '.join(TOP_KEYS)})")
@@ -278,7 +258,7 @@ def load_mergekit(doc: dict, path: str):
     if not isinstance(method, str) or method.lower() not in METHODS:
         hint = _suggest(str(method).lower(), METHODS)
         if isinstance(method, str) and method.lower() in OTHER_MK_METHODS:
-            raise _usage(f"{path}: merge_method: mergekit's {method!r} is not supported here; supported: "
+            raise _mk_only(f"{path}: merge_method: mergekit's {method!r} is not supported here; supported: "
                          f"{', '.join(METHODS)}")
         raise _usage(f"{path}: merge_method: unknown method {method!r}{hint}; supported: {', '.join(METHODS)}")
     method = method.lower()
@@ -290,9 +270,10 @@ def load_mergekit(doc: dict, path: str):
             v = doc[key]
             name = str(v).lower().replace("torch.", "")
             if name not in DTYPES:
-                extra = " (float64 merges are not supported: the kernels compute in float32)" if name in (
-                    "float64", "double", "fp64") else ""
-                raise _usage(f"{path}: {key}: expected float32, bfloat16 or float16, got {v!r}{extra}")
+                if name in ("float64", "double", "fp64"):
+                    raise _mk_only(f"{path}: {key}: {v!r}: float64 merges are not supported (the kernels compute "
+                                   "in float32); use float32, bfloat16 or float16")
+                raise _usage(f"{path}: {key}: expected float32, bfloat16 or float16, got {v!r}")
     out_dtype = doc.get("out_dtype") or doc.get("dtype")
     options: Dict[str, Any] = {}
     if out_dtype is not None:
@@ -363,7 +344,7 @@ def load_mergekit(doc: dict, path: str):
                 spec.base = open_checkpoint(ck) if isinstance(ck, str) else ck
                 opened.append(spec.base)
             cks = tie_embeddings(opened[: len(spec.models)] + ([spec.base] if spec.base is not None else []), spec)
-            check_vocab(cks, path)
+            check_vocab(cks, path, mk_only=doc.get("tokenizer_source") is not None or doc.get("tokenizer") is not None)
             if spec.base is not None:
                 spec.base = cks[-1]
             return cks[: len(spec.models)]
@@ -376,15 +357,17 @@ def load_mergekit(doc: dict, path: str):
     return spec
 
 
-def check_vocab(cks: list, path: str) -> None:
+def check_vocab(cks: list, path: str, mk_only: bool = False) -> None:
     """Vocabularies of different sizes: refused naming the sizes (mergekit's tokenizer_source: union,
-    which permutes and pads the embeddings, is not implemented)."""
+    which permutes and pads the embeddings, is not implemented). ``mk_only``: the config names a
+    tokenizer source, with which mergekit merges them (the refusal is then spec.MergekitOnly)."""
     for name in (LM_HEAD,) + EMBED_NAMES:
         rows = {ck.path: ck.tensors[name].shape[0] for ck in cks if name in ck.tensors and ck.tensors[name].shape}
         if len(set(rows.values())) > 1:
             sizes = ", ".join(f"{p}: {r}" for p, r in rows.items())
-            raise _usage(f"{path}: the models' vocabularies differ ({name} rows: {sizes}); merging them needs "
-                         "mergekit's tokenizer_source: union, which is not supported here")
+            raise (_mk_only if mk_only else _usage)(
+                f"{path}: the models' vocabularies differ ({name} rows: {sizes}); merging them needs "
+                "mergekit's tokenizer_source: union, which is not supported here")
 
 
 LM_HEAD = "lm_head.weight"
@@ -441,9 +424,11 @@ def _tokenizer(doc: dict, path: str, folder: str) -> Optional[str]:
             raise _usage(f"{path}: tokenizer: expected a mapping {{source: ...}}, got {tok!r}")
         for k in tok:
             if k != "source":
-                raise _usage(f"{path}: tokenizer.{k}: not supported (only tokenizer.source: base or a model path; "
-                             "token embeddings and padding of a new vocabulary are not)")
-        src, key = tok.get("source"), "tokenizer.source"
+                make = _mk_only if k in ("tokens", "pad_to_multiple_of") else _usage
+                raise make(f"{path}: tokenizer.{k}: not supported (only tokenizer.source: base or a model path; "
+                           "token embeddings and padding of a new vocabulary are not)")
+        # mergekit's TokenizerConfig.source defaults to 'union'
+        src, key = tok.get("source", "union"), "tokenizer.source"
     if src is None:
         return None
     if src == "base":
@@ -451,7 +436,8 @@ def _tokenizer(doc: dict, path: str, folder: str) -> Optional[str]:
             raise _usage(f"{path}: {key}: 'base' needs a base_model")
         src = doc["base_model"]
     if src == "union":
-        raise _usage(f"{path}: {key}: 'union' (a merged vocabulary) is not supported; use 'base' or a model path")
+        dflt = " (mergekit's default when tokenizer: has no source)" if "source" not in (tok or {"source": 1}) else ""
+        raise _mk_only(f"{path}: {key}: 'union'{dflt} (a merged vocabulary) is not supported; use 'base' or a model path")
     if isinstance(src, str) and src.startswith("model:"):
         src = src[len("model:"):]
     p = resolve_model(src, folder, f"{path}: {key}")
@@ -472,8 +458,9 @@ def _chat_template(value: Any, path: str) -> Optional[str]:
     if value == "auto":
         return value
     if len(value) < 20 or "{" not in value:
-        raise _usage(f"{path}: chat_template: {value!r}: mergekit's named templates (alpaca, chatml, exaone, "
-                     "llama3, mistral) are not shipped here; give the template's Jinja text, or 'auto'")
+        make = _mk_only if value in MK_CHAT_TEMPLATES else _usage
+        raise make(f"{path}: chat_template: {value!r}: mergekit's named templates (alpaca, chatml, exaone, "
+                   "llama3, mistral) are not shipped here; give the template's Jinja text, or 'auto'")
     return value
 
 

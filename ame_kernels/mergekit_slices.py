@@ -38,6 +38,12 @@ def _usage(msg: str):
     return UsageError(msg)
 
 
+def _mk_only(msg: str):
+    from .spec import MergekitOnly
+
+    return MergekitOnly(msg)
+
+
 
 
 class PerTensor(Rule):
@@ -84,7 +90,8 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
         raise _usage(f"{path}: slices: merge_method ame takes 'models', not slices")
     top = _params_block(doc.get("parameters"), f"{path}: parameters")
     if method == "passthrough" and top:
-        raise _usage(f"{path}: parameters.{next(iter(top))}: passthrough takes no parameters here "
+        make = _mk_only if "scale" in top else _usage
+        raise make(f"{path}: parameters.{next(iter(top))}: passthrough takes no parameters here "
                      "(mergekit's per-source 'scale' is not supported)")
     slices = []
     for s, sl in enumerate(raw):
@@ -94,7 +101,8 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
         for k in sl:
             if k not in SLICE_KEYS:
                 extra = " (not supported)" if k == "residual_weight" else _suggest(k, SLICE_KEYS)
-                raise _usage(f"{at}: unknown key {k!r}{extra}; a slice takes: {', '.join(SLICE_KEYS)}")
+                make = _mk_only if k == "residual_weight" else _usage
+                raise make(f"{at}: unknown key {k!r}{extra}; a slice takes: {', '.join(SLICE_KEYS)}")
         srcs = sl.get("sources")
         if not isinstance(srcs, list) or not srcs:
             raise _usage(f"{at}.sources: expected a non-empty list of {{model: PATH, layer_range: [a, b]}}")
@@ -116,6 +124,8 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
             params = _params_block(src.get("parameters"), f"{sat}.parameters")
             for k in params:
                 if method == "passthrough":
+                    if k == "scale":
+                        raise _mk_only(f"{sat}.parameters.scale: mergekit's per-source scale is not supported")
                     raise _usage(f"{sat}.parameters.{k}: passthrough takes no parameters here")
                 if k not in allowed:
                     raise _usage(f"{sat}.parameters.{k}: mergekit's {method} has no parameter {k!r}"

@@ -41,6 +41,11 @@ class UsageError(MergeError):
     """Bad usage or config: exit code 2."""
 
 
+class MergekitOnly(UsageError):
+    """A valid mergekit config or flag using a feature mergekit has and this engine lacks
+    (``mergekit-yaml`` may hand such a run to mergekit: ame_merge_entry.mergekit_yaml_main)."""
+
+
 def method_param_names() -> tuple:
     from .methods import METHODS
     from .methods.params import ALIASES

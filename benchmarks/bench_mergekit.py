@@ -20,6 +20,12 @@ the same merge, one row per method (``--methods``, default all of METHODS):
   per-model keys / top-level parameters). model0 is the base of the task-vector methods
   and model_stock, models 1..N-1 the fine-tunes; slerp interpolates model0 -> model1.
 
+``--corpus``: instead, the issue's corpus of mergekit-form configs (CORPUS: linear, ties,
+gradient-slerp, an orcamini-platy-44layer style passthrough of slices with layer ranges scaled
+to the family's layer count, dare_ties, model_stock, task_arithmetic with lambda, della) is
+written with its models pointed at the family, and the same file runs unchanged through both
+tools (``mergekit-yaml CFG OUT``, ``ame-merge CFG OUT``).
+
 After one warm-up run of each (page cache warm), the tools run interleaved for
 ``--repeat`` rounds, each as a fresh process: wall time (start-up included) and the
 process's peak RSS (wait4). A tool that fails prints its error and its row says
@@ -136,6 +142,118 @@ METHODS = {
 }
 
 
+#: the corpus (--corpus): mergekit's own form, {M0}..{M3} the family's models (M0 the base), {L}
+#: its layer count, {A}/{B} the two slices' ranges; (config text, outputs compared?)
+CORPUS = {
+    "linear": ("""merge_method: linear
+models:
+  - model: {M0}
+    parameters: {{weight: 1.0}}
+  - model: {M1}
+    parameters: {{weight: 0.5}}
+  - model: {M2}
+    parameters: {{weight: 0.8}}
+  - model: {M3}
+    parameters: {{weight: 0.3}}
+parameters: {{normalize: true}}
+dtype: bfloat16
+""", True),
+    "ties": ("""merge_method: ties
+base_model: {M0}
+models:
+  - model: {M1}
+    parameters: {{weight: 1.0, density: [1, 0.7, 0.1]}}
+  - model: {M2}
+    parameters: {{weight: 0.5, density: 0.5}}
+  - model: {M3}
+    parameters: {{weight: 0.7, density: 0.33}}
+parameters: {{normalize: true, int8_mask: true}}
+dtype: bfloat16
+""", True),
+    "gradient-slerp": ("""slices:
+  - sources:
+      - model: {M0}
+        layer_range: [0, {L}]
+      - model: {M1}
+        layer_range: [0, {L}]
+merge_method: slerp
+base_model: {M0}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: bfloat16
+""", True),
+    "orcamini-platy-passthrough": ("""slices:
+  - sources:
+      - model: {M1}
+        layer_range: {A}
+  - sources:
+      - model: {M2}
+        layer_range: {B}
+merge_method: passthrough
+dtype: bfloat16
+""", True),
+    "dare_ties": ("""merge_method: dare_ties
+base_model: {M0}
+models:
+  - model: {M1}
+    parameters: {{weight: 0.5, density: 0.53}}
+  - model: {M2}
+    parameters: {{weight: 0.3, density: 0.53}}
+  - model: {M3}
+    parameters: {{weight: 0.2, density: 0.53}}
+parameters: {{int8_mask: true}}
+random_seed: 0
+dtype: bfloat16
+""", False),
+    "model_stock": ("""merge_method: model_stock
+base_model: {M0}
+models:
+  - model: {M1}
+  - model: {M2}
+  - model: {M3}
+dtype: bfloat16
+""", True),
+    "task_arithmetic": ("""merge_method: task_arithmetic
+base_model: {M0}
+models:
+  - model: {M1}
+    parameters: {{weight: 0.8}}
+  - model: {M2}
+    parameters: {{weight: 0.5}}
+  - model: {M3}
+    parameters: {{weight: 0.3}}
+parameters: {{lambda: 0.9}}
+dtype: bfloat16
+""", True),
+    "della": ("""merge_method: della
+base_model: {M0}
+models:
+  - model: {M1}
+    parameters: {{weight: 1.0, density: 0.5, epsilon: 0.1}}
+  - model: {M2}
+    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}
+parameters: {{lambda: 1.0}}
+random_seed: 0
+dtype: bfloat16
+""", False),
+}
+
+
+def corpus_config(name: str, models: list, layers: int, fam: str) -> str:
+    """Write corpus config NAME pointed at the family (model paths, slice ranges for ``layers``); its path."""
+    a, b = [0, -(-layers * 6 // 10)], [layers // 2, layers]  # orcamini-platy: [0, 24] + [20, 40] of 40 layers
+    text = CORPUS[name][0].format(**{f"M{i}": m for i, m in enumerate(models)}, L=layers, A=a, B=b)
+    path = os.path.join(fam, f"corpus_{name}.yml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def _yaml(v) -> str:
     return ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, float) else str(v)
 
@@ -194,6 +312,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                     help=f"rows to run (default all: {' '.join(METHODS)})")
+    ap.add_argument("--corpus", nargs="*", metavar="CONFIG", choices=list(CORPUS),
+                    help=f"run the corpus of mergekit-form configs through both tools unchanged (default all: "
+                    f"{' '.join(CORPUS)}) instead of --methods")
     ap.add_argument("--only", choices=("mergekit", "ame"), help="run one tool only (no comparison)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up run of each tool")
     ap.add_argument("--clean", action="store_true", help="delete the generated data at the end")
@@ -201,6 +322,8 @@ def main(argv=None) -> int:
     if args.only != "ame" and (not args.mergekit or not os.path.exists(args.mergekit)):
         print("bench_mergekit: no mergekit-yaml (pass --mergekit or put it on PATH): skipped")
         return 0
+    if args.corpus is not None and args.n < 4:
+        raise SystemExit("bench_mergekit: --corpus uses 4 models (a base and 3 fine-tunes): --n 4")
     if args.n < 3 and "model_stock" in args.methods:
         raise SystemExit("bench_mergekit: model_stock needs a base and >= 2 fine-tunes: --n >= 3 (4 by default)")
 
@@ -219,12 +342,17 @@ def main(argv=None) -> int:
     params = sum(int(np.prod(s)) for _, s in shapes)
 
     def tool_runs(method):
-        mk_cfg, ak_cfg = method_configs(method, models, fam)
+        if args.corpus is not None:  # the same mergekit config through both, unchanged
+            mk_cfg = ak_cfg = corpus_config(method, models, dims["layers"], fam)
+            mk_flags = []
+        else:
+            mk_cfg, ak_cfg = method_configs(method, models, fam)
+            mk_flags = ["--allow-crimes", "--random-seed", "0"]
         mk_out, ak_out = os.path.join(fam, f"out_mergekit_{method}"), os.path.join(fam, f"out_ame_{method}")
 
         def run_mergekit():
             shutil.rmtree(mk_out, ignore_errors=True)  # mergekit has no --force
-            return timed([args.mergekit, mk_cfg, mk_out, "--allow-crimes", "--random-seed", "0"], fam)
+            return timed([args.mergekit, mk_cfg, mk_out, *mk_flags], fam)
 
         label = "soup" if method == "soup" else method
         runs = {
@@ -242,8 +370,9 @@ def main(argv=None) -> int:
     print(f"# machine: {mach}")
     print(f"# {args.n} x {params / 1e9:.3f}B params bf16, sharded; warm page cache; median of {args.repeat} rounds"
           f"{'' if not args.no_warmup else ' (no warm-up)'}")
-    print(f"{'tool':<26} {'seconds':>8} {'[min-max]':>14} {'peak RSS':>10}  notes")
-    for method in args.methods:
+    print(f"{'tool':<36} {'seconds':>8} {'[min-max]':>14} {'peak RSS':>10}  notes")
+    rows = []  # the closing table: (row, mergekit (s, RSS), ame-merge (s, RSS), outputs)
+    for method in (args.methods if args.corpus is None else (args.corpus or list(CORPUS))):
         runs = tool_runs(method)
         samples, failed = {k: [] for k in runs}, {}
         rounds = ([None] if not args.no_warmup else []) + list(range(args.repeat))
@@ -259,28 +388,39 @@ def main(argv=None) -> int:
                     continue
                 if r is not None:
                     samples[k].append(v)
-        med = {}
+        med, peak = {}, {}
         for k, vals in samples.items():
             if k in failed or not vals:
-                print(f"{k:<26} {'FAILED':>8} {'':>14} {'':>10}  {failed.get(k, 'no sample')[:160]!r}")
+                print(f"{k:<36} {'FAILED':>8} {'':>14} {'':>10}  {failed.get(k, 'no sample')[:160]!r}")
                 continue
             secs = [v[0] for v in vals]
             rss = max(v[1] for v in vals)
-            med[k] = statistics.median(secs)
-            print(f"{k:<26} {med[k]:8.2f} {f'[{min(secs):.2f}-{max(secs):.2f}]':>14} {rss / 2**20:8.0f} MiB")
+            med[k], peak[k] = statistics.median(secs), rss
+            print(f"{k:<36} {med[k]:8.2f} {f'[{min(secs):.2f}-{max(secs):.2f}]':>14} {rss / 2**20:8.0f} MiB")
         note = ""
         if len(med) == 2:
             (mk_k, (_, mk_out)), (ak_k, (_, ak_out)) = list(runs.items())
             note = f"ame-merge {med[mk_k] / med[ak_k]:.1f}x faster"
-            exact = method == "soup" or METHODS[method]["exact"]
+            exact = CORPUS[method][1] if args.corpus is not None else method == "soup" or METHODS[method]["exact"]
+            outputs = "random masks: not compared"
             if exact:
                 try:
-                    note += f"; outputs agree to {compare(ak_out, mk_out):.2e} relative"
+                    d = compare(ak_out, mk_out)
+                    outputs = "bitwise equal" if d == 0 else f"max rel. diff {d:.2e}"
+                    note += f"; outputs agree to {d:.2e} relative"
                 except ToolFailed as e:
+                    outputs = "not comparable"
                     note += f"; outputs not comparable: {e}"
             else:
                 note += "; random masks differ by design: not compared"
             print(f"  {method}: {note}")
+            rows.append((method, (med[mk_k], peak[mk_k]), (med[ak_k], peak[ak_k]), outputs))
+    if rows:
+        print("\n| config | mergekit s | mergekit RSS | ame-merge s | ame-merge RSS | speed-up | RSS ratio | outputs |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, (ms, mr), (a_s, ar), outputs in rows:
+            print(f"| {name} | {ms:.2f} | {mr / 2**20:.0f} MiB | {a_s:.2f} | {ar / 2**20:.0f} MiB | {ms / a_s:.1f}x | "
+                  f"1/{mr / ar:.1f} | {outputs} |")
     if args.clean:
         shutil.rmtree(fam, ignore_errors=True)
     return 0

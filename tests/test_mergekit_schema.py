@@ -274,6 +274,7 @@ ERRORS = [
 def test_errors_name_file_and_key(mroot, tmp_path, capsys, monkeypatch, text, needles):
     root, _ = mroot
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no download attempt where huggingface_hub is installed
     p = _write(tmp_path, "bad.yml", text.replace("R/", root + "/"))
     out = tmp_path / "out"
     assert _cli([p, out, "-q"]) == 2
@@ -310,6 +311,7 @@ def test_hub_ids_resolve_through_the_local_cache(mroot, tmp_path, monkeypatch, c
     _lay_out_cache(cache, "org/ft0", os.path.join(root, "ft0"), "a" * 40, ["main"])
     _lay_out_cache(cache, "org/ft1", os.path.join(root, "ft1"), "b" * 40, ["v1"])
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = ("merge_method: linear\nmodels:\n  - model: org/ft0\n    parameters: {weight: 1}\n"
             "  - model: org/ft1@v1\n    parameters: {weight: 3}\ndtype: float32\n")
     p = _write(tmp_path, "hub.yml", text)

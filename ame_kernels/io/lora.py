@@ -104,11 +104,14 @@ def open_lora(base_path: str, adapter_path: str, what: str = "model") -> Checkpo
                          "adapter_model.safetensors)")
     with open(cfg_path, encoding="utf-8") as f:
         cfg = json.load(f)
+    from ..spec import MergekitOnly  # mergekit applies any adapter through PEFT
+
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise MergeError(f"{what}: {adapter_path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
+        raise MergekitOnly(f"{what}: {adapter_path}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     for key in ("use_dora", "rank_pattern", "alpha_pattern", "lora_bias", "layer_replication", "target_parameters"):
         if cfg.get(key):
-            raise MergeError(f"{what}: {adapter_path}: adapter_config.json {key} is not supported")
+            raise MergekitOnly(f"{what}: {adapter_path}: adapter_config.json {key} is not supported"
+                               f"{' (DoRA)' if key == 'use_dora' else ''}")
     r = int(cfg.get("r", 8))
     alpha = float(cfg.get("lora_alpha", r))
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
