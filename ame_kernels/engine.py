@@ -641,14 +641,16 @@ class _MethodRunner:
         b = self.handle(base_view, base_dtype) if base_view is not None else None
         probs = probs_fn(it.start, xs, b) if probs_fn else None
         if self.buffers:
-            self.ops.combine(xs, b, (out, out_dtype), cplan, it.start, probs)
+            written_bad = self.ops.combine(xs, b, (out, out_dtype), cplan, it.start, probs)
         else:
             o = _host_tensor(out, out_dtype)
             od = o if self.device.type == "cpu" else self.torch.empty(o.shape[0], dtype=o.dtype, device=self.device)
-            self.ops.combine(xs, b, od, cplan, it.start, probs)
+            written_bad = self.ops.combine(xs, b, od, cplan, it.start, probs)
             if od is not o:
                 o.copy_(od)
-        if self.plan.config.check_finite and _nonfinite(out, out_dtype):
+        if written_bad is None and self.plan.config.check_finite:  # the backend does not count: look
+            written_bad = _nonfinite(out, out_dtype)
+        if self.plan.config.check_finite and written_bad:
             # every entry reaches the output unless masked (checked above): find the culprit
             culprits = [i for i, (v, d) in enumerate(zip(views, dts)) if _nonfinite(v, d)]
             if base_view is not None and _nonfinite(base_view, base_dtype):

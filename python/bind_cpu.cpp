@@ -390,8 +390,11 @@ void init_cpu(py::module_& m) {
         combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
                          name_key, elect, normalize, lam, inv_prob, threads);
         const SimdLevel level = simd_arg(simd, fn);
-        py::gil_scoped_release release;
-        cpu::combine(a, level);
+        {
+          py::gil_scoped_release release;
+          cpu::combine(a, level);
+        }
+        return a.nonfinite;
       },
       py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("out"),
       py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("weight"), py::arg("scale"),
@@ -402,7 +405,8 @@ void init_cpu(py::module_& m) {
       "index offset: N input pointers (float32/bfloat16/float16, mixed), base pointer (0: none), out (written\n"
       "once, round to nearest even). weight, scale, top_mag, end_mag, density: float32 [N]; top_idx, end_idx:\n"
       "int64 [N] (CombinePlan.kernel_kwargs()); probs: [] or N float32 pointers (0: none). elect: 0 none,\n"
-      "1 sum, 2 count. Bitwise combine_torch. Every argument is required: no defaults here.");
+      "1 sum, 2 count. Bitwise combine_torch. Every argument is required: no defaults here. Returns the count\n"
+      "of Inf/NaN values written to out (in out's dtype).");
 
   m.def(
       "kept_l1",

@@ -537,3 +537,20 @@ def test_combine_property(c, n, dts, base_dtype, out_dtype, elect, normalize, in
                        normalize=normalize, lam=lam, inv_prob=inv_prob, density=np.full(n, density), seed=seed,
                        name_key=data_seed, **keys)
     run_both(xs, base, plan, out_dtype, offset=offset, simd=simd, threads=1 + data_seed % 2, what="property")
+
+
+def test_combine_counts_nonfinite_written():
+    """combine returns the count of Inf/NaN it wrote, in out's dtype (fp16 overflow included):
+    the engine's output check without a second pass."""
+    c = 1000
+    base = torch.zeros(c)
+    x = torch.ones(c)
+    x[3] = float("nan")
+    x[10] = 1e5  # finite in fp32, Inf once written as fp16
+    plan = CombinePlan(n=1, weight=np.ones(1))
+    for dtype, want in ((torch.float32, 1), (torch.bfloat16, 1), (torch.float16, 2)):
+        out = torch.empty(c, dtype=dtype)
+        assert CpuBackend().combine([x], base, out, plan, 0) == want
+        assert int((~torch.isfinite(out.float())).sum()) == want
+    out = np.empty(c, np.float32)
+    assert combine_buffers([x.numpy()], ["float32"], base.numpy(), "float32", out, "float32", plan) == 1

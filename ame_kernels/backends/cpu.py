@@ -355,14 +355,14 @@ class CpuBackend(Backend):
 
     # ------------------------------------------------------------------ merge methods
 
-    def combine(self, inputs, base, out, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> None:
+    def combine(self, inputs, base, out, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> int:
         """The combine pass over one chunk (``ame_kernels.methods.combine``), bitwise ``combine_torch``."""
         fn = "combine"
         plan = _check_combine_plan(fn, plan, inputs)
         numel = out.numel() if hasattr(out, "numel") else -1
         out_dtype = _check_tensor(out, numel, fn, "out")
         ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
-        _native_call(
+        return _native_call(
             fn, _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=out.data_ptr(),
             out_dtype=out_dtype, numel=numel, offset=_check_offset(fn, offset),
             probs=_torch_probs(fn, probs, plan.n, numel), threads=default_threads(threads),
@@ -563,13 +563,14 @@ def combine_buffers(
     probs: Optional[Sequence[Any]] = None,
     threads: Optional[int] = None,
     simd: str = "auto",
-) -> None:
+) -> int:
     """The combine pass on raw buffers, without torch (the checkpoint engine): bitwise ``combine_torch``.
 
     inputs: N numpy arrays / buffer-protocol objects of C elements, ``input_dtypes`` their dtype names
     (bf16 as uint16 or raw bytes with "bfloat16"); base: None (zero) or such a buffer of ``base_dtype``;
     out: writable, C elements of ``out_dtype``; plan: a ``CombinePlan`` for N ingredients; offset: the
     chunk's first global element index; probs: None or N float32 buffers (or None entries).
+    Returns the count of Inf/NaN written to out (in out's dtype).
     """
     fn = "combine_buffers"
     plan = _check_combine_plan(fn, plan, inputs)
@@ -578,7 +579,7 @@ def combine_buffers(
     numel = o.nbytes // _ITEMSIZE[out_dtype]
     _check_buffer(o, out_dtype, numel, fn, "out")
     hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, inputs, input_dtypes, base, base_dtype, numel)
-    _native_call(
+    return _native_call(
         fn, _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=o.ctypes.data,
         out_dtype=out_dtype, numel=numel, offset=_check_offset(fn, offset),
         probs=_buffer_probs(fn, probs, plan.n, numel, hold), threads=default_threads(threads),

@@ -75,10 +75,12 @@ class TorchOps:
     def size(h) -> int:
         return int(h.numel())
 
-    def combine(self, xs, b, out, plan: CombinePlan, offset: int, probs) -> None:
-        if combine_rows(self, xs, b, out, plan, offset, probs):
-            return
-        self.backend.combine(xs, b, out, plan, offset, probs, threads=self.threads)
+    def combine(self, xs, b, out, plan: CombinePlan, offset: int, probs) -> Optional[int]:
+        """The combine pass; the count of Inf/NaN written where the backend reports it, else None."""
+        rows = combine_rows(self, xs, b, out, plan, offset, probs)
+        if rows is not False:
+            return rows
+        return self.backend.combine(xs, b, out, plan, offset, probs, threads=self.threads)
 
 
 class BufferOps:
@@ -152,18 +154,21 @@ class BufferOps:
     def size(h) -> int:
         return int(h[0].shape[0])
 
-    def combine(self, xs, b, out, plan: CombinePlan, offset: int, probs) -> None:
-        if combine_rows(self, xs, b, out, plan, offset, probs):
-            return
+    def combine(self, xs, b, out, plan: CombinePlan, offset: int, probs) -> int:
+        """The combine pass; the count of Inf/NaN written to out."""
+        rows = combine_rows(self, xs, b, out, plan, offset, probs)
+        if rows is not False:
+            return rows
         bb, bd = self._split(b)
-        self.cpu.combine_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, out[0], out[1], plan, offset,
+        return self.cpu.combine_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, out[0], out[1], plan, offset,
                                  probs, threads=self.threads)
 
 
-def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs) -> bool:
+def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs):
     """A plan with per-row weights (``plan.notes['row_weight'] = (row, W[R, N])``, model_stock
     filter_wise) runs as one combine pass per row of the (row-aligned) chunk, each with that row's
-    weights: the CombinePlan contract (per-ingredient scalars) is unchanged. False otherwise."""
+    weights: the CombinePlan contract (per-ingredient scalars) is unchanged. False otherwise; else
+    the rows' count of Inf/NaN written (None where a row's backend does not report it)."""
     rw = plan.notes.get("row_weight")
     if rw is None:
         return False
@@ -172,12 +177,14 @@ def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs) -> bool
     row, W = rw
     size = ops.size(xs[0])
     r0 = offset // row
+    total: Optional[int] = 0
     for r in range(size // row):
         a, z = r * row, (r + 1) * row
         sub = dataclasses.replace(plan, weight=W[r0 + r], notes={})
-        ops.combine([ops.cut(x, a, z) for x in xs], None if b is None else ops.cut(b, a, z), ops.cut(out, a, z),
-                    sub, offset + a, None if probs is None else [p[a:z] for p in probs])
-    return True
+        bad = ops.combine([ops.cut(x, a, z) for x in xs], None if b is None else ops.cut(b, a, z), ops.cut(out, a, z),
+                          sub, offset + a, None if probs is None else [p[a:z] for p in probs])
+        total = None if (total is None or bad is None) else total + bad
+    return total
 
 
 def _take(h, positions: np.ndarray):

@@ -29,7 +29,7 @@ void check_combine_level(SimdLevel level, const char* fn) {
   return scalar::fn(__VA_ARGS__);
 #endif
 
-void combine(const CombineArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(combine, a) }
+void combine(CombineArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(combine, a) }
 void magnitude_histogram(const HistArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(magnitude_histogram, a) }
 void gram(const GramArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(gram, a) }
 void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits,

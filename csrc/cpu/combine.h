@@ -53,6 +53,7 @@ struct CombineArgs {
   float lam = 1.f;
   bool inv_prob = false;
   int threads = 1;
+  int64_t nonfinite = 0;                    // combine: set to the count of Inf/NaN written to out
 };
 
 struct HistArgs {
@@ -104,7 +105,7 @@ constexpr int64_t kStatsTask = 1 << 16;
 // Elements per combine task.
 constexpr int64_t kCombineTask = 1 << 15;
 
-void combine(const CombineArgs& a, SimdLevel level);
+void combine(CombineArgs& a, SimdLevel level);  // sets a.nonfinite
 void magnitude_histogram(const HistArgs& a, SimdLevel level);
 void gram(const GramArgs& a, SimdLevel level);
 // counts [k][3]: above, inside, non-finite; bits, idx: [k] vectors, overwritten (empty if inside > cap)
@@ -115,7 +116,7 @@ void kept_l1(const CombineArgs& a, double* out, SimdLevel level);
 
 #define AME_DECLARE_COMBINE_LEVEL(ns)                        \
   namespace ns {                                             \
-  void combine(const CombineArgs& a);                        \
+  void combine(CombineArgs& a);                              \
   void magnitude_histogram(const HistArgs& a);               \
   void gram(const GramArgs& a);                              \
   void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits, \

@@ -397,7 +397,23 @@ void combine_range(const CombineArgs& a, const Prep& pr, int64_t j0, int64_t j1,
   for (; j < j1; ++j) combine_vec<Ops1, kElect>(a, pr, j, ys1);
 }
 
-void combine_impl(const CombineArgs& a) {
+// Inf/NaN among out's elements [j0, j1) (its storage dtype: what a reader of the file sees;
+// an fp32 result beyond fp16's range counts once rounded), while they are still in cache.
+int64_t count_nonfinite(const void* out, DType d, int64_t j0, int64_t j1) {
+  int64_t c = 0;
+  if (d == DType::F32) {
+    const uint32_t* o = static_cast<const uint32_t*>(out);
+    for (int64_t j = j0; j < j1; ++j) c += (o[j] & 0x7F800000u) == 0x7F800000u;
+  } else {
+    const uint16_t e = d == DType::BF16 ? 0x7F80 : 0x7C00;
+    const uint16_t* o = static_cast<const uint16_t*>(out);
+    for (int64_t j = j0; j < j1; ++j) c += (o[j] & e) == e;
+  }
+  return c;
+}
+
+void combine_impl(CombineArgs& a) {
+  a.nonfinite = 0;
   if (a.numel <= 0) return;
   const Prep pr = prepare(a);
   const int64_t ntasks = (a.numel + kCombineTask - 1) / kCombineTask;
@@ -407,6 +423,7 @@ void combine_impl(const CombineArgs& a) {
   // std::vector template argument) and [n] floats for the ragged end
   const size_t per = static_cast<size_t>(a.n) * (OpsV::W + 1) + 16;
   std::vector<std::vector<float>> scratch(threads, std::vector<float>(per));
+  std::vector<int64_t> bad(static_cast<size_t>(ntasks), 0);
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     const int64_t j0 = task * kCombineTask;
     const int64_t j1 = std::min(a.numel, j0 + kCombineTask);
@@ -417,7 +434,9 @@ void combine_impl(const CombineArgs& a) {
     if (a.elect == 0) combine_range<0>(a, pr, j0, j1, ys, y1);
     else if (a.elect == 1) combine_range<1>(a, pr, j0, j1, ys, y1);
     else combine_range<2>(a, pr, j0, j1, ys, y1);
+    bad[task] = count_nonfinite(a.out, a.out_dtype, j0, j1);
   });
+  for (const int64_t c : bad) a.nonfinite += c;
 }
 
 // ------------------------------------------------------------------ statistics
@@ -753,7 +772,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
 
 }  // namespace
 
-void combine(const CombineArgs& a) { combine_impl(a); }
+void combine(CombineArgs& a) { combine_impl(a); }
 void magnitude_histogram(const HistArgs& a) { histogram_impl(a); }
 void gram(const GramArgs& a) { gram_impl(a); }
 void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits,
