@@ -39,7 +39,7 @@ build: $(BUILD_STAMP)
 test: $(BUILD_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -k triton \
 		tests/test_identities.py tests/test_stew.py tests/test_greedy.py tests/test_soups.py tests/test_properties.py \
-		tests/test_triton_combine.py tests/test_methods.py
+		tests/test_triton_combine.py tests/test_methods.py tests/test_batch_mean.py
 	$(PY) -m pytest -q -ra tests
 
 demo: $(BUILD_STAMP)

@@ -114,7 +114,9 @@ def greedy_merge(
     pivot_spec = first if pivot is None else pivot
     resolved = resolve_pivot(pivot_spec, dicts, names, form)
     if resolved is None:  # 'soup': the fp32 uniform mean
-        x0 = {k: (torch.stack([d[k].float() for d in dicts]).mean(0) if dicts[0][k].is_floating_point() else dicts[0][k])
+        from .backends.reference import batch_mean  # ascending index, / N: a full batch's mean to the bit
+
+        x0 = {k: (batch_mean([d[k] for d in dicts]) if dicts[0][k].is_floating_point() else dicts[0][k])
               for k in names}
     elif isinstance(resolved, int):
         x0 = dicts[resolved]
@@ -135,7 +137,7 @@ def greedy_merge(
     for t in range(1, plan.steps + 1):
         members = plan.batch(t)
         snap = stew.snapshot()
-        stew.add([as_input(dicts[i]) for i in members])
+        stew.add([as_input(dicts[i]) for i in sorted(members)])  # ascending: the batch mean's order
         score = _score(evaluate, stew.weights, "greedy_merge")
         accepted = score > best
         if accepted:

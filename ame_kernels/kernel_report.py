@@ -134,7 +134,7 @@ _TRITON_ARGS = {
         flags_ptr="*i32", C="i32", N="i32", C_LOG2="i32"),
     "_step_kernel": dict(
         w_ptr="*fp32", state_ptr="*fp32", table="*i64", codes="*i32", pivot_ptr="*fp32",
-        C="i32", M="i32", first="i32", gscale="fp32", lr_eff="fp32", decay="fp32", inv_bc2_sqrt="fp32"),
+        C="i32", M="i32", first="i32", zscale="fp32", lr_eff="fp32", decay="fp32", inv_bc2_sqrt="fp32"),
     "_combine_kernel": dict(
         table="*i64", codes="*i32", base_ptr="*{base}", out_ptr="*{out}", fparams="*fp32", iparams="*i64",
         ptable="*i64", C="i32", N="i32", C_LOG2="i32", offset="i64", k0_arg="i64", k1_arg="i64",

@@ -8,8 +8,9 @@ Kernel coefficient table ``coeffs`` (float32 ``[T, 4]``, computed in float64):
 ====  ==============  =========================================================
 col   name            meaning
 ====  ==============  =========================================================
-0     ``gscale``      g_t = gscale_t * sum_{i in B_t} (p_t - x_i);
-                      gscale_t = zeta_t / (N * |B_t|)  (DESIGN 1.4)
+0     ``gscale``      gscale_t = zeta_t / (N * |B_t|)  (DESIGN 1.4); the kernels form
+                      g_t = fp32(gscale_t * |B_t|) * (p_t - mean_{B_t} x), the batch
+                      mean summed in ascending index (backends/base.py, "Batch mean")
 1     ``lr_eff``      sgd, adadelta: lr_t; adagrad: lr_t / (1 + (t-1) lr_decay);
                       adam, adamw: lr_t / (1 - beta1^t)
 2     ``decay``       adamw: 1 - lr_t * weight_decay (decoupled); else 1
@@ -21,7 +22,6 @@ Scalar hyperparameters (same for every step) are in ``StepPlan.hyper``.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -102,8 +102,18 @@ class StepPlan:
         return int(self.lr.shape[0])
 
     def batch(self, t: int) -> list:
-        """0-based ingredient indices of step t (1-based, as in the paper)."""
+        """0-based ingredient indices of step t (1-based, as in the paper), in the order drawn."""
         return [int(i) for i in self.batch_idx[self.batch_ptr[t - 1] : self.batch_ptr[t]]]
+
+    def summation_idx(self) -> np.ndarray:
+        """``batch_idx`` with each step's members sorted ascending (int32): the order in which
+        every backend sums a batch mean (backends/base.py, "Batch mean"), the soup's order."""
+        idx = np.array(self.batch_idx, dtype=np.int32, copy=True)
+        for t in range(self.steps):
+            lo, hi = int(self.batch_ptr[t]), int(self.batch_ptr[t + 1])
+            if hi - lo > 1:
+                idx[lo:hi].sort()
+        return idx
 
 
 def resolve_hyper(config: AMEConfig) -> Hyper:
@@ -256,13 +266,6 @@ def schedule(config: AMEConfig, n: int) -> StepPlan:
     hyper = resolve_hyper(config)
     orders = epoch_orders(config, n)
     bsz = config.batch_size
-    if n > 1 and bsz >= n and hyper.optimizer != "sgd" and isinstance(config.pivot, str) and config.pivot == "soup":
-        warnings.warn(
-            f"schedule: batch_size {bsz} >= N = {n} with the soup pivot makes the first pseudogradient zero up to "
-            f"fp32 rounding, and {hyper.optimizer} (a normalizing optimizer) steps on that rounding noise; "
-            "use a smaller batch, another pivot, or sgd",
-            stacklevel=2,
-        )
     # batches are consecutive slices of each epoch's order: compact arrays, no per-step Python objects
     batch_idx = np.asarray(orders, dtype=np.int32).reshape(-1)
     sizes_per_epoch = [min(bsz, n - s) for s in range(0, n, bsz)]

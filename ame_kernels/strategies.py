@@ -75,7 +75,9 @@ def load_callable(spec: Any, base_dir: Optional[str] = None, what: str = "evalua
 def _stew_pivot(config: AMEConfig, dicts: List[dict]):
     pivot = config.pivot
     if isinstance(pivot, str):  # 'soup': the fp32 mean (non-floating tensors from the first model)
-        return {k: (torch.stack([d[k].float() for d in dicts]).mean(0) if dicts[0][k].is_floating_point() else dicts[0][k])
+        from .backends.reference import batch_mean  # ascending index, / N: a full batch's mean to the bit
+
+        return {k: (batch_mean([d[k] for d in dicts]) if dicts[0][k].is_floating_point() else dicts[0][k])
                 for k in dicts[0]}
     if isinstance(pivot, int):
         if not -len(dicts) <= pivot < len(dicts):
@@ -167,7 +169,7 @@ def run_strategy(strategy: str, state_dicts: Sequence[Dict[str, torch.Tensor]], 
                 n=len(dicts) if mode == "merge" else None, amplification=amplification,
                 dtypes_like=dicts[0])  # as merge: the first model's dtypes
     for t in range(1, plan.steps + 1):
-        stew.add([dicts[i] for i in plan.batch(t)])
+        stew.add([dicts[i] for i in sorted(plan.batch(t))])  # ascending: the batch mean's order
     say(f"stew ({mode}): {stew.t} steps")
     return stew.weights
 

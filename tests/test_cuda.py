@@ -209,7 +209,7 @@ def _emulated_whole_run(xs, plan, pivot, adaptive, out, check_finite=False, vec=
     return C_CUDA.whole_run_emulated(
         inputs=[x.data_ptr() for x in xs], input_dtypes=_names(xs), c=out.numel(),
         batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
-        batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
+        batch_idx=plan.summation_idx(),  # each batch ascending, as CudaBackend passes it
         coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32), pivot_mode=mode, pivot_index=index, pivot=ptr,
         pivot_dtype=pdtype, adaptive_pivot=bool(adaptive), out=out.data_ptr(), out_dtype=_names([out])[0],
         check_finite=check_finite, vec=vec, linear=None, **hyper_kwargs(plan.hyper),
@@ -309,7 +309,7 @@ def test_emulated_step_matches_reference_and_whole_run(opt, fixed_pivot):
     state_ref = state.clone()
     w64, state64 = pivot.double(), state.double()  # the reference's step in float64: the exact answer
     for t in range(1, plan.steps + 1):
-        batch = [xs[i] for i in plan.batch(t)]
+        batch = [xs[i] for i in sorted(plan.batch(t))]
         piv = pivot if fixed_pivot else None
         _emulated_step(w, state, batch, piv, plan.coeffs[t - 1], t, hyper)
         REF.step(w_ref, state_ref, batch, piv, plan.coeffs[t - 1], t, hyper)
@@ -391,7 +391,7 @@ def _reference64(xs, plan, pivot, adaptive):
     opt = R._ManualEpsInside(w, hyper) if R._uses_manual(hyper) else R._make_optimizer(w, hyper)
     for t in range(1, plan.steps + 1):
         p = w if adaptive else w0
-        g = R._pseudogradient(p, [xs[i].double() for i in plan.batch(t)], float(plan.zeta[t - 1]), plan.n)
+        g = R._pseudogradient(p, [xs[i].double() for i in sorted(plan.batch(t))], float(plan.zeta[t - 1]) / plan.n)
         lr = float(plan.lr[t - 1])
         if isinstance(opt, R._ManualEpsInside):
             opt.step(g, lr)
@@ -533,7 +533,7 @@ def test_step_by_step_equals_whole_run(cuda_backend, opt, adaptive):
     state = torch.tensor(hyper.initial_state(), dtype=F32).reshape(-1, 1).repeat(1, size).to("cuda")
     state = state.reshape(hyper.state_slots, size).contiguous()
     for t in range(1, plan.steps + 1):
-        batch = [xs[i] for i in plan.batch(t)]
+        batch = [xs[i] for i in sorted(plan.batch(t))]
         cuda_backend.step(w, state, batch, None if adaptive else pivot, plan.coeffs[t - 1], t, hyper)
     assert torch.equal(w, whole), f"{opt}: max |diff| {(w - whole).abs().max().item():g}"
 

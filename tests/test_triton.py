@@ -313,7 +313,7 @@ def test_step_kernels_replay_the_whole_run(triton_backend):
     w = xs[1].clone()
     state = torch.zeros(plan.hyper.state_slots, 77, device=DEVICE)
     for t in range(1, plan.steps + 1):
-        triton_backend.step(w, state, [xs[i] for i in plan.batch(t)], None, plan.coeffs[t - 1], t, plan.hyper)
+        triton_backend.step(w, state, [xs[i] for i in sorted(plan.batch(t))], None, plan.coeffs[t - 1], t, plan.hyper)
     assert_close(w, out, what="step replay vs whole_run")
 
 

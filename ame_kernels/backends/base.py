@@ -22,10 +22,10 @@ re-derives t, batches, lr_t, zeta_t or bias corrections.
 
 Arithmetic (normative, DESIGN section 1), per element, all in fp32:
 
-    w_0 = pivot                      (soup: mean of all N inputs; k: inputs[k]; or a tensor)
+    w_0 = pivot                      (soup: mean(0..N-1); k: inputs[k]; or a tensor)
     for t in 1..T:                   (row t-1 of plan.coeffs = gscale, lr_eff, decay, inv_bc2_sqrt)
         p   = w_{t-1} if adaptive_pivot else w_0
-        g   = gscale * sum_{i in batch(t)} (p - x_i)
+        g   = (p - mean(batch(t))) * zs_t
         if hyper.weight_decay: g += weight_decay * w          (coupled L2; 0 for adamw)
         sgd:      momentum == 0: w -= lr_eff * g
                   else buf = g if t == 1 else momentum*buf + (1-dampening)*g
@@ -37,6 +37,23 @@ Arithmetic (normative, DESIGN section 1), per element, all in fp32:
         adadelta: a = rho a + (1-rho) g^2;  d = sqrt(u + eps) / sqrt(a + eps) * g
                   u = rho u + (1-rho) d^2;  w -= lr_eff * d
     out = w_T rounded to out's dtype (round to nearest even)
+
+Batch mean (DESIGN 1, Numerics). For indices b_1 < b_2 < ... < b_m (a step's members
+sorted ascending, whatever order the schedule drew them in; m = |B_t|):
+
+    mean(b) = (((x_b1 + x_b2) + x_b3) + ... + x_bm) / m    fp32 adds, left to right, then one
+                                                           IEEE divide; m = 1: x_b1 itself
+    zs_t    = fp32(fp64(gscale_t) * m)                     zeta_t / N from the float32 column,
+                                                           rounded once (host or fp64 in-kernel)
+    g       = (p - mean) * zs_t                            one fp32 subtract, one multiply
+
+The soup is mean(0, 1, ..., N-1), the very same operation, so with the soup pivot and a
+batch of every ingredient ``p - mean`` is exactly 0 in fp32, as in exact arithmetic, and
+every optimizer leaves the soup where it is (0 / (0 + eps) = 0, Adadelta sqrt(eps/eps) * 0).
+The step entry point sums its ``batch`` in the order given: callers pass it in ascending
+ingredient index (``sorted(plan.batch(t))``). A backend may replace "/ m" by "* fp32(1/m)"
+(the cpu kernels' FastMath), provided the soup and every batch mean use the same operation.
+GD folded into one weighted sum (``schedule.linear_coefficients``) is exempt: it never forms g.
 
 State slots (``Hyper.state_slots``), in this order: sgd [momentum_buffer];
 adagrad [sum]; adam/adamw [exp_avg, exp_avg_sq, (max_exp_avg_sq)];
@@ -111,12 +128,14 @@ def hyper_kwargs(hyper) -> dict:
 
 def plan_kwargs(plan) -> dict:
     """A ``StepPlan``'s per-step host arrays (int32 batch_ptr / batch_idx, float32 coeffs) and
-    its hyperparameters, as the native bindings' keyword arguments (which check them)."""
+    its hyperparameters, as the native bindings' keyword arguments (which check them). The
+    batch members come sorted ascending within each step (``StepPlan.summation_idx``): the
+    batch mean's summation order."""
     import numpy as np
 
     return dict(
         batch_ptr=np.ascontiguousarray(plan.batch_ptr, dtype=np.int32),
-        batch_idx=np.ascontiguousarray(plan.batch_idx, dtype=np.int32),
+        batch_idx=np.ascontiguousarray(plan.summation_idx(), dtype=np.int32),
         coeffs=np.ascontiguousarray(plan.coeffs, dtype=np.float32),
         **hyper_kwargs(plan.hyper),
     )

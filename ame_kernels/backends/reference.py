@@ -4,8 +4,10 @@ It is the oracle every kernel is tested against, so clarity beats speed: an
 fp32 copy of w, one ``torch.optim.<Optimizer>([w])``, and per step
 ``w.grad = g_t; group['lr'] = lr_t; opt.step()``. torch.optim derives its own
 bias corrections, Adagrad lr decay and SGD first-step momentum from its own step
-count, so only the batches, lr_t and zeta_t of the StepPlan are used here
-(``plan.coeffs`` is the kernels' business and is not read).
+count, so only the batches, lr_t and zeta_t / N of the StepPlan are used here,
+the last taken as the kernels take it, from the coefficient table's float32
+gscale column (``zeta_over_n``), so that the pseudogradient is the same fp32 number
+on every backend (``base.py``, "Batch mean"); the other columns are the kernels' business.
 
 The one thing torch.optim cannot do is the paper's printed eps-inside-sqrt
 variant of Adam/AdamW/Adagrad; for that option this file writes the update by
@@ -89,12 +91,30 @@ def _uses_manual(hyper: Hyper) -> bool:
     return hyper.eps_inside_sqrt and hyper.optimizer in ("adam", "adamw", "adagrad")
 
 
-def _pseudogradient(p: torch.Tensor, batch: Sequence[torch.Tensor], zeta: float, n: int) -> torch.Tensor:
-    """g = mean over the batch of zeta * (p - x_i) / N, in fp32 (DESIGN 1.4)."""
-    g = torch.zeros_like(p)
-    for x in batch:
-        g += zeta * (p - x.float()) / n
-    return g / len(batch)
+def batch_mean(batch: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The mean of ``batch`` as every backend forms it (base.py, "Batch mean"): the tensors
+    summed in ``dtype`` in the order given, left to right, then one division by their count
+    (none for one tensor). In ascending ingredient index this is also the soup's mean, so
+    the soup pivot minus the mean of a batch of every ingredient is exactly zero."""
+    total = batch[0].to(dtype).clone()
+    for x in batch[1:]:
+        total += x.to(dtype)
+    return total / len(batch) if len(batch) > 1 else total
+
+
+def zeta_over_n(gscale: float, m: int) -> float:
+    """zeta_t / N as the kernels derive it from the plan's float32 gscale_t = zeta_t / (N |B_t|):
+    fp32(fp64(gscale_t) * |B_t|), one rounding (base.py, "Batch mean")."""
+    import numpy as np
+
+    return float(np.float32(float(np.float32(gscale)) * m))
+
+
+def _pseudogradient(p: torch.Tensor, batch: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    """g = scale * (p - mean of the batch) in p's dtype (DESIGN 1, Numerics); scale = zeta_t / N
+    (``zeta_over_n`` in fp32; the float64 oracle passes zeta_t / N itself). The batch in
+    ascending ingredient index."""
+    return (p - batch_mean(batch, p.dtype)) * scale
 
 
 class ReferenceBackend(Backend):
@@ -107,7 +127,7 @@ class ReferenceBackend(Backend):
         pivot = _check_whole_run(plan, inputs, pivot, out)
         bad = sorted(i for i, x in enumerate(inputs) if check_finite and not torch.isfinite(x).all())
         if pivot is None:
-            w0 = torch.stack([x.float() for x in inputs]).mean(0)
+            w0 = batch_mean(inputs)  # ascending index, / N: the full batch's mean to the bit
         elif isinstance(pivot, int):
             w0 = inputs[pivot].float().clone()
         else:
@@ -117,7 +137,8 @@ class ReferenceBackend(Backend):
         opt = _ManualEpsInside(w, hyper) if _uses_manual(hyper) else _make_optimizer(w, hyper)
         for t in range(1, plan.steps + 1):
             p = w if adaptive_pivot else w0
-            g = _pseudogradient(p, [inputs[i] for i in plan.batch(t)], float(plan.zeta[t - 1]), plan.n)
+            members = sorted(plan.batch(t))
+            g = _pseudogradient(p, [inputs[i] for i in members], zeta_over_n(plan.coeffs[t - 1, 0], len(members)))
             lr = float(plan.lr[t - 1])
             if isinstance(opt, _ManualEpsInside):
                 opt.step(g, lr)
@@ -139,10 +160,10 @@ class ReferenceBackend(Backend):
         gscale, lr_eff = float(row[0]), float(row[1])
         lr = _lr_from_eff(lr_eff, t, hyper)
         p = w if pivot is None else pivot
-        g = torch.zeros_like(w)
-        for x in batch:
-            g += p - x.float()
-        g *= gscale
+        batch = list(batch)
+        # the kernels' fp32 zeta_t / N; the float64 oracle mode keeps gscale * m unrounded
+        scale = zeta_over_n(gscale, len(batch)) if w.dtype == torch.float32 else gscale * len(batch)
+        g = _pseudogradient(p, batch, scale)
         slots = [state[k] for k in range(hyper.state_slots)]
         if _uses_manual(hyper):
             opt = _ManualEpsInside(w, hyper, slots)

@@ -1,7 +1,9 @@
 // The step kernel: one fused optimizer step, in place, with the state in buffers
 // (the online "stew" API and greedy ensembling, which snapshot and restore state).
 //
-//   p = pivot or w;  g = gscale * sum_{i in batch} (p - x_i) + wd * w;  Rule::update
+//   p = pivot or w;  g = (p - mean_{batch} x) * zs + wd * w;  Rule::update
+//   mean: fp32 sum in the order given (callers pass ascending ingredient index), / M (IEEE;
+//   none for M = 1); zs = fp32(fp64(gscale) * M) = zeta_t / N (base.py, "Batch mean").
 //
 // w: fp32 [C], state: fp32 [slots, C] (read-modify-write), batch: M inputs of TIn
 // (or Mixed), pivot: fp32 [C] or null. Same grouping and vector path as whole_run.
@@ -23,7 +25,7 @@ AME_HD void step_group(const StepArgs& a, const HyperT<float>& h, const StepCoef
   {
     const int64_t base = gi * kEPT;
     const bool v = vec && base + kEPT <= a.c;
-    float w[kEPT], p[kEPT], x[kEPT], acc[kEPT];
+    float w[kEPT], p[kEPT], x[kEPT], mean[kEPT];
     float s[kEPT][kS];
 
     load_group_rw(a.w, base, a.c, v, w);
@@ -40,17 +42,22 @@ AME_HD void step_group(const StepArgs& a, const HyperT<float>& h, const StepCoef
       for (int k = 0; k < kEPT; ++k) p[k] = w[k];
     }
 
-#pragma unroll
-    for (int k = 0; k < kEPT; ++k) acc[k] = 0.f;
+    InputLoader<TIn>::load(a.batch, a.in_dtypes, 0, base, a.c, v, mean);
 #pragma unroll 2
-    for (int j = 0; j < a.m; ++j) {
+    for (int j = 1; j < a.m; ++j) {
       InputLoader<TIn>::load(a.batch, a.in_dtypes, j, base, a.c, v, x);
 #pragma unroll
-      for (int k = 0; k < kEPT; ++k) acc[k] += p[k] - x[k];
+      for (int k = 0; k < kEPT; ++k) mean[k] += x[k];
     }
+    if (a.m > 1) {
+      const float mf = static_cast<float>(a.m);
+#pragma unroll
+      for (int k = 0; k < kEPT; ++k) mean[k] = mean[k] / mf;  // IEEE divide (no fast math)
+    }
+    const float zs = static_cast<float>(static_cast<double>(c.gscale) * a.m);  // zeta_t / N
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) {
-      float g = c.gscale * acc[k];
+      float g = (p[k] - mean[k]) * zs;
       if (wd) g = add_weight_decay(g, w[k], h);  // only when != 0, as torch (0 * inf would be NaN)
       Rule::update(w[k], g, s[k], c, h, first);
     }

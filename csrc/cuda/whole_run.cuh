@@ -9,8 +9,12 @@
 // N*C*sizeof(TIn) + C*sizeof(TOut) bytes per epoch.
 //
 // Arithmetic per element (ame_kernels/backends/base.py, fp32):
-//   w_0 = soup (sum_i x_i / N) | inputs[pivot_index] | pivot
-//   for t = 1..T:  g = gscale_t * sum_{i in batch(t)} (p - x_i) + wd * w;  Rule::update
+//   w_0 = soup (((x_0 + x_1) + ...) / N) | inputs[pivot_index] | pivot
+//   for t = 1..T:  g = (p - mean_{batch(t)} x) * zs_t + wd * w;  Rule::update
+//     mean: fp32 sum over the batch in batch_idx order (each batch ascending, from
+//     StepPlan.summation_idx: the soup's order), / |B_t| (IEEE; none for one member);
+//     zs_t = fp32(fp64(gscale_t) * |B_t|) = zeta_t / N. A full batch against the soup
+//     pivot gives p - mean = 0 exactly (base.py, "Batch mean").
 //   out = round_to_nearest_even(w_T)
 //
 // The schedule (batch_ptr, batch_idx, coeffs) lives in small device arrays; every
@@ -72,22 +76,32 @@ AME_HD void whole_run_group(const WholeRunArgs& a, const HyperT<float>& h, int64
     for (int t = 0; t < a.steps; ++t) {
       const int j0 = ldg(a.batch_ptr + t);
       const int j1 = ldg(a.batch_ptr + t + 1);
-      float acc[kEPT];
-#pragma unroll
-      for (int k = 0; k < kEPT; ++k) acc[k] = 0.f;
+      float mean[kEPT];
+      {
+        const int i = ldg(a.batch_idx + j0);
+        InputLoader<TIn>::load(a.inputs, a.in_dtypes, i, base, a.c, v, mean);
+        if (a.nonfinite != nullptr && any_nonfinite(mean)) a.nonfinite[i] = 1;
+      }
 #pragma unroll 2
-      for (int j = j0; j < j1; ++j) {
+      for (int j = j0 + 1; j < j1; ++j) {
         const int i = ldg(a.batch_idx + j);
         InputLoader<TIn>::load(a.inputs, a.in_dtypes, i, base, a.c, v, x);
         if (a.nonfinite != nullptr && any_nonfinite(x)) a.nonfinite[i] = 1;
 #pragma unroll
-        for (int k = 0; k < kEPT; ++k) acc[k] += (a.adaptive_pivot ? w[k] : w0[k]) - x[k];
+        for (int k = 0; k < kEPT; ++k) mean[k] += x[k];
+      }
+      const int m = j1 - j0;
+      if (m > 1) {
+        const float mf = static_cast<float>(m);
+#pragma unroll
+        for (int k = 0; k < kEPT; ++k) mean[k] = mean[k] / mf;  // IEEE divide (no fast math)
       }
       const float4 row = ldg(reinterpret_cast<const float4*>(a.coeffs) + t);
       const StepCoeffsT<float> c{row.x, row.y, row.z, row.w};
+      const float zs = static_cast<float>(static_cast<double>(c.gscale) * m);  // zeta_t / N
 #pragma unroll
       for (int k = 0; k < kEPT; ++k) {
-        float g = c.gscale * acc[k];
+        float g = ((a.adaptive_pivot ? w[k] : w0[k]) - mean[k]) * zs;
         if (wd) g = add_weight_decay(g, w[k], h);  // only when != 0, as torch (0 * inf would be NaN)
         Rule::update(w[k], g, s[k], c, h, t == 0);
       }

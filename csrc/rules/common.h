@@ -7,7 +7,8 @@
 //   StepCoeffsT<V>::load(row)  one row of StepPlan.coeffs (float32 [T, 4]) broadcast to V:
 //                              gscale, lr_eff, decay, inv_bc2_sqrt
 //   HyperT<V>(HyperScalars)    the scalars broadcast to V once per kernel (plus 1-beta etc.)
-//   grad_of(p, x..)            (kernels) g = gscale * sum_{i in batch} (p - x_i) + weight_decay * w
+//   (kernels, not here)        g = (p - mean_{batch} x) * fp32(gscale |B|) + weight_decay * w, the
+//                              batch mean summed in ascending index as the soup (backends/base.py)
 //   Rule::kSlots               fp32 state slots per element, in base.py's order
 //   Rule::init(s, h)           initial state (0; Adagrad: initial_accumulator_value)
 //   Rule::update<V, M>(w, g, s, c, h, first)

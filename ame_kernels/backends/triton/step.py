@@ -7,6 +7,7 @@ The per-step scalars (one ``coeffs`` row) are runtime arguments: no recompilatio
 per lr or step.
 """
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +27,7 @@ _NUM_WARPS = 4
 @triton.jit
 def _step_kernel(
     w_ptr, state_ptr, table, codes, pivot_ptr,
-    C, M, first, gscale, lr_eff, decay, inv_bc2_sqrt,
+    C, M, first, zscale, lr_eff, decay, inv_bc2_sqrt,
     h_wd, h_momentum, h_one_minus_dampening, h_beta1c, h_beta2, h_beta2c, h_rho, h_rhoc, h_eps,
     OPT: tl.constexpr, IN_KIND: tl.constexpr, ADAPTIVE: tl.constexpr, SLOTS: tl.constexpr,
     HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, AMSGRAD: tl.constexpr,
@@ -54,10 +55,13 @@ def _step_kernel(
         p = w
     else:
         p = tl.load(pivot_ptr + offs, mask=mask, other=0.0)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in range(0, M):
-        acc += p - rules.load_as_f32(table, codes, j, offs, mask, IN_KIND, ALIGNED)
-    g = gscale * acc
+    # g = (p - mean of the batch) * zeta_t / N (base.py, "Batch mean"), summed in the order given
+    mean = rules.load_as_f32(table, codes, 0, offs, mask, IN_KIND, ALIGNED)
+    for j in range(1, M):
+        mean += rules.load_as_f32(table, codes, j, offs, mask, IN_KIND, ALIGNED)
+    if M > 1:
+        mean = tl.div_rn(mean, tl.zeros_like(mean) + M)
+    g = (p - mean) * zscale
     if HAS_WD:
         g += h_wd * w
     w, s0, s1, s2 = rules.update(
@@ -106,10 +110,11 @@ def step(w, state, batch, pivot, coeffs, t: int, hyper: Hyper) -> None:
     if c == 0:
         return
     gscale, lr_eff, decay, inv_bc2_sqrt = (float(v) for v in row)
+    zscale = float(np.float32(float(np.float32(gscale)) * len(batch)))  # zeta_t / N, fp32 (base.py)
     with on_device(device):
         _step_kernel[(triton.cdiv(c, _BLOCK),)](
             w, state if slots else w, table, codes, pivot if pivot is not None else w,
-            c, len(batch), int(int(t) == 1), gscale, lr_eff, decay, inv_bc2_sqrt,
+            c, len(batch), int(int(t) == 1), zscale, lr_eff, decay, inv_bc2_sqrt,
             **hyper_args(hyper),
             IN_KIND=in_kind, ADAPTIVE=pivot is None, SLOTS=slots, **hyper_flags(hyper),
             ALIGNED=aligned16(batch), BLOCK=_BLOCK, num_warps=_NUM_WARPS, enable_fp_fusion=FP_FUSION,

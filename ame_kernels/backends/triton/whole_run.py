@@ -114,11 +114,16 @@ def _whole_run_kernel(
             p = w
         else:
             p = w0
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in range(lo, hi):
+        # g = (p - mean of the batch) * zeta_t / N (base.py, "Batch mean"): batch_idx holds
+        # each batch in ascending index, so a batch of every ingredient sums as the soup did
+        mean = rules.load_as_f32(table, codes, tl.load(batch_idx + lo), offs, mask, IN_KIND, ALIGNED)
+        for j in range(lo + 1, hi):
             i = tl.load(batch_idx + j)
-            acc += p - rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
-        g = gscale * acc
+            mean += rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
+        if hi - lo > 1:
+            mean = tl.div_rn(mean, tl.zeros_like(mean) + (hi - lo).to(tl.float32))
+        zs = (gscale.to(tl.float64) * (hi - lo).to(tl.float64)).to(tl.float32)  # fp32(fp64(gscale) m)
+        g = (p - mean) * zs
         if HAS_WD:
             g += h_wd * w
         w, s0, s1, s2 = rules.update(
@@ -203,7 +208,7 @@ def _plan_tensors(plan: StepPlan, device: torch.device):
     host = (
         torch.as_tensor(np.ascontiguousarray(plan.coeffs, dtype=np.float32)),
         torch.as_tensor(np.ascontiguousarray(plan.batch_ptr, dtype=np.int32)),
-        torch.as_tensor(np.ascontiguousarray(plan.batch_idx, dtype=np.int32)),
+        torch.as_tensor(plan.summation_idx()),  # each batch ascending: the batch mean's order
     )
     entry = _upload(host, device)
     if len(_plan_cache) >= _MAX_CACHED_PLANS:
