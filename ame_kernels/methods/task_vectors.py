@@ -151,7 +151,9 @@ class TaskVectorMethod(Method):
             return None
         shape = ctx.shape
         dens, eps = p["density"], p["epsilon"]
-        last = {}  # the last chunk's probabilities: a one-chunk tensor's stats pass hands them to its combine
+        # the last chunk's probabilities, kept on the tensor's context: plan's statistics pass and the
+        # combine pass each ask for a probs function, and a one-chunk tensor's combine reuses them
+        last = ctx.memo.setdefault(("della_probs", tuple(dens), tuple(eps)), {})
 
         def probs(offset, xs, b):
             if last.get("offset") == offset and last.get("length") == ctx.ops.length(xs[0]):
