@@ -154,6 +154,7 @@ METHOD_CASES = {
     "dare_ties": ({"density": 0.3}, True),
     "breadcrumbs": ({"density": 0.3, "gamma": 0.01}, True),
     "della": ({"density": 0.3, "epsilon": 0.1}, True),
+    "della_linear": ({"density": 0.3, "epsilon": 0.1}, True),
     "slerp": ({"t": 0.4}, False),
     "model_stock": ({}, True),
 }

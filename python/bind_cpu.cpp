@@ -19,6 +19,7 @@
 #include "common/macros.h"
 #include "cpu/combine.h"
 #include "cpu/kernels.h"
+#include "cpu/rank.h"
 
 namespace py = pybind11;
 using namespace ame;
@@ -581,4 +582,48 @@ void init_cpu(py::module_& m) {
       py::arg("threads"), py::arg("simd"),
       "float64 [N, N] (symmetric): sum_j tau_i[j] tau_k[j], tau = x - b in float32, products and sums in\n"
       "float64, summed in a fixed order (ame_kernels.methods.stats.gram_torch).");
+
+  m.def(
+      "della_probs",
+      [](uintptr_t x, const std::string& x_dtype, uintptr_t base, const std::string& base_dtype, int64_t numel,
+         int64_t cols, int64_t rest, double eps, double low, int threads) {
+        const char* fn = "della_probs";
+        const std::string f = "[della_probs] ";
+        cpu::RankArgs a;
+        AME_CHECK(numel >= 0, f + "numel: must be >= 0, got " + std::to_string(numel));
+        AME_CHECK(cols >= 1 && cols < (int64_t{1} << 32),
+                  f + "cols: must be in [1, 2^32), got " + std::to_string(cols));
+        AME_CHECK(rest >= 1, f + "rest: must be >= 1, got " + std::to_string(rest));
+        AME_CHECK(numel % cols == 0 && (numel / cols) % rest == 0,
+                  f + "numel: " + std::to_string(numel) + " is not a whole number of rows of cols x rest = " +
+                      std::to_string(cols) + " x " + std::to_string(rest));
+        AME_CHECK(static_cast<double>(static_cast<float>(eps)) == eps,
+                  f + "eps: must be a float32 value (float32(epsilon)), got " + std::to_string(eps));
+        AME_CHECK(static_cast<double>(static_cast<float>(low)) == low,
+                  f + "low: must be a float32 value (float32(density - epsilon)), got " + std::to_string(low));
+        AME_CHECK(threads >= 1, f + "threads: must be >= 1, got " + std::to_string(threads));
+        a.numel = numel;
+        a.cols = cols;
+        a.rest = rest;
+        a.x = pointer_arg(x, numel, fn, "x");
+        a.x_dtype = dtype_arg(x_dtype, fn, "x_dtype");
+        a.base = reinterpret_cast<const void*>(base);
+        a.base_dtype = dtype_arg(base_dtype, fn, "base_dtype");
+        a.eps = static_cast<float>(eps);
+        a.low = static_cast<float>(low);
+        a.threads = threads;
+        py::array_t<float> result(static_cast<py::ssize_t>(numel));
+        a.out = result.mutable_data();
+        {
+          py::gil_scoped_release release;
+          cpu::della_probs(a);
+        }
+        return result;
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"), py::arg("cols"),
+      py::arg("rest"), py::arg("eps"), py::arg("low"), py::arg("threads"),
+      "float32 [numel]: DELLA's keep probabilities of a chunk of whole rows [rows, cols, rest]: the rank of\n"
+      "|x - b| (fp32; base 0: b = 0) along cols, ascending, ties by index, NaN last;\n"
+      "p = (rank / float(max(cols - 1, 1)) * 2) * eps + low in fp32\n"
+      "(ame_kernels.methods.task_vectors.della_probs).");
 }

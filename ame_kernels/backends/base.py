@@ -8,9 +8,11 @@ flattening, validation, scheduling and output placement, so a backend only compu
 - ``combine``: the elementwise pass of every other merge method (linear, task
   arithmetic, TIES, DARE, breadcrumbs, DELLA, SLERP, model stock) for one chunk, from a
   ``CombinePlan``; its arithmetic is defined in ``ame_kernels.methods.combine``.
-- ``magnitude_bracket``, ``magnitude_histogram``, ``gram``, ``kept_l1``: the per-chunk statistics primitives
-  those methods stream before their combine pass (``ame_kernels.methods.stats``). The
-  defaults here are plain torch on any device; native backends may override them.
+- ``magnitude_bracket``, ``magnitude_histogram``, ``gram``, ``kept_l1``: the per-chunk
+  statistics primitives those methods stream before their combine pass
+  (``ame_kernels.methods.stats``), and ``della_probs`` (DELLA's per-row rank
+  probabilities). The defaults here are plain torch (numpy for ``della_probs``) on any
+  device; native backends may override them.
 - Host-streaming and buffer variants that only some backends have, with the same
   arithmetic: ``whole_run_chunked`` (cuda, triton: host tensors streamed through the
   GPU with pinned double buffers) and, in ``backends.cpu``, ``whole_run_buffers`` /
@@ -260,4 +262,15 @@ class Backend:
         from ..methods.stats import kept_l1_torch
 
         return kept_l1_torch(inputs, base, plan, offset, probs)
+
+    def della_probs(self, x, base, shape: tuple, density: float, epsilon: float, threads: Optional[int] = None):
+        """float32 [C] on x's device: DELLA's keep probabilities of a chunk of whole rows of a
+        tensor of ``shape`` (``methods.task_vectors.della_probs``, numpy, on the host)."""
+        import torch
+
+        from ..methods.stats import magnitudes_torch
+        from ..methods.task_vectors import della_probs
+
+        p = della_probs(magnitudes_torch(x, base), tuple(shape), density, epsilon)
+        return torch.from_numpy(p).to(x.device)
 

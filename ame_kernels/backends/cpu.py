@@ -9,8 +9,11 @@ bitwise ``combine_torch``; ``magnitude_histogram``, ``gram`` and ``kept_l1`` are
 statistics primitives they stream first (``ame_kernels.methods.stats``): exact counts,
 float64 sums in a fixed order (the same for every thread count and SIMD level).
 
+``della_probs`` is DELLA's per-row magnitude-rank keep probabilities (a native radix
+sort per row, bitwise ``methods.task_vectors.della_probs``).
+
 ``whole_run_buffers``, ``combine_buffers``, ``magnitude_histogram_buffers``,
-``gram_buffers`` and ``kept_l1_buffers`` are the same kernels for the checkpoint engine,
+``gram_buffers``, ``kept_l1_buffers`` and ``della_probs_buffers`` are the same kernels for the checkpoint engine,
 on numpy arrays or any object with the buffer protocol (an ``mmap`` of a safetensors
 file, a memoryview), without torch. ``info()`` reports the build and the SIMD levels.
 
@@ -416,6 +419,27 @@ class CpuBackend(Backend):
         )
 
 
+    def della_probs(self, x, base, shape: tuple, density: float, epsilon: float, threads: Optional[int] = None):
+        """float32 [C]: DELLA's keep probabilities of a chunk of whole rows (the native rank
+        kernel, csrc/cpu/rank.h), bitwise ``methods.task_vectors.della_probs``."""
+        import torch
+
+        fn = "della_probs"
+        numel = x.numel() if hasattr(x, "numel") else -1
+        xdtype = _check_tensor(x, numel, fn, "x")
+        bptr, bdtype = (0, "float32") if base is None else (base.data_ptr(), _check_tensor(base, numel, fn, "base"))
+        p = _della_call(fn, x.data_ptr(), xdtype, bptr, bdtype, numel, shape, density, epsilon, threads)
+        return torch.from_numpy(p)
+
+
+def _della_call(fn: str, xptr: int, xdtype: str, bptr: int, bdtype: str, numel: int, shape: tuple, density: float,
+                epsilon: float, threads: Optional[int]) -> np.ndarray:
+    from ..methods.task_vectors import della_kernel_args
+
+    return _native_call(fn, _module().della_probs, x=xptr, x_dtype=xdtype, base=bptr, base_dtype=bdtype, numel=numel,
+                        **della_kernel_args(tuple(shape), numel, density, epsilon), threads=default_threads(threads))
+
+
 # ---------------------------------------------------------------------------- buffers
 
 
@@ -636,6 +660,15 @@ def kept_l1_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, bas
     )
 
 
-__all__ = ["CpuBackend", "combine_buffers", "default_threads", "gram_buffers", "info", "kept_l1_buffers",
-           "magnitude_bracket_buffers", "magnitude_histogram_buffers", "resolve_exact", "resolve_simd",
-           "whole_run_buffers"]
+def della_probs_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str], shape: tuple, density: float,
+                        epsilon: float, threads: Optional[int] = None) -> np.ndarray:
+    """float32 [C]: DELLA's keep probabilities of a chunk of whole rows of a tensor of ``shape``
+    (``methods.task_vectors.della_probs``, bitwise), from the raw ingredient and base buffers."""
+    fn = "della_probs_buffers"
+    hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, [x], [dtype], base, base_dtype)
+    return _della_call(fn, ptrs[0], dtypes[0], bptr, bdtype, numel, shape, density, epsilon, threads)
+
+
+__all__ = ["CpuBackend", "combine_buffers", "default_threads", "della_probs_buffers", "gram_buffers", "info",
+           "kept_l1_buffers", "magnitude_bracket_buffers", "magnitude_histogram_buffers", "resolve_exact",
+           "resolve_simd", "whole_run_buffers"]

@@ -37,9 +37,13 @@ class TensorContext:
     #: ingredients whose every entry a pass read (so no mask can hide a NaN in them)
     check_finite: bool = False
     seen: dict = None
+    #: what a method keeps for this tensor between its plan and its combine pass (DELLA: the
+    #: probabilities of the last chunk its statistics pass ranked)
+    memo: dict = None
 
     def __post_init__(self) -> None:
         self.seen = {}
+        self.memo = {}
 
     @property
     def numel(self) -> int:

@@ -54,6 +54,10 @@ class TorchOps:
 
         return magnitudes_torch(x, b)
 
+    def della_probs(self, x, b, shape: tuple, density: float, epsilon: float):
+        """DELLA's fp32 keep probabilities of a chunk of whole rows, on x's device (the backend's)."""
+        return self.backend.della_probs(x, b, shape, density, epsilon, threads=self.threads)
+
     def wrap(self, a: np.ndarray, like):
         import torch
 
@@ -137,6 +141,11 @@ class BufferOps:
         if b is not None:
             m = m - to_f32(*b)
         return np.abs(m)
+
+    def della_probs(self, x, b, shape: tuple, density: float, epsilon: float) -> np.ndarray:
+        """DELLA's fp32 keep probabilities of a chunk of whole rows (the native rank kernel)."""
+        bb, bd = self._split(b)
+        return self.cpu.della_probs_buffers(x[0], x[1], bb, bd, shape, density, epsilon, threads=self.threads)
 
     def wrap(self, a: np.ndarray, like):
         return np.ascontiguousarray(a, dtype=np.float32)

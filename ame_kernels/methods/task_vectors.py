@@ -151,7 +151,9 @@ class TaskVectorMethod(Method):
             return None
         shape = ctx.shape
         dens, eps = p["density"], p["epsilon"]
-        last = {}  # the last chunk's probabilities: a one-chunk tensor's stats pass hands them to its combine
+        # the last chunk's probabilities, kept on the tensor's context: plan's statistics pass and the
+        # combine pass each ask for a probs function, and a one-chunk tensor's combine reuses them
+        last = ctx.memo.setdefault(("della_probs", tuple(dens), tuple(eps)), {})
 
         def probs(offset, xs, b):
             if last.get("offset") == offset and last.get("length") == ctx.ops.length(xs[0]):
@@ -161,8 +163,7 @@ class TaskVectorMethod(Method):
                 if dens[i] >= 1:
                     out.append(None)
                     continue
-                m = ctx.ops.magnitudes(x, b)
-                out.append(ctx.ops.wrap(della_probs(m, shape, dens[i], eps[i]), x))
+                out.append(ctx.ops.della_probs(x, b, shape, dens[i], eps[i]))
             last.update(offset=offset, length=ctx.ops.length(xs[0]), probs=out)
             return out
 
@@ -229,6 +230,14 @@ def _rows(shape: tuple, numel: int) -> tuple:
         return 1, numel, 1
     rest = int(np.prod(shape[2:], dtype=np.int64)) if len(shape) > 2 else 1
     return -1, int(shape[1]), rest
+
+
+def della_kernel_args(shape: tuple, numel: int, density: float, epsilon: float) -> dict:
+    """A native kernel's arguments for ``della_probs`` of a chunk of ``numel`` elements: the
+    ranked dim's length, the elements after it, and the two fp32 constants numpy rounds to."""
+    _, cols, rest = _rows(shape, numel)
+    return {"cols": max(int(cols), 1), "rest": max(int(rest), 1), "eps": float(np.float32(epsilon)),
+            "low": float(np.float32(density - epsilon))}
 
 
 def della_probs(m: np.ndarray, shape: tuple, density: float, epsilon: float) -> np.ndarray:
