@@ -71,6 +71,16 @@ class ToolFailed(Exception):
 GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
 
 
+SETTLE_SECONDS = 3.0
+
+
+def settle() -> None:
+    """The same conditions before every measured run: the previous tool's output flushed to disk
+    (its writeback would otherwise land on the next run's writes) and a pause (``--settle``)."""
+    os.sync()
+    time.sleep(SETTLE_SECONDS)
+
+
 def timed(cmd: list, cwd: str) -> tuple:
     """(wall seconds, peak RSS bytes) of ``cmd`` as a fresh process; ToolFailed on failure.
 
@@ -81,6 +91,7 @@ def timed(cmd: list, cwd: str) -> tuple:
 
     rss_file = tempfile.NamedTemporaryFile(prefix="ame_rss_", delete=False).name if GNU_TIME else None
     full = [GNU_TIME, "-f", "%M", "-o", rss_file, *cmd] if GNU_TIME else cmd
+    settle()
     t0 = time.perf_counter()
     proc = subprocess.Popen(full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err = proc.stderr.read()  # drain while it runs (a full pipe would block the child)
@@ -318,7 +329,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("mergekit", "ame"), help="run one tool only (no comparison)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up run of each tool")
     ap.add_argument("--clean", action="store_true", help="delete the generated data at the end")
+    ap.add_argument("--settle", type=float, default=SETTLE_SECONDS,
+                    help="seconds of pause (after a sync) before every measured run (default %(default)s)")
     args = ap.parse_args(argv)
+    global SETTLE_SECONDS
+    SETTLE_SECONDS = args.settle
     if args.only != "ame" and (not args.mergekit or not os.path.exists(args.mergekit)):
         print("bench_mergekit: no mergekit-yaml (pass --mergekit or put it on PATH): skipped")
         return 0
