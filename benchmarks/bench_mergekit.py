@@ -329,6 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("mergekit", "ame"), help="run one tool only (no comparison)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up run of each tool")
     ap.add_argument("--clean", action="store_true", help="delete the generated data at the end")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep each row's merged folders (default: deleted)")
     ap.add_argument("--settle", type=float, default=SETTLE_SECONDS,
                     help="seconds of pause (after a sync) before every measured run (default %(default)s)")
     args = ap.parse_args(argv)
@@ -430,6 +431,9 @@ def main(argv=None) -> int:
                 note += "; random masks differ by design: not compared"
             print(f"  {method}: {note}")
             rows.append((method, (med[mk_k], peak[mk_k]), (med[ak_k], peak[ak_k]), outputs))
+        if not args.keep_outputs:  # two model-sized folders per row: a 1.1B corpus would fill a disk
+            for _, out in runs.values():
+                shutil.rmtree(out, ignore_errors=True)
     if rows:
         print("\n| config | mergekit s | mergekit RSS | ame-merge s | ame-merge RSS | speed-up | RSS ratio | outputs |")
         print("|---|---|---|---|---|---|---|---|")
