@@ -67,13 +67,15 @@ def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, t
         p = pivot[name].detach().to(device).contiguous().reshape(-1) if isinstance(pivot, dict) else pivot
         if transform is not None:  # the ingredients' task vectors sparsified first (methods.transforms)
             from .methods.run import TorchOps, plan_tensor
-            from .methods.transforms import transform_chunk, unit_params
+            from .methods.transforms import unit_params
 
             method, params = transform
             b = base_sd[name].detach().contiguous().reshape(-1)
             tplan, _, _ = plan_tensor(method, unit_params(params, len(inputs)), name, tuple(dicts[0][name].shape),
                                       len(inputs), True, lambda: [(0, inputs, b)], TorchOps(backend, cfg.threads))
-            inputs = transform_chunk(method, tplan, inputs, b, 0)
+            outs = [torch.empty(x.numel(), dtype=torch.float32, device=x.device) for x in inputs]
+            backend.transform(inputs, b, outs, tplan, 0, threads=cfg.threads)
+            inputs = outs
         return backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads,
                                  check_finite=cfg.check_finite)
 

@@ -662,35 +662,47 @@ class _MethodRunner:
 
 class _TransformStage(_MethodRunner):
     """A task-vector transform under AME (``methods.transforms``): per tensor the transform's
-    statistics, then per work item the transformed ingredients as fp32 arrays for the AME runner.
-    Runs on host torch tensors (the cpu backend's primitives where it is built)."""
+    statistics, then per work item the transform pass (the cpu backend's native kernel on the
+    mapped views, one read of the inputs; other backends the host torch definition) writing the
+    transformed ingredients as fp32 arrays for the AME runner."""
 
     def __init__(self, plan: MergePlan, threads: Optional[int]):
-        import torch
-
         from .backends import get_backend
-        from .methods.run import TorchOps
+        from .methods.run import BufferOps, TorchOps
         from .methods.transforms import unit_params
 
         self.plan = plan
         self.method, params = plan.call.transform
         self.params = unit_params(params, plan.n)
-        self.buffers, self.torch, self.device = False, torch, torch.device("cpu")
-        name = plan.backend if plan.backend in ("cpu", "reference") else "auto"
-        self.ops = TorchOps(get_backend(name, "cpu"), threads)
+        self.buffers = plan.backend == "cpu"
+        if self.buffers:
+            self.ops = BufferOps(threads)
+        else:
+            import torch
+
+            self.torch, self.device = torch, torch.device("cpu")
+            name = plan.backend if plan.backend == "reference" else "auto"
+            self.ops = TorchOps(get_backend(name, "cpu"), threads)
         self.job, self.state = -1, None
+        self.pool: List[np.ndarray] = []  # the cpu path's output arrays, reused item to item
 
     def __call__(self, j: int, it: WorkItem, views, dts, base_view, base_dtype) -> Tuple[list, list]:
-        from .methods.transforms import transform_chunk
-
         cplan, _, explicit = self._tensor(j)
         bad = [i for i in explicit if _nonfinite(views[i], dts[i])]
         if bad:
             raise MergeError(f"tensor {self.plan.tensors[j].name!r}: NaN or Inf in "
                              + "; ".join(self._where(i, self.plan.tensors[j].name) for i in bad))
         xs = [self.handle(v, d) for v, d in zip(views, dts)]
-        out = transform_chunk(self.method, cplan, xs, self.handle(base_view, base_dtype), it.start)
-        return [t.numpy() for t in out], ["float32"] * len(out)
+        b = self.handle(base_view, base_dtype)
+        if self.buffers:  # the AME runner reads them before the next item: the arrays are reused
+            if len(self.pool) != len(xs) or self.pool[0].shape[0] < it.count:
+                self.pool = [np.empty(it.count, dtype=np.float32) for _ in xs]
+            outs = [o[: it.count] for o in self.pool]
+        else:
+            outs = [self.torch.empty(it.count, dtype=self.torch.float32) for _ in xs]
+        self.ops.transform(xs, b, outs, cplan, it.start)
+        arrays = outs if self.buffers else [t.numpy() for t in outs]
+        return arrays, ["float32"] * len(arrays)
 
 
 # --------------------------------------------------------------------------- run

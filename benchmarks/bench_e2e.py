@@ -158,6 +158,11 @@ METHOD_CASES = {
     "slerp": ({"t": 0.4}, False),
     "model_stock": ({}, True),
 }
+#: --methods, a task-vector transform under AME: name -> AME options (model 0 the base, models 1.. the ingredients)
+TRANSFORM_CASES = {
+    "adam+dare": {"optimizer": "adam", "lr": "1e-3", "transform": "dare", "density": 0.3},
+    "adam+ties": {"optimizer": "adam", "lr": "1e-3", "transform": "ties", "density": 0.2},
+}
 
 
 def _timed_plain(inputs, out_path, out_bytes, direct, pause):
@@ -268,7 +273,7 @@ def main(argv=None):
     ap.add_argument("--clean", action="store_true", help="delete the generated models afterwards")
     ap.add_argument("--settle", type=float, default=3.0, help="pause before every measured run, seconds (default 3)")
     ap.add_argument("--methods", default="", help="also these merge methods, comma-separated, or 'all' (model 0 is "
-                    "the base of the methods that take one, the others its fine-tunes; slerp merges models 0 and 1)")
+                    "the base of the methods that take one, the others its fine-tunes; slerp merges models 0 and 1; adam+dare, adam+ties: Adam-AME over transformed task vectors)")
     args = ap.parse_args(argv)
 
     spec = SMALL if args.small else FULL
@@ -314,10 +319,14 @@ def main(argv=None):
         cases.append((f"plain IO ({'direct' if direct else 'buffered'} write)", True,
                       lambda direct=direct: _timed_plain(inputs, os.path.join(root, "plain.out"), out_bytes, direct, args.settle)))
     docs = {label: {"models": [{"path": m} for m in models], **cfg} for label, cfg in cfgs.items()}
-    wanted = list(METHOD_CASES) if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    wanted = [*METHOD_CASES, *TRANSFORM_CASES] if args.methods == "all" else [m for m in args.methods.split(",") if m]
     for name in wanted:
+        if name in TRANSFORM_CASES:
+            docs[name] = {"base": models[0], "models": [{"path": m} for m in models[1:]], **TRANSFORM_CASES[name]}
+            continue
         if name not in METHOD_CASES:
-            raise SystemExit(f"bench_e2e: --methods: unknown method {name!r}; valid: {', '.join(METHOD_CASES)}")
+            raise SystemExit(f"bench_e2e: --methods: unknown method {name!r}; valid: "
+                             f"{', '.join([*METHOD_CASES, *TRANSFORM_CASES])}")
         params, base = METHOD_CASES[name]
         ms = models[:2] if name == "slerp" else (models[1:] if base else models)
         docs[name] = {"method": name, **({"base": models[0]} if base else {}), "models": [{"path": m} for m in ms], **params}

@@ -410,6 +410,44 @@ void init_cpu(py::module_& m) {
       "of Inf/NaN values written to out (in out's dtype).");
 
   m.def(
+      "transform",
+      [](const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, uintptr_t base,
+         const std::string& base_dtype, const std::vector<uintptr_t>& outs, int64_t numel, int64_t offset,
+         const py::array& weight, const py::array& scale, const py::array& top_mag, const py::array& top_idx,
+         const py::array& end_mag, const py::array& end_idx, const py::array& density,
+         const std::vector<uintptr_t>& probs, uint64_t seed, int64_t name_key, int elect, bool normalize, double lam,
+         bool inv_prob, int threads, const std::string& simd) {
+        const char* fn = "transform";
+        cpu::CombineArgs a;
+        CombineHold h;
+        combine_inputs_arg(a, h, fn, inputs, input_dtypes, base, base_dtype, numel);
+        AME_CHECK(static_cast<int>(outs.size()) == a.n, std::string("[transform] outs: expected one float32 pointer per "
+                                                                    "input (") + std::to_string(a.n) + "), got " +
+                                                            std::to_string(outs.size()));
+        std::vector<float*> op(a.n);
+        for (int i = 0; i < a.n; ++i)
+          op[i] = static_cast<float*>(pointer_arg(outs[i], numel, fn, "outs[" + std::to_string(i) + "]"));
+        a.outs = op.data();
+        combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
+                         name_key, elect, normalize, lam, inv_prob, threads);
+        const SimdLevel level = simd_arg(simd, fn);
+        {
+          py::gil_scoped_release release;
+          cpu::transform(a, level);
+        }
+        return a.nonfinite;
+      },
+      py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("outs"),
+      py::arg("numel"), py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"),
+      py::arg("top_idx"), py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("probs"),
+      py::arg("seed"), py::arg("name_key"), py::arg("elect"), py::arg("normalize"), py::arg("lam"),
+      py::arg("inv_prob"), py::arg("threads"), py::arg("simd"),
+      "The transform pass (ame_kernels.methods.transforms.transform_torch): combine's arguments, with outs\n"
+      "(N float32 pointers of numel elements, one per input) in place of out: outs[i] = b + ingredient i's\n"
+      "kept, rescaled, weighted (and, elected, agreeing) task-vector entries; normalize and lam are not\n"
+      "used. Bitwise transform_torch. Returns the count of Inf/NaN values written to outs.");
+
+  m.def(
       "kept_l1",
       [](const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes, uintptr_t base,
          const std::string& base_dtype, int64_t numel, int64_t offset, const py::array& weight,

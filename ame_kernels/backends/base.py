@@ -8,6 +8,9 @@ flattening, validation, scheduling and output placement, so a backend only compu
 - ``combine``: the elementwise pass of every other merge method (linear, task
   arithmetic, TIES, DARE, breadcrumbs, DELLA, SLERP, model stock) for one chunk, from a
   ``CombinePlan``; its arithmetic is defined in ``ame_kernels.methods.combine``.
+- ``transform``: the same pass stopped before the mix, writing each ingredient's
+  sparsified version x_i' = b + (kept, rescaled, elected tau_i) to its own fp32 buffer:
+  a task-vector transform under AME (``ame_kernels.methods.transforms``).
 - ``magnitude_bracket``, ``magnitude_histogram``, ``gram``, ``kept_l1``: the per-chunk
   statistics primitives those methods stream before their combine pass
   (``ame_kernels.methods.stats``), and ``della_probs`` (DELLA's per-row rank
@@ -237,6 +240,16 @@ class Backend:
         from ..methods.combine import combine_torch
 
         combine_torch(inputs, base, out, plan, offset, probs)
+
+    def transform(self, inputs, base, outs, plan, offset: int = 0, threads: Optional[int] = None) -> Optional[int]:
+        """The transform pass over one chunk (``ame_kernels.methods.transforms.transform_torch``):
+        outs[i] (float32, numel C) = b + ingredient i's kept, rescaled and (elect) agreeing task-vector
+        entries under ``plan`` (unit weights). The count of Inf/NaN written where the backend counts
+        them, else None."""
+        from ..methods.transforms import transform_torch
+
+        transform_torch(inputs, base, outs, plan, offset)
+        return None
 
     def magnitude_histogram(self, x, base, prefix_mask: int, prefix: int, shift: int, nbins: int):
         """int64[nbins] counts of the fp32 bits of |x - b| (``methods.stats``)."""

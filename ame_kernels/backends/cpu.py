@@ -372,6 +372,26 @@ class CpuBackend(Backend):
             simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
         )
 
+    def transform(self, inputs, base, outs, plan, offset: int = 0, threads: Optional[int] = None) -> int:
+        """The transform pass over one chunk (``methods.transforms``): outs[i] (float32) the sparsified
+        ingredient i, bitwise ``transform_torch``; returns the count of Inf/NaN written."""
+        fn = "transform"
+        plan = _check_combine_plan(fn, plan, inputs)
+        inputs = list(inputs)
+        numel = inputs[0].numel() if inputs and hasattr(inputs[0], "numel") else -1
+        ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
+        outs = list(outs)
+        if len(outs) != plan.n:
+            raise MergeError(f"[{fn}] outs: expected one float32 tensor per ingredient ({plan.n}), got {len(outs)}")
+        for i, o in enumerate(outs):
+            if _check_tensor(o, numel, fn, f"outs[{i}]") != "float32":
+                raise MergeError(f"[{fn}] outs[{i}]: must be float32, got {o.dtype}")
+        return _native_call(
+            fn, _module().transform, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype,
+            outs=[o.data_ptr() for o in outs], numel=numel, offset=_check_offset(fn, offset), probs=[],
+            threads=default_threads(threads), simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
+        )
+
     def magnitude_histogram(self, x, base, prefix_mask: int, prefix: int, shift: int, nbins: int,
                             threads: Optional[int] = None) -> np.ndarray:
         """int64[nbins] counts of the fp32 bits of |x - b| (``methods.stats``), exact."""
@@ -611,6 +631,28 @@ def combine_buffers(
     )
 
 
+def transform_buffers(inputs: Sequence[Any], input_dtypes: Sequence[str], base: Any, base_dtype: Optional[str],
+                      outs: Sequence[np.ndarray], plan: Any, offset: int = 0, threads: Optional[int] = None,
+                      simd: str = "auto") -> int:
+    """``CpuBackend.transform`` on buffers: outs, N writable float32 numpy arrays of C elements."""
+    fn = "transform_buffers"
+    plan = _check_combine_plan(fn, plan, inputs)
+    hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, inputs, input_dtypes, base, base_dtype)
+    outs = list(outs)
+    if len(outs) != plan.n:
+        raise MergeError(f"[{fn}] outs: expected one float32 array per ingredient ({plan.n}), got {len(outs)}")
+    optrs = []
+    for i, o in enumerate(outs):
+        a = _as_array(o, fn, f"outs[{i}]", writable=True)
+        _check_buffer(a, "float32", numel, fn, f"outs[{i}]")
+        optrs.append(a.ctypes.data)
+    return _native_call(
+        fn, _module().transform, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, outs=optrs,
+        numel=numel, offset=_check_offset(fn, offset), probs=[], threads=default_threads(threads),
+        simd=resolve_simd(simd), **plan.kernel_kwargs(),
+    )
+
+
 def magnitude_histogram_buffers(
     x: Any, dtype: str, base: Any, base_dtype: Optional[str], prefix_mask: int, prefix: int, shift: int, nbins: int,
     threads: Optional[int] = None, simd: str = "auto",
@@ -671,4 +713,4 @@ def della_probs_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str]
 
 __all__ = ["CpuBackend", "combine_buffers", "default_threads", "della_probs_buffers", "gram_buffers", "info",
            "kept_l1_buffers", "magnitude_bracket_buffers", "magnitude_histogram_buffers", "resolve_exact",
-           "resolve_simd", "whole_run_buffers"]
+           "resolve_simd", "transform_buffers", "whole_run_buffers"]

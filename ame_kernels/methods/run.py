@@ -86,6 +86,11 @@ class TorchOps:
             return rows
         return self.backend.combine(xs, b, out, plan, offset, probs, threads=self.threads)
 
+    def transform(self, xs, b, outs, plan: CombinePlan, offset: int) -> Optional[int]:
+        """The transform pass into ``outs`` (float32 tensors); the count of Inf/NaN written where the
+        backend reports it, else None."""
+        return self.backend.transform(xs, b, outs, plan, offset, threads=self.threads)
+
 
 class BufferOps:
     """Chunk handles are (numpy array, dtype name) pairs; the cpu backend's buffer kernels."""
@@ -171,6 +176,12 @@ class BufferOps:
         bb, bd = self._split(b)
         return self.cpu.combine_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, out[0], out[1], plan, offset,
                                  probs, threads=self.threads)
+
+    def transform(self, xs, b, outs, plan: CombinePlan, offset: int) -> int:
+        """The transform pass into ``outs`` (float32 numpy arrays); the count of Inf/NaN written."""
+        bb, bd = self._split(b)
+        return self.cpu.transform_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, outs, plan, offset,
+                                          threads=self.threads)
 
 
 def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs):

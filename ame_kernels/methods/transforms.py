@@ -58,26 +58,41 @@ def split_transform(options: Dict[str, Any], n: int, where: str) -> Tuple[Option
     return (method, params), rest
 
 
-def transform_chunk(method, plan, xs, base, offset: int):
-    """The transformed ingredients (fp32 torch tensors) of one chunk under ``plan`` (the transform
-    method's CombinePlan with unit weights)."""
+def transform_torch(inputs, base, outs, plan, offset: int = 0) -> None:
+    """The transform pass in plain torch (the normative definition the kernels match bitwise):
+    outs[i] = b + t_i, t_i ingredient i's task vector kept, rescaled (``inv_prob``: / p) and
+    scaled as the combine pass does, times its weight (1 under ``unit_params``), and with an
+    election the entries whose sign differs from the elected one (sign of the vote, +1 at 0)
+    zeroed. ``outs``: N float32 tensors of C elements."""
     import torch
 
     from .combine import ELECT_NONE, keep_masks
 
-    b, parts = keep_masks(xs, base, plan, offset)
-    ts = []
+    b, parts = keep_masks(inputs, base, plan, offset)
+    ys = []
     for i, (tau, keep, p) in enumerate(parts):
         t = tau / p if (plan.inv_prob and p is not None) else tau
         t = t * torch.tensor(float(plan.scale[i]), dtype=torch.float32, device=t.device)
-        ts.append(torch.where(keep, t, torch.zeros_like(t)))
+        t = torch.where(keep, t, torch.zeros_like(t))
+        ys.append(torch.tensor(float(plan.weight[i]), dtype=torch.float32, device=t.device) * t)
     if plan.elect != ELECT_NONE:
         vote = torch.zeros_like(b)
-        for t in ts:
-            vote = vote + (t if plan.elect == 1 else torch.sign(t))
-        s = torch.where(vote >= 0, 1.0, -1.0)
-        ts = [torch.where(torch.sign(t) == s, t, torch.zeros_like(t)) for t in ts]
-    return [b + t for t in ts]
+        for y in ys:
+            vote = vote + (y if plan.elect == 1 else torch.sign(y))
+        pos = vote >= 0
+        ys = [torch.where((pos & (y > 0)) | (~pos & (y < 0)), y, torch.zeros_like(y)) for y in ys]
+    for o, y in zip(outs, ys):
+        o.copy_(b + y)
+
+
+def transform_chunk(method, plan, xs, base, offset: int):
+    """The transformed ingredients (new fp32 torch tensors) of one chunk under ``plan`` (the
+    transform method's CombinePlan with unit weights)."""
+    import torch
+
+    outs = [torch.empty(x.numel(), dtype=torch.float32, device=x.device) for x in xs]
+    transform_torch(xs, base, outs, plan, offset)
+    return outs
 
 
 def unit_params(params: Params, n: int) -> Params:
@@ -88,5 +103,5 @@ def unit_params(params: Params, n: int) -> Params:
     return Params(params.method, values, params.given)
 
 
-__all__ = ["TRANSFORMS", "split_transform", "transform_chunk", "unit_params"]
+__all__ = ["TRANSFORMS", "split_transform", "transform_chunk", "transform_torch", "unit_params"]
 

@@ -30,6 +30,7 @@ void check_combine_level(SimdLevel level, const char* fn) {
 #endif
 
 void combine(CombineArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(combine, a) }
+void transform(CombineArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(transform, a) }
 void magnitude_histogram(const HistArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(magnitude_histogram, a) }
 void gram(const GramArgs& a, SimdLevel level) { AME_COMBINE_DISPATCH(gram, a) }
 void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits,

@@ -13,6 +13,9 @@
 //   magnitude_histogram: int64 [nbins] counts of the fp32 bits of |x - b|.
 //   gram:                float64 [N][N] of sum_j tau_i[j] tau_k[j].
 //   kept_l1:             float64 [N][2] of (sum |tau_i|, sum over kept |tau_i|).
+//   transform:           the combine pass stopped before the mix: outs[i] = b + y_i (elect:
+//                        y_i zeroed where it disagrees with the elected sign), fp32, bitwise
+//                        methods.transforms.transform_torch.
 //
 // Each entry exists once per SIMD level (namespaces scalar / avx2 / avx512, compiled from
 // combine_{scalar,avx2,avx512}.cpp with that ISA's flags, all from cpu/combine_kernel.h);
@@ -37,6 +40,7 @@ struct CombineArgs {
   DType base_dtype = DType::F32;
   void* out = nullptr;                      // [numel] of out_dtype (combine only)
   DType out_dtype = DType::F32;
+  float* const* outs = nullptr;             // transform only: [n] pointers, each [numel] fp32
   // The plan (CombinePlan.kernel_kwargs()), per ingredient:
   const float* weight = nullptr;            // [n]
   const float* scale = nullptr;             // [n]
@@ -53,7 +57,7 @@ struct CombineArgs {
   float lam = 1.f;
   bool inv_prob = false;
   int threads = 1;
-  int64_t nonfinite = 0;                    // combine: set to the count of Inf/NaN written to out
+  int64_t nonfinite = 0;                    // combine, transform: set to the count of Inf/NaN written
 };
 
 struct HistArgs {
@@ -106,6 +110,7 @@ constexpr int64_t kStatsTask = 1 << 16;
 constexpr int64_t kCombineTask = 1 << 15;
 
 void combine(CombineArgs& a, SimdLevel level);  // sets a.nonfinite
+void transform(CombineArgs& a, SimdLevel level);  // a.outs, not a.out; sets a.nonfinite
 void magnitude_histogram(const HistArgs& a, SimdLevel level);
 void gram(const GramArgs& a, SimdLevel level);
 // counts [k][3]: above, inside, non-finite; bits, idx: [k] vectors, overwritten (empty if inside > cap)
@@ -117,6 +122,7 @@ void kept_l1(const CombineArgs& a, double* out, SimdLevel level);
 #define AME_DECLARE_COMBINE_LEVEL(ns)                        \
   namespace ns {                                             \
   void combine(CombineArgs& a);                              \
+  void transform(CombineArgs& a);                            \
   void magnitude_histogram(const HistArgs& a);               \
   void gram(const GramArgs& a);                              \
   void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits, \

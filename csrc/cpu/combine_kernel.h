@@ -347,7 +347,9 @@ AME_HD typename O::F sign_of(typename O::F y) {
 }
 
 // W elements from chunk-local j; ys: [n] scratch for the elected modes (kElect = a.elect).
-template <class O, int kElect>
+// kSplit (the transform pass): each ingredient's b + y_i (agreeing y_i when elected) goes to
+// its own fp32 a.outs[i] instead of into the mix.
+template <class O, int kElect, bool kSplit>
 AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typename O::F* ys) {
   using F = typename O::F;
   using M = typename O::M;
@@ -365,13 +367,16 @@ AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typenam
     t = O::mul(t, O::set1(g.scale));
     t = O::select(keep, t, zero);
     const F y = O::mul(O::set1(g.weight), t);
-    if (kElect == 0) {
+    if (kElect == 0 && kSplit) {
+      O::store(a.outs[i], DType::F32, j, O::add(b, y));
+    } else if (kElect == 0) {
       acc = O::add(acc, y);
     } else {
       ys[i] = y;
       vote = O::add(vote, kElect == 1 ? y : sign_of<O>(y));
     }
   }
+  if (kSplit && kElect == 0) return;
   F dv;
   if (kElect == 0) {
     dv = O::set1(pr.div_none);
@@ -381,20 +386,25 @@ AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typenam
     for (int i = 0; i < a.n; ++i) {
       const F y = ys[i];
       const M agree = O::m_or(O::m_and(pos, O::gt(y, zero)), O::m_andn(O::lt(y, zero), pos));
+      if (kSplit) {
+        O::store(a.outs[i], DType::F32, j, O::add(b, O::select(agree, y, zero)));
+        continue;
+      }
       acc = O::add(acc, O::select(agree, y, zero));
       dv = O::add(dv, O::select(agree, O::set1(pr.ing[i].weight), zero));
     }
     dv = O::select(O::eq(dv, zero), O::set1(1.f), dv);
   }
+  if (kSplit) return;
   const F mixed = a.normalize ? O::div(acc, dv) : acc;
   O::store(a.out, a.out_dtype, j, O::add(b, O::mul(O::set1(a.lam), mixed)));
 }
 
-template <int kElect>
+template <int kElect, bool kSplit>
 void combine_range(const CombineArgs& a, const Prep& pr, int64_t j0, int64_t j1, typename OpsV::F* ys, float* ys1) {
   int64_t j = j0;
-  for (; j + OpsV::W <= j1; j += OpsV::W) combine_vec<OpsV, kElect>(a, pr, j, ys);
-  for (; j < j1; ++j) combine_vec<Ops1, kElect>(a, pr, j, ys1);
+  for (; j + OpsV::W <= j1; j += OpsV::W) combine_vec<OpsV, kElect, kSplit>(a, pr, j, ys);
+  for (; j < j1; ++j) combine_vec<Ops1, kElect, kSplit>(a, pr, j, ys1);
 }
 
 // Inf/NaN among out's elements [j0, j1) (its storage dtype: what a reader of the file sees;
@@ -412,6 +422,7 @@ int64_t count_nonfinite(const void* out, DType d, int64_t j0, int64_t j1) {
   return c;
 }
 
+template <bool kSplit>
 void combine_impl(CombineArgs& a) {
   a.nonfinite = 0;
   if (a.numel <= 0) return;
@@ -431,10 +442,14 @@ void combine_impl(CombineArgs& a) {
     float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
     FV* ys = reinterpret_cast<FV*>(aligned);
     float* y1 = aligned + static_cast<size_t>(a.n) * OpsV::W;
-    if (a.elect == 0) combine_range<0>(a, pr, j0, j1, ys, y1);
-    else if (a.elect == 1) combine_range<1>(a, pr, j0, j1, ys, y1);
-    else combine_range<2>(a, pr, j0, j1, ys, y1);
-    bad[task] = count_nonfinite(a.out, a.out_dtype, j0, j1);
+    if (a.elect == 0) combine_range<0, kSplit>(a, pr, j0, j1, ys, y1);
+    else if (a.elect == 1) combine_range<1, kSplit>(a, pr, j0, j1, ys, y1);
+    else combine_range<2, kSplit>(a, pr, j0, j1, ys, y1);
+    if (kSplit) {
+      for (int i = 0; i < a.n; ++i) bad[task] += count_nonfinite(a.outs[i], DType::F32, j0, j1);
+    } else {
+      bad[task] = count_nonfinite(a.out, a.out_dtype, j0, j1);
+    }
   });
   for (const int64_t c : bad) a.nonfinite += c;
 }
@@ -787,7 +802,8 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
 
 }  // namespace
 
-void combine(CombineArgs& a) { combine_impl(a); }
+void combine(CombineArgs& a) { combine_impl<false>(a); }
+void transform(CombineArgs& a) { combine_impl<true>(a); }
 void magnitude_histogram(const HistArgs& a) { histogram_impl(a); }
 void gram(const GramArgs& a) { gram_impl(a); }
 void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits,
