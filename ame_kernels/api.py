@@ -3,8 +3,8 @@ per tensor, in that order: the AME schedule on the whole-run kernels, or another
 statistics and combine pass (``methods.run``).
 
 Every check happens before any compute, so bad input costs nothing and leaves
-nothing half-done, except the NaN/Inf check of the ingredients (``check_finite``) on the
-kernel backends: the kernels flag them while they read the inputs anyway, so merge
+nothing half-done, except the NaN/Inf check of the ingredients and the base (``check_finite``)
+on the kernel backends: the kernels flag them while they read the inputs anyway, so merge
 raises after the kernel of the first tensor holding one, and returns nothing.
 """
 
@@ -83,22 +83,51 @@ def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, t
 
 
 def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: Any):
-    from .methods.run import TorchOps, merge_tensor
+    from .methods.run import TorchOps, merge_tensor, plan_tensor
+    from .methods.stats import NonFinite
 
     general = make_config(None, **call.general)  # the general options, checked as AMEConfig checks them
     if hasattr(call.params, "bind"):  # per-tensor values (layer gradients, filters): every tensor checked first
         call.params.bind(names)
         call.params.check_tensors([n for n in names if dicts[0][n].dtype in FLOAT_DTYPES])
     base_sd = resolve_reference(base, dicts, names, form, "base", "a tensor or state dict") if base is not None else None
-    if general.check_finite:
+    device = dicts[0][names[0]].device if names else torch.device("cpu")
+    backend = get_backend(general.backend, device.type)
+    ops = TorchOps(backend, general.threads)
+    # The reference checks with torch up front; the kernel backends take what their passes see:
+    # the statistics passes' NaN/Inf counts, the combine pass's count of Inf/NaN written (an output
+    # check where a backend does not count), and a torch check of only the ingredients whose
+    # entries a mask or an election could drop unseen.
+    flags = general.check_finite and backend.name != "reference"
+    if general.check_finite and not flags:
         check_all_finite(dicts, names)
         check_reference_finite(base_sd, names, "base")
-    device = dicts[0][names[0]].device if names else torch.device("cpu")
-    ops = TorchOps(get_backend(general.backend, device.type), general.threads)
+
+    def culprits(name, inputs, b, among=None) -> list:
+        bad = [i for i in (range(len(inputs)) if among is None else among) if not bool(torch.isfinite(inputs[i]).all())]
+        if not bad and b is not None and not bool(torch.isfinite(b).all()):
+            raise MergeError(f"merge: base {label(name)} contains NaN or Inf (pass check_finite=False to merge anyway)")
+        return bad
 
     def run(name, inputs, out):
         b = base_sd[name].detach().contiguous().reshape(-1) if base_sd is not None else None
-        merge_tensor(call.method, call.params, name, tuple(dicts[0][name].shape), inputs, b, out, ops)
+        shape = tuple(dicts[0][name].shape)
+        if not flags:
+            merge_tensor(call.method, call.params, name, shape, inputs, b, out, ops)
+            return []
+        chunks = lambda: [(0, inputs, b)]  # noqa: E731
+        try:
+            plan, probs_fn, ctx = plan_tensor(call.method, call.params, name, shape, len(inputs), b is not None,
+                                              chunks, ops, True)
+        except NonFinite:
+            return culprits(name, inputs, b)
+        hidden = culprits(name, inputs, None, [i for i in range(len(inputs)) if plan.hides(i) and i not in ctx.seen])
+        if hidden:
+            return hidden
+        written = ops.combine(inputs, b, out, plan, 0, probs_fn(0, inputs, b) if probs_fn else None)
+        if written is None:  # the backend does not count what it writes
+            written = not bool(torch.isfinite(out).all())
+        return culprits(name, inputs, b) if written else []
 
     return _merge_tensors(dicts, form, names, general.out_dtype, general.check_finite, base_sd, run)
 

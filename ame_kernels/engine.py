@@ -596,6 +596,10 @@ class _MethodRunner:
         plan = self.plan
         cks = plan.ingredients + ([plan.base] if plan.base is not None else [])
         step = _item_elems(job, plan.chunk_elems, self.method.row_aligned)
+        # A tensor of one chunk is one work item, whose pass comes next and reads the same pages:
+        # they stay mapped for it (its release drops them), so they are faulted in once, not once
+        # per pass. Larger tensors release each chunk as the statistics pass leaves it.
+        keep = step >= job.numel
 
         def gen():
             for s in range(0, job.numel, step):
@@ -604,8 +608,9 @@ class _MethodRunner:
                 hs = [self.handle(ck.reader(info).view(info, s, c), info.dtype) for ck, info in zip(cks, infos)]
                 yield s, hs[: plan.n], (hs[plan.n] if plan.base is not None else None)
                 del hs
-                for ck, info in zip(cks, infos):
-                    ck.reader(info).release(info, s, c)
+                if not keep:
+                    for ck, info in zip(cks, infos):
+                        ck.reader(info).release(info, s, c)
 
         return gen
 
@@ -627,8 +632,9 @@ class _MethodRunner:
             except NonFinite as e:
                 where = "; ".join(self._where(i, job.name) for i in e.ingredients)
                 raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where} (or in the base)") from None
-            # a mask may hide a NaN: ingredients with one that no statistics pass read are checked per chunk
-            explicit = [i for i in range(plan.n) if check and cplan.masked(i) and i not in ctx.seen]
+            # a mask or an election may hide a NaN: such ingredients that no statistics pass read are
+            # checked per chunk
+            explicit = [i for i in range(plan.n) if check and cplan.hides(i) and i not in ctx.seen]
             self.job, self.state = j, (cplan, probs, explicit)
         return self.state
 

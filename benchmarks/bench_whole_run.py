@@ -43,6 +43,14 @@ OPTIMIZERS = {
     "adamw": dict(optimizer="adamw", weight_decay=0.01),
     "adadelta": dict(optimizer="adadelta"),
 }
+# ak.merge's merge-method rows (model 0 the base of the task-vector methods, the others its fine-tunes)
+API_METHODS = {
+    "linear": {},
+    "task_arithmetic": {},
+    "ties": dict(density=0.2),
+    "dare_ties": dict(density=0.3),
+    "model_stock": {},
+}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -98,6 +106,8 @@ def run(argv=None) -> list:
     ap.add_argument("--simd", default=None, help="force a SIMD level (scalar, avx2, avx512)")
     ap.add_argument("--exact", action="store_true", help="the exact sqrt/div instructions (AME_EXACT=1)")
     ap.add_argument("--skip-api", action="store_true", help="skip the ak.merge rows")
+    ap.add_argument("--api-methods", default=",".join(API_METHODS),
+                    help="merge methods of the ak.merge table (model 0 the base), '' for none")
     args = ap.parse_args(argv)
 
     from ame_kernels.backends import available
@@ -178,6 +188,36 @@ def run(argv=None) -> list:
             print(f"# {name} epochs={e}: cpu {t.ms()} ms, memcpy {bw / 1e9:.1f} GB/s" +
                   (f", reference {ref_t.median * 1e3:.0f} ms" if ref_t else ""), flush=True)
 
+    # Merge methods: ak.merge (check on) against the same per-tensor sequence called directly on the
+    # backend (statistics passes + combine pass into a reused output: methods.run.merge_tensor).
+    method_api = {}
+    if not args.skip_api and args.api_methods:
+        from ame_kernels.methods import METHODS, split_call
+        from ame_kernels.methods.base import BASE_NEVER
+        from ame_kernels.methods.run import TorchOps, merge_tensor
+
+        ops = TorchOps(cpu, threads)
+        for name in args.api_methods.split(","):
+            kw = dict(API_METHODS.get(name, {}))
+            takes_base = METHODS[name].base != BASE_NEVER
+            ings, base = (xs[1:], xs[0]) if takes_base else (xs, None)
+            call = split_call(name, dict(kw), len(ings), base is not None, False)
+            mout = torch.empty(c, dtype=dt)
+            fns = {
+                "kernel": lambda call=call, ings=ings, base=base, mout=mout: merge_tensor(
+                    call.method, call.params, "t", (c,), ings, base, mout, ops),
+                "api": lambda name=name, kw=kw, ings=ings, base=base: ak.merge(
+                    ings, method=name, base=base, backend="cpu", threads=threads, **kw),
+            }
+            samples = {k: [] for k in fns}
+            for f in fns.values():
+                f()
+            for _ in range(max(3, args.repeat // 2)):
+                for k, f in fns.items():
+                    samples[k].append(timeit(f, warmup=0, repeat=1).median)
+            method_api[name] = (_timing(samples["kernel"]), _timing(samples["api"]))
+            print(f"# {name}: kernel {method_api[name][0].ms()} ms, ak.merge {method_api[name][1].ms()} ms", flush=True)
+
     rows, table = [], []
     for (name, epochs), (t, ref_t, bw) in measured.items():
         gbps = eff_bytes / t.median
@@ -208,7 +248,7 @@ def run(argv=None) -> list:
                            f"{u25 / 1e9:.2f}G", "yes" if u25 >= u1 else "no"])
         print_table(["optimizer", "1 epoch ms", "5 epochs ms", "ratio", "upd/s epoch 1", "upd/s epochs 2-5",
                      "2-5 >= 1"], checks)
-    if api:
+    if api or method_api:
         print("\n# the public API: ak.merge (check_finite on) vs the backend's kernel on the same inputs, epochs=1")
         lines = []
         for name in args.optimizers.split(","):
@@ -218,6 +258,9 @@ def run(argv=None) -> list:
                     ta = api[(name, k)]
                     lines.append([name, label, f"{t1 * 1e3:.1f}", ta.ms(), f"{ta.median / t1:.2f}x",
                                   "yes" if ta.median <= 1.1 * t1 else "no"])
+        for name, (tk, ta) in method_api.items():
+            lines.append([f"method {name}", "tensors", tk.ms(), ta.ms(), f"{ta.median / tk.median:.2f}x",
+                          "yes" if ta.median <= 1.1 * tk.median else "no"])
         print_table(["optimizer", "ak.merge on", "kernel ms", "ak.merge ms [p20-p80]", "ratio", "<= 1.1x"], lines)
     path = append_csv("bench_whole_run", rows)
     print(f"\n# rows appended to {os.path.relpath(path, ROOT)}")

@@ -410,3 +410,42 @@ def test_merge_names_non_finite_ingredients_from_the_kernel_flags(monkeypatch):
         ame_kernels.merge(xs, optimizer="adagrad", backend="cpu")
     xs[1][7] = 0.0
     assert torch.isfinite(ame_kernels.merge(xs, optimizer="adagrad", backend="cpu")).all()
+
+
+@pytest.mark.parametrize("method, kw", [("linear", {}), ("ties", dict(density=0.3)), ("ties", dict(density=1.0)),
+                                        ("dare_ties", dict(density=0.5)), ("model_stock", {}),
+                                        ("della", dict(density=0.5, epsilon=0.1))])
+def test_merge_methods_take_the_kernel_flags(monkeypatch, method, kw):
+    """ak.merge with a merge method on the cpu backend: no torch pass over every ingredient first;
+    the statistics passes' counts, the combine pass's count of Inf/NaN written and a check of the
+    ingredients a mask or election could drop unseen name the tensor and ingredient (or the base)."""
+    from ame_kernels import api
+
+    def no_torch_pass(*a, **k):
+        raise AssertionError("the cpu backend's merge must not run the torch finite check")
+
+    monkeypatch.setattr(api, "check_all_finite", no_torch_pass)
+    monkeypatch.setattr(api, "check_reference_finite", no_torch_pass)
+    gen = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(30, 20, generator=gen), "v": torch.randn(4099, generator=gen).to(torch.bfloat16)}
+    sds = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(v.dtype) for k, v in base.items()}
+           for _ in range(3)]
+    if method == "linear":  # no base: it is not a task-vector method
+        kw = dict(kw, base=None)
+    else:
+        kw = dict(kw, base=base)
+    ak_ok = ame_kernels.merge(sds, method=method, backend="cpu", **kw)
+    assert all(torch.isfinite(t.float()).all() for t in ak_ok.values())
+    for where, value in (("w", float("nan")), ("v", float("inf"))):
+        bad = [dict(sd) for sd in sds]
+        bad[2][where] = bad[2][where].clone()
+        bad[2][where].view(-1)[7] = value
+        with pytest.raises(MergeError, match=rf"merge: tensor '{where}' of ingredient 2 contains NaN or Inf"):
+            ame_kernels.merge(bad, method=method, backend="cpu", **kw)
+    if kw["base"] is None:
+        return
+    bbase = dict(base)
+    bbase["w"] = base["w"].clone()
+    bbase["w"][3, 4] = float("nan")
+    with pytest.raises(MergeError, match=r"merge: base tensor 'w' contains NaN or Inf"):
+        ame_kernels.merge(sds, method=method, backend="cpu", **dict(kw, base=bbase))

@@ -162,7 +162,9 @@ def test_a_nan_hidden_by_a_mask_is_still_reported(tmp_path, capsys):
     base, fts, paths, bpath = _family(tmp_path)
     fts[1]["w"][5, 5] = float("nan")
     save_file(fts[1], str(tmp_path / "m1" / "model.safetensors"))
-    for doc in ({"method": "ties", "density": 0.2}, {"method": "dare_linear", "density": 0.3, "rescale": "none"}):
+    # the last: no trimming, but the election outvotes a NaN (a NaN vote elects -1, a NaN agrees with nothing)
+    for doc in ({"method": "ties", "density": 0.2}, {"method": "dare_linear", "density": 0.3, "rescale": "none"},
+                {"method": "ties", "density": 1.0}):
         (tmp_path / "c.yaml").write_text(yaml.safe_dump({"models": paths, "base": bpath, **doc}))
         code, _, err = _cli(capsys, tmp_path / "c.yaml", tmp_path / "out", "--quiet")
         assert code == 1 and "tensor 'w': NaN or Inf in ingredient 1" in err, err

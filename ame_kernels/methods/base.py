@@ -53,7 +53,13 @@ class TensorContext:
         return stats.select_ranks(self.chunks, self.ops, self.numel, targets, self.seen if self.check_finite else None)
 
     def gram(self) -> np.ndarray:
-        return stats.gram(self.chunks, self.ops, self.n)
+        g = stats.gram(self.chunks, self.ops, self.n)
+        if self.check_finite:  # a NaN/Inf entry makes its ingredient's sum of squares non-finite
+            bad = [i for i in range(self.n) if not np.isfinite(g[i, i])]
+            if bad:
+                raise stats.NonFinite(bad)
+            self.seen.update({i: 0 for i in range(self.n)})
+        return g
 
     def kept_l1(self, plan: CombinePlan, probs_for: Optional[Callable] = None) -> np.ndarray:
         l1 = stats.kept_l1(self.chunks, self.ops, plan, probs_for)

@@ -120,6 +120,11 @@ class CombinePlan:
         """Whether ingredient i's entries can be dropped (a rank window or a random mask)."""
         return bool(self.top_mag[i] != INF_MAG or self.end_mag[i] != NO_END_MAG or self.density[i] < 1)
 
+    def hides(self, i: int) -> bool:
+        """Whether a NaN/Inf entry of ingredient i can be missing from the output: masked, or
+        outvoted by a sign election (a NaN vote elects -1 and a NaN never agrees with a sign)."""
+        return self.masked(i) or self.elect != ELECT_NONE
+
     @property
     def random(self) -> bool:
         """Whether any ingredient draws a random mask (needs the Philox stream)."""

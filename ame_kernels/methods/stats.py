@@ -233,12 +233,14 @@ def bracket_pass(chunks: Chunks, ops, which: Sequence[int], brackets: Sequence[T
         counts += c
         for q in range(k):
             if parts[q] is not None and counts[q, 1] <= cap:
-                parts[q].append((found[q][0], found[q][1] + off))
+                parts[q].append((found[q][0], found[q][1] + off if off else found[q][1]))
             else:
                 parts[q] = None
     out = []
     for q in range(k):
-        if parts[q]:
+        if parts[q] and len(parts[q]) == 1:  # one chunk: its arrays as they are
+            out.append(parts[q][0])
+        elif parts[q]:
             out.append((np.concatenate([p[0] for p in parts[q]]), np.concatenate([p[1] for p in parts[q]])))
         else:
             out.append((np.zeros(0, np.uint32), np.zeros(0, np.int64)))

@@ -525,6 +525,25 @@ AME_HD uint32_t bits_one(const void* x, DType xd, const void* base, DType bd, in
 constexpr int64_t kBracketBlock = 256;
 static_assert(kStatsTask % kBracketBlock == 0 && kBracketBlock % kLanes == 0, "blocks tile the tasks");
 
+// An uninitialised growable array (entries are written before they are read): a worker's
+// collected entries of one target across the tasks it runs, doubling as it fills.
+template <class T>
+struct Grow {
+  std::unique_ptr<T[]> p;
+  size_t cap = 0;
+  // room for `more` entries after the first `used`
+  T* room(size_t used, size_t more) {
+    if (used + more > cap) {
+      size_t c = std::max<size_t>(cap ? 2 * cap : 4096, used + more);
+      std::unique_ptr<T[]> q(new T[c]);
+      if (used) std::memcpy(q.get(), p.get(), used * sizeof(T));
+      p = std::move(q);
+      cap = c;
+    }
+    return p.get() + used;
+  }
+};
+
 void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits, std::vector<int64_t>* idx) {
   std::fill(counts, counts + 3 * a.k, int64_t{0});
   for (int t = 0; t < a.k; ++t) {
@@ -534,17 +553,25 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
   if (a.numel <= 0 || a.k <= 0) return;
   const int64_t ntasks = (a.numel + kStatsTask - 1) / kStatsTask;
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
-  // Per task and target, room for the whole task (+ a vector's slack), allocated on its first
-  // entry and left uninitialised: only the pages written are ever touched.
-  std::vector<std::unique_ptr<uint32_t[]>> tb(static_cast<size_t>(ntasks * a.k));
-  std::vector<std::unique_ptr<int64_t[]>> ti(static_cast<size_t>(ntasks * a.k));
-  std::vector<size_t> tn(static_cast<size_t>(ntasks * a.k), 0);     // entries used in tb, ti
-  std::vector<int64_t> tc(static_cast<size_t>(ntasks * a.k * 3), 0);  // above, inside, non-finite
-  parallel_for(ntasks, threads, [&](int64_t task, int) {
+  const size_t K = static_cast<size_t>(a.k);
+  // Entries go to per-worker, per-target arrays (a worker's tasks one after another; a task's
+  // segment is recorded), then are copied in task order into the results: no per-task
+  // allocation. A worker stops collecting a target once it holds more than cap of its entries
+  // (the target's result is then empty: counted only).
+  std::vector<Grow<uint32_t>> wb(static_cast<size_t>(threads) * K);
+  std::vector<Grow<int64_t>> wi(static_cast<size_t>(threads) * K);
+  std::vector<size_t> wn(static_cast<size_t>(threads) * K, 0);          // entries used per worker, target
+  std::vector<size_t> seg_start(static_cast<size_t>(ntasks) * K, 0);   // a task's segment in its worker's arrays
+  std::vector<size_t> seg_len(static_cast<size_t>(ntasks) * K, 0);
+  std::vector<int> seg_worker(static_cast<size_t>(ntasks), 0);
+  std::vector<int64_t> tc(static_cast<size_t>(ntasks) * K * 3, 0);    // above, inside, non-finite
+  parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     const int64_t j0 = task * kStatsTask, j1 = std::min(a.numel, j0 + kStatsTask);
+    seg_worker[task] = worker;
     alignas(64) float b[kBracketBlock];
     alignas(64) float m[kBracketBlock];
     alignas(64) uint32_t u[kBracketBlock];
+    for (size_t t = 0; t < K; ++t) seg_start[task * K + t] = wn[worker * K + t];
     for (int64_t jb = j0; jb < j1; jb += kBracketBlock) {
       const int64_t len = std::min(kBracketBlock, j1 - jb);
       const int64_t whole = len - len % kLanes;
@@ -568,21 +595,17 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
         c[0] += n_above;
         c[1] += n_in;
         c[2] += n_nf;
-        auto& vb = tb[task * a.k + t];
-        auto& vi = ti[task * a.k + t];
-        size_t& used = tn[task * a.k + t];
-        if (!n_in || static_cast<int64_t>(used) >= a.cap) continue;
-        if (!vb) {
-          vb.reset(new uint32_t[static_cast<size_t>(j1 - j0 + kLanes)]);
-          vi.reset(new int64_t[static_cast<size_t>(j1 - j0 + kLanes)]);
-        }
-        uint32_t* pb = vb.get() + used;
-        int64_t* pi = vi.get() + used;
+        const size_t wk = static_cast<size_t>(worker) * K + static_cast<size_t>(t);
+        size_t& used = wn[wk];
+        if (!n_in || static_cast<int64_t>(used) > a.cap) continue;
+        // slack of a full vector past the block: the compress stores write 16 lanes
+        uint32_t* pb = wb[wk].room(used, static_cast<size_t>(len + kLanes));
+        int64_t* pi = wi[wk].room(used, static_cast<size_t>(len + kLanes));
         size_t n = 0;
         for (int64_t g = 0; g < len; g += kLanes) {  // lane groups without an entry inside are skipped
           const int64_t ge = std::min<int64_t>(len, g + kLanes);
 #if AME_W == 16
-          if (ge - g == 16) {  // compressed in registers, then a full store into the block's slack
+          if (ge - g == 16) {  // compressed in registers, then a full store into the slack
             const __m512i v = _mm512_loadu_si512(u + g);
             const __mmask16 k =
                 _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, _mm512_set1_epi32(static_cast<int>(l0))),
@@ -610,6 +633,7 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
         used += n;
       }
     }
+    for (size_t t = 0; t < K; ++t) seg_len[task * K + t] = wn[worker * K + t] - seg_start[task * K + t];
   });
   for (int t = 0; t < a.k; ++t) {
     int64_t inside = 0;
@@ -619,15 +643,16 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
       inside += c[1];
     }
     if (inside > a.cap) continue;  // overflowed: counted only
-    bits[t].reserve(static_cast<size_t>(inside));
-    idx[t].reserve(static_cast<size_t>(inside));
+    bits[t].resize(static_cast<size_t>(inside));
+    idx[t].resize(static_cast<size_t>(inside));
+    size_t at = 0;
     for (int64_t task = 0; task < ntasks; ++task) {
-      const auto& vb = tb[task * a.k + t];
-      const auto& vi = ti[task * a.k + t];
-      const size_t used = tn[task * a.k + t];
-      if (!used) continue;
-      bits[t].insert(bits[t].end(), vb.get(), vb.get() + used);
-      idx[t].insert(idx[t].end(), vi.get(), vi.get() + used);
+      const size_t s = task * K + static_cast<size_t>(t), len = seg_len[s];
+      if (!len) continue;
+      const size_t wk = static_cast<size_t>(seg_worker[task]) * K + static_cast<size_t>(t);
+      std::memcpy(bits[t].data() + at, wb[wk].p.get() + seg_start[s], len * sizeof(uint32_t));
+      std::memcpy(idx[t].data() + at, wi[wk].p.get() + seg_start[s], len * sizeof(int64_t));
+      at += len;
     }
   }
 }
