@@ -479,6 +479,37 @@ void init_cpu(py::module_& m) {
       "masks (ame_kernels.methods.stats.kept_l1_torch); arguments as combine's, without out.");
 
   m.def(
+      "magnitude_sample",
+      [](uintptr_t x, const std::string& x_dtype, uintptr_t base, const std::string& base_dtype, int64_t numel,
+         const py::array& positions, int threads) {
+        const char* fn = "magnitude_sample";
+        const std::string f = "[magnitude_sample] ";
+        AME_CHECK(numel >= 0, f + "numel: must be >= 0, got " + std::to_string(numel));
+        const void* xp = pointer_arg(x, numel, fn, "x");
+        const DType xd = dtype_arg(x_dtype, fn, "x_dtype");
+        const DType bd = dtype_arg(base_dtype, fn, "base_dtype");
+        const int64_t* pos = array_arg<int64_t>(positions, fn, "positions", "int64");
+        AME_CHECK(positions.ndim() == 1, f + "positions: expected a 1-D int64 array");
+        const int64_t n = positions.shape(0);
+        for (int64_t q = 0; q < n; ++q)
+          AME_CHECK(pos[q] >= 0 && pos[q] < numel, f + "positions[" + std::to_string(q) + "]: " +
+                                                       std::to_string(pos[q]) + " is outside [0, " +
+                                                       std::to_string(numel) + ")");
+        AME_CHECK(threads >= 1, f + "threads: must be >= 1, got " + std::to_string(threads));
+        py::array_t<uint32_t> out(static_cast<py::ssize_t>(n));
+        uint32_t* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          cpu::magnitude_sample(xp, xd, reinterpret_cast<const void*>(base), bd, pos, n, o, threads);
+        }
+        return out;
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"),
+      py::arg("positions"), py::arg("threads"),
+      "uint32 [len(positions)]: the fp32 bits of |x - b| at positions (int64, each in [0, numel)); base 0:\n"
+      "b = 0 (ame_kernels.methods.stats.magnitude_sample_torch), gathered on threads.");
+
+  m.def(
       "magnitude_histogram",
       [](uintptr_t x, const std::string& x_dtype, uintptr_t base, const std::string& base_dtype, int64_t numel,
          int64_t prefix_mask, int64_t prefix, int shift, int64_t nbins, int threads, const std::string& simd) {

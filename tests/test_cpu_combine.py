@@ -554,3 +554,25 @@ def test_combine_counts_nonfinite_written():
         assert int((~torch.isfinite(out.float())).sum()) == want
     out = np.empty(c, np.float32)
     assert combine_buffers([x.numpy()], ["float32"], base.numpy(), "float32", out, "float32", plan) == 1
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES)
+@pytest.mark.parametrize("base_dtype", DTYPES + [None])
+def test_magnitude_sample_buffers_match_torch(x_dtype, base_dtype):
+    """The rank selection's sample gathered natively on threads: the bits magnitude_sample_torch gives."""
+    from ame_kernels.backends.cpu import magnitude_sample_buffers
+
+    gen = torch.Generator().manual_seed(11)
+    c = 50021
+    xs, base = make_inputs(1, c, [x_dtype], base_dtype, gen)
+    pos = np.sort(torch.randint(0, c, (7001,), generator=gen).numpy()).astype(np.int64)
+    want = stats.magnitude_sample_torch(xs[0], base, pos)
+
+    def buf(t):
+        return None if t is None else (t.view(torch.int16).numpy() if t.dtype != torch.float32 else t.numpy())
+
+    for threads in (1, 3):
+        got = magnitude_sample_buffers(buf(xs[0]), x_dtype, buf(base), base_dtype, pos, threads=threads)
+        assert got.dtype == np.uint32 and np.array_equal(got, want)
+    with pytest.raises(MergeError, match=r"\[magnitude_sample_buffers\] positions\[1\]: 50021 is outside \[0, 50021\)"):
+        magnitude_sample_buffers(buf(xs[0]), x_dtype, buf(base), base_dtype, np.array([0, c], dtype=np.int64))

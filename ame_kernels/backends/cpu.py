@@ -668,6 +668,17 @@ def magnitude_histogram_buffers(
     )
 
 
+def magnitude_sample_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str], positions: np.ndarray,
+                             threads: Optional[int] = None) -> np.ndarray:
+    """uint32 bits of |x - b| at ``positions`` (``methods.stats.magnitude_sample_torch``) on buffers,
+    gathered on threads."""
+    fn = "magnitude_sample_buffers"
+    hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, [x], [dtype], base, base_dtype)
+    pos = np.ascontiguousarray(positions, dtype=np.int64)
+    return _native_call(fn, _module().magnitude_sample, x=ptrs[0], x_dtype=dtypes[0], base=bptr, base_dtype=bdtype,
+                        numel=numel, positions=pos, threads=default_threads(threads))
+
+
 def magnitude_bracket_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_dtype: Optional[str],
                               which: Sequence[int], lo: Sequence[int], hi: Sequence[int], cap: int,
                               threads: Optional[int] = None, simd: str = "auto"):
@@ -712,5 +723,5 @@ def della_probs_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str]
 
 
 __all__ = ["CpuBackend", "combine_buffers", "default_threads", "della_probs_buffers", "gram_buffers", "info",
-           "kept_l1_buffers", "magnitude_bracket_buffers", "magnitude_histogram_buffers", "resolve_exact",
+           "kept_l1_buffers", "magnitude_bracket_buffers", "magnitude_histogram_buffers", "magnitude_sample_buffers", "resolve_exact",
            "resolve_simd", "transform_buffers", "whole_run_buffers"]

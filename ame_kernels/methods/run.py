@@ -115,10 +115,8 @@ class BufferOps:
                                                   threads=self.threads)
 
     def sample(self, x, b, positions: np.ndarray) -> np.ndarray:
-        m = to_f32(*_take(x, positions))
-        if b is not None:
-            m = m - to_f32(*_take(b, positions))
-        return np.abs(m).view(np.uint32)
+        bb, bd = self._split(b)
+        return self.cpu.magnitude_sample_buffers(x[0], x[1], bb, bd, positions, threads=self.threads)
 
     def gram(self, xs, b) -> np.ndarray:
         bb, bd = self._split(b)
@@ -205,14 +203,6 @@ def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs):
                           sub, offset + a, None if probs is None else [p[a:z] for p in probs])
         total = None if (total is None or bad is None) else total + bad
     return total
-
-
-def _take(h, positions: np.ndarray):
-    """Entries ``positions`` of a buffer handle (typed or raw bytes) as a handle."""
-    arr, dtype = h
-    if arr.dtype == np.uint8:
-        arr = arr.view(np.float32 if dtype == "float32" else np.uint16)
-    return arr[positions], dtype
 
 
 def to_f32(a: np.ndarray, dtype: str) -> np.ndarray:

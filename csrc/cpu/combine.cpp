@@ -1,6 +1,10 @@
 // Picks the SIMD level's combine-pass and statistics kernels (cpu/combine.h).
 #include "cpu/combine.h"
 
+#include <algorithm>
+
+#include "cpu/thread_pool.h"
+
 #include <stdexcept>
 #include <string>
 
@@ -40,6 +44,20 @@ void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint3
 void kept_l1(const CombineArgs& a, double* out, SimdLevel level) { AME_COMBINE_DISPATCH(kept_l1, a, out) }
 
 #undef AME_COMBINE_DISPATCH
+
+void magnitude_sample(const void* x, DType x_dtype, const void* base, DType base_dtype, const int64_t* pos,
+                      int64_t n, uint32_t* out, int threads) {
+  constexpr int64_t kTask = 2048;
+  const int64_t ntasks = (n + kTask - 1) / kTask;
+  if (ntasks <= 0) return;
+  parallel_for(ntasks, static_cast<int>(std::min<int64_t>(std::max(threads, 1), ntasks)), [&](int64_t task, int) {
+    const int64_t q1 = std::min(n, (task + 1) * kTask);
+    for (int64_t q = task * kTask; q < q1; ++q) {
+      const float b = base ? load_f32(base, base_dtype, pos[q]) : 0.f;
+      out[q] = f32_bits(load_f32(x, x_dtype, pos[q]) - b) & 0x7fffffffu;
+    }
+  });
+}
 
 }  // namespace cpu
 }  // namespace ame

@@ -116,6 +116,11 @@ void gram(const GramArgs& a, SimdLevel level);
 // counts [k][3]: above, inside, non-finite; bits, idx: [k] vectors, overwritten (empty if inside > cap)
 void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits,
                        std::vector<int64_t>* idx, SimdLevel level);
+// The rank selection's sample: out[q] = the fp32 bits of |x[pos[q]] - b[pos[q]]| for q < n
+// (b = 0 without a base), the positions split over threads (the mapped pages they touch are
+// faulted in by both). Scalar: a gather; no SIMD level.
+void magnitude_sample(const void* x, DType x_dtype, const void* base, DType base_dtype, const int64_t* pos,
+                      int64_t n, uint32_t* out, int threads);
 // kept_l1 reads a's plan, inputs and base (out is not used); writes out [n][2].
 void kept_l1(const CombineArgs& a, double* out, SimdLevel level);
 
