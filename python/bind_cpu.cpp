@@ -116,6 +116,16 @@ struct CombineHold {
   std::vector<const float*> probs;
 };
 
+// Keep-mask pointers (cpu/combine.h: masks_out / masks_in): [] for none, else one per input (0: none).
+std::vector<uint8_t*> masks_arg(const std::vector<uintptr_t>& masks, int n, const char* fn, const char* arg) {
+  AME_CHECK(masks.empty() || static_cast<int>(masks.size()) == n,
+            std::string("[") + fn + "] " + arg + ": expected [] (none) or one pointer per input (" +
+                std::to_string(n) + "), got " + std::to_string(masks.size()));
+  std::vector<uint8_t*> out(masks.size());
+  for (size_t i = 0; i < masks.size(); ++i) out[i] = reinterpret_cast<uint8_t*>(masks[i]);
+  return out;
+}
+
 // A 1-D numpy array that owns v's memory (moved to the heap, freed with the array): no copy.
 template <class T>
 py::array_t<T> vector_array(std::vector<T>&& v) {
@@ -381,7 +391,7 @@ void init_cpu(py::module_& m) {
          const py::array& weight, const py::array& scale, const py::array& top_mag, const py::array& top_idx,
          const py::array& end_mag, const py::array& end_idx, const py::array& density,
          const std::vector<uintptr_t>& probs, uint64_t seed, int64_t name_key, int elect, bool normalize, double lam,
-         bool inv_prob, int threads, const std::string& simd) {
+         bool inv_prob, int threads, const std::vector<uintptr_t>& masks_in, const std::string& simd) {
         const char* fn = "combine";
         cpu::CombineArgs a;
         CombineHold h;
@@ -390,6 +400,8 @@ void init_cpu(py::module_& m) {
         a.out_dtype = dtype_arg(out_dtype, fn, "out_dtype");
         combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
                          name_key, elect, normalize, lam, inv_prob, threads);
+        const std::vector<uint8_t*> min = masks_arg(masks_in, a.n, fn, "masks_in");
+        if (!min.empty()) a.masks_in = const_cast<const uint8_t* const*>(min.data());
         const SimdLevel level = simd_arg(simd, fn);
         {
           py::gil_scoped_release release;
@@ -401,13 +413,14 @@ void init_cpu(py::module_& m) {
       py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("weight"), py::arg("scale"),
       py::arg("top_mag"), py::arg("top_idx"), py::arg("end_mag"), py::arg("end_idx"), py::arg("density"),
       py::arg("probs"), py::arg("seed"), py::arg("name_key"), py::arg("elect"), py::arg("normalize"), py::arg("lam"),
-      py::arg("inv_prob"), py::arg("threads"), py::arg("simd"),
+      py::arg("inv_prob"), py::arg("threads"), py::arg("masks_in"), py::arg("simd"),
       "The combine pass (ame_kernels.methods.combine) over one chunk of numel elements whose first has global\n"
       "index offset: N input pointers (float32/bfloat16/float16, mixed), base pointer (0: none), out (written\n"
       "once, round to nearest even). weight, scale, top_mag, end_mag, density: float32 [N]; top_idx, end_idx:\n"
       "int64 [N] (CombinePlan.kernel_kwargs()); probs: [] or N float32 pointers (0: none). elect: 0 none,\n"
-      "1 sum, 2 count. Bitwise combine_torch. Every argument is required: no defaults here. Returns the count\n"
-      "of Inf/NaN values written to out (in out's dtype).");
+      "1 sum, 2 count. Bitwise combine_torch. masks_in: [] or N pointers (0: none) to kept_l1's keep masks of\n"
+      "this chunk (ceil(numel / 8) bytes each), read in place of the window and draw. Every argument is\n"
+      "required: no defaults here. Returns the count of Inf/NaN values written to out (in out's dtype).");
 
   m.def(
       "transform",
@@ -416,7 +429,7 @@ void init_cpu(py::module_& m) {
          const py::array& weight, const py::array& scale, const py::array& top_mag, const py::array& top_idx,
          const py::array& end_mag, const py::array& end_idx, const py::array& density,
          const std::vector<uintptr_t>& probs, uint64_t seed, int64_t name_key, int elect, bool normalize, double lam,
-         bool inv_prob, int threads, const std::string& simd) {
+         bool inv_prob, int threads, const std::vector<uintptr_t>& masks_in, const std::string& simd) {
         const char* fn = "transform";
         cpu::CombineArgs a;
         CombineHold h;
@@ -430,6 +443,8 @@ void init_cpu(py::module_& m) {
         a.outs = op.data();
         combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
                          name_key, elect, normalize, lam, inv_prob, threads);
+        const std::vector<uint8_t*> min = masks_arg(masks_in, a.n, fn, "masks_in");
+        if (!min.empty()) a.masks_in = const_cast<const uint8_t* const*>(min.data());
         const SimdLevel level = simd_arg(simd, fn);
         {
           py::gil_scoped_release release;
@@ -441,7 +456,7 @@ void init_cpu(py::module_& m) {
       py::arg("numel"), py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"),
       py::arg("top_idx"), py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("probs"),
       py::arg("seed"), py::arg("name_key"), py::arg("elect"), py::arg("normalize"), py::arg("lam"),
-      py::arg("inv_prob"), py::arg("threads"), py::arg("simd"),
+      py::arg("inv_prob"), py::arg("threads"), py::arg("masks_in"), py::arg("simd"),
       "The transform pass (ame_kernels.methods.transforms.transform_torch): combine's arguments, with outs\n"
       "(N float32 pointers of numel elements, one per input) in place of out: outs[i] = b + ingredient i's\n"
       "kept, rescaled, weighted (and, elected, agreeing) task-vector entries; normalize and lam are not\n"
@@ -454,13 +469,15 @@ void init_cpu(py::module_& m) {
          const py::array& scale, const py::array& top_mag, const py::array& top_idx, const py::array& end_mag,
          const py::array& end_idx, const py::array& density, const std::vector<uintptr_t>& probs, uint64_t seed,
          int64_t name_key, int elect, bool normalize, double lam, bool inv_prob, int threads,
-         const std::string& simd) {
+         const std::vector<uintptr_t>& masks_out, const std::string& simd) {
         const char* fn = "kept_l1";
         cpu::CombineArgs a;
         CombineHold h;
         combine_inputs_arg(a, h, fn, inputs, input_dtypes, base, base_dtype, numel);
         combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
                          name_key, elect, normalize, lam, inv_prob, threads);
+        const std::vector<uint8_t*> mout = masks_arg(masks_out, a.n, fn, "masks_out");
+        if (!mout.empty()) a.masks_out = mout.data();
         const SimdLevel level = simd_arg(simd, fn);
         py::array_t<double> result({static_cast<py::ssize_t>(a.n), static_cast<py::ssize_t>(2)});
         double* out = result.mutable_data();
@@ -474,9 +491,11 @@ void init_cpu(py::module_& m) {
       py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"), py::arg("top_idx"),
       py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("probs"), py::arg("seed"),
       py::arg("name_key"), py::arg("elect"), py::arg("normalize"), py::arg("lam"), py::arg("inv_prob"),
-      py::arg("threads"), py::arg("simd"),
+      py::arg("threads"), py::arg("masks_out"), py::arg("simd"),
       "float64 [N, 2]: per ingredient (sum |tau_i|, sum over kept entries |tau_i|) under the combine plan's\n"
-      "masks (ame_kernels.methods.stats.kept_l1_torch); arguments as combine's, without out.");
+      "masks (ame_kernels.methods.stats.kept_l1_torch); arguments as combine's, without out. masks_out: [] or N\n"
+      "pointers (0: none) of ceil(numel / 8) bytes that receive each ingredient's keep mask (bit j % 8 of byte\n"
+      "j / 8), for combine's masks_in.");
 
   m.def(
       "magnitude_sample",

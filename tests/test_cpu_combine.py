@@ -576,3 +576,58 @@ def test_magnitude_sample_buffers_match_torch(x_dtype, base_dtype):
         assert got.dtype == np.uint32 and np.array_equal(got, want)
     with pytest.raises(MergeError, match=r"\[magnitude_sample_buffers\] positions\[1\]: 50021 is outside \[0, 50021\)"):
         magnitude_sample_buffers(buf(xs[0]), x_dtype, buf(base), base_dtype, np.array([0, c], dtype=np.int64))
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+@pytest.mark.parametrize("c", [1, 9, 4097, 70001])
+def test_keep_masks_from_kept_l1_feed_combine(simd, c):
+    """kept_l1_buffers(masks=...) writes each drawing ingredient's keep mask (bit j % 8 of byte j / 8,
+    the very keep of combine_torch), and combine_buffers / transform_buffers(masks=...) read them
+    instead of drawing again: the same bits as without; masks that differ change the result (read)."""
+    from ame_kernels.backends.cpu import transform_buffers
+    from ame_kernels.methods.combine import keep_masks
+    from ame_kernels.methods.transforms import transform_torch
+
+    gen = torch.Generator().manual_seed(c)
+    n = 4
+    xs, base = make_inputs(n, c, ["bfloat16", "float16", "float32"], "bfloat16", gen, zero_tv=(3,))
+    dts = [str(x.dtype).replace("torch.", "") for x in xs]
+    plan = CombinePlan(n=n, weight=np.linspace(0.5, 1.0, n), density=np.array([0.3, 1.0, 0.6, 0.5]), inv_prob=True,
+                       elect=1, normalize=True, seed=2**33 + 5, name_key=77)
+    probs = [None, None, torch.rand(c, generator=gen), None]
+    np_probs = [None if p is None else p.numpy() for p in probs]
+    masks = [np.full(-(-c // 8), 0xA5, np.uint8) if i != 1 else None for i in range(n)]
+    l1 = kept_l1_buffers([_np(x) for x in xs], dts, _np(base), "bfloat16", plan, 21, np_probs, threads=2, simd=simd,
+                         masks=masks)
+    np.testing.assert_allclose(l1, stats.kept_l1_torch(xs, base, plan, 21, probs), rtol=1e-12)
+    _, parts = keep_masks(xs, base, plan, 21, probs)
+    for i, m in enumerate(masks):
+        if m is not None:
+            bits = np.unpackbits(m, bitorder="little")[:c].astype(bool)
+            assert np.array_equal(bits, parts[i][1].numpy()), f"ingredient {i}"
+    ref = torch.empty(c, dtype=torch.bfloat16)
+    combine_torch(xs, base, ref, plan, 21, probs)
+    got = torch.empty(c, dtype=torch.bfloat16)
+    combine_buffers([_np(x) for x in xs], dts, _np(base), "bfloat16", _np(got), "bfloat16", plan, offset=21,
+                    probs=np_probs, threads=2, simd=simd, masks=masks)
+    assert_bitwise(got, ref, "combine with kept_l1's masks")
+    touts = [np.empty(c, np.float32) for _ in range(n)]
+    tref = [torch.empty(c) for _ in range(n)]
+    tplan = CombinePlan(n=n, weight=np.ones(n), density=plan.density, inv_prob=True, seed=plan.seed,
+                        name_key=plan.name_key)
+    tmasks = [np.empty(-(-c // 8), np.uint8) if i != 1 else None for i in range(n)]
+    kept_l1_buffers([_np(x) for x in xs], dts, _np(base), "bfloat16", tplan, 21, None, simd=simd, masks=tmasks)
+    transform_torch(xs, base, tref, tplan, 21)
+    transform_buffers([_np(x) for x in xs], dts, _np(base), "bfloat16", touts, tplan, 21, simd=simd, masks=tmasks)
+    for o, r in zip(touts, tref):
+        assert_bitwise(torch.from_numpy(o), r, "transform with kept_l1's masks")
+    if c > 8:  # inverted masks are read: the result changes
+        flipped = [None if m is None else ~m for m in masks]
+        combine_buffers([_np(x) for x in xs], dts, _np(base), "bfloat16", _np(got), "bfloat16", plan, offset=21,
+                        probs=np_probs, threads=2, simd=simd, masks=flipped)
+        assert not torch.equal(got, ref)
+    with pytest.raises(MergeError, match=r"\[combine_buffers\] masks\[0\]: expected a contiguous uint8 array"):
+        combine_buffers([_np(x) for x in xs], dts, _np(base), "bfloat16", _np(got), "bfloat16", plan,
+                        masks=[np.zeros(c + 8, np.uint8)] + masks[1:])
+    with pytest.raises(MergeError, match=r"\[kept_l1_buffers\] masks: expected one per ingredient \(4\), got 1"):
+        kept_l1_buffers([_np(x) for x in xs], dts, _np(base), "bfloat16", plan, masks=[None])

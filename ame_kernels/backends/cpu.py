@@ -368,7 +368,7 @@ class CpuBackend(Backend):
         return _native_call(
             fn, _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=out.data_ptr(),
             out_dtype=out_dtype, numel=numel, offset=_check_offset(fn, offset),
-            probs=_torch_probs(fn, probs, plan.n, numel), threads=default_threads(threads),
+            probs=_torch_probs(fn, probs, plan.n, numel), threads=default_threads(threads), masks_in=[],
             simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
         )
 
@@ -389,7 +389,7 @@ class CpuBackend(Backend):
         return _native_call(
             fn, _module().transform, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype,
             outs=[o.data_ptr() for o in outs], numel=numel, offset=_check_offset(fn, offset), probs=[],
-            threads=default_threads(threads), simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
+            threads=default_threads(threads), masks_in=[], simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
         )
 
     def magnitude_histogram(self, x, base, prefix_mask: int, prefix: int, shift: int, nbins: int,
@@ -435,7 +435,7 @@ class CpuBackend(Backend):
         return _native_call(
             fn, _module().kept_l1, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, numel=numel,
             offset=_check_offset(fn, offset), probs=_torch_probs(fn, probs, plan.n, numel),
-            threads=default_threads(threads), simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
+            threads=default_threads(threads), masks_out=[], simd=resolve_simd(self.simd), **plan.kernel_kwargs(),
         )
 
 
@@ -607,13 +607,16 @@ def combine_buffers(
     probs: Optional[Sequence[Any]] = None,
     threads: Optional[int] = None,
     simd: str = "auto",
+    masks: Optional[Sequence[Any]] = None,
 ) -> int:
     """The combine pass on raw buffers, without torch (the checkpoint engine): bitwise ``combine_torch``.
 
     inputs: N numpy arrays / buffer-protocol objects of C elements, ``input_dtypes`` their dtype names
     (bf16 as uint16 or raw bytes with "bfloat16"); base: None (zero) or such a buffer of ``base_dtype``;
     out: writable, C elements of ``out_dtype``; plan: a ``CombinePlan`` for N ingredients; offset: the
-    chunk's first global element index; probs: None or N float32 buffers (or None entries).
+    chunk's first global element index; probs: None or N float32 buffers (or None entries); masks:
+    None or N uint8 arrays (or None entries) of ceil(C / 8) bytes holding ``kept_l1_buffers``' keep
+    masks of this very chunk and plan, read in place of the windows and draws (the same bits).
     Returns the count of Inf/NaN written to out (in out's dtype).
     """
     fn = "combine_buffers"
@@ -627,13 +630,14 @@ def combine_buffers(
         fn, _module().combine, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, out=o.ctypes.data,
         out_dtype=out_dtype, numel=numel, offset=_check_offset(fn, offset),
         probs=_buffer_probs(fn, probs, plan.n, numel, hold), threads=default_threads(threads),
-        simd=resolve_simd(simd), **plan.kernel_kwargs(),
+        masks_in=_mask_pointers(fn, masks, plan.n, numel, writable=False), simd=resolve_simd(simd),
+        **plan.kernel_kwargs(),
     )
 
 
 def transform_buffers(inputs: Sequence[Any], input_dtypes: Sequence[str], base: Any, base_dtype: Optional[str],
                       outs: Sequence[np.ndarray], plan: Any, offset: int = 0, threads: Optional[int] = None,
-                      simd: str = "auto") -> int:
+                      simd: str = "auto", masks: Optional[Sequence[Any]] = None) -> int:
     """``CpuBackend.transform`` on buffers: outs, N writable float32 numpy arrays of C elements."""
     fn = "transform_buffers"
     plan = _check_combine_plan(fn, plan, inputs)
@@ -649,7 +653,8 @@ def transform_buffers(inputs: Sequence[Any], input_dtypes: Sequence[str], base: 
     return _native_call(
         fn, _module().transform, inputs=ptrs, input_dtypes=dtypes, base=bptr, base_dtype=bdtype, outs=optrs,
         numel=numel, offset=_check_offset(fn, offset), probs=[], threads=default_threads(threads),
-        simd=resolve_simd(simd), **plan.kernel_kwargs(),
+        masks_in=_mask_pointers(fn, masks, plan.n, numel, writable=False), simd=resolve_simd(simd),
+        **plan.kernel_kwargs(),
     )
 
 
@@ -701,16 +706,39 @@ def gram_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_d
 
 def kept_l1_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_dtype: Optional[str], plan: Any,
                     offset: int = 0, probs: Optional[Sequence[Any]] = None, threads: Optional[int] = None,
-                    simd: str = "auto") -> np.ndarray:
-    """float64[N, 2]: (sum |tau_i|, sum over kept |tau_i|) under ``plan``'s masks (``methods.stats.kept_l1_torch``)."""
+                    simd: str = "auto", masks: Optional[Sequence[Any]] = None) -> np.ndarray:
+    """float64[N, 2]: (sum |tau_i|, sum over kept |tau_i|) under ``plan``'s masks (``methods.stats.kept_l1_torch``).
+    masks: None or N writable uint8 arrays (or None entries) of ceil(C / 8) bytes that receive each
+    ingredient's keep mask, for ``combine_buffers(masks=...)``."""
     fn = "kept_l1_buffers"
     plan = _check_combine_plan(fn, plan, inputs)
     hold, ptrs, dts, bptr, bdtype, numel = _buffer_sources(fn, inputs, dtypes, base, base_dtype)
     return _native_call(
         fn, _module().kept_l1, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype, numel=numel,
         offset=_check_offset(fn, offset), probs=_buffer_probs(fn, probs, plan.n, numel, hold),
-        threads=default_threads(threads), simd=resolve_simd(simd), **plan.kernel_kwargs(),
+        threads=default_threads(threads), masks_out=_mask_pointers(fn, masks, plan.n, numel, writable=True),
+        simd=resolve_simd(simd), **plan.kernel_kwargs(),
     )
+
+
+def _mask_pointers(fn: str, masks: Optional[Sequence[Any]], n: int, numel: int, writable: bool) -> list:
+    """Pointers of N keep-mask arrays (uint8, ceil(numel / 8) bytes; None entries: 0), or []."""
+    if masks is None:
+        return []
+    masks = list(masks)
+    if len(masks) != n:
+        raise MergeError(f"[{fn}] masks: expected one per ingredient ({n}), got {len(masks)}")
+    out = []
+    for i, m in enumerate(masks):
+        if m is None:
+            out.append(0)
+            continue
+        if not (isinstance(m, np.ndarray) and m.dtype == np.uint8 and m.flags.c_contiguous
+                and (m.flags.writeable or not writable) and m.nbytes == -(-numel // 8)):
+            raise MergeError(f"[{fn}] masks[{i}]: expected a contiguous{' writable' if writable else ''} uint8 array "
+                             f"of {-(-numel // 8)} bytes")
+        out.append(m.ctypes.data)
+    return out
 
 
 def della_probs_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str], shape: tuple, density: float,

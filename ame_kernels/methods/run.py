@@ -123,9 +123,23 @@ class BufferOps:
         return self.cpu.gram_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, threads=self.threads)
 
     def kept_l1(self, xs, b, plan: CombinePlan, offset: int, probs) -> np.ndarray:
+        """The L1 sums; the drawn keep masks of this chunk are kept on the plan (``notes['keep_masks']``,
+        the last chunk's only: N x chunk / 8 bytes at most), so that the combine pass of the same chunk
+        reads them instead of drawing Philox a second time (the same bits)."""
         bb, bd = self._split(b)
-        return self.cpu.kept_l1_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, plan, offset, probs,
-                                        threads=self.threads)
+        c = self.length(xs[0])
+        draws = [plan.density[i] < 1 or (probs is not None and probs[i] is not None) for i in range(plan.n)]
+        masks = [np.empty(-(-c // 8), dtype=np.uint8) if d else None for d in draws] if any(draws) else None
+        l1 = self.cpu.kept_l1_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, plan, offset, probs,
+                                      threads=self.threads, masks=masks)
+        if masks is not None:
+            plan.notes["keep_masks"] = (offset, c, masks)
+        return l1
+
+    @staticmethod
+    def _masks(plan: CombinePlan, offset: int, c: int):
+        km = plan.notes.get("keep_masks")
+        return km[2] if km is not None and km[0] == offset and km[1] == c else None
 
     @staticmethod
     def length(x) -> int:
@@ -173,13 +187,13 @@ class BufferOps:
             return rows
         bb, bd = self._split(b)
         return self.cpu.combine_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, out[0], out[1], plan, offset,
-                                 probs, threads=self.threads)
+                                        probs, threads=self.threads, masks=self._masks(plan, offset, self.length(xs[0])))
 
     def transform(self, xs, b, outs, plan: CombinePlan, offset: int) -> int:
         """The transform pass into ``outs`` (float32 numpy arrays); the count of Inf/NaN written."""
         bb, bd = self._split(b)
         return self.cpu.transform_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, outs, plan, offset,
-                                          threads=self.threads)
+                                          threads=self.threads, masks=self._masks(plan, offset, self.length(xs[0])))
 
 
 def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs):

@@ -41,6 +41,11 @@ struct CombineArgs {
   void* out = nullptr;                      // [numel] of out_dtype (combine only)
   DType out_dtype = DType::F32;
   float* const* outs = nullptr;             // transform only: [n] pointers, each [numel] fp32
+  // Keep masks, bit j % 8 of byte j / 8 for element j (chunk-local), [n] pointers (entries may
+  // be null) of ceil(numel / 8) bytes: kept_l1 writes masks_out (what combine's keep would be),
+  // combine / transform read masks_in in place of the window and draw (bitwise the same).
+  uint8_t* const* masks_out = nullptr;
+  const uint8_t* const* masks_in = nullptr;
   // The plan (CombinePlan.kernel_kwargs()), per ingredient:
   const float* weight = nullptr;            // [n]
   const float* scale = nullptr;             // [n]

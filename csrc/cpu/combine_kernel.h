@@ -147,6 +147,11 @@ struct Ops1 {
   static AME_HD F uniform(int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
     return philox_u(static_cast<uint64_t>(g0), i, k0, k1);
   }
+  static AME_HD void store_bits(uint8_t* m, int64_t j, M k) {
+    const uint8_t bit = static_cast<uint8_t>(1u << (j & 7));
+    m[j >> 3] = k ? static_cast<uint8_t>(m[j >> 3] | bit) : static_cast<uint8_t>(m[j >> 3] & ~bit);
+  }
+  static AME_HD M load_bits(const uint8_t* m, int64_t j) { return (m[j >> 3] >> (j & 7)) & 1u; }
 };
 
 #if AME_W == 16
@@ -206,6 +211,16 @@ struct OpsV {
     const __m512i r = _mm512_srli_epi32(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)), 8);
     return _mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(0x1p-24f));
   }
+  // j is a multiple of 16 (vectors start on task boundaries): two whole bytes
+  static AME_HD void store_bits(uint8_t* m, int64_t j, M k) {
+    const uint16_t w = static_cast<uint16_t>(k);
+    std::memcpy(m + (j >> 3), &w, 2);
+  }
+  static AME_HD M load_bits(const uint8_t* m, int64_t j) {
+    uint16_t w;
+    std::memcpy(&w, m + (j >> 3), 2);
+    return static_cast<M>(w);
+  }
 };
 #elif AME_W == 8
 struct IOps8 {
@@ -263,6 +278,13 @@ struct OpsV {
     const __m256i odd = philox_word0_vec<IOps8>(_mm256_srli_epi64(c0, 32), hi, i, k0, k1);
     const __m256i r = _mm256_srli_epi32(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA), 8);
     return _mm256_mul_ps(_mm256_cvtepi32_ps(r), _mm256_set1_ps(0x1p-24f));
+  }
+  // j is a multiple of 8: one whole byte
+  static AME_HD void store_bits(uint8_t* m, int64_t j, M k) { m[j >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(k)); }
+  static AME_HD M load_bits(const uint8_t* m, int64_t j) {
+    const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i v = _mm256_and_si256(_mm256_set1_epi32(m[j >> 3]), bits);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, bits));
   }
 };
 #elif AME_W == 1
@@ -362,7 +384,14 @@ AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typenam
     const F tau = O::sub(O::load(a.inputs[i], a.input_dtypes[i], j), b);
     M keep;
     F p;
-    const bool has_p = keep_mask<O>(g, pr, i, j, g0, tau, keep, p);
+    bool has_p;
+    if (a.masks_in && a.masks_in[i]) {  // kept_l1's masks: the same bits, no second draw
+      keep = O::load_bits(a.masks_in[i], j);
+      has_p = g.draws;
+      if (has_p) p = g.probs ? O::loadf(g.probs + j) : O::set1(g.density);
+    } else {
+      has_p = keep_mask<O>(g, pr, i, j, g0, tau, keep, p);
+    }
     F t = (has_p && a.inv_prob) ? O::div(tau, p) : tau;
     t = O::mul(t, O::set1(g.scale));
     t = O::select(keep, t, zero);
@@ -777,6 +806,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
     alignas(64) float mv[kLanes], kv[kLanes];
     const int64_t whole = t0 + (t1 - t0) / kLanes * kLanes;
     for (int i = 0; i < n; ++i) {  // per ingredient: its 2 x kLanes sums in registers over the task
+      uint8_t* mo = a.masks_out ? a.masks_out[i] : nullptr;
       GramVec s_lo{}, s_hi{}, k_lo{}, k_hi{};
       for (int64_t jg = t0; jg < whole; jg += kLanes) {
         for (int v = 0; v < kLanes; v += OpsV::W) {
@@ -786,6 +816,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
           M keep;
           F p;
           keep_mask<OpsV>(pr.ing[i], pr, i, jj, a.offset + jj, tau, keep, p);
+          if (mo) OpsV::store_bits(mo, jj, keep);
           const F m = OpsV::abs(tau);
           OpsV::storef(mv + v, m);
           OpsV::storef(kv + v, OpsV::select(keep, m, OpsV::zero()));
@@ -808,6 +839,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
         bool keep;
         float p;
         keep_mask<Ops1>(pr.ing[i], pr, i, j, a.offset + j, tau, keep, p);
+        if (a.masks_out && a.masks_out[i]) Ops1::store_bits(a.masks_out[i], j, keep);
         const float m = Ops1::abs(tau);
         double* li = L + static_cast<int64_t>(i) * 2 * kLanes;
         li[l] += static_cast<double>(m);
