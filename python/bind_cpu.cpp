@@ -211,6 +211,27 @@ void combine_plan_arg(cpu::CombineArgs& a, CombineHold& h, const char* fn, int64
   a.threads = threads;
 }
 
+// The plan, the keep masks and the SIMD level of a combine-shaped pass (combine, transform), checked,
+// then the pass without the GIL; the count of Inf/NaN it wrote.
+int64_t combine_pass(cpu::CombineArgs& a, CombineHold& h, const char* fn, int64_t offset, const py::array& weight,
+                     const py::array& scale, const py::array& top_mag, const py::array& top_idx,
+                     const py::array& end_mag, const py::array& end_idx, const py::array& density,
+                     const std::vector<uintptr_t>& probs, uint64_t seed, int64_t name_key, int elect, bool normalize,
+                     double lam, bool inv_prob, int threads, const std::vector<uintptr_t>& masks_in,
+                     const std::string& simd, void (*pass)(cpu::CombineArgs&, SimdLevel)) {
+  combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed, name_key,
+                   elect, normalize, lam, inv_prob, threads);
+  const std::vector<uint8_t*> min = masks_arg(masks_in, a.n, fn, "masks_in");
+  if (!min.empty()) a.masks_in = min.data();
+  const SimdLevel level = simd_arg(simd, fn);
+  {
+    py::gil_scoped_release release;
+    pass(a, level);
+  }
+  return a.nonfinite;
+}
+
+
 }  // namespace
 
 void init_cpu(py::module_& m) {
@@ -398,16 +419,8 @@ void init_cpu(py::module_& m) {
         combine_inputs_arg(a, h, fn, inputs, input_dtypes, base, base_dtype, numel);
         a.out = pointer_arg(out, numel, fn, "out");
         a.out_dtype = dtype_arg(out_dtype, fn, "out_dtype");
-        combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
-                         name_key, elect, normalize, lam, inv_prob, threads);
-        const std::vector<uint8_t*> min = masks_arg(masks_in, a.n, fn, "masks_in");
-        if (!min.empty()) a.masks_in = const_cast<const uint8_t* const*>(min.data());
-        const SimdLevel level = simd_arg(simd, fn);
-        {
-          py::gil_scoped_release release;
-          cpu::combine(a, level);
-        }
-        return a.nonfinite;
+        return combine_pass(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
+                            name_key, elect, normalize, lam, inv_prob, threads, masks_in, simd, cpu::combine);
       },
       py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("out"),
       py::arg("out_dtype"), py::arg("numel"), py::arg("offset"), py::arg("weight"), py::arg("scale"),
@@ -441,16 +454,8 @@ void init_cpu(py::module_& m) {
         for (int i = 0; i < a.n; ++i)
           op[i] = static_cast<float*>(pointer_arg(outs[i], numel, fn, "outs[" + std::to_string(i) + "]"));
         a.outs = op.data();
-        combine_plan_arg(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
-                         name_key, elect, normalize, lam, inv_prob, threads);
-        const std::vector<uint8_t*> min = masks_arg(masks_in, a.n, fn, "masks_in");
-        if (!min.empty()) a.masks_in = const_cast<const uint8_t* const*>(min.data());
-        const SimdLevel level = simd_arg(simd, fn);
-        {
-          py::gil_scoped_release release;
-          cpu::transform(a, level);
-        }
-        return a.nonfinite;
+        return combine_pass(a, h, fn, offset, weight, scale, top_mag, top_idx, end_mag, end_idx, density, probs, seed,
+                            name_key, elect, normalize, lam, inv_prob, threads, masks_in, simd, cpu::transform);
       },
       py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("outs"),
       py::arg("numel"), py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"),
