@@ -315,6 +315,7 @@ def method_configs(method: str, models: list, fam: str, dtype: str = "bfloat16")
 
 
 def main(argv=None) -> int:
+    global SETTLE_SECONDS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="path to mergekit-yaml")
     ap.add_argument("--n", type=int, default=4)
@@ -333,7 +334,6 @@ def main(argv=None) -> int:
     ap.add_argument("--settle", type=float, default=SETTLE_SECONDS,
                     help="seconds of pause (after a sync) before every measured run (default %(default)s)")
     args = ap.parse_args(argv)
-    global SETTLE_SECONDS
     SETTLE_SECONDS = args.settle
     if args.only != "ame" and (not args.mergekit or not os.path.exists(args.mergekit)):
         print("bench_mergekit: no mergekit-yaml (pass --mergekit or put it on PATH): skipped")
