@@ -131,8 +131,17 @@ def test_special_values_as_exact(optimizer, simd):
 
 
 def test_exact_switch(monkeypatch):
+    from ame_kernels.backends import cpu
+
     monkeypatch.delenv("AME_EXACT", raising=False)
-    assert resolve_exact(None) is False and resolve_exact(True) is True
+    assert resolve_exact(None) is cpu.default_exact() and resolve_exact(True) is True
+    # the default follows the vendor: the estimates pay on Intel only (measured; README, issue 18)
+    monkeypatch.setattr(cpu, "_VENDOR", "GenuineIntel")
+    assert resolve_exact(None) is False
+    monkeypatch.setattr(cpu, "_VENDOR", "AuthenticAMD")
+    assert resolve_exact(None) is True
+    monkeypatch.setattr(cpu, "_VENDOR", "")
+    assert resolve_exact(None) is True
     monkeypatch.setenv("AME_EXACT", "1")
     assert resolve_exact(None) is True and resolve_exact(False) is False
     monkeypatch.setenv("AME_EXACT", "0")

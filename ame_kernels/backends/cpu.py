@@ -78,13 +78,39 @@ def resolve_simd(simd: Optional[str] = None) -> str:
     return level
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``GenuineIntel``, ``AuthenticAMD``, ...; '' where it cannot be read)."""
+    global _VENDOR
+    if _VENDOR is None:
+        _VENDOR = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                _VENDOR = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+        except OSError:
+            pass
+    return _VENDOR
+
+
+_VENDOR: Optional[str] = None
+
+
+def default_exact() -> bool:
+    """The default when neither the caller nor $AME_EXACT decides: the estimates (exact False) on
+    Intel, where zmm vsqrtps / vdivps cost 1.5-1.8x them (README, issue 18), the exact
+    instructions elsewhere: on the AMD EPYC (Zen) the estimates measured 0.83-0.87x the exact
+    instructions' speed in cache (bench_whole_run.py --cycles)."""
+    return cpu_vendor() != "GenuineIntel"
+
+
 def resolve_exact(exact: Optional[bool] = None) -> bool:
     """Whether to run the exact instructions: ``exact`` unless None, else $AME_EXACT
-    ('1'/'true'/'yes' on, ''/'0'/'false'/'no' off), else False."""
+    ('1'/'true'/'yes' on, '0'/'false'/'no'/'off' off), else ``default_exact()`` (by CPU vendor)."""
     if exact is not None:
         return bool(exact)
     env = os.environ.get("AME_EXACT", "").strip().lower()
-    if env in ("", "0", "false", "no", "off"):
+    if env == "":
+        return default_exact()
+    if env in ("0", "false", "no", "off"):
         return False
     if env in ("1", "true", "yes", "on"):
         return True
@@ -101,6 +127,11 @@ def info() -> dict:
     d["simd_auto"] = d.get("simd_best")
     d["simd_env"] = os.environ.get("AME_SIMD")
     d["exact_env"] = os.environ.get("AME_EXACT")
+    d["cpu_vendor"] = cpu_vendor()
+    try:
+        d["exact_default"] = resolve_exact(None)
+    except MergeError:
+        d["exact_default"] = None
     d["threads_default"] = default_threads()
     return d
 
