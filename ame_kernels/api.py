@@ -24,7 +24,7 @@ from .methods import split_call
 from .schedule import schedule
 
 def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, *, method: Optional[str] = None,
-          base: Any = None, **options: Any):
+          base: Any = None, out: Any = None, **options: Any):
     """Merge N ingredients with a merge method (``ak.methods()`` lists them).
 
     ingredients: a list of tensors of one shape, a stacked tensor [N, ...], or a
@@ -37,6 +37,12 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, *, metho
     options: the method's parameters (per-ingredient ones as a scalar or a list of N;
         ``lambda_`` for ``lambda``, ``weights`` for ``weight``) and the general options
         out_dtype, backend, threads, check_finite.
+    out: optional preallocated outputs, written in place and returned (no new memory: repeated
+        merges, sweeps): a contiguous tensor of the ingredients' shape and device (tensor
+        ingredients), or a dict holding one for every floating tensor name (state dicts);
+        float32/bfloat16/float16, each one's dtype is its output dtype (``out_dtype``, when
+        given, must agree); none may share memory with an ingredient, the base or the pivot.
+        A NaN/Inf found by the kernels' flags raises after they wrote: out then holds no result.
     Returns the merged tensor, or a dict with the same keys in the same order, on the
     ingredients' device; each float tensor in ``out_dtype`` (default: its dtype in the
     base, else in the first ingredient), non-float tensors copied from the first ingredient.
@@ -45,12 +51,78 @@ def merge(ingredients: Ingredients, config: Optional[AMEConfig] = None, *, metho
     dicts, form = as_state_dicts(ingredients)
     names = check_structure(dicts)
     call = split_call(method, options, len(dicts), base is not None, config is not None)
+    outs = _check_out(out, dicts, names, form, [base, options.get("pivot"), getattr(config, "pivot", None)],
+                      options.get("out_dtype", getattr(config, "out_dtype", None))) if out is not None else None
     if call.name == "ame":
-        return _merge_ame(dicts, form, names, make_config(config, **call.ame_options), call.transform, base)
-    return _merge_method(dicts, form, names, call, base)
+        return _merge_ame(dicts, form, names, make_config(config, **call.ame_options), call.transform, base, outs)
+    return _merge_method(dicts, form, names, call, base, outs)
 
 
-def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, transform=None, base: Any = None):
+def _tensors_of(x: Any) -> List[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [v for v in x.values() if isinstance(v, torch.Tensor)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors_of(v)]
+    return []
+
+
+def _span(t: torch.Tensor) -> tuple:
+    st = t.untyped_storage()
+    return st.data_ptr(), st.data_ptr() + st.nbytes()
+
+
+def _check_out(out: Any, dicts: List[dict], names: List[str], form: str, others: list, out_dtype: Any) -> Dict[str, torch.Tensor]:
+    """name -> the caller's output tensor for every floating tensor, checked before any work."""
+    floats = [n for n in names if dicts[0][n].dtype in FLOAT_DTYPES]
+    if form == "dict":
+        if not isinstance(out, dict):
+            raise MergeError(f"merge: out must be a dict of tensors for state-dict ingredients, got {type(out).__name__}")
+        extra = [k for k in out if k not in floats]
+        missing = [n for n in floats if n not in out]
+        if extra or missing:
+            raise MergeError("merge: out must hold one tensor for every floating tensor of the ingredients"
+                             + (f"; missing {missing[:5]}" if missing else "")
+                             + (f"; not merged tensors {extra[:5]}" if extra else ""))
+        outs = dict(out)
+    else:
+        if not isinstance(out, torch.Tensor):
+            raise MergeError(f"merge: out must be a tensor for tensor ingredients, got {type(out).__name__}")
+        outs = {"": out}
+    want = DTYPE_BY_NAME.get(out_dtype) if isinstance(out_dtype, str) else None
+    inputs = [t for d in dicts for t in d.values()] + [t for o in others for t in _tensors_of(o)]
+    spans = [_span(t) for t in inputs if t.device.type != "meta"]
+    for name, o in outs.items():
+        what = f"merge: out {label(name)}"
+        first = dicts[0][name]
+        if not isinstance(o, torch.Tensor):
+            raise MergeError(f"{what} must be a tensor, got {type(o).__name__}")
+        if tuple(o.shape) != tuple(first.shape) or o.device != first.device:
+            raise MergeError(f"{what} has shape {tuple(o.shape)} on {o.device}; the merge gives "
+                             f"{tuple(first.shape)} on {first.device}")
+        if o.dtype not in FLOAT_DTYPES or not o.is_contiguous():
+            raise MergeError(f"{what} must be a contiguous float32/bfloat16/float16 tensor, got "
+                             f"{'a non-contiguous ' if not o.is_contiguous() else ''}{o.dtype}")
+        if want is not None and o.dtype != want:
+            raise MergeError(f"{what} is {o.dtype} but out_dtype is {out_dtype!r}")
+        if o.requires_grad:
+            raise MergeError(f"{what} requires grad; pass a tensor that does not (or its .detach())")
+        a, z = _span(o)
+        if any(a < e and b < z for b, e in spans):
+            raise MergeError(f"{what} shares memory with an ingredient, the base or the pivot; "
+                             "the merge reads those while it writes out")
+    for i, (n1, o1) in enumerate(outs.items()):
+        for n2, o2 in list(outs.items())[i + 1:]:
+            a1, z1 = _span(o1)
+            a2, z2 = _span(o2)
+            if a1 < z2 and a2 < z1:
+                raise MergeError(f"merge: out {label(n1)} and out {label(n2)} share memory")
+    return outs
+
+
+def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, transform=None, base: Any = None,
+               outs: Optional[Dict[str, torch.Tensor]] = None):
     pivot = resolve_pivot(cfg.pivot, dicts, names, form)
     plan = schedule(cfg, len(dicts))
     base_sd = resolve_reference(base, dicts, names, form, "base", "a tensor or state dict") if base is not None else None
@@ -80,10 +152,11 @@ def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, t
         return backend.whole_run(inputs, plan, p, cfg.adaptive_pivot, out, threads=cfg.threads,
                                  check_finite=cfg.check_finite)
 
-    return _merge_tensors(dicts, form, names, cfg.out_dtype, cfg.check_finite, None, run)
+    return _merge_tensors(dicts, form, names, cfg.out_dtype, cfg.check_finite, None, run, outs)
 
 
-def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: Any):
+def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: Any,
+                  outs: Optional[Dict[str, torch.Tensor]] = None):
     from .methods.run import TorchOps, merge_tensor, plan_tensor
     from .methods.stats import NonFinite
 
@@ -130,7 +203,7 @@ def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: An
             written = not bool(torch.isfinite(out).all())
         return culprits(name, inputs, b) if written else []
 
-    return _merge_tensors(dicts, form, names, general.out_dtype, general.check_finite, base_sd, run)
+    return _merge_tensors(dicts, form, names, general.out_dtype, general.check_finite, base_sd, run, outs)
 
 
 HUGE_PAGE = 1 << 21
@@ -171,8 +244,9 @@ def _fresh_output(numel: int, dtype: torch.dtype, device: torch.device) -> torch
 
 
 def _merge_tensors(dicts: List[dict], form: str, names: List[str], out_dtype: Optional[str], check_finite: bool,
-                   base_sd: Optional[dict], run):
-    """Per tensor: copy non-floating ones, else ``run(name, flat inputs, flat out)``; fp16 overflow checked."""
+                   base_sd: Optional[dict], run, outs: Optional[Dict[str, torch.Tensor]] = None):
+    """Per tensor: copy non-floating ones, else ``run(name, flat inputs, flat out)``, out a new tensor
+    or the caller's (``outs``); fp16 overflow checked."""
     merged: Dict[str, torch.Tensor] = {}
     for name in names:
         first = dicts[0][name]
@@ -180,9 +254,10 @@ def _merge_tensors(dicts: List[dict], form: str, names: List[str], out_dtype: Op
             merged[name] = copy_non_float(dicts, name)
             continue
         own = base_sd[name].dtype if base_sd is not None else first.dtype
-        dtype = DTYPE_BY_NAME[out_dtype] if out_dtype else own
+        given = outs[name] if outs is not None else None
+        dtype = given.dtype if given is not None else (DTYPE_BY_NAME[out_dtype] if out_dtype else own)
         inputs = [d[name].detach().contiguous().reshape(-1) for d in dicts]
-        out = _fresh_output(first.numel(), dtype, first.device)
+        out = given.view(-1) if given is not None else _fresh_output(first.numel(), dtype, first.device)
         if first.numel():
             bad = run(name, inputs, out)
             if bad:  # flagged by the kernel while it read them: raise, return nothing
@@ -193,7 +268,7 @@ def _merge_tensors(dicts: List[dict], form: str, names: List[str], out_dtype: Op
                 raise MergeError(f"merge: {label(name)}: merged values exceed the float16 range (|x| <= 65504) "
                                  "and were rounded to Inf; use out_dtype='bfloat16' or 'float32' "
                                  "(or check_finite=False to keep them)")
-        merged[name] = out.reshape(first.shape)
+        merged[name] = given if given is not None else out.reshape(first.shape)
     if form == "dict":
         return merged
     return merged[""]

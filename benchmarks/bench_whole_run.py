@@ -165,6 +165,8 @@ def run(argv=None) -> list:
         if not args.skip_api and 1 in epochs_list:
             kw = dict(OPTIMIZERS[name], backend="cpu", threads=threads)
             fns["api_tensors"] = lambda kw=kw: ak.merge(xs, **kw)
+            api_out = torch.empty(c, dtype=dt)  # the caller's preallocated output (out=)
+            fns["api_out"] = lambda kw=kw, o=api_out: ak.merge(xs, out=o, **kw)
             if dicts is not None:
                 fns["api_dicts"] = lambda kw=kw: ak.merge(dicts, **kw)
         samples = {k: [] for k in fns}
@@ -174,7 +176,7 @@ def run(argv=None) -> list:
             for k, f in fns.items():
                 samples[k].append(timeit(f, warmup=0, repeat=1).median)
         t_copy = _timing(samples.pop("memcpy"))
-        for k in ("api_tensors", "api_dicts"):
+        for k in ("api_tensors", "api_out", "api_dicts"):
             if k in samples:
                 api[(name, k)] = _timing(samples.pop(k))
         bw = src.numel() * 4 / t_copy.median  # bytes copied per second
@@ -208,6 +210,8 @@ def run(argv=None) -> list:
                     call.method, call.params, "t", (c,), ings, base, mout, ops),
                 "api": lambda name=name, kw=kw, ings=ings, base=base: ak.merge(
                     ings, method=name, base=base, backend="cpu", threads=threads, **kw),
+                "api_out": lambda name=name, kw=kw, ings=ings, base=base, o=torch.empty(c, dtype=dt): ak.merge(
+                    ings, method=name, base=base, backend="cpu", threads=threads, out=o, **kw),
             }
             samples = {k: [] for k in fns}
             for f in fns.values():
@@ -215,7 +219,7 @@ def run(argv=None) -> list:
             for _ in range(max(3, args.repeat // 2)):
                 for k, f in fns.items():
                     samples[k].append(timeit(f, warmup=0, repeat=1).median)
-            method_api[name] = (_timing(samples["kernel"]), _timing(samples["api"]))
+            method_api[name] = (_timing(samples["kernel"]), _timing(samples["api"]), _timing(samples["api_out"]))
             print(f"# {name}: kernel {method_api[name][0].ms()} ms, ak.merge {method_api[name][1].ms()} ms", flush=True)
 
     rows, table = [], []
@@ -253,14 +257,16 @@ def run(argv=None) -> list:
         lines = []
         for name in args.optimizers.split(","):
             t1 = measured[(name, 1)][0].median
-            for k, label in (("api_tensors", "tensors"), ("api_dicts", f"state dicts ({parts} tensors each)")):
+            for k, label in (("api_tensors", "tensors"), ("api_out", "tensors, out="),
+                             ("api_dicts", f"state dicts ({parts} tensors each)")):
                 if (name, k) in api:
                     ta = api[(name, k)]
                     lines.append([name, label, f"{t1 * 1e3:.1f}", ta.ms(), f"{ta.median / t1:.2f}x",
                                   "yes" if ta.median <= 1.1 * t1 else "no"])
-        for name, (tk, ta) in method_api.items():
-            lines.append([f"method {name}", "tensors", tk.ms(), ta.ms(), f"{ta.median / tk.median:.2f}x",
-                          "yes" if ta.median <= 1.1 * tk.median else "no"])
+        for name, (tk, *tas) in method_api.items():
+            for label, ta in zip(("tensors", "tensors, out="), tas):
+                lines.append([f"method {name}", label, tk.ms(), ta.ms(), f"{ta.median / tk.median:.2f}x",
+                              "yes" if ta.median <= 1.1 * tk.median else "no"])
         print_table(["optimizer", "ak.merge on", "kernel ms", "ak.merge ms [p20-p80]", "ratio", "<= 1.1x"], lines)
     path = append_csv("bench_whole_run", rows)
     print(f"\n# rows appended to {os.path.relpath(path, ROOT)}")

@@ -449,3 +449,22 @@ def test_merge_methods_take_the_kernel_flags(monkeypatch, method, kw):
     bbase["w"][3, 4] = float("nan")
     with pytest.raises(MergeError, match=r"merge: base tensor 'w' contains NaN or Inf"):
         ame_kernels.merge(sds, method=method, backend="cpu", **dict(kw, base=bbase))
+
+
+@pytest.mark.parametrize("simd", ame_kernels.build_info().get("simd_supported", ["scalar"]) if available()["cpu"][0] else ["scalar"])
+def test_nonfinite_probe_sees_every_position(simd):
+    """The whole-run kernel's NaN/Inf probe (four interleaved accumulators per input slice) flags a
+    non-finite value wherever it sits: each lane of each of the four vectors, the ragged end, and
+    with and without the soup pass."""
+    from ame_kernels.backends.cpu import CpuBackend
+
+    c = 16 * 4 * 3 + 5
+    be = CpuBackend(simd=simd)
+    for opt in ("sgd", "adam"):
+        for pivot in (None, 0):
+            plan = schedule(AMEConfig(optimizer=opt, pivot="soup" if pivot is None else pivot), 3)
+            for j in list(range(0, 16 * 4 + 1)) + [c - 5, c - 1]:
+                xs = [torch.randn(c), torch.randn(c).bfloat16(), torch.randn(c).half()]
+                xs[1][j] = float("inf") if j % 2 else float("nan")
+                bad = be.whole_run(xs, plan, pivot, True, torch.empty(c), check_finite=True)
+                assert list(bad) == [1], (opt, pivot, j, bad)

@@ -124,10 +124,29 @@ inline bool scan_slice(const void* src, DType d, int64_t b0, int64_t len, float*
   const int64_t lv = len - len % kW;
   V probe = V(0.f);
   const V zero = V(0.f);
-  for (int64_t j = 0; j < lv; j += kW) {
+  auto one = [&](int64_t j, V& p) {
     V x = vload_any<kW>(src, d, b0 + j);
     if (kSoup) vstore<kW>(P + j, kFirst ? x : vload<kW>(P + j) + x);
-    if (check) probe = v_fma(x, zero, probe);
+    p = v_fma(x, zero, p);
+  };
+  if (check) {
+    // four independent probes: one chained FMA per vector would bound the pass by its latency
+    // (measured: the check cost Adam's whole run 12% on the EPYC)
+    V p0 = V(0.f), p1 = V(0.f), p2 = V(0.f), p3 = V(0.f);
+    int64_t j = 0;
+    for (; j + 4 * kW <= lv; j += 4 * kW) {
+      one(j, p0);
+      one(j + kW, p1);
+      one(j + 2 * kW, p2);
+      one(j + 3 * kW, p3);
+    }
+    for (; j < lv; j += kW) one(j, p0);
+    probe = (p0 + p1) + (p2 + p3);  // a NaN anywhere stays a NaN
+  } else {
+    for (int64_t j = 0; j < lv; j += kW) {
+      V x = vload_any<kW>(src, d, b0 + j);
+      if (kSoup) vstore<kW>(P + j, kFirst ? x : vload<kW>(P + j) + x);
+    }
   }
   bool bad = false;
   for (int64_t j = lv; j < len; ++j) {
