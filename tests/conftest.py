@@ -1,5 +1,6 @@
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -11,6 +12,13 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# A suite started as a background job of a non-interactive shell (`make test &`, nohup) inherits
+# SIGINT ignored, and so would every ame-merge process the tests start (an ignored signal stays
+# ignored across exec, and Python then installs no KeyboardInterrupt handler): the Ctrl-C tests
+# would see merges run to the end. A handler here resets to the default in those children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
