@@ -227,3 +227,17 @@ def test_property(rows, cols, rest, ndim, dtype, base, d, frac, seed, tied, thre
     else:
         x, b = task_vectors(shape, dtype, base, gen)
     assert_same_bits(native(x, b, shape, d, e, threads), oracle(x, b, shape, d, e), f"{shape} {dtype} {base}")
+
+
+@pytest.mark.parametrize("cols", [64, 65, 100, 2048, 5632, 65536, 65537])
+def test_keys_alike_in_their_high_bits(cols):
+    """Magnitudes that differ only in their low bits (1 + k 2^-23: one varying key byte, the others
+    skipped) and ordinary bf16 task vectors (every byte varies), across line widths: the same bits
+    as numpy."""
+    gen = torch.Generator().manual_seed(cols)
+    m = 1.0 + torch.randint(0, 2**10, (2, cols), generator=gen).float() * 2**-23
+    x = m * torch.where(torch.rand(2, cols, generator=gen) < 0.5, -1.0, 1.0)
+    assert_same_bits(native(x, None, (2, cols), 0.4, 0.15), oracle(x, None, (2, cols), 0.4, 0.15), f"cols {cols}")
+    # and ordinary bf16 task vectors of the same widths
+    xb, bb = task_vectors((3, cols), "bfloat16", "bfloat16", gen)
+    assert_same_bits(native(xb, bb, (3, cols), 0.3, 0.1), oracle(xb, bb, (3, cols), 0.3, 0.1), f"bf16 cols {cols}")
