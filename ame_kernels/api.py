@@ -91,8 +91,6 @@ def _check_out(out: Any, dicts: List[dict], names: List[str], form: str, others:
             raise MergeError(f"merge: out must be a tensor for tensor ingredients, got {type(out).__name__}")
         outs = {"": out}
     want = DTYPE_BY_NAME.get(out_dtype) if isinstance(out_dtype, str) else None
-    inputs = [t for d in dicts for t in d.values()] + [t for o in others for t in _tensors_of(o)]
-    spans = [_span(t) for t in inputs if t.device.type != "meta"]
     for name, o in outs.items():
         what = f"merge: out {label(name)}"
         first = dicts[0][name]
@@ -108,16 +106,28 @@ def _check_out(out: Any, dicts: List[dict], names: List[str], form: str, others:
             raise MergeError(f"{what} is {o.dtype} but out_dtype is {out_dtype!r}")
         if o.requires_grad:
             raise MergeError(f"{what} requires grad; pass a tensor that does not (or its .detach())")
-        a, z = _span(o)
-        if any(a < e and b < z for b, e in spans):
-            raise MergeError(f"{what} shares memory with an ingredient, the base or the pivot; "
-                             "the merge reads those while it writes out")
-    for i, (n1, o1) in enumerate(outs.items()):
-        for n2, o2 in list(outs.items())[i + 1:]:
-            a1, z1 = _span(o1)
-            a2, z2 = _span(o2)
-            if a1 < z2 and a2 < z1:
-                raise MergeError(f"merge: out {label(n1)} and out {label(n2)} share memory")
+    # Shared memory, in one sweep over the storages' byte ranges sorted by start: a range overlaps
+    # an earlier one exactly when it starts before the furthest end seen so far (inputs may share
+    # with each other; an output may share with nothing).
+    inputs = [t for d in dicts for t in d.values()] + [t for o in others for t in _tensors_of(o)]
+    ranges = sorted([(*_span(t), None) for t in inputs if t.device.type != "meta"]
+                    + [(*_span(o), name) for name, o in outs.items()], key=lambda r: r[:2])
+    end_in, end_out, out_at = -1, -1, None  # furthest end of the inputs, of the outputs (and whose)
+    shared = "shares memory with an ingredient, the base or the pivot; the merge reads those while it writes out"
+    for a, z, name in ranges:
+        if z <= a:  # no bytes: shares nothing
+            continue
+        if name is None:  # an input: no output may reach into it
+            if a < end_out:
+                raise MergeError(f"merge: out {label(out_at)} {shared}")
+            end_in = max(end_in, z)
+            continue
+        if a < end_in:
+            raise MergeError(f"merge: out {label(name)} {shared}")
+        if a < end_out:
+            raise MergeError(f"merge: out {label(out_at)} and out {label(name)} share memory")
+        if z > end_out:
+            end_out, out_at = z, name
     return outs
 
 
@@ -157,7 +167,7 @@ def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, t
 
 def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: Any,
                   outs: Optional[Dict[str, torch.Tensor]] = None):
-    from .methods.run import TorchOps, merge_tensor, plan_tensor
+    from .methods.run import TorchOps, merge_tensor, plan_tensor, unseen_hidden
     from .methods.stats import NonFinite
 
     general = make_config(None, **call.general)  # the general options, checked as AMEConfig checks them
@@ -195,7 +205,7 @@ def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: An
                                               chunks, ops, True)
         except NonFinite:
             return culprits(name, inputs, b)
-        hidden = culprits(name, inputs, None, [i for i in range(len(inputs)) if plan.hides(i) and i not in ctx.seen])
+        hidden = culprits(name, inputs, None, unseen_hidden(plan, ctx))
         if hidden:
             return hidden
         written = ops.combine(inputs, b, out, plan, 0, probs_fn(0, inputs, b) if probs_fn else None)

@@ -621,7 +621,7 @@ class _MethodRunner:
     def _tensor(self, j: int):
         """(CombinePlan, probs function, ingredients to check per chunk) of job ``j``, planned once."""
         if j != self.job:
-            from .methods.run import plan_tensor
+            from .methods.run import plan_tensor, unseen_hidden
             from .methods.stats import NonFinite
 
             plan, job = self.plan, self.plan.tensors[j]
@@ -632,9 +632,7 @@ class _MethodRunner:
             except NonFinite as e:
                 where = "; ".join(self._where(i, job.name) for i in e.ingredients)
                 raise MergeError(f"tensor {job.name!r}: NaN or Inf in {where} (or in the base)") from None
-            # a mask or an election may hide a NaN: such ingredients that no statistics pass read are
-            # checked per chunk
-            explicit = [i for i in range(plan.n) if check and cplan.hides(i) and i not in ctx.seen]
+            explicit = unseen_hidden(cplan, ctx) if check else []  # checked per chunk
             self.job, self.state = j, (cplan, probs, explicit)
         return self.state
 

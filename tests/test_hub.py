@@ -15,17 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "mergekit_refs"))
 import make_refs  # noqa: E402
-import models as mkmodels  # noqa: E402
+from test_mergekit_yaml import mroot  # noqa: E402,F401  (the tiny mergekit-family models, written once per module)
 
 COMMIT = "c" * 40
-
-
-@pytest.fixture(scope="module")
-def mroot(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("mkmodels"))
-    f32 = mkmodels.models_f32()
-    make_refs.write_models(root, f32)
-    return root, f32
 
 
 @pytest.fixture

@@ -240,6 +240,13 @@ def plan_tensor(method: Method, params: Params, name: str, shape: Tuple[int, ...
     return method.plan(ctx, params), method.probs_for(ctx, params), ctx
 
 
+def unseen_hidden(plan: CombinePlan, ctx: TensorContext) -> list:
+    """The ingredients whose NaN/Inf could vanish unseen: a mask or an election may drop their
+    entries (``plan.hides``) and no statistics pass read them in full (``ctx.seen``). A finite
+    check needs to look at these itself; the combine pass's count covers the others."""
+    return [i for i in range(plan.n) if plan.hides(i) and i not in ctx.seen]
+
+
 def merge_tensor(method: Method, params: Params, name: str, shape, xs: Sequence, base, out, ops) -> CombinePlan:
     """Statistics, plan and combine pass of one in-memory tensor (one chunk)."""
     chunks = lambda: [(0, xs, base)]  # noqa: E731

@@ -85,16 +85,6 @@ def transform_torch(inputs, base, outs, plan, offset: int = 0) -> None:
         o.copy_(b + y)
 
 
-def transform_chunk(method, plan, xs, base, offset: int):
-    """The transformed ingredients (new fp32 torch tensors) of one chunk under ``plan`` (the
-    transform method's CombinePlan with unit weights)."""
-    import torch
-
-    outs = [torch.empty(x.numel(), dtype=torch.float32, device=x.device) for x in xs]
-    transform_torch(xs, base, outs, plan, offset)
-    return outs
-
-
 def unit_params(params: Params, n: int) -> Params:
     """The transform's parameters with unit weights, lambda 1 and no normalisation."""
     values = dict(params.values)
@@ -103,5 +93,5 @@ def unit_params(params: Params, n: int) -> Params:
     return Params(params.method, values, params.given)
 
 
-__all__ = ["TRANSFORMS", "split_transform", "transform_chunk", "transform_torch", "unit_params"]
+__all__ = ["TRANSFORMS", "split_transform", "transform_torch", "unit_params"]
 
