@@ -274,13 +274,14 @@ def test_combine_offsets_chunks_and_threads():
 
 
 def test_combine_philox_counter_across_2_32():
-    """Global indices across 2^32 (word 1 of the counter changes inside a vector)."""
-    c, n = 77, 3
+    """Global indices across 2^32 and counters (g >> 2) across 2^32 (word 1 of the counter changes
+    between two of the generator's blocks), at offsets on and off the blocks' alignment."""
+    c, n = 301, 3
     gen = torch.Generator().manual_seed(1)
     xs, base = make_inputs(n, c, ["float32"], "float32", gen)
     plan = CombinePlan(n=n, **PLANS["dare"](n))
     for simd in LEVELS:
-        for offset in (2**32 - 5, 2**32 - 40, 2**33 + 3, 2**40 - 16):
+        for offset in (2**32 - 5, 2**32 - 40, 2**33 + 3, 2**34 - 131, 2**34 - 64, 2**34 + 1, 2**40 - 16):
             run_both(xs, base, plan, "float32", offset=offset, simd=simd, what=f"offset {offset} {simd}")
 
 

@@ -210,6 +210,21 @@ def test_philox_known_answers():
         assert tuple(int(v) for v in philox4x32_10(*t(*ctr), *key)) == want
 
 
+def test_philox_uniform_takes_four_words_per_counter():
+    """Elements 4q .. 4q + 3 take words 0..3 of counter (q, q >> 32, ingredient, 0): the known answers
+    at counter 0, key 0, and the layout at a counter past 2^32 and a seed and name key."""
+    from ame_kernels.methods.combine import philox_uniform
+
+    words = (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    got = philox_uniform(0, 0, 0, torch.arange(4, dtype=torch.int64))
+    assert got.tolist() == [(w >> 8) * 2.0 ** -24 for w in words]
+    seed, key, i, q = 2**40 + 77, 0x1234567, 3, 2**33 + 5
+    k0, k1 = seed & 0xFFFFFFFF, ((seed >> 32) ^ key) & 0xFFFFFFFF
+    want = philox4x32_10(*[torch.tensor([v], dtype=torch.int64) for v in (q & 0xFFFFFFFF, q >> 32, i, 0)], k0, k1)
+    got = philox_uniform(seed, key, i, torch.arange(4 * q, 4 * q + 4, dtype=torch.int64))
+    assert got.tolist() == [(int(w) >> 8) * 2.0 ** -24 for w in want]
+
+
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 3000), chunk=st.integers(200, 3000), seed=st.integers(0, 2**31), coarse=st.booleans(),
        base_dtype=st.sampled_from([None, torch.float32, torch.bfloat16]))

@@ -161,6 +161,16 @@ def test_random_mask_matches_the_oracle_philox_stream():
     assert 0.4 < kept < 0.9  # two draws of 0.5: about 3/4 of the elements move
 
 
+@pytest.mark.parametrize("offset", [1, 2, 3, 5, (1 << 34) - 1, (1 << 34) + 2])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 1029])
+def test_offsets_off_a_philox_counter(offset, size):
+    """The kernel's blocks start on a Philox counter (4 elements): a chunk at offset mod 4 != 0 has its
+    first 1-3 elements from the oracle and the rest from the kernel; every size, bitwise the oracle."""
+    xs, b, plan, probs = _case(3, size, [BF16, F32], BF16, density=[0.4, 1.0, 0.7], elect=ELECT_SUM,
+                               normalize=True, probs=True)
+    _check(xs, b, plan, BF16, offset, probs, f"offset {offset} size {size}")
+
+
 def test_chunks_with_offsets_equal_one_call():
     """Masks and windows use global indices: combining [0, k) and [k, C) with offset k is the whole."""
     size, k = 1000, 389

@@ -45,8 +45,9 @@ reaches the output (where the engine's finite check sees it).
 bits of m, streamed over the chunks).
 
 Random numbers: Philox4x32-10 (Salmon et al. 2011) with counter
-(g mod 2^32, g >> 32, i, 0) and key (seed mod 2^32, (seed >> 32) xor name_key);
-u = (first output word >> 8) * 2^-24, exactly representable in fp32. ``name_key`` is
+(q mod 2^32, q >> 32, i, 0), q = g >> 2, and key (seed mod 2^32, (seed >> 32) xor
+name_key); element g takes output word g mod 4 (each call serves four consecutive
+elements, as curand's uniform4 does): u = (word >> 8) * 2^-24, exactly representable in fp32. ``name_key`` is
 the FNV-1a 32-bit hash of the tensor's UTF-8 name (``name_key``). So a mask depends
 only on (seed, tensor name, ingredient, element index): the same bits on every
 backend, chunk size, thread count and torchrun world size.
@@ -165,17 +166,20 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
 
 
 def philox_uniform(seed: int, key: int, ingredient: int, g):
-    """u in [0, 1) (float32 tensor) for global element indices ``g`` (int64 tensor)."""
+    """u in [0, 1) (float32 tensor) for global element indices ``g`` (int64 tensor): word g mod 4
+    of Philox4x32-10 on counter (q mod 2^32, q >> 32, ingredient, 0), q = g >> 2."""
     import torch
 
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     k0, k1 = seed & MASK32, ((seed >> 32) ^ int(key)) & MASK32
-    c0 = g & MASK32
-    c1 = g >> 32
+    q = g >> 2
+    c0 = q & MASK32
+    c1 = q >> 32
     c2 = torch.full_like(g, int(ingredient) & MASK32)
     c3 = torch.zeros_like(g)
-    r0, _, _, _ = philox4x32_10(c0, c1, c2, c3, k0, k1)
-    return (r0 >> 8).to(torch.float32) * (2.0 ** -24)
+    words = torch.stack(philox4x32_10(c0, c1, c2, c3, k0, k1)).reshape(4, -1)
+    r = torch.gather(words, 0, (g & 3).reshape(1, -1)).reshape(g.shape)
+    return (r >> 8).to(torch.float32) * (2.0 ** -24)
 
 
 # --------------------------------------------------------------------------- the oracle

@@ -15,11 +15,11 @@
 // The ragged end of a chunk runs the same code at W = 1 (scalar float ops, the same IEEE
 // results), so a chunk gives the same bits as the same slice of a whole-tensor call.
 //
-// Philox4x32-10 is vectorised: W counters (g, g >> 32, i, 0) at once, as two halves (even
-// and odd lanes) of one counter per 64-bit lane, so a 32x32 -> 64-bit product is one
-// mul_epu32. Within a vector g >> 32 is one value (else the lanes run the scalar
-// generator), so round 0 and half of round 1 are lane-invariant and run as scalars; the
-// last round computes only word 0.
+// Philox4x32-10 is vectorised: one call serves four elements (word g mod 4 of counter
+// (q, q >> 32, i, 0), q = g >> 2), 2H counters at once as two halves (even and odd lanes)
+// of one counter per 64-bit lane, so a 32x32 -> 64-bit product is one mul_epu32. A block's
+// counters are aligned, so q >> 32 is one value and round 0 and half of round 1 are
+// lane-invariant scalars; the blocks are kept per worker and ingredient (UStream).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -44,8 +44,8 @@ namespace {
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
 constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
 
-// Word 0 of Philox4x32-10 on counter (c0, c1, c2, c3), key (k0, k1).
-AME_HD uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+// The four output words of Philox4x32-10 on counter (c0, c1, c2, c3), key (k0, k1).
+AME_HD void philox4(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1, uint32_t* w) {
   for (int r = 0; r < 10; ++r) {
     if (r) {
       k0 += kW0;
@@ -60,13 +60,16 @@ AME_HD uint32_t philox_word0(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
     c2 = n2;
     c3 = static_cast<uint32_t>(p0);
   }
-  return c0;
+  w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
 }
 
-// u in [0, 1) of ingredient i at global index g (methods.combine.philox_uniform).
+// u in [0, 1) of ingredient i at global index g (methods.combine.philox_uniform): word g mod 4
+// of the counter (q mod 2^32, q >> 32, i, 0), q = g >> 2.
 AME_HD float philox_u(uint64_t g, uint32_t i, uint32_t k0, uint32_t k1) {
-  const uint32_t r = philox_word0(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), i, 0u, k0, k1);
-  return static_cast<float>(r >> 8) * 0x1p-24f;
+  const uint64_t q = g >> 2;
+  uint32_t w[4];
+  philox4(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), i, 0u, k0, k1, w);
+  return static_cast<float>(w[g & 3] >> 8) * 0x1p-24f;
 }
 
 // The vectorised generator over an integer vector type IO, on counters held one per
@@ -76,7 +79,7 @@ AME_HD float philox_u(uint64_t g, uint32_t i, uint32_t k0, uint32_t k1) {
 // IO: I, set1, xor_, xor3, mulhilo. c0: the first counter words (lane-varying); hi: word 1
 // (lane-invariant); i: word 2; word 3 is 0.
 template <class IO>
-AME_HD typename IO::I philox_word0_vec(typename IO::I c0in, uint32_t hi, uint32_t i, uint32_t k0, uint32_t k1) {
+AME_HD void philox4_vec(typename IO::I c0in, uint32_t hi, uint32_t i, uint32_t k0, uint32_t k1, typename IO::I* w) {
   using I = typename IO::I;
   // round 0: the c2 product, so words 0 and 1 of the next state, are lane-invariant
   const uint64_t q1 = static_cast<uint64_t>(i) * kM1;
@@ -96,8 +99,8 @@ AME_HD typename IO::I philox_word0_vec(typename IO::I c0in, uint32_t hi, uint32_
   I c1 = l1;
   c2 = IO::xor_(c3, IO::set1(static_cast<uint32_t>(q0 >> 32) ^ k1));
   c3 = IO::set1(static_cast<uint32_t>(q0));
-  // rounds 2..8
-  for (int r = 2; r < 9; ++r) {
+  // rounds 2..9
+  for (int r = 2; r < 10; ++r) {
     k0 += kW0;
     k1 += kW1;
     I a0, b0, a1, b1;
@@ -108,11 +111,52 @@ AME_HD typename IO::I philox_word0_vec(typename IO::I c0in, uint32_t hi, uint32_
     c2 = IO::xor3(a0, c3, IO::set1(k1));
     c3 = b0;
   }
-  // round 9: word 0 only
-  k0 += kW0;
-  I a1, b1;
-  IO::mulhilo(c2, kM1, a1, b1);
-  return IO::xor3(a1, c1, IO::set1(k0));
+  w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
+}
+
+// The uniforms of one aligned block of 4 x 2H elements (2H counters q0 .. q0 + 2H - 1, q0 a
+// multiple of 2H: one value of q >> 32) into out: both halves of the vectorised generator
+// (even and odd counters, H = IO::kHalf 64-bit lanes each), element 4 (q - q0) + w taking
+// word w of counter q.
+template <class IO>
+inline void philox_block(uint64_t q0, uint32_t i, uint32_t k0, uint32_t k1, float* out) {
+  using I = typename IO::I;
+  const I c0 = IO::ramp(static_cast<uint32_t>(q0));
+  I e[4], o[4];
+  philox4_vec<IO>(c0, static_cast<uint32_t>(q0 >> 32), i, k0, k1, e);
+  philox4_vec<IO>(IO::odd(c0), static_cast<uint32_t>(q0 >> 32), i, k0, k1, o);
+  IO::emit(e, o, out);
+}
+
+// One ingredient's uniforms at a vector level, one per worker and call: a block of the
+// generator (kBlock = 8 H elements) and its successor. The kernels walk each task's elements
+// in order, so every block is generated once (a quarter of the Philox calls of one per
+// element) and a vector that straddles two blocks is one unaligned load.
+struct UStream {
+  uint64_t block = 0;
+  bool valid = false, next = false;
+  float u[128];  // 2 kBlock at most
+};
+
+template <class IO>
+const float* uniform_window(UStream& s, int64_t g0, int w, uint32_t i, uint32_t k0, uint32_t k1) {
+  constexpr int kBlock = 8 * IO::kHalf;
+  static_assert(2 * kBlock <= 128, "a stream holds two blocks");
+  const uint64_t g = static_cast<uint64_t>(g0);
+  const uint64_t b = g / kBlock;
+  const int off = static_cast<int>(g - b * kBlock);
+  if (!s.valid || s.block != b) {
+    if (s.valid && s.next && b == s.block + 1)
+      std::memcpy(s.u, s.u + kBlock, sizeof(float) * kBlock);
+    else
+      philox_block<IO>(b * (kBlock / 4), i, k0, k1, s.u);
+    s.block = b, s.valid = true, s.next = false;
+  }
+  if (off + w > kBlock && !s.next) {
+    philox_block<IO>((b + 1) * (kBlock / 4), i, k0, k1, s.u + kBlock);
+    s.next = true;
+  }
+  return s.u + off;
 }
 
 // ------------------------------------------------------------------ per-width operations
@@ -144,7 +188,7 @@ struct Ops1 {
   static AME_HD F loadf(const float* p) { return *p; }
   static AME_HD void store(void* p, DType d, int64_t j, F x) { store_f32(p, d, j, x); }
   static AME_HD void storef(float* p, F x) { *p = x; }
-  static AME_HD F uniform(int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
+  static AME_HD F uniform(UStream*, int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
     return philox_u(static_cast<uint64_t>(g0), i, k0, k1);
   }
   static AME_HD void store_bits(uint8_t* m, int64_t j, M k) {
@@ -157,6 +201,31 @@ struct Ops1 {
 #if AME_W == 16
 struct IOps16 {
   using I = __m512i;  // 8 counters, one per 64-bit lane (low 32 bits)
+  static constexpr int kHalf = 8;
+  static AME_HD I ramp(uint32_t lo) {  // lane l: lo + l
+    return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo)),
+                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+  static AME_HD I odd(I c) { return _mm512_srli_epi64(c, 32); }  // the odd 32-bit lanes into the low halves
+  static AME_HD __m512i u_bits(I w) {  // (w >> 8) * 2^-24 per 32-bit lane, as bits
+    return _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), _mm512_set1_ps(0x1p-24f)));
+  }
+  // words a (low halves of 64-bit lanes) and b side by side: 64-bit lane m = (a[m], b[m])
+  static AME_HD I pair(I a, I b) { return _mm512_mask_blend_epi32(0xAAAA, a, _mm512_slli_epi64(b, 32)); }
+  // e / o: the four words of the even / odd counters (64-bit lane m: counter q0 + 2m / + 1);
+  // out[4 q + w] = word w of counter q0 + q: pairs of words, a 4 x 4 transpose of 128-bit chunks
+  static AME_HD void emit(const I* e, const I* o, float* out) {
+    const I p01e = pair(u_bits(e[0]), u_bits(e[1])), p23e = pair(u_bits(e[2]), u_bits(e[3]));
+    const I p01o = pair(u_bits(o[0]), u_bits(o[1])), p23o = pair(u_bits(o[2]), u_bits(o[3]));
+    const I t1 = _mm512_unpacklo_epi64(p01e, p23e), t2 = _mm512_unpackhi_epi64(p01e, p23e);
+    const I t3 = _mm512_unpacklo_epi64(p01o, p23o), t4 = _mm512_unpackhi_epi64(p01o, p23o);
+    const I a = _mm512_shuffle_i64x2(t1, t3, 0x44), b = _mm512_shuffle_i64x2(t1, t3, 0xEE);
+    const I c = _mm512_shuffle_i64x2(t2, t4, 0x44), d = _mm512_shuffle_i64x2(t2, t4, 0xEE);
+    _mm512_storeu_si512(out, _mm512_shuffle_i64x2(a, c, 0x88));
+    _mm512_storeu_si512(out + 16, _mm512_shuffle_i64x2(a, c, 0xDD));
+    _mm512_storeu_si512(out + 32, _mm512_shuffle_i64x2(b, d, 0x88));
+    _mm512_storeu_si512(out + 48, _mm512_shuffle_i64x2(b, d, 0xDD));
+  }
   static AME_HD I set1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
   static AME_HD I xor_(I a, I b) { return _mm512_xor_si512(a, b); }
   static AME_HD I xor3(I a, I b, I c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
@@ -197,19 +266,8 @@ struct OpsV {
   static AME_HD F loadf(const float* p) { return _mm512_loadu_ps(p); }
   static AME_HD void store(void* p, DType d, int64_t j, F x) { vstore_any<16>(p, d, j, Simd16(x)); }
   static AME_HD void storef(float* p, F x) { _mm512_storeu_ps(p, x); }
-  static AME_HD F uniform(int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
-    const uint32_t lo = static_cast<uint32_t>(g0), hi = static_cast<uint32_t>(static_cast<uint64_t>(g0) >> 32);
-    if (lo > 0xFFFFFFFFu - 15u) {  // g >> 32 changes inside this vector: lane by lane
-      alignas(64) float u[16];
-      for (int l = 0; l < 16; ++l) u[l] = philox_u(static_cast<uint64_t>(g0) + l, i, k0, k1);
-      return _mm512_load_ps(u);
-    }
-    const __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo)),
-                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    const __m512i even = philox_word0_vec<IOps16>(c0, hi, i, k0, k1);
-    const __m512i odd = philox_word0_vec<IOps16>(_mm512_srli_epi64(c0, 32), hi, i, k0, k1);
-    const __m512i r = _mm512_srli_epi32(_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32)), 8);
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(r), _mm512_set1_ps(0x1p-24f));
+  static AME_HD F uniform(UStream* s, int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
+    return _mm512_loadu_ps(uniform_window<IOps16>(*s, g0, 16, i, k0, k1));
   }
   // j is a multiple of 16 (vectors start on task boundaries): two whole bytes
   static AME_HD void store_bits(uint8_t* m, int64_t j, M k) {
@@ -225,6 +283,26 @@ struct OpsV {
 #elif AME_W == 8
 struct IOps8 {
   using I = __m256i;  // 4 counters, one per 64-bit lane (low 32 bits)
+  static constexpr int kHalf = 4;
+  static AME_HD I ramp(uint32_t lo) {
+    return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static AME_HD I odd(I c) { return _mm256_srli_epi64(c, 32); }
+  static AME_HD __m256i u_bits(I w) {
+    return _mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), _mm256_set1_ps(0x1p-24f)));
+  }
+  static AME_HD I pair(I a, I b) { return _mm256_blend_epi32(a, _mm256_slli_epi64(b, 32), 0xAA); }
+  // as IOps16::emit, 4 counters a half: the 128-bit chunks of 8 outputs at a time
+  static AME_HD void emit(const I* e, const I* o, float* out) {
+    const I p01e = pair(u_bits(e[0]), u_bits(e[1])), p23e = pair(u_bits(e[2]), u_bits(e[3]));
+    const I p01o = pair(u_bits(o[0]), u_bits(o[1])), p23o = pair(u_bits(o[2]), u_bits(o[3]));
+    const I t1 = _mm256_unpacklo_epi64(p01e, p23e), t2 = _mm256_unpackhi_epi64(p01e, p23e);
+    const I t3 = _mm256_unpacklo_epi64(p01o, p23o), t4 = _mm256_unpackhi_epi64(p01o, p23o);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(t1, t3, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8), _mm256_permute2x128_si256(t2, t4, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(t1, t3, 0x31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 24), _mm256_permute2x128_si256(t2, t4, 0x31));
+  }
   static AME_HD I set1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   static AME_HD I xor_(I a, I b) { return _mm256_xor_si256(a, b); }
   static AME_HD I xor3(I a, I b, I c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
@@ -266,18 +344,8 @@ struct OpsV {
   static AME_HD F loadf(const float* p) { return _mm256_loadu_ps(p); }
   static AME_HD void store(void* p, DType d, int64_t j, F x) { vstore_any<8>(p, d, j, Simd8(x)); }
   static AME_HD void storef(float* p, F x) { _mm256_storeu_ps(p, x); }
-  static AME_HD F uniform(int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
-    const uint32_t lo = static_cast<uint32_t>(g0), hi = static_cast<uint32_t>(static_cast<uint64_t>(g0) >> 32);
-    if (lo > 0xFFFFFFFFu - 7u) {
-      alignas(32) float u[8];
-      for (int l = 0; l < 8; ++l) u[l] = philox_u(static_cast<uint64_t>(g0) + l, i, k0, k1);
-      return _mm256_load_ps(u);
-    }
-    const __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256i even = philox_word0_vec<IOps8>(c0, hi, i, k0, k1);
-    const __m256i odd = philox_word0_vec<IOps8>(_mm256_srli_epi64(c0, 32), hi, i, k0, k1);
-    const __m256i r = _mm256_srli_epi32(_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA), 8);
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(r), _mm256_set1_ps(0x1p-24f));
+  static AME_HD F uniform(UStream* s, int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
+    return _mm256_loadu_ps(uniform_window<IOps8>(*s, g0, 8, i, k0, k1));
   }
   // j is a multiple of 8: one whole byte
   static AME_HD void store_bits(uint8_t* m, int64_t j, M k) { m[j >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(k)); }
@@ -342,7 +410,7 @@ inline Prep prepare(const CombineArgs& a) {
 // probability when the ingredient has one (per-element probs or density < 1), and
 // whether it has (which is when combine_torch divides by p under inv_prob).
 template <class O>
-AME_HD bool keep_mask(const Ing& g, const Prep& pr, int i, int64_t j, int64_t g0, typename O::F tau,
+AME_HD bool keep_mask(const Ing& g, const Prep& pr, int i, int64_t j, int64_t g0, UStream* us, typename O::F tau,
                       typename O::M& keep, typename O::F& p) {
   using F = typename O::F;
   const F m = O::abs(tau);
@@ -358,7 +426,7 @@ AME_HD bool keep_mask(const Ing& g, const Prep& pr, int i, int64_t j, int64_t g0
   }
   if (!g.draws) return false;
   p = g.probs ? O::loadf(g.probs + j) : O::set1(g.density);
-  if (O::any(keep)) keep = O::m_and(keep, O::lt(O::uniform(g0, static_cast<uint32_t>(i), pr.k0, pr.k1), p));
+  if (O::any(keep)) keep = O::m_and(keep, O::lt(O::uniform(us + i, g0, static_cast<uint32_t>(i), pr.k0, pr.k1), p));
   return true;
 }
 
@@ -372,7 +440,7 @@ AME_HD typename O::F sign_of(typename O::F y) {
 // kSplit (the transform pass): each ingredient's b + y_i (agreeing y_i when elected) goes to
 // its own fp32 a.outs[i] instead of into the mix.
 template <class O, int kElect, bool kSplit>
-AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typename O::F* ys) {
+AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, UStream* us, typename O::F* ys) {
   using F = typename O::F;
   using M = typename O::M;
   const int64_t g0 = a.offset + j;
@@ -390,7 +458,7 @@ AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typenam
       has_p = g.draws;
       if (has_p) p = g.probs ? O::loadf(g.probs + j) : O::set1(g.density);
     } else {
-      has_p = keep_mask<O>(g, pr, i, j, g0, tau, keep, p);
+      has_p = keep_mask<O>(g, pr, i, j, g0, us, tau, keep, p);
     }
     F t = (has_p && a.inv_prob) ? O::div(tau, p) : tau;
     t = O::mul(t, O::set1(g.scale));
@@ -430,10 +498,11 @@ AME_HD void combine_vec(const CombineArgs& a, const Prep& pr, int64_t j, typenam
 }
 
 template <int kElect, bool kSplit>
-void combine_range(const CombineArgs& a, const Prep& pr, int64_t j0, int64_t j1, typename OpsV::F* ys, float* ys1) {
+void combine_range(const CombineArgs& a, const Prep& pr, int64_t j0, int64_t j1, UStream* us, typename OpsV::F* ys,
+                   float* ys1) {
   int64_t j = j0;
-  for (; j + OpsV::W <= j1; j += OpsV::W) combine_vec<OpsV, kElect, kSplit>(a, pr, j, ys);
-  for (; j < j1; ++j) combine_vec<Ops1, kElect, kSplit>(a, pr, j, ys1);
+  for (; j + OpsV::W <= j1; j += OpsV::W) combine_vec<OpsV, kElect, kSplit>(a, pr, j, us, ys);
+  for (; j < j1; ++j) combine_vec<Ops1, kElect, kSplit>(a, pr, j, us, ys1);
 }
 
 // Inf/NaN among out's elements [j0, j1) (its storage dtype: what a reader of the file sees;
@@ -463,6 +532,7 @@ void combine_impl(CombineArgs& a) {
   // std::vector template argument) and [n] floats for the ragged end
   const size_t per = static_cast<size_t>(a.n) * (OpsV::W + 1) + 16;
   std::vector<std::vector<float>> scratch(threads, std::vector<float>(per));
+  std::vector<std::vector<UStream>> streams(threads, std::vector<UStream>(static_cast<size_t>(a.n)));
   std::vector<int64_t> bad(static_cast<size_t>(ntasks), 0);
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     const int64_t j0 = task * kCombineTask;
@@ -471,9 +541,10 @@ void combine_impl(CombineArgs& a) {
     float* aligned = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
     FV* ys = reinterpret_cast<FV*>(aligned);
     float* y1 = aligned + static_cast<size_t>(a.n) * OpsV::W;
-    if (a.elect == 0) combine_range<0, kSplit>(a, pr, j0, j1, ys, y1);
-    else if (a.elect == 1) combine_range<1, kSplit>(a, pr, j0, j1, ys, y1);
-    else combine_range<2, kSplit>(a, pr, j0, j1, ys, y1);
+    UStream* us = streams[worker].data();
+    if (a.elect == 0) combine_range<0, kSplit>(a, pr, j0, j1, us, ys, y1);
+    else if (a.elect == 1) combine_range<1, kSplit>(a, pr, j0, j1, us, ys, y1);
+    else combine_range<2, kSplit>(a, pr, j0, j1, us, ys, y1);
     if (kSplit) {
       for (int i = 0; i < a.n; ++i) bad[task] += count_nonfinite(a.outs[i], DType::F32, j0, j1);
     } else {
@@ -796,10 +867,12 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
   std::vector<double> partial(static_cast<size_t>(ntasks) * 2 * n, 0.0);
   std::vector<std::vector<double>> lanes(threads, std::vector<double>(static_cast<size_t>(n) * 2 * kLanes));
+  std::vector<std::vector<UStream>> streams(threads, std::vector<UStream>(static_cast<size_t>(n)));
   using F = typename OpsV::F;
   using M = typename OpsV::M;
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     double* L = lanes[worker].data();
+    UStream* us = streams[worker].data();
     std::fill(L, L + static_cast<size_t>(n) * 2 * kLanes, 0.0);
     const int64_t t0 = task * kStatsTask;
     const int64_t t1 = std::min(a.numel, t0 + kStatsTask);
@@ -815,7 +888,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
           const F tau = OpsV::sub(OpsV::load(a.inputs[i], a.input_dtypes[i], jj), b);
           M keep;
           F p;
-          keep_mask<OpsV>(pr.ing[i], pr, i, jj, a.offset + jj, tau, keep, p);
+          keep_mask<OpsV>(pr.ing[i], pr, i, jj, a.offset + jj, us, tau, keep, p);
           if (mo) OpsV::store_bits(mo, jj, keep);
           const F m = OpsV::abs(tau);
           OpsV::storef(mv + v, m);
@@ -838,7 +911,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
         const float tau = load_f32(a.inputs[i], a.input_dtypes[i], j) - b;
         bool keep;
         float p;
-        keep_mask<Ops1>(pr.ing[i], pr, i, j, a.offset + j, tau, keep, p);
+        keep_mask<Ops1>(pr.ing[i], pr, i, j, a.offset + j, us, tau, keep, p);
         if (a.masks_out && a.masks_out[i]) Ops1::store_bits(a.masks_out[i], j, keep);
         const float m = Ops1::abs(tau);
         double* li = L + static_cast<int64_t>(i) * 2 * kLanes;

@@ -57,14 +57,15 @@ AME_HD uint32_t umulhi(uint32_t a, uint32_t b) {
 #endif
 }
 
-// Philox4x32-10 (methods.combine.philox4x32_10), counter (g mod 2^32, g >> 32, i, 0):
-// u = (first output word >> 8) * 2^-24, exact in fp32.
+// Philox4x32-10 (methods.combine.philox4x32_10), counter (q mod 2^32, q >> 32, i, 0) with
+// q = g >> 2: u = (output word g mod 4 >> 8) * 2^-24, exact in fp32.
 AME_HD float philox_uniform(int64_t g, uint32_t i, uint32_t k0, uint32_t k1) {
-  uint32_t c0 = static_cast<uint32_t>(static_cast<uint64_t>(g));
-  uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(g) >> 32);
+  const uint64_t q = static_cast<uint64_t>(g) >> 2;
+  uint32_t c0 = static_cast<uint32_t>(q);
+  uint32_t c1 = static_cast<uint32_t>(q >> 32);
   uint32_t c2 = i, c3 = 0;
 #pragma unroll
-  for (int r = 0; r < 10; ++r) {
+  for (int r = 0; r < 9; ++r) {
     if (r > 0) {
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
@@ -76,7 +77,15 @@ AME_HD float philox_uniform(int64_t g, uint32_t i, uint32_t k0, uint32_t k1) {
     c2 = hi0 ^ c3 ^ k1;
     c3 = lo0;
   }
-  return static_cast<float>(c0 >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  // round 10, only word g mod 4: words 0 / 1 are hi ^ c1 ^ k0 / lo of c2 * M1, words 2 / 3
+  // hi ^ c3 ^ k1 / lo of c0 * M0
+  k0 += 0x9E3779B9u;
+  k1 += 0xBB67AE85u;
+  const uint32_t w = static_cast<uint32_t>(static_cast<uint64_t>(g) & 3u);
+  const bool first = w < 2;
+  const uint32_t a = first ? c2 : c0, m = first ? 0xCD9E8D57u : 0xD2511F53u;
+  const uint32_t r = (w & 1u) ? a * m : umulhi(a, m) ^ (first ? c1 ^ k0 : c3 ^ k1);
+  return static_cast<float>(r >> 8) * 5.9604644775390625e-08f;  // 2^-24
 }
 
 // torch.sign on the CPU: +1, -1, 0 for +-0 and NaN.

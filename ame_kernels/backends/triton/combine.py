@@ -33,7 +33,10 @@ y_i from the bit without redrawing Philox; ingredients past 31 recompute their k
 
 Philox4x32-10: 32-bit words as uint32 tensors, ``tl.umulhi`` for the high halves, the
 constants and key schedule of ``methods.combine.philox4x32_10``; counter
-(g mod 2^32, g >> 32, i, 0), key (k0, k1) from the host.
+(q mod 2^32, q >> 32, i, 0) with q = g >> 2, word g mod 4, key (k0, k1) from the host: one
+counter per four lanes, expanded with join / reshape, so a block starts on a counter. A chunk
+whose offset is not a multiple of 4 has its first 1-3 elements merged by the oracle
+(``combine_torch``, bitwise the kernel) and the rest by the kernel from the next multiple.
 """
 
 import os
@@ -44,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ...errors import MergeError
-from ...methods.combine import MASK32, CombinePlan
+from ...methods.combine import MASK32, CombinePlan, combine_torch
 from ..base import check_probs
 from . import rules
 from .whole_run import GPU_CONFIGS, _ready, _upload, aligned16, check_inputs, on_device, pointer_table
@@ -65,10 +68,12 @@ def _configs():
 
 
 @triton.jit
-def philox_uniform(g, i, k0, k1):
-    """u in [0, 1) for global indices ``g`` (int64 tensor), ingredient ``i``, key (k0, k1) (uint32)."""
-    c0 = g.to(tl.uint32)  # low word (truncation)
-    c1 = (g >> 32).to(tl.uint32)
+def philox_uniform4(q, i, k0, k1, BLOCK: tl.constexpr):
+    """u in [0, 1) for the 4 x (BLOCK / 4) elements of the counters ``q`` (consecutive, int64; q[0] =
+    the block's first global index >> 2): element 4 q + w takes word w of counter (q, q >> 32, i, 0)
+    under key (k0, k1) (uint32). One counter per four lanes, expanded in element order."""
+    c0 = q.to(tl.uint32)  # low word (truncation)
+    c1 = (q >> 32).to(tl.uint32)
     c2 = tl.zeros_like(c0) + i  # i < 2^31: the same word as uint32
     c3 = tl.zeros_like(c0)
     for r in tl.static_range(10):
@@ -80,7 +85,8 @@ def philox_uniform(g, i, k0, k1):
         hi1 = tl.umulhi(c2, 0xCD9E8D57)
         lo1 = c2 * 0xCD9E8D57
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return (c0 >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24: exact
+    words = tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK])  # [q, k, j] -> word 2 k + j
+    return (words >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24: exact
 
 
 @triton.jit
@@ -99,8 +105,8 @@ def _prob(fparams, iparams, ptable, i, N, offs, mask, HAS_PROBS: tl.constexpr, A
 
 
 @triton.jit
-def _keep(m, g, p, mode, fparams, iparams, i, N, k0, k1, RANDOM: tl.constexpr):
-    """keep_i: the magnitude-rank window, and the draw u < p where mode != 0."""
+def _keep(m, g, q, p, mode, fparams, iparams, i, N, k0, k1, RANDOM: tl.constexpr, BLOCK: tl.constexpr):
+    """keep_i: the magnitude-rank window, and the draw u < p where mode != 0 (q: the block's counters)."""
     tm = tl.load(fparams + 2 * N + i)
     em = tl.load(fparams + 3 * N + i)
     ti = tl.load(iparams + i)
@@ -110,7 +116,7 @@ def _keep(m, g, p, mode, fparams, iparams, i, N, k0, k1, RANDOM: tl.constexpr):
     keep = (before_top == 0) & before_end
     if RANDOM:
         if mode != 0:
-            keep = keep & (philox_uniform(g, i, k0, k1) < p)
+            keep = keep & (philox_uniform4(q, i, k0, k1, BLOCK) < p)
     return keep
 
 
@@ -139,6 +145,8 @@ def _combine_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: C may exceed 2^31
     mask = offs < C
     g = offset.to(tl.int64) + offs  # global element index (masks, windows)
+    # the block's Philox counters (offset is a multiple of 4, the host's contract): lanes 4k..4k+3
+    q = (offset.to(tl.int64) + pid.to(tl.int64) * BLOCK) // 4 + tl.arange(0, BLOCK // 4)
     k0 = k0_arg.to(tl.uint32)
     k1 = k1_arg.to(tl.uint32)
     if HAS_BASE:
@@ -153,7 +161,7 @@ def _combine_kernel(
         x = rules.load_as_f32(table, codes, i, offs, mask, IN_KIND, ALIGNED)
         tau = x - b
         p, mode = _prob(fparams, iparams, ptable, i, N, offs, mask, HAS_PROBS, ALIGNED, BLOCK)
-        keep = _keep(tl.abs(tau), g, p, mode, fparams, iparams, i, N, k0, k1, RANDOM)
+        keep = _keep(tl.abs(tau), g, q, p, mode, fparams, iparams, i, N, k0, k1, RANDOM, BLOCK)
         t = tau
         if INV_PROB:
             t = tl.div_rn(tau, p)  # p == 1 where nothing is drawn: exact
@@ -182,7 +190,7 @@ def _combine_kernel(
             if i < 32:
                 keep = ((bits >> i) & 1) != 0
             else:
-                keep = _keep(tl.abs(tau), g, p, mode, fparams, iparams, i, N, k0, k1, RANDOM)
+                keep = _keep(tl.abs(tau), g, q, p, mode, fparams, iparams, i, N, k0, k1, RANDOM, BLOCK)
             t = tau
             if INV_PROB:
                 t = tl.div_rn(tau, p)
@@ -272,6 +280,17 @@ def combine(inputs, base, out, plan: CombinePlan, offset: int = 0, probs=None) -
         for k in range(plan.n))
     if c == 0:
         return
+    head = min(-offset % 4, c)
+    if head:  # the kernel's blocks start on a Philox counter (4 elements each): the oracle takes the
+        # first 1-3 elements (bitwise the kernel's result), the kernel the rest from a multiple of 4
+        combine_torch([x[:head] for x in inputs], None if base is None else base[:head], out[:head], plan, offset,
+                      None if probs is None else [None if p is None else p[:head] for p in probs])
+        if head == c:
+            return
+        inputs, out, offset, c = [x[head:] for x in inputs], out[head:], offset + head, c - head
+        base = None if base is None else base[head:]
+        probs = None if probs is None else [None if p is None else p[head:] for p in probs]
+        table, codes, in_kind = pointer_table(fn, "inputs", inputs, c, device)
     fparams, iparams = _plan_params(plan, modes, device)
     has_probs = _MODE_PROBS in modes
     ptable = _probs_table(tuple(0 if p is None else p.data_ptr() for p in probs), device) if has_probs else iparams
