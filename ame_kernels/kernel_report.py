@@ -137,7 +137,7 @@ _TRITON_ARGS = {
         C="i32", M="i32", first="i32", zscale="fp32", lr_eff="fp32", decay="fp32", inv_bc2_sqrt="fp32"),
     "_combine_kernel": dict(
         table="*i64", codes="*i32", base_ptr="*{base}", out_ptr="*{out}", fparams="*fp32", iparams="*i64",
-        ptable="*i64", C="i32", N="i32", C_LOG2="i32", offset="i64", k0_arg="i64", k1_arg="i64",
+        ptable="*i64", otable="*i64", C="i32", N="i32", C_LOG2="i32", offset="i64", k0_arg="i64", k1_arg="i64",
         div_none="fp32", lam="fp32"),
 }
 _DIVISIBLE = ("C",)  # sizes specialised as multiples of 16, as Triton's JIT does for such values
@@ -182,15 +182,22 @@ def _combine_variants() -> list:
         for elect in (0, 1, 2):
             k = kind + elect
             consts = dict(IN_KIND=kind, HAS_BASE=k % 3 != 2, HAS_PROBS=k % 2 == 1, RANDOM=k % 4 != 0,
-                          ELECT=elect, NORMALIZE=elect != 1 or kind == 0, INV_PROB=k % 2 == 0, ALIGNED=True)
+                          ELECT=elect, NORMALIZE=elect != 1 or kind == 0, INV_PROB=k % 2 == 0, ALIGNED=True,
+                          SPLIT=False)
             out.append(("_combine_kernel", consts, dict(out=outs[k % 3], base=outs[(k + 1) % 3]), (1024, 4)))
     # the heaviest variant (every option on, mixed inputs, elect count): the register ceiling
     out.append(("_combine_kernel", dict(IN_KIND=3, HAS_BASE=True, HAS_PROBS=True, RANDOM=True, ELECT=2,
-                                        NORMALIZE=True, INV_PROB=True, ALIGNED=True),
+                                        NORMALIZE=True, INV_PROB=True, ALIGNED=True, SPLIT=False),
                 dict(out="bf16", base="bf16"), (1024, 4)))
     out.append(("_combine_kernel", dict(IN_KIND=1, HAS_BASE=True, HAS_PROBS=True, RANDOM=True, ELECT=1,
-                                        NORMALIZE=True, INV_PROB=True, ALIGNED=False),
+                                        NORMALIZE=True, INV_PROB=True, ALIGNED=False, SPLIT=False),
                 dict(out="bf16", base="bf16"), (1024, 4)))
+    # the transform pass (SPLIT: each ingredient's fp32 output), without and with an election
+    for elect in (0, 1):
+        out.append(("_combine_kernel", dict(IN_KIND=1, HAS_BASE=True, HAS_PROBS=elect == 1, RANDOM=True,
+                                            ELECT=elect, NORMALIZE=False, INV_PROB=elect == 0, ALIGNED=True,
+                                            SPLIT=True),
+                    dict(out="fp32", base="bf16"), (1024, 4)))
     return out
 
 

@@ -251,3 +251,63 @@ def test_gpu_large_bitwise(elect):
     xs, b, plan, probs = _case(8, size, [BF16, F32], BF16, elect=elect, normalize=True, inv_prob=True,
                                density=[0.3, 1.0] * 4, probs=True, window=(1000, size // 2), offset=(1 << 32) - size // 2)
     _check(xs, b, plan, BF16, (1 << 32) - size // 2, probs, f"gpu elect={elect}")
+
+
+# --------------------------------------------------------------------------- the transform pass
+
+
+def _check_transform(xs, b, plan, offset=0, what=""):
+    """The SPLIT kernel's per-ingredient fp32 outputs against transform_torch, bit for bit."""
+    from ame_kernels.methods.transforms import transform_torch
+
+    c = xs[0].numel()
+    got = [torch.full((c,), float("nan"), dtype=F32, device=xs[0].device) for _ in xs]
+    KERNELS["combine"].transform(xs, b, got, plan, offset)
+    want = [torch.empty(c, dtype=F32) for _ in xs]
+    transform_torch([x.cpu() for x in xs], None if b is None else b.cpu(), want, plan, offset)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_bitwise(g, w, f"{what}: ingredient {i}")
+
+
+@pytest.mark.parametrize("elect", [ELECT_NONE, ELECT_SUM, ELECT_COUNT], ids=["none", "sum", "count"])
+@pytest.mark.parametrize("offset", [0, 3, (1 << 32) - 1029])
+def test_transform_bitwise_equals_the_oracle(elect, offset):
+    """DARE / TIES / breadcrumbs-style plans (draws, a tied window, inv_prob) at unit weights, mixed
+    input dtypes, offsets on and off a Philox counter: each output is b + its kept (agreeing) entries."""
+    xs, b, plan, _ = _case(4, 1033, [BF16, F32, F16], F32, elect=elect, inv_prob=elect == ELECT_NONE,
+                           density=[0.5, 1.0, 0.3, 0.8], window=(3, 700))
+    plan.weight[:] = 1.0
+    _check_transform(xs, b, plan, offset, f"elect {elect} offset {offset}")
+
+
+def test_transform_without_base_and_tiny_chunks():
+    for size in (1, 2, 5):
+        xs, _, plan, _ = _case(2, size, [BF16], F32, density=0.5, elect=ELECT_SUM)
+        _check_transform(xs, None, plan, 1, f"size {size}")
+
+
+def test_transform_checks_its_outputs():
+    xs, b, plan, _ = _case(2, 10, [F32], F32)
+    fn = KERNELS["combine"].transform
+    with pytest.raises(MergeError, match="outs has 1"):
+        fn(xs, b, [torch.empty(10, device=xs[0].device)], plan)
+    with pytest.raises(MergeError, match="float32"):
+        fn(xs, b, [torch.empty(10, dtype=BF16, device=xs[0].device)] * 2, plan)
+
+
+def test_backend_transform_is_the_kernel(triton_backend, monkeypatch):
+    """TritonBackend.transform launches the SPLIT kernel (not the torch default) and equals the oracle."""
+    from ame_kernels.methods import transforms
+
+    xs, b, plan, _ = _case(3, 300, [BF16], F32, density=0.4, elect=ELECT_SUM)
+    got = [torch.empty(300, device=xs[0].device) for _ in xs]
+
+    def refuse(*a, **k):
+        raise AssertionError("the torch transform ran")
+
+    want = [torch.empty(300) for _ in xs]
+    transforms.transform_torch([x.cpu() for x in xs], b.cpu(), want, plan, 0)
+    monkeypatch.setattr(transforms, "transform_torch", refuse)
+    assert triton_backend.transform(xs, b, got, plan, 0) is None
+    for g, w in zip(got, want):
+        assert_bitwise(g, w, "backend transform")

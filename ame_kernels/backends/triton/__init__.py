@@ -158,3 +158,26 @@ class TritonBackend(Backend):
                 None if probs is None else [move(p) for p in probs])
         if out_d is not out:
             out.copy_(out_d)
+
+    def transform(self, inputs, base, outs, plan, offset: int = 0, threads: Optional[int] = None) -> None:
+        """The transform pass over one chunk (``backends/triton/combine.py``: the combine kernel
+        stopped before the mix, bitwise ``methods.transforms.transform_torch``); host tensors as
+        ``combine``'s. Returns None: the caller checks what was written."""
+        from .combine import transform
+
+        inputs, outs = list(inputs), list(outs)
+        tensors = inputs + [base] + outs
+        on_host = self._stream_host_tensors(tensors)
+        if not on_host and not (_interpreting() and any(t is not None and t.device.type != "cpu" for t in tensors)):
+            transform(inputs, base, outs, plan, offset)
+            return None
+        import torch
+
+        dev = torch.device("cpu") if _interpreting() else torch.device("cuda", torch.cuda.current_device())
+        move = lambda t: None if t is None else t.to(dev)  # noqa: E731
+        outs_d = [torch.empty(o.shape, dtype=o.dtype, device=dev) if o.device != dev else o for o in outs]
+        transform([move(x) for x in inputs], move(base), outs_d, plan, offset)
+        for o, od in zip(outs, outs_d):
+            if od is not o:
+                o.copy_(od)
+        return None

@@ -48,6 +48,7 @@ import triton.language as tl
 
 from ...errors import MergeError
 from ...methods.combine import MASK32, CombinePlan, combine_torch
+from ...methods.transforms import transform_torch
 from ..base import check_probs
 from . import rules
 from .whole_run import GPU_CONFIGS, _ready, _upload, aligned16, check_inputs, on_device, pointer_table
@@ -127,7 +128,7 @@ def _sign(y):
 
 
 _COMBINE_KEY = ["C_LOG2", "N", "IN_KIND", "HAS_BASE", "HAS_PROBS", "RANDOM", "ELECT", "NORMALIZE", "INV_PROB",
-                "ALIGNED"]
+                "ALIGNED", "SPLIT"]
 
 
 # Keyed like the whole-run kernels: size bucket, N and every constexpr but BLOCK. Re-running
@@ -135,11 +136,11 @@ _COMBINE_KEY = ["C_LOG2", "N", "IN_KIND", "HAS_BASE", "HAS_PROBS", "RANDOM", "EL
 @triton.autotune(configs=_configs(), key=_COMBINE_KEY)
 @triton.jit(do_not_specialize=["offset", "k0_arg", "k1_arg"])  # never the constexpr 1: .to() below
 def _combine_kernel(
-    table, codes, base_ptr, out_ptr, fparams, iparams, ptable,
+    table, codes, base_ptr, out_ptr, fparams, iparams, ptable, otable,
     C, N, C_LOG2, offset, k0_arg, k1_arg, div_none, lam,
     IN_KIND: tl.constexpr, HAS_BASE: tl.constexpr, HAS_PROBS: tl.constexpr, RANDOM: tl.constexpr,
     ELECT: tl.constexpr, NORMALIZE: tl.constexpr, INV_PROB: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: C may exceed 2^31
@@ -169,7 +170,10 @@ def _combine_kernel(
         t = tl.where(keep, t, 0.0)
         y = tl.load(fparams + i) * t
         if ELECT == 0:
-            acc = acc + y
+            if SPLIT:  # the transform pass: each ingredient's b + y_i to its own fp32 output
+                tl.store(rules._at(tl.load(otable + i), tl.float32, offs, ALIGNED), b + y, mask=mask)
+            else:
+                acc = acc + y
         else:
             if ELECT == 1:
                 vote = vote + y
@@ -199,15 +203,20 @@ def _combine_kernel(
             w = tl.load(fparams + i)
             y = w * t
             agree = _sign(y) == s
-            acc = acc + tl.where(agree, y, 0.0)
-            div = div + tl.where(agree, w, 0.0)
+            if SPLIT:
+                tl.store(rules._at(tl.load(otable + i), tl.float32, offs, ALIGNED), b + tl.where(agree, y, 0.0),
+                         mask=mask)
+            else:
+                acc = acc + tl.where(agree, y, 0.0)
+                div = div + tl.where(agree, w, 0.0)
         div = tl.where(div == 0, 1.0, div)
 
-    if NORMALIZE:
-        mixed = tl.div_rn(acc, div)
-    else:
-        mixed = acc
-    rules.store_rounded(out_ptr, offs, b + lam * mixed, mask)
+    if not SPLIT:
+        if NORMALIZE:
+            mixed = tl.div_rn(acc, div)
+        else:
+            mixed = acc
+        rules.store_rounded(out_ptr, offs, b + lam * mixed, mask)
 
 
 # --- host side ------------------------------------------------------------------
@@ -259,17 +268,40 @@ def combine(inputs, base, out, plan: CombinePlan, offset: int = 0, probs=None) -
     inputs, base, out and probs on one device (CUDA, or CPU under TRITON_INTERPRET=1).
     """
     fn = "triton.combine"
+    if not isinstance(out, torch.Tensor) or out.dtype not in _FLOAT_DTYPES or not out.is_contiguous():
+        raise MergeError(f"{fn}: out must be a contiguous float32/bfloat16/float16 tensor")
+    _launch(fn, inputs, base, out, None, plan, offset, probs)
+
+
+def transform(inputs, base, outs, plan: CombinePlan, offset: int = 0) -> None:
+    """The transform pass over one chunk (``methods.transforms.transform_torch``, bitwise): the combine
+    kernel stopped before the mix (SPLIT), outs[i] = b + ingredient i's kept, rescaled, weighted and
+    (elect) agreeing task-vector entries, each a contiguous float32 tensor of C elements."""
+    fn = "triton.transform"
+    outs = list(outs)
+    if len(outs) != getattr(plan, "n", -1):
+        raise MergeError(f"{fn}: outs has {len(outs)} tensors but the plan is for N={getattr(plan, 'n', None)}")
+    for k, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor) or o.dtype != torch.float32 or not o.is_contiguous():
+            raise MergeError(f"{fn}: outs[{k}] must be a contiguous float32 tensor")
+    _launch(fn, inputs, base, None, outs, plan, offset, None)
+
+
+def _launch(fn: str, inputs, base, out, outs, plan: CombinePlan, offset: int, probs) -> None:
+    """One combine (out) or transform (outs) pass: checks, the oracle's head off a Philox counter,
+    one kernel launch."""
     if not isinstance(plan, CombinePlan):
         raise MergeError(f"{fn}: plan must be a CombinePlan, got {type(plan).__name__}")
     inputs = list(inputs)
     if len(inputs) != plan.n or plan.n < 1:
         raise MergeError(f"{fn}: inputs has {len(inputs)} tensors but the plan is for N={plan.n} (N >= 1)")
-    if not isinstance(out, torch.Tensor) or out.dtype not in _FLOAT_DTYPES or not out.is_contiguous():
-        raise MergeError(f"{fn}: out must be a contiguous float32/bfloat16/float16 tensor")
-    c, device = out.numel(), out.device
+    first = out if outs is None else outs[0]
+    c, device = first.numel(), first.device
     table, codes, in_kind = pointer_table(fn, "inputs", inputs, c, device)
     if base is not None:
         check_inputs(fn, "base", [base], c, device)
+    if outs is not None:
+        check_inputs(fn, "outs", outs, c, device)
     offset = int(offset)
     if offset < 0 or offset + c >= 2 ** 63:
         raise MergeError(f"{fn}: offset must be in [0, 2^63 - C), got {offset}")
@@ -283,26 +315,35 @@ def combine(inputs, base, out, plan: CombinePlan, offset: int = 0, probs=None) -
     head = min(-offset % 4, c)
     if head:  # the kernel's blocks start on a Philox counter (4 elements each): the oracle takes the
         # first 1-3 elements (bitwise the kernel's result), the kernel the rest from a multiple of 4
-        combine_torch([x[:head] for x in inputs], None if base is None else base[:head], out[:head], plan, offset,
-                      None if probs is None else [None if p is None else p[:head] for p in probs])
+        hb = None if base is None else base[:head]
+        if outs is None:
+            combine_torch([x[:head] for x in inputs], hb, out[:head], plan, offset,
+                          None if probs is None else [None if p is None else p[:head] for p in probs])
+        else:
+            transform_torch([x[:head] for x in inputs], hb, [o[:head] for o in outs], plan, offset)
         if head == c:
             return
-        inputs, out, offset, c = [x[head:] for x in inputs], out[head:], offset + head, c - head
+        inputs, offset, c = [x[head:] for x in inputs], offset + head, c - head
+        out = None if out is None else out[head:]
+        outs = None if outs is None else [o[head:] for o in outs]
         base = None if base is None else base[head:]
         probs = None if probs is None else [None if p is None else p[head:] for p in probs]
         table, codes, in_kind = pointer_table(fn, "inputs", inputs, c, device)
     fparams, iparams = _plan_params(plan, modes, device)
     has_probs = _MODE_PROBS in modes
     ptable = _probs_table(tuple(0 if p is None else p.data_ptr() for p in probs), device) if has_probs else iparams
-    aligned = aligned16(inputs) and (not has_probs or aligned16([p for p in probs if p is not None]))
+    otable = _probs_table(tuple(o.data_ptr() for o in outs), device) if outs is not None else iparams
+    aligned = (aligned16(inputs) and (not has_probs or aligned16([p for p in probs if p is not None]))
+               and (outs is None or aligned16(outs)))
     seed = plan.seed
+    dst = out if outs is None else outs[0]  # out_ptr is not written under SPLIT
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK"]),)  # noqa: E731
     with on_device(device):
         _combine_kernel[grid](
-            table, codes, base if base is not None else out, out, fparams, iparams, ptable,
+            table, codes, base if base is not None else dst, dst, fparams, iparams, ptable, otable,
             c, plan.n, max(c, 1).bit_length(), offset, seed & MASK32, ((seed >> 32) ^ plan.name_key) & MASK32,
             elect_none_divisor(plan.weight), float(plan.lam),
             IN_KIND=in_kind, HAS_BASE=base is not None, HAS_PROBS=has_probs, RANDOM=any(modes),
             ELECT=int(plan.elect), NORMALIZE=bool(plan.normalize), INV_PROB=bool(plan.inv_prob),
-            ALIGNED=aligned, enable_fp_fusion=FP_FUSION,
+            ALIGNED=aligned, SPLIT=outs is not None, enable_fp_fusion=FP_FUSION,
         )
