@@ -487,7 +487,8 @@ void combine(const std::vector<uintptr_t>& inputs, const std::vector<std::string
              uintptr_t fparams_dev, uintptr_t iparams_dev, int64_t offset, const py::array& weight,
              const py::array& scale, const py::array& top_mag, const py::array& top_idx, const py::array& end_mag,
              const py::array& end_idx, const py::array& density, uint64_t seed, int64_t name_key, int elect,
-             bool normalize, double lam, bool inv_prob, int device, uintptr_t stream) {
+             bool normalize, double lam, bool inv_prob, int device, uintptr_t stream,
+             const std::vector<uintptr_t>& outs, uintptr_t outs_table) {
   using ame::cuda::check_device_pointer;
   ame::cuda::CombineArgs a;
   combine_args("combine", a, inputs, input_dtypes, c, offset, base != 0, base_dtype, out_dtype, probs, weight, scale,
@@ -522,6 +523,19 @@ void combine(const std::vector<uintptr_t>& inputs, const std::vector<std::string
     a.base = reinterpret_cast<const void*>(base);
   }
   check_device_pointer(reinterpret_cast<const void*>(out), device, "[combine] out");
+  if (!outs.empty()) {  // the transform pass: N fp32 outputs
+    AME_CHECK(static_cast<int64_t>(outs.size()) == a.n,
+              "[combine] outs: expected one per ingredient (" + std::to_string(a.n) + "), got " +
+                  std::to_string(outs.size()));
+    for (size_t i = 0; i < outs.size(); ++i) {
+      check_device_pointer(reinterpret_cast<const void*>(outs[i]), device, "[combine] outs[" + std::to_string(i) + "]");
+      AME_CHECK((outs[i] & 3u) == 0, "[combine] outs[" + std::to_string(i) + "]: fp32 data must be 4-byte aligned");
+      aligned = aligned && aligned16(outs[i]);
+    }
+    check_device_pointer(reinterpret_cast<const void*>(outs_table), device, "[combine] outs_table");
+    AME_CHECK((outs_table & 7u) == 0, "[combine] outs_table: must be 8-byte aligned");
+    a.outs = reinterpret_cast<const uint64_t*>(outs_table);
+  }
   check_device_pointer(reinterpret_cast<const void*>(fparams_dev), device, "[combine] fparams_dev");
   AME_CHECK((fparams_dev & 3u) == 0, "[combine] fparams_dev: must be 4-byte aligned");
   check_device_pointer(reinterpret_cast<const void*>(iparams_dev), device, "[combine] iparams_dev");
@@ -542,7 +556,8 @@ void combine_emulated(const std::vector<uintptr_t>& inputs, const std::vector<st
                       const std::vector<uintptr_t>& probs, int64_t offset, const py::array& weight,
                       const py::array& scale, const py::array& top_mag, const py::array& top_idx,
                       const py::array& end_mag, const py::array& end_idx, const py::array& density, uint64_t seed,
-                      int64_t name_key, int elect, bool normalize, double lam, bool inv_prob, bool vec) {
+                      int64_t name_key, int elect, bool normalize, double lam, bool inv_prob, bool vec,
+                      const std::vector<uintptr_t>& outs) {
   ame::cuda::CombineArgs a;
   const CombineHost host =
       combine_args("combine_emulated", a, inputs, input_dtypes, c, offset, base != 0, base_dtype, out_dtype, probs,
@@ -564,6 +579,18 @@ void combine_emulated(const std::vector<uintptr_t>& inputs, const std::vector<st
     aligned = aligned && aligned16(p);  // 0 is aligned
   }
   AME_CHECK(out != 0, "[combine_emulated] out: null address");
+  std::vector<uint64_t> otab;
+  if (!outs.empty()) {  // the transform pass
+    AME_CHECK(static_cast<int64_t>(outs.size()) == a.n,
+              "[combine_emulated] outs: expected one per ingredient (" + std::to_string(a.n) + "), got " +
+                  std::to_string(outs.size()));
+    for (uintptr_t o : outs) {
+      AME_CHECK(o != 0, "[combine_emulated] outs: null address");
+      otab.push_back(o);
+      aligned = aligned && aligned16(o);
+    }
+    a.outs = otab.data();
+  }
   a.in_dtype = ame::cuda::kMixed;  // the emulation reads every input through the dtype table
   a.inputs = ptrs.data();
   a.in_dtypes = codes.data();
@@ -645,7 +672,7 @@ void init_cuda(py::module_& m) {
         py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"), py::arg("top_idx"),
         py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("seed"), py::arg("name_key"),
         py::arg("elect"), py::arg("normalize"), py::arg("lam"), py::arg("inv_prob"), py::arg("device"),
-        py::arg("stream"),
+        py::arg("stream"), py::arg("outs") = std::vector<uintptr_t>{}, py::arg("outs_table") = 0,
         "The combine pass (ame_kernels.methods.combine) over one chunk on `stream` (asynchronous).\n\n"
         "inputs: N device addresses of [c] arrays with input_dtypes; input_table / dtype_table their device copies\n"
         "(uint64 [N], int32 codes [N]); base: device address of [c] base_dtype or 0 (no base); out: [c] out_dtype;\n"
@@ -653,15 +680,18 @@ void init_cuda(py::module_& m) {
         "[N]); weight/scale/top_mag/end_mag/density: host float32 [N], top_idx/end_idx: host int64 [N] (a CombinePlan,\n"
         "checked here), fparams_dev / iparams_dev: their device copies packed as float32 [5, N] (weight, scale,\n"
         "top_mag, end_mag, density) and int64 [2, N] (top_idx, end_idx); offset: the chunk's first global index;\n"
-        "seed (uint64), name_key (uint32), elect (0 none, 1 sum, 2 count), normalize, lam, inv_prob as the plan.");
+        "seed (uint64), name_key (uint32), elect (0 none, 1 sum, 2 count), normalize, lam, inv_prob as the plan.\n"
+        "outs: [] (the combine pass) or N device addresses of fp32 [c] outputs, outs_table their device copy: the\n"
+        "transform pass (methods.transforms.transform_torch), each ingredient's b + kept (agreeing) y_i; out unused.");
   m.def("combine_emulated", &combine_emulated, py::kw_only(), py::arg("inputs"), py::arg("input_dtypes"),
         py::arg("c"), py::arg("base"), py::arg("base_dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("probs"),
         py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"), py::arg("top_idx"),
         py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("seed"), py::arg("name_key"),
         py::arg("elect"), py::arg("normalize"), py::arg("lam"), py::arg("inv_prob"), py::arg("vec"),
+        py::arg("outs") = std::vector<uintptr_t>{},
         "combine's per-group kernel code run on the host over HOST addresses (tests without a GPU).\n\n"
         "Arguments as combine, minus the device tables, stream and device. vec: use the 16-byte vector path where\n"
-        "every address allows it.");
+        "every address allows it. outs: [] or N host addresses of fp32 outputs (the transform pass).");
   m.def("step", &step, py::kw_only(), py::arg("w"), py::arg("state"), py::arg("c"), py::arg("batch"),
         py::arg("batch_dtypes"), py::arg("batch_table"), py::arg("dtype_table"), py::arg("pivot"), py::arg("coeffs"),
         py::arg("t"), py::arg("optimizer"), py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"),

@@ -192,3 +192,65 @@ def test_gpu_large_bitwise_and_host_tensors(elect):
     host = torch.empty(size, dtype=BF16)
     backend.combine(xs, b, host, plan, offset, probs)  # host tensors: through the GPU and back
     assert_bitwise(host, want, f"gpu host tensors elect={elect}")
+
+
+# ---- the transform pass (kSplit): each ingredient's fp32 output ------------------------------
+
+
+def _transform_oracle(xs, b, plan, offset):
+    from ame_kernels.methods.transforms import transform_torch
+
+    want = [torch.empty(xs[0].numel(), dtype=F32) for _ in xs]
+    transform_torch([x.cpu() for x in xs], None if b is None else b.cpu(), want, plan, offset)
+    return want
+
+
+@needs_module
+@pytest.mark.parametrize("vec", [True, False], ids=["vector", "scalar"])
+@pytest.mark.parametrize("elect", [ELECT_NONE, ELECT_SUM, ELECT_COUNT], ids=["none", "sum", "count"])
+@pytest.mark.parametrize("size", [1, 9, 1033])
+def test_emulated_transform_bitwise_equals_oracle(size, elect, vec):
+    """Draws, per-element probs, a tied window, inv_prob, mixed dtypes, an offset past 2^32, unit
+    weights: outs[i] = b + its kept (agreeing) entries, bit for bit transform_torch."""
+    from ame_kernels.backends.cuda import transform_emulated
+
+    xs, b, plan, probs = make_case(5, size, [BF16, F32, F16], F32, elect=elect, inv_prob=elect != ELECT_SUM,
+                                   density=[0.5, 1.0, 0.3, 0.8, 1.0], window=(2, size // 2) if size > 4 else None)
+    plan.weight[:] = 1.0
+    offset = (1 << 32) - 7
+    got = [torch.full((size,), float("nan")) for _ in xs]
+    transform_emulated(xs, b, got, plan, offset, vec=vec)
+    for i, (g, w) in enumerate(zip(got, _transform_oracle(xs, b, plan, offset))):
+        assert_bitwise(g, w, f"size {size} elect {elect} ingredient {i}")
+
+
+@needs_module
+def test_emulated_transform_checks_its_outputs():
+    from ame_kernels.backends.cuda import transform_emulated
+
+    xs, b, plan, _ = make_case(2, 10, [F32], F32)
+    with pytest.raises(MergeError, match="outs has 1"):
+        transform_emulated(xs, b, [torch.empty(10)], plan)
+    with pytest.raises(MergeError, match="float32"):
+        transform_emulated(xs, b, [torch.empty(10, dtype=BF16)] * 2, plan)
+    with pytest.raises(MergeError, match="outs"):
+        transform_emulated(xs, b, [torch.empty(10), torch.empty(11)], plan)
+
+
+@needs_gpu
+@pytest.mark.parametrize("elect", [ELECT_NONE, ELECT_SUM], ids=["none", "sum"])
+def test_gpu_transform_bitwise_and_host_tensors(elect):
+    from ame_kernels.backends.cuda import CudaBackend
+
+    xs, b, plan, _ = make_case(3, 100003, [BF16], F32, elect=elect, density=0.4)
+    plan.weight[:] = 1.0
+    want = _transform_oracle(xs, b, plan, 5)
+    be = CudaBackend()
+    got = [torch.empty(100003, device="cuda") for _ in xs]
+    be.transform([x.cuda() for x in xs], b.cuda(), got, plan, 5)
+    for g, w in zip(got, want):
+        assert_bitwise(g.cpu(), w, f"device elect {elect}")
+    host = [torch.empty(100003) for _ in xs]
+    be.transform(xs, b, host, plan, 5)
+    for g, w in zip(host, want):
+        assert_bitwise(g, w, f"host tensors elect {elect}")

@@ -184,12 +184,18 @@ def test_cuda_kernels_do_not_use_local_memory(cuda_rows):
 
 
 def test_cuda_combine_kernel_variants_are_built(cuda_rows):
-    """csrc/cuda/combine.cu: TIn (3 dtypes + Mixed) x TOut x (elect none, elect sum/count) per arch,
-    16-byte loads and stores in each (the concrete ones are also in the checks above), no local memory."""
+    """csrc/cuda/combine.cu: TIn (3 dtypes + Mixed) x TOut x (elect none, elect sum/count) per arch, and
+    the transform pass (split: fp32 outputs) per TIn x elect, 16-byte loads and stores in each (the
+    concrete ones are also in the checks above), no local memory."""
     for arch in ARCHS:
         rows = [r for r in cuda_rows if r["arch"] == arch and r["kernel"].endswith("combine_kernel")]
-        assert len(rows) == 4 * 3 * 2, (arch, [r["variant"] for r in rows])
+        assert len(rows) == 4 * 3 * 2 + 4 * 2, (arch, [r["variant"] for r in rows])
+        split = [r for r in rows if r["variant"].replace(" ", "").endswith(",true>(ame::cuda::CombineArgs,bool)")]
+        assert len(split) == 4 * 2 and all(", float," in r["variant"] for r in split), [r["variant"] for r in split]
         for r in rows:
             assert any(k.startswith("LDG.E.128") for k in r["loads"]), r["variant"]
             assert any(k.startswith("STG.E.128") for k in r["stores"]), r["variant"]
-            assert r["local"] == 0 and r["stack"] == 0, r["variant"]
+            # the split variants may keep one 64-bit value in an 8-byte frame across the IEEE
+            # division's slow-path CALL (fp16 inputs, elect none: STL/LDL beside the CALL, no local
+            # memory); the combine variants keep none
+            assert r["local"] == 0 and r["stack"] <= (8 if r in split else 0), r["variant"]

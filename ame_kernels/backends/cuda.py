@@ -341,14 +341,37 @@ class CudaBackend(Backend):
         if out_d is not out:
             out.copy_(out_d)
 
-    def _combine_device(self, inputs, base, out, plan, offset: int, probs) -> None:
+    def transform(self, inputs, base, outs, plan, offset: int = 0, threads: Optional[int] = None) -> None:
+        """The transform pass over one chunk (csrc/cuda/combine.cuh, kSplit: the combine kernel stopped
+        before the mix; bitwise ``methods.transforms.transform_torch``): outs[i] (fp32) = b + ingredient
+        i's kept, rescaled, weighted and (elect) agreeing entries. Host tensors as ``combine``'s.
+        Returns None: the caller checks what was written."""
         import torch
 
-        fn = "cuda.combine"
+        inputs, outs = list(inputs), list(outs)
+        tensors = [t for t in inputs + [base] + outs if isinstance(t, torch.Tensor)]
+        if all(t.device.type == "cuda" for t in tensors):
+            self._combine_device(inputs, base, None, plan, offset, None, outs=outs)
+            return None
+        dev = torch.device("cuda", torch.cuda.current_device())
+        move = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        outs_d = [o if o.device == dev else torch.empty(o.shape, dtype=o.dtype, device=dev) for o in outs]
+        self._combine_device([move(x) for x in inputs], move(base), None, plan, offset, None, outs=outs_d)
+        for o, od in zip(outs, outs_d):
+            if od is not o:
+                o.copy_(od)
+        return None
+
+    def _combine_device(self, inputs, base, out, plan, offset: int, probs, outs=None) -> None:
+        import torch
+
+        fn = "cuda.combine" if outs is None else "cuda.transform"
+        if outs is not None:
+            out = _split_outputs(fn, outs, plan)
         if not isinstance(out, torch.Tensor) or out.device.type != "cuda":
             raise MergeError(f"{fn}: out must be a CUDA tensor")
         device, c = out.device, out.numel()
-        kw = _combine_kwargs(fn, inputs, base, out, plan, offset, probs, device)
+        kw = _combine_kwargs(fn, inputs, base, out, plan, offset, probs, device, outs)
         if c == 0:
             return
         ptrs = tuple(kw["inputs"])
@@ -357,13 +380,29 @@ class CudaBackend(Backend):
         probs_table = 0
         if any(kw["probs"]):
             probs_table = self._uploads.table(tuple(kw["probs"]), (0,) * len(kw["probs"]), device)[0].data_ptr()
+        outs_table = self._uploads.table(tuple(kw["outs"]), (0,) * len(kw["outs"]), device)[0].data_ptr() \
+            if kw["outs"] else 0
         _module().combine(
             input_table=table.data_ptr(), dtype_table=codes.data_ptr(), probs_table=probs_table,
-            fparams_dev=fparams.data_ptr(), iparams_dev=iparams.data_ptr(),
+            fparams_dev=fparams.data_ptr(), iparams_dev=iparams.data_ptr(), outs_table=outs_table,
             device=device.index, stream=torch.cuda.current_stream(device).cuda_stream, **kw)
 
 
-def _combine_kwargs(fn: str, inputs, base, out, plan, offset: int, probs, device) -> dict:
+def _split_outputs(fn: str, outs, plan):
+    """The transform pass's outputs checked (N contiguous fp32 tensors of one size); returns the first
+    (the binding's ``out``, which the split kernel does not write)."""
+    import torch
+
+    outs = list(outs)
+    if len(outs) != getattr(plan, "n", -1) or not outs:
+        raise MergeError(f"{fn}: outs has {len(outs)} tensors but the plan is for N={getattr(plan, 'n', None)}")
+    for k, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor) or o.dtype != torch.float32 or not o.is_contiguous():
+            raise MergeError(f"{fn}: outs[{k}] must be a contiguous float32 tensor")
+    return outs[0]
+
+
+def _combine_kwargs(fn: str, inputs, base, out, plan, offset: int, probs, device, outs=None) -> dict:
     """The binding's host-side keyword arguments of a combine call (tensors checked here)."""
     from ..methods.combine import CombinePlan
 
@@ -380,9 +419,13 @@ def _combine_kwargs(fn: str, inputs, base, out, plan, offset: int, probs, device
         raise MergeError(f"{fn}: offset must be >= 0, got {offset}")
     probs = check_probs(fn, probs, plan.n, c, device)
     probs_ptrs = [0 if p is None else p.data_ptr() for p in probs] if probs is not None else []
+    outs_ptrs = []
+    for k, o in enumerate(outs or []):
+        check_flat(fn, f"outs[{k}]", o, c, device, dtypes=("float32",))
+        outs_ptrs.append(o.data_ptr())
     return dict(inputs=[x.data_ptr() for x in inputs], input_dtypes=names, c=c,
                 base=0 if base is None else base.data_ptr(), base_dtype=base_name, out=out.data_ptr(),
-                out_dtype=out_name, probs=probs_ptrs, offset=int(offset), **plan.kernel_kwargs())
+                out_dtype=out_name, probs=probs_ptrs, offset=int(offset), outs=outs_ptrs, **plan.kernel_kwargs())
 
 
 def combine_emulated(inputs, base, out, plan, offset: int = 0, probs=None, vec: bool = True) -> None:
@@ -392,6 +435,19 @@ def combine_emulated(inputs, base, out, plan, offset: int = 0, probs=None, vec: 
     import torch
 
     kw = _combine_kwargs("cuda.combine_emulated", inputs, base, out, plan, offset, probs, torch.device("cpu"))
+    if out.numel() == 0:
+        return
+    _module().combine_emulated(vec=bool(vec), **kw)
+
+
+def transform_emulated(inputs, base, outs, plan, offset: int = 0, vec: bool = True) -> None:
+    """``CudaBackend.transform`` on HOST tensors through ``_C_cuda.combine_emulated(outs=...)``: the
+    split kernel's per-group code run on the CPU. For tests without a GPU."""
+    import torch
+
+    fn = "cuda.transform_emulated"
+    out = _split_outputs(fn, outs, plan)
+    kw = _combine_kwargs(fn, inputs, base, out, plan, offset, None, torch.device("cpu"), outs)
     if out.numel() == 0:
         return
     _module().combine_emulated(vec=bool(vec), **kw)
@@ -425,4 +481,4 @@ def device_info(device: int = 0) -> dict:
     return dict(_module().device_info(device))
 
 
-__all__ = ["CudaBackend", "combine_emulated", "device_info", "whole_run_emulated"]
+__all__ = ["CudaBackend", "combine_emulated", "device_info", "transform_emulated", "whole_run_emulated"]

@@ -144,11 +144,17 @@ AME_HD float contribution(const CombineArgs& a, const Ingredient& in, float tau,
   return mul(in.weight, kp ? t : 0.f);
 }
 
+// The transform pass's output of ingredient i (a.outs[i], fp32).
+AME_HD void* split_out(const CombineArgs& a, int i) {
+  return reinterpret_cast<void*>(ldg(reinterpret_cast<const unsigned long long*>(a.outs) + i));
+}
+
 }  // namespace comb
 
 // One thread-group of the combine pass: elements [gi*kEPT, gi*kEPT + kEPT) of the chunk.
 // kElect: elect sum/count (two passes over the inputs), else elect none (one pass).
-template <typename TIn, typename TOut, bool kElect>
+// kSplit: the transform pass, each ingredient's b + y_i (agreeing y_i) to its fp32 a.outs[i].
+template <typename TIn, typename TOut, bool kElect, bool kSplit>
 AME_HD void combine_group(const CombineArgs& a, int64_t gi, bool vec) {
   using namespace comb;
   const int64_t base = gi * kEPT;
@@ -165,6 +171,7 @@ AME_HD void combine_group(const CombineArgs& a, int64_t gi, bool vec) {
 #pragma unroll
   for (int k = 0; k < kEPT; ++k) acc[k] = 0.f, vote[k] = 0.f, bits[k] = 0;
 
+  float o[kEPT];
   for (int i = 0; i < a.n; ++i) {
     const Ingredient in = ingredient(a, i);
     InputLoader<TIn>::load(a.inputs, a.in_dtypes, i, base, a.c, v, x);
@@ -177,10 +184,13 @@ AME_HD void combine_group(const CombineArgs& a, int64_t gi, bool vec) {
       if (kElect) {
         vote[k] = add(vote[k], a.elect == 1 ? y : sign(y));
         if (i < kKeepBits) bits[k] |= static_cast<uint64_t>(kp) << i;
+      } else if (kSplit) {
+        x[k] = add(b[k], y);  // x[k] is read above only: the output reuses it
       } else {
         acc[k] = add(acc[k], y);
       }
     }
+    if (kSplit && !kElect) store_group<float>(split_out(a, i), base, a.c, v, x);
   }
 
   float div_[kEPT];
@@ -198,9 +208,14 @@ AME_HD void combine_group(const CombineArgs& a, int64_t gi, bool vec) {
         const bool kp = i < kKeepBits ? ((bits[k] >> i) & 1u) != 0 : keep(a, in, i, fabsf(tau), g0 + k, p[k]);
         const float y = contribution(a, in, tau, p[k], kp);
         const bool agree = sign(y) == s[k];
-        acc[k] = add(acc[k], agree ? y : 0.f);
-        div_[k] = add(div_[k], agree ? in.weight : 0.f);
+        if (kSplit) {
+          o[k] = add(b[k], agree ? y : 0.f);
+        } else {
+          acc[k] = add(acc[k], agree ? y : 0.f);
+          div_[k] = add(div_[k], agree ? in.weight : 0.f);
+        }
       }
+      if (kSplit) store_group<float>(split_out(a, i), base, a.c, v, o);
     }
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) div_[k] = div_[k] == 0.f ? 1.f : div_[k];
@@ -208,13 +223,14 @@ AME_HD void combine_group(const CombineArgs& a, int64_t gi, bool vec) {
 #pragma unroll
     for (int k = 0; k < kEPT; ++k) div_[k] = a.div_none;
   }
-  float o[kEPT];
+  if (!kSplit) {  // the transform pass wrote its outputs above
 #pragma unroll
-  for (int k = 0; k < kEPT; ++k) {
-    const float mixed = a.normalize ? div(acc[k], div_[k]) : acc[k];
-    o[k] = add(b[k], mul(a.lam, mixed));
+    for (int k = 0; k < kEPT; ++k) {
+      const float mixed = a.normalize ? div(acc[k], div_[k]) : acc[k];
+      o[k] = add(b[k], mul(a.lam, mixed));
+    }
+    store_group<TOut>(a.out, base, a.c, v, o);
   }
-  store_group<TOut>(a.out, base, a.c, v, o);
 }
 
 }  // namespace cuda

@@ -42,6 +42,10 @@ struct CombineArgs {
   // device [n]: address of ingredient i's fp32 [c] keep probabilities, 0 where none (draw
   // against density[i] when it is < 1); null when no ingredient has per-element probs.
   const uint64_t* probs = nullptr;
+  // The transform pass (methods.transforms.transform_torch): device [n], the address of ingredient
+  // i's fp32 [c] output; set, each ingredient's b + y_i (elect: the agreeing y_i, else 0) is written
+  // there instead of the mix, and out is not written. Null: the combine pass.
+  const uint64_t* outs = nullptr;
   uint32_t k0 = 0, k1 = 0;             // Philox key: seed mod 2^32, (seed >> 32) xor name_key
   int32_t elect = 0;                   // 0 none, 1 sum, 2 count
   bool normalize = false;
