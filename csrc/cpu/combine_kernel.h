@@ -131,7 +131,8 @@ inline void philox_block(uint64_t q0, uint32_t i, uint32_t k0, uint32_t k1, floa
 // One ingredient's uniforms at a vector level, one per worker and call: a block of the
 // generator (kBlock = 8 H elements) and its successor. The kernels walk each task's elements
 // in order, so every block is generated once (a quarter of the Philox calls of one per
-// element) and a vector that straddles two blocks is one unaligned load.
+// element) and a vector that straddles two blocks is one unaligned load. At the scalar level
+// the stream holds one counter's four uniforms instead (Ops1::uniform).
 struct UStream {
   uint64_t block = 0;
   bool valid = false, next = false;
@@ -188,8 +189,21 @@ struct Ops1 {
   static AME_HD F loadf(const float* p) { return *p; }
   static AME_HD void store(void* p, DType d, int64_t j, F x) { store_f32(p, d, j, x); }
   static AME_HD void storef(float* p, F x) { *p = x; }
-  static AME_HD F uniform(UStream*, int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
+  static AME_HD F uniform(UStream* s, int64_t g0, uint32_t i, uint32_t k0, uint32_t k1) {
+#if AME_W == 1
+    // the scalar level: the stream holds one counter's four uniforms (block = g >> 2)
+    const uint64_t g = static_cast<uint64_t>(g0), q = g >> 2;
+    if (!s->valid || s->block != q) {
+      uint32_t w[4];
+      philox4(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32), i, 0u, k0, k1, w);
+      for (int k = 0; k < 4; ++k) s->u[k] = static_cast<float>(w[k] >> 8) * 0x1p-24f;
+      s->block = q, s->valid = true;
+    }
+    return s->u[g & 3];
+#else
+    (void)s;  // a vector level's ragged end (its stream holds the vector blocks): one call
     return philox_u(static_cast<uint64_t>(g0), i, k0, k1);
+#endif
   }
   static AME_HD void store_bits(uint8_t* m, int64_t j, M k) {
     const uint8_t bit = static_cast<uint8_t>(1u << (j & 7));
