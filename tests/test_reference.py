@@ -43,7 +43,11 @@ def independent_ame(xs, *, optimizer, lr, lr_schedule, lr_power, zeta, epochs, b
         lrt = {"constant": lr, "harmonic": lr / t, "power": lr * t ** lr_power}[lr_schedule]
         zt = zeta[t - 1] if isinstance(zeta, list) else zeta
         p = w if adaptive else w0
-        g = np.mean([zt * (p - X[i]) / n for i in batch], axis=0)
+        # DESIGN's batch pseudogradient: zeta_t / N * (p - the batch mean, summed in ascending index
+        # like the soup's), so the soup pivot with a full batch gives exactly 0 here too (as the mean
+        # of the per-ingredient differences it is ~1e-17, which Adagrad/Adam normalise into a full
+        # step once an adaptive pivot has moved off the soup by that much)
+        g = zt / n * (p - np.mean([X[i] for i in sorted(batch)], axis=0))
         if optimizer == "adamw":
             w = w * (1 - lrt * wd)
         elif wd:
