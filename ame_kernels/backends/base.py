@@ -112,6 +112,20 @@ def check_probs(fn: str, probs, n: int, numel: int, device):
     return probs
 
 
+def check_transform_outs(fn: str, outs, n: int) -> list:
+    """The transform pass's outputs as a list: N contiguous float32 tensors (their size and device
+    are checked with the inputs')."""
+    import torch
+
+    outs = list(outs)
+    if len(outs) != n or not outs:
+        raise MergeError(f"{fn}: outs has {len(outs)} tensors but the plan is for N={n}")
+    for k, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor) or o.dtype != torch.float32 or not o.is_contiguous():
+            raise MergeError(f"{fn}: outs[{k}] must be a contiguous float32 tensor")
+    return outs
+
+
 def hyper_kwargs(hyper) -> dict:
     """A ``schedule.Hyper`` as the native bindings' keyword arguments (``_C`` and ``_C_cuda``
     take the same names): the optimizer code name, floats and bools."""

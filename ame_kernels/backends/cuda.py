@@ -41,7 +41,8 @@ import numpy as np
 from .. import _native
 from ..errors import MergeError
 from ..schedule import Hyper, StepPlan, folded_weights
-from .base import Backend, check_flat, check_plan_inputs, check_probs, check_step_row, hyper_kwargs, plan_kwargs
+from .base import (Backend, check_flat, check_plan_inputs, check_probs, check_step_row, check_transform_outs,
+                   hyper_kwargs, plan_kwargs)
 
 _MAX_CACHED_PLANS = 8
 _MAX_CACHED_TABLES = 64
@@ -323,44 +324,41 @@ class CudaBackend(Backend):
 
     # -- combine -----------------------------------------------------------------
     def combine(self, inputs, base, out, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> None:
-        import torch
-
-        inputs = list(inputs)
-        probs = None if probs is None else list(probs)
-        tensors = [t for t in inputs + [base, out] + (probs or []) if isinstance(t, torch.Tensor)]
-        if all(t.device.type == "cuda" for t in tensors):
-            self._combine_device(inputs, base, out, plan, offset, probs)
-            return
-        # Host (or mixed) tensors: one chunk through the current GPU, copied back.
-        dev = torch.device("cuda", torch.cuda.current_device())
-        move = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        out_d = out if isinstance(out, torch.Tensor) and out.device == dev else torch.empty(
-            out.shape, dtype=out.dtype, device=dev)
-        self._combine_device([move(x) for x in inputs], move(base), out_d, plan, offset,
-                             None if probs is None else [move(p) for p in probs])
-        if out_d is not out:
-            out.copy_(out_d)
+        inputs, probs = list(inputs), None if probs is None else list(probs)
+        n = len(inputs)
+        self._chunk_pass(
+            lambda r, w: self._combine_device(r[:n], r[n], w[0], plan, offset, None if probs is None else r[n + 1:]),
+            inputs + [base] + (probs or []), [out])
 
     def transform(self, inputs, base, outs, plan, offset: int = 0, threads: Optional[int] = None) -> None:
         """The transform pass over one chunk (csrc/cuda/combine.cuh, kSplit: the combine kernel stopped
         before the mix; bitwise ``methods.transforms.transform_torch``): outs[i] (fp32) = b + ingredient
         i's kept, rescaled, weighted and (elect) agreeing entries. Host tensors as ``combine``'s.
         Returns None: the caller checks what was written."""
+        inputs = list(inputs)
+        n = len(inputs)
+        self._chunk_pass(lambda r, w: self._combine_device(r[:n], r[n], None, plan, offset, None, outs=w),
+                         inputs + [base], list(outs))
+        return None
+
+    @staticmethod
+    def _chunk_pass(run, reads: list, writes: list) -> None:
+        """``run(reads, writes)`` for one chunk: in place when every tensor is on a GPU, else (host or
+        mixed tensors) on copies on the current GPU, the writes copied back. Non-tensors pass as they
+        are (the checks name them)."""
         import torch
 
-        inputs, outs = list(inputs), list(outs)
-        tensors = [t for t in inputs + [base] + outs if isinstance(t, torch.Tensor)]
+        tensors = [t for t in reads + writes if isinstance(t, torch.Tensor)]
         if all(t.device.type == "cuda" for t in tensors):
-            self._combine_device(inputs, base, None, plan, offset, None, outs=outs)
-            return None
+            run(reads, writes)
+            return
         dev = torch.device("cuda", torch.cuda.current_device())
-        move = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        outs_d = [o if o.device == dev else torch.empty(o.shape, dtype=o.dtype, device=dev) for o in outs]
-        self._combine_device([move(x) for x in inputs], move(base), None, plan, offset, None, outs=outs_d)
-        for o, od in zip(outs, outs_d):
-            if od is not o:
-                o.copy_(od)
-        return None
+        writes_d = [w if isinstance(w, torch.Tensor) and w.device == dev
+                    else torch.empty(w.shape, dtype=w.dtype, device=dev) for w in writes]
+        run([t.to(dev) if isinstance(t, torch.Tensor) else t for t in reads], writes_d)
+        for w, wd in zip(writes, writes_d):
+            if wd is not w:
+                w.copy_(wd)
 
     def _combine_device(self, inputs, base, out, plan, offset: int, probs, outs=None) -> None:
         import torch
@@ -389,17 +387,9 @@ class CudaBackend(Backend):
 
 
 def _split_outputs(fn: str, outs, plan):
-    """The transform pass's outputs checked (N contiguous fp32 tensors of one size); returns the first
-    (the binding's ``out``, which the split kernel does not write)."""
-    import torch
-
-    outs = list(outs)
-    if len(outs) != getattr(plan, "n", -1) or not outs:
-        raise MergeError(f"{fn}: outs has {len(outs)} tensors but the plan is for N={getattr(plan, 'n', None)}")
-    for k, o in enumerate(outs):
-        if not isinstance(o, torch.Tensor) or o.dtype != torch.float32 or not o.is_contiguous():
-            raise MergeError(f"{fn}: outs[{k}] must be a contiguous float32 tensor")
-    return outs[0]
+    """The transform pass's outputs checked; returns the first (the binding's ``out``, which the split
+    kernel does not write)."""
+    return check_transform_outs(fn, outs, getattr(plan, "n", -1))[0]
 
 
 def _combine_kwargs(fn: str, inputs, base, out, plan, offset: int, probs, device, outs=None) -> dict:

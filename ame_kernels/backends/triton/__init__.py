@@ -134,50 +134,40 @@ class TritonBackend(Backend):
         state.copy_(state_d)
 
     def combine(self, inputs, base, out, plan, offset: int = 0, probs=None, threads: Optional[int] = None) -> None:
-        """The combine pass over one chunk (``backends/triton/combine.py``).
-
-        CUDA tensors: one launch. Host tensors on a GPU machine: copied to the current GPU,
-        combined there and copied back (one chunk; the engine sizes chunks). Under the
-        interpreter, device tensors run on host copies (the pointer tables are read from
-        host memory)."""
+        """The combine pass over one chunk (``backends/triton/combine.py``); tensors as ``_chunk_pass``."""
         from .combine import combine
 
+        inputs, probs = list(inputs), None if probs is None else list(probs)
+        n = len(inputs)
+        self._chunk_pass(lambda r, w: combine(r[:n], r[n], w[0], plan, offset, None if probs is None else r[n + 1:]),
+                         inputs + [base] + (probs or []), [out])
+
+    def transform(self, inputs, base, outs, plan, offset: int = 0, threads: Optional[int] = None) -> None:
+        """The transform pass over one chunk (``backends/triton/combine.py``: the combine kernel
+        stopped before the mix, bitwise ``methods.transforms.transform_torch``); tensors as
+        ``_chunk_pass``. Returns None: the caller checks what was written."""
+        from .combine import transform
+
         inputs = list(inputs)
-        probs = None if probs is None else list(probs)
-        tensors = inputs + [base, out] + (probs or [])
+        n = len(inputs)
+        self._chunk_pass(lambda r, w: transform(r[:n], r[n], w, plan, offset), inputs + [base], list(outs))
+        return None
+
+    def _chunk_pass(self, run, reads: list, writes: list) -> None:
+        """``run(reads, writes)`` for one chunk. CUDA tensors: in place, one launch. Host tensors on a
+        GPU machine: on copies on the current GPU, the writes copied back (one chunk; the engine
+        sizes chunks). Under the interpreter, device tensors run on host copies (the pointer
+        tables are read from host memory). None entries of ``reads`` stay None."""
+        tensors = reads + writes
         on_host = self._stream_host_tensors(tensors)
         if not on_host and not (_interpreting() and any(t is not None and t.device.type != "cpu" for t in tensors)):
-            combine(inputs, base, out, plan, offset, probs)
+            run(reads, writes)
             return
         import torch
 
         dev = torch.device("cpu") if _interpreting() else torch.device("cuda", torch.cuda.current_device())
-        move = lambda t: None if t is None else t.to(dev)  # noqa: E731
-        out_d = torch.empty(out.shape, dtype=out.dtype, device=dev) if out.device != dev else out
-        combine([move(x) for x in inputs], move(base), out_d, plan, offset,
-                None if probs is None else [move(p) for p in probs])
-        if out_d is not out:
-            out.copy_(out_d)
-
-    def transform(self, inputs, base, outs, plan, offset: int = 0, threads: Optional[int] = None) -> None:
-        """The transform pass over one chunk (``backends/triton/combine.py``: the combine kernel
-        stopped before the mix, bitwise ``methods.transforms.transform_torch``); host tensors as
-        ``combine``'s. Returns None: the caller checks what was written."""
-        from .combine import transform
-
-        inputs, outs = list(inputs), list(outs)
-        tensors = inputs + [base] + outs
-        on_host = self._stream_host_tensors(tensors)
-        if not on_host and not (_interpreting() and any(t is not None and t.device.type != "cpu" for t in tensors)):
-            transform(inputs, base, outs, plan, offset)
-            return None
-        import torch
-
-        dev = torch.device("cpu") if _interpreting() else torch.device("cuda", torch.cuda.current_device())
-        move = lambda t: None if t is None else t.to(dev)  # noqa: E731
-        outs_d = [torch.empty(o.shape, dtype=o.dtype, device=dev) if o.device != dev else o for o in outs]
-        transform([move(x) for x in inputs], move(base), outs_d, plan, offset)
-        for o, od in zip(outs, outs_d):
-            if od is not o:
-                o.copy_(od)
-        return None
+        writes_d = [w if w.device == dev else torch.empty(w.shape, dtype=w.dtype, device=dev) for w in writes]
+        run([None if t is None else t.to(dev) for t in reads], writes_d)
+        for w, wd in zip(writes, writes_d):
+            if wd is not w:
+                w.copy_(wd)

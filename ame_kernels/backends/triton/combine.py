@@ -49,7 +49,7 @@ import triton.language as tl
 from ...errors import MergeError
 from ...methods.combine import MASK32, CombinePlan, combine_torch
 from ...methods.transforms import transform_torch
-from ..base import check_probs
+from ..base import check_probs, check_transform_outs
 from . import rules
 from .whole_run import GPU_CONFIGS, _ready, _upload, aligned16, check_inputs, on_device, pointer_table
 
@@ -224,7 +224,7 @@ def _combine_kernel(
 _MAX_CACHED_PLANS = 8
 _params_cache: dict = {}  # (id(plan), device, modes) -> (plan, fparams, iparams, event); tiny, bounded
 _MAX_CACHED_TABLES = 64
-_probs_cache: dict = {}  # (device, addresses) -> (table, event); content is a pure function of the key
+_address_cache: dict = {}  # (device, addresses) -> (table, event); content is a pure function of the key
 
 
 def _plan_params(plan: CombinePlan, modes: tuple, device: torch.device):
@@ -242,14 +242,14 @@ def _plan_params(plan: CombinePlan, modes: tuple, device: torch.device):
     return entry[:-1]
 
 
-def _probs_table(ptrs: tuple, device: torch.device):
+def _address_table(ptrs: tuple, device: torch.device):
     key = (str(device), ptrs)
-    hit = _probs_cache.get(key)
+    hit = _address_cache.get(key)
     if hit is None:
         hit = _upload((torch.tensor(ptrs, dtype=torch.int64),), device)
-        if len(_probs_cache) >= _MAX_CACHED_TABLES:
-            _probs_cache.pop(next(iter(_probs_cache)))
-        _probs_cache[key] = hit
+        if len(_address_cache) >= _MAX_CACHED_TABLES:
+            _address_cache.pop(next(iter(_address_cache)))
+        _address_cache[key] = hit
         return hit[0]
     return _ready(hit)[0]
 
@@ -278,12 +278,7 @@ def transform(inputs, base, outs, plan: CombinePlan, offset: int = 0) -> None:
     kernel stopped before the mix (SPLIT), outs[i] = b + ingredient i's kept, rescaled, weighted and
     (elect) agreeing task-vector entries, each a contiguous float32 tensor of C elements."""
     fn = "triton.transform"
-    outs = list(outs)
-    if len(outs) != getattr(plan, "n", -1):
-        raise MergeError(f"{fn}: outs has {len(outs)} tensors but the plan is for N={getattr(plan, 'n', None)}")
-    for k, o in enumerate(outs):
-        if not isinstance(o, torch.Tensor) or o.dtype != torch.float32 or not o.is_contiguous():
-            raise MergeError(f"{fn}: outs[{k}] must be a contiguous float32 tensor")
+    outs = check_transform_outs(fn, outs, getattr(plan, "n", -1))
     _launch(fn, inputs, base, None, outs, plan, offset, None)
 
 
@@ -331,8 +326,8 @@ def _launch(fn: str, inputs, base, out, outs, plan: CombinePlan, offset: int, pr
         table, codes, in_kind = pointer_table(fn, "inputs", inputs, c, device)
     fparams, iparams = _plan_params(plan, modes, device)
     has_probs = _MODE_PROBS in modes
-    ptable = _probs_table(tuple(0 if p is None else p.data_ptr() for p in probs), device) if has_probs else iparams
-    otable = _probs_table(tuple(o.data_ptr() for o in outs), device) if outs is not None else iparams
+    ptable = _address_table(tuple(0 if p is None else p.data_ptr() for p in probs), device) if has_probs else iparams
+    otable = _address_table(tuple(o.data_ptr() for o in outs), device) if outs is not None else iparams
     aligned = (aligned16(inputs) and (not has_probs or aligned16([p for p in probs if p is not None]))
                and (outs is None or aligned16(outs)))
     seed = plan.seed
