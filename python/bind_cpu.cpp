@@ -679,7 +679,7 @@ void init_cpu(py::module_& m) {
   m.def(
       "della_probs",
       [](uintptr_t x, const std::string& x_dtype, uintptr_t base, const std::string& base_dtype, int64_t numel,
-         int64_t cols, int64_t rest, double eps, double low, int threads) {
+         int64_t cols, int64_t rest, double eps, double low, int threads, uintptr_t out) -> py::object {
         const char* fn = "della_probs";
         const std::string f = "[della_probs] ";
         cpu::RankArgs a;
@@ -705,8 +705,14 @@ void init_cpu(py::module_& m) {
         a.eps = static_cast<float>(eps);
         a.low = static_cast<float>(low);
         a.threads = threads;
-        py::array_t<float> result(static_cast<py::ssize_t>(numel));
-        a.out = result.mutable_data();
+        py::object result = py::none();
+        if (out) {
+          a.out = static_cast<float*>(pointer_arg(out, numel, fn, "out"));
+        } else {
+          py::array_t<float> fresh(static_cast<py::ssize_t>(numel));
+          a.out = fresh.mutable_data();
+          result = fresh;
+        }
         {
           py::gil_scoped_release release;
           cpu::della_probs(a);
@@ -714,9 +720,10 @@ void init_cpu(py::module_& m) {
         return result;
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"), py::arg("cols"),
-      py::arg("rest"), py::arg("eps"), py::arg("low"), py::arg("threads"),
+      py::arg("rest"), py::arg("eps"), py::arg("low"), py::arg("threads"), py::arg("out") = 0,
       "float32 [numel]: DELLA's keep probabilities of a chunk of whole rows [rows, cols, rest]: the rank of\n"
       "|x - b| (fp32; base 0: b = 0) along cols, ascending, ties by index, NaN last;\n"
       "p = (rank / float(max(cols - 1, 1)) * 2) * eps + low in fp32\n"
-      "(ame_kernels.methods.task_vectors.della_probs).");
+      "(ame_kernels.methods.task_vectors.della_probs). With out (a pointer to numel fp32), written there\n"
+      "and None returned.");
 }

@@ -241,3 +241,55 @@ def test_keys_alike_in_their_high_bits(cols):
     # and ordinary bf16 task vectors of the same widths
     xb, bb = task_vectors((3, cols), "bfloat16", "bfloat16", gen)
     assert_same_bits(native(xb, bb, (3, cols), 0.3, 0.1), oracle(xb, bb, (3, cols), 0.3, 0.1), f"bf16 cols {cols}")
+
+
+@pytest.mark.parametrize("low_bits", [16, 8])
+@pytest.mark.parametrize("frac", [0.0, 0.005, 1 / 64, 1 / 64 + 0.002, 0.05, 0.5])
+@pytest.mark.parametrize("cols", [64, 2048, 5632])
+def test_keys_compressed_and_runs_resorted(low_bits, frac, cols):
+    """Keys with their low 16 (or 8) bits zero, a fraction of them moved by a few units in those
+    bits (the kernel compresses the key to its high bits when at most cols / 64 keys have low bits,
+    then re-sorts each run of one compressed key that holds such a key): ties among the zero-low
+    keys, low keys on both sides of their run and equal to each other; the same bits as numpy on
+    each side of the cols / 64 budget."""
+    gen = torch.Generator().manual_seed(low_bits * 1000 + cols + int(frac * 1e4))
+    rows = 3
+    m = torch.rand(rows, cols, generator=gen) * 4 + 0.01
+    k = m.view(torch.int32) & ~((1 << low_bits) - 1)
+    k = k & ~(((1 << 4) - 1) << low_bits)  # few distinct high keys: long runs of one compressed key
+    hit = torch.rand(rows, cols, generator=gen) < frac
+    step = torch.randint(-3, 4, (rows, cols), generator=gen, dtype=torch.int32)
+    k = torch.where(hit, k + step + 4, k)  # +1..+7 in the low bits, some equal to each other
+    x = k.view(torch.float32) * torch.where(torch.rand(rows, cols, generator=gen) < 0.5, -1.0, 1.0)
+    x[:, ::13] = 0.0
+    shape = (rows, cols)
+    assert_same_bits(native(x, None, shape, 0.4, 0.15), oracle(x, None, shape, 0.4, 0.15), f"low{low_bits} {frac}")
+    # and as a base + an ingredient that differ by those magnitudes
+    b = torch.randn(rows, cols, generator=gen)
+    assert_same_bits(native(b + x, b, shape, 0.3, 0.1), oracle(b + x, b, shape, 0.3, 0.1), "with a base")
+
+
+def test_out_buffer():
+    """della_probs_buffers(out=...) writes the given array (the engine reuses one per slot) and
+    checks it; the engine's BufferOps gives each slot's call the same bits as a fresh array."""
+    from ame_kernels.methods.run import BufferOps
+
+    gen = torch.Generator().manual_seed(9)
+    shape = (5, 300)
+    x, b = task_vectors(shape, "bfloat16", "bfloat16", gen)
+    xb, bb = x.view(torch.int16).numpy(), b.view(torch.int16).numpy()
+    out = np.full(1500, np.nan, dtype=np.float32)
+    got = della_probs_buffers(xb, "bfloat16", bb, "bfloat16", shape, 0.4, 0.1, out=out)
+    assert got is out
+    assert_same_bits(out, oracle(x, b, shape, 0.4, 0.1), "out=")
+    for bad in (np.zeros(1499, np.float32), np.zeros(1500, np.float64), np.zeros(3000, np.float32)[::2]):
+        with pytest.raises(MergeError, match="out"):
+            della_probs_buffers(xb, "bfloat16", bb, "bfloat16", shape, 0.4, 0.1, out=bad)
+    ops = BufferOps(2)
+    first = ops.della_probs((xb, "bfloat16"), (bb, "bfloat16"), shape, 0.4, 0.1, slot=0)
+    assert_same_bits(first, oracle(x, b, shape, 0.4, 0.1), "slot 0")
+    x2, b2 = task_vectors((2, 300), "bfloat16", "bfloat16", gen)  # a smaller chunk reuses the buffer
+    second = ops.della_probs((x2.view(torch.int16).numpy(), "bfloat16"), (b2.view(torch.int16).numpy(), "bfloat16"),
+                             (2, 300), 0.4, 0.1, slot=0)
+    assert np.shares_memory(first, second) and second.shape == (600,)
+    assert_same_bits(second, oracle(x2, b2, (2, 300), 0.4, 0.1), "slot 0 reused")

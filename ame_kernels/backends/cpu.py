@@ -484,11 +484,17 @@ class CpuBackend(Backend):
 
 
 def _della_call(fn: str, xptr: int, xdtype: str, bptr: int, bdtype: str, numel: int, shape: tuple, density: float,
-                epsilon: float, threads: Optional[int]) -> np.ndarray:
+                epsilon: float, threads: Optional[int], out: Optional[np.ndarray] = None) -> np.ndarray:
     from ..methods.task_vectors import della_kernel_args
 
-    return _native_call(fn, _module().della_probs, x=xptr, x_dtype=xdtype, base=bptr, base_dtype=bdtype, numel=numel,
-                        **della_kernel_args(tuple(shape), numel, density, epsilon), threads=default_threads(threads))
+    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (numel,)
+                            or not out.flags.c_contiguous or not out.flags.writeable):
+        what = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise MergeError(f"[{fn}] out: expected a writable contiguous float32 array of {numel} elements, got {what}")
+    got = _native_call(fn, _module().della_probs, x=xptr, x_dtype=xdtype, base=bptr, base_dtype=bdtype, numel=numel,
+                       **della_kernel_args(tuple(shape), numel, density, epsilon), threads=default_threads(threads),
+                       out=0 if out is None or not numel else out.ctypes.data)
+    return out if out is not None else got
 
 
 # ---------------------------------------------------------------------------- buffers
@@ -773,12 +779,13 @@ def _mask_pointers(fn: str, masks: Optional[Sequence[Any]], n: int, numel: int, 
 
 
 def della_probs_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str], shape: tuple, density: float,
-                        epsilon: float, threads: Optional[int] = None) -> np.ndarray:
+                        epsilon: float, threads: Optional[int] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
     """float32 [C]: DELLA's keep probabilities of a chunk of whole rows of a tensor of ``shape``
-    (``methods.task_vectors.della_probs``, bitwise), from the raw ingredient and base buffers."""
+    (``methods.task_vectors.della_probs``, bitwise), from the raw ingredient and base buffers;
+    written into ``out`` (float32 [C]) when given, which is returned."""
     fn = "della_probs_buffers"
     hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, [x], [dtype], base, base_dtype)
-    return _della_call(fn, ptrs[0], dtypes[0], bptr, bdtype, numel, shape, density, epsilon, threads)
+    return _della_call(fn, ptrs[0], dtypes[0], bptr, bdtype, numel, shape, density, epsilon, threads, out)
 
 
 __all__ = ["CpuBackend", "combine_buffers", "default_threads", "della_probs_buffers", "gram_buffers", "info",

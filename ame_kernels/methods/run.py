@@ -54,8 +54,9 @@ class TorchOps:
 
         return magnitudes_torch(x, b)
 
-    def della_probs(self, x, b, shape: tuple, density: float, epsilon: float):
-        """DELLA's fp32 keep probabilities of a chunk of whole rows, on x's device (the backend's)."""
+    def della_probs(self, x, b, shape: tuple, density: float, epsilon: float, slot: Optional[int] = None):
+        """DELLA's fp32 keep probabilities of a chunk of whole rows, on x's device (the backend's);
+        a fresh tensor each call (``slot`` is BufferOps' buffer hint; torch's allocator caches)."""
         return self.backend.della_probs(x, b, shape, density, epsilon, threads=self.threads)
 
     def wrap(self, a: np.ndarray, like):
@@ -99,6 +100,7 @@ class BufferOps:
         from ..backends import cpu
 
         self.cpu, self.threads = cpu, threads
+        self._probs = {}  # della_probs' output per slot, reused: fresh pages cost a fault each
 
     @staticmethod
     def _split(b):
@@ -159,10 +161,19 @@ class BufferOps:
             m = m - to_f32(*b)
         return np.abs(m)
 
-    def della_probs(self, x, b, shape: tuple, density: float, epsilon: float) -> np.ndarray:
-        """DELLA's fp32 keep probabilities of a chunk of whole rows (the native rank kernel)."""
+    def della_probs(self, x, b, shape: tuple, density: float, epsilon: float, slot: Optional[int] = None) -> np.ndarray:
+        """DELLA's fp32 keep probabilities of a chunk of whole rows (the native rank kernel). With
+        a ``slot``, written into that slot's buffer, valid until the slot's next call (the methods
+        pass the ingredient's index: a tensor's probabilities are used before the next tensor's)."""
         bb, bd = self._split(b)
-        return self.cpu.della_probs_buffers(x[0], x[1], bb, bd, shape, density, epsilon, threads=self.threads)
+        out = None
+        if slot is not None:
+            n = self.length(x)
+            buf = self._probs.get(slot)
+            if buf is None or buf.size < n:
+                buf = self._probs[slot] = np.empty(n, dtype=np.float32)
+            out = buf[:n]
+        return self.cpu.della_probs_buffers(x[0], x[1], bb, bd, shape, density, epsilon, threads=self.threads, out=out)
 
     def wrap(self, a: np.ndarray, like):
         return np.ascontiguousarray(a, dtype=np.float32)

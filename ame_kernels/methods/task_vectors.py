@@ -163,7 +163,7 @@ class TaskVectorMethod(Method):
                 if dens[i] >= 1:
                     out.append(None)
                     continue
-                out.append(ctx.ops.della_probs(x, b, shape, dens[i], eps[i]))
+                out.append(ctx.ops.della_probs(x, b, shape, dens[i], eps[i], slot=i))
             last.update(offset=offset, length=ctx.ops.length(xs[0]), probs=out)
             return out
 

@@ -1,10 +1,14 @@
-// DELLA's keep probabilities from per-line magnitude ranks (cpu/rank.h): a stable LSD
-// radix sort per line over the digits in which its keys differ, the last pass scattering
-// each entry's probability by its rank. Compiled
-// with -ffp-contract=off (CMakeLists.txt): the probability is numpy's two fp32 roundings.
+// DELLA's keep probabilities from per-line magnitude ranks (cpu/rank.h): per line, a stable
+// LSD radix sort of a compressed key (the line's exponent range only, in at most three
+// digits of up to 11 bits), the last pass writing each entry's probability by its rank into
+// an L1-resident line buffer; the few keys the compression merges are re-sorted by their
+// full key afterwards. Compiled with -ffp-contract=off (CMakeLists.txt): the probability
+// is numpy's two fp32 roundings.
 #include "cpu/rank.h"
 
 #include <algorithm>
+#include <climits>
+#include <cstring>
 #include <vector>
 
 #include "cpu/thread_pool.h"
@@ -21,42 +25,56 @@ AME_HD uint32_t mag_key(float tau) {
   return k > 0x7f800000u ? kNaNKey : k;
 }
 
-// One line's sort keys keys[c] for c in [0, cols); returns (OR, AND) of them, packed.
-template <DType XD, DType BD, bool HasBase>
-uint64_t line_keys(const void* x, const void* b, int64_t start, int64_t cols, int64_t rest, uint32_t* keys) {
-  uint32_t any = 0, all = ~0u;
-  if (rest == 1) {  // contiguous: the loop vectorizes
-    for (int64_t c = 0; c < cols; ++c) {
-      float tau = load_f32(x, XD, start + c);
-      if (HasBase) tau = tau - load_f32(b, BD, start + c);
-      const uint32_t k = mag_key(tau);
-      keys[c] = k;
-      any |= k;
-      all &= k;
-    }
-  } else {
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t g = start + c * rest;
-      float tau = load_f32(x, XD, g);
-      if (HasBase) tau = tau - load_f32(b, BD, g);
-      const uint32_t k = mag_key(tau);
-      keys[c] = k;
-      any |= k;
-      all &= k;
-    }
+// What one line's keys need for the sort: the range of its nonzero keys and how many keys
+// have bits set below bit 8 and below bit 16.
+struct LineStats {
+  uint32_t min_nz = 0;    // the smallest nonzero key (0 when every key is 0)
+  uint32_t max = 0;
+  uint32_t low8 = 0;      // keys with (k & 0xff) != 0
+  uint32_t low16 = 0;     // keys with (k & 0xffff) != 0
+};
+
+// One line's sort keys keys[c] for c in [0, cols), and their LineStats. Plain reductions
+// in signed 32-bit lanes (keys are below 2^31), so the loop vectorizes even on SSE2: the
+// smallest nonzero key is the smallest k + (2^31 - 1) taken as signed (0 wraps to the top).
+template <DType XD, DType BD, bool HasBase, bool Unit>
+LineStats line_keys(const void* x, const void* b, int64_t start, int64_t cols, int64_t rest, uint32_t* keys) {
+  int32_t lo = INT32_MAX, hi = 0;
+  uint32_t n8 = 0, n16 = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const int64_t g = Unit ? start + c : start + c * rest;
+    float tau = load_f32(x, XD, g);
+    if (HasBase) tau = tau - load_f32(b, BD, g);
+    const uint32_t k = mag_key(tau);
+    keys[c] = k;
+    lo = std::min(lo, static_cast<int32_t>(k + 0x7fffffffu));
+    hi = std::max(hi, static_cast<int32_t>(k));
+    n8 += (k & 0xffu) != 0;
+    n16 += (k & 0xffffu) != 0;
   }
-  return (static_cast<uint64_t>(any) << 32) | all;
+  LineStats st;
+  st.min_nz = static_cast<uint32_t>(lo) - 0x7fffffffu;  // ~0 + 1 = 0 when every key is 0
+  st.max = static_cast<uint32_t>(hi);
+  st.low8 = n8;
+  st.low16 = n16;
+  return st;
 }
 
-using LineKeys = uint64_t (*)(const void*, const void*, int64_t, int64_t, int64_t, uint32_t*);
+template <DType XD, DType BD, bool HasBase>
+LineStats line_keys_any(const void* x, const void* b, int64_t start, int64_t cols, int64_t rest, uint32_t* keys) {
+  return rest == 1 ? line_keys<XD, BD, HasBase, true>(x, b, start, cols, rest, keys)
+                   : line_keys<XD, BD, HasBase, false>(x, b, start, cols, rest, keys);
+}
+
+using LineKeys = LineStats (*)(const void*, const void*, int64_t, int64_t, int64_t, uint32_t*);
 
 template <DType XD>
 LineKeys pick_base(const void* base, DType bd) {
-  if (!base) return &line_keys<XD, DType::F32, false>;
+  if (!base) return &line_keys_any<XD, DType::F32, false>;
   switch (bd) {
-    case DType::BF16: return &line_keys<XD, DType::BF16, true>;
-    case DType::F16: return &line_keys<XD, DType::F16, true>;
-    default: return &line_keys<XD, DType::F32, true>;
+    case DType::BF16: return &line_keys_any<XD, DType::BF16, true>;
+    case DType::F16: return &line_keys_any<XD, DType::F16, true>;
+    default: return &line_keys_any<XD, DType::F32, true>;
   }
 }
 
@@ -68,100 +86,141 @@ LineKeys pick(const RankArgs& a) {
   }
 }
 
-// Per-worker scratch of one line: keys, two item buffers (key << 32 | index), counts.
+// The sort runs on items (c << 33 | low << 32 | index), c the line's compressed key:
+//   c(k) = 0 for k = 0, else (k >> D) - (min_nz >> D) + 1,
+// monotone in k, so a stable sort by c orders the line by key except among items of one c
+// whose keys differ below bit D; every such key has a low bit set (`low`, the item's bit 32).
+// D is 16 or 8 when at most a 64th of the keys have bits below it (bf16 / fp16 task vectors:
+// their differences have few significant bits), else 0; a run of one c holding a low item
+// is then sorted by (key, index) afterwards. c needs fewer bits than the key (the line's
+// exponent range, not the format's), so the LSD sort takes fewer, wider digits.
+constexpr int kLowBit = 32;
+constexpr int kCBit = 33;
+constexpr int kMaxDigit = 11;  // digit width: 2048 counters stay in L1
+
+// Per-worker scratch of one line: keys, two item buffers, counters, low positions.
 struct Scratch {
   std::vector<uint32_t> keys;
   std::vector<uint64_t> a, b;
+  std::vector<uint32_t> cnt;        // [digits][1 << width]
+  std::vector<uint32_t> low_pos;    // final positions of the low items
+  std::vector<uint64_t> run;        // one run's (key << 32 | index)
+  std::vector<float> prob;          // the line's probabilities by index
 };
 
-// The line is scattered as kStreams interleaved streams (stream q: items [q h, (q + 1) h),
-// the last one to n), each with its own write positions: a run of one digit (an exponent
-// byte) then does not chain every item on one counter. Stable: stream q's items of a digit
-// go after those of the streams before it, each stream in index order.
-constexpr int kStreams = 4;
+AME_HD int bit_width(uint32_t v) { return v ? 32 - __builtin_clz(v) : 0; }
 
-struct Offsets {
-  uint32_t pos[kStreams][256];
-};
-
-// Write positions of the digit of the items at(0..n-1) (n >= kStreams), per stream of h = n / kStreams.
-template <class Digit>
-AME_HD void digit_offsets(int64_t n, int64_t h, Digit digit, Offsets& o) {
-  uint32_t cnt[kStreams][256];
-  std::fill(&cnt[0][0], &cnt[0][0] + kStreams * 256, 0u);
-  for (int64_t i = 0; i < h; ++i)
-    for (int q = 0; q < kStreams; ++q) ++cnt[q][digit(q * h + i)];
-  for (int64_t i = kStreams * h; i < n; ++i) ++cnt[kStreams - 1][digit(i)];
-  uint32_t sum = 0;
-  for (int v = 0; v < 256; ++v)
-    for (int q = 0; q < kStreams; ++q) {
-      o.pos[q][v] = sum;
-      sum += cnt[q][v];
+// Each run of one c that holds a low item, sorted by (key, index): its probabilities rewritten.
+void fix_runs(const uint32_t* keys, const uint64_t* sorted, int64_t cols, const float* table, float* prob, Scratch& s) {
+  std::sort(s.low_pos.begin(), s.low_pos.end());
+  int64_t done = 0;  // runs end before this position
+  for (const uint32_t at : s.low_pos) {
+    if (at < done) continue;
+    const uint64_t ck = sorted[at] >> kCBit;
+    int64_t lo = at, hi = at + 1;
+    while (lo > 0 && (sorted[lo - 1] >> kCBit) == ck) --lo;
+    while (hi < cols && (sorted[hi] >> kCBit) == ck) ++hi;
+    done = hi;
+    s.run.clear();
+    for (int64_t j = lo; j < hi; ++j) {
+      const uint32_t idx = static_cast<uint32_t>(sorted[j]);
+      s.run.push_back((static_cast<uint64_t>(keys[idx]) << 32) | idx);
     }
-}
-
-// One scatter pass over the streams: item(i) -> where(item, pos[q][digit(item)]++).
-template <class Item, class Digit, class Put>
-AME_HD void scatter(int64_t n, int64_t h, Offsets& o, Item item, Digit digit, Put put) {
-  for (int64_t i = 0; i < h; ++i) {
-    for (int q = 0; q < kStreams; ++q) {
-      const int64_t j = q * h + i;
-      const auto it = item(j);
-      put(it, o.pos[q][digit(it)]++);
-    }
-  }
-  for (int64_t j = kStreams * h; j < n; ++j) {
-    const auto it = item(j);
-    put(it, o.pos[kStreams - 1][digit(it)]++);
+    std::sort(s.run.begin(), s.run.end());
+    for (int64_t j = lo; j < hi; ++j) prob[static_cast<uint32_t>(s.run[j - lo])] = table[j];
   }
 }
 
-// One line: out[c * rest] = table[rank of keys[c]], the rank from a stable LSD radix sort
-// over the 8-bit digits in which the keys differ (the others order nothing).
-void rank_line(const uint32_t* keys, uint32_t varying, int64_t cols, int64_t rest, const float* table, float* out,
-               Scratch& s) {
-  int digits[4], nd = 0;
-  for (int d = 0; d < 4; ++d)
-    if ((varying >> (8 * d)) & 255u) digits[nd++] = 8 * d;
-  if (nd == 0 || cols < kStreams) {  // every key equal (index order), or a line too short to stream
-    if (nd == 0) {
-      for (int64_t c = 0; c < cols; ++c) out[c * rest] = table[c];
-      return;
-    }
-    for (int64_t c = 0; c < cols; ++c) {  // cols < 4: count what is smaller or equal earlier
-      int64_t r = 0;
-      for (int64_t e = 0; e < cols; ++e) r += keys[e] < keys[c] || (keys[e] == keys[c] && e < c);
-      out[c * rest] = table[r];
-    }
-    return;
-  }
-  const int64_t h = cols / kStreams;
-  Offsets o;
+// The LSD passes over P digits of `width` bits of c: the items from the keys (a loop that
+// vectorizes), every digit's counts in one read of them, then one scatter per digit; the
+// last writes each entry's probability by its rank into the line's
+// buffer prob[] (L1-resident, copied out afterwards), and with low items also keeps the
+// sorted items and the low items' positions. Returns the sorted items (valid with low items).
+template <int P>
+uint64_t* radix_passes(const uint32_t* keys, int D, uint32_t c0, int width, int64_t cols, const float* table,
+                       float* prob, bool any_low, Scratch& s) {
+  const uint32_t nb = 1u << width, dmask = nb - 1u;
+  const uint32_t low_mask = (1u << D) - 1u;
+  uint32_t* cnt = s.cnt.data();
   uint64_t* src = s.a.data();
   uint64_t* dst = s.b.data();
-  // the first digit reads the keys (index = position); the last writes the probabilities; the
-  // streams' positions are counted on the order each pass reads
-  auto key_item = [&](int64_t c) { return (static_cast<uint64_t>(keys[c]) << 32) | static_cast<uint64_t>(c); };
-  auto src_item = [&](int64_t i) { return src[i]; };
-  auto put_prob = [&](uint64_t it, uint32_t r) { out[static_cast<int64_t>(static_cast<uint32_t>(it)) * rest] = table[r]; };
-  auto put_dst = [&](uint64_t it, uint32_t r) { dst[r] = it; };
-  for (int j = 0; j < nd; ++j) {
-    const int sh = 32 + digits[j];
-    auto digit = [sh](uint64_t it) { return static_cast<uint32_t>(it >> sh) & 255u; };
-    if (j == 0) {
-      digit_offsets(cols, h, [&](int64_t c) { return (keys[c] >> digits[0]) & 255u; }, o);
-      if (nd == 1)
-        scatter(cols, h, o, key_item, digit, put_prob);
-      else
-        scatter(cols, h, o, key_item, digit, put_dst);
+  for (int64_t c = 0; c < cols; ++c) {  // the items, in index order (vectorizes)
+    const uint32_t k = keys[c];
+    const uint32_t ck = k ? (k >> D) - c0 : 0u;
+    src[c] = (static_cast<uint64_t>(ck) << kCBit) | (static_cast<uint64_t>((k & low_mask) != 0) << kLowBit) |
+             static_cast<uint64_t>(c);
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint32_t ck = static_cast<uint32_t>(src[c] >> kCBit);
+    ++cnt[ck & dmask];
+    if (P > 1) ++cnt[nb + ((ck >> width) & dmask)];
+    if (P > 2) ++cnt[2 * nb + ((ck >> (2 * width)) & dmask)];
+  }
+  for (int p = 0; p < P; ++p) {  // counts -> first positions
+    uint32_t* q = cnt + p * nb;
+    uint32_t sum = 0;
+    for (uint32_t v = 0; v < nb; ++v) {
+      const uint32_t t = q[v];
+      q[v] = sum;
+      sum += t;
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    uint32_t* pos = cnt + p * nb;
+    const int sh = kCBit + p * width;
+    if (p < P - 1) {
+      for (int64_t i = 0; i < cols; ++i) {
+        const uint64_t it = src[i];
+        dst[pos[(it >> sh) & dmask]++] = it;
+      }
+    } else if (!any_low) {
+      for (int64_t i = 0; i < cols; ++i) {
+        const uint64_t it = src[i];
+        prob[static_cast<uint32_t>(it)] = table[pos[(it >> sh) & dmask]++];
+      }
     } else {
-      digit_offsets(cols, h, [&](int64_t i) { return digit(src[i]); }, o);
-      if (j == nd - 1)
-        scatter(cols, h, o, src_item, digit, put_prob);
-      else
-        scatter(cols, h, o, src_item, digit, put_dst);
+      for (int64_t i = 0; i < cols; ++i) {
+        const uint64_t it = src[i];
+        const uint32_t r = pos[(it >> sh) & dmask]++;
+        dst[r] = it;
+        prob[static_cast<uint32_t>(it)] = table[r];
+        if (it & (1ull << kLowBit)) s.low_pos.push_back(r);
+      }
     }
     std::swap(src, dst);
+  }
+  return src;
+}
+
+// One line: out[c * rest] = table[rank of keys[c]] (ascending key, ties by index).
+void rank_line(const uint32_t* keys, const LineStats& st, int64_t cols, int64_t rest, const float* table, float* out,
+               Scratch& s) {
+  float* prob = s.prob.data();
+  if (st.max == 0 || cols < 2) {  // every key 0 (or one entry): index order
+    for (int64_t c = 0; c < cols; ++c) out[c * rest] = table[c];
+    return;
+  }
+  const int64_t budget = cols / 64;
+  const int D = st.low16 <= budget ? 16 : st.low8 <= budget ? 8 : 0;
+  const uint32_t c0 = (st.min_nz >> D) - 1u;  // c(k) = (k >> D) - c0 for k != 0
+  const int bits = bit_width((st.max >> D) - c0);
+  const int wmax = std::max(4, std::min(kMaxDigit, bit_width(static_cast<uint32_t>(cols)) + 1));
+  const int passes = std::min(3, (bits + wmax - 1) / wmax);  // bits <= 31: width <= 11
+  const int width = (bits + passes - 1) / passes;
+  s.cnt.assign(static_cast<size_t>(passes) << width, 0u);
+  const bool any_low = D > 0 && (D == 16 ? st.low16 : st.low8) > 0;
+  s.low_pos.clear();
+  uint64_t* dst = nullptr;
+  switch (passes) {
+    case 1: dst = radix_passes<1>(keys, D, c0, width, cols, table, prob, any_low, s); break;
+    case 2: dst = radix_passes<2>(keys, D, c0, width, cols, table, prob, any_low, s); break;
+    default: dst = radix_passes<3>(keys, D, c0, width, cols, table, prob, any_low, s); break;
+  }
+  if (any_low) fix_runs(keys, dst, cols, table, prob, s);
+  if (rest == 1) {
+    std::memcpy(out, prob, static_cast<size_t>(cols) * sizeof(float));
+  } else {
+    for (int64_t c = 0; c < cols; ++c) out[c * rest] = prob[c];
   }
 }
 
@@ -191,13 +250,13 @@ void della_probs(const RankArgs& a) {
       s.keys.resize(static_cast<size_t>(cols));
       s.a.resize(static_cast<size_t>(cols));
       s.b.resize(static_cast<size_t>(cols));
+      s.prob.resize(static_cast<size_t>(cols));
     }
     const int64_t l_end = std::min(lines, (task + 1) * per_task);
     for (int64_t l = task * per_task; l < l_end; ++l) {
       const int64_t start = (l / rest) * cols * rest + l % rest;
-      const uint64_t any_all = keys_of(a.x, a.base, start, cols, rest, s.keys.data());
-      const uint32_t varying = static_cast<uint32_t>(any_all >> 32) ^ static_cast<uint32_t>(any_all);
-      rank_line(s.keys.data(), varying, cols, rest, table.data(), a.out + start, s);
+      const LineStats st = keys_of(a.x, a.base, start, cols, rest, s.keys.data());
+      rank_line(s.keys.data(), st, cols, rest, table.data(), a.out + start, s);
     }
   });
 }

@@ -10,8 +10,12 @@
 //   norm = float(rank) / float(max(cols - 1, 1));  p = (norm * 2) * eps + low
 // where eps = float32(epsilon) and low = float32(density - epsilon).
 //
-// The ranks come from a row-local LSD radix sort (four 8-bit digits, a digit every entry
-// shares skipped) of (fp32 bits of m) << 32 | index: stable, so ties stay in index order.
+// The ranks come from a row-local stable LSD radix sort (ties stay in index order) of a
+// compressed key c = (k >> D) - (smallest nonzero k >> D) + 1 (0 for k = 0), k the fp32 bits
+// of m: D = 16 or 8 where at most a 64th of the line's keys have bits below it (task vectors
+// of bf16 / fp16 models have few significant bits), else 0; the runs of one c whose keys
+// differ below D are then sorted by (k, index). c spans the line's exponent range only, so
+// it takes two 10-bit digits where the full key took four bytes.
 // Lines are split over the thread pool; the result depends on neither threads nor order.
 #pragma once
 #include <cstdint>
