@@ -232,6 +232,36 @@ int64_t combine_pass(cpu::CombineArgs& a, CombineHold& h, const char* fn, int64_
 }
 
 
+// DELLA's rank arguments (della_probs, della_masks), checked.
+cpu::RankArgs rank_args(const char* fn, uintptr_t x, const std::string& x_dtype, uintptr_t base,
+                        const std::string& base_dtype, int64_t numel, int64_t cols, int64_t rest, double eps,
+                        double low, int threads) {
+  const std::string f = std::string("[") + fn + "] ";
+  cpu::RankArgs a;
+  AME_CHECK(numel >= 0, f + "numel: must be >= 0, got " + std::to_string(numel));
+  AME_CHECK(cols >= 1 && cols < (int64_t{1} << 32), f + "cols: must be in [1, 2^32), got " + std::to_string(cols));
+  AME_CHECK(rest >= 1, f + "rest: must be >= 1, got " + std::to_string(rest));
+  AME_CHECK(numel % cols == 0 && (numel / cols) % rest == 0,
+            f + "numel: " + std::to_string(numel) + " is not a whole number of rows of cols x rest = " +
+                std::to_string(cols) + " x " + std::to_string(rest));
+  AME_CHECK(static_cast<double>(static_cast<float>(eps)) == eps,
+            f + "eps: must be a float32 value (float32(epsilon)), got " + std::to_string(eps));
+  AME_CHECK(static_cast<double>(static_cast<float>(low)) == low,
+            f + "low: must be a float32 value (float32(density - epsilon)), got " + std::to_string(low));
+  AME_CHECK(threads >= 1, f + "threads: must be >= 1, got " + std::to_string(threads));
+  a.numel = numel;
+  a.cols = cols;
+  a.rest = rest;
+  a.x = pointer_arg(x, numel, fn, "x");
+  a.x_dtype = dtype_arg(x_dtype, fn, "x_dtype");
+  a.base = reinterpret_cast<const void*>(base);
+  a.base_dtype = dtype_arg(base_dtype, fn, "base_dtype");
+  a.eps = static_cast<float>(eps);
+  a.low = static_cast<float>(low);
+  a.threads = threads;
+  return a;
+}
+
 }  // namespace
 
 void init_cpu(py::module_& m) {
@@ -474,7 +504,7 @@ void init_cpu(py::module_& m) {
          const py::array& scale, const py::array& top_mag, const py::array& top_idx, const py::array& end_mag,
          const py::array& end_idx, const py::array& density, const std::vector<uintptr_t>& probs, uint64_t seed,
          int64_t name_key, int elect, bool normalize, double lam, bool inv_prob, int threads,
-         const std::vector<uintptr_t>& masks_out, const std::string& simd) {
+         const std::vector<uintptr_t>& masks_out, const std::string& simd, const std::vector<uintptr_t>& masks_in) {
         const char* fn = "kept_l1";
         cpu::CombineArgs a;
         CombineHold h;
@@ -483,6 +513,8 @@ void init_cpu(py::module_& m) {
                          name_key, elect, normalize, lam, inv_prob, threads);
         const std::vector<uint8_t*> mout = masks_arg(masks_out, a.n, fn, "masks_out");
         if (!mout.empty()) a.masks_out = mout.data();
+        const std::vector<uint8_t*> min = masks_arg(masks_in, a.n, fn, "masks_in");
+        if (!min.empty()) a.masks_in = min.data();
         const SimdLevel level = simd_arg(simd, fn);
         py::array_t<double> result({static_cast<py::ssize_t>(a.n), static_cast<py::ssize_t>(2)});
         double* out = result.mutable_data();
@@ -496,11 +528,12 @@ void init_cpu(py::module_& m) {
       py::arg("offset"), py::arg("weight"), py::arg("scale"), py::arg("top_mag"), py::arg("top_idx"),
       py::arg("end_mag"), py::arg("end_idx"), py::arg("density"), py::arg("probs"), py::arg("seed"),
       py::arg("name_key"), py::arg("elect"), py::arg("normalize"), py::arg("lam"), py::arg("inv_prob"),
-      py::arg("threads"), py::arg("masks_out"), py::arg("simd"),
+      py::arg("threads"), py::arg("masks_out"), py::arg("simd"), py::arg("masks_in") = std::vector<uintptr_t>{},
       "float64 [N, 2]: per ingredient (sum |tau_i|, sum over kept entries |tau_i|) under the combine plan's\n"
       "masks (ame_kernels.methods.stats.kept_l1_torch); arguments as combine's, without out. masks_out: [] or N\n"
       "pointers (0: none) of ceil(numel / 8) bytes that receive each ingredient's keep mask (bit j % 8 of byte\n"
-      "j / 8), for combine's masks_in.");
+      "j / 8), for combine's masks_in; masks_in: the same layout, the keep bits of the ingredients that have one\n"
+      "(della_masks), in place of their window and draw.");
 
   m.def(
       "magnitude_sample",
@@ -681,30 +714,7 @@ void init_cpu(py::module_& m) {
       [](uintptr_t x, const std::string& x_dtype, uintptr_t base, const std::string& base_dtype, int64_t numel,
          int64_t cols, int64_t rest, double eps, double low, int threads, uintptr_t out) -> py::object {
         const char* fn = "della_probs";
-        const std::string f = "[della_probs] ";
-        cpu::RankArgs a;
-        AME_CHECK(numel >= 0, f + "numel: must be >= 0, got " + std::to_string(numel));
-        AME_CHECK(cols >= 1 && cols < (int64_t{1} << 32),
-                  f + "cols: must be in [1, 2^32), got " + std::to_string(cols));
-        AME_CHECK(rest >= 1, f + "rest: must be >= 1, got " + std::to_string(rest));
-        AME_CHECK(numel % cols == 0 && (numel / cols) % rest == 0,
-                  f + "numel: " + std::to_string(numel) + " is not a whole number of rows of cols x rest = " +
-                      std::to_string(cols) + " x " + std::to_string(rest));
-        AME_CHECK(static_cast<double>(static_cast<float>(eps)) == eps,
-                  f + "eps: must be a float32 value (float32(epsilon)), got " + std::to_string(eps));
-        AME_CHECK(static_cast<double>(static_cast<float>(low)) == low,
-                  f + "low: must be a float32 value (float32(density - epsilon)), got " + std::to_string(low));
-        AME_CHECK(threads >= 1, f + "threads: must be >= 1, got " + std::to_string(threads));
-        a.numel = numel;
-        a.cols = cols;
-        a.rest = rest;
-        a.x = pointer_arg(x, numel, fn, "x");
-        a.x_dtype = dtype_arg(x_dtype, fn, "x_dtype");
-        a.base = reinterpret_cast<const void*>(base);
-        a.base_dtype = dtype_arg(base_dtype, fn, "base_dtype");
-        a.eps = static_cast<float>(eps);
-        a.low = static_cast<float>(low);
-        a.threads = threads;
+        cpu::RankArgs a = rank_args(fn, x, x_dtype, base, base_dtype, numel, cols, rest, eps, low, threads);
         py::object result = py::none();
         if (out) {
           a.out = static_cast<float*>(pointer_arg(out, numel, fn, "out"));
@@ -726,4 +736,36 @@ void init_cpu(py::module_& m) {
       "p = (rank / float(max(cols - 1, 1)) * 2) * eps + low in fp32\n"
       "(ame_kernels.methods.task_vectors.della_probs). With out (a pointer to numel fp32), written there\n"
       "and None returned.");
+
+  m.def(
+      "della_masks",
+      [](uintptr_t x, const std::string& x_dtype, uintptr_t base, const std::string& base_dtype, int64_t numel,
+         int64_t cols, double eps, double low, uint64_t seed, int64_t name_key, int ingredient, int64_t offset,
+         uintptr_t bits, int threads, const std::string& simd) {
+        const char* fn = "della_masks";
+        const std::string f = "[della_masks] ";
+        const cpu::RankArgs a = rank_args(fn, x, x_dtype, base, base_dtype, numel, cols, 1, eps, low, threads);
+        cpu::MaskArgs m;
+        AME_CHECK(name_key >= 0 && name_key <= 0xFFFFFFFFll,
+                  f + "name_key: must be a 32-bit unsigned value, got " + std::to_string(name_key));
+        AME_CHECK(ingredient >= 0, f + "ingredient: must be >= 0, got " + std::to_string(ingredient));
+        AME_CHECK(offset >= 0, f + "offset: must be >= 0, got " + std::to_string(offset));
+        AME_CHECK(numel == 0 || bits, f + "bits: a pointer to ceil(numel / 8) bytes is required");
+        m.seed = seed;
+        m.name_key = static_cast<uint32_t>(name_key);
+        m.ingredient = static_cast<uint32_t>(ingredient);
+        m.offset = offset;
+        m.bits = reinterpret_cast<uint8_t*>(bits);
+        m.level = simd_arg(simd, fn);
+        {
+          py::gil_scoped_release release;
+          cpu::della_masks(a, m);
+        }
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"), py::arg("cols"),
+      py::arg("eps"), py::arg("low"), py::arg("seed"), py::arg("name_key"), py::arg("ingredient"), py::arg("offset"),
+      py::arg("bits"), py::arg("threads"), py::arg("simd"),
+      "DELLA's keep bits of a chunk of whole contiguous rows [rows, cols] into bits (ceil(numel / 8) bytes, bit\n"
+      "j % 8 of byte j / 8): u_j < p_j with u_j = philox_uniform(seed, name_key, ingredient, offset + j) and p_j\n"
+      "della_probs' probability, bit for bit (ame_kernels.methods.combine.keep_masks with those probs).");
 }

@@ -743,10 +743,12 @@ def gram_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_d
 
 def kept_l1_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_dtype: Optional[str], plan: Any,
                     offset: int = 0, probs: Optional[Sequence[Any]] = None, threads: Optional[int] = None,
-                    simd: str = "auto", masks: Optional[Sequence[Any]] = None) -> np.ndarray:
+                    simd: str = "auto", masks: Optional[Sequence[Any]] = None,
+                    masks_in: Optional[Sequence[Any]] = None) -> np.ndarray:
     """float64[N, 2]: (sum |tau_i|, sum over kept |tau_i|) under ``plan``'s masks (``methods.stats.kept_l1_torch``).
     masks: None or N writable uint8 arrays (or None entries) of ceil(C / 8) bytes that receive each
-    ingredient's keep mask, for ``combine_buffers(masks=...)``."""
+    ingredient's keep mask, for ``combine_buffers(masks=...)``; masks_in: the same layout, the keep bits
+    of the ingredients that already have them (``della_masks_buffers``), read instead of drawn."""
     fn = "kept_l1_buffers"
     plan = _check_combine_plan(fn, plan, inputs)
     hold, ptrs, dts, bptr, bdtype, numel = _buffer_sources(fn, inputs, dtypes, base, base_dtype)
@@ -754,7 +756,8 @@ def kept_l1_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, bas
         fn, _module().kept_l1, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype, numel=numel,
         offset=_check_offset(fn, offset), probs=_buffer_probs(fn, probs, plan.n, numel, hold),
         threads=default_threads(threads), masks_out=_mask_pointers(fn, masks, plan.n, numel, writable=True),
-        simd=resolve_simd(simd), **plan.kernel_kwargs(),
+        simd=resolve_simd(simd), masks_in=_mask_pointers(fn, masks_in, plan.n, numel, writable=False),
+        **plan.kernel_kwargs(),
     )
 
 
@@ -788,6 +791,36 @@ def della_probs_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str]
     return _della_call(fn, ptrs[0], dtypes[0], bptr, bdtype, numel, shape, density, epsilon, threads, out)
 
 
-__all__ = ["CpuBackend", "combine_buffers", "default_threads", "della_probs_buffers", "gram_buffers", "info",
+def della_masks_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str], shape: tuple, density: float,
+                        epsilon: float, seed: int, name_key: int, ingredient: int, offset: int = 0,
+                        threads: Optional[int] = None, simd: str = "auto",
+                        out: Optional[np.ndarray] = None) -> np.ndarray:
+    """uint8 [ceil(C / 8)]: DELLA's keep bits of a chunk of whole contiguous rows of a tensor of
+    ``shape`` (bit j % 8 of byte j / 8): philox_uniform(seed, name_key, ingredient, offset + j) <
+    ``della_probs``' p_j, bit for bit, mostly decided from bucket counts without a sort (csrc/cpu/rank.h);
+    written into ``out`` when given. For methods that need the mask only (DELLA's L1 rescale)."""
+    from ..methods.task_vectors import della_kernel_args
+
+    fn = "della_masks_buffers"
+    hold, ptrs, dtypes, bptr, bdtype, numel = _buffer_sources(fn, [x], [dtype], base, base_dtype)
+    args = della_kernel_args(tuple(shape), numel, density, epsilon)
+    if args.pop("rest") != 1:
+        raise MergeError(f"[{fn}] shape {tuple(shape)}: rows must be contiguous (no dims after dim 1)")
+    nbytes = -(-numel // 8)
+    if out is None:
+        out = np.empty(nbytes, dtype=np.uint8)
+    elif not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (nbytes,)
+              and out.flags.c_contiguous and out.flags.writeable):
+        raise MergeError(f"[{fn}] out: expected a writable contiguous uint8 array of {nbytes} bytes")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise MergeError(f"[{fn}] seed: must be an integer in [0, 2^64), got {seed!r}")
+    _native_call(fn, _module().della_masks, x=ptrs[0], x_dtype=dtypes[0], base=bptr, base_dtype=bdtype, numel=numel,
+                 **args, seed=int(seed), name_key=int(name_key), ingredient=int(ingredient),
+                 offset=_check_offset(fn, offset), bits=out.ctypes.data if nbytes else 0,
+                 threads=default_threads(threads), simd=resolve_simd(simd))
+    return out
+
+
+__all__ = ["CpuBackend", "combine_buffers", "default_threads", "della_masks_buffers", "della_probs_buffers", "gram_buffers", "info",
            "kept_l1_buffers", "magnitude_bracket_buffers", "magnitude_histogram_buffers", "magnitude_sample_buffers", "resolve_exact",
            "resolve_simd", "transform_buffers", "whole_run_buffers"]

@@ -78,6 +78,16 @@ def name_key(name: str) -> int:
     return h
 
 
+@dataclass(frozen=True)
+class KeepBits:
+    """An ingredient's keep mask of one chunk, already drawn, where its keep probabilities would go in
+    a probs list: bit j % 8 of byte j / 8 for chunk element j, exactly what the pass would draw from
+    those probabilities (``cpu.della_masks_buffers``). For passes that need the mask only (no
+    ``inv_prob``); the cpu buffer ops read it as the kernels' ``masks_in``."""
+
+    bits: np.ndarray
+
+
 @dataclass
 class CombinePlan:
     """One tensor's combine pass: per-ingredient float32/int64 arrays of length N and scalars."""

@@ -14,12 +14,14 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import numpy as np
 
 from .base import Method, TensorContext
-from .combine import CombinePlan
+from .combine import CombinePlan, KeepBits
 from .params import Params
 
 
 class TorchOps:
     """Chunk handles are flat torch tensors on the backend's device."""
+
+    draws_bits = False  # no della_bits: DELLA's masks come from della_probs
 
     def __init__(self, backend: Any, threads: Optional[int] = None):
         self.backend, self.threads = backend, threads
@@ -101,6 +103,7 @@ class BufferOps:
 
         self.cpu, self.threads = cpu, threads
         self._probs = {}  # della_probs' output per slot, reused: fresh pages cost a fault each
+        self._bits = {}   # della_bits', likewise
 
     @staticmethod
     def _split(b):
@@ -127,15 +130,20 @@ class BufferOps:
     def kept_l1(self, xs, b, plan: CombinePlan, offset: int, probs) -> np.ndarray:
         """The L1 sums; the drawn keep masks of this chunk are kept on the plan (``notes['keep_masks']``,
         the last chunk's only: N x chunk / 8 bytes at most), so that the combine pass of the same chunk
-        reads them instead of drawing Philox a second time (the same bits)."""
+        reads them instead of drawing Philox a second time (the same bits). ``KeepBits`` entries of
+        probs are read as they are."""
         bb, bd = self._split(b)
         c = self.length(xs[0])
-        draws = [plan.density[i] < 1 or (probs is not None and probs[i] is not None) for i in range(plan.n)]
+        probs, given = _split_bits(probs, plan.n)
+        draws = [given is None or given[i] is None for i in range(plan.n)]
+        draws = [d and (plan.density[i] < 1 or (probs is not None and probs[i] is not None)) for i, d in enumerate(draws)]
         masks = [np.empty(-(-c // 8), dtype=np.uint8) if d else None for d in draws] if any(draws) else None
         l1 = self.cpu.kept_l1_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, plan, offset, probs,
-                                      threads=self.threads, masks=masks)
-        if masks is not None:
-            plan.notes["keep_masks"] = (offset, c, masks)
+                                      threads=self.threads, masks=masks, masks_in=given)
+        if masks is not None or given is not None:
+            kept = [(given[i] if given is not None and given[i] is not None else (masks[i] if masks else None))
+                    for i in range(plan.n)]
+            plan.notes["keep_masks"] = (offset, c, kept)
         return l1
 
     @staticmethod
@@ -160,6 +168,21 @@ class BufferOps:
         if b is not None:
             m = m - to_f32(*b)
         return np.abs(m)
+
+    draws_bits = True  # della_bits: the cpu kernel's keep bits without probabilities
+
+    def della_bits(self, x, b, shape: tuple, density: float, epsilon: float, seed: int, key: int, ingredient: int,
+                   offset: int) -> KeepBits:
+        """DELLA's keep bits of ingredient ``ingredient`` on a chunk of whole contiguous rows (what the
+        pass would draw from ``della_probs`` under a plan of this seed and name key), in that
+        ingredient's reused buffer."""
+        bb, bd = self._split(b)
+        n = -(-self.length(x) // 8)
+        buf = self._bits.get(ingredient)
+        if buf is None or buf.size < n:
+            buf = self._bits[ingredient] = np.empty(n, dtype=np.uint8)
+        bits = self.cpu.della_masks_buffers(x[0], x[1], bb, bd, shape, density, epsilon, seed, key, ingredient, offset, threads=self.threads, out=buf[:n])
+        return KeepBits(bits)
 
     def della_probs(self, x, b, shape: tuple, density: float, epsilon: float, slot: Optional[int] = None) -> np.ndarray:
         """DELLA's fp32 keep probabilities of a chunk of whole rows (the native rank kernel). With
@@ -197,14 +220,27 @@ class BufferOps:
         if rows is not False:
             return rows
         bb, bd = self._split(b)
+        probs, given = _split_bits(probs, plan.n)
+        masks = self._masks(plan, offset, self.length(xs[0]))
+        if given is not None:
+            masks = [g if g is not None else (masks[i] if masks else None) for i, g in enumerate(given)]
         return self.cpu.combine_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, out[0], out[1], plan, offset,
-                                        probs, threads=self.threads, masks=self._masks(plan, offset, self.length(xs[0])))
+                                        probs, threads=self.threads, masks=masks)
 
     def transform(self, xs, b, outs, plan: CombinePlan, offset: int) -> int:
         """The transform pass into ``outs`` (float32 numpy arrays); the count of Inf/NaN written."""
         bb, bd = self._split(b)
         return self.cpu.transform_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, outs, plan, offset,
                                           threads=self.threads, masks=self._masks(plan, offset, self.length(xs[0])))
+
+
+def _split_bits(probs, n: int):
+    """(probs with None for the KeepBits entries, the KeepBits' arrays or None where an entry has
+    none; None when no entry is KeepBits)."""
+    if probs is None or not any(isinstance(p, KeepBits) for p in probs):
+        return probs, None
+    return ([None if isinstance(p, KeepBits) else p for p in probs],
+            [p.bits if isinstance(p, KeepBits) else None for p in probs])
 
 
 def combine_rows(ops, xs, b, out, plan: CombinePlan, offset: int, probs):

@@ -154,6 +154,10 @@ class TaskVectorMethod(Method):
         # the last chunk's probabilities, kept on the tensor's context: plan's statistics pass and the
         # combine pass each ask for a probs function, and a one-chunk tensor's combine reuses them
         last = ctx.memo.setdefault(("della_probs", tuple(dens), tuple(eps)), {})
+        # where the pass needs the mask only (not the inverse rescale) and the ops draw it, the keep
+        # bits themselves (KeepBits), decided mostly without ranking every entry
+        bits = ctx.ops.draws_bits and self.rescale_mode(p) != "inverse" and _rows(shape, ctx.numel)[2] == 1
+        seed, key = int(p.get("seed", 0)) & 0xFFFFFFFFFFFFFFFF, name_key(ctx.name)  # as the plan holds them
 
         def probs(offset, xs, b):
             if last.get("offset") == offset and last.get("length") == ctx.ops.length(xs[0]):
@@ -163,7 +167,10 @@ class TaskVectorMethod(Method):
                 if dens[i] >= 1:
                     out.append(None)
                     continue
-                out.append(ctx.ops.della_probs(x, b, shape, dens[i], eps[i], slot=i))
+                if bits:
+                    out.append(ctx.ops.della_bits(x, b, shape, dens[i], eps[i], seed, key, i, offset))
+                else:
+                    out.append(ctx.ops.della_probs(x, b, shape, dens[i], eps[i], slot=i))
             last.update(offset=offset, length=ctx.ops.length(xs[0]), probs=out)
             return out
 

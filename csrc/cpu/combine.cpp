@@ -42,6 +42,9 @@ void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint3
   AME_COMBINE_DISPATCH(magnitude_bracket, a, counts, bits, idx)
 }
 void kept_l1(const CombineArgs& a, double* out, SimdLevel level) { AME_COMBINE_DISPATCH(kept_l1, a, out) }
+void uniforms(uint64_t g0, int64_t n, uint32_t i, uint32_t k0, uint32_t k1, float* out, SimdLevel level) {
+  AME_COMBINE_DISPATCH(uniforms, g0, n, i, k0, k1, out)
+}
 
 #undef AME_COMBINE_DISPATCH
 

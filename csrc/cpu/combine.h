@@ -126,8 +126,12 @@ void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint3
 // faulted in by both). Scalar: a gather; no SIMD level.
 void magnitude_sample(const void* x, DType x_dtype, const void* base, DType base_dtype, const int64_t* pos,
                       int64_t n, uint32_t* out, int threads);
-// kept_l1 reads a's plan, inputs and base (out is not used); writes out [n][2].
+// kept_l1 reads a's plan, inputs and base (out is not used); writes out [n][2]. An ingredient
+// with masks_in[i] takes its keep bits from there (as combine does) instead of its window and draw.
 void kept_l1(const CombineArgs& a, double* out, SimdLevel level);
+// out[j] = the keep masks' uniform of ingredient i at global index g0 + j, j < n
+// (methods.combine.philox_uniform; the key words k0, k1 as Prep makes them), bitwise at every level.
+void uniforms(uint64_t g0, int64_t n, uint32_t i, uint32_t k0, uint32_t k1, float* out, SimdLevel level);
 
 #define AME_DECLARE_COMBINE_LEVEL(ns)                        \
   namespace ns {                                             \
@@ -138,6 +142,7 @@ void kept_l1(const CombineArgs& a, double* out, SimdLevel level);
   void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits, \
                          std::vector<int64_t>* idx);                                         \
   void kept_l1(const CombineArgs& a, double* out);           \
+  void uniforms(uint64_t g0, int64_t n, uint32_t i, uint32_t k0, uint32_t k1, float* out); \
   }
 AME_DECLARE_COMBINE_LEVEL(scalar)
 AME_DECLARE_COMBINE_LEVEL(avx2)

@@ -894,6 +894,7 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
     const int64_t whole = t0 + (t1 - t0) / kLanes * kLanes;
     for (int i = 0; i < n; ++i) {  // per ingredient: its 2 x kLanes sums in registers over the task
       uint8_t* mo = a.masks_out ? a.masks_out[i] : nullptr;
+      const uint8_t* mi = a.masks_in ? a.masks_in[i] : nullptr;
       GramVec s_lo{}, s_hi{}, k_lo{}, k_hi{};
       for (int64_t jg = t0; jg < whole; jg += kLanes) {
         for (int v = 0; v < kLanes; v += OpsV::W) {
@@ -902,7 +903,10 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
           const F tau = OpsV::sub(OpsV::load(a.inputs[i], a.input_dtypes[i], jj), b);
           M keep;
           F p;
-          keep_mask<OpsV>(pr.ing[i], pr, i, jj, a.offset + jj, us, tau, keep, p);
+          if (mi)
+            keep = OpsV::load_bits(mi, jj);
+          else
+            keep_mask<OpsV>(pr.ing[i], pr, i, jj, a.offset + jj, us, tau, keep, p);
           if (mo) OpsV::store_bits(mo, jj, keep);
           const F m = OpsV::abs(tau);
           OpsV::storef(mv + v, m);
@@ -925,7 +929,10 @@ void kept_l1_impl(const CombineArgs& a, double* out) {
         const float tau = load_f32(a.inputs[i], a.input_dtypes[i], j) - b;
         bool keep;
         float p;
-        keep_mask<Ops1>(pr.ing[i], pr, i, j, a.offset + j, us, tau, keep, p);
+        if (a.masks_in && a.masks_in[i])
+          keep = Ops1::load_bits(a.masks_in[i], j);
+        else
+          keep_mask<Ops1>(pr.ing[i], pr, i, j, a.offset + j, us, tau, keep, p);
         if (a.masks_out && a.masks_out[i]) Ops1::store_bits(a.masks_out[i], j, keep);
         const float m = Ops1::abs(tau);
         double* li = L + static_cast<int64_t>(i) * 2 * kLanes;
@@ -955,6 +962,13 @@ void magnitude_bracket(const RankPassArgs& a, int64_t* counts, std::vector<uint3
   bracket_impl(a, counts, bits, idx);
 }
 void kept_l1(const CombineArgs& a, double* out) { kept_l1_impl(a, out); }
+void uniforms(uint64_t g0, int64_t n, uint32_t i, uint32_t k0, uint32_t k1, float* out) {
+  UStream s;  // the keep masks' own generator, so the values are theirs bit for bit
+  int64_t j = 0;
+  for (; j + OpsV::W <= n; j += OpsV::W)
+    OpsV::storef(out + j, OpsV::uniform(&s, static_cast<int64_t>(g0 + j), i, k0, k1));
+  for (; j < n; ++j) out[j] = Ops1::uniform(&s, static_cast<int64_t>(g0 + j), i, k0, k1);
+}
 
 }  // namespace AME_ISA_NS
 }  // namespace cpu

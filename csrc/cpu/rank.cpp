@@ -11,28 +11,12 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/combine.h"
 #include "cpu/thread_pool.h"
 
 namespace ame {
 namespace cpu {
 namespace {
-
-constexpr uint32_t kNaNKey = 0x7fc00000u;  // every NaN: after +Inf (0x7f800000), equal to each other
-
-// The sort key of a magnitude: its fp32 bits without the sign (-0 = +0), NaN canonical.
-AME_HD uint32_t mag_key(float tau) {
-  const uint32_t k = f32_bits(tau) & 0x7fffffffu;
-  return k > 0x7f800000u ? kNaNKey : k;
-}
-
-// What one line's keys need for the sort: the range of its nonzero keys and how many keys
-// have bits set below bit 8 and below bit 16.
-struct LineStats {
-  uint32_t min_nz = 0;    // the smallest nonzero key (0 when every key is 0)
-  uint32_t max = 0;
-  uint32_t low8 = 0;      // keys with (k & 0xff) != 0
-  uint32_t low16 = 0;     // keys with (k & 0xffff) != 0
-};
 
 // One line's sort keys keys[c] for c in [0, cols), and their LineStats. Plain reductions
 // in signed 32-bit lanes (keys are below 2^31), so the loop vectorizes even on SSE2: the
@@ -97,6 +81,7 @@ LineKeys pick(const RankArgs& a) {
 constexpr int kLowBit = 32;
 constexpr int kCBit = 33;
 constexpr int kMaxDigit = 11;  // digit width: 2048 counters stay in L1
+constexpr int kMaxOpen = 16;   // della_masks: undecided entries per line before it is sorted instead
 
 // Per-worker scratch of one line: keys, two item buffers, counters, low positions.
 struct Scratch {
@@ -224,21 +209,138 @@ void rank_line(const uint32_t* keys, const LineStats& st, int64_t cols, int64_t 
   }
 }
 
+// p by rank, numpy's operations in its order: rank / float(max(cols - 1, 1)), * 2, * eps, + low
+std::vector<float> prob_table(int64_t cols, float eps, float low) {
+  std::vector<float> table(static_cast<size_t>(cols));
+  const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
+  for (int64_t r = 0; r < cols; ++r) {
+    const float norm = static_cast<float>(r) / denom;
+    const float scaled = norm * 2.0f;
+    const float spread = scaled * eps;
+    table[r] = spread + low;
+  }
+  return table;
+}
+
+void size_scratch(Scratch& s, int64_t cols) {
+  if (s.keys.size() < static_cast<size_t>(cols)) {
+    s.keys.resize(static_cast<size_t>(cols));
+    s.a.resize(static_cast<size_t>(cols));
+    s.b.resize(static_cast<size_t>(cols));
+    s.prob.resize(static_cast<size_t>(cols));
+  }
+}
+
+// ---------------------------------------------------------------- keep bits (della_masks)
+
+// Per-worker scratch of the keep decisions of one line.
+struct MaskScratch {
+  Scratch sort;                  // the fallback's sort
+  std::vector<float> u, p;       // the line's uniforms; its probabilities in the fallback
+  std::vector<uint32_t> cnt;     // bucket counts
+  std::vector<uint64_t> bounds;  // per bucket: fp32 bits of table[first rank] | table[last rank] << 32
+  std::vector<uint64_t> bits;    // the line's keep bits, bit c of word c / 64
+  uint32_t open[kMaxOpen + 16];  // room for a vector's compress-store past the last
+};
+
+// The exact rank of entry c of a line: keys below keys[c], and equal ones before c.
+int64_t exact_rank(const uint32_t* keys, int64_t cols, int64_t c) {
+  const int32_t k = static_cast<int32_t>(keys[c]);  // keys are below 2^31: signed compares vectorize
+  int64_t r = 0;
+  for (int64_t e = 0; e < c; ++e) r += static_cast<int32_t>(keys[e]) <= k;
+  for (int64_t e = c + 1; e < cols; ++e) r += static_cast<int32_t>(keys[e]) < k;
+  return r;
+}
+
+AME_HD void set_bit(uint64_t* w, int64_t c, bool v) {
+  const uint64_t m = uint64_t{1} << (c & 63);
+  w[c >> 6] = v ? (w[c >> 6] | m) : (w[c >> 6] & ~m);
+}
+
+// The scalar decisions (della_decide's contract, cpu/rank.h), branch-free: both outcomes are data.
+int64_t decide_scalar(const DecideArgs& d) {
+  uint32_t zeros = 0;
+  int64_t nopen = 0;
+  std::fill(d.bits, d.bits + (d.cols + 63) / 64, uint64_t{0});
+  for (int64_t c = 0; c < d.cols; ++c) {
+    const uint32_t k = d.keys[c];
+    const float uc = d.u[c];
+    const uint32_t q = k ? 1u + ((k - d.lo) >> d.shift) : 0u;
+    const uint64_t bq = d.bounds[q];
+    const float zt = d.table[zeros];  // a zero's rank: the zeros before it
+    const float tl = k ? f32_from_bits(static_cast<uint32_t>(bq)) : zt;
+    const float th = k ? f32_from_bits(static_cast<uint32_t>(bq >> 32)) : zt;
+    zeros += k == 0;
+    const int in = uc < tl;
+    const int open = (in ^ 1) & static_cast<int>(uc < th);
+    d.bits[c >> 6] |= static_cast<uint64_t>(in) << (c & 63);
+    d.open[std::min<int64_t>(nopen, d.max_open)] = static_cast<uint32_t>(c);  // the slot past the last: overflow
+    nopen += open;
+  }
+  if (nopen <= d.max_open) {
+    for (int64_t t = 0; t < nopen; ++t) {
+      const int64_t c = d.open[t];
+      set_bit(d.bits, c, d.u[c] < d.table[exact_rank(d.keys, d.cols, c)]);
+    }
+  }
+  return nopen;
+}
+
+// One contiguous line's keep bits (s.bits) = u[c] < table[rank(c)], table non-decreasing (and
+// padded: table[cols] = table[cols - 1]). The keys are counted into buckets (0: the zeros; 1 ..
+// 2^nb - 1: the nonzero keys' range in equal steps of key bits), so an entry of bucket q has a
+// rank in [L, H] (the entries in the buckets below q, plus q's count - 1): u < table[L] keeps
+// it and u >= table[H] drops it whatever its rank inside the bucket; a zero's rank is the zeros
+// before it. The few left open (u between the two: about 2 epsilon (count - 1) / cols of a
+// bucket's entries) get their exact rank; a line with more than kMaxOpen of them is ranked by
+// the sort instead.
+void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const float* table, bool rising,
+               SimdLevel level, MaskScratch& s) {
+  const float* u = s.u.data();
+  uint64_t* bits = s.bits.data();
+  const int64_t words = (cols + 63) / 64;
+  if (st.max == 0) {  // every key 0: the rank is the index
+    std::fill(bits, bits + words, uint64_t{0});
+    for (int64_t c = 0; c < cols; ++c) bits[c >> 6] |= static_cast<uint64_t>(u[c] < table[c]) << (c & 63);
+    return;
+  }
+  if (rising) {
+    // about half as many buckets as entries: fewer open entries would not pay for more bounds
+    const int nb = std::max(4, std::min(16, bit_width(static_cast<uint32_t>(cols - 1)) - 1));
+    const uint32_t nbk = 1u << nb;
+    const uint32_t lo = st.min_nz, span = st.max - st.min_nz;
+    int sh = 0;
+    while ((span >> sh) >= nbk - 1) ++sh;
+    s.cnt.assign(nbk, 0u);
+    if (s.bounds.size() < nbk) s.bounds.resize(nbk);
+    uint32_t* cnt = s.cnt.data();
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint32_t k = keys[c];
+      ++cnt[k ? 1u + ((k - lo) >> sh) : 0u];
+    }
+    uint64_t* bounds = s.bounds.data();
+    uint32_t first = 0;
+    for (uint32_t q = 0; q < nbk; ++q) {  // an empty bucket's bounds are never read
+      const uint32_t last = first + cnt[q];
+      bounds[q] = f32_bits(table[first]) | (static_cast<uint64_t>(f32_bits(table[last - (last > first)])) << 32);
+      first = last;
+    }
+    DecideArgs d{keys, u, cols, lo, sh, bounds, table, bits, s.open, kMaxOpen};
+    if (della_decide(d, level) <= kMaxOpen) return;
+  }
+  float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
+  rank_line(keys, st, cols, 1, table, p, s.sort);
+  std::fill(bits, bits + words, uint64_t{0});
+  for (int64_t c = 0; c < cols; ++c) bits[c >> 6] |= static_cast<uint64_t>(u[c] < p[c]) << (c & 63);
+}
+
 }  // namespace
 
 void della_probs(const RankArgs& a) {
   if (a.numel <= 0) return;
   const int64_t cols = a.cols, rest = a.rest;
   const int64_t lines = a.numel / cols;  // (row, t) pairs
-  // p by rank, numpy's operations in its order: rank / float(max(cols - 1, 1)), * 2, * eps, + low
-  std::vector<float> table(static_cast<size_t>(cols));
-  const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
-  for (int64_t r = 0; r < cols; ++r) {
-    const float norm = static_cast<float>(r) / denom;
-    const float scaled = norm * 2.0f;
-    const float spread = scaled * a.eps;
-    table[r] = spread + a.low;
-  }
+  const std::vector<float> table = prob_table(cols, a.eps, a.low);
   const LineKeys keys_of = pick(a);
   const int64_t per_task = std::max<int64_t>(1, kRankTask / cols);
   const int64_t ntasks = (lines + per_task - 1) / per_task;
@@ -246,17 +348,79 @@ void della_probs(const RankArgs& a) {
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
   parallel_for(ntasks, workers, [&](int64_t task, int worker) {
     Scratch& s = scratch[static_cast<size_t>(worker)];
-    if (s.keys.size() < static_cast<size_t>(cols)) {
-      s.keys.resize(static_cast<size_t>(cols));
-      s.a.resize(static_cast<size_t>(cols));
-      s.b.resize(static_cast<size_t>(cols));
-      s.prob.resize(static_cast<size_t>(cols));
-    }
+    size_scratch(s, cols);
     const int64_t l_end = std::min(lines, (task + 1) * per_task);
     for (int64_t l = task * per_task; l < l_end; ++l) {
       const int64_t start = (l / rest) * cols * rest + l % rest;
       const LineStats st = keys_of(a.x, a.base, start, cols, rest, s.keys.data());
       rank_line(s.keys.data(), st, cols, rest, table.data(), a.out + start, s);
+    }
+  });
+}
+
+LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
+                    SimdLevel level) {
+#if defined(AME_HAVE_X86)
+  if (level == SimdLevel::AVX512) return avx512::line_keys(x, xd, b, bd, start, cols, keys);
+#endif
+  RankArgs a;
+  a.x_dtype = xd;
+  a.base = b;
+  a.base_dtype = bd;
+  return pick(a)(x, b, start, cols, 1, keys);
+}
+
+int64_t della_decide(const DecideArgs& d, SimdLevel level) {
+#if defined(AME_HAVE_X86)
+  if (level == SimdLevel::AVX512) return avx512::della_decide(d);
+#endif
+  (void)level;
+  return decide_scalar(d);
+}
+
+void della_masks(const RankArgs& a, const MaskArgs& m) {
+  if (a.numel <= 0) return;
+  const int64_t cols = a.cols;
+  const int64_t lines = a.numel / cols;  // rest = 1: line l is elements [l cols, (l + 1) cols)
+  std::vector<float> table = prob_table(cols, a.eps, a.low);
+  const bool rising = std::is_sorted(table.begin(), table.end());
+  table.push_back(table.back());  // table[cols]: an empty last bucket's bound
+  const uint32_t k0 = static_cast<uint32_t>(m.seed);
+  const uint32_t k1 = static_cast<uint32_t>(m.seed >> 32) ^ m.name_key;
+  // whole lines per task, a multiple of 8 / gcd(cols, 8) of them: every task starts on a byte
+  int64_t g = 1;
+  while (g < 8 && cols % (g * 2) == 0) g *= 2;  // gcd(cols, 8)
+  const int64_t step = 8 / g;
+  const int64_t per_task = (std::max<int64_t>(1, kRankTask / cols) + step - 1) / step * step;
+  const int64_t ntasks = (lines + per_task - 1) / per_task;
+  const int workers = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
+  std::vector<MaskScratch> scratch(static_cast<size_t>(workers));
+  parallel_for(ntasks, workers, [&](int64_t task, int worker) {
+    MaskScratch& s = scratch[static_cast<size_t>(worker)];
+    size_scratch(s.sort, cols);
+    if (s.u.size() < static_cast<size_t>(cols)) {
+      s.u.resize(static_cast<size_t>(cols));
+      s.p.resize(static_cast<size_t>(cols));
+      s.bits.resize(static_cast<size_t>((cols + 63) / 64));
+    }
+    const int64_t l0 = task * per_task, l1 = std::min(lines, (task + 1) * per_task);
+    for (int64_t l = l0; l < l1; ++l) {
+      const int64_t start = l * cols;
+      const LineStats st = line_keys(a.x, a.x_dtype, a.base, a.base_dtype, start, cols, s.sort.keys.data(), m.level);
+      uniforms(static_cast<uint64_t>(m.offset + start), cols, m.ingredient, k0, k1, s.u.data(), m.level);
+      mask_line(s.sort.keys.data(), st, cols, table.data(), rising, m.level, s);
+      const uint8_t* lb = reinterpret_cast<const uint8_t*>(s.bits.data());  // little-endian: bit c of byte c / 8
+      if ((start & 7) == 0) {  // the line starts on a byte: its whole bytes, then its partial last one
+        std::memcpy(m.bits + (start >> 3), lb, static_cast<size_t>(cols >> 3));
+        if (cols & 7) m.bits[(start + cols) >> 3] = lb[cols >> 3];
+      } else {  // it continues the previous line's last byte (which that line left partial)
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t j = start + c;
+          const uint8_t bit = static_cast<uint8_t>(1u << (j & 7));
+          const bool v = (lb[c >> 3] >> (c & 7)) & 1u;
+          m.bits[j >> 3] = v ? static_cast<uint8_t>(m.bits[j >> 3] | bit) : static_cast<uint8_t>(m.bits[j >> 3] & ~bit);
+        }
+      }
     }
   });
 }

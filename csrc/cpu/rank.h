@@ -20,6 +20,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/cpu_features.h"
 #include "common/dtypes.h"
 
 namespace ame {
@@ -39,10 +40,71 @@ struct RankArgs {
   int threads = 1;
 };
 
+constexpr uint32_t kNaNKey = 0x7fc00000u;  // every NaN: after +Inf (0x7f800000), equal to each other
+
+// The sort key of a magnitude: its fp32 bits without the sign (-0 = +0), NaN canonical.
+AME_HD uint32_t mag_key(float tau) {
+  const uint32_t k = f32_bits(tau) & 0x7fffffffu;
+  return k > 0x7f800000u ? kNaNKey : k;
+}
+
+// What one line's keys need for the sort: the range of its nonzero keys and how many keys
+// have bits set below bit 8 and below bit 16.
+struct LineStats {
+  uint32_t min_nz = 0;    // the smallest nonzero key (0 when every key is 0)
+  uint32_t max = 0;
+  uint32_t low8 = 0;      // keys with (k & 0xff) != 0
+  uint32_t low16 = 0;     // keys with (k & 0xffff) != 0
+};
+
 // Elements per task (whole lines; at least one line).
 constexpr int64_t kRankTask = 1 << 16;
 
 void della_probs(const RankArgs& a);
+
+// The keep draw of one ingredient on a chunk, for della_masks.
+struct MaskArgs {
+  uint64_t seed = 0;
+  uint32_t name_key = 0;
+  uint32_t ingredient = 0;
+  int64_t offset = 0;           // global index of the chunk's first element
+  uint8_t* bits = nullptr;      // [ceil(numel / 8)] keep bits (bit j % 8 of byte j / 8), overwritten
+  SimdLevel level = SimdLevel::Scalar;  // the uniforms' level (any: the same bits)
+};
+
+// DELLA's keep mask without the probabilities: bit j = u_j < p_j, u_j the keep masks' Philox
+// uniform (methods.combine.philox_uniform, ingredient m.ingredient at global index offset + j)
+// and p_j della_probs' probability, bit for bit. Lines must be contiguous (rest = 1). For the
+// L1 rescale, which needs the mask only: most entries are decided by bucket counts of their
+// line (see rank.cpp), without a sort.
+void della_masks(const RankArgs& a, const MaskArgs& m);
+
+// One line's keep decisions from bucket bounds (della_masks' inner loop, cpu/rank.cpp): for c <
+// cols, bucket q = 0 for keys[c] = 0, else 1 + ((keys[c] - lo) >> shift); (tl, th) = the fp32
+// pair in bounds[q] (low, high word), or table[zeros before c] twice for a zero; bit c of bits
+// (zeroed first) = u[c] < tl; an entry with th > u[c] >= tl is open. With at most max_open open
+// entries, each gets bit u[c] < table[its exact rank]; returns the count of open entries (more
+// than max_open: the bits are incomplete, the caller ranks the line). Bitwise the same at every level.
+struct DecideArgs {
+  const uint32_t* keys;
+  const float* u;
+  int64_t cols;
+  uint32_t lo;
+  int shift;
+  const uint64_t* bounds;
+  const float* table;
+  uint64_t* bits;     // [ceil(cols / 64)]
+  uint32_t* open;     // [max_open + 16]: a vector level may store up to 15 past max_open
+  int64_t max_open;
+};
+int64_t della_decide(const DecideArgs& d, SimdLevel level);
+// One contiguous line's keys (keys[c] = mag_key(x - b), b = 0 without a base) and LineStats.
+LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
+                    SimdLevel level);
+namespace avx512 {
+int64_t della_decide(const DecideArgs& d);
+LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys);
+}
 
 }  // namespace cpu
 }  // namespace ame

@@ -1,0 +1,158 @@
+// della_masks' line loops at the avx512 level (cpu/rank.h): the keys and their statistics,
+// sixteen at a time; the decisions, sixteen entries per step, their buckets' bounds by two
+// 64-bit gathers, the zeros' exact bounds by an expand of their running count and a masked
+// gather, the keep bits straight from the compare mask and the open entries compress-stored,
+// then resolved by 16-wide counting compares. The keys are the scalar path's (the same fp32
+// subtraction), the rest only compares: the same bits as the scalar loops. CMake compiles
+// *_avx512.cpp with the ISA's flags.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "common/simd.h"
+#include "cpu/rank.h"
+
+namespace ame {
+namespace cpu {
+namespace avx512 {
+namespace {
+
+template <DType XD, DType BD, bool HasBase>
+LineStats keys_of(const void* x, const void* b, int64_t start, int64_t cols, uint32_t* keys) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  const __m512i inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i nan = _mm512_set1_epi32(static_cast<int>(kNaNKey));
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i lo = _mm512_set1_epi32(-1), hi = _mm512_setzero_si512();
+  uint32_t n8 = 0, n16 = 0;
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    __m512 tau = vload_any<16>(x, XD, start + c).v;
+    if (HasBase) tau = _mm512_sub_ps(tau, vload_any<16>(b, BD, start + c).v);
+    __m512i k = _mm512_and_si512(_mm512_castps_si512(tau), abs_mask);
+    k = _mm512_mask_mov_epi32(k, _mm512_cmpgt_epu32_mask(k, inf), nan);
+    _mm512_storeu_si512(keys + c, k);
+    lo = _mm512_min_epu32(lo, _mm512_sub_epi32(k, one));  // 0 wraps to the top
+    hi = _mm512_max_epu32(hi, k);
+    n8 += static_cast<uint32_t>(__builtin_popcount(_mm512_test_epi32_mask(k, _mm512_set1_epi32(0xff))));
+    n16 += static_cast<uint32_t>(__builtin_popcount(_mm512_test_epi32_mask(k, _mm512_set1_epi32(0xffff))));
+  }
+  uint32_t lo_s = _mm512_reduce_min_epu32(lo), hi_s = _mm512_reduce_max_epu32(hi);
+  for (; c < cols; ++c) {
+    float tau = load_f32(x, XD, start + c);
+    if (HasBase) tau = tau - load_f32(b, BD, start + c);
+    const uint32_t k = mag_key(tau);
+    keys[c] = k;
+    lo_s = std::min(lo_s, k - 1u);
+    hi_s = std::max(hi_s, k);
+    n8 += (k & 0xffu) != 0;
+    n16 += (k & 0xffffu) != 0;
+  }
+  LineStats st;
+  st.min_nz = lo_s + 1u;
+  st.max = hi_s;
+  st.low8 = n8;
+  st.low16 = n16;
+  return st;
+}
+
+using KeysFn = LineStats (*)(const void*, const void*, int64_t, int64_t, uint32_t*);
+
+template <DType XD>
+KeysFn pick_base(const void* base, DType bd) {
+  if (!base) return &keys_of<XD, DType::F32, false>;
+  switch (bd) {
+    case DType::BF16: return &keys_of<XD, DType::BF16, true>;
+    case DType::F16: return &keys_of<XD, DType::F16, true>;
+    default: return &keys_of<XD, DType::F32, true>;
+  }
+}
+
+// The exact rank of entry c: keys below keys[c], and equal ones before c.
+int64_t exact_rank(const uint32_t* keys, int64_t cols, int64_t c) {
+  const __m512i k = _mm512_set1_epi32(static_cast<int>(keys[c]));
+  const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i vc = _mm512_set1_epi32(static_cast<int>(c));
+  int64_t r = 0;
+  for (int64_t e = 0; e < cols; e += 16) {
+    const int64_t left = cols - e;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512i v = _mm512_maskz_loadu_epi32(m, keys + e);
+    const __mmask16 before = _mm512_cmplt_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(e)), ramp), vc);
+    const __mmask16 lt = _mm512_mask_cmplt_epu32_mask(m, v, k);
+    const __mmask16 eq = _mm512_mask_cmpeq_epi32_mask(static_cast<__mmask16>(m & before), v, k);
+    r += __builtin_popcount(static_cast<unsigned>(lt | eq));
+  }
+  return r;
+}
+
+}  // namespace
+
+LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
+  KeysFn f;
+  switch (xd) {
+    case DType::BF16: f = pick_base<DType::BF16>(b, bd); break;
+    case DType::F16: f = pick_base<DType::F16>(b, bd); break;
+    default: f = pick_base<DType::F32>(b, bd); break;
+  }
+  return f(x, b, start, cols, keys);
+}
+
+int64_t della_decide(const DecideArgs& d) {
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(d.lo));
+  const __m128i vsh = _mm_cvtsi32_si128(d.shift);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, one);
+  const long long* bounds = reinterpret_cast<const long long*>(d.bounds);
+  uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);  // little-endian: bit c of word c / 16
+  const int64_t words16 = (d.cols + 15) / 16;
+  uint32_t zeros = 0;
+  int64_t nopen = 0;
+  for (int64_t w = 0; w < words16; ++w) {
+    const int64_t c = w * 16;
+    const int64_t left = d.cols - c;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512i k = _mm512_maskz_loadu_epi32(m, d.keys + c);
+    const __m512 u = _mm512_maskz_loadu_ps(m, d.u + c);
+    const __mmask16 nz = _mm512_mask_test_epi32_mask(m, k, k);
+    const __mmask16 z = static_cast<__mmask16>(m & ~nz);
+    const __m512i q = _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(k, vlo), vsh), one);
+    const __m512i b0 = _mm512_i32gather_epi64(_mm512_castsi512_si256(q), bounds, 8);
+    const __m512i b1 = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(q, 1), bounds, 8);
+    __m512 tl = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, even, b1));
+    __m512 th = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, odd, b1));
+    if (z) {  // a zero's rank: the zeros before it (in earlier steps, and in earlier lanes of this one)
+      const __m512i r = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(zeros)), _mm512_maskz_expand_epi32(z, ramp));
+      const __m512 t = _mm512_mask_i32gather_ps(tl, z, r, d.table, 4);
+      tl = _mm512_mask_mov_ps(tl, z, t);
+      th = _mm512_mask_mov_ps(th, z, t);
+      zeros += static_cast<uint32_t>(__builtin_popcount(z));
+    }
+    const __mmask16 in = _mm512_mask_cmp_ps_mask(m, u, tl, _CMP_LT_OQ);
+    const __mmask16 open = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(m & ~in), u, th, _CMP_LT_OQ);
+    out[w] = in;
+    if (open) {
+      if (nopen <= d.max_open)  // room for 16 past max_open: the count decides, not the stores
+        _mm512_mask_compressstoreu_epi32(d.open + nopen, open, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), ramp));
+      nopen += __builtin_popcount(open);
+    }
+  }
+  if (words16 & 3) {  // the rest of the last 64-bit word
+    for (int64_t w = words16; w & 3; ++w) out[w] = 0;
+  }
+  if (nopen <= d.max_open) {
+    for (int64_t t = 0; t < nopen; ++t) {
+      const int64_t c = d.open[t];
+      const uint64_t m = uint64_t{1} << (c & 63);
+      const bool v = d.u[c] < d.table[exact_rank(d.keys, d.cols, c)];
+      d.bits[c >> 6] = v ? (d.bits[c >> 6] | m) : (d.bits[c >> 6] & ~m);
+    }
+  }
+  return nopen;
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace ame
