@@ -162,13 +162,13 @@ def test_engine_takes_the_bits_and_matches_the_probabilities(tmp_path, monkeypat
         paths.append(str(tmp_path / f"m{i}"))
     os.makedirs(tmp_path / "base")
     save_file(base, str(tmp_path / "base" / "model.safetensors"))
-    calls = {"bits": 0, "probs": 0}
+    calls = {"bits": [], "probs": []}
     real_bits, real_probs = BufferOps.della_bits, BufferOps.della_probs
 
     def count(kind, real):
-        def f(self, *a, **k):
-            calls[kind] += 1
-            return real(self, *a, **k)
+        def f(self, x, b, shape, *a, **k):
+            calls[kind].append((tuple(shape), self.length(x), a[-2:] if kind == "bits" else ()))
+            return real(self, x, b, shape, *a, **k)
         return f
 
     outs = {}
@@ -179,11 +179,15 @@ def test_engine_takes_the_bits_and_matches_the_probabilities(tmp_path, monkeypat
         for chunk in (None, 0.02):  # MB: chunks of 4096 elements
             out = tmp_path / f"out-{bits}-{chunk}"
             kw = {"chunk_mb": chunk} if chunk else {}
+            calls["bits"].clear()
             merge_checkpoints(paths, str(out), method="della", base=str(tmp_path / "base"), density=0.4, epsilon=0.15,
                               seed=3, backend="cpu", **kw)
             outs[(bits, chunk)] = load_file(str(out / "model.safetensors"))
-        if bits:
-            assert calls["bits"] > 0 and calls["probs"] == 0, calls
+            if bits:  # every (tensor, chunk, ingredient) decided once: a chunked tensor's combine reuses them
+                assert calls["bits"] and not calls["probs"], calls
+                assert len(set(calls["bits"])) == len(calls["bits"]), calls["bits"]
+                if chunk:
+                    assert sum(s == (300, 70) for s, _, _ in calls["bits"]) > 3  # "w" came in several chunks
     ref = outs[(False, None)]
     for k, sd in outs.items():
         for name in ref:

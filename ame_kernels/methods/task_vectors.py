@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import MergeError
 from .base import BASE_REQUIRED, Method, lambda_param, normalize_param, weight_param
-from .combine import ELECT_CODES, ELECT_NONE, CombinePlan, name_key, philox_uniform
+from .combine import ELECT_CODES, ELECT_NONE, CombinePlan, KeepBits, name_key, philox_uniform
 from .params import Param, Params
 
 L1_EPS = 1e-7  # mergekit: no L1 rescale when either norm is below this
@@ -158,10 +158,20 @@ class TaskVectorMethod(Method):
         # bits themselves (KeepBits), decided mostly without ranking every entry
         bits = ctx.ops.draws_bits and self.rescale_mode(p) != "inverse" and _rows(shape, ctx.numel)[2] == 1
         seed, key = int(p.get("seed", 0)) & 0xFFFFFFFFFFFFFFFF, name_key(ctx.name)  # as the plan holds them
+        # bits are an eighth of a byte per entry: a tensor of several chunks keeps every chunk's (a
+        # copy: the ops reuse their buffers) up to BITS_CACHE_BYTES, so its combine pass does not
+        # decide them a second time
+        drawing = sum(d < 1 for d in dens)
+        cache = None
+        if bits and drawing * (ctx.numel // 8 + 1) <= BITS_CACHE_BYTES:
+            cache = ctx.memo.setdefault(("della_bits", tuple(dens), tuple(eps)), {})
 
         def probs(offset, xs, b):
-            if last.get("offset") == offset and last.get("length") == ctx.ops.length(xs[0]):
+            length = ctx.ops.length(xs[0])
+            if last.get("offset") == offset and last.get("length") == length:
                 return last["probs"]
+            if cache is not None and (offset, length) in cache:
+                return cache[(offset, length)]
             out = []
             for i, x in enumerate(xs):
                 if dens[i] >= 1:
@@ -171,7 +181,9 @@ class TaskVectorMethod(Method):
                     out.append(ctx.ops.della_bits(x, b, shape, dens[i], eps[i], seed, key, i, offset))
                 else:
                     out.append(ctx.ops.della_probs(x, b, shape, dens[i], eps[i], slot=i))
-            last.update(offset=offset, length=ctx.ops.length(xs[0]), probs=out)
+            last.update(offset=offset, length=length, probs=out)
+            if cache is not None and length < ctx.numel:
+                cache[(offset, length)] = [None if k is None else KeepBits(k.bits.copy()) for k in out]
             return out
 
         return probs
@@ -229,6 +241,10 @@ class TaskVectorMethod(Method):
         if p["normalize"]:
             mixed = mixed / div
         return b + torch.tensor(float(np.float32(p["lambda"]))) * mixed
+
+
+# Most bytes of DELLA keep bits one tensor keeps across its passes (probs_for).
+BITS_CACHE_BYTES = 128 << 20
 
 
 def _rows(shape: tuple, numel: int) -> tuple:
