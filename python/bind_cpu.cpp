@@ -741,7 +741,7 @@ void init_cpu(py::module_& m) {
       "della_masks",
       [](uintptr_t x, const std::string& x_dtype, uintptr_t base, const std::string& base_dtype, int64_t numel,
          int64_t cols, double eps, double low, uint64_t seed, int64_t name_key, int ingredient, int64_t offset,
-         uintptr_t bits, int threads, const std::string& simd) {
+         uintptr_t bits, int threads, const std::string& simd, bool sums) -> py::object {
         const char* fn = "della_masks";
         const std::string f = "[della_masks] ";
         const cpu::RankArgs a = rank_args(fn, x, x_dtype, base, base_dtype, numel, cols, 1, eps, low, threads);
@@ -757,15 +757,28 @@ void init_cpu(py::module_& m) {
         m.offset = offset;
         m.bits = reinterpret_cast<uint8_t*>(bits);
         m.level = simd_arg(simd, fn);
+        double l1[2] = {0.0, 0.0};
+        bool done = false;
+        if (sums) {
+          m.l1 = l1;
+          m.l1_done = &done;
+        }
         {
           py::gil_scoped_release release;
           cpu::della_masks(a, m);
         }
+        if (!done) return py::none();
+        py::array_t<double> r(2);
+        r.mutable_data()[0] = l1[0];
+        r.mutable_data()[1] = l1[1];
+        return r;
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"), py::arg("cols"),
       py::arg("eps"), py::arg("low"), py::arg("seed"), py::arg("name_key"), py::arg("ingredient"), py::arg("offset"),
-      py::arg("bits"), py::arg("threads"), py::arg("simd"),
+      py::arg("bits"), py::arg("threads"), py::arg("simd"), py::arg("sums") = false,
       "DELLA's keep bits of a chunk of whole contiguous rows [rows, cols] into bits (ceil(numel / 8) bytes, bit\n"
       "j % 8 of byte j / 8): u_j < p_j with u_j = philox_uniform(seed, name_key, ingredient, offset + j) and p_j\n"
-      "della_probs' probability, bit for bit (ame_kernels.methods.combine.keep_masks with those probs).");
+      "della_probs' probability, bit for bit (ame_kernels.methods.combine.keep_masks with those probs). With sums:\n"
+      "float64 [2] (sum |tau|, sum over kept |tau|) as kept_l1 sums them with these bits (None where the rows do\n"
+      "not tile its tasks), else None.");
 }

@@ -192,3 +192,41 @@ def test_engine_takes_the_bits_and_matches_the_probabilities(tmp_path, monkeypat
     for k, sd in outs.items():
         for name in ref:
             assert torch.equal(sd[name].view(torch.uint8), ref[name].view(torch.uint8)), (k, name)
+
+
+@pytest.mark.parametrize("shape,expect", [((70, 2048), True), ((130, 5632), True), ((3, 100), True), ((5000,), True),
+                                          ((300, 24), True), ((2, 4097), True), ((40, 5632), True),
+                                          ((1030, 4099), False)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("level", LEVELS)
+def test_l1_sums_are_kept_l1s(shape, expect, level):
+    """sums=True: the (sum |tau|, sum over kept |tau|) of the bits, bitwise what kept_l1_buffers sums
+    with them as masks_in (its tasks of 65536 entries, lane j % 16, lanes then tasks in order), on
+    lines that tile those tasks (2048: 32 lines per task; 5632: 128 lines per 11 tasks; 100 and 24:
+    lines off the 16 lanes), a chunk small enough for one task whatever its rows (5000, 2 x 4097);
+    rows that cannot tile them in a reasonable task, on a larger chunk (1030 x 4099), give None."""
+    from ame_kernels.backends.cpu import kept_l1_buffers
+    from ame_kernels.methods.combine import CombinePlan
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x, b = task_vectors(shape, "bfloat16", "bfloat16", gen)
+    x[::11] = b[::11]  # zeros
+    # and fp32 magnitudes over 2^-40 .. 2^20 with full mantissas: their float64 sums round, so a
+    # different order of the additions would show
+    numel = x.numel()
+    wide = torch.randn(numel, generator=gen) * torch.exp2(torch.randint(-40, 21, (numel,), generator=gen).float())
+    plan = CombinePlan(1, weight=[1.0], seed=4, name_key=99)
+    for (xx, bx), offset in [((x, b), 0), ((x, b), 12345), ((wide, None), 7)]:
+        dt = str(xx.dtype)[6:]
+        xb = xx.view(RAW[dt]).numpy()
+        bb = None if bx is None else bx.view(torch.int16).numpy()
+        bd = None if bx is None else "bfloat16"
+        bits, l1 = della_masks_buffers(xb, dt, bb, bd, shape, 0.4, 0.1, 4, 99, 0, offset, threads=2, simd=level,
+                                       sums=True)
+        if not expect:  # (the bits of such lines: test_matches_definition)
+            assert l1 is None
+            continue
+        assert_same_bits(bits, oracle_bits(xx, bx, shape, 0.4, 0.1, 4, 99, 0, offset), numel, f"{shape} bits")
+        ref = kept_l1_buffers([xb], [dt], bb, bd, plan, offset, threads=2, masks_in=[bits])
+        assert l1.dtype == np.float64 and l1.shape == (2,)
+        assert l1.tobytes() == ref[0].tobytes(), (shape, offset, l1, ref[0])

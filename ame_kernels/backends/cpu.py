@@ -794,11 +794,14 @@ def della_probs_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str]
 def della_masks_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str], shape: tuple, density: float,
                         epsilon: float, seed: int, name_key: int, ingredient: int, offset: int = 0,
                         threads: Optional[int] = None, simd: str = "auto",
-                        out: Optional[np.ndarray] = None) -> np.ndarray:
+                        out: Optional[np.ndarray] = None, sums: bool = False):
     """uint8 [ceil(C / 8)]: DELLA's keep bits of a chunk of whole contiguous rows of a tensor of
     ``shape`` (bit j % 8 of byte j / 8): philox_uniform(seed, name_key, ingredient, offset + j) <
     ``della_probs``' p_j, bit for bit, mostly decided from bucket counts without a sort (csrc/cpu/rank.h);
-    written into ``out`` when given. For methods that need the mask only (DELLA's L1 rescale)."""
+    written into ``out`` when given. For methods that need the mask only (DELLA's L1 rescale).
+    With ``sums``: (bits, l1), l1 = float64 [2] (sum |tau|, sum over kept |tau|) exactly as
+    ``kept_l1_buffers`` sums them with these bits as ``masks_in`` (None where the rows do not tile
+    its fixed summation tasks; then it is left to kept_l1)."""
     from ..methods.task_vectors import della_kernel_args
 
     fn = "della_masks_buffers"
@@ -814,11 +817,11 @@ def della_masks_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str]
         raise MergeError(f"[{fn}] out: expected a writable contiguous uint8 array of {nbytes} bytes")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
         raise MergeError(f"[{fn}] seed: must be an integer in [0, 2^64), got {seed!r}")
-    _native_call(fn, _module().della_masks, x=ptrs[0], x_dtype=dtypes[0], base=bptr, base_dtype=bdtype, numel=numel,
-                 **args, seed=int(seed), name_key=int(name_key), ingredient=int(ingredient),
-                 offset=_check_offset(fn, offset), bits=out.ctypes.data if nbytes else 0,
-                 threads=default_threads(threads), simd=resolve_simd(simd))
-    return out
+    l1 = _native_call(fn, _module().della_masks, x=ptrs[0], x_dtype=dtypes[0], base=bptr, base_dtype=bdtype,
+                      numel=numel, **args, seed=int(seed), name_key=int(name_key), ingredient=int(ingredient),
+                      offset=_check_offset(fn, offset), bits=out.ctypes.data if nbytes else 0,
+                      threads=default_threads(threads), simd=resolve_simd(simd), sums=bool(sums))
+    return (out, l1) if sums else out
 
 
 __all__ = ["CpuBackend", "combine_buffers", "default_threads", "della_masks_buffers", "della_probs_buffers", "gram_buffers", "info",

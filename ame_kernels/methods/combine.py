@@ -83,9 +83,11 @@ class KeepBits:
     """An ingredient's keep mask of one chunk, already drawn, where its keep probabilities would go in
     a probs list: bit j % 8 of byte j / 8 for chunk element j, exactly what the pass would draw from
     those probabilities (``cpu.della_masks_buffers``). For passes that need the mask only (no
-    ``inv_prob``); the cpu buffer ops read it as the kernels' ``masks_in``."""
+    ``inv_prob``); the cpu buffer ops read it as the kernels' ``masks_in``. ``l1``: this chunk's
+    (sum |tau|, sum over kept |tau|) as the L1 pass would sum them, when the kernel made them."""
 
     bits: np.ndarray
+    l1: Optional[np.ndarray] = None
 
 
 @dataclass

@@ -134,6 +134,10 @@ class BufferOps:
         probs are read as they are."""
         bb, bd = self._split(b)
         c = self.length(xs[0])
+        if probs is not None and all(isinstance(p, KeepBits) and p.l1 is not None for p in probs):
+            # every ingredient's bits came with their sums (della_masks): no second read of the chunk
+            plan.notes["keep_masks"] = (offset, c, [p.bits for p in probs])
+            return np.stack([p.l1 for p in probs])
         probs, given = _split_bits(probs, plan.n)
         draws = [given is None or given[i] is None for i in range(plan.n)]
         draws = [d and (plan.density[i] < 1 or (probs is not None and probs[i] is not None)) for i, d in enumerate(draws)]
@@ -181,8 +185,9 @@ class BufferOps:
         buf = self._bits.get(ingredient)
         if buf is None or buf.size < n:
             buf = self._bits[ingredient] = np.empty(n, dtype=np.uint8)
-        bits = self.cpu.della_masks_buffers(x[0], x[1], bb, bd, shape, density, epsilon, seed, key, ingredient, offset, threads=self.threads, out=buf[:n])
-        return KeepBits(bits)
+        bits, l1 = self.cpu.della_masks_buffers(x[0], x[1], bb, bd, shape, density, epsilon, seed, key, ingredient,
+                                                offset, threads=self.threads, out=buf[:n], sums=True)
+        return KeepBits(bits, l1)
 
     def della_probs(self, x, b, shape: tuple, density: float, epsilon: float, slot: Optional[int] = None) -> np.ndarray:
         """DELLA's fp32 keep probabilities of a chunk of whole rows (the native rank kernel). With

@@ -183,7 +183,7 @@ class TaskVectorMethod(Method):
                     out.append(ctx.ops.della_probs(x, b, shape, dens[i], eps[i], slot=i))
             last.update(offset=offset, length=length, probs=out)
             if cache is not None and length < ctx.numel:
-                cache[(offset, length)] = [None if k is None else KeepBits(k.bits.copy()) for k in out]
+                cache[(offset, length)] = [None if k is None else KeepBits(k.bits.copy(), k.l1) for k in out]
             return out
 
         return probs

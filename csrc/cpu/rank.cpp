@@ -334,6 +334,70 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
   for (int64_t c = 0; c < cols; ++c) bits[c >> 6] |= static_cast<uint64_t>(u[c] < p[c]) << (c & 63);
 }
 
+int64_t gcd64(int64_t a, int64_t b) {
+  while (b) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+// Most elements per della_masks task that computes the L1 sums (lcm(cols, kStatsTask) lines
+// tile them; wider would cost the pass its parallelism), or of a chunk done as one task.
+constexpr int64_t kMaxL1Task = int64_t{1} << 22;
+
+// kept_l1's lane sums (cpu/combine_kernel.h kept_l1_impl) of the stats task in progress: lane
+// j % 16 of (sum |tau|, sum over kept |tau|), each lane in ascending j; flushed per task as
+// the sum of its lanes in order.
+struct L1Lanes {
+  double all[16] = {}, kept[16] = {};
+  int64_t task = -1;  // the stats task the lanes hold
+
+  void flush(double* partial) {
+    if (task < 0) return;
+    double s = 0.0, k = 0.0;
+    for (int l = 0; l < 16; ++l) s += all[l];
+    for (int l = 0; l < 16; ++l) k += kept[l];
+    partial[2 * task] = s;
+    partial[2 * task + 1] = k;
+    std::fill(all, all + 16, 0.0);
+    std::fill(kept, kept + 16, 0.0);
+    task = -1;
+  }
+};
+
+// Adds a line's magnitudes (its keys are their fp32 bits; a NaN's payload is canonical, and the
+// sum NaN either way) and kept magnitudes to the lanes, flushing at every stats task boundary.
+void add_l1(const uint32_t* keys, const uint64_t* bits, int64_t start, int64_t cols, L1Lanes& acc, double* partial,
+            SimdLevel level) {
+  for (int64_t c = 0; c < cols;) {
+    const int64_t j = start + c;
+    const int64_t t = j / kStatsTask;
+    if (t != acc.task) {
+      acc.flush(partial);
+      acc.task = t;
+    }
+    const int64_t end = std::min(cols, (t + 1) * kStatsTask - start);
+#if defined(AME_HAVE_X86)
+    if (level == SimdLevel::AVX512 && ((start + c) & 15) == 0 && (c & 15) == 0) {  // lanes and bit words align
+      const int64_t n16 = (end - c) / 16;
+      avx512::add_l1_lanes(keys, bits, c, n16, acc.all, acc.kept);
+      c += 16 * n16;
+    }
+#else
+    (void)level;
+#endif
+    for (; c < end; ++c) {
+      const int l = static_cast<int>((start + c) & 15);
+      const double v = static_cast<double>(f32_from_bits(keys[c]));
+      const bool k = (bits[c >> 6] >> (c & 63)) & 1u;
+      acc.all[l] += v;
+      acc.kept[l] += k ? v : 0.0;
+    }
+  }
+}
+
 }  // namespace
 
 void della_probs(const RankArgs& a) {
@@ -391,7 +455,14 @@ void della_masks(const RankArgs& a, const MaskArgs& m) {
   int64_t g = 1;
   while (g < 8 && cols % (g * 2) == 0) g *= 2;  // gcd(cols, 8)
   const int64_t step = 8 / g;
-  const int64_t per_task = (std::max<int64_t>(1, kRankTask / cols) + step - 1) / step * step;
+  int64_t per_task = (std::max<int64_t>(1, kRankTask / cols) + step - 1) / step * step;
+  // the L1 sums: tasks of whole kStatsTask tasks (a multiple of 8 elements: byte-aligned too)
+  const int64_t unit = kStatsTask / gcd64(cols, kStatsTask);  // lines per lcm(cols, kStatsTask)
+  const bool tiled = unit * cols <= kMaxL1Task, whole = a.numel <= kMaxL1Task;  // whole: one task
+  const bool sums = m.l1 && (tiled || whole);
+  if (m.l1_done) *m.l1_done = sums;
+  if (sums) per_task = tiled ? unit * std::max<int64_t>(1, kRankTask / (unit * cols)) : lines;
+  std::vector<double> partial(sums ? static_cast<size_t>((a.numel + kStatsTask - 1) / kStatsTask) * 2 : 0, 0.0);
   const int64_t ntasks = (lines + per_task - 1) / per_task;
   const int workers = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
   std::vector<MaskScratch> scratch(static_cast<size_t>(workers));
@@ -404,11 +475,13 @@ void della_masks(const RankArgs& a, const MaskArgs& m) {
       s.bits.resize(static_cast<size_t>((cols + 63) / 64));
     }
     const int64_t l0 = task * per_task, l1 = std::min(lines, (task + 1) * per_task);
+    L1Lanes acc;
     for (int64_t l = l0; l < l1; ++l) {
       const int64_t start = l * cols;
       const LineStats st = line_keys(a.x, a.x_dtype, a.base, a.base_dtype, start, cols, s.sort.keys.data(), m.level);
       uniforms(static_cast<uint64_t>(m.offset + start), cols, m.ingredient, k0, k1, s.u.data(), m.level);
       mask_line(s.sort.keys.data(), st, cols, table.data(), rising, m.level, s);
+      if (sums) add_l1(s.sort.keys.data(), s.bits.data(), start, cols, acc, partial.data(), m.level);
       const uint8_t* lb = reinterpret_cast<const uint8_t*>(s.bits.data());  // little-endian: bit c of byte c / 8
       if ((start & 7) == 0) {  // the line starts on a byte: its whole bytes, then its partial last one
         std::memcpy(m.bits + (start >> 3), lb, static_cast<size_t>(cols >> 3));
@@ -422,7 +495,15 @@ void della_masks(const RankArgs& a, const MaskArgs& m) {
         }
       }
     }
+    if (sums) acc.flush(partial.data());
   });
+  if (sums) {  // tasks in order, as kept_l1
+    m.l1[0] = m.l1[1] = 0.0;
+    for (size_t t = 0; t < partial.size(); t += 2) {
+      m.l1[0] += partial[t];
+      m.l1[1] += partial[t + 1];
+    }
+  }
 }
 
 }  // namespace cpu

@@ -70,6 +70,12 @@ struct MaskArgs {
   int64_t offset = 0;           // global index of the chunk's first element
   uint8_t* bits = nullptr;      // [ceil(numel / 8)] keep bits (bit j % 8 of byte j / 8), overwritten
   SimdLevel level = SimdLevel::Scalar;  // the uniforms' level (any: the same bits)
+  // Optional [2]: (sum |tau|, sum over kept |tau|) in float64, bitwise what kept_l1 (cpu/combine.h)
+  // sums with these bits as masks_in: its tasks of kStatsTask elements, lane j % 16, lanes then
+  // tasks in order. Computed where whole lines tile those tasks in reasonable tasks of their own,
+  // or the chunk is small enough for one task (l1_done); else left to kept_l1.
+  double* l1 = nullptr;
+  bool* l1_done = nullptr;
 };
 
 // DELLA's keep mask without the probabilities: bit j = u_j < p_j, u_j the keep masks' Philox
@@ -103,6 +109,9 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
                     SimdLevel level);
 namespace avx512 {
 int64_t della_decide(const DecideArgs& d);
+// all[l] += |tau| and kept[l] += bit ? |tau| : 0 for the entries c0 + 16 w + l, w < n16 (keys as
+// fp32 magnitudes, bit c of bits; c0 a multiple of 16), lane by lane as the scalar loop adds them.
+void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept);
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys);
 }
 

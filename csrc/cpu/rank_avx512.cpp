@@ -98,6 +98,27 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
   return f(x, b, start, cols, keys);
 }
 
+void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept) {
+  __m512d a_lo = _mm512_loadu_pd(all), a_hi = _mm512_loadu_pd(all + 8);
+  __m512d k_lo = _mm512_loadu_pd(kept), k_hi = _mm512_loadu_pd(kept + 8);
+  const uint16_t* b16 = reinterpret_cast<const uint16_t*>(bits);  // little-endian: bit c of word c / 16
+  for (int64_t w = 0; w < n16; ++w) {
+    const int64_t c = c0 + 16 * w;
+    const __m512 v = _mm512_castsi512_ps(_mm512_loadu_si512(keys + c));
+    const __mmask16 kb = b16[c >> 4];
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    a_lo = _mm512_add_pd(a_lo, lo);
+    a_hi = _mm512_add_pd(a_hi, hi);
+    k_lo = _mm512_add_pd(k_lo, _mm512_maskz_mov_pd(static_cast<__mmask8>(kb), lo));
+    k_hi = _mm512_add_pd(k_hi, _mm512_maskz_mov_pd(static_cast<__mmask8>(kb >> 8), hi));
+  }
+  _mm512_storeu_pd(all, a_lo);
+  _mm512_storeu_pd(all + 8, a_hi);
+  _mm512_storeu_pd(kept, k_lo);
+  _mm512_storeu_pd(kept + 8, k_hi);
+}
+
 int64_t della_decide(const DecideArgs& d) {
   const __m512i vlo = _mm512_set1_epi32(static_cast<int>(d.lo));
   const __m128i vsh = _mm_cvtsi32_si128(d.shift);
