@@ -20,6 +20,7 @@ from ame_kernels.backends import available
 from ame_kernels.errors import MergeError
 from ame_kernels.methods.combine import name_key, philox_uniform
 from ame_kernels.methods.task_vectors import della_probs
+from test_cpu_rank import task_vectors
 
 pytestmark = pytest.mark.skipif(not available()["cpu"][0], reason=f"cpu backend: {available()['cpu'][1]}")
 
@@ -53,13 +54,6 @@ def assert_same_bits(got, ref, n, what):
     got, ref = np.unpackbits(got, bitorder="little")[:n], np.unpackbits(ref, bitorder="little")[:n]
     bad = np.flatnonzero(got != ref)
     assert not len(bad), f"{what}: {len(bad)} of {n} bits differ; first at {bad[0]}"
-
-
-def task_vectors(shape, dtype, base_dtype, gen, scale=1e-2):
-    numel = int(np.prod(shape, dtype=np.int64))
-    b = torch.randn(numel, generator=gen)
-    x = (b + scale * torch.randn(numel, generator=gen)).to(DT[dtype])
-    return x, None if base_dtype is None else b.to(DT[base_dtype])
 
 
 SHAPES = [(1,), (7,), (5000,), (3, 1), (5, 3), (4, 13), (3, 4097), (1, 2048), (40, 2048), (9, 5632), (6, 100), (2, 16),
