@@ -26,6 +26,8 @@ CASES = [
     ("dare_linear", {"density": 0.4, "rescale": "inverse"}),
     ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1}),
     ("della", {"density": 0.5, "epsilon": 0.1}),
+    ("della_linear", {"density": [0.5, 1.0, 0.3], "epsilon": 0.1, "seed": 2}),  # an ingredient without bits
+    ("della", {"density": 0.4, "epsilon": 0.15, "rescale": "inverse"}),  # divides by p: the probabilities path
     ("slerp", {"t": 0.3}),
     ("model_stock", {}),
 ]
