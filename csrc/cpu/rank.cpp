@@ -314,7 +314,11 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
     s.cnt.assign(nbk, 0u);
     if (s.bounds.size() < nbk) s.bounds.resize(nbk);
     uint32_t* cnt = s.cnt.data();
-    for (int64_t c = 0; c < cols; ++c) {
+    int64_t c = 0;
+#if defined(AME_HAVE_X86)
+    if (level == SimdLevel::AVX512) c = avx512::count_buckets(keys, cols, lo, sh, cnt);
+#endif
+    for (; c < cols; ++c) {
       const uint32_t k = keys[c];
       ++cnt[k ? 1u + ((k - lo) >> sh) : 0u];
     }

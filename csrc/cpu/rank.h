@@ -109,6 +109,9 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
                     SimdLevel level);
 namespace avx512 {
 int64_t della_decide(const DecideArgs& d);
+// ++cnt[bucket(keys[c])] (DecideArgs' buckets) for c below the returned count (whole vectors of
+// 16; the caller counts the rest): the indices computed sixteen at a time, the increments scalar.
+int64_t count_buckets(const uint32_t* keys, int64_t cols, uint32_t lo, int shift, uint32_t* cnt);
 // all[l] += |tau| and kept[l] += bit ? |tau| : 0 for the entries c0 + 16 w + l, w < n16 (keys as
 // fp32 magnitudes, bit c of bits; c0 a multiple of 16), lane by lane as the scalar loop adds them.
 void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept);

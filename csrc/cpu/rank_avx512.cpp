@@ -98,6 +98,21 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
   return f(x, b, start, cols, keys);
 }
 
+int64_t count_buckets(const uint32_t* keys, int64_t cols, uint32_t lo, int shift, uint32_t* cnt) {
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
+  const __m128i vsh = _mm_cvtsi32_si128(shift);
+  const __m512i one = _mm512_set1_epi32(1);
+  alignas(64) uint32_t q[16];
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
+    const __m512i k = _mm512_loadu_si512(keys + c);
+    const __mmask16 nz = _mm512_test_epi32_mask(k, k);
+    _mm512_store_si512(q, _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(k, vlo), vsh), one));
+    for (int l = 0; l < 16; ++l) ++cnt[q[l]];
+  }
+  return c;
+}
+
 void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept) {
   __m512d a_lo = _mm512_loadu_pd(all), a_hi = _mm512_loadu_pd(all + 8);
   __m512d k_lo = _mm512_loadu_pd(kept), k_hi = _mm512_loadu_pd(kept + 8);
