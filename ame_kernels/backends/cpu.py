@@ -487,10 +487,7 @@ def _della_call(fn: str, xptr: int, xdtype: str, bptr: int, bdtype: str, numel: 
                 epsilon: float, threads: Optional[int], out: Optional[np.ndarray] = None) -> np.ndarray:
     from ..methods.task_vectors import della_kernel_args
 
-    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (numel,)
-                            or not out.flags.c_contiguous or not out.flags.writeable):
-        what = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise MergeError(f"[{fn}] out: expected a writable contiguous float32 array of {numel} elements, got {what}")
+    _check_out(fn, out, np.float32, numel)
     got = _native_call(fn, _module().della_probs, x=xptr, x_dtype=xdtype, base=bptr, base_dtype=bdtype, numel=numel,
                        **della_kernel_args(tuple(shape), numel, density, epsilon), threads=default_threads(threads),
                        out=0 if out is None or not numel else out.ctypes.data)
@@ -781,6 +778,15 @@ def _mask_pointers(fn: str, masks: Optional[Sequence[Any]], n: int, numel: int, 
     return out
 
 
+def _check_out(fn: str, out: Any, dtype, n: int) -> None:
+    """``out`` is None or a writable contiguous 1-D array of n entries of dtype."""
+    if out is not None and (not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != (n,)
+                            or not out.flags.c_contiguous or not out.flags.writeable):
+        what = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise MergeError(f"[{fn}] out: expected a writable contiguous {np.dtype(dtype).name} array of {n} entries, "
+                         f"got {what}")
+
+
 def della_probs_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str], shape: tuple, density: float,
                         epsilon: float, threads: Optional[int] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
     """float32 [C]: DELLA's keep probabilities of a chunk of whole rows of a tensor of ``shape``
@@ -810,11 +816,9 @@ def della_masks_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional[str]
     if args.pop("rest") != 1:
         raise MergeError(f"[{fn}] shape {tuple(shape)}: rows must be contiguous (no dims after dim 1)")
     nbytes = -(-numel // 8)
+    _check_out(fn, out, np.uint8, nbytes)
     if out is None:
         out = np.empty(nbytes, dtype=np.uint8)
-    elif not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (nbytes,)
-              and out.flags.c_contiguous and out.flags.writeable):
-        raise MergeError(f"[{fn}] out: expected a writable contiguous uint8 array of {nbytes} bytes")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
         raise MergeError(f"[{fn}] seed: must be an integer in [0, 2^64), got {seed!r}")
     l1 = _native_call(fn, _module().della_masks, x=ptrs[0], x_dtype=dtypes[0], base=bptr, base_dtype=bdtype,

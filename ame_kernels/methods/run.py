@@ -139,8 +139,8 @@ class BufferOps:
             plan.notes["keep_masks"] = (offset, c, [p.bits for p in probs])
             return np.stack([p.l1 for p in probs])
         probs, given = _split_bits(probs, plan.n)
-        draws = [given is None or given[i] is None for i in range(plan.n)]
-        draws = [d and (plan.density[i] < 1 or (probs is not None and probs[i] is not None)) for i, d in enumerate(draws)]
+        draws = [(given is None or given[i] is None) and (plan.density[i] < 1 or (probs is not None and probs[i] is not None))
+                 for i in range(plan.n)]
         masks = [np.empty(-(-c // 8), dtype=np.uint8) if d else None for d in draws] if any(draws) else None
         l1 = self.cpu.kept_l1_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, plan, offset, probs,
                                       threads=self.threads, masks=masks, masks_in=given)
@@ -181,12 +181,9 @@ class BufferOps:
         pass would draw from ``della_probs`` under a plan of this seed and name key), in that
         ingredient's reused buffer."""
         bb, bd = self._split(b)
-        n = -(-self.length(x) // 8)
-        buf = self._bits.get(ingredient)
-        if buf is None or buf.size < n:
-            buf = self._bits[ingredient] = np.empty(n, dtype=np.uint8)
+        out = _slot_buffer(self._bits, ingredient, -(-self.length(x) // 8), np.uint8)
         bits, l1 = self.cpu.della_masks_buffers(x[0], x[1], bb, bd, shape, density, epsilon, seed, key, ingredient,
-                                                offset, threads=self.threads, out=buf[:n], sums=True)
+                                                offset, threads=self.threads, out=out, sums=True)
         return KeepBits(bits, l1)
 
     def della_probs(self, x, b, shape: tuple, density: float, epsilon: float, slot: Optional[int] = None) -> np.ndarray:
@@ -194,13 +191,7 @@ class BufferOps:
         a ``slot``, written into that slot's buffer, valid until the slot's next call (the methods
         pass the ingredient's index: a tensor's probabilities are used before the next tensor's)."""
         bb, bd = self._split(b)
-        out = None
-        if slot is not None:
-            n = self.length(x)
-            buf = self._probs.get(slot)
-            if buf is None or buf.size < n:
-                buf = self._probs[slot] = np.empty(n, dtype=np.float32)
-            out = buf[:n]
+        out = None if slot is None else _slot_buffer(self._probs, slot, self.length(x), np.float32)
         return self.cpu.della_probs_buffers(x[0], x[1], bb, bd, shape, density, epsilon, threads=self.threads, out=out)
 
     def wrap(self, a: np.ndarray, like):
@@ -237,6 +228,14 @@ class BufferOps:
         bb, bd = self._split(b)
         return self.cpu.transform_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, outs, plan, offset,
                                           threads=self.threads, masks=self._masks(plan, offset, self.length(xs[0])))
+
+
+def _slot_buffer(store: dict, slot: int, n: int, dtype) -> np.ndarray:
+    """The first n entries of ``store[slot]``, an array reused across calls (grown when short)."""
+    buf = store.get(slot)
+    if buf is None or buf.size < n:
+        buf = store[slot] = np.empty(n, dtype=dtype)
+    return buf[:n]
 
 
 def _split_bits(probs, n: int):
