@@ -111,6 +111,32 @@ def test_zeros_ties_and_clusters(level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fine_tune_ties(level, dtype):
+    """Task vectors of fine-tunes in bf16 / fp16: a few hundred distinct magnitudes per line, each
+    many times (the tie pass ranks the entries at a bucket's smallest key by index), a few keys with
+    low bits (decided by the bounds, the open ones exactly), and a line whose one big tie group
+    shares its bucket with many such keys (too many open: the sort)."""
+    gen = torch.Generator().manual_seed(17 + len(dtype))
+    rows, cols = 24, 2048
+    b = (0.02 * torch.randn(rows * cols, generator=gen)).to(DT[dtype])
+    for rel in (0.1, 0.03, 0.01, 0.003):
+        x = (b.float() + rel * 0.02 * torch.randn(rows * cols, generator=gen)).to(DT[dtype])
+        for d, e in [(0.3, 0.1), (0.5, 0.5), (0.9, 0.1), (0.2, 0.01)]:
+            got = native_bits(x, b, (rows, cols), d, e, 4, 5, 2, 96, simd=level)
+            assert_same_bits(got, oracle_bits(x, b, (rows, cols), d, e, 4, 5, 2, 96), rows * cols,
+                             f"{dtype} rel={rel} d={d} e={e}")
+    xf = b.float() + 2.0**-10  # one magnitude per line (as fp32 keys: one tie group) ...
+    low = torch.randperm(cols, generator=gen)[:30]
+    for r in range(rows):  # ... and 30 keys just above it (bits below 2^16 of the key), in its bucket
+        xf[r * cols + low] += (r + 1) * 2.0**-24
+    bf = b.float()
+    for d, e in [(0.5, 0.4), (0.3, 0.1)]:
+        got = native_bits(xf, bf, (rows, cols), d, e, 6, 7, 0, 0, simd=level)
+        assert_same_bits(got, oracle_bits(xf, bf, (rows, cols), d, e, 6, 7, 0, 0), rows * cols, f"tie group d={d}")
+
+
+@pytest.mark.parametrize("level", LEVELS)
 def test_nan_inf(level):
     gen = torch.Generator().manual_seed(7)
     shape = (6, 333)

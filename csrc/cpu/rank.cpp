@@ -241,6 +241,7 @@ struct MaskScratch {
   std::vector<uint64_t> bounds;  // per bucket: fp32 bits of table[first rank] | table[last rank] << 32
   std::vector<uint64_t> bits;    // the line's keep bits, bit c of word c / 64
   uint32_t open[kMaxOpen + 16];  // room for a vector's compress-store past the last
+  std::vector<uint32_t> next;    // the tie pass: per bucket the next rank of its smallest key
 };
 
 // The exact rank of entry c of a line: keys below keys[c], and equal ones before c.
@@ -286,6 +287,41 @@ int64_t decide_scalar(const DecideArgs& d) {
   return nopen;
 }
 
+// della_ties' contract, scalar (cpu/rank.h). The lines with too many open entries for the
+// bucket bounds have ties: task vectors of bf16 / fp16 fine-tunes take a few hundred distinct
+// magnitudes per line, each many times, so a bucket holds one magnitude many times and its rank
+// interval is wide. lo is a multiple of 2^shift, so an entry whose key has no bits below shift has
+// its bucket's smallest possible key: it ranks after the buckets below and the entries of that key
+// before it, and one pass in index order gives each such entry its exact rank (a counting sort's
+// placement without moving anything). The others (few in such lines) are decided by the bounds.
+int64_t ties_scalar(const DecideArgs& d) {
+  const uint32_t low = (uint32_t{1} << d.shift) - 1u;
+  std::fill(d.bits, d.bits + (d.cols + 63) / 64, uint64_t{0});
+  int64_t nopen = 0;
+  for (int64_t c = 0; c < d.cols; ++c) {
+    const uint32_t k = d.keys[c];
+    const uint32_t q = k ? 1u + ((k - d.lo) >> d.shift) : 0u;
+    const float uc = d.u[c];
+    int keep;
+    if ((k & low) == 0) {  // zeros too: bucket 0 holds only them
+      keep = uc < d.table[d.next[q]++];
+    } else {
+      const uint64_t bq = d.bounds[q];
+      keep = uc < f32_from_bits(static_cast<uint32_t>(bq));
+      if (!keep && uc < f32_from_bits(static_cast<uint32_t>(bq >> 32))) {
+        if (nopen == d.max_open) return nopen + 1;  // the caller ranks the line
+        d.open[nopen++] = static_cast<uint32_t>(c);
+      }
+    }
+    d.bits[c >> 6] |= static_cast<uint64_t>(keep) << (c & 63);
+  }
+  for (int64_t t = 0; t < nopen; ++t) {
+    const int64_t c = d.open[t];
+    set_bit(d.bits, c, d.u[c] < d.table[exact_rank(d.keys, d.cols, c)]);
+  }
+  return nopen;
+}
+
 // One contiguous line's keep bits (s.bits) = u[c] < table[rank(c)], table non-decreasing (and
 // padded: table[cols] = table[cols - 1]). The keys are counted into buckets (0: the zeros; 1 ..
 // 2^nb - 1: the nonzero keys' range in equal steps of key bits), so an entry of bucket q has a
@@ -306,11 +342,26 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
   }
   if (rising) {
     // about half as many buckets as entries: fewer open entries would not pay for more bounds
-    const int nb = std::max(4, std::min(16, bit_width(static_cast<uint32_t>(cols - 1)) - 1));
+    int nb = std::max(4, std::min(16, bit_width(static_cast<uint32_t>(cols - 1)) - 1));
+    int sh = -1;
+    // bf16 / fp16 task vectors: nearly every key a multiple of 2^D (rank_line's D); where the line's
+    // range takes at most one bucket per entry in steps of 2^D, one bucket per multiple, whose
+    // entries at the multiple della_ties ranks exactly, ties and all
+    const int64_t budget = cols / 64;
+    const int D = st.low16 <= budget ? 16 : st.low8 <= budget ? 8 : 0;
+    if (D > 0) {
+      const int need = bit_width((st.max >> D) - (st.min_nz >> D) + 1u);  // 2^need >= the span + 2
+      if (need <= std::min(16, nb + 1)) {
+        nb = std::max(nb, need);
+        sh = D;
+      }
+    }
     const uint32_t nbk = 1u << nb;
-    const uint32_t lo = st.min_nz, span = st.max - st.min_nz;
-    int sh = 0;
-    while ((span >> sh) >= nbk - 1) ++sh;
+    if (sh < 0) {  // the smallest step that fits, lo a multiple of it
+      sh = 0;
+      while (((st.max - (st.min_nz & ~((uint32_t{1} << sh) - 1u))) >> sh) >= nbk - 1) ++sh;
+    }
+    const uint32_t lo = st.min_nz & ~((uint32_t{1} << sh) - 1u);
     s.cnt.assign(nbk, 0u);
     if (s.bounds.size() < nbk) s.bounds.resize(nbk);
     uint32_t* cnt = s.cnt.data();
@@ -323,14 +374,24 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
       ++cnt[k ? 1u + ((k - lo) >> sh) : 0u];
     }
     uint64_t* bounds = s.bounds.data();
+    if (s.next.size() < nbk) s.next.resize(nbk);
+    uint32_t* next = s.next.data();
     uint32_t first = 0;
+    uint64_t pairs = 0;  // sum of n (n - 1) over buckets: about the open entries times cols / (2 eps)
     for (uint32_t q = 0; q < nbk; ++q) {  // an empty bucket's bounds are never read
-      const uint32_t last = first + cnt[q];
+      const uint32_t n = cnt[q], last = first + n;
       bounds[q] = f32_bits(table[first]) | (static_cast<uint64_t>(f32_bits(table[last - (last > first)])) << 32);
+      next[q] = first;
+      pairs += static_cast<uint64_t>(n) * (n - (n > 0)) * (q > 0);  // zeros are never open
       first = last;
     }
-    DecideArgs d{keys, u, cols, lo, sh, bounds, table, bits, s.open, kMaxOpen};
-    if (della_decide(d, level) <= kMaxOpen) return;
+    // expected open entries = sum over buckets of n (table[H] - table[L]) = pairs * (table[cols - 1] -
+    // table[0]) / (cols - 1); past kMaxOpen the bucket decisions would likely be thrown away
+    const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
+    const bool ties = static_cast<double>(pairs) * spread > kMaxOpen * static_cast<double>(cols - 1);
+    DecideArgs d{keys, u, cols, lo, sh, bounds, table, bits, s.open, kMaxOpen, next};
+    if (!ties && della_decide(d, level) <= kMaxOpen) return;
+    if (della_ties(d, level) <= kMaxOpen) return;
   }
   float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
   rank_line(keys, st, cols, 1, table, p, s.sort);
@@ -444,6 +505,15 @@ int64_t della_decide(const DecideArgs& d, SimdLevel level) {
 #endif
   (void)level;
   return decide_scalar(d);
+}
+
+int64_t della_ties(const DecideArgs& d, SimdLevel level) {
+#if defined(AME_HAVE_X86)
+  static const bool cd = __builtin_cpu_supports("avx512cd");
+  if (level == SimdLevel::AVX512 && cd) return avx512::della_ties(d);
+#endif
+  (void)level;
+  return ties_scalar(d);
 }
 
 void della_masks(const RankArgs& a, const MaskArgs& m) {

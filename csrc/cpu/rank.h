@@ -102,13 +102,20 @@ struct DecideArgs {
   uint64_t* bits;     // [ceil(cols / 64)]
   uint32_t* open;     // [max_open + 16]: a vector level may store up to 15 past max_open
   int64_t max_open;
+  uint32_t* next = nullptr;  // della_ties: [2^nb] per bucket q, the entries in the buckets below it
 };
 int64_t della_decide(const DecideArgs& d, SimdLevel level);
+// The tie pass, for lines with many equal magnitudes (lo a multiple of 2^shift): an entry whose
+// key has no bits below shift has its bucket's smallest possible key, so its exact rank is next[q]
+// + the entries of that key before it, counted in index order (next[q] advances past them); the
+// other entries are decided as della_decide does. Same return and bits as della_decide.
+int64_t della_ties(const DecideArgs& d, SimdLevel level);
 // One contiguous line's keys (keys[c] = mag_key(x - b), b = 0 without a base) and LineStats.
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
                     SimdLevel level);
 namespace avx512 {
 int64_t della_decide(const DecideArgs& d);
+int64_t della_ties(const DecideArgs& d);  // needs AVX512CD (the caller checks)
 // ++cnt[bucket(keys[c])] (DecideArgs' buckets) for c below the returned count (whole vectors of
 // 16; the caller counts the rest): the indices computed sixteen at a time, the increments scalar.
 int64_t count_buckets(const uint32_t* keys, int64_t cols, uint32_t lo, int shift, uint32_t* cnt);

@@ -2,9 +2,10 @@
 // sixteen at a time; the decisions, sixteen entries per step, their buckets' bounds by two
 // 64-bit gathers, the zeros' exact bounds by an expand of their running count and a masked
 // gather, the keep bits straight from the compare mask and the open entries compress-stored,
-// then resolved by 16-wide counting compares. The keys are the scalar path's (the same fp32
-// subtraction), the rest only compares: the same bits as the scalar loops. CMake compiles
-// *_avx512.cpp with the ISA's flags.
+// then resolved by 16-wide counting compares; the tie pass's running ranks by a conflict mask
+// (AVX512CD, checked at run time) and a gather / scatter of the buckets' next ranks. The keys are
+// the scalar path's (the same fp32 subtraction), the rest only compares and counts: the same bits
+// as the scalar loops. CMake compiles *_avx512.cpp with the ISA's flags.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -184,6 +185,78 @@ int64_t della_decide(const DecideArgs& d) {
       const uint64_t m = uint64_t{1} << (c & 63);
       const bool v = d.u[c] < d.table[exact_rank(d.keys, d.cols, c)];
       d.bits[c >> 6] = v ? (d.bits[c >> 6] | m) : (d.bits[c >> 6] & ~m);
+    }
+  }
+  return nopen;
+}
+
+// della_ties' contract (cpu/rank.h). Per sixteen entries: the lanes whose key has no bits below
+// the shift (the zeros among them) take rank next[q] + (earlier lanes of the same bucket: the
+// popcount of their conflict mask), and the scatter of rank + 1 back to next[q] leaves the last
+// such lane's (overlapping scatter writes land in lane order); the other lanes (a unique
+// out-of-range bucket each, so they conflict with nothing) are decided by the bounds.
+__attribute__((target("avx512cd"))) int64_t della_ties(const DecideArgs& d) {
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(d.lo));
+  const __m128i vsh = _mm_cvtsi32_si128(d.shift);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i unique = _mm512_sub_epi32(_mm512_set1_epi32(-16), ramp);  // no bucket's index
+  const __m512i low = _mm512_set1_epi32(static_cast<int>((uint32_t{1} << d.shift) - 1u));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, one);
+  const __m512i nibbles = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);  // popcount 0..15
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  const long long* bounds = reinterpret_cast<const long long*>(d.bounds);
+  int* next = reinterpret_cast<int*>(d.next);
+  uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);  // little-endian: bit c of word c / 16
+  const int64_t words16 = (d.cols + 15) / 16;
+  int64_t nopen = 0;
+  for (int64_t w = 0; w < words16; ++w) {
+    const int64_t c = w * 16;
+    const int64_t left = d.cols - c;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512i k = _mm512_maskz_loadu_epi32(m, d.keys + c);
+    const __m512 u = _mm512_maskz_loadu_ps(m, d.u + c);
+    const __mmask16 nz = _mm512_test_epi32_mask(k, k);
+    const __m512i q = _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(k, vlo), vsh), one);
+    const __mmask16 at = _mm512_mask_testn_epi32_mask(m, k, low);  // the bucket's smallest key
+    const __m512i qa = _mm512_mask_mov_epi32(unique, at, q);
+    const __m512i conf = _mm512_conflict_epi32(qa);
+    const __m512i pc8 = _mm512_add_epi8(_mm512_shuffle_epi8(nibbles, _mm512_and_si512(conf, m4)),
+                                        _mm512_shuffle_epi8(nibbles, _mm512_and_si512(_mm512_srli_epi32(conf, 4), m4)));
+    const __m512i before = _mm512_madd_epi16(_mm512_maddubs_epi16(pc8, _mm512_set1_epi8(1)), _mm512_set1_epi16(1));
+    const __m512i r = _mm512_add_epi32(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), at, qa, next, 4), before);
+    _mm512_mask_i32scatter_epi32(next, at, qa, _mm512_add_epi32(r, one), 4);
+    const __m512 t = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), at, r, d.table, 4);
+    __mmask16 in = _mm512_mask_cmp_ps_mask(at, u, t, _CMP_LT_OQ);
+    const __mmask16 rest = static_cast<__mmask16>(m & ~at);
+    if (rest) {
+      const __m512i b0 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(rest),
+                                                     _mm512_castsi512_si256(q), bounds, 8);
+      const __m512i b1 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(rest >> 8),
+                                                     _mm512_extracti64x4_epi64(q, 1), bounds, 8);
+      const __m512 tl = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, even, b1));
+      const __m512 th = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, odd, b1));
+      const __mmask16 rin = _mm512_mask_cmp_ps_mask(rest, u, tl, _CMP_LT_OQ);
+      const __mmask16 open = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(rest & ~rin), u, th, _CMP_LT_OQ);
+      in = static_cast<__mmask16>(in | rin);
+      if (open) {
+        if (nopen <= d.max_open)
+          _mm512_mask_compressstoreu_epi32(d.open + nopen, open, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), ramp));
+        nopen += __builtin_popcount(open);
+      }
+    }
+    out[w] = in;
+  }
+  if (words16 & 3) {
+    for (int64_t w = words16; w & 3; ++w) out[w] = 0;
+  }
+  if (nopen <= d.max_open) {
+    for (int64_t t = 0; t < nopen; ++t) {
+      const int64_t c = d.open[t];
+      const uint64_t mk = uint64_t{1} << (c & 63);
+      const bool v = d.u[c] < d.table[exact_rank(d.keys, d.cols, c)];
+      d.bits[c >> 6] = v ? (d.bits[c >> 6] | mk) : (d.bits[c >> 6] & ~mk);
     }
   }
   return nopen;
