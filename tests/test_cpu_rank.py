@@ -175,6 +175,25 @@ def test_backend_entries():
     assert_same_bits(got.numpy(), tor.numpy(), "della_probs_torch")
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_torch_probs_are_numpys(shape):
+    """della_probs_torch (what Backend.della_probs runs on a GPU: one stable argsort on the device)
+    = della_probs (numpy), bitwise, with ties, zeros, NaN and Inf in the lines."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(shape).encode()))
+    x, b = task_vectors(shape, "bfloat16", "bfloat16", gen)
+    m = (x.float() - b.float()).abs()
+    n = m.numel()
+    m[::5] = 0.0
+    m[3::11] = float("nan")
+    m[7::13] = float("inf")
+    m[1::4] = m[0]
+    for d, e in [(0.4, 0.15), (0.9, 0.1), (0.5, 0.0)]:
+        ref = della_probs(m.numpy(), shape, d, e)
+        got = della_probs_torch(m, shape, d, e)
+        assert got.dtype == torch.float32 and got.shape == (n,)
+        assert_same_bits(got.numpy(), ref, f"{shape} d={d} e={e}")
+
+
 def test_ops():
     """The ops the methods call: BufferOps (the engine's cpu path) and TorchOps on cpu and reference."""
     from ame_kernels.backends import get_backend

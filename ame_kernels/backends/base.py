@@ -292,12 +292,14 @@ class Backend:
 
     def della_probs(self, x, base, shape: tuple, density: float, epsilon: float, threads: Optional[int] = None):
         """float32 [C] on x's device: DELLA's keep probabilities of a chunk of whole rows of a
-        tensor of ``shape`` (``methods.task_vectors.della_probs``, numpy, on the host)."""
+        tensor of ``shape`` (``methods.task_vectors.della_probs``, bitwise): numpy on the host for
+        host tensors, torch's sort on the device for the others (no round trip through the host)."""
         import torch
 
         from ..methods.stats import magnitudes_torch
-        from ..methods.task_vectors import della_probs
+        from ..methods.task_vectors import della_probs, della_probs_torch
 
-        p = della_probs(magnitudes_torch(x, base), tuple(shape), density, epsilon)
-        return torch.from_numpy(p).to(x.device)
+        if x.device.type != "cpu":
+            return della_probs_torch(magnitudes_torch(x, base, device=True), tuple(shape), density, epsilon).contiguous()
+        return torch.from_numpy(della_probs(magnitudes_torch(x, base), tuple(shape), density, epsilon))
 

@@ -115,9 +115,11 @@ def kept_l1_torch(inputs: Sequence, base, plan: CombinePlan, offset: int, probs=
     return out
 
 
-def magnitudes_torch(x, base) -> np.ndarray:
-    """|x - b| in fp32 as a numpy array (to locate an entry within one chunk)."""
-    return _tau(x, base).abs().cpu().numpy()
+def magnitudes_torch(x, base, device: bool = False):
+    """|x - b| in fp32 as a numpy array (to locate an entry within one chunk), or with ``device``
+    as a tensor on x's device."""
+    m = _tau(x, base).abs()
+    return m if device else m.cpu().numpy()
 
 
 # --------------------------------------------------------------------------- drivers

@@ -288,12 +288,16 @@ def della_probs(m: np.ndarray, shape: tuple, density: float, epsilon: float) -> 
 
 
 def della_probs_torch(m, shape: tuple, density: float, epsilon: float):
-    """``della_probs`` in torch for the oracle (ranks from a double argsort, as mergekit)."""
+    """``della_probs`` in torch on m's device, bitwise: one stable argsort per line (NaN last, as
+    numpy), the ranks scattered back, then the same fp32 operations. The oracle of the torch
+    paths, and what the GPU backends run (``Backend.della_probs``)."""
     import torch
 
     _, cols, rest = _rows(shape, m.numel())
     v = m.reshape(-1, cols, rest)
-    rank = torch.argsort(torch.argsort(v, dim=1, stable=True), dim=1, stable=True).to(torch.float32)
+    order = torch.argsort(v, dim=1, stable=True)
+    steps = torch.arange(cols, dtype=torch.float32, device=m.device).view(1, cols, 1).expand_as(v)
+    rank = torch.empty(v.shape, dtype=torch.float32, device=m.device).scatter_(1, order, steps)
     norm = rank / float(max(cols - 1, 1))
     return (norm * 2.0 * float(np.float32(epsilon)) + float(np.float32(density - epsilon))).reshape(-1)
 
