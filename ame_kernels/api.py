@@ -167,7 +167,7 @@ def _merge_ame(dicts: List[dict], form: str, names: List[str], cfg: AMEConfig, t
 
 def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: Any,
                   outs: Optional[Dict[str, torch.Tensor]] = None):
-    from .methods.run import TorchOps, merge_tensor, plan_tensor, unseen_hidden
+    from .methods.run import BufferOps, TorchOps, merge_tensor, plan_tensor, unseen_hidden
     from .methods.stats import NonFinite
 
     general = make_config(None, **call.general)  # the general options, checked as AMEConfig checks them
@@ -177,7 +177,11 @@ def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: An
     base_sd = resolve_reference(base, dicts, names, form, "base", "a tensor or state dict") if base is not None else None
     device = dicts[0][names[0]].device if names else torch.device("cpu")
     backend = get_backend(general.backend, device.type)
-    ops = TorchOps(backend, general.threads)
+    # host tensors on the cpu backend take the checkpoint engine's own buffer path (the same
+    # kernels, and DELLA's keep bits instead of its probabilities); other backends their torch entries
+    host = backend.name == "cpu" and device.type == "cpu"
+    ops = BufferOps(general.threads) if host else TorchOps(backend, general.threads)
+    handle = ops.handle if host else (lambda t: t)
     # The reference checks with torch up front; the kernel backends take what their passes see:
     # the statistics passes' NaN/Inf counts, the combine pass's count of Inf/NaN written (an output
     # check where a backend does not count), and a torch check of only the ingredients whose
@@ -196,10 +200,11 @@ def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: An
     def run(name, inputs, out):
         b = base_sd[name].detach().contiguous().reshape(-1) if base_sd is not None else None
         shape = tuple(dicts[0][name].shape)
+        hx, hb, ho = [handle(x) for x in inputs], handle(b), handle(out)
         if not flags:
-            merge_tensor(call.method, call.params, name, shape, inputs, b, out, ops)
+            merge_tensor(call.method, call.params, name, shape, hx, hb, ho, ops)
             return []
-        chunks = lambda: [(0, inputs, b)]  # noqa: E731
+        chunks = lambda: [(0, hx, hb)]  # noqa: E731
         try:
             plan, probs_fn, ctx = plan_tensor(call.method, call.params, name, shape, len(inputs), b is not None,
                                               chunks, ops, True)
@@ -208,7 +213,7 @@ def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: An
         hidden = culprits(name, inputs, None, unseen_hidden(plan, ctx))
         if hidden:
             return hidden
-        written = ops.combine(inputs, b, out, plan, 0, probs_fn(0, inputs, b) if probs_fn else None)
+        written = ops.combine(hx, hb, ho, plan, 0, probs_fn(0, hx, hb) if probs_fn else None)
         if written is None:  # the backend does not count what it writes
             written = not bool(torch.isfinite(out).all())
         return culprits(name, inputs, b) if written else []
