@@ -114,6 +114,32 @@ def test_an_overfull_bracket_falls_back(monkeypatch):
     assert keys == [(1.0, 50 * 1000), (0.0, 500 - 100 + _nth_zero(500 - 100)), (0.0, 99_999)]
 
 
+@pytest.mark.parametrize("size", [200_000, 30_001])
+def test_a_tied_bracket_is_located_without_the_radix_passes(size, monkeypatch):
+    """A rank inside one magnitude that more entries hold than the cap (ties, as in bf16 fine-tunes):
+    the sample's bracket is that magnitude, its counts say the rank is inside, and only the index is
+    searched (bisected inside the chunk that holds it), no radix passes; one chunk and several."""
+    c = 200_000
+    g = torch.Generator().manual_seed(4)
+    base = torch.zeros(c)
+    x = torch.full((c,), 0.5)
+    x[torch.randperm(c, generator=g)[:20_000]] = 1.0
+    x[::7] = 0.25
+    m = x.numpy()
+    order = np.lexsort((np.arange(c), -m))
+    targets = [(0, r) for r in (20_005, 50_000, 99_999, 150_000)]
+    monkeypatch.setattr(stats, "EXACT_MAX", 16)
+    monkeypatch.setattr(stats, "BRACKET_BUDGET", 64)
+    monkeypatch.setattr(stats, "LOCATE_BLOCK", 64)
+    monkeypatch.setattr(stats, "select_ranks_radix", lambda *a, **k: pytest.fail("the radix passes ran"))
+    want = [(0.5, int(order[r])) for _, r in targets]
+    assert all(m[order[r]] == 0.5 for _, r in targets)
+    xs, b = [x.to(torch.bfloat16)], base.to(torch.bfloat16)
+    for ops, chunks in [(stats.TorchStats, _chunks(xs, b, size)), (TorchOps(CpuBackend()), _chunks(xs, b, size)),
+                        (BufferOps(threads=2), _buffer_chunks(xs, b, size))]:
+        assert stats.select_ranks(chunks, ops, c, targets) == want
+
+
 def _nth_zero(k):
     """Index offset of the k-th zero (0-based) when every 1000th entry (from 0) is one: zeros skip
     one index per thousand."""

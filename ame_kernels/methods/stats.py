@@ -200,14 +200,20 @@ def _select(chunks: Chunks, ops, numel: int, targets, keys: list, todo: list, se
     cap = max(EXACT_MAX, BRACKET_BUDGET // len(todo))
     counts, found = bracket_pass(chunks, ops, [targets[t][0] for t in todo], [brackets[t] for t in todo], cap)
     _check_seen({targets[t][0]: int(counts[q, 2]) for q, t in enumerate(todo)}, seen)
-    missed = []
+    missed, tied = [], {}
     for q, t in enumerate(todo):
         above, inside = int(counts[q, 0]), int(counts[q, 1])
         r = targets[t][1]
         if above <= r < above + inside and len(found[q][0]) == inside:
             keys[t] = _nth_key(found[q][0], found[q][1], r - above)
+        elif above <= r < above + inside and brackets[t][0] == brackets[t][1]:
+            # a bracket of one magnitude too many times to collect (ties: bf16 fine-tunes): the
+            # value is known, only the index of its (r - above)-th entry is left to find
+            tied[t] = (targets[t][0], brackets[t][0], r - above)
         else:
             missed.append(t)
+    for t, k in _find_equal(chunks, ops, numel, tied).items():
+        keys[t] = k
     if missed:
         for t, k in zip(missed, select_ranks_radix(chunks, ops, numel, [targets[t] for t in missed])):
             keys[t] = k
@@ -331,41 +337,53 @@ def select_ranks_radix(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[
         bin_, r_in = _descend(lo[t], remaining[t])
         value_bits[t], nth_equal[t] = prefix[t] | bin_, r_in
     # pass 3: the index of the nth_equal-th entry (ascending index) with exactly that magnitude
-    seen = {t: 0 for t in todo}
-    pending = set(todo)
+    for t, k in _find_equal(chunks, ops, numel, {t: (targets[t][0], value_bits[t], nth_equal[t]) for t in todo}).items():
+        keys[t] = k
+    return keys  # type: ignore[return-value]
+
+
+def _find_equal(chunks: Chunks, ops, numel: int, items: dict) -> dict:
+    """Per item t -> (ingredient, bits, nth): the key (magnitude, index) of that ingredient's nth
+    (0-based, ascending index) entry whose magnitude has exactly ``bits``; one pass over the chunks
+    (a count per chunk and target), the chunk that holds it bisected (``_locate``)."""
+    keys, seen, pending = {}, {t: 0 for t in items}, set(items)
     for off, xs, b in chunks():
         if not pending:
             break
         for t in sorted(pending):
-            i = targets[t][0]
+            i, bits, nth = items[t]
             whole = ops.length(xs[i]) == numel  # one chunk: the entry is in it, no count needed
-            count = numel if whole else int(ops.hist(xs[i], b, 0xFFFFFFFF, value_bits[t], 0, 1)[0])
-            if seen[t] + count > nth_equal[t]:
-                idx = off + _locate(ops, xs[i], b, value_bits[t], nth_equal[t] - seen[t])
-                keys[t] = (float(np.uint32(value_bits[t]).view(np.float32)), idx)
+            count = numel if whole else int(ops.hist(xs[i], b, 0xFFFFFFFF, bits, 0, 1)[0])
+            if seen[t] + count > nth:
+                keys[t] = (float(np.uint32(bits).view(np.float32)), off + _locate(ops, xs[i], b, bits, nth - seen[t]))
                 pending.discard(t)
             else:
                 seen[t] += count
     assert not pending, "select_ranks: a rank was not found (counts changed between passes)"
-    return keys  # type: ignore[return-value]
+    return keys
 
 
 LOCATE_BLOCK = 1 << 16
 
 
 def _locate(ops, x, b, bits: int, nth: int) -> int:
-    """The index in chunk ``x`` of its nth (0-based) entry whose magnitude has exactly ``bits``:
-    counted block by block by the backend, then only one block's magnitudes computed here."""
-    n = ops.length(x)
-    for start in range(0, n, LOCATE_BLOCK):
-        stop = min(n, start + LOCATE_BLOCK)
-        xb, bb = ops.slice(x, start, stop), (ops.slice(b, start, stop) if b is not None else None)
-        count = int(ops.hist(xb, bb, 0xFFFFFFFF, bits, 0, 1)[0]) if stop - start < n else n
+    """The index in chunk ``x`` of its nth (0-based) entry whose magnitude has exactly ``bits``: the
+    backend counts the first half of the span left, which halves it, until a block is left (about
+    one read of the chunk in log2(chunk / block) calls, whatever the ties); then only that block's
+    magnitudes are computed here."""
+    start, stop = 0, ops.length(x)
+    while stop - start > LOCATE_BLOCK:
+        mid = start + (stop - start) // 2
+        xb, bb = ops.slice(x, start, mid), (ops.slice(b, start, mid) if b is not None else None)
+        count = int(ops.hist(xb, bb, 0xFFFFFFFF, bits, 0, 1)[0])
         if nth < count:
-            m = ops.magnitudes(xb, bb).view(np.uint32)
-            return start + int(np.flatnonzero(m == np.uint32(bits))[nth])
-        nth -= count
-    raise AssertionError("select_ranks: the located entry is not in its chunk (counts changed)")
+            stop = mid
+        else:
+            nth, start = nth - count, mid
+    xb, bb = ops.slice(x, start, stop), (ops.slice(b, start, stop) if b is not None else None)
+    hits = np.flatnonzero(ops.magnitudes(xb, bb).view(np.uint32) == np.uint32(bits))
+    assert nth < len(hits), "select_ranks: the located entry is not in its chunk (counts changed)"
+    return start + int(hits[nth])
 
 
 def _descend(hist: np.ndarray, r: int) -> Tuple[int, int]:
