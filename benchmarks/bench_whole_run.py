@@ -50,7 +50,9 @@ API_METHODS = {
     "ties": dict(density=0.2),
     "dare_ties": dict(density=0.3),
     "model_stock": {},
+    "della": dict(density=0.3, epsilon=0.1),
 }
+ROW_METHODS = {"della"}  # ranked per row: their rows use the inputs as rows of 2048
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -196,21 +198,25 @@ def run(argv=None) -> list:
     if not args.skip_api and args.api_methods:
         from ame_kernels.methods import METHODS, split_call
         from ame_kernels.methods.base import BASE_NEVER
-        from ame_kernels.methods.run import TorchOps, merge_tensor
+        from ame_kernels.methods.run import BufferOps, merge_tensor
 
-        ops = TorchOps(cpu, threads)
+        ops = BufferOps(threads)  # what ak.merge runs on host tensors with the cpu backend
         for name in args.api_methods.split(","):
             kw = dict(API_METHODS.get(name, {}))
             takes_base = METHODS[name].base != BASE_NEVER
+            shape = (c // 2048, 2048) if name in ROW_METHODS and c % 2048 == 0 else (c,)
             ings, base = (xs[1:], xs[0]) if takes_base else (xs, None)
+            ings, base = [x.view(shape) for x in ings], None if base is None else base.view(shape)
             call = split_call(name, dict(kw), len(ings), base is not None, False)
             mout = torch.empty(c, dtype=dt)
+            hx, hb, ho = [ops.handle(x.view(-1)) for x in ings], ops.handle(None if base is None else base.view(-1)), \
+                ops.handle(mout)
             fns = {
-                "kernel": lambda call=call, ings=ings, base=base, mout=mout: merge_tensor(
-                    call.method, call.params, "t", (c,), ings, base, mout, ops),
+                "kernel": lambda call=call, hx=hx, hb=hb, ho=ho, shape=shape: merge_tensor(
+                    call.method, call.params, "t", shape, hx, hb, ho, ops),
                 "api": lambda name=name, kw=kw, ings=ings, base=base: ak.merge(
                     ings, method=name, base=base, backend="cpu", threads=threads, **kw),
-                "api_out": lambda name=name, kw=kw, ings=ings, base=base, o=torch.empty(c, dtype=dt): ak.merge(
+                "api_out": lambda name=name, kw=kw, ings=ings, base=base, o=torch.empty(shape, dtype=dt): ak.merge(
                     ings, method=name, base=base, backend="cpu", threads=threads, out=o, **kw),
             }
             samples = {k: [] for k in fns}
