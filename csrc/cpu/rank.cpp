@@ -374,23 +374,28 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
       ++cnt[k ? 1u + ((k - lo) >> sh) : 0u];
     }
     uint64_t* bounds = s.bounds.data();
-    if (s.next.size() < nbk) s.next.resize(nbk);
-    uint32_t* next = s.next.data();
     uint32_t first = 0;
-    uint64_t pairs = 0;  // sum of n (n - 1) over buckets: about the open entries times cols / (2 eps)
+    uint64_t pairs = 0;  // sum of n^2, then of n (n - 1) over the nonzero buckets
     for (uint32_t q = 0; q < nbk; ++q) {  // an empty bucket's bounds are never read
       const uint32_t n = cnt[q], last = first + n;
       bounds[q] = f32_bits(table[first]) | (static_cast<uint64_t>(f32_bits(table[last - (last > first)])) << 32);
-      next[q] = first;
-      pairs += static_cast<uint64_t>(n) * (n - (n > 0)) * (q > 0);  // zeros are never open
+      pairs += static_cast<uint64_t>(n) * n;
       first = last;
     }
-    // expected open entries = sum over buckets of n (table[H] - table[L]) = pairs * (table[cols - 1] -
-    // table[0]) / (cols - 1); past kMaxOpen the bucket decisions would likely be thrown away
+    pairs = pairs - static_cast<uint64_t>(cnt[0]) * cnt[0] + cnt[0] - static_cast<uint64_t>(cols);  // zeros apart
+    // a bucket of n leaves about n (n - 1) (table[cols - 1] - table[0]) / (cols - 1) entries open;
+    // where they pass kMaxOpen in all, the bucket decisions would likely be thrown away
     const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
     const bool ties = static_cast<double>(pairs) * spread > kMaxOpen * static_cast<double>(cols - 1);
-    DecideArgs d{keys, u, cols, lo, sh, bounds, table, bits, s.open, kMaxOpen, next};
+    DecideArgs d{keys, u, cols, lo, sh, bounds, table, bits, s.open, kMaxOpen};
     if (!ties && della_decide(d, level) <= kMaxOpen) return;
+    if (s.next.size() < nbk) s.next.resize(nbk);
+    d.next = s.next.data();
+    first = 0;
+    for (uint32_t q = 0; q < nbk; ++q) {  // the entries in the buckets below each
+      d.next[q] = first;
+      first += cnt[q];
+    }
     if (della_ties(d, level) <= kMaxOpen) return;
   }
   float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
