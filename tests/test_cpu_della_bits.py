@@ -126,6 +126,14 @@ def test_fine_tune_ties(level, dtype):
             got = native_bits(x, b, (rows, cols), d, e, 4, 5, 2, 96, simd=level)
             assert_same_bits(got, oracle_bits(x, b, (rows, cols), d, e, 4, 5, 2, 96), rows * cols,
                              f"{dtype} rel={rel} d={d} e={e}")
+    # magnitudes over more binades than one bucket per bf16 step can cover (weights near zero): the
+    # top steps get a bucket each, bucket 1 takes every smaller magnitude (ranked by the bounds)
+    wide = b.float() * torch.exp2(torch.randint(-24, 1, (rows * cols,), generator=gen).float())
+    wide = wide.to(DT[dtype]).float()
+    xw = (wide + 0.05 * wide.abs() * torch.randn(rows * cols, generator=gen)).to(DT[dtype])
+    for d, e in [(0.3, 0.1), (0.5, 0.45)]:
+        got = native_bits(xw, wide, (rows, cols), d, e, 8, 9, 1, 0, simd=level)
+        assert_same_bits(got, oracle_bits(xw, wide, (rows, cols), d, e, 8, 9, 1, 0), rows * cols, f"wide d={d}")
     xf = b.float() + 2.0**-10  # one magnitude per line (as fp32 keys: one tie group) ...
     low = torch.randperm(cols, generator=gen)[:30]
     for r in range(rows):  # ... and 30 keys just above it (bits below 2^16 of the key), in its bucket

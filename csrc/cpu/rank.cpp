@@ -82,6 +82,8 @@ constexpr int kLowBit = 32;
 constexpr int kCBit = 33;
 constexpr int kMaxDigit = 11;  // digit width: 2048 counters stay in L1
 constexpr int kMaxOpen = 16;   // della_masks: undecided entries per line before it is sorted instead
+constexpr int kTieOpen = 4;    // expected open entries from which a line of one bucket per 2^D step takes the tie pass
+                               // (each open entry costs the bounds path an exact rank, about 500 cycles)
 
 // Per-worker scratch of one line: keys, two item buffers, counters, low positions.
 struct Scratch {
@@ -266,7 +268,7 @@ int64_t decide_scalar(const DecideArgs& d) {
   for (int64_t c = 0; c < d.cols; ++c) {
     const uint32_t k = d.keys[c];
     const float uc = d.u[c];
-    const uint32_t q = k ? 1u + ((k - d.lo) >> d.shift) : 0u;
+    const uint32_t q = k ? 1u + ((std::max(k, d.lo) - d.lo) >> d.shift) : 0u;
     const uint64_t bq = d.bounds[q];
     const float zt = d.table[zeros];  // a zero's rank: the zeros before it
     const float tl = k ? f32_from_bits(static_cast<uint32_t>(bq)) : zt;
@@ -300,10 +302,10 @@ int64_t ties_scalar(const DecideArgs& d) {
   int64_t nopen = 0;
   for (int64_t c = 0; c < d.cols; ++c) {
     const uint32_t k = d.keys[c];
-    const uint32_t q = k ? 1u + ((k - d.lo) >> d.shift) : 0u;
+    const uint32_t q = k ? 1u + ((std::max(k, d.lo) - d.lo) >> d.shift) : 0u;
     const float uc = d.u[c];
     int keep;
-    if ((k & low) == 0) {  // zeros too: bucket 0 holds only them
+    if ((k & low) == 0 && (q != 1 || !d.floor_mixed)) {  // zeros too: bucket 0 holds only them
       keep = uc < d.table[d.next[q]++];
     } else {
       const uint64_t bq = d.bounds[q];
@@ -347,21 +349,26 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
     // bf16 / fp16 task vectors: nearly every key a multiple of 2^D (rank_line's D); where the line's
     // range takes at most one bucket per entry in steps of 2^D, one bucket per multiple, whose
     // entries at the multiple della_ties ranks exactly, ties and all
+    // (a wider range: the top one bucket per entry, bucket 1 holding all below them, few entries
+    // where magnitudes spread over many binades, as near-zero weights' task vectors do)
     const int64_t budget = cols / 64;
     const int D = st.low16 <= budget ? 16 : st.low8 <= budget ? 8 : 0;
+    bool floor_mixed = false;
+    uint32_t lo = 0;
     if (D > 0) {
       const int need = bit_width((st.max >> D) - (st.min_nz >> D) + 1u);  // 2^need >= the span + 2
-      if (need <= std::min(16, nb + 1)) {
-        nb = std::max(nb, need);
-        sh = D;
-      }
+      const int wide = std::min(16, nb + 1);
+      nb = std::max(nb, std::min(need, wide));
+      sh = D;
+      floor_mixed = need > wide;
+      lo = floor_mixed ? ((st.max >> D) - ((1u << nb) - 3u)) << D : st.min_nz & ~((uint32_t{1} << D) - 1u);
     }
     const uint32_t nbk = 1u << nb;
     if (sh < 0) {  // the smallest step that fits, lo a multiple of it
       sh = 0;
       while (((st.max - (st.min_nz & ~((uint32_t{1} << sh) - 1u))) >> sh) >= nbk - 1) ++sh;
+      lo = st.min_nz & ~((uint32_t{1} << sh) - 1u);
     }
-    const uint32_t lo = st.min_nz & ~((uint32_t{1} << sh) - 1u);
     s.cnt.assign(nbk, 0u);
     if (s.bounds.size() < nbk) s.bounds.resize(nbk);
     uint32_t* cnt = s.cnt.data();
@@ -371,7 +378,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
 #endif
     for (; c < cols; ++c) {
       const uint32_t k = keys[c];
-      ++cnt[k ? 1u + ((k - lo) >> sh) : 0u];
+      ++cnt[k ? 1u + ((std::max(k, lo) - lo) >> sh) : 0u];
     }
     uint64_t* bounds = s.bounds.data();
     uint32_t first = 0;
@@ -384,10 +391,12 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
     }
     pairs = pairs - static_cast<uint64_t>(cnt[0]) * cnt[0] + cnt[0] - static_cast<uint64_t>(cols);  // zeros apart
     // a bucket of n leaves about n (n - 1) (table[cols - 1] - table[0]) / (cols - 1) entries open;
-    // where they pass kMaxOpen in all, the bucket decisions would likely be thrown away
+    // where they pass kMaxOpen in all, the bucket decisions would likely be thrown away, and where
+    // the tie pass ranks nearly every entry (one bucket per 2^D step) it pays from kTieOpen on
     const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
-    const bool ties = static_cast<double>(pairs) * spread > kMaxOpen * static_cast<double>(cols - 1);
+    const bool ties = static_cast<double>(pairs) * spread > (sh == D && D > 0 ? kTieOpen : kMaxOpen) * static_cast<double>(cols - 1);
     DecideArgs d{keys, u, cols, lo, sh, bounds, table, bits, s.open, kMaxOpen};
+    d.floor_mixed = floor_mixed;
     if (!ties && della_decide(d, level) <= kMaxOpen) return;
     if (s.next.size() < nbk) s.next.resize(nbk);
     d.next = s.next.data();

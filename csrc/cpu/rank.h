@@ -86,7 +86,7 @@ struct MaskArgs {
 void della_masks(const RankArgs& a, const MaskArgs& m);
 
 // One line's keep decisions from bucket bounds (della_masks' inner loop, cpu/rank.cpp): for c <
-// cols, bucket q = 0 for keys[c] = 0, else 1 + ((keys[c] - lo) >> shift); (tl, th) = the fp32
+// cols, bucket q = 0 for keys[c] = 0, else 1 + ((max(keys[c], lo) - lo) >> shift); (tl, th) = the fp32
 // pair in bounds[q] (low, high word), or table[zeros before c] twice for a zero; bit c of bits
 // (zeroed first) = u[c] < tl; an entry with th > u[c] >= tl is open. With at most max_open open
 // entries, each gets bit u[c] < table[its exact rank]; returns the count of open entries (more
@@ -103,10 +103,12 @@ struct DecideArgs {
   uint32_t* open;     // [max_open + 16]: a vector level may store up to 15 past max_open
   int64_t max_open;
   uint32_t* next = nullptr;  // della_ties: [2^nb] per bucket q, the entries in the buckets below it
+  bool floor_mixed = false;  // bucket 1 also holds every nonzero key below lo (not only [lo, lo + 2^shift))
 };
 int64_t della_decide(const DecideArgs& d, SimdLevel level);
 // The tie pass, for lines with many equal magnitudes (lo a multiple of 2^shift): an entry whose
-// key has no bits below shift has its bucket's smallest possible key, so its exact rank is next[q]
+// key has no bits below shift has its bucket's smallest possible key (bucket 1's only if it holds
+// no keys below lo: not floor_mixed), so its exact rank is next[q]
 // + the entries of that key before it, counted in index order (next[q] advances past them); the
 // other entries are decided as della_decide does. Same return and bits as della_decide.
 int64_t della_ties(const DecideArgs& d, SimdLevel level);

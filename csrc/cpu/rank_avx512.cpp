@@ -108,7 +108,7 @@ int64_t count_buckets(const uint32_t* keys, int64_t cols, uint32_t lo, int shift
   for (; c + 16 <= cols; c += 16) {
     const __m512i k = _mm512_loadu_si512(keys + c);
     const __mmask16 nz = _mm512_test_epi32_mask(k, k);
-    _mm512_store_si512(q, _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(k, vlo), vsh), one));
+    _mm512_store_si512(q, _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(_mm512_max_epu32(k, vlo), vlo), vsh), one));
     for (int l = 0; l < 16; ++l) ++cnt[q[l]];
   }
   return c;
@@ -155,7 +155,7 @@ int64_t della_decide(const DecideArgs& d) {
     const __m512 u = _mm512_maskz_loadu_ps(m, d.u + c);
     const __mmask16 nz = _mm512_mask_test_epi32_mask(m, k, k);
     const __mmask16 z = static_cast<__mmask16>(m & ~nz);
-    const __m512i q = _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(k, vlo), vsh), one);
+    const __m512i q = _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(_mm512_max_epu32(k, vlo), vlo), vsh), one);
     const __m512i b0 = _mm512_i32gather_epi64(_mm512_castsi512_si256(q), bounds, 8);
     const __m512i b1 = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(q, 1), bounds, 8);
     __m512 tl = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, even, b1));
@@ -218,8 +218,9 @@ __attribute__((target("avx512cd"))) int64_t della_ties(const DecideArgs& d) {
     const __m512i k = _mm512_maskz_loadu_epi32(m, d.keys + c);
     const __m512 u = _mm512_maskz_loadu_ps(m, d.u + c);
     const __mmask16 nz = _mm512_test_epi32_mask(k, k);
-    const __m512i q = _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(k, vlo), vsh), one);
-    const __mmask16 at = _mm512_mask_testn_epi32_mask(m, k, low);  // the bucket's smallest key
+    const __m512i q = _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(_mm512_max_epu32(k, vlo), vlo), vsh), one);
+    __mmask16 at = _mm512_mask_testn_epi32_mask(m, k, low);  // the bucket's smallest key
+    if (d.floor_mixed) at = static_cast<__mmask16>(at & ~_mm512_cmpeq_epi32_mask(q, one));  // not bucket 1's
     const __m512i qa = _mm512_mask_mov_epi32(unique, at, q);
     const __m512i conf = _mm512_conflict_epi32(qa);
     const __m512i pc8 = _mm512_add_epi8(_mm512_shuffle_epi8(nibbles, _mm512_and_si512(conf, m4)),
