@@ -358,10 +358,15 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
     if (D > 0) {
       const int need = bit_width((st.max >> D) - (st.min_nz >> D) + 1u);  // 2^need >= the span + 2
       const int wide = std::min(16, nb + 1);
-      nb = std::max(nb, std::min(need, wide));
-      sh = D;
-      floor_mixed = need > wide;
-      lo = floor_mixed ? ((st.max >> D) - ((1u << nb) - 3u)) << D : st.min_nz & ~((uint32_t{1} << D) - 1u);
+      // the floor only where the top buckets span 8 binades or more (bf16 steps: 128 per binade),
+      // so that it holds few entries; fp16 steps (D = 8) would leave nearly every entry in it
+      const bool floor_ok = (((uint64_t{1} << wide) - 3u) << D) >= (uint64_t{8} << 23);
+      if (need <= wide || floor_ok) {
+        nb = std::max(nb, std::min(need, wide));
+        sh = D;
+        floor_mixed = need > wide;
+        lo = floor_mixed ? ((st.max >> D) - ((1u << nb) - 3u)) << D : st.min_nz & ~((uint32_t{1} << D) - 1u);
+      }
     }
     const uint32_t nbk = 1u << nb;
     if (sh < 0) {  // the smallest step that fits, lo a multiple of it
