@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import Timing, append_csv, machine, now, print_table, timeit  # noqa: E402
+from common import Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
 
 from ame_kernels.methods.combine import CombinePlan, combine_torch, name_key  # noqa: E402
 
@@ -91,16 +91,11 @@ def run(argv=None) -> list:
     ap.add_argument("--simd", default=None, help="force a SIMD level (scalar, avx2, avx512)")
     args = ap.parse_args(argv)
 
-    from ame_kernels.backends import available
-
-    ok, why = available()["cpu"]
-    if not ok:
-        print(f"cpu backend not available: {why}: skipped")
+    threads = cpu_threads(args.threads)
+    if not threads:
         return []
     from ame_kernels.backends.cpu import CpuBackend
 
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     n = args.n
     c = args.elements or (2 * 2**20 if args.small else 32 * 2**20)
     dt = torch.bfloat16

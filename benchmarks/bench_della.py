@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import Timing, append_csv, machine, now, print_table, timeit  # noqa: E402
+from common import Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
 
 COLS = 2048
 DENSITY, EPSILON, SEED = 0.3, 0.1, 7
@@ -98,16 +98,11 @@ def run(argv=None) -> list:
     ap.add_argument("--simd", default="auto", help="force a SIMD level (scalar, avx2, avx512)")
     args = ap.parse_args(argv)
 
-    from ame_kernels.backends import available
-
-    ok, why = available()["cpu"]
-    if not ok:
-        print(f"cpu backend not available: {why}: skipped")
+    threads = cpu_threads(args.threads)
+    if not threads:
         return []
     from ame_kernels.backends.cpu import della_masks_buffers, della_probs_buffers
 
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     lines = args.lines or (512 if args.small else 8192)
     n = lines * COLS
     mach = machine(threads)

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import Timing, append_csv, machine, now, print_table, timeit  # noqa: E402
+from common import Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
 
 from ame_kernels.config import AMEConfig  # noqa: E402
 from ame_kernels.schedule import schedule  # noqa: E402
@@ -112,17 +112,12 @@ def run(argv=None) -> list:
                     help="merge methods of the ak.merge table (model 0 the base), '' for none")
     args = ap.parse_args(argv)
 
-    from ame_kernels.backends import available
-
-    ok, why = available()["cpu"]
-    if not ok:
-        print(f"cpu backend not available: {why}: skipped")
+    threads = cpu_threads(args.threads)
+    if not threads:
         return []
     from ame_kernels.backends.cpu import CpuBackend
     from ame_kernels.backends.reference import ReferenceBackend
 
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     n = args.n
     c = args.elements or (2 * 2**20 if args.small else 32 * 2**20)
     dt = DTYPES[args.dtype]

@@ -163,3 +163,19 @@ def print_table(headers: list, rows: list, out=None) -> None:
     for r in rows:
         print("  ".join(str(v).rjust(w) for v, w in zip(r, widths)), file=out)
     out.flush()
+
+
+def cpu_threads(threads) -> int:
+    """The cpu backend's thread count for a benchmark (torch's default when None), set for torch
+    too; 0 when the cpu backend is not built (the reason printed: the benchmark skips)."""
+    import torch
+
+    from ame_kernels.backends import available
+
+    ok, why = available()["cpu"]
+    if not ok:
+        print(f"cpu backend not available: {why}: skipped")
+        return 0
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads

@@ -87,6 +87,22 @@ int64_t exact_rank(const uint32_t* keys, int64_t cols, int64_t c) {
   return r;
 }
 
+// The end of a decision pass: the 16-bit words past the line up to its last 64-bit word zeroed,
+// and, with at most max_open open entries, each one's bit from its exact rank. Returns nopen.
+int64_t finish_line(const DecideArgs& d, int64_t words16, int64_t nopen) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);
+  for (int64_t w = words16; w & 3; ++w) out[w] = 0;
+  if (nopen <= d.max_open) {
+    for (int64_t t = 0; t < nopen; ++t) {
+      const int64_t c = d.open[t];
+      const uint64_t m = uint64_t{1} << (c & 63);
+      const bool v = d.u[c] < d.table[exact_rank(d.keys, d.cols, c)];
+      d.bits[c >> 6] = v ? (d.bits[c >> 6] | m) : (d.bits[c >> 6] & ~m);
+    }
+  }
+  return nopen;
+}
+
 }  // namespace
 
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
@@ -176,18 +192,7 @@ int64_t della_decide(const DecideArgs& d) {
       nopen += __builtin_popcount(open);
     }
   }
-  if (words16 & 3) {  // the rest of the last 64-bit word
-    for (int64_t w = words16; w & 3; ++w) out[w] = 0;
-  }
-  if (nopen <= d.max_open) {
-    for (int64_t t = 0; t < nopen; ++t) {
-      const int64_t c = d.open[t];
-      const uint64_t m = uint64_t{1} << (c & 63);
-      const bool v = d.u[c] < d.table[exact_rank(d.keys, d.cols, c)];
-      d.bits[c >> 6] = v ? (d.bits[c >> 6] | m) : (d.bits[c >> 6] & ~m);
-    }
-  }
-  return nopen;
+  return finish_line(d, words16, nopen);
 }
 
 // della_ties' contract (cpu/rank.h). Per sixteen entries: the lanes whose key has no bits below
@@ -249,18 +254,7 @@ __attribute__((target("avx512cd"))) int64_t della_ties(const DecideArgs& d) {
     }
     out[w] = in;
   }
-  if (words16 & 3) {
-    for (int64_t w = words16; w & 3; ++w) out[w] = 0;
-  }
-  if (nopen <= d.max_open) {
-    for (int64_t t = 0; t < nopen; ++t) {
-      const int64_t c = d.open[t];
-      const uint64_t mk = uint64_t{1} << (c & 63);
-      const bool v = d.u[c] < d.table[exact_rank(d.keys, d.cols, c)];
-      d.bits[c >> 6] = v ? (d.bits[c >> 6] | mk) : (d.bits[c >> 6] & ~mk);
-    }
-  }
-  return nopen;
+  return finish_line(d, words16, nopen);
 }
 
 }  // namespace avx512
