@@ -68,8 +68,12 @@ def llama_shapes(vocab, hidden, inter, layers, kv):
     return shapes
 
 
-def generate(folder, shapes, seed, shard_bytes, base):
-    """One sharded bf16 checkpoint: a shared random base, xor-perturbed in the low mantissa bits per model."""
+def generate(folder, shapes, seed, shard_bytes, base, offsets_seed=None):
+    """One sharded bf16 checkpoint: windows of a shared random array, xor-perturbed in the low 4
+    mantissa bits per model. The windows' offsets come from the model's own seed (independent
+    models: task vectors as large as the weights) or, with ``offsets_seed``, from that seed for
+    every model (fine-tunes of one base: the same weights but their low bits, so each task vector
+    entry is a few bf16 ulps and a row holds few distinct magnitudes, as real fine-tunes' do)."""
     os.makedirs(folder, exist_ok=True)
     shards, cur, fill = [], [], 0
     for name, shape in shapes:
@@ -81,6 +85,7 @@ def generate(folder, shapes, seed, shard_bytes, base):
         fill += nbytes
     shards.append(cur)
     rng = np.random.default_rng(seed)
+    orng = rng if offsets_seed is None else np.random.default_rng(offsets_seed)
     weight_map = {}
     for k, entries in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -89,7 +94,7 @@ def generate(folder, shapes, seed, shard_bytes, base):
             n = int(np.prod(shape))
             for s in range(0, n, 1 << 24):
                 c = min(1 << 24, n - s)
-                off = int(rng.integers(0, base.size - c))
+                off = int(orng.integers(0, base.size - c))
                 w.write(name, s, base[off : off + c] ^ rng.integers(0, 16, c, dtype=np.uint16))
             weight_map[name] = fname
         w.close()
@@ -271,6 +276,9 @@ def main(argv=None):
     ap.add_argument("--nproc", type=int, default=1, help="also run with this many processes (torchrun, gloo)")
     ap.add_argument("--repeat", type=int, default=3, help="warm rounds (the median is reported; default 3)")
     ap.add_argument("--clean", action="store_true", help="delete the generated models afterwards")
+    ap.add_argument("--family", choices=["independent", "finetune"], default="independent",
+                    help="independent models (default), or fine-tunes of one base: the same weights but "
+                         "their low mantissa bits (small task vectors with many ties, as real fine-tunes)")
     ap.add_argument("--settle", type=float, default=3.0, help="pause before every measured run, seconds (default 3)")
     ap.add_argument("--methods", default="", help="also these merge methods, comma-separated, or 'all' (model 0 is "
                     "the base of the methods that take one, the others its fine-tunes; slerp merges models 0 and 1; adam+dare, adam+ties: Adam-AME over transformed task vectors)")
@@ -279,7 +287,8 @@ def main(argv=None):
     spec = SMALL if args.small else FULL
     shapes = llama_shapes(**spec)
     params = sum(int(np.prod(s)) for _, s in shapes)
-    root = os.path.join(args.dir, f"{'small' if args.small else 'full'}-n{args.n}")
+    family = "" if args.family == "independent" else f"-{args.family}"
+    root = os.path.join(args.dir, f"{'small' if args.small else 'full'}-n{args.n}{family}")
     models = [os.path.join(root, f"m{i}") for i in range(args.n)]
     need = params * 2 * (args.n + 1.2)
     free = shutil.disk_usage(os.path.dirname(root) if os.path.exists(os.path.dirname(root)) else "/tmp").free
@@ -290,7 +299,7 @@ def main(argv=None):
         base = (np.random.default_rng(0).standard_normal(1 << 26, dtype=np.float32) * 0.02).view(np.uint32) >> 16
         base = base.astype(np.uint16)
         for i, m in enumerate(models):
-            generate(m, shapes, 1 + i, 2 * 10**9, base)
+            generate(m, shapes, 1 + i, 2 * 10**9, base, None if args.family == "independent" else 1000)
         print(f"generated {args.n} x {params / 1e9:.2f}B params in {time.perf_counter() - t0:.0f} s under {root}")
     inputs = [p for m in models for p in data_files(m)]
     in_bytes = sum(os.path.getsize(p) for p in inputs)
@@ -372,7 +381,7 @@ def main(argv=None):
         gbps = (in_bytes + out_bytes) / secs / 1e9
         spread = f"[{min(walls):.1f}-{max(walls):.1f}]"
         print(f"{label:<28} {cache:<5} {secs:>8.2f} {spread:>13} {ratio:>10.2f} {net:>12} {cpu:>6.1f} {gbps:>6.2f} {(f'{rss / 2**20:.0f} MiB' if rss else '-'):>9}")
-        results.append(Row(label, cache, round(secs, 3), round(ratio, 3), round(startup, 3), round(cpu, 3), round(gbps, 3), round(rss / 2**20, 1) if rss else 0.0,
+        results.append(Row(f"{label} [{args.family}]" if family else label, cache, round(secs, 3), round(ratio, 3), round(startup, 3), round(cpu, 3), round(gbps, 3), round(rss / 2**20, 1) if rss else 0.0,
                            args.n, params, round(in_bytes / 1e9, 3), round(out_bytes / 1e9, 3), backend,
                            int(args.threads or os.cpu_count()), float(args.chunk_mb or 64), info["cpu"], info["cores"], info["commit"], info["date"]))
     csv_path = os.path.join(ROOT, "benchmarks", "results", "bench_e2e.csv")
