@@ -198,6 +198,8 @@ def _select(chunks: Chunks, ops, numel: int, targets, keys: list, todo: list, se
     else:
         brackets = _sample_brackets(chunks, ops, numel, targets, todo)
     cap = max(EXACT_MAX, BRACKET_BUDGET // len(todo))
+    if numel > EXACT_MAX and all(brackets[t][0] == brackets[t][1] for t in todo):
+        cap = 0  # brackets of one magnitude each (ties): their counts give the value, the index is located
     counts, found = bracket_pass(chunks, ops, [targets[t][0] for t in todo], [brackets[t] for t in todo], cap)
     _check_seen({targets[t][0]: int(counts[q, 2]) for q, t in enumerate(todo)}, seen)
     missed, tied = [], {}
