@@ -30,19 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
+from common import RunFields, Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
 
 from ame_kernels.methods.combine import CombinePlan, combine_torch, name_key  # noqa: E402
 
 
 @dataclasses.dataclass
-class Row:
-    time_utc: str
-    cpu: str
-    threads: int
-    simd: str
-    commit: str
-    loadavg: str
+class Row(RunFields):
     plan: str
     n: int
     dtype: str

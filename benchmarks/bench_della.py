@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
+from common import RunFields, Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
 
 COLS = 2048
 DENSITY, EPSILON, SEED = 0.3, 0.1, 7
@@ -43,13 +43,7 @@ REGIMES = {"independent": None, "delta 0.3": 0.3, "delta 0.1": 0.1, "delta 0.03"
 
 
 @dataclasses.dataclass
-class Row:
-    time_utc: str
-    cpu: str
-    threads: int
-    simd: str
-    commit: str
-    loadavg: str
+class Row(RunFields):
     regime: str
     entries: int
     distinct_per_line: float

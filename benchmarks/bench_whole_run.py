@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
+from common import RunFields, Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
 
 from ame_kernels.config import AMEConfig  # noqa: E402
 from ame_kernels.schedule import schedule  # noqa: E402
@@ -57,13 +57,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 @dataclasses.dataclass
-class Row:
-    time_utc: str
-    cpu: str
-    threads: int
-    simd: str
-    commit: str
-    loadavg: str
+class Row(RunFields):
     optimizer: str
     n: int
     dtype: str

@@ -179,3 +179,15 @@ def cpu_threads(threads) -> int:
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     return threads
+
+
+@dataclasses.dataclass
+class RunFields:
+    """The first columns of every kernel benchmark's CSV rows: when, on what, with which build."""
+
+    time_utc: str
+    cpu: str
+    threads: int
+    simd: str
+    commit: str
+    loadavg: str
