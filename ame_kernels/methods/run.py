@@ -105,18 +105,17 @@ class BufferOps:
         self._probs = {}  # della_probs' output per slot, reused: fresh pages cost a fault each
         self._bits = {}   # della_bits', likewise
 
-    #: torch dtypes the buffer kernels read, and their names there
-    TORCH_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
-
-    @classmethod
-    def handle(cls, t):
-        """A contiguous host torch tensor as a chunk handle: a numpy view of its memory (bf16 as
-        16-bit integers), no copy; None stays None."""
+    @staticmethod
+    def handle(t):
+        """A contiguous host torch tensor of a float dtype as a chunk handle: a numpy view of its
+        memory (bf16 as 16-bit integers), no copy; None stays None."""
         if t is None:
             return None
         import torch
 
-        name = cls.TORCH_DTYPES[str(t.dtype)]
+        from ..checks import DTYPE_BY_NAME
+
+        name = next(n for n, d in DTYPE_BY_NAME.items() if d == t.dtype)
         return (t.view(torch.int16) if name == "bfloat16" else t).detach().numpy(), name
 
     @staticmethod

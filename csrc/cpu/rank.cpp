@@ -260,6 +260,22 @@ AME_HD void set_bit(uint64_t* w, int64_t c, bool v) {
   w[c >> 6] = v ? (w[c >> 6] | m) : (w[c >> 6] & ~m);
 }
 
+// DecideArgs' bucket of key k (cpu/rank.h): 0 for the zeros, else 1 + ((max(k, lo) - lo) >> shift).
+AME_HD uint32_t bucket_of(uint32_t k, uint32_t lo, int shift) {
+  return k ? 1u + ((std::max(k, lo) - lo) >> shift) : 0u;
+}
+
+// The open entries' bits from their exact ranks (at most max_open of them); returns nopen.
+int64_t resolve_open(const DecideArgs& d, int64_t nopen) {
+  if (nopen <= d.max_open) {
+    for (int64_t t = 0; t < nopen; ++t) {
+      const int64_t c = d.open[t];
+      set_bit(d.bits, c, d.u[c] < d.table[exact_rank(d.keys, d.cols, c)]);
+    }
+  }
+  return nopen;
+}
+
 // The scalar decisions (della_decide's contract, cpu/rank.h), branch-free: both outcomes are data.
 int64_t decide_scalar(const DecideArgs& d) {
   uint32_t zeros = 0;
@@ -268,8 +284,7 @@ int64_t decide_scalar(const DecideArgs& d) {
   for (int64_t c = 0; c < d.cols; ++c) {
     const uint32_t k = d.keys[c];
     const float uc = d.u[c];
-    const uint32_t q = k ? 1u + ((std::max(k, d.lo) - d.lo) >> d.shift) : 0u;
-    const uint64_t bq = d.bounds[q];
+    const uint64_t bq = d.bounds[bucket_of(k, d.lo, d.shift)];
     const float zt = d.table[zeros];  // a zero's rank: the zeros before it
     const float tl = k ? f32_from_bits(static_cast<uint32_t>(bq)) : zt;
     const float th = k ? f32_from_bits(static_cast<uint32_t>(bq >> 32)) : zt;
@@ -280,13 +295,7 @@ int64_t decide_scalar(const DecideArgs& d) {
     d.open[std::min<int64_t>(nopen, d.max_open)] = static_cast<uint32_t>(c);  // the slot past the last: overflow
     nopen += open;
   }
-  if (nopen <= d.max_open) {
-    for (int64_t t = 0; t < nopen; ++t) {
-      const int64_t c = d.open[t];
-      set_bit(d.bits, c, d.u[c] < d.table[exact_rank(d.keys, d.cols, c)]);
-    }
-  }
-  return nopen;
+  return resolve_open(d, nopen);
 }
 
 // della_ties' contract, scalar (cpu/rank.h). The lines with too many open entries for the
@@ -302,7 +311,7 @@ int64_t ties_scalar(const DecideArgs& d) {
   int64_t nopen = 0;
   for (int64_t c = 0; c < d.cols; ++c) {
     const uint32_t k = d.keys[c];
-    const uint32_t q = k ? 1u + ((std::max(k, d.lo) - d.lo) >> d.shift) : 0u;
+    const uint32_t q = bucket_of(k, d.lo, d.shift);
     const float uc = d.u[c];
     int keep;
     if ((k & low) == 0 && (q != 1 || !d.floor_mixed)) {  // zeros too: bucket 0 holds only them
@@ -317,11 +326,7 @@ int64_t ties_scalar(const DecideArgs& d) {
     }
     d.bits[c >> 6] |= static_cast<uint64_t>(keep) << (c & 63);
   }
-  for (int64_t t = 0; t < nopen; ++t) {
-    const int64_t c = d.open[t];
-    set_bit(d.bits, c, d.u[c] < d.table[exact_rank(d.keys, d.cols, c)]);
-  }
-  return nopen;
+  return resolve_open(d, nopen);
 }
 
 // One contiguous line's keep bits (s.bits) = u[c] < table[rank(c)], table non-decreasing (and
@@ -383,7 +388,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
 #endif
     for (; c < cols; ++c) {
       const uint32_t k = keys[c];
-      ++cnt[k ? 1u + ((std::max(k, lo) - lo) >> sh) : 0u];
+      ++cnt[bucket_of(k, lo, sh)];
     }
     uint64_t* bounds = s.bounds.data();
     uint32_t first = 0;

@@ -87,6 +87,54 @@ int64_t exact_rank(const uint32_t* keys, int64_t cols, int64_t c) {
   return r;
 }
 
+// One step of sixteen entries of a decision pass (cpu/rank.h DecideArgs): the lanes inside the
+// line (m), their keys, uniforms, nonzero lanes and buckets (bucket_of, sixteen at a time).
+struct Step {
+  __mmask16 m, nz;
+  __m512i k, q;
+  __m512 u;
+};
+
+struct StepLoader {
+  __m512i vlo, one;
+  __m128i vsh;
+  explicit StepLoader(const DecideArgs& d)
+      : vlo(_mm512_set1_epi32(static_cast<int>(d.lo))), one(_mm512_set1_epi32(1)), vsh(_mm_cvtsi32_si128(d.shift)) {}
+  Step operator()(const DecideArgs& d, int64_t c) const {
+    Step s;
+    const int64_t left = d.cols - c;
+    s.m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    s.k = _mm512_maskz_loadu_epi32(s.m, d.keys + c);
+    s.u = _mm512_maskz_loadu_ps(s.m, d.u + c);
+    s.nz = _mm512_mask_test_epi32_mask(s.m, s.k, s.k);
+    s.q = _mm512_maskz_add_epi32(s.nz, _mm512_srl_epi32(_mm512_sub_epi32(_mm512_max_epu32(s.k, vlo), vlo), vsh), one);
+    return s;
+  }
+};
+
+// The bucket bounds (table[first rank], table[last rank]) of the lanes of `mask`, by two 64-bit gathers.
+void bounds_of(const DecideArgs& d, __m512i q, __mmask16 mask, __m512& tl, __m512& th) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const long long* bounds = reinterpret_cast<const long long*>(d.bounds);
+  const __m512i b0 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(mask),
+                                                 _mm512_castsi512_si256(q), bounds, 8);
+  const __m512i b1 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(mask >> 8),
+                                                 _mm512_extracti64x4_epi64(q, 1), bounds, 8);
+  tl = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, even, b1));
+  th = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, odd, b1));
+}
+
+// The open lanes' indices appended to d.open while the count allows (room for 16 past max_open:
+// the count decides, not the stores).
+void store_open(const DecideArgs& d, __mmask16 open, int64_t c, int64_t& nopen) {
+  if (!open) return;
+  const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  if (nopen <= d.max_open)
+    _mm512_mask_compressstoreu_epi32(d.open + nopen, open, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), ramp));
+  nopen += __builtin_popcount(open);
+}
+
 // The end of a decision pass: the 16-bit words past the line up to its last 64-bit word zeroed,
 // and, with at most max_open open entries, each one's bit from its exact rank. Returns nopen.
 int64_t finish_line(const DecideArgs& d, int64_t words16, int64_t nopen) {
@@ -152,30 +200,18 @@ void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_
 }
 
 int64_t della_decide(const DecideArgs& d) {
-  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(d.lo));
-  const __m128i vsh = _mm_cvtsi32_si128(d.shift);
-  const __m512i one = _mm512_set1_epi32(1);
+  const StepLoader load(d);
   const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, one);
-  const long long* bounds = reinterpret_cast<const long long*>(d.bounds);
   uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);  // little-endian: bit c of word c / 16
   const int64_t words16 = (d.cols + 15) / 16;
   uint32_t zeros = 0;
   int64_t nopen = 0;
   for (int64_t w = 0; w < words16; ++w) {
     const int64_t c = w * 16;
-    const int64_t left = d.cols - c;
-    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512i k = _mm512_maskz_loadu_epi32(m, d.keys + c);
-    const __m512 u = _mm512_maskz_loadu_ps(m, d.u + c);
-    const __mmask16 nz = _mm512_mask_test_epi32_mask(m, k, k);
-    const __mmask16 z = static_cast<__mmask16>(m & ~nz);
-    const __m512i q = _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(_mm512_max_epu32(k, vlo), vlo), vsh), one);
-    const __m512i b0 = _mm512_i32gather_epi64(_mm512_castsi512_si256(q), bounds, 8);
-    const __m512i b1 = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64(q, 1), bounds, 8);
-    __m512 tl = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, even, b1));
-    __m512 th = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, odd, b1));
+    const Step s = load(d, c);
+    const __mmask16 z = static_cast<__mmask16>(s.m & ~s.nz);
+    __m512 tl, th;
+    bounds_of(d, s.q, s.m, tl, th);
     if (z) {  // a zero's rank: the zeros before it (in earlier steps, and in earlier lanes of this one)
       const __m512i r = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(zeros)), _mm512_maskz_expand_epi32(z, ramp));
       const __m512 t = _mm512_mask_i32gather_ps(tl, z, r, d.table, 4);
@@ -183,14 +219,9 @@ int64_t della_decide(const DecideArgs& d) {
       th = _mm512_mask_mov_ps(th, z, t);
       zeros += static_cast<uint32_t>(__builtin_popcount(z));
     }
-    const __mmask16 in = _mm512_mask_cmp_ps_mask(m, u, tl, _CMP_LT_OQ);
-    const __mmask16 open = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(m & ~in), u, th, _CMP_LT_OQ);
+    const __mmask16 in = _mm512_mask_cmp_ps_mask(s.m, s.u, tl, _CMP_LT_OQ);
     out[w] = in;
-    if (open) {
-      if (nopen <= d.max_open)  // room for 16 past max_open: the count decides, not the stores
-        _mm512_mask_compressstoreu_epi32(d.open + nopen, open, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), ramp));
-      nopen += __builtin_popcount(open);
-    }
+    store_open(d, _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(s.m & ~in), s.u, th, _CMP_LT_OQ), c, nopen);
   }
   return finish_line(d, words16, nopen);
 }
@@ -201,32 +232,23 @@ int64_t della_decide(const DecideArgs& d) {
 // such lane's (overlapping scatter writes land in lane order); the other lanes (a unique
 // out-of-range bucket each, so they conflict with nothing) are decided by the bounds.
 __attribute__((target("avx512cd"))) int64_t della_ties(const DecideArgs& d) {
-  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(d.lo));
-  const __m128i vsh = _mm_cvtsi32_si128(d.shift);
+  const StepLoader load(d);
   const __m512i one = _mm512_set1_epi32(1);
   const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i unique = _mm512_sub_epi32(_mm512_set1_epi32(-16), ramp);  // no bucket's index
   const __m512i low = _mm512_set1_epi32(static_cast<int>((uint32_t{1} << d.shift) - 1u));
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, one);
   const __m512i nibbles = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);  // popcount 0..15
   const __m512i m4 = _mm512_set1_epi8(0x0f);
-  const long long* bounds = reinterpret_cast<const long long*>(d.bounds);
   int* next = reinterpret_cast<int*>(d.next);
   uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);  // little-endian: bit c of word c / 16
   const int64_t words16 = (d.cols + 15) / 16;
   int64_t nopen = 0;
   for (int64_t w = 0; w < words16; ++w) {
     const int64_t c = w * 16;
-    const int64_t left = d.cols - c;
-    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512i k = _mm512_maskz_loadu_epi32(m, d.keys + c);
-    const __m512 u = _mm512_maskz_loadu_ps(m, d.u + c);
-    const __mmask16 nz = _mm512_test_epi32_mask(k, k);
-    const __m512i q = _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(_mm512_max_epu32(k, vlo), vlo), vsh), one);
-    __mmask16 at = _mm512_mask_testn_epi32_mask(m, k, low);  // the bucket's smallest key
-    if (d.floor_mixed) at = static_cast<__mmask16>(at & ~_mm512_cmpeq_epi32_mask(q, one));  // not bucket 1's
-    const __m512i qa = _mm512_mask_mov_epi32(unique, at, q);
+    const Step s = load(d, c);
+    __mmask16 at = _mm512_mask_testn_epi32_mask(s.m, s.k, low);  // the bucket's smallest key
+    if (d.floor_mixed) at = static_cast<__mmask16>(at & ~_mm512_cmpeq_epi32_mask(s.q, one));  // not bucket 1's
+    const __m512i qa = _mm512_mask_mov_epi32(unique, at, s.q);
     const __m512i conf = _mm512_conflict_epi32(qa);
     const __m512i pc8 = _mm512_add_epi8(_mm512_shuffle_epi8(nibbles, _mm512_and_si512(conf, m4)),
                                         _mm512_shuffle_epi8(nibbles, _mm512_and_si512(_mm512_srli_epi32(conf, 4), m4)));
@@ -234,23 +256,14 @@ __attribute__((target("avx512cd"))) int64_t della_ties(const DecideArgs& d) {
     const __m512i r = _mm512_add_epi32(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), at, qa, next, 4), before);
     _mm512_mask_i32scatter_epi32(next, at, qa, _mm512_add_epi32(r, one), 4);
     const __m512 t = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), at, r, d.table, 4);
-    __mmask16 in = _mm512_mask_cmp_ps_mask(at, u, t, _CMP_LT_OQ);
-    const __mmask16 rest = static_cast<__mmask16>(m & ~at);
+    __mmask16 in = _mm512_mask_cmp_ps_mask(at, s.u, t, _CMP_LT_OQ);
+    const __mmask16 rest = static_cast<__mmask16>(s.m & ~at);
     if (rest) {
-      const __m512i b0 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(rest),
-                                                     _mm512_castsi512_si256(q), bounds, 8);
-      const __m512i b1 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(rest >> 8),
-                                                     _mm512_extracti64x4_epi64(q, 1), bounds, 8);
-      const __m512 tl = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, even, b1));
-      const __m512 th = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, odd, b1));
-      const __mmask16 rin = _mm512_mask_cmp_ps_mask(rest, u, tl, _CMP_LT_OQ);
-      const __mmask16 open = _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(rest & ~rin), u, th, _CMP_LT_OQ);
+      __m512 tl, th;
+      bounds_of(d, s.q, rest, tl, th);
+      const __mmask16 rin = _mm512_mask_cmp_ps_mask(rest, s.u, tl, _CMP_LT_OQ);
+      store_open(d, _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(rest & ~rin), s.u, th, _CMP_LT_OQ), c, nopen);
       in = static_cast<__mmask16>(in | rin);
-      if (open) {
-        if (nopen <= d.max_open)
-          _mm512_mask_compressstoreu_epi32(d.open + nopen, open, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), ramp));
-        nopen += __builtin_popcount(open);
-      }
     }
     out[w] = in;
   }
