@@ -224,6 +224,13 @@ std::vector<float> prob_table(int64_t cols, float eps, float low) {
   return table;
 }
 
+// A line's keep probabilities by rank and what they are computed from (della_masks).
+struct ProbTable {
+  std::vector<float> p;  // prob_table(cols, eps, low)
+  bool rising = true;    // p non-decreasing (epsilon >= 0)
+  float denom = 1.f, eps = 0.f, low = 0.f;
+};
+
 void size_scratch(Scratch& s, int64_t cols) {
   if (s.keys.size() < static_cast<size_t>(cols)) {
     s.keys.resize(static_cast<size_t>(cols));
@@ -240,7 +247,8 @@ struct MaskScratch {
   Scratch sort;                  // the fallback's sort
   std::vector<float> u, p;       // the line's uniforms; its probabilities in the fallback
   std::vector<uint32_t> cnt;     // bucket counts
-  std::vector<uint64_t> bounds;  // per bucket: fp32 bits of table[first rank] | table[last rank] << 32
+  std::vector<uint32_t> first;   // per bucket: the entries in the buckets below it (one more: cols)
+  std::vector<uint32_t> work;    // the vector decisions' lists
   std::vector<uint64_t> bits;    // the line's keep bits, bit c of word c / 64
   uint32_t open[kMaxOpen + 16];  // room for a vector's compress-store past the last
   std::vector<uint32_t> next;    // the tie pass: per bucket the next rank of its smallest key
@@ -284,10 +292,10 @@ int64_t decide_scalar(const DecideArgs& d) {
   for (int64_t c = 0; c < d.cols; ++c) {
     const uint32_t k = d.keys[c];
     const float uc = d.u[c];
-    const uint64_t bq = d.bounds[bucket_of(k, d.lo, d.shift)];
+    const uint32_t q = bucket_of(k, d.lo, d.shift);  // holds this entry: first[q + 1] > first[q]
     const float zt = d.table[zeros];  // a zero's rank: the zeros before it
-    const float tl = k ? f32_from_bits(static_cast<uint32_t>(bq)) : zt;
-    const float th = k ? f32_from_bits(static_cast<uint32_t>(bq >> 32)) : zt;
+    const float tl = k ? d.table[d.first[q]] : zt;
+    const float th = k ? d.table[d.first[q + 1] - 1u] : zt;
     zeros += k == 0;
     const int in = uc < tl;
     const int open = (in ^ 1) & static_cast<int>(uc < th);
@@ -317,9 +325,8 @@ int64_t ties_scalar(const DecideArgs& d) {
     if ((k & low) == 0 && (q != 1 || !d.floor_mixed)) {  // zeros too: bucket 0 holds only them
       keep = uc < d.table[d.next[q]++];
     } else {
-      const uint64_t bq = d.bounds[q];
-      keep = uc < f32_from_bits(static_cast<uint32_t>(bq));
-      if (!keep && uc < f32_from_bits(static_cast<uint32_t>(bq >> 32))) {
+      keep = uc < d.table[d.first[q]];
+      if (!keep && uc < d.table[d.first[q + 1] - 1u]) {
         if (nopen == d.max_open) return nopen + 1;  // the caller ranks the line
         d.open[nopen++] = static_cast<uint32_t>(c);
       }
@@ -329,16 +336,18 @@ int64_t ties_scalar(const DecideArgs& d) {
   return resolve_open(d, nopen);
 }
 
-// One contiguous line's keep bits (s.bits) = u[c] < table[rank(c)], table non-decreasing (and
-// padded: table[cols] = table[cols - 1]). The keys are counted into buckets (0: the zeros; 1 ..
+// One contiguous line's keep bits (s.bits) = u[c] < table[rank(c)], table = pt.p (a table that
+// does not rise is ranked by the sort). The keys are counted into buckets (0: the zeros; 1 ..
 // 2^nb - 1: the nonzero keys' range in equal steps of key bits), so an entry of bucket q has a
-// rank in [L, H] (the entries in the buckets below q, plus q's count - 1): u < table[L] keeps
+// rank in [L, H] (L = first[q] the entries in the buckets below q, H = first[q + 1] - 1; the
+// counts' prefix sums are all the buckets cost besides the counting): u < table[L] keeps
 // it and u >= table[H] drops it whatever its rank inside the bucket; a zero's rank is the zeros
 // before it. The few left open (u between the two: about 2 epsilon (count - 1) / cols of a
 // bucket's entries) get their exact rank; a line with more than kMaxOpen of them is ranked by
 // the sort instead.
-void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const float* table, bool rising,
-               SimdLevel level, MaskScratch& s) {
+void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const ProbTable& pt, SimdLevel level,
+               MaskScratch& s) {
+  const float* table = pt.p.data();
   const float* u = s.u.data();
   uint64_t* bits = s.bits.data();
   const int64_t words = (cols + 63) / 64;
@@ -347,7 +356,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
     for (int64_t c = 0; c < cols; ++c) bits[c >> 6] |= static_cast<uint64_t>(u[c] < table[c]) << (c & 63);
     return;
   }
-  if (rising) {
+  if (pt.rising) {
     // about half as many buckets as entries: fewer open entries would not pay for more bounds
     int nb = std::max(4, std::min(16, bit_width(static_cast<uint32_t>(cols - 1)) - 1));
     int sh = -1;
@@ -380,7 +389,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
       lo = st.min_nz & ~((uint32_t{1} << sh) - 1u);
     }
     s.cnt.assign(nbk, 0u);
-    if (s.bounds.size() < nbk) s.bounds.resize(nbk);
+    if (s.first.size() < nbk + 1) s.first.resize(nbk + 1);
     uint32_t* cnt = s.cnt.data();
     int64_t c = 0;
 #if defined(AME_HAVE_X86)
@@ -390,14 +399,21 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
       const uint32_t k = keys[c];
       ++cnt[bucket_of(k, lo, sh)];
     }
-    uint64_t* bounds = s.bounds.data();
-    uint32_t first = 0;
+    uint32_t* first = s.first.data();
     uint64_t pairs = 0;  // sum of n^2, then of n (n - 1) over the nonzero buckets
-    for (uint32_t q = 0; q < nbk; ++q) {  // an empty bucket's bounds are never read
-      const uint32_t n = cnt[q], last = first + n;
-      bounds[q] = f32_bits(table[first]) | (static_cast<uint64_t>(f32_bits(table[last - (last > first)])) << 32);
-      pairs += static_cast<uint64_t>(n) * n;
-      first = last;
+#if defined(AME_HAVE_X86)
+    if (level == SimdLevel::AVX512) {
+      pairs = avx512::prefix_counts(cnt, nbk, first);
+    } else
+#endif
+    {
+      uint32_t below = 0;
+      for (uint32_t q = 0; q < nbk; ++q) {
+        first[q] = below;
+        below += cnt[q];
+        pairs += static_cast<uint64_t>(cnt[q]) * cnt[q];
+      }
+      first[nbk] = below;
     }
     pairs = pairs - static_cast<uint64_t>(cnt[0]) * cnt[0] + cnt[0] - static_cast<uint64_t>(cols);  // zeros apart
     // a bucket of n leaves about n (n - 1) (table[cols - 1] - table[0]) / (cols - 1) entries open;
@@ -405,16 +421,16 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const fl
     // the tie pass ranks nearly every entry (one bucket per 2^D step) it pays from kTieOpen on
     const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
     const bool ties = static_cast<double>(pairs) * spread > (sh == D && D > 0 ? kTieOpen : kMaxOpen) * static_cast<double>(cols - 1);
-    DecideArgs d{keys, u, cols, lo, sh, bounds, table, bits, s.open, kMaxOpen};
+    DecideArgs d{keys, u, cols, lo, sh, first, table, bits, s.open, kMaxOpen};
     d.floor_mixed = floor_mixed;
+    d.work = s.work.data();
+    d.denom = pt.denom;
+    d.eps = pt.eps;
+    d.low = pt.low;
     if (!ties && della_decide(d, level) <= kMaxOpen) return;
     if (s.next.size() < nbk) s.next.resize(nbk);
     d.next = s.next.data();
-    first = 0;
-    for (uint32_t q = 0; q < nbk; ++q) {  // the entries in the buckets below each
-      d.next[q] = first;
-      first += cnt[q];
-    }
+    std::copy(first, first + nbk, d.next);  // the entries in the buckets below each
     if (della_ties(d, level) <= kMaxOpen) return;
   }
   float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
@@ -525,7 +541,8 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
 
 int64_t della_decide(const DecideArgs& d, SimdLevel level) {
 #if defined(AME_HAVE_X86)
-  if (level == SimdLevel::AVX512) return avx512::della_decide(d);
+  static const bool bmi2 = __builtin_cpu_supports("bmi2");
+  if (level == SimdLevel::AVX512 && bmi2 && d.work) return avx512::della_decide(d);
 #endif
   (void)level;
   return decide_scalar(d);
@@ -544,9 +561,12 @@ void della_masks(const RankArgs& a, const MaskArgs& m) {
   if (a.numel <= 0) return;
   const int64_t cols = a.cols;
   const int64_t lines = a.numel / cols;  // rest = 1: line l is elements [l cols, (l + 1) cols)
-  std::vector<float> table = prob_table(cols, a.eps, a.low);
-  const bool rising = std::is_sorted(table.begin(), table.end());
-  table.push_back(table.back());  // table[cols]: an empty last bucket's bound
+  ProbTable pt;
+  pt.p = prob_table(cols, a.eps, a.low);
+  pt.rising = std::is_sorted(pt.p.begin(), pt.p.end());
+  pt.denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
+  pt.eps = a.eps;
+  pt.low = a.low;
   const uint32_t k0 = static_cast<uint32_t>(m.seed);
   const uint32_t k1 = static_cast<uint32_t>(m.seed >> 32) ^ m.name_key;
   // whole lines per task, a multiple of 8 / gcd(cols, 8) of them: every task starts on a byte
@@ -571,6 +591,7 @@ void della_masks(const RankArgs& a, const MaskArgs& m) {
       s.u.resize(static_cast<size_t>(cols));
       s.p.resize(static_cast<size_t>(cols));
       s.bits.resize(static_cast<size_t>((cols + 63) / 64));
+      s.work.resize(static_cast<size_t>(decide_work(cols)));
     }
     const int64_t l0 = task * per_task, l1 = std::min(lines, (task + 1) * per_task);
     L1Lanes acc;
@@ -578,7 +599,7 @@ void della_masks(const RankArgs& a, const MaskArgs& m) {
       const int64_t start = l * cols;
       const LineStats st = line_keys(a.x, a.x_dtype, a.base, a.base_dtype, start, cols, s.sort.keys.data(), m.level);
       uniforms(static_cast<uint64_t>(m.offset + start), cols, m.ingredient, k0, k1, s.u.data(), m.level);
-      mask_line(s.sort.keys.data(), st, cols, table.data(), rising, m.level, s);
+      mask_line(s.sort.keys.data(), st, cols, pt, m.level, s);
       if (sums) add_l1(s.sort.keys.data(), s.bits.data(), start, cols, acc, partial.data(), m.level);
       const uint8_t* lb = reinterpret_cast<const uint8_t*>(s.bits.data());  // little-endian: bit c of byte c / 8
       if ((start & 7) == 0) {  // the line starts on a byte: its whole bytes, then its partial last one

@@ -85,26 +85,33 @@ struct MaskArgs {
 // line (see rank.cpp), without a sort.
 void della_masks(const RankArgs& a, const MaskArgs& m);
 
-// One line's keep decisions from bucket bounds (della_masks' inner loop, cpu/rank.cpp): for c <
-// cols, bucket q = 0 for keys[c] = 0, else 1 + ((max(keys[c], lo) - lo) >> shift); (tl, th) = the fp32
-// pair in bounds[q] (low, high word), or table[zeros before c] twice for a zero; bit c of bits
-// (zeroed first) = u[c] < tl; an entry with th > u[c] >= tl is open. With at most max_open open
-// entries, each gets bit u[c] < table[its exact rank]; returns the count of open entries (more
-// than max_open: the bits are incomplete, the caller ranks the line). Bitwise the same at every level.
+// One line's keep decisions from bucket counts (della_masks' inner loop, cpu/rank.cpp): for c <
+// cols, bucket q = 0 for keys[c] = 0, else 1 + ((max(keys[c], lo) - lo) >> shift), whose entries
+// rank from first[q] to first[q + 1] - 1; (tl, th) = (table[first[q]], table[first[q + 1] - 1]),
+// or table[zeros before c] twice for a zero; bit c of bits (zeroed first) = u[c] < tl; an entry
+// with th > u[c] >= tl is open. With at most max_open open entries, each gets bit u[c] <
+// table[its exact rank]; returns the count of open entries (more than max_open: the bits are
+// incomplete, the caller ranks the line). table is non-decreasing. Bitwise the same at every level.
 struct DecideArgs {
   const uint32_t* keys;
   const float* u;
   int64_t cols;
   uint32_t lo;
   int shift;
-  const uint64_t* bounds;
+  const uint32_t* first;  // [2^nb + 1]: the entries in the buckets below q (first[2^nb] = cols)
   const float* table;
   uint64_t* bits;     // [ceil(cols / 64)]
   uint32_t* open;     // [max_open + 16]: a vector level may store up to 15 past max_open
   int64_t max_open;
   uint32_t* next = nullptr;  // della_ties: [2^nb] per bucket q, the entries in the buckets below it
   bool floor_mixed = false;  // bucket 1 also holds every nonzero key below lo (not only [lo, lo + 2^shift))
+  uint32_t* work = nullptr;  // avx512 della_decide: [decide_work(cols)] scratch
+  // table[r] = ((float(r) / denom) * 2) * eps + low, each operation rounded (prob_table): the
+  // avx512 decisions compute the bounds they need instead of gathering them
+  float denom = 1.f, eps = 0.f, low = 0.f;
 };
+// The scratch (32-bit words) avx512::della_decide needs for a line of cols.
+constexpr int64_t decide_work(int64_t cols) { return 4 * (cols + 64); }
 int64_t della_decide(const DecideArgs& d, SimdLevel level);
 // The tie pass, for lines with many equal magnitudes (lo a multiple of 2^shift): an entry whose
 // key has no bits below shift has its bucket's smallest possible key (bucket 1's only if it holds
@@ -116,8 +123,10 @@ int64_t della_ties(const DecideArgs& d, SimdLevel level);
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
                     SimdLevel level);
 namespace avx512 {
-int64_t della_decide(const DecideArgs& d);
+int64_t della_decide(const DecideArgs& d);  // needs BMI2 and d.work (the caller checks)
 int64_t della_ties(const DecideArgs& d);  // needs AVX512CD (the caller checks)
+// first[q] = cnt[0] + ... + cnt[q - 1] for q <= nbk (nbk a multiple of 16); returns the sum of cnt[q]^2.
+uint64_t prefix_counts(const uint32_t* cnt, uint32_t nbk, uint32_t* first);
 // ++cnt[bucket(keys[c])] (DecideArgs' buckets) for c below the returned count (whole vectors of
 // 16; the caller counts the rest): the indices computed sixteen at a time, the increments scalar.
 int64_t count_buckets(const uint32_t* keys, int64_t cols, uint32_t lo, int shift, uint32_t* cnt);

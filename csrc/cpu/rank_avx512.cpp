@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "common/simd.h"
 #include "cpu/rank.h"
@@ -112,27 +113,44 @@ struct StepLoader {
   }
 };
 
-// The bucket bounds (table[first rank], table[last rank]) of the lanes of `mask`, by two 64-bit gathers.
+// table[r] (DecideArgs: prob_table's operations, each rounded on its own: no contraction into an
+// FMA, whatever the file's flags), sixteen ranks at a time; computed instead of gathered, since a
+// gather costs about as much per element as the division does per vector.
+__m512 prob_of(const DecideArgs& d, __m512i r) {
+  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 norm = _mm512_div_round_ps(_mm512_cvt_roundepu32_ps(r, kNear), _mm512_set1_ps(d.denom), kNear);
+  const __m512 scaled = _mm512_mul_round_ps(norm, _mm512_set1_ps(2.0f), kNear);
+  const __m512 spread = _mm512_mul_round_ps(scaled, _mm512_set1_ps(d.eps), kNear);
+  return _mm512_add_round_ps(spread, _mm512_set1_ps(d.low), kNear);
+}
+
+// The bounds (table[first[q]], table[first[q + 1] - 1]) of the lanes of `mask` (each lane's bucket
+// holds its entry): the pairs (first[q], first[q + 1]) by two 64-bit gathers, then prob_of.
 void bounds_of(const DecideArgs& d, __m512i q, __mmask16 mask, __m512& tl, __m512& th) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const long long* bounds = reinterpret_cast<const long long*>(d.bounds);
+  const long long* pairs = reinterpret_cast<const long long*>(d.first);  // 8 bytes at first + q: scale 4
   const __m512i b0 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(mask),
-                                                 _mm512_castsi512_si256(q), bounds, 8);
+                                                 _mm512_castsi512_si256(q), pairs, 4);
   const __m512i b1 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(mask >> 8),
-                                                 _mm512_extracti64x4_epi64(q, 1), bounds, 8);
-  tl = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, even, b1));
-  th = _mm512_castsi512_ps(_mm512_permutex2var_epi32(b0, odd, b1));
+                                                 _mm512_extracti64x4_epi64(q, 1), pairs, 4);
+  const __m512i lo = _mm512_permutex2var_epi32(b0, even, b1);
+  const __m512i hi = _mm512_sub_epi32(_mm512_permutex2var_epi32(b0, odd, b1), _mm512_set1_epi32(1));
+  tl = prob_of(d, lo);
+  th = prob_of(d, hi);
 }
 
-// The open lanes' indices appended to d.open while the count allows (room for 16 past max_open:
-// the count decides, not the stores).
-void store_open(const DecideArgs& d, __mmask16 open, int64_t c, int64_t& nopen) {
+// The open lanes' indices (idx) appended to d.open while the count allows (room for 16 past
+// max_open: the count decides, not the stores).
+void store_open(const DecideArgs& d, __mmask16 open, __m512i idx, int64_t& nopen) {
   if (!open) return;
-  const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  if (nopen <= d.max_open)
-    _mm512_mask_compressstoreu_epi32(d.open + nopen, open, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), ramp));
+  if (nopen <= d.max_open) _mm512_mask_compressstoreu_epi32(d.open + nopen, open, idx);
   nopen += __builtin_popcount(open);
+}
+
+__m512i lanes_from(int64_t c) {
+  return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)),
+                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
 }
 
 // The end of a decision pass: the 16-bit words past the line up to its last 64-bit word zeroed,
@@ -199,29 +217,88 @@ void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_
   _mm512_storeu_pd(kept + 8, k_hi);
 }
 
-int64_t della_decide(const DecideArgs& d) {
+uint64_t prefix_counts(const uint32_t* cnt, uint32_t nbk, uint32_t* first) {
+  const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(15);
+  __m512i below = zero, sq = zero;
+  for (uint32_t q = 0; q < nbk; q += 16) {
+    const __m512i n = _mm512_loadu_si512(cnt + q);
+    __m512i x = _mm512_add_epi32(n, _mm512_alignr_epi32(n, zero, 15));  // inclusive scan of the lanes
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
+    _mm512_storeu_si512(first + q, _mm512_add_epi32(below, _mm512_sub_epi32(x, n)));
+    below = _mm512_add_epi32(below, _mm512_permutexvar_epi32(top, x));
+    sq = _mm512_add_epi64(sq, _mm512_mul_epu32(n, n));
+    const __m512i odd = _mm512_srli_epi64(n, 32);
+    sq = _mm512_add_epi64(sq, _mm512_mul_epu32(odd, odd));
+  }
+  first[nbk] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm512_castsi512_si128(below)));
+  return static_cast<uint64_t>(_mm512_reduce_add_epi64(sq));
+}
+
+// della_decide's contract (cpu/rank.h) in three passes over the line. The table rises from
+// table[0] to table[cols - 1], so u < table[0] keeps an entry and u >= table[cols - 1] drops it
+// whatever its rank: only the entries between (about 2 epsilon of them) need their bucket's
+// bounds. The first pass decides the others (the zeros exactly, by their running count) and
+// lists those entries' buckets, uniforms and indices (a register compress, then a whole store);
+// the second gathers the listed entries' bounds, sixteen at a time, into a stream of keep bits;
+// the third deposits the stream's bits at the listed entries' places (pdep of each step's mask).
+__attribute__((target("bmi2"))) int64_t della_decide(const DecideArgs& d) {
   const StepLoader load(d);
   const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);  // little-endian: bit c of word c / 16
   const int64_t words16 = (d.cols + 15) / 16;
+  const int64_t room = d.cols + 16;  // a list and a whole store past its end
+  uint32_t* lq = d.work;
+  float* lu = reinterpret_cast<float*>(d.work + room);
+  uint32_t* li = d.work + 2 * room;
+  uint16_t* mids = reinterpret_cast<uint16_t*>(d.work + 3 * room);  // [words16] each step's listed lanes
+  uint16_t* stream = mids + words16;                                 // [words16 + 4] the listed entries' bits
+  const __m512 t0 = _mm512_set1_ps(d.table[0]), tmax = _mm512_set1_ps(d.table[d.cols - 1]);
   uint32_t zeros = 0;
-  int64_t nopen = 0;
+  int64_t nmid = 0;
   for (int64_t w = 0; w < words16; ++w) {
     const int64_t c = w * 16;
     const Step s = load(d, c);
+    __mmask16 in = _mm512_mask_cmp_ps_mask(s.nz, s.u, t0, _CMP_LT_OQ);
     const __mmask16 z = static_cast<__mmask16>(s.m & ~s.nz);
-    __m512 tl, th;
-    bounds_of(d, s.q, s.m, tl, th);
     if (z) {  // a zero's rank: the zeros before it (in earlier steps, and in earlier lanes of this one)
       const __m512i r = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(zeros)), _mm512_maskz_expand_epi32(z, ramp));
-      const __m512 t = _mm512_mask_i32gather_ps(tl, z, r, d.table, 4);
-      tl = _mm512_mask_mov_ps(tl, z, t);
-      th = _mm512_mask_mov_ps(th, z, t);
+      const __m512 t = _mm512_mask_i32gather_ps(t0, z, r, d.table, 4);
+      in = static_cast<__mmask16>(in | _mm512_mask_cmp_ps_mask(z, s.u, t, _CMP_LT_OQ));
       zeros += static_cast<uint32_t>(__builtin_popcount(z));
     }
-    const __mmask16 in = _mm512_mask_cmp_ps_mask(s.m, s.u, tl, _CMP_LT_OQ);
+    const __mmask16 mid = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(s.nz, s.u, t0, _CMP_GE_OQ), s.u, tmax, _CMP_LT_OQ);
     out[w] = in;
-    store_open(d, _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(s.m & ~in), s.u, th, _CMP_LT_OQ), c, nopen);
+    mids[w] = mid;
+    _mm512_storeu_si512(lq + nmid, _mm512_maskz_compress_epi32(mid, s.q));
+    _mm512_storeu_ps(lu + nmid, _mm512_maskz_compress_ps(mid, s.u));
+    _mm512_storeu_si512(li + nmid, _mm512_maskz_compress_epi32(mid, lanes_from(c)));
+    nmid += __builtin_popcount(mid);
+  }
+  int64_t nopen = 0;
+  for (int64_t t = 0; t < nmid; t += 16) {
+    const int64_t left = nmid - t;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512i q = _mm512_maskz_loadu_epi32(m, lq + t);
+    const __m512 u = _mm512_maskz_loadu_ps(m, lu + t);
+    __m512 tl, th;
+    bounds_of(d, q, m, tl, th);
+    const __mmask16 in = _mm512_mask_cmp_ps_mask(m, u, tl, _CMP_LT_OQ);
+    stream[t / 16] = in;
+    store_open(d, _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(m & ~in), u, th, _CMP_LT_OQ),
+               _mm512_loadu_si512(li + t), nopen);
+  }
+  if (nmid) {
+    const uint8_t* sb = reinterpret_cast<const uint8_t*>(stream);
+    int64_t pos = 0;
+    for (int64_t w = 0; w < words16; ++w) {
+      const uint32_t mid = mids[w];
+      uint64_t v;
+      std::memcpy(&v, sb + (pos >> 3), sizeof v);  // up to 23 bits needed, within the stream's padding
+      out[w] = static_cast<uint16_t>(out[w] | _pdep_u32(static_cast<uint32_t>(v >> (pos & 7)), mid));
+      pos += __builtin_popcount(mid);
+    }
   }
   return finish_line(d, words16, nopen);
 }
@@ -262,7 +339,8 @@ __attribute__((target("avx512cd"))) int64_t della_ties(const DecideArgs& d) {
       __m512 tl, th;
       bounds_of(d, s.q, rest, tl, th);
       const __mmask16 rin = _mm512_mask_cmp_ps_mask(rest, s.u, tl, _CMP_LT_OQ);
-      store_open(d, _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(rest & ~rin), s.u, th, _CMP_LT_OQ), c, nopen);
+      store_open(d, _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(rest & ~rin), s.u, th, _CMP_LT_OQ), lanes_from(c),
+                 nopen);
       in = static_cast<__mmask16>(in | rin);
     }
     out[w] = in;
