@@ -284,7 +284,7 @@ int64_t resolve_open(const DecideArgs& d, int64_t nopen) {
   return nopen;
 }
 
-// The scalar decisions (della_decide's contract, cpu/rank.h), branch-free: both outcomes are data.
+// The scalar decisions (DecideArgs' contract, cpu/rank.h), branch-free: both outcomes are data.
 int64_t decide_scalar(const DecideArgs& d) {
   uint32_t zeros = 0;
   int64_t nopen = 0;
@@ -388,50 +388,49 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
       while (((st.max - (st.min_nz & ~((uint32_t{1} << sh) - 1u))) >> sh) >= nbk - 1) ++sh;
       lo = st.min_nz & ~((uint32_t{1} << sh) - 1u);
     }
-    s.cnt.assign(nbk, 0u);
     if (s.first.size() < nbk + 1) s.first.resize(nbk + 1);
-    uint32_t* cnt = s.cnt.data();
-    int64_t c = 0;
-#if defined(AME_HAVE_X86)
-    if (level == SimdLevel::AVX512) c = avx512::count_buckets(keys, cols, lo, sh, cnt);
-#endif
-    for (; c < cols; ++c) {
-      const uint32_t k = keys[c];
-      ++cnt[bucket_of(k, lo, sh)];
-    }
     uint32_t* first = s.first.data();
-    uint64_t pairs = 0;  // sum of n^2, then of n (n - 1) over the nonzero buckets
-#if defined(AME_HAVE_X86)
-    if (level == SimdLevel::AVX512) {
-      pairs = avx512::prefix_counts(cnt, nbk, first);
-    } else
-#endif
-    {
-      uint32_t below = 0;
-      for (uint32_t q = 0; q < nbk; ++q) {
-        first[q] = below;
-        below += cnt[q];
-        pairs += static_cast<uint64_t>(cnt[q]) * cnt[q];
-      }
-      first[nbk] = below;
-    }
-    pairs = pairs - static_cast<uint64_t>(cnt[0]) * cnt[0] + cnt[0] - static_cast<uint64_t>(cols);  // zeros apart
-    // a bucket of n leaves about n (n - 1) (table[cols - 1] - table[0]) / (cols - 1) entries open;
-    // where they pass kMaxOpen in all, the bucket decisions would likely be thrown away, and where
-    // the tie pass ranks nearly every entry (one bucket per 2^D step) it pays from kTieOpen on
-    const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
-    const bool ties = static_cast<double>(pairs) * spread > (sh == D && D > 0 ? kTieOpen : kMaxOpen) * static_cast<double>(cols - 1);
     DecideArgs d{keys, u, cols, lo, sh, first, table, bits, s.open, kMaxOpen};
     d.floor_mixed = floor_mixed;
     d.work = s.work.data();
     d.denom = pt.denom;
     d.eps = pt.eps;
     d.low = pt.low;
-    if (!ties && della_decide(d, level) <= kMaxOpen) return;
-    if (s.next.size() < nbk) s.next.resize(nbk);
-    d.next = s.next.data();
-    std::copy(first, first + nbk, d.next);  // the entries in the buckets below each
-    if (della_ties(d, level) <= kMaxOpen) return;
+    bool tried_ties = false;
+#if defined(AME_HAVE_X86)
+    static const bool bmi2 = __builtin_cpu_supports("bmi2");
+    if (level == SimdLevel::AVX512 && bmi2) {
+      tried_ties = sh == D && D > 0;  // the tie pass's buckets: the exact ranks of the smallest keys
+      s.cnt.assign(tried_ties ? 2 * nbk : nbk, 0u);
+      if (avx512::della_line(d, s.cnt.data(), nbk, first, tried_ties) <= kMaxOpen) return;
+    } else
+#endif
+    {
+      s.cnt.assign(nbk, 0u);
+      uint32_t* cnt = s.cnt.data();
+      for (int64_t c = 0; c < cols; ++c) ++cnt[bucket_of(keys[c], lo, sh)];
+      uint32_t below = 0;
+      uint64_t pairs = 0;  // sum of n^2, then of n (n - 1) over the nonzero buckets
+      for (uint32_t q = 0; q < nbk; ++q) {
+        first[q] = below;
+        below += cnt[q];
+        pairs += static_cast<uint64_t>(cnt[q]) * cnt[q];
+      }
+      first[nbk] = below;
+      pairs = pairs - static_cast<uint64_t>(cnt[0]) * cnt[0] + cnt[0] - static_cast<uint64_t>(cols);  // zeros apart
+      // a bucket of n leaves about n (n - 1) (table[cols - 1] - table[0]) / (cols - 1) entries open;
+      // where they pass kMaxOpen in all, the bucket decisions would likely be thrown away, and where
+      // the tie pass ranks nearly every entry (one bucket per 2^D step) it pays from kTieOpen on
+      const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
+      const bool ties = static_cast<double>(pairs) * spread > (sh == D && D > 0 ? kTieOpen : kMaxOpen) * static_cast<double>(cols - 1);
+      if (!ties && decide_scalar(d) <= kMaxOpen) return;
+    }
+    if (!tried_ties) {
+      if (s.next.size() < nbk) s.next.resize(nbk);
+      d.next = s.next.data();
+      std::copy(first, first + nbk, d.next);  // the entries in the buckets below each
+      if (della_ties(d, level) <= kMaxOpen) return;
+    }
   }
   float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
   rank_line(keys, st, cols, 1, table, p, s.sort);
@@ -537,15 +536,6 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
   a.base = b;
   a.base_dtype = bd;
   return pick(a)(x, b, start, cols, 1, keys);
-}
-
-int64_t della_decide(const DecideArgs& d, SimdLevel level) {
-#if defined(AME_HAVE_X86)
-  static const bool bmi2 = __builtin_cpu_supports("bmi2");
-  if (level == SimdLevel::AVX512 && bmi2 && d.work) return avx512::della_decide(d);
-#endif
-  (void)level;
-  return decide_scalar(d);
 }
 
 int64_t della_ties(const DecideArgs& d, SimdLevel level) {

@@ -105,31 +105,33 @@ struct DecideArgs {
   int64_t max_open;
   uint32_t* next = nullptr;  // della_ties: [2^nb] per bucket q, the entries in the buckets below it
   bool floor_mixed = false;  // bucket 1 also holds every nonzero key below lo (not only [lo, lo + 2^shift))
-  uint32_t* work = nullptr;  // avx512 della_decide: [decide_work(cols)] scratch
+  uint32_t* work = nullptr;  // avx512::della_line: [decide_work(cols)] scratch
   // table[r] = ((float(r) / denom) * 2) * eps + low, each operation rounded (prob_table): the
-  // avx512 decisions compute the bounds they need instead of gathering them
+  // avx512 decisions compute the bounds they need instead of looking them up
   float denom = 1.f, eps = 0.f, low = 0.f;
 };
-// The scratch (32-bit words) avx512::della_decide needs for a line of cols.
-constexpr int64_t decide_work(int64_t cols) { return 4 * (cols + 64); }
-int64_t della_decide(const DecideArgs& d, SimdLevel level);
+// The scratch (32-bit words) avx512::della_line needs for a line of cols.
+constexpr int64_t decide_work(int64_t cols) { return 5 * (cols + 64); }
 // The tie pass, for lines with many equal magnitudes (lo a multiple of 2^shift): an entry whose
 // key has no bits below shift has its bucket's smallest possible key (bucket 1's only if it holds
 // no keys below lo: not floor_mixed), so its exact rank is next[q]
 // + the entries of that key before it, counted in index order (next[q] advances past them); the
-// other entries are decided as della_decide does. Same return and bits as della_decide.
+// other entries are decided by the bounds. Same return and bits as the bounds' decisions.
 int64_t della_ties(const DecideArgs& d, SimdLevel level);
 // One contiguous line's keys (keys[c] = mag_key(x - b), b = 0 without a base) and LineStats.
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
                     SimdLevel level);
 namespace avx512 {
-int64_t della_decide(const DecideArgs& d);  // needs BMI2 and d.work (the caller checks)
+// One line's decisions at the avx512 level (needs BMI2 and d.work; the caller checks), counting
+// included: cnt zeroed [nbk] (ties: [2 nbk]), the buckets' prefix sums written to first [nbk + 1]
+// (d.first = first). Most entries are decided by their uniform alone (u < table[0] keeps, u >=
+// table[cols - 1] drops); the others (about 2 epsilon of them) are listed while counting and
+// decided by their bucket's bounds afterwards. With ties (lo a multiple of 2^shift, the tie
+// pass's buckets), an entry whose key has no bits below shift gets its exact rank: first[q] +
+// the equal ones before it (each entry's count at its own increment). Same return and bits as
+// the scalar decisions.
+int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties);
 int64_t della_ties(const DecideArgs& d);  // needs AVX512CD (the caller checks)
-// first[q] = cnt[0] + ... + cnt[q - 1] for q <= nbk (nbk a multiple of 16); returns the sum of cnt[q]^2.
-uint64_t prefix_counts(const uint32_t* cnt, uint32_t nbk, uint32_t* first);
-// ++cnt[bucket(keys[c])] (DecideArgs' buckets) for c below the returned count (whole vectors of
-// 16; the caller counts the rest): the indices computed sixteen at a time, the increments scalar.
-int64_t count_buckets(const uint32_t* keys, int64_t cols, uint32_t lo, int shift, uint32_t* cnt);
 // all[l] += |tau| and kept[l] += bit ? |tau| : 0 for the entries c0 + 16 w + l, w < n16 (keys as
 // fp32 magnitudes, bit c of bits; c0 a multiple of 16), lane by lane as the scalar loop adds them.
 void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept);

@@ -113,6 +113,44 @@ struct StepLoader {
   }
 };
 
+// (first[q], first[q + 1]) of the lanes of `mask` by two 64-bit gathers (8 bytes at first + q).
+void first_pairs(const uint32_t* first, __m512i q, __mmask16 mask, __m512i& lo, __m512i& hi) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const long long* pairs = reinterpret_cast<const long long*>(first);
+  const __m512i b0 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(mask),
+                                                 _mm512_castsi512_si256(q), pairs, 4);
+  const __m512i b1 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(mask >> 8),
+                                                 _mm512_extracti64x4_epi64(q, 1), pairs, 4);
+  lo = _mm512_permutex2var_epi32(b0, even, b1);
+  hi = _mm512_permutex2var_epi32(b0, odd, b1);
+}
+
+// first[q] = the entries of the buckets below q, for counts n[q] = cnt[q] (Pairs: cnt[2q] + cnt[2q + 1]).
+template <bool Pairs>
+void prefix(const uint32_t* cnt, uint32_t nbk, uint32_t* first) {
+  const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(15);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __m512i below = zero;
+  for (uint32_t q = 0; q < nbk; q += 16) {
+    __m512i n;
+    if (Pairs) {
+      const __m512i a = _mm512_loadu_si512(cnt + 2 * q), b = _mm512_loadu_si512(cnt + 2 * q + 16);
+      n = _mm512_add_epi32(_mm512_permutex2var_epi32(a, even, b), _mm512_permutex2var_epi32(a, odd, b));
+    } else {
+      n = _mm512_loadu_si512(cnt + q);
+    }
+    __m512i x = _mm512_add_epi32(n, _mm512_alignr_epi32(n, zero, 15));  // inclusive scan of the lanes
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
+    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
+    _mm512_storeu_si512(first + q, _mm512_add_epi32(below, _mm512_sub_epi32(x, n)));
+    below = _mm512_add_epi32(below, _mm512_permutexvar_epi32(top, x));
+  }
+  first[nbk] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm512_castsi512_si128(below)));
+}
+
 // table[r] (DecideArgs: prob_table's operations, each rounded on its own: no contraction into an
 // FMA, whatever the file's flags), sixteen ranks at a time; computed instead of gathered, since a
 // gather costs about as much per element as the division does per vector.
@@ -127,17 +165,10 @@ __m512 prob_of(const DecideArgs& d, __m512i r) {
 // The bounds (table[first[q]], table[first[q + 1] - 1]) of the lanes of `mask` (each lane's bucket
 // holds its entry): the pairs (first[q], first[q + 1]) by two 64-bit gathers, then prob_of.
 void bounds_of(const DecideArgs& d, __m512i q, __mmask16 mask, __m512& tl, __m512& th) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const long long* pairs = reinterpret_cast<const long long*>(d.first);  // 8 bytes at first + q: scale 4
-  const __m512i b0 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(mask),
-                                                 _mm512_castsi512_si256(q), pairs, 4);
-  const __m512i b1 = _mm512_mask_i32gather_epi64(_mm512_setzero_si512(), static_cast<__mmask8>(mask >> 8),
-                                                 _mm512_extracti64x4_epi64(q, 1), pairs, 4);
-  const __m512i lo = _mm512_permutex2var_epi32(b0, even, b1);
-  const __m512i hi = _mm512_sub_epi32(_mm512_permutex2var_epi32(b0, odd, b1), _mm512_set1_epi32(1));
+  __m512i lo, hi;
+  first_pairs(d.first, q, mask, lo, hi);
   tl = prob_of(d, lo);
-  th = prob_of(d, hi);
+  th = prob_of(d, _mm512_sub_epi32(hi, _mm512_set1_epi32(1)));
 }
 
 // The open lanes' indices (idx) appended to d.open while the count allows (room for 16 past
@@ -181,21 +212,6 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
   return f(x, b, start, cols, keys);
 }
 
-int64_t count_buckets(const uint32_t* keys, int64_t cols, uint32_t lo, int shift, uint32_t* cnt) {
-  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
-  const __m128i vsh = _mm_cvtsi32_si128(shift);
-  const __m512i one = _mm512_set1_epi32(1);
-  alignas(64) uint32_t q[16];
-  int64_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
-    const __m512i k = _mm512_loadu_si512(keys + c);
-    const __mmask16 nz = _mm512_test_epi32_mask(k, k);
-    _mm512_store_si512(q, _mm512_maskz_add_epi32(nz, _mm512_srl_epi32(_mm512_sub_epi32(_mm512_max_epu32(k, vlo), vlo), vsh), one));
-    for (int l = 0; l < 16; ++l) ++cnt[q[l]];
-  }
-  return c;
-}
-
 void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept) {
   __m512d a_lo = _mm512_loadu_pd(all), a_hi = _mm512_loadu_pd(all + 8);
   __m512d k_lo = _mm512_loadu_pd(kept), k_hi = _mm512_loadu_pd(kept + 8);
@@ -217,73 +233,93 @@ void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_
   _mm512_storeu_pd(kept + 8, k_hi);
 }
 
-uint64_t prefix_counts(const uint32_t* cnt, uint32_t nbk, uint32_t* first) {
-  const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(15);
-  __m512i below = zero, sq = zero;
-  for (uint32_t q = 0; q < nbk; q += 16) {
-    const __m512i n = _mm512_loadu_si512(cnt + q);
-    __m512i x = _mm512_add_epi32(n, _mm512_alignr_epi32(n, zero, 15));  // inclusive scan of the lanes
-    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 14));
-    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 12));
-    x = _mm512_add_epi32(x, _mm512_alignr_epi32(x, zero, 8));
-    _mm512_storeu_si512(first + q, _mm512_add_epi32(below, _mm512_sub_epi32(x, n)));
-    below = _mm512_add_epi32(below, _mm512_permutexvar_epi32(top, x));
-    sq = _mm512_add_epi64(sq, _mm512_mul_epu32(n, n));
-    const __m512i odd = _mm512_srli_epi64(n, 32);
-    sq = _mm512_add_epi64(sq, _mm512_mul_epu32(odd, odd));
-  }
-  first[nbk] = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm512_castsi512_si128(below)));
-  return static_cast<uint64_t>(_mm512_reduce_add_epi64(sq));
-}
+namespace {
 
-// della_decide's contract (cpu/rank.h) in three passes over the line. The table rises from
-// table[0] to table[cols - 1], so u < table[0] keeps an entry and u >= table[cols - 1] drops it
-// whatever its rank: only the entries between (about 2 epsilon of them) need their bucket's
-// bounds. The first pass decides the others (the zeros exactly, by their running count) and
-// lists those entries' buckets, uniforms and indices (a register compress, then a whole store);
-// the second gathers the listed entries' bounds, sixteen at a time, into a stream of keep bits;
-// the third deposits the stream's bits at the listed entries' places (pdep of each step's mask).
-__attribute__((target("bmi2"))) int64_t della_decide(const DecideArgs& d) {
+// della_line's passes (cpu/rank.h). Ties: the counts are kept apart for the entries at their
+// bucket's smallest key (cnt[2q]) and the others (cnt[2q + 1]), and each entry's count before
+// its own increment is its place among the equal ones before it.
+template <bool Ties>
+__attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first) {
   const StepLoader load(d);
   const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i low = _mm512_set1_epi32(static_cast<int>((uint32_t{1} << d.shift) - 1u));
   uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);  // little-endian: bit c of word c / 16
   const int64_t words16 = (d.cols + 15) / 16;
   const int64_t room = d.cols + 16;  // a list and a whole store past its end
   uint32_t* lq = d.work;
   float* lu = reinterpret_cast<float*>(d.work + room);
   uint32_t* li = d.work + 2 * room;
-  uint16_t* mids = reinterpret_cast<uint16_t*>(d.work + 3 * room);  // [words16] each step's listed lanes
+  uint32_t* lr = d.work + 3 * room;
+  uint16_t* mids = reinterpret_cast<uint16_t*>(d.work + 4 * room);  // [words16] each step's listed lanes
   uint16_t* stream = mids + words16;                                 // [words16 + 4] the listed entries' bits
   const __m512 t0 = _mm512_set1_ps(d.table[0]), tmax = _mm512_set1_ps(d.table[d.cols - 1]);
+  alignas(64) uint32_t qs[16];
+  alignas(64) uint32_t rs[16] = {};
   uint32_t zeros = 0;
   int64_t nmid = 0;
   for (int64_t w = 0; w < words16; ++w) {
     const int64_t c = w * 16;
     const Step s = load(d, c);
-    __mmask16 in = _mm512_mask_cmp_ps_mask(s.nz, s.u, t0, _CMP_LT_OQ);
-    const __mmask16 z = static_cast<__mmask16>(s.m & ~s.nz);
-    if (z) {  // a zero's rank: the zeros before it (in earlier steps, and in earlier lanes of this one)
-      const __m512i r = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(zeros)), _mm512_maskz_expand_epi32(z, ramp));
-      const __m512 t = _mm512_mask_i32gather_ps(t0, z, r, d.table, 4);
-      in = static_cast<__mmask16>(in | _mm512_mask_cmp_ps_mask(z, s.u, t, _CMP_LT_OQ));
-      zeros += static_cast<uint32_t>(__builtin_popcount(z));
+    __m512i qi = s.q;
+    if (Ties) {  // the zeros (bucket 0) are at their bucket's smallest key too
+      __mmask16 at = _mm512_mask_testn_epi32_mask(s.m, s.k, low);
+      if (d.floor_mixed) at = static_cast<__mmask16>(at & ~_mm512_cmpeq_epi32_mask(s.q, one));  // not bucket 1's
+      const __m512i q2 = _mm512_slli_epi32(s.q, 1);
+      qi = _mm512_mask_add_epi32(q2, static_cast<__mmask16>(~at), q2, one);
     }
-    const __mmask16 mid = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(s.nz, s.u, t0, _CMP_GE_OQ), s.u, tmax, _CMP_LT_OQ);
+    _mm512_store_si512(qs, qi);
+    const int n = static_cast<int>(std::min<int64_t>(16, d.cols - c));
+    if (Ties) {
+      if (n == 16) {
+        for (int l = 0; l < 16; ++l) rs[l] = cnt[qs[l]]++;
+      } else {
+        for (int l = 0; l < n; ++l) rs[l] = cnt[qs[l]]++;
+      }
+    } else {
+      if (n == 16) {
+        for (int l = 0; l < 16; ++l) ++cnt[qs[l]];
+      } else {
+        for (int l = 0; l < n; ++l) ++cnt[qs[l]];
+      }
+    }
+    const __mmask16 live = Ties ? s.m : s.nz;  // without Ties the zeros are decided here, by their count
+    __mmask16 in = _mm512_mask_cmp_ps_mask(live, s.u, t0, _CMP_LT_OQ);
+    if (!Ties) {
+      const __mmask16 z = static_cast<__mmask16>(s.m & ~s.nz);
+      if (z) {  // a zero's rank: the zeros before it (in earlier steps, and in earlier lanes of this one)
+        const __m512i r = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(zeros)), _mm512_maskz_expand_epi32(z, ramp));
+        in = static_cast<__mmask16>(in | _mm512_mask_cmp_ps_mask(z, s.u, prob_of(d, r), _CMP_LT_OQ));
+        zeros += static_cast<uint32_t>(__builtin_popcount(z));
+      }
+    }
+    const __mmask16 mid = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(live, s.u, t0, _CMP_GE_OQ), s.u, tmax, _CMP_LT_OQ);
     out[w] = in;
     mids[w] = mid;
-    _mm512_storeu_si512(lq + nmid, _mm512_maskz_compress_epi32(mid, s.q));
+    _mm512_storeu_si512(lq + nmid, _mm512_maskz_compress_epi32(mid, qi));
     _mm512_storeu_ps(lu + nmid, _mm512_maskz_compress_ps(mid, s.u));
     _mm512_storeu_si512(li + nmid, _mm512_maskz_compress_epi32(mid, lanes_from(c)));
+    if (Ties) _mm512_storeu_si512(lr + nmid, _mm512_maskz_compress_epi32(mid, _mm512_load_si512(rs)));
     nmid += __builtin_popcount(mid);
   }
+  prefix<Ties>(cnt, nbk, first);
   int64_t nopen = 0;
   for (int64_t t = 0; t < nmid; t += 16) {
     const int64_t left = nmid - t;
     const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512i q = _mm512_maskz_loadu_epi32(m, lq + t);
+    const __m512i qi = _mm512_maskz_loadu_epi32(m, lq + t);
     const __m512 u = _mm512_maskz_loadu_ps(m, lu + t);
+    __m512i lo, hi;
+    first_pairs(first, Ties ? _mm512_srli_epi32(qi, 1) : qi, m, lo, hi);
     __m512 tl, th;
-    bounds_of(d, q, m, tl, th);
+    if (Ties) {  // an entry at its bucket's smallest key: rank first[q] + the equal ones before it, exactly
+      const __mmask16 at = _mm512_mask_testn_epi32_mask(m, qi, one);
+      tl = prob_of(d, _mm512_mask_add_epi32(lo, at, lo, _mm512_maskz_loadu_epi32(m, lr + t)));
+      th = _mm512_mask_mov_ps(prob_of(d, _mm512_sub_epi32(hi, one)), at, tl);
+    } else {
+      tl = prob_of(d, lo);
+      th = prob_of(d, _mm512_sub_epi32(hi, one));
+    }
     const __mmask16 in = _mm512_mask_cmp_ps_mask(m, u, tl, _CMP_LT_OQ);
     stream[t / 16] = in;
     store_open(d, _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(m & ~in), u, th, _CMP_LT_OQ),
@@ -301,6 +337,12 @@ __attribute__((target("bmi2"))) int64_t della_decide(const DecideArgs& d) {
     }
   }
   return finish_line(d, words16, nopen);
+}
+
+}  // namespace
+
+int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties) {
+  return ties ? line_impl<true>(d, cnt, nbk, first) : line_impl<false>(d, cnt, nbk, first);
 }
 
 // della_ties' contract (cpu/rank.h). Per sixteen entries: the lanes whose key has no bits below
