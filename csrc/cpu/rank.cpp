@@ -252,6 +252,7 @@ struct MaskScratch {
   std::vector<uint64_t> bits;    // the line's keep bits, bit c of word c / 64
   uint32_t open[kMaxOpen + 16];  // room for a vector's compress-store past the last
   std::vector<uint32_t> next;    // the tie pass: per bucket the next rank of its smallest key
+  bool prefer_ties = false;      // a line of keys of few significant bits needed the tie pass
 };
 
 // The exact rank of entry c of a line: keys below keys[c], and equal ones before c.
@@ -400,9 +401,12 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
 #if defined(AME_HAVE_X86)
     static const bool bmi2 = __builtin_cpu_supports("bmi2");
     if (level == SimdLevel::AVX512 && bmi2) {
-      tried_ties = sh == D && D > 0;  // the tie pass's buckets: the exact ranks of the smallest keys
-      s.cnt.assign(tried_ties ? 2 * nbk : nbk, 0u);
+      // the exact ranks of the smallest keys where there are ties: the tie pass's buckets, or keys
+      // of few significant bits in a call whose lines have left too many entries open before
+      tried_ties = D > 0 && (sh == D || s.prefer_ties);
+      s.cnt.assign((tried_ties ? 2 * nbk : nbk) + 16, 0u);
       if (avx512::della_line(d, s.cnt.data(), nbk, first, tried_ties) <= kMaxOpen) return;
+      s.prefer_ties = s.prefer_ties || D > 0;
     } else
 #endif
     {

@@ -123,7 +123,7 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
                     SimdLevel level);
 namespace avx512 {
 // One line's decisions at the avx512 level (needs BMI2 and d.work; the caller checks), counting
-// included: cnt zeroed [nbk] (ties: [2 nbk]), the buckets' prefix sums written to first [nbk + 1]
+// included: cnt zeroed [nbk + 16] (ties: [2 nbk + 16]), the buckets' prefix sums written to first [nbk + 1]
 // (d.first = first). Most entries are decided by their uniform alone (u < table[0] keeps, u >=
 // table[cols - 1] drops); the others (about 2 epsilon of them) are listed while counting and
 // decided by their bucket's bounds afterwards. With ties (lo a multiple of 2^shift, the tie

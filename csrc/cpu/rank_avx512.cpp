@@ -237,7 +237,8 @@ namespace {
 
 // della_line's passes (cpu/rank.h). Ties: the counts are kept apart for the entries at their
 // bucket's smallest key (cnt[2q]) and the others (cnt[2q + 1]), and each entry's count before
-// its own increment is its place among the equal ones before it.
+// its own increment is its place among the equal ones before it. The zeros are counted apart,
+// in 16 spare counters past the buckets' (cnt's last 16); their rank is their running count.
 template <bool Ties>
 __attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first) {
   const StepLoader load(d);
@@ -254,6 +255,7 @@ __attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t*
   uint16_t* mids = reinterpret_cast<uint16_t*>(d.work + 4 * room);  // [words16] each step's listed lanes
   uint16_t* stream = mids + words16;                                 // [words16 + 4] the listed entries' bits
   const __m512 t0 = _mm512_set1_ps(d.table[0]), tmax = _mm512_set1_ps(d.table[d.cols - 1]);
+  const __m512i spare = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(Ties ? 2 * nbk : nbk)), ramp);
   alignas(64) uint32_t qs[16];
   alignas(64) uint32_t rs[16] = {};
   uint32_t zeros = 0;
@@ -261,14 +263,17 @@ __attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t*
   for (int64_t w = 0; w < words16; ++w) {
     const int64_t c = w * 16;
     const Step s = load(d, c);
+    const __mmask16 z = static_cast<__mmask16>(s.m & ~s.nz);
     __m512i qi = s.q;
-    if (Ties) {  // the zeros (bucket 0) are at their bucket's smallest key too
+    if (Ties) {  // the zeros are at bucket 0's smallest key
       __mmask16 at = _mm512_mask_testn_epi32_mask(s.m, s.k, low);
       if (d.floor_mixed) at = static_cast<__mmask16>(at & ~_mm512_cmpeq_epi32_mask(s.q, one));  // not bucket 1's
       const __m512i q2 = _mm512_slli_epi32(s.q, 1);
       qi = _mm512_mask_add_epi32(q2, static_cast<__mmask16>(~at), q2, one);
     }
-    _mm512_store_si512(qs, qi);
+    // the zeros apart (their count is their rank): one counter per lane, so that a run of zeros
+    // does not chain its increments through one counter's store and load
+    _mm512_store_si512(qs, _mm512_mask_mov_epi32(qi, z, spare));
     const int n = static_cast<int>(std::min<int64_t>(16, d.cols - c));
     if (Ties) {
       if (n == 16) {
@@ -283,25 +288,24 @@ __attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t*
         for (int l = 0; l < n; ++l) ++cnt[qs[l]];
       }
     }
-    const __mmask16 live = Ties ? s.m : s.nz;  // without Ties the zeros are decided here, by their count
+    // a zero's rank: the zeros before it (in earlier steps, and in earlier lanes of this one);
+    // with Ties it is listed as an entry at bucket 0's smallest key, otherwise decided here
+    __m512i rz = _mm512_setzero_si512();
+    if (z) rz = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(zeros)), _mm512_maskz_expand_epi32(z, ramp));
+    const __mmask16 live = Ties ? s.m : s.nz;
     __mmask16 in = _mm512_mask_cmp_ps_mask(live, s.u, t0, _CMP_LT_OQ);
-    if (!Ties) {
-      const __mmask16 z = static_cast<__mmask16>(s.m & ~s.nz);
-      if (z) {  // a zero's rank: the zeros before it (in earlier steps, and in earlier lanes of this one)
-        const __m512i r = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(zeros)), _mm512_maskz_expand_epi32(z, ramp));
-        in = static_cast<__mmask16>(in | _mm512_mask_cmp_ps_mask(z, s.u, prob_of(d, r), _CMP_LT_OQ));
-        zeros += static_cast<uint32_t>(__builtin_popcount(z));
-      }
-    }
+    if (!Ties && z) in = static_cast<__mmask16>(in | _mm512_mask_cmp_ps_mask(z, s.u, prob_of(d, rz), _CMP_LT_OQ));
+    zeros += static_cast<uint32_t>(__builtin_popcount(z));
     const __mmask16 mid = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(live, s.u, t0, _CMP_GE_OQ), s.u, tmax, _CMP_LT_OQ);
     out[w] = in;
     mids[w] = mid;
     _mm512_storeu_si512(lq + nmid, _mm512_maskz_compress_epi32(mid, qi));
     _mm512_storeu_ps(lu + nmid, _mm512_maskz_compress_ps(mid, s.u));
     _mm512_storeu_si512(li + nmid, _mm512_maskz_compress_epi32(mid, lanes_from(c)));
-    if (Ties) _mm512_storeu_si512(lr + nmid, _mm512_maskz_compress_epi32(mid, _mm512_load_si512(rs)));
+    if (Ties) _mm512_storeu_si512(lr + nmid, _mm512_maskz_compress_epi32(mid, _mm512_mask_mov_epi32(_mm512_load_si512(rs), z, rz)));
     nmid += __builtin_popcount(mid);
   }
+  cnt[0] = zeros;  // bucket 0 (Ties: its smallest key's count; cnt[1] stays 0)
   prefix<Ties>(cnt, nbk, first);
   int64_t nopen = 0;
   for (int64_t t = 0; t < nmid; t += 16) {
