@@ -307,8 +307,8 @@ int64_t decide_scalar(const DecideArgs& d) {
   return resolve_open(d, nopen);
 }
 
-// della_ties' contract, scalar (cpu/rank.h). The lines with too many open entries for the
-// bucket bounds have ties: task vectors of bf16 / fp16 fine-tunes take a few hundred distinct
+// The tie pass, scalar (DecideArgs' contract, cpu/rank.h, with next). The lines with too many
+// open entries for the bucket bounds have ties: task vectors of bf16 / fp16 fine-tunes take a few hundred distinct
 // magnitudes per line, each many times, so a bucket holds one magnitude many times and its rank
 // interval is wide. lo is a multiple of 2^shift, so an entry whose key has no bits below shift has
 // its bucket's smallest possible key: it ranks after the buckets below and the entries of that key
@@ -363,7 +363,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
     int sh = -1;
     // bf16 / fp16 task vectors: nearly every key a multiple of 2^D (rank_line's D); where the line's
     // range takes at most one bucket per entry in steps of 2^D, one bucket per multiple, whose
-    // entries at the multiple della_ties ranks exactly, ties and all
+    // entries at the multiple the tie pass ranks exactly, ties and all
     // (a wider range: the top one bucket per entry, bucket 1 holding all below them, few entries
     // where magnitudes spread over many binades, as near-zero weights' task vectors do)
     const int64_t budget = cols / 64;
@@ -397,16 +397,20 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
     d.denom = pt.denom;
     d.eps = pt.eps;
     d.low = pt.low;
-    bool tried_ties = false;
 #if defined(AME_HAVE_X86)
     static const bool bmi2 = __builtin_cpu_supports("bmi2");
     if (level == SimdLevel::AVX512 && bmi2) {
-      // the exact ranks of the smallest keys where there are ties: the tie pass's buckets, or keys
-      // of few significant bits in a call whose lines have left too many entries open before
-      tried_ties = D > 0 && (sh == D || s.prefer_ties);
-      s.cnt.assign((tried_ties ? 2 * nbk : nbk) + 16, 0u);
-      if (avx512::della_line(d, s.cnt.data(), nbk, first, tried_ties) <= kMaxOpen) return;
-      s.prefer_ties = s.prefer_ties || D > 0;
+      // the exact ranks of the smallest keys where there may be ties: the tie pass's buckets, or
+      // keys of few significant bits in a call whose lines have left too many entries open before;
+      // the other lines try without them first
+      bool ties = D > 0 && (sh == D || s.prefer_ties);
+      for (;;) {
+        s.cnt.assign((ties ? 2 * nbk : nbk) + 16, 0u);
+        if (avx512::della_line(d, s.cnt.data(), nbk, first, ties) <= kMaxOpen) return;
+        if (ties) break;
+        s.prefer_ties = s.prefer_ties || D > 0;
+        ties = true;
+      }
     } else
 #endif
     {
@@ -428,12 +432,10 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
       const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
       const bool ties = static_cast<double>(pairs) * spread > (sh == D && D > 0 ? kTieOpen : kMaxOpen) * static_cast<double>(cols - 1);
       if (!ties && decide_scalar(d) <= kMaxOpen) return;
-    }
-    if (!tried_ties) {
       if (s.next.size() < nbk) s.next.resize(nbk);
       d.next = s.next.data();
       std::copy(first, first + nbk, d.next);  // the entries in the buckets below each
-      if (della_ties(d, level) <= kMaxOpen) return;
+      if (ties_scalar(d) <= kMaxOpen) return;
     }
   }
   float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
@@ -540,15 +542,6 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
   a.base = b;
   a.base_dtype = bd;
   return pick(a)(x, b, start, cols, 1, keys);
-}
-
-int64_t della_ties(const DecideArgs& d, SimdLevel level) {
-#if defined(AME_HAVE_X86)
-  static const bool cd = __builtin_cpu_supports("avx512cd");
-  if (level == SimdLevel::AVX512 && cd) return avx512::della_ties(d);
-#endif
-  (void)level;
-  return ties_scalar(d);
 }
 
 void della_masks(const RankArgs& a, const MaskArgs& m) {

@@ -103,7 +103,7 @@ struct DecideArgs {
   uint64_t* bits;     // [ceil(cols / 64)]
   uint32_t* open;     // [max_open + 16]: a vector level may store up to 15 past max_open
   int64_t max_open;
-  uint32_t* next = nullptr;  // della_ties: [2^nb] per bucket q, the entries in the buckets below it
+  uint32_t* next = nullptr;  // the scalar tie pass: [2^nb] per bucket q, the entries in the buckets below it
   bool floor_mixed = false;  // bucket 1 also holds every nonzero key below lo (not only [lo, lo + 2^shift))
   uint32_t* work = nullptr;  // avx512::della_line: [decide_work(cols)] scratch
   // table[r] = ((float(r) / denom) * 2) * eps + low, each operation rounded (prob_table): the
@@ -112,12 +112,6 @@ struct DecideArgs {
 };
 // The scratch (32-bit words) avx512::della_line needs for a line of cols.
 constexpr int64_t decide_work(int64_t cols) { return 5 * (cols + 64); }
-// The tie pass, for lines with many equal magnitudes (lo a multiple of 2^shift): an entry whose
-// key has no bits below shift has its bucket's smallest possible key (bucket 1's only if it holds
-// no keys below lo: not floor_mixed), so its exact rank is next[q]
-// + the entries of that key before it, counted in index order (next[q] advances past them); the
-// other entries are decided by the bounds. Same return and bits as the bounds' decisions.
-int64_t della_ties(const DecideArgs& d, SimdLevel level);
 // One contiguous line's keys (keys[c] = mag_key(x - b), b = 0 without a base) and LineStats.
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
                     SimdLevel level);
@@ -131,7 +125,6 @@ namespace avx512 {
 // the equal ones before it (each entry's count at its own increment). Same return and bits as
 // the scalar decisions.
 int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties);
-int64_t della_ties(const DecideArgs& d);  // needs AVX512CD (the caller checks)
 // all[l] += |tau| and kept[l] += bit ? |tau| : 0 for the entries c0 + 16 w + l, w < n16 (keys as
 // fp32 magnitudes, bit c of bits; c0 a multiple of 16), lane by lane as the scalar loop adds them.
 void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept);

@@ -1,11 +1,12 @@
 // della_masks' line loops at the avx512 level (cpu/rank.h): the keys and their statistics,
-// sixteen at a time; the decisions, sixteen entries per step, their buckets' bounds by two
-// 64-bit gathers, the zeros' exact bounds by an expand of their running count and a masked
-// gather, the keep bits straight from the compare mask and the open entries compress-stored,
-// then resolved by 16-wide counting compares; the tie pass's running ranks by a conflict mask
-// (AVX512CD, checked at run time) and a gather / scatter of the buckets' next ranks. The keys are
-// the scalar path's (the same fp32 subtraction), the rest only compares and counts: the same bits
-// as the scalar loops. CMake compiles *_avx512.cpp with the ISA's flags.
+// sixteen at a time; then della_line, one pass that counts each line's buckets (the indices
+// sixteen at a time, the increments scalar) and decides every entry its uniform alone decides,
+// listing the others by a register compress; the listed entries' bounds from the counts' prefix
+// sums (a 64-bit gather of each bucket's pair, the probabilities computed from the ranks), their
+// keep bits deposited at their places by pdep (BMI2, checked at run time), the few left open
+// resolved by 16-wide counting compares. The keys are the scalar path's (the same fp32
+// subtraction), the probabilities prob_table's operations, the rest compares and counts: the same
+// bits as the scalar loops. CMake compiles *_avx512.cpp with the ISA's flags.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -160,15 +161,6 @@ __m512 prob_of(const DecideArgs& d, __m512i r) {
   const __m512 scaled = _mm512_mul_round_ps(norm, _mm512_set1_ps(2.0f), kNear);
   const __m512 spread = _mm512_mul_round_ps(scaled, _mm512_set1_ps(d.eps), kNear);
   return _mm512_add_round_ps(spread, _mm512_set1_ps(d.low), kNear);
-}
-
-// The bounds (table[first[q]], table[first[q + 1] - 1]) of the lanes of `mask` (each lane's bucket
-// holds its entry): the pairs (first[q], first[q + 1]) by two 64-bit gathers, then prob_of.
-void bounds_of(const DecideArgs& d, __m512i q, __mmask16 mask, __m512& tl, __m512& th) {
-  __m512i lo, hi;
-  first_pairs(d.first, q, mask, lo, hi);
-  tl = prob_of(d, lo);
-  th = prob_of(d, _mm512_sub_epi32(hi, _mm512_set1_epi32(1)));
 }
 
 // The open lanes' indices (idx) appended to d.open while the count allows (room for 16 past
@@ -347,51 +339,6 @@ __attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t*
 
 int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties) {
   return ties ? line_impl<true>(d, cnt, nbk, first) : line_impl<false>(d, cnt, nbk, first);
-}
-
-// della_ties' contract (cpu/rank.h). Per sixteen entries: the lanes whose key has no bits below
-// the shift (the zeros among them) take rank next[q] + (earlier lanes of the same bucket: the
-// popcount of their conflict mask), and the scatter of rank + 1 back to next[q] leaves the last
-// such lane's (overlapping scatter writes land in lane order); the other lanes (a unique
-// out-of-range bucket each, so they conflict with nothing) are decided by the bounds.
-__attribute__((target("avx512cd"))) int64_t della_ties(const DecideArgs& d) {
-  const StepLoader load(d);
-  const __m512i one = _mm512_set1_epi32(1);
-  const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i unique = _mm512_sub_epi32(_mm512_set1_epi32(-16), ramp);  // no bucket's index
-  const __m512i low = _mm512_set1_epi32(static_cast<int>((uint32_t{1} << d.shift) - 1u));
-  const __m512i nibbles = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);  // popcount 0..15
-  const __m512i m4 = _mm512_set1_epi8(0x0f);
-  int* next = reinterpret_cast<int*>(d.next);
-  uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);  // little-endian: bit c of word c / 16
-  const int64_t words16 = (d.cols + 15) / 16;
-  int64_t nopen = 0;
-  for (int64_t w = 0; w < words16; ++w) {
-    const int64_t c = w * 16;
-    const Step s = load(d, c);
-    __mmask16 at = _mm512_mask_testn_epi32_mask(s.m, s.k, low);  // the bucket's smallest key
-    if (d.floor_mixed) at = static_cast<__mmask16>(at & ~_mm512_cmpeq_epi32_mask(s.q, one));  // not bucket 1's
-    const __m512i qa = _mm512_mask_mov_epi32(unique, at, s.q);
-    const __m512i conf = _mm512_conflict_epi32(qa);
-    const __m512i pc8 = _mm512_add_epi8(_mm512_shuffle_epi8(nibbles, _mm512_and_si512(conf, m4)),
-                                        _mm512_shuffle_epi8(nibbles, _mm512_and_si512(_mm512_srli_epi32(conf, 4), m4)));
-    const __m512i before = _mm512_madd_epi16(_mm512_maddubs_epi16(pc8, _mm512_set1_epi8(1)), _mm512_set1_epi16(1));
-    const __m512i r = _mm512_add_epi32(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), at, qa, next, 4), before);
-    _mm512_mask_i32scatter_epi32(next, at, qa, _mm512_add_epi32(r, one), 4);
-    const __m512 t = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), at, r, d.table, 4);
-    __mmask16 in = _mm512_mask_cmp_ps_mask(at, s.u, t, _CMP_LT_OQ);
-    const __mmask16 rest = static_cast<__mmask16>(s.m & ~at);
-    if (rest) {
-      __m512 tl, th;
-      bounds_of(d, s.q, rest, tl, th);
-      const __mmask16 rin = _mm512_mask_cmp_ps_mask(rest, s.u, tl, _CMP_LT_OQ);
-      store_open(d, _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(rest & ~rin), s.u, th, _CMP_LT_OQ), lanes_from(c),
-                 nopen);
-      in = static_cast<__mmask16>(in | rin);
-    }
-    out[w] = in;
-  }
-  return finish_line(d, words16, nopen);
 }
 
 }  // namespace avx512
