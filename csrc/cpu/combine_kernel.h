@@ -683,8 +683,7 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
     const int64_t j0 = task * kStatsTask, j1 = std::min(a.numel, j0 + kStatsTask);
     seg_worker[task] = worker;
     alignas(64) float b[kBracketBlock];
-    alignas(64) float m[kBracketBlock];
-    alignas(64) uint32_t u[kBracketBlock];
+    alignas(64) float m[kBracketBlock];  // the magnitudes, read as their fp32 bits below
     for (size_t t = 0; t < K; ++t) seg_start[task * K + t] = wn[worker * K + t];
     for (int64_t jb = j0; jb < j1; jb += kBracketBlock) {
       const int64_t len = std::min(kBracketBlock, j1 - jb);
@@ -696,14 +695,14 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
         const DType xd = a.input_dtypes[i];
         for (int64_t q = 0; q < whole; q += OpsV::W)
           OpsV::storef(m + q, OpsV::abs(OpsV::sub(OpsV::load(x, xd, jb + q), OpsV::loadf(b + q))));
-        std::memcpy(u, m, static_cast<size_t>(whole) * sizeof(uint32_t));
-        for (int64_t q = whole; q < len; ++q) u[q] = bits_one(x, xd, a.base, a.base_dtype, jb + q);
+        for (int64_t q = whole; q < len; ++q) m[q] = f32_from_bits(bits_one(x, xd, a.base, a.base_dtype, jb + q));
         const uint32_t l0 = a.lo[t], h0 = a.hi[t], width = h0 - l0;
         uint32_t n_above = 0, n_in = 0, n_nf = 0;
         for (int64_t q = 0; q < len; ++q) {
-          n_above += u[q] > h0;
-          n_in += (u[q] - l0) <= width;
-          n_nf += u[q] >= 0x7F800000u;
+          const uint32_t v = f32_bits(m[q]);
+          n_above += v > h0;
+          n_in += (v - l0) <= width;
+          n_nf += v >= 0x7F800000u;
         }
         int64_t* c = tc.data() + (task * a.k + t) * 3;
         c[0] += n_above;
@@ -720,7 +719,7 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
           const int64_t ge = std::min<int64_t>(len, g + kLanes);
 #if AME_W == 16
           if (ge - g == 16) {  // compressed in registers, then a full store into the slack
-            const __m512i v = _mm512_loadu_si512(u + g);
+            const __m512i v = _mm512_loadu_si512(m + g);
             const __mmask16 k =
                 _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, _mm512_set1_epi32(static_cast<int>(l0))),
                                         _mm512_set1_epi32(static_cast<int>(width)));
@@ -736,12 +735,13 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
           }
 #endif
           uint32_t any = 0;
-          for (int64_t q = g; q < ge; ++q) any |= static_cast<uint32_t>((u[q] - l0) <= width);
+          for (int64_t q = g; q < ge; ++q) any |= static_cast<uint32_t>((f32_bits(m[q]) - l0) <= width);
           if (!any) continue;
           for (int64_t q = g; q < ge; ++q) {
-            pb[n] = u[q];
+            const uint32_t v = f32_bits(m[q]);
+            pb[n] = v;
             pi[n] = jb + q;
-            n += (u[q] - l0) <= width;
+            n += (v - l0) <= width;
           }
         }
         used += n;
