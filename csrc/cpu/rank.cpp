@@ -211,10 +211,13 @@ void rank_line(const uint32_t* keys, const LineStats& st, int64_t cols, int64_t 
   }
 }
 
-// p by rank, numpy's operations in its order: rank / float(max(cols - 1, 1)), * 2, * eps, + low
+// The rank's divisor: float(max(cols - 1, 1)).
+float prob_denom(int64_t cols) { return static_cast<float>(std::max<int64_t>(cols - 1, 1)); }
+
+// p by rank, numpy's operations in its order: rank / prob_denom(cols), * 2, * eps, + low
 std::vector<float> prob_table(int64_t cols, float eps, float low) {
   std::vector<float> table(static_cast<size_t>(cols));
-  const float denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
+  const float denom = prob_denom(cols);
   for (int64_t r = 0; r < cols; ++r) {
     const float norm = static_cast<float>(r) / denom;
     const float scaled = norm * 2.0f;
@@ -406,7 +409,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
       bool ties = D > 0 && (sh == D || s.prefer_ties);
       for (;;) {
         s.cnt.assign((ties ? 2 * nbk : nbk) + 16, 0u);
-        if (avx512::della_line(d, s.cnt.data(), nbk, first, ties) <= kMaxOpen) return;
+        if (avx512::della_line(d, s.cnt.data(), nbk, ties) <= kMaxOpen) return;
         if (ties) break;
         s.prefer_ties = s.prefer_ties || D > 0;
         ties = true;
@@ -551,7 +554,7 @@ void della_masks(const RankArgs& a, const MaskArgs& m) {
   ProbTable pt;
   pt.p = prob_table(cols, a.eps, a.low);
   pt.rising = std::is_sorted(pt.p.begin(), pt.p.end());
-  pt.denom = static_cast<float>(std::max<int64_t>(cols - 1, 1));
+  pt.denom = prob_denom(cols);
   pt.eps = a.eps;
   pt.low = a.low;
   const uint32_t k0 = static_cast<uint32_t>(m.seed);

@@ -98,7 +98,7 @@ struct DecideArgs {
   int64_t cols;
   uint32_t lo;
   int shift;
-  const uint32_t* first;  // [2^nb + 1]: the entries in the buckets below q (first[2^nb] = cols)
+  uint32_t* first;  // [2^nb + 1]: the entries in the buckets below q (first[2^nb] = cols; della_line writes it)
   const float* table;
   uint64_t* bits;     // [ceil(cols / 64)]
   uint32_t* open;     // [max_open + 16]: a vector level may store up to 15 past max_open
@@ -117,14 +117,14 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
                     SimdLevel level);
 namespace avx512 {
 // One line's decisions at the avx512 level (needs BMI2 and d.work; the caller checks), counting
-// included: cnt zeroed [nbk + 16] (ties: [2 nbk + 16]), the buckets' prefix sums written to first [nbk + 1]
-// (d.first = first). Most entries are decided by their uniform alone (u < table[0] keeps, u >=
+// included: cnt zeroed [nbk + 16] (ties: [2 nbk + 16]), the buckets' prefix sums written to
+// d.first [nbk + 1]. Most entries are decided by their uniform alone (u < table[0] keeps, u >=
 // table[cols - 1] drops); the others (about 2 epsilon of them) are listed while counting and
 // decided by their bucket's bounds afterwards. With ties (lo a multiple of 2^shift, the tie
 // pass's buckets), an entry whose key has no bits below shift gets its exact rank: first[q] +
 // the equal ones before it (each entry's count at its own increment). Same return and bits as
 // the scalar decisions.
-int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties);
+int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, bool ties);
 // all[l] += |tau| and kept[l] += bit ? |tau| : 0 for the entries c0 + 16 w + l, w < n16 (keys as
 // fp32 magnitudes, bit c of bits; c0 a multiple of 16), lane by lane as the scalar loop adds them.
 void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept);

@@ -232,8 +232,9 @@ namespace {
 // its own increment is its place among the equal ones before it. The zeros are counted apart,
 // in 16 spare counters past the buckets' (cnt's last 16); their rank is their running count.
 template <bool Ties>
-__attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first) {
+__attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t* cnt, uint32_t nbk) {
   const StepLoader load(d);
+  uint32_t* first = d.first;
   const __m512i ramp = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i one = _mm512_set1_epi32(1);
   const __m512i low = _mm512_set1_epi32(static_cast<int>((uint32_t{1} << d.shift) - 1u));
@@ -266,19 +267,20 @@ __attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t*
     // the zeros apart (their count is their rank): one counter per lane, so that a run of zeros
     // does not chain its increments through one counter's store and load
     _mm512_store_si512(qs, _mm512_mask_mov_epi32(qi, z, spare));
-    const int n = static_cast<int>(std::min<int64_t>(16, d.cols - c));
-    if (Ties) {
-      if (n == 16) {
-        for (int l = 0; l < 16; ++l) rs[l] = cnt[qs[l]]++;
-      } else {
-        for (int l = 0; l < n; ++l) rs[l] = cnt[qs[l]]++;
+    const auto count = [&](int lanes) {  // Ties: each entry's count at its own increment
+      for (int l = 0; l < lanes; ++l) {
+        if (Ties) {
+          rs[l] = cnt[qs[l]]++;
+        } else {
+          ++cnt[qs[l]];
+        }
       }
+    };
+    const int64_t left = d.cols - c;
+    if (left >= 16) {
+      count(16);  // a constant trip count: unrolled
     } else {
-      if (n == 16) {
-        for (int l = 0; l < 16; ++l) ++cnt[qs[l]];
-      } else {
-        for (int l = 0; l < n; ++l) ++cnt[qs[l]];
-      }
+      count(static_cast<int>(left));
     }
     // a zero's rank: the zeros before it (in earlier steps, and in earlier lanes of this one);
     // with Ties it is listed as an entry at bucket 0's smallest key, otherwise decided here
@@ -337,8 +339,8 @@ __attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t*
 
 }  // namespace
 
-int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties) {
-  return ties ? line_impl<true>(d, cnt, nbk, first) : line_impl<false>(d, cnt, nbk, first);
+int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, bool ties) {
+  return ties ? line_impl<true>(d, cnt, nbk) : line_impl<false>(d, cnt, nbk);
 }
 
 }  // namespace avx512
