@@ -635,8 +635,8 @@ void init_cpu(py::module_& m) {
       "magnitude_bracket",
       [rank_pass_args](const std::vector<uintptr_t>& inputs, const std::vector<std::string>& input_dtypes,
                        uintptr_t base, const std::string& base_dtype, int64_t numel, const std::vector<int>& which,
-                       const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t cap, int threads,
-                       const std::string& simd) {
+                       const std::vector<int64_t>& lo, const std::vector<int64_t>& hi, int64_t cap,
+                       const std::vector<int>& shift, int threads, const std::string& simd) {
         const char* fn = "magnitude_bracket";
         const std::string f = "[magnitude_bracket] ";
         cpu::RankPassArgs a;
@@ -658,6 +658,29 @@ void init_cpu(py::module_& m) {
         a.lo = lo32.data();
         a.hi = hi32.data();
         a.cap = cap;
+        AME_CHECK(shift.empty() || shift.size() == which.size(),
+                  f + "shift: expected one per target (" + std::to_string(which.size()) + ") or none");
+        std::vector<int64_t> nbins(which.size(), 0);
+        int64_t btot = 0;
+        for (size_t t = 0; t < shift.size(); ++t) {
+          const int s = shift[t];
+          AME_CHECK(s >= 0 && s < 32, f + "target " + std::to_string(t) + ": shift must be in [0, 32), got " +
+                                          std::to_string(s));
+          if (!s) continue;
+          const uint32_t low = (1u << s) - 1;
+          AME_CHECK((lo32[t] & low) == 0 && (hi32[t] & low) == low,
+                    f + "target " + std::to_string(t) + ": a binned bracket needs lo's low " + std::to_string(s) +
+                        " bits clear and hi's set");
+          nbins[t] = cpu::bracket_nbins(lo32[t], hi32[t], s);
+          AME_CHECK(nbins[t] <= cpu::kBracketMaxBins,
+                    f + "target " + std::to_string(t) + ": " + std::to_string(nbins[t]) + " bins, at most " +
+                        std::to_string(cpu::kBracketMaxBins));
+          btot += nbins[t];
+        }
+        const int64_t ntasks = numel > 0 ? (numel + cpu::kStatsTask - 1) / cpu::kStatsTask : 0;
+        std::vector<int32_t> bins(static_cast<size_t>(ntasks * btot));
+        if (!shift.empty()) a.shift = shift.data();
+        a.bins = bins.data();
         const SimdLevel level = simd_arg(simd, fn);
         std::vector<std::vector<uint32_t>> bits(a.k);
         std::vector<std::vector<int64_t>> idx(a.k);
@@ -667,16 +690,25 @@ void init_cpu(py::module_& m) {
           py::gil_scoped_release release;
           cpu::magnitude_bracket(a, cn, bits.data(), idx.data(), level);
         }
-        py::list found;
-        for (int t = 0; t < a.k; ++t) found.append(py::make_tuple(vector_array(std::move(bits[t])),
-                                                                  vector_array(std::move(idx[t]))));
-        return py::make_tuple(counts, found);
+        py::list found, binned;
+        const int32_t* at = bins.data();
+        for (int t = 0; t < a.k; ++t) {
+          found.append(py::make_tuple(vector_array(std::move(bits[t])), vector_array(std::move(idx[t]))));
+          py::array_t<int32_t> tb({static_cast<py::ssize_t>(ntasks), static_cast<py::ssize_t>(nbins[t])});
+          std::copy(at, at + ntasks * nbins[t], tb.mutable_data());
+          binned.append(tb);
+          at += ntasks * nbins[t];
+        }
+        return py::make_tuple(counts, found, binned);
       },
       py::arg("inputs"), py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("numel"),
-      py::arg("which"), py::arg("lo"), py::arg("hi"), py::arg("cap"), py::arg("threads"), py::arg("simd"),
-      "(int64 [k, 3], [(uint32 bits, int64 index)] * k): for target t, over the fp32 bits m of |x - b| of input\n"
-      "which[t]: the counts of m > hi[t], of lo[t] <= m <= hi[t] and of m >= +inf, and the bits and chunk-local\n"
-      "indices (ascending) of the entries inside the bracket, or empty arrays when more than cap are inside.");
+      py::arg("which"), py::arg("lo"), py::arg("hi"), py::arg("cap"), py::arg("shift"), py::arg("threads"),
+      py::arg("simd"),
+      "(int64 [k, 3], [(uint32 bits, int64 index)] * k, [int32 [tasks, nbins]] * k): for target t, over the fp32\n"
+      "bits m of |x - b| of input which[t]: the counts of m > hi[t], of lo[t] <= m <= hi[t] and of m >= +inf, and\n"
+      "the bits and chunk-local indices (ascending) of the entries inside the bracket, or empty arrays when more\n"
+      "than cap are inside. With shift[t] = s > 0 the inside entries whose low s bits are zero are counted per task\n"
+      "of 65536 entries and bin (m - lo[t]) >> s instead (nbins = ((hi - lo) >> s) + 1), the others listed.");
 
   m.def(
       "gram",

@@ -162,19 +162,121 @@ def test_native_bracket_equals_torch():
     xs[2] = xs[2].float()
     xs[2][5] = float("inf")
     which, lo, hi = [0, 1, 2, 0], [0x3A000000, 0, 0x38000000, 0x3A800000], [0x3A400000, 0x3A000000, 0xFFFFFFFF, 0x3A800000]
-    ref_counts, ref = stats.magnitude_bracket_torch(xs, base, which, lo, hi, 10**9)
+    ref_counts, ref, ref_bins = stats.magnitude_bracket_torch(xs, base, which, lo, hi, 10**9)
+    assert all(b.shape == (2, 0) for b in ref_bins)  # unbinned: no bins, two tasks of 65536
     for threads in (1, 2):
-        counts, got = CpuBackend().magnitude_bracket(xs, base, which, lo, hi, 10**9, threads=threads)
+        counts, got, bins = CpuBackend().magnitude_bracket(xs, base, which, lo, hi, 10**9, threads=threads)
         np.testing.assert_array_equal(counts, ref_counts)
         for (b, i), (rb, ri) in zip(got, ref):
             np.testing.assert_array_equal(b, rb)
             np.testing.assert_array_equal(i, ri)
-    counts, got = magnitude_bracket_buffers([_np(x) for x in xs], [_dtype(x) for x in xs], _np(base), "bfloat16",
-                                            which, lo, hi, cap=100)
+    counts, got, _ = magnitude_bracket_buffers([_np(x) for x in xs], [_dtype(x) for x in xs], _np(base), "bfloat16",
+                                               which, lo, hi, cap=100)
     np.testing.assert_array_equal(counts, ref_counts)
     for q, (b, i) in enumerate(got):  # over the cap: counted, not collected
         assert len(b) == (ref_counts[q, 1] if ref_counts[q, 1] <= 100 else 0) == len(i)
     assert ref_counts[2, 2] == 1 and ref_counts[1, 1] > 100
+
+
+def _finetunes(c, n, dtype, seed, low_bits=4):
+    """Fine-tunes of one base as real ones look in bf16 / fp16: the base's low mantissa bits
+    redrawn, so every task-vector entry is a few steps of the base's format (heavy ties)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(c, generator=g) * 0.02).to(dtype)
+    xs = []
+    for _ in range(n):
+        bits = base.view(torch.int16).to(torch.int32)
+        noise = torch.randint(0, 1 << low_bits, (c,), generator=g, dtype=torch.int32)
+        bits = (bits & ~((1 << low_bits) - 1)) | noise
+        xs.append(bits.to(torch.int16).view(dtype))
+    return xs, base
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_binned_bracket_equals_torch(threads):
+    """Binned targets (shift 16 for bf16 steps, 13 for fp16 steps): the per-task bin counts and
+    the listed odd entries (an fp32 ingredient's magnitudes between the steps) equal the torch
+    definition, on a tail task and with the odd entries over the cap (counted only)."""
+    c = 3 * 65536 + 4321
+    xs, base = _finetunes(c, 2, torch.bfloat16, seed=3)
+    xs.append(xs[0].float() + torch.randn(c) * 1e-7 * (torch.rand(c) < 0.01))  # 1% odd magnitudes
+    m0 = (xs[0].float() - base.float()).abs().view(torch.int32)
+    mid = int(m0.sort().values[c // 2]) & ~0xFFFF
+    which = [0, 1, 2, 2, 0]
+    lo = [mid - (3 << 16), 0, mid - (3 << 16), mid & ~0x1FFF, mid]
+    hi = [mid + (5 << 16) - 1 + 0x10000, (8 << 16) - 1, mid + (5 << 16) + 0xFFFF, (mid & ~0x1FFF) + (7 << 13) + 0x1FFF, mid + 7]
+    shift = [16, 16, 16, 13, 0]
+    ref_counts, ref, ref_bins = stats.magnitude_bracket_torch(xs, base, which, lo, hi, 10**9, shift)
+    assert [b.shape for b in ref_bins] == [(4, 9), (4, 8), (4, 9), (4, 8), (4, 0)]
+    assert ref_bins[0].sum() == ref_counts[0, 1] > 1000 and len(ref[0][0]) == 0  # all even: none listed
+    assert 0 < len(ref[2][0]) < ref_counts[2, 1] and ref_bins[2].sum() + len(ref[2][0]) == ref_counts[2, 1]
+    for cap in (10**9, 5):
+        counts, got, bins = CpuBackend().magnitude_bracket(xs, base, which, lo, hi, cap, shift, threads=threads)
+        np.testing.assert_array_equal(counts, ref_counts)
+        for q in range(len(which)):
+            np.testing.assert_array_equal(bins[q], ref_bins[q])
+            listed = len(ref[q][0]) <= cap
+            np.testing.assert_array_equal(got[q][0], ref[q][0] if listed else np.zeros(0, np.uint32))
+            np.testing.assert_array_equal(got[q][1], ref[q][1] if listed else np.zeros(0, np.int64))
+        if cap == 5:
+            assert len(got[2][0]) == 0 and len(ref[2][0]) > 5
+    _, _, bins = magnitude_bracket_buffers([_np(x) for x in xs], [_dtype(x) for x in xs], _np(base), "bfloat16",
+                                           which, lo, hi, 10**9, shift, threads=threads)
+    for q in range(len(which)):
+        np.testing.assert_array_equal(bins[q], ref_bins[q])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", [1 << 20, 100_003])
+def test_binned_ranks_equal_radix(dtype, size, monkeypatch):
+    """Fine-tune-like task vectors (every magnitude a few steps of the format): the sampled
+    brackets are binned, ranks resolved from the bins (and a located task) equal the radix
+    passes' keys on every ops flavour, in one chunk and in several."""
+    c = 400_001
+    xs, base = _finetunes(c, 3, dtype, seed=11 if dtype == torch.bfloat16 else 12)
+    targets = [(i % 3, r) for i, r in enumerate([1, 777, c // 100, c // 5, c // 3, c // 2, c - 2, int(0.99 * c)])]
+    used = []
+    real = stats._binned_key
+
+    def spy(*args):
+        got = real(*args)
+        used.append(got)
+        return got
+
+    monkeypatch.setattr(stats, "_binned_key", spy)
+    monkeypatch.setattr(stats, "BIN_MIN", 1 << 10)  # bin these small tensors' brackets too
+    ref = stats.select_ranks_radix(_chunks(xs, base, size), stats.TorchStats, c, targets)
+    assert stats.select_ranks(_chunks(xs, base, size), stats.TorchStats, c, targets) == ref
+    assert stats.select_ranks(_chunks(xs, base, size), TorchOps(CpuBackend()), c, targets) == ref
+    assert stats.select_ranks(_buffer_chunks(xs, base, size), BufferOps(threads=2), c, targets) == ref
+    assert sum(w is not None for _, w in used) >= 3 * 5  # most targets resolved through the bins
+
+
+def test_binned_ranks_with_odd_entries(monkeypatch):
+    """Entries between the bins' values that the sample did not see (an fp32 ingredient, a few
+    magnitudes just above a bin's): listed by the pass and ranked among the bins' counts."""
+    c = 400_001
+    xs, base = _finetunes(c, 2, torch.bfloat16, seed=13)
+    x0 = xs[0].float()
+    m = (x0 - base.float()).abs()
+    r = c // 5
+    v = float(m.sort(descending=True).values[r])
+    unseen = np.setdiff1d(np.arange(0, c, 997), stats.sample_positions(c, stats.SAMPLE))[:40]
+    x0[unseen] = base.float()[unseen] + v * (1 + 2.0 ** -12)
+    xs[0] = x0
+    m = (x0 - base.float()).abs()
+    assert int(((m.view(torch.int32) & 0xFFFF) != 0).sum()) == len(unseen)  # the odd ones, just above v
+    first = int((m > v).sum()) - len(unseen)  # the rank of the first of them
+    used = []
+    real = stats._binned_key
+    monkeypatch.setattr(stats, "_binned_key", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setattr(stats, "BIN_MIN", 1 << 10)
+    targets = [(0, first + k) for k in range(-10, 60, 3)]
+    ref = stats.select_ranks_radix(_chunks(xs, base, 1 << 20), stats.TorchStats, c, targets)
+    for ops in (stats.TorchStats, TorchOps(CpuBackend())):
+        used.clear()
+        assert stats.select_ranks(_chunks(xs, base, 1 << 20), ops, c, targets) == ref
+        assert sum(k is not None for k, _ in used) >= 5 and sum(w is not None for _, w in used) >= 5
 
 
 def test_native_bracket_checks_its_arguments():
@@ -188,6 +290,14 @@ def test_native_bracket_checks_its_arguments():
         be.magnitude_bracket([x], None, [0, 0], [0], [1], 5)
     with pytest.raises(MergeError, match=r"\[magnitude_bracket\] cap: must be >= 0"):
         be.magnitude_bracket([x], None, [0], [0], [1], -1)
+    with pytest.raises(MergeError, match=r"\[magnitude_bracket\] shift: expected one per target"):
+        be.magnitude_bracket([x], None, [0], [0], [0xFFFF], 5, [16, 16])
+    with pytest.raises(MergeError, match=r"\[magnitude_bracket\] target 0: shift must be in \[0, 32\)"):
+        be.magnitude_bracket([x], None, [0], [0], [0xFFFF], 5, [32])
+    with pytest.raises(MergeError, match=r"target 0: a binned bracket needs lo's low 16 bits clear and hi's set"):
+        be.magnitude_bracket([x], None, [0], [1], [0xFFFF], 5, [16])
+    with pytest.raises(MergeError, match=r"target 0: 65 bins, at most 64"):
+        be.magnitude_bracket([x], None, [0], [0], [(65 << 16) - 1], 5, [16])
 
 
 def test_sample_positions_are_stratified():

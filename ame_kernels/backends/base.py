@@ -271,12 +271,13 @@ class Backend:
 
         return magnitude_histogram_torch(x, base, prefix_mask, prefix, shift, nbins)
 
-    def magnitude_bracket(self, inputs, base, which, lo, hi, cap: int):
+    def magnitude_bracket(self, inputs, base, which, lo, hi, cap: int, shift=None):
         """Per target t: counts of |x - b|'s fp32 bits above / inside [lo[t], hi[t]] / non-finite
-        for input which[t], and the entries inside (``methods.stats``)."""
+        for input which[t], the entries inside, and a binned target's counts per task and bin
+        (``methods.stats.magnitude_bracket_torch``)."""
         from ..methods.stats import magnitude_bracket_torch
 
-        return magnitude_bracket_torch(inputs, base, which, lo, hi, cap)
+        return magnitude_bracket_torch(inputs, base, which, lo, hi, cap, shift)
 
     def gram(self, inputs, base):
         """float64[N, N] of sum_j tau_i[j] tau_k[j], tau = x - b."""

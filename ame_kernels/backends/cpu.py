@@ -242,8 +242,8 @@ def _hist_kwargs(fn: str, prefix_mask: Any, prefix: Any, shift: Any, nbins: Any)
     return {k: int(v) for k, v in vals.items()}
 
 
-def _bracket_kwargs(fn: str, which: Any, lo: Any, hi: Any, cap: Any) -> dict:
-    vals = dict(which=list(which), lo=list(lo), hi=list(hi))
+def _bracket_kwargs(fn: str, which: Any, lo: Any, hi: Any, cap: Any, shift: Any = None) -> dict:
+    vals = dict(which=list(which), lo=list(lo), hi=list(hi), shift=list(shift) if shift is not None else [])
     for k, v in vals.items():
         if any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) for e in v):
             raise MergeError(f"[{fn}] {k}: must be integers, got {v!r}")
@@ -436,7 +436,7 @@ class CpuBackend(Backend):
             simd=resolve_simd(self.simd),
         )
 
-    def magnitude_bracket(self, inputs, base, which, lo, hi, cap: int, threads: Optional[int] = None):
+    def magnitude_bracket(self, inputs, base, which, lo, hi, cap: int, shift=None, threads: Optional[int] = None):
         """Per target, counts above / inside / non-finite and the entries inside a bracket of |x - b|'s
         fp32 bits (``methods.stats.magnitude_bracket_torch``), in one native pass."""
         fn = "magnitude_bracket"
@@ -444,7 +444,7 @@ class CpuBackend(Backend):
         numel = inputs[0].numel() if inputs and hasattr(inputs[0], "numel") else -1
         ptrs, dtypes, bptr, bdtype = _torch_sources(fn, inputs, base, numel)
         return _native_call(fn, _module().magnitude_bracket, inputs=ptrs, input_dtypes=dtypes, base=bptr,
-                            base_dtype=bdtype, numel=numel, **_bracket_kwargs(fn, which, lo, hi, cap),
+                            base_dtype=bdtype, numel=numel, **_bracket_kwargs(fn, which, lo, hi, cap, shift),
                             threads=default_threads(threads), simd=resolve_simd(self.simd))
 
     def gram(self, inputs, base, threads: Optional[int] = None) -> np.ndarray:
@@ -720,12 +720,13 @@ def magnitude_sample_buffers(x: Any, dtype: str, base: Any, base_dtype: Optional
 
 def magnitude_bracket_buffers(inputs: Sequence[Any], dtypes: Sequence[str], base: Any, base_dtype: Optional[str],
                               which: Sequence[int], lo: Sequence[int], hi: Sequence[int], cap: int,
-                              threads: Optional[int] = None, simd: str = "auto"):
+                              shift: Optional[Sequence[int]] = None, threads: Optional[int] = None,
+                              simd: str = "auto"):
     """``CpuBackend.magnitude_bracket`` on buffers."""
     fn = "magnitude_bracket_buffers"
     hold, ptrs, dts, bptr, bdtype, numel = _buffer_sources(fn, inputs, dtypes, base, base_dtype)
     return _native_call(fn, _module().magnitude_bracket, inputs=ptrs, input_dtypes=dts, base=bptr, base_dtype=bdtype,
-                        numel=numel, **_bracket_kwargs(fn, which, lo, hi, cap), threads=default_threads(threads),
+                        numel=numel, **_bracket_kwargs(fn, which, lo, hi, cap, shift), threads=default_threads(threads),
                         simd=resolve_simd(simd))
 
 

@@ -29,8 +29,8 @@ class TorchOps:
     def hist(self, x, b, prefix_mask: int, prefix: int, shift: int, nbins: int) -> np.ndarray:
         return self.backend.magnitude_histogram(x, b, prefix_mask, prefix, shift, nbins)
 
-    def bracket(self, xs, b, which, lo, hi, cap: int):
-        return self.backend.magnitude_bracket(xs, b, which, lo, hi, cap)
+    def bracket(self, xs, b, which, lo, hi, cap: int, shift=None):
+        return self.backend.magnitude_bracket(xs, b, which, lo, hi, cap, shift)
 
     def sample(self, x, b, positions: np.ndarray) -> np.ndarray:
         from .stats import magnitude_sample_torch
@@ -127,10 +127,10 @@ class BufferOps:
         return self.cpu.magnitude_histogram_buffers(x[0], x[1], bb, bd, prefix_mask, prefix, shift, nbins,
                                                     threads=self.threads)
 
-    def bracket(self, xs, b, which, lo, hi, cap: int):
+    def bracket(self, xs, b, which, lo, hi, cap: int, shift=None):
         bb, bd = self._split(b)
         return self.cpu.magnitude_bracket_buffers([x[0] for x in xs], [x[1] for x in xs], bb, bd, which, lo, hi, cap,
-                                                  threads=self.threads)
+                                                  shift, threads=self.threads)
 
     def sample(self, x, b, positions: np.ndarray) -> np.ndarray:
         bb, bd = self._split(b)

@@ -64,24 +64,37 @@ def magnitude_histogram_torch(x, base, prefix_mask: int, prefix: int, shift: int
 
 
 def magnitude_bracket_torch(inputs: Sequence, base, which: Sequence[int], lo: Sequence[int], hi: Sequence[int],
-                            cap: int):
-    """(int64[k, 3], [(uint32 bits, int64 index)] * k): per target t over the bits m of |x - b| of
-    input which[t], the counts of m > hi[t], of lo[t] <= m <= hi[t] and of m >= +inf, and the
-    entries inside the bracket (index ascending; empty arrays when more than ``cap``)."""
+                            cap: int, shift: Optional[Sequence[int]] = None):
+    """(int64[k, 3], [(uint32 bits, int64 index)] * k, [int32[tasks, nbins]] * k): per target t over
+    the bits m of |x - b| of input which[t], the counts of m > hi[t], of lo[t] <= m <= hi[t] and of
+    m >= +inf, and the entries inside the bracket (index ascending; empty arrays when more than
+    ``cap``). With ``shift[t]`` = s > 0 the inside entries whose low s bits are zero are counted per
+    task of BIN_TASK entries and bin (m - lo) >> s instead of listed (``bin_layout``)."""
     import torch
 
     counts = np.zeros((len(which), 3), dtype=np.int64)
-    found = []
+    found, bins = [], []
     for t, i in enumerate(which):
         m = _mag_bits(inputs[i], base)
         inside = (m >= int(lo[t])) & (m <= int(hi[t]))
         counts[t] = [int((m > int(hi[t])).sum()), int(inside.sum()), int((m >= INF_BITS).sum())]
-        if counts[t, 1] <= cap:
+        s = int(shift[t]) if shift else 0
+        nb = bin_count(int(lo[t]), int(hi[t]), s)
+        ntasks = -(-m.numel() // BIN_TASK)
+        if nb:
+            even = inside & (((m - int(lo[t])) & ((1 << s) - 1)) == 0)
+            pos = torch.nonzero(even).reshape(-1)
+            flat = (pos // BIN_TASK) * nb + ((m[pos] - int(lo[t])) >> s)
+            bins.append(torch.bincount(flat, minlength=ntasks * nb).reshape(ntasks, nb).numpy().astype(np.int32))
+            inside = inside & ~even
+        else:
+            bins.append(np.zeros((ntasks, 0), np.int32))
+        if int(inside.sum()) <= cap:
             idx = torch.nonzero(inside).reshape(-1)
             found.append((m[idx].cpu().numpy().astype(np.uint32), idx.cpu().numpy().astype(np.int64)))
         else:
             found.append((np.zeros(0, np.uint32), np.zeros(0, np.int64)))
-    return counts, found
+    return counts, found, bins
 
 
 def magnitude_sample_torch(x, base, positions: np.ndarray) -> np.ndarray:
@@ -166,6 +179,15 @@ SAMPLE = 1 << 16           # stratified sample per ingredient that places a brac
 EXACT_MAX = 1 << 18        # tensors up to this many entries are collected whole
 BRACKET_BUDGET = 1 << 23   # entries one bracket pass may collect over all targets (12 bytes each)
 SIGMAS = 4.0               # a bracket's half-width in binomial standard deviations of the sample
+BIN_TASK = 1 << 16         # entries per row of a binned bracket's counts (the native kStatsTask)
+BIN_MAX = 64               # most bins of a binned bracket (the native kBracketMaxBins)
+BIN_SHIFTS = (16, 13)      # magnitude steps that bin: bf16 and fp16 task vectors' (low bits zero)
+BIN_MIN = 1 << 15          # entries expected inside a bracket from which binning beats listing them
+
+
+def bin_count(lo: int, hi: int, shift: int) -> int:
+    """A binned bracket's bins, ((hi - lo) >> shift) + 1; 0 without a shift."""
+    return ((hi - lo) >> shift) + 1 if shift else 0
 
 
 def select_ranks(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, int]],
@@ -193,33 +215,94 @@ def select_ranks(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, i
 
 
 def _select(chunks: Chunks, ops, numel: int, targets, keys: list, todo: list, seen: Optional[dict]) -> list:
+    shifts = {t: 0 for t in todo}
     if numel <= EXACT_MAX or numel >= 1 << 32:  # whole (or too large for 32-bit sample maths)
         brackets = {t: (0, ALL_BITS) for t in todo}
     else:
-        brackets = _sample_brackets(chunks, ops, numel, targets, todo)
+        brackets, shifts = _sample_brackets(chunks, ops, numel, targets, todo)
     cap = max(EXACT_MAX, BRACKET_BUDGET // len(todo))
-    if numel > EXACT_MAX and all(brackets[t][0] == brackets[t][1] for t in todo):
+    if numel > EXACT_MAX and all(brackets[t][0] == brackets[t][1] and not shifts[t] for t in todo):
         cap = 0  # brackets of one magnitude each (ties): their counts give the value, the index is located
-    counts, found = bracket_pass(chunks, ops, [targets[t][0] for t in todo], [brackets[t] for t in todo], cap)
+    counts, found, bins = bracket_pass(chunks, ops, [targets[t][0] for t in todo], [brackets[t] for t in todo], cap,
+                                       [shifts[t] for t in todo])
     _check_seen({targets[t][0]: int(counts[q, 2]) for q, t in enumerate(todo)}, seen)
-    missed, tied = [], {}
+    missed, tied, located = [], {}, {}
     for q, t in enumerate(todo):
         above, inside = int(counts[q, 0]), int(counts[q, 1])
-        r = targets[t][1]
-        if above <= r < above + inside and len(found[q][0]) == inside:
+        i, r = targets[t]
+        if not above <= r < above + inside:
+            missed.append(t)
+        elif shifts[t]:
+            key, where = _binned_key(found[q], bins[q], brackets[t][0], shifts[t], inside, r - above)
+            if key is not None:
+                keys[t] = key
+            elif where is not None:
+                located[t] = (i,) + where
+            else:
+                missed.append(t)  # more entries between the bins' values than could be listed
+        elif len(found[q][0]) == inside:
             keys[t] = _nth_key(found[q][0], found[q][1], r - above)
-        elif above <= r < above + inside and brackets[t][0] == brackets[t][1]:
+        elif brackets[t][0] == brackets[t][1]:
             # a bracket of one magnitude too many times to collect (ties: bf16 fine-tunes): the
             # value is known, only the index of its (r - above)-th entry is left to find
-            tied[t] = (targets[t][0], brackets[t][0], r - above)
+            tied[t] = (i, brackets[t][0], r - above)
         else:
             missed.append(t)
-    for t, k in _find_equal(chunks, ops, numel, tied).items():
+    keys_at = _locate_in_tasks(chunks, ops, located)
+    for t, k in list(_find_equal(chunks, ops, numel, tied).items()) + list(keys_at.items()):
         keys[t] = k
     if missed:
         for t, k in zip(missed, select_ranks_radix(chunks, ops, numel, [targets[t] for t in missed])):
             keys[t] = k
     return keys  # type: ignore[return-value]
+
+
+def _binned_key(odd: Tuple[np.ndarray, np.ndarray], bins: list, lo: int, shift: int, inside: int, nth: int):
+    """The entry of rank ``nth`` inside a binned bracket (descending magnitude, ascending index) as
+    (key, None) when it is one of the listed (odd) entries, else (None, (bits, chunk offset, task,
+    rank among that task's entries of those bits)) to locate; (None, None) when the odd entries
+    overflowed their list. ``bins``: per chunk (offset, int32[tasks, nbins])."""
+    per_bin = sum(c.sum(axis=0, dtype=np.int64) for _, c in bins)
+    if len(odd[0]) != inside - int(per_bin.sum()):
+        return None, None
+    # every magnitude inside with its count, descending: the bins' values and the odd ones (which
+    # lie between them: their low bits are not zero, so no value is both)
+    values = np.concatenate([lo + (np.arange(len(per_bin), dtype=np.int64) << shift), odd[0].astype(np.int64)])
+    counts = np.concatenate([per_bin, np.ones(len(odd[0]), np.int64)])
+    order = np.argsort(-values, kind="stable")
+    above = np.cumsum(counts[order])
+    k = int(np.searchsorted(above, nth, side="right"))
+    j = int(order[k])
+    nth -= int(above[k - 1]) if k else 0
+    if j >= len(per_bin):  # an odd entry (one each, equal values in index order: a stable sort)
+        return (float(np.uint32(values[j]).view(np.float32)), int(odd[1][j - len(per_bin)])), None
+    for off, c in bins:
+        col = c[:, j].astype(np.int64)
+        run = np.cumsum(col)
+        if nth < run[-1]:
+            task = int(np.searchsorted(run, nth, side="right"))
+            return None, (int(values[j]), off, task, nth - (int(run[task - 1]) if task else 0))
+        nth -= int(run[-1])
+    raise AssertionError("select_ranks: a binned rank is in no task (counts changed)")
+
+
+def _locate_in_tasks(chunks: Chunks, ops, items: dict) -> dict:
+    """Per item t -> (ingredient, bits, chunk offset, task, nth): the key of that task's nth entry
+    (ascending index) whose magnitude has exactly ``bits``; one task's magnitudes computed."""
+    keys, pending = {}, dict(items)
+    for off, xs, b in chunks():
+        if not pending:
+            break
+        for t in [t for t, it in pending.items() if it[2] == off]:
+            i, bits, _, task, nth = pending.pop(t)
+            a = task * BIN_TASK
+            z = min(ops.length(xs[i]), a + BIN_TASK)
+            bb = ops.slice(b, a, z) if b is not None else None
+            hits = np.flatnonzero(ops.magnitudes(ops.slice(xs[i], a, z), bb).view(np.uint32) == np.uint32(bits))
+            assert nth < len(hits), "select_ranks: the located entry is not in its task (counts changed)"
+            keys[t] = (float(np.uint32(bits).view(np.float32)), off + a + int(hits[nth]))
+    assert not pending, "select_ranks: a binned rank's chunk was not found"
+    return keys
 
 
 def _check_seen(nonfinite: dict, seen: Optional[dict]) -> None:
@@ -231,18 +314,30 @@ def _check_seen(nonfinite: dict, seen: Optional[dict]) -> None:
         raise NonFinite(bad)
 
 
-def bracket_pass(chunks: Chunks, ops, which: Sequence[int], brackets: Sequence[Tuple[int, int]], cap: int):
+def bracket_pass(chunks: Chunks, ops, which: Sequence[int], brackets: Sequence[Tuple[int, int]], cap: int,
+                 shifts: Optional[Sequence[int]] = None):
     """``magnitude_bracket`` over a tensor's chunks: counts summed, entries (global indices)
-    concatenated in index order; a target whose entries pass ``cap`` keeps none."""
+    concatenated in index order (a target whose entries pass ``cap`` keeps none), and per target
+    its bins per chunk, [(offset, int32[tasks, nbins])] (empty lists for unbinned targets)."""
     lo, hi = [b[0] for b in brackets], [b[1] for b in brackets]
     k = len(which)
     counts = np.zeros((k, 3), dtype=np.int64)
     parts: List[list] = [[] for _ in range(k)]
+    bins: List[list] = [[] for _ in range(k)]
+    binned = shifts is not None and any(shifts)
     for off, xs, b in chunks():
-        c, found = ops.bracket(xs, b, which, lo, hi, cap)
+        if binned:
+            c, found, got = ops.bracket(xs, b, which, lo, hi, cap, shifts)
+        else:
+            c, found = ops.bracket(xs, b, which, lo, hi, cap)[:2]
         counts += c
         for q in range(k):
-            if parts[q] is not None and counts[q, 1] <= cap:
+            if binned and shifts[q]:
+                bins[q].append((off, got[q]))
+                odd = counts[q, 1] - sum(int(x.sum()) for _, x in bins[q])
+            else:
+                odd = counts[q, 1]
+            if parts[q] is not None and odd <= cap:
                 parts[q].append((found[q][0], found[q][1] + off if off else found[q][1]))
             else:
                 parts[q] = None
@@ -254,7 +349,7 @@ def bracket_pass(chunks: Chunks, ops, which: Sequence[int], brackets: Sequence[T
             out.append((np.concatenate([p[0] for p in parts[q]]), np.concatenate([p[1] for p in parts[q]])))
         else:
             out.append((np.zeros(0, np.uint32), np.zeros(0, np.int64)))
-    return counts, out
+    return counts, out, bins
 
 
 def _nth_key(bits: np.ndarray, idx: np.ndarray, nth: int) -> Tuple[float, int]:
@@ -279,9 +374,11 @@ def sample_positions(numel: int, size: int) -> np.ndarray:
     return (start + h % np.maximum(width, np.uint64(1))).astype(np.int64)
 
 
-def _sample_brackets(chunks: Chunks, ops, numel: int, targets, todo) -> dict:
+def _sample_brackets(chunks: Chunks, ops, numel: int, targets, todo) -> Tuple[dict, dict]:
     """Per target, a bracket [lo, hi] of bit patterns that holds its rank unless the sample misleads:
-    the sample's quantile at the rank's fraction, widened by SIGMAS binomial deviations."""
+    the sample's quantile at the rank's fraction, widened by SIGMAS binomial deviations; and its
+    shift: where the sample predicts at least BIN_MIN entries inside, all of one magnitude step
+    (low bits zero: bf16 or fp16 task vectors), the bracket is widened to whole steps and binned."""
     ingredients = sorted({targets[t][0] for t in todo})
     pos = sample_positions(numel, SAMPLE)
     got = {i: [] for i in ingredients}
@@ -292,7 +389,7 @@ def _sample_brackets(chunks: Chunks, ops, numel: int, targets, todo) -> dict:
             for i in ingredients:
                 got[i].append(ops.sample(xs[i], b, pos[a:z] - off))
     desc = {i: np.sort(np.concatenate(got[i]))[::-1] for i in ingredients}
-    out = {}
+    out, shifts = {}, {}
     for t in todo:
         i, r = targets[t]
         s = desc[i]
@@ -301,8 +398,21 @@ def _sample_brackets(chunks: Chunks, ops, numel: int, targets, todo) -> dict:
         j_hi, j_lo = int(np.floor(q - d)), int(np.ceil(q + d))
         hi = ALL_BITS if j_hi < 0 else int(s[min(j_hi, len(s) - 1)])
         lo = 0 if j_lo >= len(s) else int(s[max(j_lo, 0)])
-        out[t] = (min(lo, hi), hi)
-    return out
+        out[t], shifts[t] = _bin_bracket(s, min(lo, hi), hi, numel)
+    return out, shifts
+
+
+def _bin_bracket(sample: np.ndarray, lo: int, hi: int, numel: int) -> Tuple[Tuple[int, int], int]:
+    """The bracket [lo, hi] as it is with shift 0, or widened to whole magnitude steps and binned."""
+    inside = sample[(sample >= lo) & (sample <= hi)]
+    if len(inside) * numel < BIN_MIN * len(sample):
+        return (lo, hi), 0
+    for shift in BIN_SHIFTS:
+        low = (1 << shift) - 1
+        blo, bhi = lo & ~low, hi | low
+        if not (inside & low).any() and bin_count(blo, bhi, shift) <= BIN_MAX:
+            return (blo, bhi), shift
+    return (lo, hi), 0
 
 
 def select_ranks_radix(chunks: Chunks, ops, numel: int, targets: Sequence[Tuple[int, int]],

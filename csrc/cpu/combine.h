@@ -95,6 +95,11 @@ struct GramArgs {
 //   magnitude_bracket: per target t (ingredient which[t], a bracket of fp32 bit patterns
 //     [lo[t], hi[t]]), counts of the magnitudes above it, inside it and non-finite, and the
 //     bits and chunk-local indices, ascending, of the entries inside it (while at most cap).
+//     A target with shift[t] = s > 0 (lo[t]'s low s bits clear, hi[t]'s set) counts its
+//     inside entries whose low s bits are zero (bf16 / fp16 task vectors: heavy ties) per
+//     task of kStatsTask entries and per bin (bits - lo) >> s instead of collecting them:
+//     a rank inside then needs no list, only the task that holds it. Only the others
+//     ("odd" entries, between the bins' values) are collected.
 struct RankPassArgs {
   int64_t numel = 0;
   const void* const* inputs = nullptr;      // indexed by which[t]
@@ -106,8 +111,16 @@ struct RankPassArgs {
   const uint32_t* hi = nullptr;
   int k = 0;
   int64_t cap = 0;                          // most entries collected per target
+  const int* shift = nullptr;               // [k] or null: 0 = collect every inside entry
+  int32_t* bins = nullptr;                  // per binned target t, in target order: [ntasks][nbins(t)]; zeroed by the pass
   int threads = 1;
 };
+
+// A binned target's bins: ((hi - lo) >> shift) + 1, or 0 without a shift.
+inline int64_t bracket_nbins(uint32_t lo, uint32_t hi, int shift) {
+  return shift > 0 ? static_cast<int64_t>((hi - lo) >> shift) + 1 : 0;
+}
+constexpr int64_t kBracketMaxBins = 64;  // most bins of one binned target
 
 // Elements per statistics task (gram, kept_l1): the unit of the fixed summation order.
 constexpr int64_t kStatsTask = 1 << 16;

@@ -658,6 +658,25 @@ struct Grow {
   }
 };
 
+// A binned target's inside entries of one block, staged in `v` (n of them, bits): the even
+// ones (low s bits zero) counted into four interleaved copies of the bins (independent
+// increments where one magnitude repeats), the odd ones moved to the front of `v` with their
+// indices (block-local position in `pos`); returns how many are odd.
+AME_HD size_t bin_block(uint32_t* v, uint32_t* pos, size_t n, uint32_t l0, int s, uint32_t* loc, int64_t nb) {
+  const uint32_t lowm = (1u << s) - 1;
+  size_t odd = 0;
+  for (size_t e = 0; e < n; ++e) {
+    const uint32_t d = v[e] - l0;
+    if (d & lowm) {  // rare: a magnitude between the bins' values
+      v[odd] = v[e];
+      pos[odd++] = pos[e];
+    } else {
+      ++loc[(e & 3) * nb + (d >> s)];
+    }
+  }
+  return odd;
+}
+
 void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>* bits, std::vector<int64_t>* idx) {
   std::fill(counts, counts + 3 * a.k, int64_t{0});
   for (int t = 0; t < a.k; ++t) {
@@ -668,6 +687,15 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
   const int64_t ntasks = (a.numel + kStatsTask - 1) / kStatsTask;
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
   const size_t K = static_cast<size_t>(a.k);
+  // binned targets: their bins' offsets in a task's row of a.bins
+  std::vector<int64_t> nb(K, 0), boff(K, 0);
+  int64_t btot = 0;
+  for (size_t t = 0; t < K; ++t) {
+    nb[t] = a.shift ? bracket_nbins(a.lo[t], a.hi[t], a.shift[t]) : 0;
+    boff[t] = btot;
+    btot += nb[t];
+  }
+  if (btot) std::fill(a.bins, a.bins + ntasks * btot, int32_t{0});
   // Entries go to per-worker, per-target arrays (a worker's tasks one after another; a task's
   // segment is recorded), then are copied in task order into the results: no per-task
   // allocation. A worker stops collecting a target once it holds more than cap of its entries
@@ -679,11 +707,17 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
   std::vector<size_t> seg_len(static_cast<size_t>(ntasks) * K, 0);
   std::vector<int> seg_worker(static_cast<size_t>(ntasks), 0);
   std::vector<int64_t> tc(static_cast<size_t>(ntasks) * K * 3, 0);    // above, inside, non-finite
+  // per worker: four interleaved copies of every binned target's bins for the task it runs
+  std::vector<std::vector<uint32_t>> wloc(static_cast<size_t>(threads), std::vector<uint32_t>(4 * btot));
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     const int64_t j0 = task * kStatsTask, j1 = std::min(a.numel, j0 + kStatsTask);
     seg_worker[task] = worker;
     alignas(64) float b[kBracketBlock];
     alignas(64) float m[kBracketBlock];  // the magnitudes, read as their fp32 bits below
+    alignas(64) uint32_t sv[kBracketBlock + kLanes];  // a binned target's inside entries of a block
+    alignas(64) uint32_t sp[kBracketBlock + kLanes];
+    uint32_t* loc = wloc[static_cast<size_t>(worker)].data();
+    if (btot) std::fill(loc, loc + 4 * btot, 0u);
     for (size_t t = 0; t < K; ++t) seg_start[task * K + t] = wn[worker * K + t];
     for (int64_t jb = j0; jb < j1; jb += kBracketBlock) {
       const int64_t len = std::min(kBracketBlock, j1 - jb);
@@ -710,10 +744,12 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
         c[2] += n_nf;
         const size_t wk = static_cast<size_t>(worker) * K + static_cast<size_t>(t);
         size_t& used = wn[wk];
-        if (!n_in || static_cast<int64_t>(used) > a.cap) continue;
+        if (!n_in) continue;
+        const bool binned = nb[t] > 0;
+        if (!binned && static_cast<int64_t>(used) > a.cap) continue;
         // slack of a full vector past the block: the compress stores write 16 lanes
-        uint32_t* pb = wb[wk].room(used, static_cast<size_t>(len + kLanes));
-        int64_t* pi = wi[wk].room(used, static_cast<size_t>(len + kLanes));
+        uint32_t* pb = binned ? sv : wb[wk].room(used, static_cast<size_t>(len + kLanes));
+        int64_t* pi = binned ? nullptr : wi[wk].room(used, static_cast<size_t>(len + kLanes));
         size_t n = 0;
         for (int64_t g = 0; g < len; g += kLanes) {  // lane groups without an entry inside are skipped
           const int64_t ge = std::min<int64_t>(len, g + kLanes);
@@ -724,13 +760,22 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
                 _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, _mm512_set1_epi32(static_cast<int>(l0))),
                                         _mm512_set1_epi32(static_cast<int>(width)));
             if (!k) continue;
+            const int pc = __builtin_popcount(static_cast<unsigned>(k));
+            if (binned) {
+              const __m512i p = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(g)),
+                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+              _mm512_storeu_si512(sv + n, _mm512_maskz_compress_epi32(k, v));
+              _mm512_storeu_si512(sp + n, _mm512_maskz_compress_epi32(k, p));
+              n += static_cast<size_t>(pc);
+              continue;
+            }
             const __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64(jb + g), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
             const __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
             const int n0 = __builtin_popcount(static_cast<unsigned>(k & 0xFF));
             _mm512_storeu_si512(pb + n, _mm512_maskz_compress_epi32(k, v));
             _mm512_storeu_si512(pi + n, _mm512_maskz_compress_epi64(static_cast<__mmask8>(k), i0));
             _mm512_storeu_si512(pi + n + n0, _mm512_maskz_compress_epi64(static_cast<__mmask8>(k >> 8), i1));
-            n += static_cast<size_t>(__builtin_popcount(static_cast<unsigned>(k)));
+            n += static_cast<size_t>(pc);
             continue;
           }
 #endif
@@ -740,21 +785,45 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
           for (int64_t q = g; q < ge; ++q) {
             const uint32_t v = f32_bits(m[q]);
             pb[n] = v;
-            pi[n] = jb + q;
+            if (binned) sp[n] = static_cast<uint32_t>(q);
+            else pi[n] = jb + q;
             n += (v - l0) <= width;
           }
+        }
+        if (binned) {
+          const size_t odd = bin_block(sv, sp, n, l0, a.shift[t], loc + 4 * boff[t], nb[t]);
+          if (!odd || static_cast<int64_t>(used) > a.cap) continue;
+          uint32_t* ob = wb[wk].room(used, odd);
+          int64_t* oi = wi[wk].room(used, odd);
+          for (size_t e = 0; e < odd; ++e) {
+            ob[e] = sv[e];
+            oi[e] = jb + sp[e];
+          }
+          n = odd;
         }
         used += n;
       }
     }
-    for (size_t t = 0; t < K; ++t) seg_len[task * K + t] = wn[worker * K + t] - seg_start[task * K + t];
+    for (size_t t = 0; t < K; ++t) {
+      seg_len[task * K + t] = wn[worker * K + t] - seg_start[task * K + t];
+      if (!nb[t]) continue;
+      int32_t* row = a.bins + ntasks * boff[t] + task * nb[t];
+      const uint32_t* l = loc + 4 * boff[t];
+      for (int64_t q = 0; q < nb[t]; ++q)
+        row[q] = static_cast<int32_t>(l[q] + l[nb[t] + q] + l[2 * nb[t] + q] + l[3 * nb[t] + q]);
+    }
   });
   for (int t = 0; t < a.k; ++t) {
-    int64_t inside = 0;
+    int64_t inside = 0, listed = 0;
     for (int64_t task = 0; task < ntasks; ++task) {
       const int64_t* c = tc.data() + (task * a.k + t) * 3;
       for (int q = 0; q < 3; ++q) counts[3 * t + q] += c[q];
       inside += c[1];
+      listed += static_cast<int64_t>(seg_len[task * K + static_cast<size_t>(t)]);
+    }
+    if (nb[t]) {  // the odd entries only; their count tells an overflow apart
+      for (int64_t e = 0; e < ntasks * nb[t]; ++e) inside -= a.bins[ntasks * boff[t] + e];
+      if (listed != inside) continue;  // a worker stopped collecting: counted only
     }
     if (inside > a.cap) continue;  // overflowed: counted only
     bits[t].resize(static_cast<size_t>(inside));
