@@ -306,4 +306,5 @@ def test_sample_positions_are_stratified():
     strata = (np.arange(1000) * 1_000_003) // 1000
     assert np.all(pos >= strata) and np.all(pos[:-1] < strata[1:])
     assert len(set(pos - strata)) > 550  # offsets spread inside the strata (~632 expected of 1000 draws)
-    np.testing.assert_array_equal(pos, stats.sample_positions(1_000_003, 1000))  # deterministic
+    np.testing.assert_array_equal(pos, stats.sample_positions.__wrapped__(1_000_003, 1000))  # deterministic
+    assert not pos.flags.writeable  # cached: shared by every tensor of that size

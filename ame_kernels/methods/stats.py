@@ -25,6 +25,7 @@ versions in the cpu backend), and drivers combine them over a tensor's chunks:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -361,9 +362,11 @@ def _nth_key(bits: np.ndarray, idx: np.ndarray, nth: int) -> Tuple[float, int]:
     return float(np.uint32(k >> 32).view(np.float32)), ALL_BITS - (k & ALL_BITS)
 
 
+@functools.lru_cache(maxsize=32)
 def sample_positions(numel: int, size: int) -> np.ndarray:
     """``size`` ascending positions, one per stratum [k numel / size, (k + 1) numel / size), at a
-    fixed pseudo-random offset inside it (a hash of k): deterministic, spread over the tensor."""
+    fixed pseudo-random offset inside it (a hash of k): deterministic, spread over the tensor.
+    Cached (a model's tensors share a few sizes) and read-only."""
     k = np.arange(size, dtype=np.uint64)
     start = (k * np.uint64(numel)) // np.uint64(size)
     width = ((k + np.uint64(1)) * np.uint64(numel)) // np.uint64(size) - start
@@ -371,7 +374,9 @@ def sample_positions(numel: int, size: int) -> np.ndarray:
     h ^= h >> np.uint64(31)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(29)
-    return (start + h % np.maximum(width, np.uint64(1))).astype(np.int64)
+    pos = (start + h % np.maximum(width, np.uint64(1))).astype(np.int64)
+    pos.flags.writeable = False
+    return pos
 
 
 def _sample_brackets(chunks: Chunks, ops, numel: int, targets, todo) -> Tuple[dict, dict]:

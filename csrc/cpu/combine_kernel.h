@@ -658,20 +658,51 @@ struct Grow {
   }
 };
 
-// A binned target's inside entries of one block, staged in `v` (n of them, bits): the even
-// ones (low s bits zero) counted into four interleaved copies of the bins (independent
-// increments where one magnitude repeats), the odd ones moved to the front of `v` with their
-// indices (block-local position in `pos`); returns how many are odd.
-AME_HD size_t bin_block(uint32_t* v, uint32_t* pos, size_t n, uint32_t l0, int s, uint32_t* loc, int64_t nb) {
+// A binned target's block of magnitudes m[0, len) (bits): its inside entries whose low s bits
+// are zero counted into four interleaved copies of the bins (independent increments where
+// one magnitude repeats); the others inside ("odd", rare) written to ob / oi (bits, index
+// jb + q) while `room` (at most len) allows; returns how many were odd. The inside entries'
+// offsets from l0 are compressed without a branch per lane group (where they are a few
+// percent, whether a group holds one is a coin toss), then counted in one scalar loop.
+AME_HD size_t bin_block(const float* m, int64_t len, int64_t jb, uint32_t l0, uint32_t width, int s, uint32_t* loc,
+                        int64_t nb, uint32_t* stage, uint32_t* ob, int64_t* oi, bool room) {
   const uint32_t lowm = (1u << s) - 1;
-  size_t odd = 0;
-  for (size_t e = 0; e < n; ++e) {
-    const uint32_t d = v[e] - l0;
-    if (d & lowm) {  // rare: a magnitude between the bins' values
-      v[odd] = v[e];
-      pos[odd++] = pos[e];
+  size_t n = 0;
+  uint32_t odd_any = 0;
+  int64_t q = 0;
+#if AME_W == 16
+  const __m512i L = _mm512_set1_epi32(static_cast<int>(l0)), Wd = _mm512_set1_epi32(static_cast<int>(width));
+  const __m512i LM = _mm512_set1_epi32(static_cast<int>(lowm));
+  for (; q + 16 <= len; q += 16) {
+    const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(m + q), L);
+    const __mmask16 k = _mm512_cmple_epu32_mask(d, Wd);
+    odd_any |= _mm512_mask_test_epi32_mask(k, d, LM);
+    _mm512_storeu_si512(stage + n, _mm512_maskz_compress_epi32(k, d));
+    n += static_cast<size_t>(__builtin_popcount(static_cast<unsigned>(k)));
+  }
+#endif
+  for (; q < len; ++q) {
+    const uint32_t d = f32_bits(m[q]) - l0;
+    stage[n] = d;
+    n += d <= width;
+    odd_any |= (d <= width) & ((d & lowm) != 0);
+  }
+  if (!odd_any) {
+    for (size_t e = 0; e < n; ++e) ++loc[(e & 3) * nb + (stage[e] >> s)];
+    return 0;
+  }
+  size_t odd = 0;  // the block again, entry by entry: rare
+  for (q = 0; q < len; ++q) {
+    const uint32_t d = f32_bits(m[q]) - l0;
+    if (d > width) continue;
+    if (!(d & lowm)) {
+      ++loc[(q & 3) * nb + (d >> s)];
     } else {
-      ++loc[(e & 3) * nb + (d >> s)];
+      if (room) {
+        ob[odd] = d + l0;
+        oi[odd] = jb + q;
+      }
+      ++odd;
     }
   }
   return odd;
@@ -714,8 +745,7 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
     seg_worker[task] = worker;
     alignas(64) float b[kBracketBlock];
     alignas(64) float m[kBracketBlock];  // the magnitudes, read as their fp32 bits below
-    alignas(64) uint32_t sv[kBracketBlock + kLanes];  // a binned target's inside entries of a block
-    alignas(64) uint32_t sp[kBracketBlock + kLanes];
+    alignas(64) uint32_t stage[kBracketBlock + kLanes];  // a binned target's inside entries of a block
     uint32_t* loc = wloc[static_cast<size_t>(worker)].data();
     if (btot) std::fill(loc, loc + 4 * btot, 0u);
     for (size_t t = 0; t < K; ++t) seg_start[task * K + t] = wn[worker * K + t];
@@ -745,11 +775,18 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
         const size_t wk = static_cast<size_t>(worker) * K + static_cast<size_t>(t);
         size_t& used = wn[wk];
         if (!n_in) continue;
-        const bool binned = nb[t] > 0;
-        if (!binned && static_cast<int64_t>(used) > a.cap) continue;
+        if (nb[t]) {  // binned: counted per bin, the odd entries listed while under the cap
+          const bool room = static_cast<int64_t>(used) <= a.cap;
+          uint32_t* ob = room ? wb[wk].room(used, static_cast<size_t>(len)) : nullptr;
+          int64_t* oi = room ? wi[wk].room(used, static_cast<size_t>(len)) : nullptr;
+          const size_t odd = bin_block(m, len, jb, l0, width, a.shift[t], loc + 4 * boff[t], nb[t], stage, ob, oi, room);
+          if (room) used += odd;
+          continue;
+        }
+        if (static_cast<int64_t>(used) > a.cap) continue;
         // slack of a full vector past the block: the compress stores write 16 lanes
-        uint32_t* pb = binned ? sv : wb[wk].room(used, static_cast<size_t>(len + kLanes));
-        int64_t* pi = binned ? nullptr : wi[wk].room(used, static_cast<size_t>(len + kLanes));
+        uint32_t* pb = wb[wk].room(used, static_cast<size_t>(len + kLanes));
+        int64_t* pi = wi[wk].room(used, static_cast<size_t>(len + kLanes));
         size_t n = 0;
         for (int64_t g = 0; g < len; g += kLanes) {  // lane groups without an entry inside are skipped
           const int64_t ge = std::min<int64_t>(len, g + kLanes);
@@ -760,22 +797,13 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
                 _mm512_cmple_epu32_mask(_mm512_sub_epi32(v, _mm512_set1_epi32(static_cast<int>(l0))),
                                         _mm512_set1_epi32(static_cast<int>(width)));
             if (!k) continue;
-            const int pc = __builtin_popcount(static_cast<unsigned>(k));
-            if (binned) {
-              const __m512i p = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(g)),
-                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-              _mm512_storeu_si512(sv + n, _mm512_maskz_compress_epi32(k, v));
-              _mm512_storeu_si512(sp + n, _mm512_maskz_compress_epi32(k, p));
-              n += static_cast<size_t>(pc);
-              continue;
-            }
             const __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64(jb + g), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
             const __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
             const int n0 = __builtin_popcount(static_cast<unsigned>(k & 0xFF));
             _mm512_storeu_si512(pb + n, _mm512_maskz_compress_epi32(k, v));
             _mm512_storeu_si512(pi + n, _mm512_maskz_compress_epi64(static_cast<__mmask8>(k), i0));
             _mm512_storeu_si512(pi + n + n0, _mm512_maskz_compress_epi64(static_cast<__mmask8>(k >> 8), i1));
-            n += static_cast<size_t>(pc);
+            n += static_cast<size_t>(__builtin_popcount(static_cast<unsigned>(k)));
             continue;
           }
 #endif
@@ -785,21 +813,9 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
           for (int64_t q = g; q < ge; ++q) {
             const uint32_t v = f32_bits(m[q]);
             pb[n] = v;
-            if (binned) sp[n] = static_cast<uint32_t>(q);
-            else pi[n] = jb + q;
+            pi[n] = jb + q;
             n += (v - l0) <= width;
           }
-        }
-        if (binned) {
-          const size_t odd = bin_block(sv, sp, n, l0, a.shift[t], loc + 4 * boff[t], nb[t]);
-          if (!odd || static_cast<int64_t>(used) > a.cap) continue;
-          uint32_t* ob = wb[wk].room(used, odd);
-          int64_t* oi = wi[wk].room(used, odd);
-          for (size_t e = 0; e < odd; ++e) {
-            ob[e] = sv[e];
-            oi[e] = jb + sp[e];
-          }
-          n = odd;
         }
         used += n;
       }
