@@ -12,7 +12,11 @@ versions in the cpu backend), and drivers combine them over a tensor's chunks:
   counts what lies above it and collects what lies inside, and the key is selected among
   the collected entries. The counts verify the bracket, so the result is exact whatever
   the sample; when a bracket misses (or would hold too many entries: heavy ties) the
-  rank falls back to the radix passes below. Small tensors are collected whole.
+  rank falls back to the radix passes below. Small tensors are collected whole. A
+  bracket whose sampled entries are all whole bf16 / fp16 steps (fine-tunes' task
+  vectors: few magnitudes, each many times) is binned: its inside entries are counted
+  per step and per block of BIN_TASK entries, only those between the steps listed, and
+  the rank's index is found in the one block that holds it.
 - ``magnitude_histogram``: counts of the bit patterns in 2^k bins, among the entries
   whose high bits match a prefix: the radix fallback runs it twice (high 16 bits, then
   low 16 bits under the found prefix) and then counts equal entries chunk by chunk.
