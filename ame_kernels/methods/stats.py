@@ -74,7 +74,7 @@ def magnitude_bracket_torch(inputs: Sequence, base, which: Sequence[int], lo: Se
     the bits m of |x - b| of input which[t], the counts of m > hi[t], of lo[t] <= m <= hi[t] and of
     m >= +inf, and the entries inside the bracket (index ascending; empty arrays when more than
     ``cap``). With ``shift[t]`` = s > 0 the inside entries whose low s bits are zero are counted per
-    task of BIN_TASK entries and bin (m - lo) >> s instead of listed (``bin_layout``)."""
+    task of BIN_TASK entries and bin (m - lo) >> s instead of listed (``bin_count`` bins)."""
     import torch
 
     counts = np.zeros((len(which), 3), dtype=np.int64)
@@ -90,7 +90,7 @@ def magnitude_bracket_torch(inputs: Sequence, base, which: Sequence[int], lo: Se
             even = inside & (((m - int(lo[t])) & ((1 << s) - 1)) == 0)
             pos = torch.nonzero(even).reshape(-1)
             flat = (pos // BIN_TASK) * nb + ((m[pos] - int(lo[t])) >> s)
-            bins.append(torch.bincount(flat, minlength=ntasks * nb).reshape(ntasks, nb).numpy().astype(np.int32))
+            bins.append(torch.bincount(flat, minlength=ntasks * nb).reshape(ntasks, nb).cpu().numpy().astype(np.int32))
             inside = inside & ~even
         else:
             bins.append(np.zeros((ntasks, 0), np.int32))
@@ -329,20 +329,15 @@ def bracket_pass(chunks: Chunks, ops, which: Sequence[int], brackets: Sequence[T
     counts = np.zeros((k, 3), dtype=np.int64)
     parts: List[list] = [[] for _ in range(k)]
     bins: List[list] = [[] for _ in range(k)]
-    binned = shifts is not None and any(shifts)
+    binned = np.zeros(k, dtype=np.int64)  # entries counted in bins so far, per target
     for off, xs, b in chunks():
-        if binned:
-            c, found, got = ops.bracket(xs, b, which, lo, hi, cap, shifts)
-        else:
-            c, found = ops.bracket(xs, b, which, lo, hi, cap)[:2]
+        c, found, got = ops.bracket(xs, b, which, lo, hi, cap, shifts if shifts and any(shifts) else None)
         counts += c
         for q in range(k):
-            if binned and shifts[q]:
+            if got[q].size:
                 bins[q].append((off, got[q]))
-                odd = counts[q, 1] - sum(int(x.sum()) for _, x in bins[q])
-            else:
-                odd = counts[q, 1]
-            if parts[q] is not None and odd <= cap:
+                binned[q] += int(got[q].sum())
+            if parts[q] is not None and counts[q, 1] - binned[q] <= cap:
                 parts[q].append((found[q][0], found[q][1] + off if off else found[q][1]))
             else:
                 parts[q] = None
