@@ -20,6 +20,7 @@ from .config import AMEConfig, make_config
 from .checks import (DTYPE_BY_NAME, FLOAT_DTYPES, Ingredients, as_state_dicts, check_all_finite, check_reference_finite,
                      check_structure, copy_non_float, label, resolve_pivot, resolve_reference)
 from .errors import MergeError
+from .io.madvise import MADV_HUGEPAGE, madvise
 from .methods import split_call
 from .schedule import schedule
 
@@ -222,28 +223,14 @@ def _merge_method(dicts: List[dict], form: str, names: List[str], call, base: An
 
 
 HUGE_PAGE = 1 << 21
-_MADV_HUGEPAGE = 14  # Linux, every architecture
 
 
 def _madvise_huge(ptr: int, nbytes: int) -> None:
     """Ask Linux for transparent huge pages on the 2 MiB-aligned pages of [ptr, ptr + nbytes)
     before anything touches them; a no-op elsewhere or when the call fails."""
-    global _libc
     a, e = -(-ptr // HUGE_PAGE) * HUGE_PAGE, (ptr + nbytes) // HUGE_PAGE * HUGE_PAGE
-    if e <= a or not sys.platform.startswith("linux"):
-        return
-    try:
-        if _libc is None:
-            import ctypes
-
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc.madvise(a, e - a, _MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        _libc = False
-
-
-_libc: Any = None
+    if e > a and madvise is not None and sys.platform.startswith("linux"):
+        madvise(a, e - a, MADV_HUGEPAGE)
 
 
 def _fresh_output(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -253,7 +240,7 @@ def _fresh_output(numel: int, dtype: torch.dtype, device: torch.device) -> torch
     VMs); with 2 MiB pages the same write costs 15 ms."""
     out = torch.empty(numel, dtype=dtype, device=device)
     nbytes = numel * out.element_size()
-    if out.device.type == "cpu" and nbytes >= 2 * HUGE_PAGE and _libc is not False:
+    if out.device.type == "cpu" and nbytes >= 2 * HUGE_PAGE:
         _madvise_huge(out.data_ptr(), nbytes)
     return out
 

@@ -20,7 +20,6 @@ convert them to safetensors.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import sys
@@ -31,6 +30,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..errors import MergeError
+from .madvise import madvise
 from .safetensors import TensorInfo
 
 _TORCH_TO_NAME = {
@@ -48,20 +48,6 @@ _TORCH_TO_NAME = {
 PAGE = mmap.PAGESIZE
 
 
-def _libc_madvise():
-    """libc's madvise(addr, len, advice), or None where there is none (Windows)."""
-    if not hasattr(mmap, "MADV_DONTNEED"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _libc_madvise()
 
 
 def _foreign_byte_order(path: str) -> bool:
@@ -112,7 +98,7 @@ class TorchFile:
         if not isinstance(sd, dict):
             raise MergeError(f"{path}: expected a state dict (name -> tensor), found a {type(sd).__name__}")
         # pages of the mapping may be dropped only when they hold the file's bytes unchanged
-        self._releasable = not self.in_memory and _MADVISE is not None and not _foreign_byte_order(path)
+        self._releasable = not self.in_memory and madvise is not None and not _foreign_byte_order(path)
         self._tensors: Dict[str, "torch.Tensor"] = {}
         self._flat: Dict[str, "torch.Tensor"] = {}  # contiguous copies of non-contiguous tensors being read
         self.tensors: Dict[str, TensorInfo] = {}
@@ -168,12 +154,12 @@ class TorchFile:
     @staticmethod
     def _advise(addr: int, nbytes: int, advice: Optional[int], inner: bool = True) -> None:
         """madvise the whole pages inside [addr, addr+nbytes) (inner) or covering it; best effort."""
-        if advice is None or nbytes <= 0 or _MADVISE is None:
+        if advice is None or nbytes <= 0 or madvise is None:
             return
         b = -(-addr // PAGE) * PAGE if inner else addr - addr % PAGE
         e = (addr + nbytes) - (addr + nbytes) % PAGE if inner else addr + nbytes
         if e > b:
-            _MADVISE(b, e - b, advice)
+            madvise(b, e - b, advice)
 
     def prefetch(self, info: TensorInfo, start: int, count: int) -> None:
         """Ask the kernel to start reading the range now (asynchronous readahead)."""
