@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import RunFields, Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
+from common import RunFields, Timing, cpu_threads, machine, now, report, timeit  # noqa: E402
 
 from ame_kernels.methods.combine import CombinePlan, combine_torch, name_key  # noqa: E402
 
@@ -141,12 +141,8 @@ def run(argv=None) -> list:
                       f"{r.pct_copy_traffic:.0f}%", f"{c / t.median / 1e6:.0f}M", f"{ct / t_torch.median / 1e6:.1f}M",
                       f"{speed:.0f}x", "yes" if same else "NO"])
         print(f"# {k}: cpu {t.ms()} ms, torch {t_torch.median * 1e3:.0f} ms on {ct} elements", flush=True)
-    print()
-    print_table(["plan", "N", "elements", "cpu ms [p20-p80]", "GB/s", "memcpy GB/s (copied)", "% memcpy",
-                 "% copy traffic", "cpu elem/s", "torch elem/s", "speedup", "bitwise"], table)
-    path = append_csv("bench_combine", rows)
-    print(f"\n# rows appended to {os.path.relpath(path, ROOT)}")
-    return rows
+    return report("bench_combine", ["plan", "N", "elements", "cpu ms [p20-p80]", "GB/s", "memcpy GB/s (copied)", "% memcpy",
+                 "% copy traffic", "cpu elem/s", "torch elem/s", "speedup", "bitwise"], table, rows)
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import RunFields, Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
+from common import RunFields, Timing, cpu_threads, machine, now, report, timeit  # noqa: E402
 
 COLS = 2048
 DENSITY, EPSILON, SEED = 0.3, 0.1, 7
@@ -148,12 +148,8 @@ def run(argv=None) -> list:
                       tp.ms(), f"{r.probs_ns_per_entry:.2f}", f"{tp.median / tm.median:.2f}x", f"{r.memcpy_gbps:.1f}",
                       f"{r.masks_pct_memcpy:.0f}%", "yes" if same else "NO"])
         print(f"# {name}: masks {tm.ms()} ms, probs {tp.ms()} ms", flush=True)
-    print()
-    print_table(["regime", "distinct/line", "zeros", "masks ms [p20-p80]", "masks ns/entry", "probs ms [p20-p80]",
-                 "probs ns/entry", "probs/masks", "memcpy GB/s", "masks % memcpy", "bits = definition"], table)
-    path = append_csv("bench_della", rows)
-    print(f"\n# rows appended to {os.path.relpath(path, ROOT)}")
-    return rows
+    return report("bench_della", ["regime", "distinct/line", "zeros", "masks ms [p20-p80]", "masks ns/entry", "probs ms [p20-p80]",
+                 "probs ns/entry", "probs/masks", "memcpy GB/s", "masks % memcpy", "bits = definition"], table, rows)
 
 
 def main(argv=None) -> int:

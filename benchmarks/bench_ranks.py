@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import RunFields, Timing, append_csv, cpu_threads, machine, now, print_table, timeit  # noqa: E402
+from common import RunFields, Timing, cpu_threads, machine, now, report, timeit  # noqa: E402
 
 N = 3
 REGIMES = {"independent": None, "delta 0.1": 0.1, "delta 0.01": 0.01, "finetune": "low4"}
@@ -153,12 +153,8 @@ def run(argv=None) -> list:
                           f"{r.listed_over_binned:.2f}x", t["memcpy"].ms(), f"{r.ranks_over_memcpy:.1f}x",
                           "yes" if same else "NO"])
             print(f"# {name} {method}: {t['ranks'].ms()} ms ({binned} of {len(targets)} binned)", flush=True)
-    print()
-    print_table(["regime", "method", "binned", "select_ranks ms [p20-p80]", "listed ms", "listed / binned",
-                 "memcpy ms", "x memcpy", "keys = radix"], table)
-    path = append_csv("bench_ranks", rows)
-    print(f"\n# rows appended to {os.path.relpath(path, ROOT)}")
-    return rows
+    return report("bench_ranks", ["regime", "method", "binned", "select_ranks ms [p20-p80]", "listed ms", "listed / binned",
+                 "memcpy ms", "x memcpy", "keys = radix"], table, rows)
 
 
 def main(argv=None) -> int:

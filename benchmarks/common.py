@@ -149,6 +149,16 @@ def append_csv(bench: str, rows: list) -> str:
     return path
 
 
+def report(bench: str, headers: list, table: list, rows: list) -> list:
+    """The end of a kernel benchmark: its table printed, its rows appended to
+    benchmarks/results/<bench>.csv (the path printed); returns the rows."""
+    print()
+    print_table(headers, table)
+    path = append_csv(bench, rows)
+    print(f"\n# rows appended to {os.path.relpath(path, ROOT)}")
+    return rows
+
+
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
