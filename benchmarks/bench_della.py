@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import RunFields, Timing, cpu_threads, machine, now, report, timeit  # noqa: E402
+from common import RunFields, Timing, chosen_regimes, cpu_threads, machine, now, regime_args, report, timeit  # noqa: E402
 
 COLS = 2048
 DENSITY, EPSILON, SEED = 0.3, 0.1, 7
@@ -86,9 +86,7 @@ def run(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="1M entries per regime")
     ap.add_argument("--lines", type=int, default=None, help="lines of 2048 per regime (default 8192, --small 512)")
-    ap.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--regimes", default=",".join(REGIMES))
+    regime_args(ap, REGIMES)
     ap.add_argument("--simd", default="auto", help="force a SIMD level (scalar, avx2, avx512)")
     args = ap.parse_args(argv)
 
@@ -103,10 +101,7 @@ def run(argv=None) -> list:
     if args.simd != "auto":
         mach.simd = args.simd
     print(mach.header())
-    names = [r.strip() for r in args.regimes.split(",") if r.strip()]
-    unknown = [r for r in names if r not in REGIMES]
-    if unknown:
-        raise SystemExit(f"unknown regime(s) {unknown}; valid: {', '.join(REGIMES)}")
+    names = chosen_regimes(args.regimes, REGIMES)
     gen = torch.Generator().manual_seed(0)
     bits = np.empty(n // 8, dtype=np.uint8)
     probs = np.empty(n, dtype=np.float32)

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common import RunFields, Timing, cpu_threads, machine, now, report, timeit  # noqa: E402
+from common import RunFields, Timing, chosen_regimes, cpu_threads, machine, now, regime_args, report, timeit  # noqa: E402
 
 N = 3
 REGIMES = {"independent": None, "delta 0.1": 0.1, "delta 0.01": 0.01, "finetune": "low4"}
@@ -80,9 +80,7 @@ def run(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="1M entries per regime")
     ap.add_argument("--entries", type=int, default=None, help="entries per ingredient (default 16M, --small 1M)")
-    ap.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--regimes", default=",".join(REGIMES))
+    regime_args(ap, REGIMES)
     args = ap.parse_args(argv)
 
     threads = cpu_threads(args.threads)
@@ -94,10 +92,7 @@ def run(argv=None) -> list:
     n = args.entries or ((1 << 20) if args.small else (16 << 20))
     mach = machine(threads)
     print(mach.header())
-    names = [r.strip() for r in args.regimes.split(",") if r.strip()]
-    unknown = [r for r in names if r not in REGIMES]
-    if unknown:
-        raise SystemExit(f"unknown regime(s) {unknown}; valid: {', '.join(REGIMES)}")
+    names = chosen_regimes(args.regimes, REGIMES)
     gen = torch.Generator().manual_seed(0)
     ops = BufferOps(threads=threads)
     src = torch.ones(n * (N + 1) // 2, dtype=torch.float32)  # the inputs' and base's bf16 bytes
@@ -109,21 +104,10 @@ def run(argv=None) -> list:
         chunks = lambda: [(0, arrs, (b.view(torch.int16).numpy(), "bfloat16"))]  # noqa: E731
         for method, fracs in METHODS.items():
             targets = [(i, int(f * n)) for i, f in fracs]
-            used = []
-            real = stats._binned_key
-
-            def spy(*a):
-                got = real(*a)
-                used.append(got)
-                return got
-
-            stats._binned_key = spy
-            try:
-                ref = stats.select_ranks_radix(chunks, ops, n, targets)
-                keys = stats.select_ranks(chunks, ops, n, targets)
-            finally:
-                stats._binned_key = real
-            binned = len(used)
+            ref = stats.select_ranks_radix(chunks, ops, n, targets)
+            keys = stats.select_ranks(chunks, ops, n, targets)
+            _, shifts = stats.sample_brackets(chunks, ops, n, targets, list(range(len(targets))))
+            binned = sum(1 for s in shifts.values() if s)
 
             def listed():
                 old = stats.BIN_MIN

@@ -149,6 +149,22 @@ def append_csv(bench: str, rows: list) -> str:
     return path
 
 
+def regime_args(ap, regimes: dict) -> None:
+    """The options of a benchmark by regime of input: --threads, --repeat, --regimes."""
+    ap.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--regimes", default=",".join(regimes), help=f"comma-separated, of: {', '.join(regimes)}")
+
+
+def chosen_regimes(spec: str, regimes: dict) -> list:
+    """The regime names of a --regimes value, in its order; SystemExit naming any unknown one."""
+    names = [r.strip() for r in spec.split(",") if r.strip()]
+    unknown = [r for r in names if r not in regimes]
+    if unknown:
+        raise SystemExit(f"unknown regime(s) {unknown}; valid: {', '.join(regimes)}")
+    return names
+
+
 def report(bench: str, headers: list, table: list, rows: list) -> list:
     """The end of a kernel benchmark: its table printed, its rows appended to
     benchmarks/results/<bench>.csv (the path printed); returns the rows."""

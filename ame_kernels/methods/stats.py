@@ -224,7 +224,7 @@ def _select(chunks: Chunks, ops, numel: int, targets, keys: list, todo: list, se
     if numel <= EXACT_MAX or numel >= 1 << 32:  # whole (or too large for 32-bit sample maths)
         brackets = {t: (0, ALL_BITS) for t in todo}
     else:
-        brackets, shifts = _sample_brackets(chunks, ops, numel, targets, todo)
+        brackets, shifts = sample_brackets(chunks, ops, numel, targets, todo)
     cap = max(EXACT_MAX, BRACKET_BUDGET // len(todo))
     if numel > EXACT_MAX and all(brackets[t][0] == brackets[t][1] and not shifts[t] for t in todo):
         cap = 0  # brackets of one magnitude each (ties): their counts give the value, the index is located
@@ -378,7 +378,7 @@ def sample_positions(numel: int, size: int) -> np.ndarray:
     return pos
 
 
-def _sample_brackets(chunks: Chunks, ops, numel: int, targets, todo) -> Tuple[dict, dict]:
+def sample_brackets(chunks: Chunks, ops, numel: int, targets, todo) -> Tuple[dict, dict]:
     """Per target, a bracket [lo, hi] of bit patterns that holds its rank unless the sample misleads:
     the sample's quantile at the rank's fraction, widened by SIGMAS binomial deviations; and its
     shift: where the sample predicts at least BIN_MIN entries inside, all of one magnitude step
