@@ -293,7 +293,8 @@ def _binned_key(odd: Tuple[np.ndarray, np.ndarray], bins: list, lo: int, shift: 
 
 def _locate_in_tasks(chunks: Chunks, ops, items: dict) -> dict:
     """Per item t -> (ingredient, bits, chunk offset, task, nth): the key of that task's nth entry
-    (ascending index) whose magnitude has exactly ``bits``; one task's magnitudes computed."""
+    (ascending index) whose magnitude has exactly ``bits``; one task's magnitudes computed
+    (``_locate`` on the task's span)."""
     keys, pending = {}, dict(items)
     for off, xs, b in chunks():
         if not pending:
@@ -303,9 +304,8 @@ def _locate_in_tasks(chunks: Chunks, ops, items: dict) -> dict:
             a = task * BIN_TASK
             z = min(ops.length(xs[i]), a + BIN_TASK)
             bb = ops.slice(b, a, z) if b is not None else None
-            hits = np.flatnonzero(ops.magnitudes(ops.slice(xs[i], a, z), bb).view(np.uint32) == np.uint32(bits))
-            assert nth < len(hits), "select_ranks: the located entry is not in its task (counts changed)"
-            keys[t] = (float(np.uint32(bits).view(np.float32)), off + a + int(hits[nth]))
+            at = _locate(ops, ops.slice(xs[i], a, z), bb, bits, nth)
+            keys[t] = (float(np.uint32(bits).view(np.float32)), off + a + at)
     assert not pending, "select_ranks: a binned rank's chunk was not found"
     return keys
 
@@ -331,7 +331,7 @@ def bracket_pass(chunks: Chunks, ops, which: Sequence[int], brackets: Sequence[T
     bins: List[list] = [[] for _ in range(k)]
     binned = np.zeros(k, dtype=np.int64)  # entries counted in bins so far, per target
     for off, xs, b in chunks():
-        c, found, got = ops.bracket(xs, b, which, lo, hi, cap, shifts if shifts and any(shifts) else None)
+        c, found, got = ops.bracket(xs, b, which, lo, hi, cap, shifts)
         counts += c
         for q in range(k):
             if got[q].size:

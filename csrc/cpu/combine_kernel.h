@@ -718,7 +718,7 @@ void bracket_impl(const RankPassArgs& a, int64_t* counts, std::vector<uint32_t>*
   const int64_t ntasks = (a.numel + kStatsTask - 1) / kStatsTask;
   const int threads = static_cast<int>(std::min<int64_t>(std::max(a.threads, 1), ntasks));
   const size_t K = static_cast<size_t>(a.k);
-  // binned targets: their bins' offsets in a task's row of a.bins
+  // binned targets: their bins, and where their block [ntasks][nb] starts in a.bins (in units of ntasks)
   std::vector<int64_t> nb(K, 0), boff(K, 0);
   int64_t btot = 0;
   for (size_t t = 0; t < K; ++t) {
