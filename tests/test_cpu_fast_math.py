@@ -223,3 +223,66 @@ def test_all_bf16_inputs_equal_their_fp32_copies(optimizer, simd, exact):
         be.whole_run(xs, plan, pivot, adaptive, a, threads=2)
         be.whole_run([x.float() for x in xs], plan, pivot, adaptive, b, threads=2)
         assert torch.equal(a, b), f"pivot={pivot}: max |diff| {(a - b).abs().max().item():g}"
+
+
+# The AVX-512 whole-run kernel's register forms (RegisterMath, csrc/rules/*.h: Adagrad, Adam and
+# AdamW with eps outside the root, Adadelta; no coupled weight decay): their states are rescaled
+# by factors that grow with the step, so the runs here are longer than the property draws, with
+# bf16 inputs and a zeta schedule; and the configurations where a form declines (b2^-T > 2^40, eps
+# below the floor's reach), which then run FastPrivateMath.
+REGISTER = {
+    "adagrad": dict(optimizer="adagrad", lr=0.05, lr_decay=0.01, initial_accumulator_value=0.0),
+    "adam": dict(optimizer="adam", lr=0.01),
+    "adamw": dict(optimizer="adamw", lr=0.01, weight_decay=0.1, betas=(0.8, 0.99)),
+    "adadelta": dict(optimizer="adadelta", lr=1.0, rho=0.95),
+    "adam_declines_growth": dict(optimizer="adam", lr=0.01, betas=(0.9, 0.5)),
+    "adam_declines_eps": dict(optimizer="adam", lr=0.01, eps=1e-30),
+    "adagrad_declines_eps": dict(optimizer="adagrad", lr=0.05, eps=1e-20),
+}
+REGISTER_SCHEDULES = {
+    "b1_e12": dict(batch_size=1, epochs=12),  # 60 steps
+    "b2_e4_amp": dict(batch_size=2, epochs=4, amplification=2.0),
+    "b1_e3_fixed": dict(batch_size=1, epochs=3, adaptive_pivot=False),
+}
+
+
+@pytest.mark.skipif("avx512" not in LEVELS, reason="the register forms are the AVX-512 whole-run kernel's")
+@pytest.mark.parametrize("sched", sorted(REGISTER_SCHEDULES))
+@pytest.mark.parametrize("config", sorted(REGISTER))
+def test_register_forms_within_twice_the_references_error(config, sched):
+    n, c = 5, 2 * 4096 + 37
+    opts = dict(REGISTER_SCHEDULES[sched])
+    adaptive = opts.pop("adaptive_pivot", True)
+    xs = [(0.05 * x).to(torch.bfloat16) for x in _inputs(n, c, seed=7)]
+    plan = schedule(AMEConfig(**REGISTER[config], **opts), n)
+    exact = _oracle64(xs, plan, None, adaptive)
+    ref = torch.empty(c)
+    ReferenceBackend().whole_run(xs, plan, None, adaptive, ref)
+    ref_err = (ref.double() - exact).abs().max().item()
+    got, want = torch.empty(c), torch.empty(c)
+    CpuBackend(simd="avx512", exact=False).whole_run(xs, plan, None, adaptive, got, threads=2)
+    CpuBackend(simd="avx512", exact=True).whole_run(xs, plan, None, adaptive, want, threads=2)
+    err = (got.double() - exact).abs().max().item()
+    exact_err = (want.double() - exact).abs().max().item()
+    floor = exact.abs().max().item() * 2**-24
+    # against the reference, or the exact instructions where those are already further off
+    # (FMA-fused updates round differently from torch's: adagrad b1_e12 2.6x with exact=True)
+    assert err <= 2 * max(ref_err, exact_err, floor), (
+        f"{config} {sched}: max error {err:.3g} vs the reference's {ref_err:.3g}, exact=True's {exact_err:.3g}")
+    assert_close(got, ref, what=f"{config} {sched}")
+
+
+@pytest.mark.skipif("avx512" not in LEVELS, reason="the register forms are the AVX-512 whole-run kernel's")
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam", "adamw", "adadelta"])
+def test_register_form_reruns_a_block_that_overflows(optimizer):
+    """Squares that overflow in some elements only: the register form's special values differ
+    from the exact instructions' (NaN against a zero step), so the kernel reruns just those
+    blocks with the fixed-up estimates; the NaN pattern and every other value are exact=True's."""
+    c = 6 * 4096 + 11
+    xs = _inputs(3, c, seed=9)
+    xs[0][5000:5100] = 1e30
+    xs[1][5000:5100] = -1e30
+    fast, exact = _both(xs, AMEConfig(optimizer=optimizer, lr=0.1, amplification=3.0), "avx512")
+    assert torch.equal(fast.isnan(), exact.isnan())
+    ok = ~exact.isnan()
+    assert_close(fast[ok], exact[ok], what="one overflowing range")

@@ -90,6 +90,11 @@ AME_HD Simd16 v_div_fast(Simd16 a, Simd16 b) {
   const __m512 q = _mm512_fmadd_ps(_mm512_fnmadd_ps(b.v, q0, a.v), y, q0);
   return _mm512_fixupimm_ps(q0, q, _mm512_set1_epi32(0x11111110), 0);
 }
+// The raw estimates (relative error < 2^-14) and a - b c, for RegisterMath's rules, which
+// refine them themselves on operands they keep positive and finite.
+AME_HD Simd16 v_rsqrt14(Simd16 a) { return _mm512_rsqrt14_ps(a.v); }
+AME_HD Simd16 v_rcp14(Simd16 a) { return _mm512_rcp14_ps(a.v); }
+AME_HD Simd16 v_fnmadd(Simd16 b, Simd16 c, Simd16 a) { return _mm512_fnmadd_ps(b.v, c.v, a.v); }
 // 1/sqrt(a) = y + y/2 (1 - a y^2); 1/sqrt(0) = +Inf, 1/sqrt(+Inf) = +0.
 AME_HD Simd16 v_rsqrt_fast(Simd16 a) {
   const __m512 y = _mm512_rsqrt14_ps(a.v);

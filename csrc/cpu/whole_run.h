@@ -22,6 +22,7 @@
 // elements (padding lanes compute on zeros and are never stored).
 #pragma once
 #include <algorithm>
+#include <type_traits>
 #include <cstdlib>
 #include <new>
 #include <cstring>
@@ -225,22 +226,33 @@ struct SortedBatches {
 // the next block (spread thin: bursts of prefetches stall the step loop). Step t's
 // pseudogradient is zeta_t / N * (p - mean_{i in B_t} x_i) (DESIGN 1, Numerics): with the
 // soup pivot and a batch of every ingredient, exactly zero.
+// The constants a block's steps read: the plan's coefficient rows (FastPrivateMath: with the
+// rule's folds) and hyperparameters, or RegisterMath's rows and initial state.
+struct StepConsts {
+  const float* coeffs = nullptr;  // [steps][4], or [steps][kRegRow] for RegisterMath
+  const HyperT<V>* h = nullptr;
+  const float* init = nullptr;    // RegisterMath: the initial state per slot
+};
+
 template <class Rule, class M, bool kAdaptive, bool kWd, bool kPairs>
 AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t i0, const int32_t* bp,
-                     const SortedBatches& sb, const float* coeffs, int steps, const HyperT<V>& h, Prefetcher& pf,
-                     int64_t pf_lines) {
+                     const SortedBatches& sb, const StepConsts& k, int steps, Prefetcher& pf, int64_t pf_lines) {
   const int32_t* bi = sb.idx.data();
+  const HyperT<V>& h = *k.h;
+  const float* coeffs = k.coeffs;
   constexpr int S = Rule::kSlots > 0 ? Rule::kSlots : 1;
   V w[kU], p0[kU], st[kU][S];
   if constexpr (kPairs) to_pairs(P, w);
   for (int u = 0; u < kU; ++u) {
     if constexpr (!kPairs) w[u] = vload<kW>(P + u * kW);
     p0[u] = w[u];
-    Rule::init(st[u], h);
+    if constexpr (M::kRegister)
+      for (int j = 0; j < S; ++j) st[u][j] = V(k.init[j]);
+    else
+      Rule::init(st[u], h);
   }
   (void)p0;
   for (int t = 0; t < steps; ++t) {
-    const StepCoeffsT<V> c = StepCoeffsT<V>::load(coeffs + 4 * t);
     pf.issue(pf_lines);
     V mean[kU], x[kU];
     int32_t k = bp[t];
@@ -252,17 +264,109 @@ AME_HD void run_tile(float* P, const void* const* src, const DType* dts, int64_t
       }
       for (int u = 0; u < kU; ++u) mean[u] = mean_of<M>(mean[u], sb.count[t], sb.inv_count[t]);
     }
-    const V zs = V(sb.zscale[t]);
-    for (int u = 0; u < kU; ++u) {
-      V g = ((kAdaptive ? w[u] : p0[u]) - mean[u]) * zs;
-      if (kWd) g = add_weight_decay(g, w[u], h);
-      Rule::template update<V, M>(w[u], g, st[u], c, h, t == 0);
+    if constexpr (M::kRegister) {
+      const RegCoeffsT<V> c = RegCoeffsT<V>::load(coeffs + kRegRow * t);
+      for (int u = 0; u < kU; ++u) Rule::update_reg(w[u], (kAdaptive ? w[u] : p0[u]) - mean[u], st[u], c);
+    } else {
+      const StepCoeffsT<V> c = StepCoeffsT<V>::load(coeffs + 4 * t);
+      const V zs = V(sb.zscale[t]);
+      for (int u = 0; u < kU; ++u) {
+        V g = ((kAdaptive ? w[u] : p0[u]) - mean[u]) * zs;
+        if (kWd) g = add_weight_decay(g, w[u], h);
+        Rule::template update<V, M>(w[u], g, st[u], c, h, t == 0);
+      }
     }
   }
   if constexpr (kPairs) from_pairs(w, P); else
     for (int u = 0; u < kU; ++u) vstore<kW>(P + u * kW, w[u]);
 }
 
+// What every block of one run shares.
+struct RunCtx {
+  const WholeRunArgs* a;
+  int64_t bs, in_bytes;
+  const SortedBatches* sb;
+  bool soup, all_bf16;
+};
+
+// Steps 1 and 2 for the block of `len` elements at b0 (the next block at `next_len`): the
+// pivot into P, then every step, leaving w_T in P.
+template <class Rule, class M, bool kAdaptive, bool kWd>
+void block_steps(const RunCtx& x, const StepConsts& k, Scratch& s, int64_t b0, int64_t len, int64_t next_len) {
+  const WholeRunArgs& a = *x.a;
+  const int n = a.n;
+  float* P = s.P.p;
+  const int64_t padded = (len + kTile - 1) / kTile * kTile;
+
+  // 1. the pivot w_0 (and the non-finite probe)
+  if (x.soup || a.check_finite) {
+    for (int i = 0; i < n; ++i) {
+      const void* src = a.inputs[i];
+      const DType d = a.input_dtypes[i];
+      bool bad;
+      if (x.soup && i == 0)
+        bad = scan_slice<true, true>(src, d, b0, len, P, a.check_finite);
+      else if (x.soup)
+        bad = scan_slice<true, false>(src, d, b0, len, P, a.check_finite);
+      else
+        bad = scan_slice<false, false>(src, d, b0, len, P, a.check_finite);
+      if (bad) s.bad[i] = 1;
+    }
+  }
+  if (x.soup) {
+    for (int64_t j = len; j < padded; ++j) P[j] = 0.f;
+    // mean = sum / N (as torch.mean; FastMath: * 1/N), the batch means' operation
+    const float nf = static_cast<float>(n), inv_n = static_cast<float>(1.0 / n);
+    if (n > 1)
+      for (int64_t j = 0; j < padded; j += kW) vstore<kW>(P + j, mean_of<M>(vload<kW>(P + j), nf, inv_n));
+  } else if (a.pivot_mode == PivotMode::Index) {
+    copy_slice(a.inputs[a.pivot_index], a.input_dtypes[a.pivot_index], b0, len, padded, P);
+  } else {
+    copy_slice(a.pivot, a.pivot_dtype, b0, len, padded, P);
+  }
+
+  // 2. all steps, one register tile at a time, prefetching the next block meanwhile
+  Prefetcher pf;
+  pf.start(a, b0 + x.bs, next_len);
+  const int64_t tiles = padded / kTile;
+  const int64_t lines_per_step = (x.bs * x.in_bytes / 64 + tiles - 1) / tiles / std::max(a.steps, 1) + 1;
+  const int64_t full = len / kTile * kTile;
+  for (int64_t j = 0; j < full; j += kTile) {
+    if (x.all_bf16)
+      run_tile<Rule, M, kAdaptive, kWd, kHavePairs>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, *x.sb, k,
+                                                    a.steps, pf, lines_per_step);
+    else
+      run_tile<Rule, M, kAdaptive, kWd, false>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, *x.sb, k, a.steps,
+                                               pf, lines_per_step);
+  }
+  if (full < len) {  // the ragged last tile: a zero-padded fp32 copy of its inputs
+    for (int i = 0; i < n; ++i)
+      copy_slice(a.inputs[i], a.input_dtypes[i], b0 + full, len - full, kTile, s.tail.p + i * kTile);
+    run_tile<Rule, M, kAdaptive, kWd, false>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr,
+                                             *x.sb, k, a.steps, pf, 0);
+  }
+}
+
+// Whether P[0, len) holds a NaN or an Inf (four independent probes, as scan_slice).
+inline bool any_nonfinite(const float* P, int64_t len) {
+  const V zero = V(0.f);
+  V p0 = zero, p1 = zero, p2 = zero, p3 = zero;
+  const int64_t lv = len - len % kW;
+  int64_t j = 0;
+  for (; j + 4 * kW <= lv; j += 4 * kW) {
+    p0 = v_fma(vload<kW>(P + j), zero, p0);
+    p1 = v_fma(vload<kW>(P + j + kW), zero, p1);
+    p2 = v_fma(vload<kW>(P + j + 2 * kW), zero, p2);
+    p3 = v_fma(vload<kW>(P + j + 3 * kW), zero, p3);
+  }
+  for (; j < lv; j += kW) p0 = v_fma(vload<kW>(P + j), zero, p0);
+  bool bad = v_any_nan((p0 + p1) + (p2 + p3));
+  for (; j < len; ++j) bad = bad || P[j] * 0.f != 0.f;
+  return bad;
+}
+
+// M: ExactMath, FastMath, FastPrivateMath (the rule's folds applied here), or RegisterMath,
+// whose non-finite blocks rerun with F (the rule's FastPrivateMath or FastMath).
 template <class Rule, class M, bool kAdaptive, bool kWd>
 void whole_run_impl(const WholeRunArgs& a) {
   const int n = a.n;
@@ -276,20 +380,31 @@ void whole_run_impl(const WholeRunArgs& a) {
   // known and prefetched; across runs the pool balances load between threads.
   const int64_t run = std::max<int64_t>(1, nblocks / (8 * static_cast<int64_t>(threads)));
   const int64_t ntasks = (nblocks + run - 1) / run;
+  using F = std::conditional_t<Rule::kPrivateScaling, FastPrivateMath, FastMath>;
+  constexpr bool kPrivate = M::kPrivateState || M::kRegister;  // the private folds (M, or F after M)
   // FastPrivateMath: the rule's (1 - beta) weights folded into a copy of the step constants
   HyperScalars hs = a.hyper;
   std::vector<float> folded;
   const float* coeffs = a.coeffs;
-  if constexpr (M::kPrivateState) {
+  if constexpr (kPrivate && Rule::kPrivateScaling) {
     folded.assign(a.coeffs, a.coeffs + 4 * static_cast<int64_t>(a.steps));
     Rule::fold_private(hs, folded.data(), a.steps);  // whole_run() checked that it applies
     coeffs = folded.data();
   }
   const HyperT<V> h(hs);
-  const bool soup = a.pivot_mode == PivotMode::Soup;
   const SortedBatches sb(a);
+  StepConsts plain{coeffs, &h, nullptr}, reg = plain;
+  std::vector<float> rows, init;
+  if constexpr (M::kRegister) {
+    rows.assign(static_cast<size_t>(kRegRow) * std::max(a.steps, 1), 0.f);
+    init.assign(Rule::kSlots, 0.f);
+    Rule::fold_register(a.hyper, a.coeffs, sb.zscale.data(), a.steps, rows.data(), init.data());  // checked
+    reg = StepConsts{rows.data(), &h, init.data()};
+  }
+  const bool soup = a.pivot_mode == PivotMode::Soup;
   bool all_bf16 = kHavePairs;
   for (int i = 0; i < n; ++i) all_bf16 = all_bf16 && a.input_dtypes[i] == DType::BF16;
+  const RunCtx ctx{&a, bs, in_bytes, &sb, soup, all_bf16};
 
   std::vector<Scratch> scratch(threads);
   for (Scratch& s : scratch) {
@@ -302,63 +417,22 @@ void whole_run_impl(const WholeRunArgs& a) {
   }
   parallel_for(ntasks, threads, [&](int64_t task, int worker) {
     Scratch& s = scratch[worker];
-    float* P = s.P.p;
     const int64_t b_end = std::min(nblocks, (task + 1) * run);
     for (int64_t b = task * run; b < b_end; ++b) {
       const int64_t b0 = b * bs;
       const int64_t len = std::min(bs, a.numel - b0);
-      const int64_t padded = (len + kTile - 1) / kTile * kTile;
-
-      // 1. the pivot w_0 (and the non-finite probe)
-      if (soup || a.check_finite) {
-        for (int i = 0; i < n; ++i) {
-          const void* src = a.inputs[i];
-          const DType d = a.input_dtypes[i];
-          bool bad;
-          if (soup && i == 0)
-            bad = scan_slice<true, true>(src, d, b0, len, P, a.check_finite);
-          else if (soup)
-            bad = scan_slice<true, false>(src, d, b0, len, P, a.check_finite);
-          else
-            bad = scan_slice<false, false>(src, d, b0, len, P, a.check_finite);
-          if (bad) s.bad[i] = 1;
-        }
-      }
-      if (soup) {
-        for (int64_t j = len; j < padded; ++j) P[j] = 0.f;
-        // mean = sum / N (as torch.mean; FastMath: * 1/N), the batch means' operation
-        const float nf = static_cast<float>(n), inv_n = static_cast<float>(1.0 / n);
-        if (n > 1)
-          for (int64_t j = 0; j < padded; j += kW) vstore<kW>(P + j, mean_of<M>(vload<kW>(P + j), nf, inv_n));
-      } else if (a.pivot_mode == PivotMode::Index) {
-        copy_slice(a.inputs[a.pivot_index], a.input_dtypes[a.pivot_index], b0, len, padded, P);
+      const int64_t next_len = b + 1 < b_end ? std::min(bs, a.numel - b0 - bs) : 0;
+      if constexpr (M::kRegister) {
+        block_steps<Rule, M, kAdaptive, kWd>(ctx, reg, s, b0, len, next_len);
+        // an overflow (or a NaN input) somewhere in the block: the form with vfixupimmps,
+        // whose special values are the exact instructions'
+        if (any_nonfinite(s.P.p, len)) block_steps<Rule, F, kAdaptive, kWd>(ctx, plain, s, b0, len, next_len);
       } else {
-        copy_slice(a.pivot, a.pivot_dtype, b0, len, padded, P);
-      }
-
-      // 2. all steps, one register tile at a time, prefetching the next block meanwhile
-      Prefetcher pf;
-      const int64_t next_b0 = b0 + bs;
-      pf.start(a, next_b0, b + 1 < b_end ? std::min(bs, a.numel - next_b0) : 0);
-      const int64_t tiles = padded / kTile;
-      const int64_t lines_per_step = (bs * in_bytes / 64 + tiles - 1) / tiles / std::max(a.steps, 1) + 1;
-      const int64_t full = len / kTile * kTile;
-      for (int64_t j = 0; j < full; j += kTile) {
-        if (all_bf16)
-          run_tile<Rule, M, kAdaptive, kWd, kHavePairs>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, sb,
-                                                        coeffs, a.steps, h, pf, lines_per_step);
-        else
-          run_tile<Rule, M, kAdaptive, kWd, false>(P + j, a.inputs, a.input_dtypes, b0 + j, a.batch_ptr, sb, coeffs,
-                                                   a.steps, h, pf, lines_per_step);
-      }
-      if (full < len) {  // the ragged last tile: a zero-padded fp32 copy of its inputs
-        for (int i = 0; i < n; ++i)
-          copy_slice(a.inputs[i], a.input_dtypes[i], b0 + full, len - full, kTile, s.tail.p + i * kTile);
-        run_tile<Rule, M, kAdaptive, kWd, false>(P + full, s.tail_ptrs.data(), s.tail_dtypes.data(), 0, a.batch_ptr, sb,
-                                          coeffs, a.steps, h, pf, 0);
+        block_steps<Rule, M, kAdaptive, kWd>(ctx, plain, s, b0, len, next_len);
       }
 
       // 3. store w_T in the output dtype
+      const float* P = s.P.p;
       const int64_t lv = len - len % kW;
       for (int64_t j = 0; j < lv; j += kW) vstore_any<kW>(a.out, a.out_dtype, b0 + j, vload<kW>(P + j));
       for (int64_t j = lv; j < len; ++j) store_f32(a.out, a.out_dtype, b0 + j, P[j]);
@@ -452,6 +526,17 @@ void whole_run(const WholeRunArgs& a) {
     // AME_ESTIMATES (per level, csrc/cpu/whole_run_<level>.cpp): 0 where exact is as fast.
     if constexpr (AME_ESTIMATES) {
       if (!a.exact) {
+        if constexpr (Rule::kRegister) {
+          // RegisterMath where the rule's form applies (and no coupled weight decay, which
+          // its d = p - mean leaves out); the fold is a dry run here, redone in whole_run_impl
+          if (!wd) {
+            std::vector<float> rows(static_cast<size_t>(kRegRow) * std::max(a.steps, 1)), init(Rule::kSlots);
+            const SortedBatches sb(a);
+            if (Rule::fold_register(a.hyper, a.coeffs, sb.zscale.data(), a.steps, rows.data(), init.data()))
+              return a.adaptive ? whole_run_impl<Rule, RegisterMath, true, false>(a)
+                                : whole_run_impl<Rule, RegisterMath, false, false>(a);
+          }
+        }
         if constexpr (Rule::kPrivateScaling) {
           HyperScalars probe = a.hyper;
           if (Rule::fold_private(probe, nullptr, 0)) return run(FastPrivateMath{});

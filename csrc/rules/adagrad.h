@@ -16,6 +16,25 @@ struct Adagrad {
   static constexpr int kSlots = 1;
   static constexpr bool kPrivateScaling = false;  // nothing to fold
 
+  // RegisterMath (eps outside): g = c.k d with c.k = zeta_t / N, s <- s + g^2 on a floor of
+  // kRegFloor (so rsqrt never sees 0). With y ~ rsqrt(s) and s0 = s y, Newton's step for the
+  // square root is s0 (3 - s0 y) / 2, so den = s0 (s0 y - 3) - 2 eps = -2 (sqrt(s) + eps)
+  // takes two FMAs; the quotient g / den is one estimate and one Newton step, and c.nlr =
+  // 2 lr_eff undoes the -2. Rows: k, -, c2 = -2 eps, nlr.
+  static constexpr bool kRegister = !kEpsInside;
+  static bool fold_register(const HyperScalars& h, const float* coeffs, const float* zscale, int steps, float* rows,
+                            float* init) {
+    if (kEpsInside || !(h.eps >= kRegEpsMin)) return false;
+    for (int t = 0; t < steps; ++t) {
+      float* r = rows + kRegRow * t;
+      r[0] = zscale[t];
+      r[2] = -2.f * h.eps;
+      r[3] = 2.f * coeffs[4 * t + 1];
+    }
+    init[0] = h.initial_accumulator_value + kRegFloor;
+    return true;
+  }
+
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {
     s[0] = h.initial_accumulator_value;
@@ -28,6 +47,17 @@ struct Adagrad {
     s[0] = sum;
     const V q = kEpsInside ? M::rsqrt_mul(g, sum + h.eps) : M::div(g, M::sqrt(sum) + h.eps);
     w = v_fma(V(0.f) - c.lr_eff, q, w);
+  }
+
+  template <class V>
+  static AME_HD void update_reg(V& w, V d, V* s, const RegCoeffsT<V>& c) {
+    const V g = d * c.k;
+    const V sum = v_fma(g, g, s[0]);
+    s[0] = sum;
+    const V y = v_rsqrt14(sum), s0 = sum * y;
+    const V den = v_fma(s0, v_fma(s0, y, V(-3.f)), c.c2);  // -2 (sqrt(sum) + eps)
+    const V z = v_rcp14(den), q0 = g * z;
+    w = v_fma(c.nlr, v_fma(v_fnmadd(den, q0, g), z, q0), w);
   }
 };
 

@@ -35,6 +35,48 @@ struct Adam {
     return true;
   }
 
+  // RegisterMath (no amsgrad, eps outside): the private state rescaled by K_t = b2^(-t/2) at
+  // step t, m^ = K_t m~ and v^ = K_t^2 v~, so that
+  //   g' = c.k d (c.k = K_t zeta_t / N),  m^ <- c.b m^ + g' (c.b = b1 / sqrt(b2)),  v^ <- v^ + g'^2,
+  //   w <- w * decay - lr' m^ / (sqrt(v^) c1 + eps K_t)      (c1 = inv_bc2_sqrt')
+  // with no multiply by b2; v^ starts at kRegFloor. As Adagrad's, den = s0 (s0 y - 3) + c.c2 =
+  // -2 (sqrt(v^) + eps K_t / c1) and c.nlr = 2 lr' / c1. Declines when b2^-T > 2^40 or eps is
+  // too small for the floor.
+  static constexpr bool kRegister = !kAmsgrad && !kEpsInside;
+  static bool fold_register(const HyperScalars& h, const float* coeffs, const float* zscale, int steps, float* rows,
+                            float* init) {
+    if (!kRegister || !(h.eps > 0.f) || !(h.beta2 > 0.f)) return false;
+    const double b2 = h.beta2, sq = std::sqrt(static_cast<double>(h.one_minus_beta2));
+    if (std::pow(b2, -static_cast<double>(steps)) > kRegGrowthMax) return false;
+    for (int t = 0; t < steps; ++t) {
+      const double K = std::pow(b2, -0.5 * (t + 1));
+      const double c1 = static_cast<double>(coeffs[4 * t + 3]) * sq, e = h.eps * K / c1;
+      if (!(e >= kRegEpsMin)) return false;
+      float* r = rows + kRegRow * t;
+      r[0] = static_cast<float>(K * zscale[t]);
+      r[2] = static_cast<float>(-2.0 * e);
+      r[3] = static_cast<float>(2.0 * static_cast<double>(coeffs[4 * t + 1]) * h.one_minus_beta1 / c1);
+      r[4] = coeffs[4 * t + 2];
+      r[5] = static_cast<float>(h.beta1 / std::sqrt(b2));
+    }
+    init[0] = 0.f;
+    init[1] = kRegFloor;
+    return true;
+  }
+
+  template <class V>
+  static AME_HD void update_reg(V& w, V d, V* s, const RegCoeffsT<V>& c) {
+    if (kDecoupled) w = w * c.decay;
+    const V g = d * c.k;
+    const V m = v_fma(c.b, s[0], g), v = v_fma(g, g, s[1]);
+    s[0] = m;
+    s[1] = v;
+    const V y = v_rsqrt14(v), s0 = v * y;
+    const V den = v_fma(s0, v_fma(s0, y, V(-3.f)), c.c2);  // -2 (sqrt(v^) + eps K_t / c1)
+    const V z = v_rcp14(den), q0 = m * z;
+    w = v_fma(c.nlr, v_fma(v_fnmadd(den, q0, m), z, q0), w);
+  }
+
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {
     (void)h;

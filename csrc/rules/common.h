@@ -58,6 +58,7 @@ AME_HD float v_rsqrt_fast(float a) { return 1.f / sqrtf(a); }
 struct ExactMath {
   static constexpr bool kFast = false;
   static constexpr bool kPrivateState = false;
+  static constexpr bool kRegister = false;
   template <class V>
   static AME_HD V sqrt(V a) { return v_sqrt(a); }
   template <class V>
@@ -68,6 +69,7 @@ struct ExactMath {
 struct FastMath {
   static constexpr bool kFast = true;
   static constexpr bool kPrivateState = false;
+  static constexpr bool kRegister = false;
   template <class V>
   static AME_HD V sqrt(V a) { return v_sqrt_fast(a); }
   template <class V>
@@ -82,6 +84,35 @@ struct FastMath {
 // Rule::fold_private(hyper, coeff rows) has moved those weights into the step constants.
 struct FastPrivateMath : FastMath {
   static constexpr bool kPrivateState = true;
+};
+
+// RegisterMath: the AVX-512 whole-run kernel's cheapest form, for rules with kRegister. The
+// state stays in registers for the whole run, so a rule may rescale it by a different factor
+// at every step: Rule::fold_register(hyper, coeff rows, zscale, steps, rows, init) writes one
+// row of kRegRow constants per step (RegCoeffsT; each rule says what its fields hold) and the
+// initial state, or returns false where the form does not apply (the kernel then runs
+// FastPrivateMath). Rule::update_reg(w, d, s, c) takes d = p - mean_B x, the pseudogradient
+// before its zeta_t / N (c.k holds that and the rule's own per-step scale), and uses the raw
+// vrsqrt14ps / vrcp14ps estimates with one Newton step each, without vfixupimmps: the rule
+// keeps the operands of its estimates positive and finite (a tiny floor under a sum of
+// squares, eps > 0), and the kernel reruns a block with FastPrivateMath when a result is not
+// finite (overflow: there the two forms' special values differ).
+struct RegisterMath : FastPrivateMath {
+  static constexpr bool kRegister = true;
+};
+constexpr int kRegRow = 8;
+// 2^-126 (FLT_MIN), the floor of a register-form sum of squares: its square root 2^-63 is
+// absorbed by any eps the rules accept (fold_register asks eps >= 2^-38 times its factor).
+constexpr float kRegFloor = 1.17549435e-38f;
+constexpr double kRegEpsMin = 3.637978807091713e-12;  // 2^-38
+constexpr double kRegGrowthMax = 1099511627776.0;     // 2^40: largest per-run state rescaling
+
+template <class V>
+struct RegCoeffsT {
+  V k, c1, c2, nlr, decay, b;
+  static AME_HD RegCoeffsT load(const float* row) {
+    return RegCoeffsT{V(row[0]), V(row[1]), V(row[2]), V(row[3]), V(row[4]), V(row[5])};
+  }
 };
 
 // Scalar hyperparameters, resolved on the host (StepPlan.hyper); bools as ints so the

@@ -19,6 +19,7 @@ struct Sgd {
   static_assert(kMomentum || !kNesterov, "nesterov needs momentum");
   static constexpr int kSlots = kMomentum ? 1 : 0;
   static constexpr bool kPrivateScaling = false;  // nothing to fold
+  static constexpr bool kRegister = false;
 
   template <class V>
   static AME_HD void init(V* s, const HyperT<V>& h) {
