@@ -23,13 +23,15 @@ or ``whole_run_buffers(simd=)``), else the environment variable ``AME_SIMD``
 (``scalar`` / ``avx2`` / ``avx512``; for tests and benchmarks), else the best level this
 CPU supports.
 
-Arithmetic: by default the AVX-512 whole-run kernel takes the adaptive optimizers' square
-roots and divisions from the CPU's estimates (``vrsqrt14ps``/``vrcp14ps``) with one Newton
-step, about one ulp from the correctly rounded result and within ``tests/tolerances.py`` of
-the reference; its results then differ from the AVX2 level's in the last bits (the AVX2 and
-scalar levels, and the step kernel at every level, run the exact instructions, which
-measured as fast there). ``exact=True`` (``CpuBackend(exact=True)``,
-``whole_run_buffers(exact=True)``, or the environment variable ``AME_EXACT=1``) restores
+Arithmetic: unless exact (``default_exact``: by CPU, measured), the whole-run kernel takes the
+adaptive optimizers' square roots and divisions from the CPU's estimates with Newton steps:
+on AVX-512 ``vrsqrt14ps``/``vrcp14ps`` (about one ulp from the correctly rounded result), on
+AVX2 ``vrsqrtps``/``vrcpps`` in the rules' register forms (about 2^-22 relative), all within
+``tests/tolerances.py`` of the reference and within twice its error against a float64 oracle;
+the levels' results then differ in the last bits (the scalar level and the step kernel at
+every level run the exact instructions, which measured as fast there). ``exact=True``
+(``CpuBackend(exact=True)``, ``whole_run_buffers(exact=True)``, or the environment variable
+``AME_EXACT=1``) restores
 the correctly rounded instructions everywhere, bit-identical across the SIMD levels.
 """
 
@@ -96,10 +98,20 @@ _VENDOR: Optional[str] = None
 
 def default_exact() -> bool:
     """The default when neither the caller nor $AME_EXACT decides: the estimates (exact False) on
-    Intel, where zmm vsqrtps / vdivps cost 1.5-1.8x them (README, issue 18), the exact
-    instructions elsewhere: on the AMD EPYC (Zen) the estimates measured 0.83-0.87x the exact
-    instructions' speed in cache (bench_whole_run.py --cycles)."""
-    return cpu_vendor() != "GenuineIntel"
+    Intel, where zmm vsqrtps / vdivps cost 1.5-1.8x them, and on AMD CPUs without AVX-512 (Zen 1
+    measured: the AVX2 register forms ran Adadelta 1.35x, Adam/AdamW 1.08x and Adagrad 1.00x the
+    exact instructions' speed on whole runs; Zen 2/3 unmeasured, they follow it); the exact
+    instructions elsewhere: on the AVX-512 AMD EPYC (Zen 4) the estimates measured 0.83-0.87x
+    the exact instructions' speed in cache (bench_whole_run.py --cycles; README, issue 18)."""
+    vendor = cpu_vendor()
+    if vendor == "GenuineIntel":
+        return False
+    return not (vendor == "AuthenticAMD" and "avx512" not in _supported_levels())
+
+
+def _supported_levels() -> list:
+    """The SIMD levels this CPU runs ([] without the native module)."""
+    return list(_native.build_info().get("simd_supported", []))
 
 
 def default_block() -> int:

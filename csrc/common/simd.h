@@ -90,10 +90,10 @@ AME_HD Simd16 v_div_fast(Simd16 a, Simd16 b) {
   const __m512 q = _mm512_fmadd_ps(_mm512_fnmadd_ps(b.v, q0, a.v), y, q0);
   return _mm512_fixupimm_ps(q0, q, _mm512_set1_epi32(0x11111110), 0);
 }
-// The raw estimates (relative error < 2^-14) and a - b c, for RegisterMath's rules, which
-// refine them themselves on operands they keep positive and finite.
-AME_HD Simd16 v_rsqrt14(Simd16 a) { return _mm512_rsqrt14_ps(a.v); }
-AME_HD Simd16 v_rcp14(Simd16 a) { return _mm512_rcp14_ps(a.v); }
+// The raw estimates (AVX-512: relative error < 2^-14) and a - b c, for RegisterMath's rules,
+// which refine them themselves on operands they keep positive and finite.
+AME_HD Simd16 v_rsqrt_est(Simd16 a) { return _mm512_rsqrt14_ps(a.v); }
+AME_HD Simd16 v_rcp_est(Simd16 a) { return _mm512_rcp14_ps(a.v); }
 AME_HD Simd16 v_fnmadd(Simd16 b, Simd16 c, Simd16 a) { return _mm512_fnmadd_ps(b.v, c.v, a.v); }
 // 1/sqrt(a) = y + y/2 (1 - a y^2); 1/sqrt(0) = +Inf, 1/sqrt(+Inf) = +0.
 AME_HD Simd16 v_rsqrt_fast(Simd16 a) {
@@ -147,7 +147,13 @@ AME_HD Simd8 v_div(Simd8 a, Simd8 b) { return _mm256_div_ps(a.v, b.v); }
 AME_HD Simd8 v_max(Simd8 a, Simd8 b) { return _mm256_max_ps(b.v, a.v); }
 AME_HD bool v_any_nan(Simd8 a) { return _mm256_movemask_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)) != 0; }
 // No FastMath on AVX2: on the Intel Xeon the ymm vsqrtps/vdivps beat rsqrtps/rcpps with a
-// Newton step (README, CPU kernels), so the avx2 kernels keep the exact instructions.
+// Newton step (README, CPU kernels), so the avx2 kernels' FastMath is the exact instructions.
+// RegisterMath's raw estimates (relative error <= 1.5 * 2^-12; its rules' one Newton step
+// leaves about 2^-22) are the AVX2 whole-run kernel's default on AMD's Zen 1, whose
+// double-pumped vsqrtps/vdivps bound the exact loops.
+AME_HD Simd8 v_rsqrt_est(Simd8 a) { return _mm256_rsqrt_ps(a.v); }
+AME_HD Simd8 v_rcp_est(Simd8 a) { return _mm256_rcp_ps(a.v); }
+AME_HD Simd8 v_fnmadd(Simd8 b, Simd8 c, Simd8 a) { return _mm256_fnmadd_ps(b.v, c.v, a.v); }
 #endif
 
 // The portable path: W = 1 is plain float.

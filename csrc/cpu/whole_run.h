@@ -3,7 +3,9 @@
 //
 // Included by whole_run_{scalar,avx2,avx512}.cpp, each of which defines AME_ISA_NS (the
 // namespace, so the per-ISA instantiations never merge at link time), AME_W (the vector
-// width) and AME_U (vectors per register tile), and compiles with that ISA's flags.
+// width), AME_U (vectors per register tile), AME_ESTIMATES (FastMath: 0 where the exact
+// instructions are as fast) and AME_REGISTER (RegisterMath: the rules' register forms), and
+// compiles with that ISA's flags.
 //
 // Per block of B elements (B sized so that the block's N input slices, the next block's
 // and w fit in L2 together, see whole_run_block):
@@ -34,7 +36,7 @@
 #include "cpu/thread_pool.h"
 
 #ifndef AME_ISA_NS
-#error "define AME_ISA_NS, AME_W, AME_U and AME_ESTIMATES before including cpu/whole_run.h"
+#error "define AME_ISA_NS, AME_W, AME_U, AME_ESTIMATES and AME_REGISTER before including cpu/whole_run.h"
 #endif
 
 namespace ame {
@@ -196,10 +198,11 @@ struct Prefetcher {
 
 // The batch mean as the soup takes it: summed in the order given (ascending ingredient
 // index, see SortedBatches), then divided by |B| (ExactMath, as torch.mean) or multiplied
-// by 1/|B| (FastMath); the soup pass uses the same operation with N.
+// by 1/|B| (the estimates, on the levels that have FastMath: RegisterMath on AVX2 divides as
+// its fallback ExactMath does); the soup pass uses the same operation with N.
 template <class M>
 AME_HD V mean_of(V sum, float count, float inv_count) {
-  if constexpr (M::kFast) return sum * V(inv_count); else return v_div(sum, V(count));
+  if constexpr (M::kFast && AME_ESTIMATES) return sum * V(inv_count); else return v_div(sum, V(count));
 }
 
 // Per-step constants the kernel derives once on the host from the plan: the batch members
@@ -380,8 +383,11 @@ void whole_run_impl(const WholeRunArgs& a) {
   // known and prefetched; across runs the pool balances load between threads.
   const int64_t run = std::max<int64_t>(1, nblocks / (8 * static_cast<int64_t>(threads)));
   const int64_t ntasks = (nblocks + run - 1) / run;
-  using F = std::conditional_t<Rule::kPrivateScaling, FastPrivateMath, FastMath>;
-  constexpr bool kPrivate = M::kPrivateState || M::kRegister;  // the private folds (M, or F after M)
+  // RegisterMath's fallback: the fixed-up estimates where the level has them, else exact
+  using F = std::conditional_t<!AME_ESTIMATES, ExactMath,
+                               std::conditional_t<Rule::kPrivateScaling, FastPrivateMath, FastMath>>;
+  // the private folds: for M, or for F after RegisterMath
+  constexpr bool kPrivate = M::kRegister ? F::kPrivateState : M::kPrivateState;
   // FastPrivateMath: the rule's (1 - beta) weights folded into a copy of the step constants
   HyperScalars hs = a.hyper;
   std::vector<float> folded;
@@ -523,20 +529,21 @@ void whole_run(const WholeRunArgs& a) {
       else
         wd ? whole_run_impl<Rule, M, false, true>(a) : whole_run_impl<Rule, M, false, false>(a);
     };
-    // AME_ESTIMATES (per level, csrc/cpu/whole_run_<level>.cpp): 0 where exact is as fast.
-    if constexpr (AME_ESTIMATES) {
-      if (!a.exact) {
-        if constexpr (Rule::kRegister) {
-          // RegisterMath where the rule's form applies (and no coupled weight decay, which
-          // its d = p - mean leaves out); the fold is a dry run here, redone in whole_run_impl
-          if (!wd) {
-            std::vector<float> rows(static_cast<size_t>(kRegRow) * std::max(a.steps, 1)), init(Rule::kSlots);
-            const SortedBatches sb(a);
-            if (Rule::fold_register(a.hyper, a.coeffs, sb.zscale.data(), a.steps, rows.data(), init.data()))
-              return a.adaptive ? whole_run_impl<Rule, RegisterMath, true, false>(a)
-                                : whole_run_impl<Rule, RegisterMath, false, false>(a);
-          }
+    // AME_REGISTER, AME_ESTIMATES (per level, csrc/cpu/whole_run_<level>.cpp): whether the
+    // level has RegisterMath, and FastMath (0 where exact is as fast).
+    if (!a.exact) {
+      if constexpr (AME_REGISTER && Rule::kRegister) {
+        // RegisterMath where the rule's form applies (and no coupled weight decay, which
+        // its d = p - mean leaves out); the fold is a dry run here, redone in whole_run_impl
+        if (!wd) {
+          std::vector<float> rows(static_cast<size_t>(kRegRow) * std::max(a.steps, 1)), init(Rule::kSlots);
+          const SortedBatches sb(a);
+          if (Rule::fold_register(a.hyper, a.coeffs, sb.zscale.data(), a.steps, rows.data(), init.data()))
+            return a.adaptive ? whole_run_impl<Rule, RegisterMath, true, false>(a)
+                              : whole_run_impl<Rule, RegisterMath, false, false>(a);
         }
+      }
+      if constexpr (AME_ESTIMATES) {
         if constexpr (Rule::kPrivateScaling) {
           HyperScalars probe = a.hyper;
           if (Rule::fold_private(probe, nullptr, 0)) return run(FastPrivateMath{});

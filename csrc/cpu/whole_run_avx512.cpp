@@ -4,4 +4,5 @@
 #define AME_W 16
 #define AME_U 8  // 8 x 16 lanes: enough independent chains to hide sqrt/div latency (32 zmm registers)
 #define AME_ESTIMATES 1  // FastMath by default (exact=True: ExactMath)
+#define AME_REGISTER 1  // and the register forms where a rule has one
 #include "cpu/whole_run.h"

@@ -4,4 +4,5 @@
 #define AME_W 1
 #define AME_U 4
 #define AME_ESTIMATES 0  // always ExactMath (no estimates worth having here)
+#define AME_REGISTER 0
 #include "cpu/whole_run.h"

@@ -60,7 +60,7 @@ struct Adadelta {
     const V a = v_fma(g, g, s[0]);
     s[0] = a;
     const V U = v_fma(s[1], V(0.25f), c.c1), P = U * (a + c.c2);
-    const V y = v_rsqrt14(P);
+    const V y = v_rsqrt_est(P);
     const V dx2 = ((g * U) * y) * v_fma(P * y, y, V(-3.f));  // -2 dx
     s[1] = v_fma(dx2, dx2, c.b * s[1]);
     w = v_fma(c.nlr, dx2, w);

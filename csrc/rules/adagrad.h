@@ -54,9 +54,9 @@ struct Adagrad {
     const V g = d * c.k;
     const V sum = v_fma(g, g, s[0]);
     s[0] = sum;
-    const V y = v_rsqrt14(sum), s0 = sum * y;
+    const V y = v_rsqrt_est(sum), s0 = sum * y;
     const V den = v_fma(s0, v_fma(s0, y, V(-3.f)), c.c2);  // -2 (sqrt(sum) + eps)
-    const V z = v_rcp14(den), q0 = g * z;
+    const V z = v_rcp_est(den), q0 = g * z;
     w = v_fma(c.nlr, v_fma(v_fnmadd(den, q0, g), z, q0), w);
   }
 };

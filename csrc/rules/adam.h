@@ -71,9 +71,9 @@ struct Adam {
     const V m = v_fma(c.b, s[0], g), v = v_fma(g, g, s[1]);
     s[0] = m;
     s[1] = v;
-    const V y = v_rsqrt14(v), s0 = v * y;
+    const V y = v_rsqrt_est(v), s0 = v * y;
     const V den = v_fma(s0, v_fma(s0, y, V(-3.f)), c.c2);  // -2 (sqrt(v^) + eps K_t / c1)
-    const V z = v_rcp14(den), q0 = m * z;
+    const V z = v_rcp_est(den), q0 = m * z;
     w = v_fma(c.nlr, v_fma(v_fnmadd(den, q0, m), z, q0), w);
   }
 
