@@ -37,6 +37,7 @@ the correctly rounded instructions everywhere, bit-identical across the SIMD lev
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -109,9 +110,10 @@ def default_exact() -> bool:
     return not (vendor == "AuthenticAMD" and "avx512" not in _supported_levels())
 
 
-def _supported_levels() -> list:
-    """The SIMD levels this CPU runs ([] without the native module)."""
-    return list(_native.build_info().get("simd_supported", []))
+@functools.lru_cache(maxsize=None)
+def _supported_levels() -> tuple:
+    """The SIMD levels this CPU runs (empty without the native module); asked once, as the vendor."""
+    return tuple(_native.build_info().get("simd_supported", []))
 
 
 def default_block() -> int:

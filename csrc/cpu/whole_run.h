@@ -369,7 +369,8 @@ inline bool any_nonfinite(const float* P, int64_t len) {
 }
 
 // M: ExactMath, FastMath, FastPrivateMath (the rule's folds applied here), or RegisterMath,
-// whose non-finite blocks rerun with F (the rule's FastPrivateMath or FastMath).
+// whose non-finite blocks rerun with F (the rule's FastPrivateMath or FastMath; ExactMath on
+// levels without them).
 template <class Rule, class M, bool kAdaptive, bool kWd>
 void whole_run_impl(const WholeRunArgs& a) {
   const int n = a.n;

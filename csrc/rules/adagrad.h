@@ -17,10 +17,8 @@ struct Adagrad {
   static constexpr bool kPrivateScaling = false;  // nothing to fold
 
   // RegisterMath (eps outside): g = c.k d with c.k = zeta_t / N, s <- s + g^2 on a floor of
-  // kRegFloor (so rsqrt never sees 0). With y ~ rsqrt(s) and s0 = s y, Newton's step for the
-  // square root is s0 (3 - s0 y) / 2, so den = s0 (s0 y - 3) - 2 eps = -2 (sqrt(s) + eps)
-  // takes two FMAs; the quotient g / den is one estimate and one Newton step, and c.nlr =
-  // 2 lr_eff undoes the -2. Rows: k, -, c2 = -2 eps, nlr.
+  // kRegFloor (so rsqrt never sees 0), w <- w + c.nlr g / (-2 (sqrt(s) + eps)) by
+  // reg_add_quotient (c.nlr = 2 lr_eff). Rows: k, -, c2 = -2 eps, nlr.
   static constexpr bool kRegister = !kEpsInside;
   static bool fold_register(const HyperScalars& h, const float* coeffs, const float* zscale, int steps, float* rows,
                             float* init) {
@@ -54,10 +52,7 @@ struct Adagrad {
     const V g = d * c.k;
     const V sum = v_fma(g, g, s[0]);
     s[0] = sum;
-    const V y = v_rsqrt_est(sum), s0 = sum * y;
-    const V den = v_fma(s0, v_fma(s0, y, V(-3.f)), c.c2);  // -2 (sqrt(sum) + eps)
-    const V z = v_rcp_est(den), q0 = g * z;
-    w = v_fma(c.nlr, v_fma(v_fnmadd(den, q0, g), z, q0), w);
+    reg_add_quotient(w, g, sum, c);
   }
 };
 

@@ -39,9 +39,9 @@ struct Adam {
   // step t, m^ = K_t m~ and v^ = K_t^2 v~, so that
   //   g' = c.k d (c.k = K_t zeta_t / N),  m^ <- c.b m^ + g' (c.b = b1 / sqrt(b2)),  v^ <- v^ + g'^2,
   //   w <- w * decay - lr' m^ / (sqrt(v^) c1 + eps K_t)      (c1 = inv_bc2_sqrt')
-  // with no multiply by b2; v^ starts at kRegFloor. As Adagrad's, den = s0 (s0 y - 3) + c.c2 =
-  // -2 (sqrt(v^) + eps K_t / c1) and c.nlr = 2 lr' / c1. Declines when b2^-T > 2^40 or eps is
-  // too small for the floor.
+  // with no multiply by b2; v^ starts at kRegFloor. The quotient by reg_add_quotient (as
+  // Adagrad's): c.c2 = -2 eps K_t / c1, c.nlr = 2 lr' / c1. Declines when b2^-T > 2^40 or eps
+  // is too small for the floor.
   static constexpr bool kRegister = !kAmsgrad && !kEpsInside;
   static bool fold_register(const HyperScalars& h, const float* coeffs, const float* zscale, int steps, float* rows,
                             float* init) {
@@ -71,10 +71,7 @@ struct Adam {
     const V m = v_fma(c.b, s[0], g), v = v_fma(g, g, s[1]);
     s[0] = m;
     s[1] = v;
-    const V y = v_rsqrt_est(v), s0 = v * y;
-    const V den = v_fma(s0, v_fma(s0, y, V(-3.f)), c.c2);  // -2 (sqrt(v^) + eps K_t / c1)
-    const V z = v_rcp_est(den), q0 = m * z;
-    w = v_fma(c.nlr, v_fma(v_fnmadd(den, q0, m), z, q0), w);
+    reg_add_quotient(w, m, v, c);
   }
 
   template <class V>

@@ -90,13 +90,14 @@ struct FastPrivateMath : FastMath {
 // state stays in registers for the whole run, so a rule may rescale it by a different factor
 // at every step: Rule::fold_register(hyper, coeff rows, zscale, steps, rows, init) writes one
 // row of kRegRow constants per step (RegCoeffsT; each rule says what its fields hold) and the
-// initial state, or returns false where the form does not apply (the kernel then runs
-// FastPrivateMath). Rule::update_reg(w, d, s, c) takes d = p - mean_B x, the pseudogradient
-// before its zeta_t / N (c.k holds that and the rule's own per-step scale), and uses the raw
-// vrsqrt14ps / vrcp14ps estimates with one Newton step each, without vfixupimmps: the rule
-// keeps the operands of its estimates positive and finite (a tiny floor under a sum of
-// squares, eps > 0), and the kernel reruns a block with FastPrivateMath when a result is not
-// finite (overflow: there the two forms' special values differ).
+// initial state, or returns false where the form does not apply (the kernel then runs its
+// fallback: FastPrivateMath / FastMath on AVX-512, ExactMath on AVX2). Rule::update_reg(w, d,
+// s, c) takes d = p - mean_B x, the pseudogradient before its zeta_t / N (c.k holds that and
+// the rule's own per-step scale), and uses the raw estimates (v_rsqrt_est / v_rcp_est:
+// vrsqrt14ps / vrcp14ps, vrsqrtps / vrcpps) with one Newton step each, without vfixupimmps:
+// the rule keeps the operands of its estimates positive and finite (a tiny floor under a sum
+// of squares, eps > 0), and the kernel reruns a block with the fallback when a result is not
+// finite (overflow: there the forms' special values differ).
 struct RegisterMath : FastPrivateMath {
   static constexpr bool kRegister = true;
 };
@@ -114,6 +115,18 @@ struct RegCoeffsT {
     return RegCoeffsT{V(row[0]), V(row[1]), V(row[2]), V(row[3]), V(row[4]), V(row[5])};
   }
 };
+
+// Adagrad's and Adam's register-form step w <- w + c.nlr num / den, den = -2 (sqrt(sq) + e):
+// with y ~ rsqrt(sq) and s0 = sq y, Newton's step for the square root is s0 (3 - s0 y) / 2, so
+// den = s0 (s0 y - 3) + c.c2 (c.c2 = -2 e) takes two FMAs; the quotient is one estimate and
+// one Newton step, and the rule's c.nlr undoes the -2.
+template <class V>
+AME_HD void reg_add_quotient(V& w, V num, V sq, const RegCoeffsT<V>& c) {
+  const V y = v_rsqrt_est(sq), s0 = sq * y;
+  const V den = v_fma(s0, v_fma(s0, y, V(-3.f)), c.c2);
+  const V z = v_rcp_est(den), q0 = num * z;
+  w = v_fma(c.nlr, v_fma(v_fnmadd(den, q0, num), z, q0), w);
+}
 
 // Scalar hyperparameters, resolved on the host (StepPlan.hyper); bools as ints so the
 // struct has the same layout on every compiler.
