@@ -150,6 +150,10 @@ def test_nan_inf(level):
     shape = (6, 333)
     x, b = task_vectors(shape, "float32", "float32", gen, scale=1.0)
     x[5::17] = float("nan")
+    raw = x.view(torch.int32)  # NaNs of other payloads and signs: every NaN is one key, ranked by index
+    raw[7::23] = 0x7F800001
+    raw[9::37] = int(np.int32(np.uint32(0xFFC01234)))
+    raw[13::41] = 0x7FFFFFFF
     x[3::29] = float("inf")
     x[11::31] = -float("inf")
     b[3::58] = float("inf")

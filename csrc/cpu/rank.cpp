@@ -267,6 +267,16 @@ int64_t exact_rank(const uint32_t* keys, int64_t cols, int64_t c) {
   return r;
 }
 
+// bits (ceil(cols / 64) words) = u[c] < p[c], a word at a time in a register (decide_scalar).
+void less_bits(const float* u, const float* p, int64_t cols, uint64_t* bits) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+    const int64_t n = std::min<int64_t>(cols - c0, 64);
+    uint64_t word = 0;
+    for (int64_t c = 0; c < n; ++c) word |= static_cast<uint64_t>(u[c0 + c] < p[c0 + c]) << c;
+    bits[c0 >> 6] = word;
+  }
+}
+
 AME_HD void set_bit(uint64_t* w, int64_t c, bool v) {
   const uint64_t m = uint64_t{1} << (c & 63);
   w[c >> 6] = v ? (w[c >> 6] | m) : (w[c >> 6] & ~m);
@@ -289,24 +299,65 @@ int64_t resolve_open(const DecideArgs& d, int64_t nopen) {
 }
 
 // The scalar decisions (DecideArgs' contract, cpu/rank.h), branch-free: both outcomes are data.
+// The bits of a line are gathered in a register, one word per 64 entries: an |= into memory per
+// entry chains every entry of a word through a store and its reload (on Zen 3 that chain took
+// most of the decisions' time).
 int64_t decide_scalar(const DecideArgs& d) {
   uint32_t zeros = 0;
   int64_t nopen = 0;
-  std::fill(d.bits, d.bits + (d.cols + 63) / 64, uint64_t{0});
-  for (int64_t c = 0; c < d.cols; ++c) {
-    const uint32_t k = d.keys[c];
+  for (int64_t c0 = 0; c0 < d.cols; c0 += 64) {
+    const int64_t c1 = std::min<int64_t>(d.cols, c0 + 64);
+    uint64_t word = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint32_t k = d.keys[c];
+      const float uc = d.u[c];
+      const uint32_t q = bucket_of(k, d.lo, d.shift);  // holds this entry: first[q + 1] > first[q]
+      const float zt = d.table[zeros];  // a zero's rank: the zeros before it
+      const float tl = k ? d.table[d.first[q]] : zt;
+      const float th = k ? d.table[d.first[q + 1] - 1u] : zt;
+      zeros += k == 0;
+      const int in = uc < tl;
+      const int open = (in ^ 1) & static_cast<int>(uc < th);
+      word |= static_cast<uint64_t>(in) << (c - c0);
+      d.open[std::min<int64_t>(nopen, d.max_open)] = static_cast<uint32_t>(c);  // the slot past the last: overflow
+      nopen += open;
+    }
+    d.bits[c0 >> 6] = word;
+  }
+  return resolve_open(d, nopen);
+}
+
+// The decisions of the entries avx2::count_classify listed (its bits hold the others'), after the
+// buckets' prefix sums: decide_scalar's for each, in index order, so the same bits and open list.
+int64_t decide_listed(const DecideArgs& d, int64_t nlisted) {
+  const ClassifyLists w = classify_lists(d);
+  int64_t nopen = 0, word = -1;
+  uint64_t keep = 0;
+  for (int64_t t = 0; t < nlisted; ++t) {
+    const uint32_t c = w.listed[t];
+    if (static_cast<int64_t>(c >> 6) != word) {  // the listed entries of a word, in a register
+      if (word >= 0) d.bits[word] = keep;
+      word = c >> 6;
+      keep = d.bits[word];
+    }
+    const uint32_t q = w.bucket[c];
+    float tl, th;
+    if (q == 0) {  // a zero's rank: the zeros before it
+      const uint64_t zw = static_cast<uint64_t>(w.zero_hi[word]) << 32 | w.zero_lo[word];
+      const uint64_t below = zw & ((uint64_t{1} << (c & 63)) - 1u);
+      tl = th = d.table[w.zeros_before[word] + static_cast<uint32_t>(__builtin_popcountll(below))];
+    } else {
+      tl = d.table[d.first[q]];
+      th = d.table[d.first[q + 1] - 1u];
+    }
     const float uc = d.u[c];
-    const uint32_t q = bucket_of(k, d.lo, d.shift);  // holds this entry: first[q + 1] > first[q]
-    const float zt = d.table[zeros];  // a zero's rank: the zeros before it
-    const float tl = k ? d.table[d.first[q]] : zt;
-    const float th = k ? d.table[d.first[q + 1] - 1u] : zt;
-    zeros += k == 0;
     const int in = uc < tl;
     const int open = (in ^ 1) & static_cast<int>(uc < th);
-    d.bits[c >> 6] |= static_cast<uint64_t>(in) << (c & 63);
-    d.open[std::min<int64_t>(nopen, d.max_open)] = static_cast<uint32_t>(c);  // the slot past the last: overflow
+    keep |= static_cast<uint64_t>(in) << (c & 63);
+    d.open[std::min<int64_t>(nopen, d.max_open)] = c;  // the slot past the last: overflow
     nopen += open;
   }
+  if (word >= 0) d.bits[word] = keep;
   return resolve_open(d, nopen);
 }
 
@@ -319,23 +370,27 @@ int64_t decide_scalar(const DecideArgs& d) {
 // placement without moving anything). The others (few in such lines) are decided by the bounds.
 int64_t ties_scalar(const DecideArgs& d) {
   const uint32_t low = (uint32_t{1} << d.shift) - 1u;
-  std::fill(d.bits, d.bits + (d.cols + 63) / 64, uint64_t{0});
   int64_t nopen = 0;
-  for (int64_t c = 0; c < d.cols; ++c) {
-    const uint32_t k = d.keys[c];
-    const uint32_t q = bucket_of(k, d.lo, d.shift);
-    const float uc = d.u[c];
-    int keep;
-    if ((k & low) == 0 && (q != 1 || !d.floor_mixed)) {  // zeros too: bucket 0 holds only them
-      keep = uc < d.table[d.next[q]++];
-    } else {
-      keep = uc < d.table[d.first[q]];
-      if (!keep && uc < d.table[d.first[q + 1] - 1u]) {
-        if (nopen == d.max_open) return nopen + 1;  // the caller ranks the line
-        d.open[nopen++] = static_cast<uint32_t>(c);
+  for (int64_t c0 = 0; c0 < d.cols; c0 += 64) {  // a word's bits in a register, as decide_scalar
+    const int64_t c1 = std::min<int64_t>(d.cols, c0 + 64);
+    uint64_t word = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint32_t k = d.keys[c];
+      const uint32_t q = bucket_of(k, d.lo, d.shift);
+      const float uc = d.u[c];
+      int keep;
+      if ((k & low) == 0 && (q != 1 || !d.floor_mixed)) {  // zeros too: bucket 0 holds only them
+        keep = uc < d.table[d.next[q]++];
+      } else {
+        keep = uc < d.table[d.first[q]];
+        if (!keep && uc < d.table[d.first[q + 1] - 1u]) {
+          if (nopen == d.max_open) return nopen + 1;  // the caller ranks the line
+          d.open[nopen++] = static_cast<uint32_t>(c);
+        }
       }
+      word |= static_cast<uint64_t>(keep) << (c - c0);
     }
-    d.bits[c >> 6] |= static_cast<uint64_t>(keep) << (c & 63);
+    d.bits[c0 >> 6] = word;
   }
   return resolve_open(d, nopen);
 }
@@ -354,10 +409,8 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
   const float* table = pt.p.data();
   const float* u = s.u.data();
   uint64_t* bits = s.bits.data();
-  const int64_t words = (cols + 63) / 64;
   if (st.max == 0) {  // every key 0: the rank is the index
-    std::fill(bits, bits + words, uint64_t{0});
-    for (int64_t c = 0; c < cols; ++c) bits[c >> 6] |= static_cast<uint64_t>(u[c] < table[c]) << (c & 63);
+    less_bits(u, table, cols, bits);
     return;
   }
   if (pt.rising) {
@@ -419,7 +472,13 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
     {
       s.cnt.assign(nbk, 0u);
       uint32_t* cnt = s.cnt.data();
-      for (int64_t c = 0; c < cols; ++c) ++cnt[bucket_of(keys[c], lo, sh)];
+      int64_t listed = -1;  // avx2: the entries its counting pass left undecided
+#if defined(AME_HAVE_X86)
+      if (level == SimdLevel::AVX2)
+        listed = avx2::count_classify(d, cnt);
+      else
+#endif
+        for (int64_t c = 0; c < cols; ++c) ++cnt[bucket_of(keys[c], lo, sh)];
       uint32_t below = 0;
       uint64_t pairs = 0;  // sum of n^2, then of n (n - 1) over the nonzero buckets
       for (uint32_t q = 0; q < nbk; ++q) {
@@ -434,7 +493,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
       // the tie pass ranks nearly every entry (one bucket per 2^D step) it pays from kTieOpen on
       const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
       const bool ties = static_cast<double>(pairs) * spread > (sh == D && D > 0 ? kTieOpen : kMaxOpen) * static_cast<double>(cols - 1);
-      if (!ties && decide_scalar(d) <= kMaxOpen) return;
+      if (!ties && (listed >= 0 ? decide_listed(d, listed) : decide_scalar(d)) <= kMaxOpen) return;
       if (s.next.size() < nbk) s.next.resize(nbk);
       d.next = s.next.data();
       std::copy(first, first + nbk, d.next);  // the entries in the buckets below each
@@ -443,8 +502,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
   }
   float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
   rank_line(keys, st, cols, 1, table, p, s.sort);
-  std::fill(bits, bits + words, uint64_t{0});
-  for (int64_t c = 0; c < cols; ++c) bits[c >> 6] |= static_cast<uint64_t>(u[c] < p[c]) << (c & 63);
+  less_bits(u, p, cols, bits);
 }
 
 int64_t gcd64(int64_t a, int64_t b) {
@@ -564,6 +622,7 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
                     SimdLevel level) {
 #if defined(AME_HAVE_X86)
   if (level == SimdLevel::AVX512) return avx512::line_keys(x, xd, b, bd, start, cols, keys);
+  if (level == SimdLevel::AVX2) return avx2::line_keys(x, xd, b, bd, start, cols, keys);
 #endif
   RankArgs a;
   a.x_dtype = xd;

@@ -115,6 +115,29 @@ constexpr int64_t decide_work(int64_t cols) { return 5 * (cols + 64); }
 // One contiguous line's keys (keys[c] = mag_key(x - b), b = 0 without a base) and LineStats.
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
                     SimdLevel level);
+// Where avx2::count_classify leaves its lists in DecideArgs::work (decide_work(cols) holds them):
+// the listed entries' indices (with room for a vector's store past the last), each entry's
+// bucket, and per 64-entry word of the line the zeros before it and its zero bits (two halves).
+struct ClassifyLists {
+  uint32_t* listed;
+  uint32_t* bucket;
+  uint32_t* zeros_before;
+  uint32_t* zero_lo;
+  uint32_t* zero_hi;
+};
+inline ClassifyLists classify_lists(const DecideArgs& d) {
+  const int64_t words = (d.cols + 63) / 64, span = d.cols + 64;
+  return ClassifyLists{d.work, d.work + span, d.work + 2 * span, d.work + 2 * span + words,
+                       d.work + 2 * span + 2 * words};
+}
+namespace avx2 {
+// One line's bucket counts (cnt zeroed [2^nb], the buckets of DecideArgs' contract) and what
+// the uniforms alone decide: every word of d.bits written with u[c] < table[0], and the entries
+// with table[0] <= u[c] < table[cols - 1] listed in index order (ClassifyLists); returns how
+// many are listed. The caller's prefix sums and decide_listed (cpu/rank.cpp) finish the line.
+int64_t count_classify(const DecideArgs& d, uint32_t* cnt);
+LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys);
+}
 namespace avx512 {
 // One line's decisions at the avx512 level (needs BMI2 and d.work; the caller checks), counting
 // included: cnt zeroed [nbk + 16] (ties: [2 nbk + 16]), the buckets' prefix sums written to

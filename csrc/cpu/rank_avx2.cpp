@@ -1,0 +1,176 @@
+// della_masks' counting pass at the avx2 level (cpu/rank.h): a line's bucket indices eight at a
+// time (the increments scalar), and the decisions its uniforms alone take: u < table[0] keeps an
+// entry and u >= table[cols - 1] drops it whatever its rank, so only the entries between (about
+// 2 epsilon of them) are listed, by a lookup-table compress of their lane indices, for the
+// bucket bounds (decide_listed, cpu/rank.cpp). Compares and integer operations only: the same
+// buckets and bits as the scalar loops. CMake compiles *_avx2.cpp with the ISA's flags.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "common/simd.h"
+#include "cpu/rank.h"
+
+namespace ame {
+namespace cpu {
+namespace avx2 {
+namespace {
+
+// kLanes[m]: the indices of m's set bits in ascending order, one per byte (the rest 0);
+// kCount[m]: how many.
+struct CompressTable {
+  uint64_t lanes[256];
+  uint8_t count[256];
+  constexpr CompressTable() : lanes(), count() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      uint64_t v = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) v |= static_cast<uint64_t>(l) << (8 * n++);
+      lanes[m] = v;
+      count[m] = static_cast<uint8_t>(n);
+    }
+  }
+};
+constexpr CompressTable kCompress;
+
+uint32_t reduce_min(__m256i v) {
+  __m128i m = _mm_min_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_min_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_min_epu32(m, _mm_shuffle_epi32(m, 0xb1))));
+}
+uint32_t reduce_max(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1))));
+}
+
+// A line's keys and LineStats eight at a time: the scalar loop's fp32 subtraction and key; the
+// keys with bits below 8 (16) counted as the entries less those without.
+template <DType XD, DType BD, bool HasBase>
+LineStats keys_of(const void* x, const void* b, int64_t start, int64_t cols, uint32_t* keys) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+  const __m256i nan = _mm256_set1_epi32(static_cast<int>(kNaNKey)), one = _mm256_set1_epi32(1);
+  const __m256i m8 = _mm256_set1_epi32(0xff), m16 = _mm256_set1_epi32(0xffff), zero = _mm256_setzero_si256();
+  __m256i lo = _mm256_set1_epi32(-1), hi = zero, z8 = zero, z16 = zero;  // z: minus the keys without low bits
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    __m256 tau = vload_any<8>(x, XD, start + c).v;
+    if (HasBase) tau = _mm256_sub_ps(tau, vload_any<8>(b, BD, start + c).v);
+    __m256i k = _mm256_and_si256(_mm256_castps_si256(tau), abs_mask);
+    k = _mm256_blendv_epi8(k, nan, _mm256_cmpgt_epi32(k, inf));  // keys are below 2^31: signed compares
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + c), k);
+    lo = _mm256_min_epu32(lo, _mm256_sub_epi32(k, one));  // 0 wraps to the top
+    hi = _mm256_max_epu32(hi, k);
+    z8 = _mm256_add_epi32(z8, _mm256_cmpeq_epi32(_mm256_and_si256(k, m8), zero));
+    z16 = _mm256_add_epi32(z16, _mm256_cmpeq_epi32(_mm256_and_si256(k, m16), zero));
+  }
+  uint32_t lo_s = reduce_min(lo), hi_s = reduce_max(hi);
+  alignas(32) int32_t a8[8], a16[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a8), z8);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(a16), z16);
+  uint32_t n8 = static_cast<uint32_t>(c), n16 = static_cast<uint32_t>(c);
+  for (int l = 0; l < 8; ++l) {
+    n8 += static_cast<uint32_t>(a8[l]);
+    n16 += static_cast<uint32_t>(a16[l]);
+  }
+  for (; c < cols; ++c) {
+    float tau = load_f32(x, XD, start + c);
+    if (HasBase) tau = tau - load_f32(b, BD, start + c);
+    const uint32_t k = mag_key(tau);
+    keys[c] = k;
+    lo_s = std::min(lo_s, k - 1u);
+    hi_s = std::max(hi_s, k);
+    n8 += (k & 0xffu) != 0;
+    n16 += (k & 0xffffu) != 0;
+  }
+  LineStats st;
+  st.min_nz = lo_s + 1u;
+  st.max = hi_s;
+  st.low8 = n8;
+  st.low16 = n16;
+  return st;
+}
+
+using KeysFn = LineStats (*)(const void*, const void*, int64_t, int64_t, uint32_t*);
+
+template <DType XD>
+KeysFn pick_base(const void* base, DType bd) {
+  if (!base) return &keys_of<XD, DType::F32, false>;
+  switch (bd) {
+    case DType::BF16: return &keys_of<XD, DType::BF16, true>;
+    case DType::F16: return &keys_of<XD, DType::F16, true>;
+    default: return &keys_of<XD, DType::F32, true>;
+  }
+}
+
+}  // namespace
+
+LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
+  KeysFn f;
+  switch (xd) {
+    case DType::BF16: f = pick_base<DType::BF16>(b, bd); break;
+    case DType::F16: f = pick_base<DType::F16>(b, bd); break;
+    default: f = pick_base<DType::F32>(b, bd); break;
+  }
+  return f(x, b, start, cols, keys);
+}
+
+int64_t count_classify(const DecideArgs& d, uint32_t* cnt) {
+  const ClassifyLists w = classify_lists(d);
+  const int64_t cols = d.cols;
+  const float t0 = d.table[0], tn = d.table[cols - 1];
+  const __m256 vt0 = _mm256_set1_ps(t0), vtn = _mm256_set1_ps(tn);
+  const __m256i lo = _mm256_set1_epi32(static_cast<int>(d.lo)), one = _mm256_set1_epi32(1);
+  const __m256i zero = _mm256_setzero_si256(), step = _mm256_set1_epi32(8);
+  const __m128i sh = _mm_cvtsi32_si128(d.shift);
+  __m256i base = zero;  // c in every lane
+  int64_t n = 0;
+  uint32_t zeros = 0;
+  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+    const int64_t c1 = std::min<int64_t>(cols, c0 + 64);
+    uint64_t keep = 0, zw = 0;
+    int64_t c = c0;
+    for (; c + 8 <= c1; c += 8) {
+      const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.keys + c));
+      const __m256i isz = _mm256_cmpeq_epi32(k, zero);
+      const __m256i q = _mm256_andnot_si256(
+          isz, _mm256_add_epi32(_mm256_srl_epi32(_mm256_sub_epi32(_mm256_max_epu32(k, lo), lo), sh), one));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.bucket + c), q);
+      for (int l = 0; l < 8; ++l) ++cnt[w.bucket[c + l]];
+      const __m256 u = _mm256_loadu_ps(d.u + c);
+      const unsigned in = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(u, vt0, _CMP_LT_OQ)));
+      const unsigned out = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(u, vtn, _CMP_GE_OQ)));
+      const unsigned mid = ~(in | out) & 0xffu;
+      keep |= static_cast<uint64_t>(in) << (c - c0);
+      zw |= static_cast<uint64_t>(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(isz)))) << (c - c0);
+      const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress.lanes[mid])));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.listed + n), _mm256_add_epi32(base, lanes));
+      n += kCompress.count[mid];
+      base = _mm256_add_epi32(base, step);
+    }
+    for (; c < c1; ++c) {  // the line's last, partial group
+      const uint32_t k = d.keys[c];
+      w.bucket[c] = k ? 1u + ((std::max(k, d.lo) - d.lo) >> d.shift) : 0u;
+      ++cnt[w.bucket[c]];
+      const float uc = d.u[c];
+      keep |= static_cast<uint64_t>(uc < t0) << (c - c0);
+      zw |= static_cast<uint64_t>(k == 0) << (c - c0);
+      w.listed[n] = static_cast<uint32_t>(c);
+      n += !(uc < t0) && uc < tn;
+    }
+    d.bits[c0 >> 6] = keep;
+    w.zeros_before[c0 >> 6] = zeros;
+    w.zero_lo[c0 >> 6] = static_cast<uint32_t>(zw);
+    w.zero_hi[c0 >> 6] = static_cast<uint32_t>(zw >> 32);
+    zeros += static_cast<uint32_t>(kCompress.count[zw & 0xff] + kCompress.count[zw >> 8 & 0xff] +
+                                   kCompress.count[zw >> 16 & 0xff] + kCompress.count[zw >> 24 & 0xff] +
+                                   kCompress.count[zw >> 32 & 0xff] + kCompress.count[zw >> 40 & 0xff] +
+                                   kCompress.count[zw >> 48 & 0xff] + kCompress.count[zw >> 56]);
+  }
+  return n;
+}
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace ame
