@@ -368,7 +368,9 @@ int64_t decide_listed(const DecideArgs& d, int64_t nlisted) {
 // its bucket's smallest possible key: it ranks after the buckets below and the entries of that key
 // before it, and one pass in index order gives each such entry its exact rank (a counting sort's
 // placement without moving anything). The others (few in such lines) are decided by the bounds.
-int64_t ties_scalar(const DecideArgs& d) {
+// buckets: each entry's bucket where a counting pass left them (avx2::count_classify), else null.
+template <bool kBuckets>
+int64_t ties_scalar(const DecideArgs& d, const uint32_t* buckets) {
   const uint32_t low = (uint32_t{1} << d.shift) - 1u;
   int64_t nopen = 0;
   for (int64_t c0 = 0; c0 < d.cols; c0 += 64) {  // a word's bits in a register, as decide_scalar
@@ -376,7 +378,7 @@ int64_t ties_scalar(const DecideArgs& d) {
     uint64_t word = 0;
     for (int64_t c = c0; c < c1; ++c) {
       const uint32_t k = d.keys[c];
-      const uint32_t q = bucket_of(k, d.lo, d.shift);
+      const uint32_t q = kBuckets ? buckets[c] : bucket_of(k, d.lo, d.shift);
       const float uc = d.u[c];
       int keep;
       if ((k & low) == 0 && (q != 1 || !d.floor_mixed)) {  // zeros too: bucket 0 holds only them
@@ -497,7 +499,8 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
       if (s.next.size() < nbk) s.next.resize(nbk);
       d.next = s.next.data();
       std::copy(first, first + nbk, d.next);  // the entries in the buckets below each
-      if (ties_scalar(d) <= kMaxOpen) return;
+      if ((listed >= 0 ? ties_scalar<true>(d, classify_lists(d).bucket) : ties_scalar<false>(d, nullptr)) <= kMaxOpen)
+        return;
     }
   }
   float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
