@@ -101,8 +101,8 @@ def default_exact() -> bool:
     """The default when neither the caller nor $AME_EXACT decides: the estimates (exact False) on
     Intel, where zmm vsqrtps / vdivps cost 1.5-1.8x them, and on AMD CPUs without AVX-512 (Zen 1
     measured: the AVX2 register forms ran Adadelta 1.35x, Adam/AdamW 1.08x and Adagrad 1.00x the
-    exact instructions' speed on whole runs; Zen 2/3 unmeasured, they follow it); the exact
-    instructions elsewhere: on the AVX-512 AMD EPYC (Zen 4) the estimates measured 0.83-0.87x
+    exact instructions' speed on whole runs; Zen 3 0.98-1.14x over 1 and 5 epochs; Zen 2
+    unmeasured, it follows them); the exact instructions elsewhere: on the AVX-512 AMD EPYC (Zen 4) the estimates measured 0.83-0.87x
     the exact instructions' speed in cache (bench_whole_run.py --cycles; README, issue 18)."""
     vendor = cpu_vendor()
     if vendor == "GenuineIntel":
