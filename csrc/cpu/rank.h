@@ -115,6 +115,49 @@ constexpr int64_t decide_work(int64_t cols) { return 5 * (cols + 64); }
 // One contiguous line's keys (keys[c] = mag_key(x - b), b = 0 without a base) and LineStats.
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
                     SimdLevel level);
+// The scalar end of a vector level's line keys: keys[c, cols) and the line's LineStats from the
+// vector part's (lo: the smallest key - 1, 0 wrapping to the top; hi; the keys with low bits).
+template <DType XD, DType BD, bool HasBase>
+LineStats finish_line_keys(const void* x, const void* b, int64_t start, int64_t c, int64_t cols, uint32_t* keys,
+                           uint32_t lo, uint32_t hi, uint32_t n8, uint32_t n16) {
+  for (; c < cols; ++c) {
+    float tau = load_f32(x, XD, start + c);
+    if (HasBase) tau = tau - load_f32(b, BD, start + c);
+    const uint32_t k = mag_key(tau);
+    keys[c] = k;
+    lo = lo < k - 1u ? lo : k - 1u;
+    hi = hi > k ? hi : k;
+    n8 += (k & 0xffu) != 0;
+    n16 += (k & 0xffffu) != 0;
+  }
+  LineStats st;
+  st.min_nz = lo + 1u;
+  st.max = hi;
+  st.low8 = n8;
+  st.low16 = n16;
+  return st;
+}
+
+// A vector level's line_keys: Keys::run<XD, BD, HasBase>(x, b, start, cols, keys) picked by the
+// dtypes (BD = F32 and HasBase false without a base).
+template <class Keys, DType XD>
+LineStats line_keys_base(const void* x, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
+  if (!b) return Keys::template run<XD, DType::F32, false>(x, b, start, cols, keys);
+  switch (bd) {
+    case DType::BF16: return Keys::template run<XD, DType::BF16, true>(x, b, start, cols, keys);
+    case DType::F16: return Keys::template run<XD, DType::F16, true>(x, b, start, cols, keys);
+    default: return Keys::template run<XD, DType::F32, true>(x, b, start, cols, keys);
+  }
+}
+template <class Keys>
+LineStats line_keys_of(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
+  switch (xd) {
+    case DType::BF16: return line_keys_base<Keys, DType::BF16>(x, b, bd, start, cols, keys);
+    case DType::F16: return line_keys_base<Keys, DType::F16>(x, b, bd, start, cols, keys);
+    default: return line_keys_base<Keys, DType::F32>(x, b, bd, start, cols, keys);
+  }
+}
+
 // Where avx2::count_classify leaves its lists in DecideArgs::work (decide_work(cols) holds them):
 // the listed entries' indices (with room for a vector's store past the last), each entry's
 // bucket, and per 64-entry word of the line the zeros before it and its zero bits (two halves).

@@ -74,46 +74,19 @@ LineStats keys_of(const void* x, const void* b, int64_t start, int64_t cols, uin
     n8 += static_cast<uint32_t>(a8[l]);
     n16 += static_cast<uint32_t>(a16[l]);
   }
-  for (; c < cols; ++c) {
-    float tau = load_f32(x, XD, start + c);
-    if (HasBase) tau = tau - load_f32(b, BD, start + c);
-    const uint32_t k = mag_key(tau);
-    keys[c] = k;
-    lo_s = std::min(lo_s, k - 1u);
-    hi_s = std::max(hi_s, k);
-    n8 += (k & 0xffu) != 0;
-    n16 += (k & 0xffffu) != 0;
-  }
-  LineStats st;
-  st.min_nz = lo_s + 1u;
-  st.max = hi_s;
-  st.low8 = n8;
-  st.low16 = n16;
-  return st;
+  return finish_line_keys<XD, BD, HasBase>(x, b, start, c, cols, keys, lo_s, hi_s, n8, n16);
 }
-
-using KeysFn = LineStats (*)(const void*, const void*, int64_t, int64_t, uint32_t*);
-
-template <DType XD>
-KeysFn pick_base(const void* base, DType bd) {
-  if (!base) return &keys_of<XD, DType::F32, false>;
-  switch (bd) {
-    case DType::BF16: return &keys_of<XD, DType::BF16, true>;
-    case DType::F16: return &keys_of<XD, DType::F16, true>;
-    default: return &keys_of<XD, DType::F32, true>;
+struct Keys {  // line_keys_of's picks (cpu/rank.h)
+  template <DType XD, DType BD, bool HasBase>
+  static LineStats run(const void* x, const void* b, int64_t start, int64_t cols, uint32_t* keys) {
+    return keys_of<XD, BD, HasBase>(x, b, start, cols, keys);
   }
-}
+};
 
 }  // namespace
 
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
-  KeysFn f;
-  switch (xd) {
-    case DType::BF16: f = pick_base<DType::BF16>(b, bd); break;
-    case DType::F16: f = pick_base<DType::F16>(b, bd); break;
-    default: f = pick_base<DType::F32>(b, bd); break;
-  }
-  return f(x, b, start, cols, keys);
+  return line_keys_of<Keys>(x, xd, b, bd, start, cols, keys);
 }
 
 int64_t count_classify(const DecideArgs& d, uint32_t* cnt) {
