@@ -282,12 +282,6 @@ AME_HD void set_bit(uint64_t* w, int64_t c, bool v) {
   w[c >> 6] = v ? (w[c >> 6] | m) : (w[c >> 6] & ~m);
 }
 
-// DecideArgs' bucket of key k (cpu/rank.h): 0 for the zeros, else 1 + ((max(k, lo) - lo) >> shift).
-// Masked, not branched: a zero test on every entry mispredicts on rows with many zeros.
-AME_HD uint32_t bucket_of(uint32_t k, uint32_t lo, int shift) {
-  return (1u + ((std::max(k, lo) - lo) >> shift)) & (0u - static_cast<uint32_t>(k != 0));
-}
-
 // The open entries' bits from their exact ranks (at most max_open of them); returns nopen.
 int64_t resolve_open(const DecideArgs& d, int64_t nopen) {
   if (nopen <= d.max_open) {

@@ -16,8 +16,8 @@ namespace cpu {
 namespace avx2 {
 namespace {
 
-// kLanes[m]: the indices of m's set bits in ascending order, one per byte (the rest 0);
-// kCount[m]: how many.
+// lanes[m]: the indices of m's set bits in ascending order, one per byte (the rest 0);
+// count[m]: how many.
 struct CompressTable {
   uint64_t lanes[256];
   uint8_t count[256];
@@ -124,7 +124,7 @@ int64_t count_classify(const DecideArgs& d, uint32_t* cnt) {
     }
     for (; c < c1; ++c) {  // the line's last, partial group
       const uint32_t k = d.keys[c];
-      w.bucket[c] = k ? 1u + ((std::max(k, d.lo) - d.lo) >> d.shift) : 0u;
+      w.bucket[c] = bucket_of(k, d.lo, d.shift);
       ++cnt[w.bucket[c]];
       const float uc = d.u[c];
       keep |= static_cast<uint64_t>(uc < t0) << (c - c0);
@@ -136,10 +136,7 @@ int64_t count_classify(const DecideArgs& d, uint32_t* cnt) {
     w.zeros_before[c0 >> 6] = zeros;
     w.zero_lo[c0 >> 6] = static_cast<uint32_t>(zw);
     w.zero_hi[c0 >> 6] = static_cast<uint32_t>(zw >> 32);
-    zeros += static_cast<uint32_t>(kCompress.count[zw & 0xff] + kCompress.count[zw >> 8 & 0xff] +
-                                   kCompress.count[zw >> 16 & 0xff] + kCompress.count[zw >> 24 & 0xff] +
-                                   kCompress.count[zw >> 32 & 0xff] + kCompress.count[zw >> 40 & 0xff] +
-                                   kCompress.count[zw >> 48 & 0xff] + kCompress.count[zw >> 56]);
+    zeros += static_cast<uint32_t>(__builtin_popcountll(zw));
   }
   return n;
 }
