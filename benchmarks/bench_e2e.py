@@ -13,7 +13,7 @@ Printed, all measured in this run on this machine:
   deletion of the previous output (see ``settle``);
 - ame-merge (a fresh process, start-up included) for the soup (GD, lr 1 constant,
   fixed pivot) and Adam-AME (adam, lr 1e-3, harmonic), cold and warm, as a ratio
-  to plain IO of the same cache state, with the merge process's peak RSS (wait4);
+  to plain IO of the same cache state, with the merge process's peak RSS (wait4, through common.run_child);
 - the start-up of a merge process (interpreter and imports), and each ratio without it;
   while `import ame_kernels` imports torch, also "torch-free entry" rows: the same
   ame-merge with the package __init__ bypassed and torch blocked (what the CPU file
@@ -41,6 +41,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from common import run_child  # noqa: E402
 
 from ame_kernels.io.safetensors import ShardWriter  # noqa: E402  (torch-free)
 
@@ -202,14 +205,10 @@ def run_merge(cfg_path, out_dir, extra, env=None, pause=0.0, torch_free=False):
     settle(pause)
     entry = ["-c", TORCH_FREE, os.path.join(ROOT, "ame_kernels")] if torch_free else ["-m", "ame_kernels"]
     cmd = [sys.executable, *entry, cfg_path, out_dir, "--quiet"] + extra
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    _, status, ru = os.wait4(proc.pid, 0)
-    secs = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_e2e: {' '.join(cmd)} failed with exit code {proc.returncode}")
-    return secs, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024
+    r = run_child(cmd, cwd=ROOT, env=env)
+    if r.code != 0:
+        raise SystemExit(f"bench_e2e: {' '.join(cmd)} failed with exit code {r.code}")
+    return r.seconds, r.cpu, r.peak_rss
 
 
 def run_distributed(cfg_path, out_dir, nproc, extra, pause=0.0):
@@ -217,13 +216,10 @@ def run_distributed(cfg_path, out_dir, nproc, extra, pause=0.0):
     settle(pause)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "ame_kernels", cfg_path, out_dir, "--quiet"] + extra
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, ru = os.wait4(proc.pid, 0)  # ru_maxrss: the largest of torchrun and its ranks
-    secs = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    r = run_child(cmd, cwd=ROOT)  # peak_rss: the largest of torchrun and its ranks
+    if r.code != 0:
         raise SystemExit(f"bench_e2e: {' '.join(cmd)} failed")
-    return secs, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024
+    return r.seconds, r.cpu, r.peak_rss
 
 
 def machine():

@@ -43,7 +43,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
@@ -51,6 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import FULL, SMALL, ROOT, generate, llama_shapes, machine  # noqa: E402
+from common import run_child  # noqa: E402
 
 
 def llama_config(vocab, hidden, inter, layers, kv) -> dict:
@@ -68,9 +68,6 @@ class ToolFailed(Exception):
     pass
 
 
-GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
-
-
 SETTLE_SECONDS = 3.0
 
 
@@ -82,34 +79,14 @@ def settle() -> None:
 
 
 def timed(cmd: list, cwd: str) -> tuple:
-    """(wall seconds, peak RSS bytes) of ``cmd`` as a fresh process; ToolFailed on failure.
-
-    Linux keeps a process's peak RSS across exec, so a child forked from this (large, after the
-    output comparisons) process would report this process's peak: the tool runs under GNU time,
-    itself small, which reports the tool's own peak."""
-    import tempfile
-
-    rss_file = tempfile.NamedTemporaryFile(prefix="ame_rss_", delete=False).name if GNU_TIME else None
-    full = [GNU_TIME, "-f", "%M", "-o", rss_file, *cmd] if GNU_TIME else cmd
+    """(wall seconds, peak RSS bytes) of ``cmd`` as a fresh process (common.run_child: its own
+    peak, not this process's, which the output comparisons make large); ToolFailed on failure."""
     settle()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read()  # drain while it runs (a full pipe would block the child)
-    _, status, ru = os.wait4(proc.pid, 0)
-    secs = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    rss = ru.ru_maxrss * 1024
-    if rss_file:
-        try:
-            with open(rss_file) as f:
-                rss = int(f.read().strip().splitlines()[-1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        os.unlink(rss_file)
-    if code != 0:
-        tail = err.decode(errors="replace").strip()[-2000:]
-        raise ToolFailed(f"exit {code}: {tail.splitlines()[-1] if tail else 'no message'}", " ".join(cmd), tail)
-    return secs, rss
+    r = run_child(cmd, cwd=cwd, quiet=True, capture_stderr=True)
+    if r.code != 0:
+        tail = r.stderr.decode(errors="replace").strip()[-2000:]
+        raise ToolFailed(f"exit {r.code}: {tail.splitlines()[-1] if tail else 'no message'}", " ".join(cmd), tail)
+    return r.seconds, r.peak_rss
 
 
 def compare(a_dir: str, b_dir: str) -> float:

@@ -114,6 +114,56 @@ def timeit(fn: Callable[[], object], warmup: int = 1, repeat: int = 5) -> Timing
     return Timing(float(np.median(a)), float(np.percentile(a, 20)), float(np.percentile(a, 80)), len(ts))
 
 
+# The launcher of run_child: a small process that forks and execs the command and reports its
+# wall time (from the fork), CPU time and peak RSS as wait4 gives them.
+_LAUNCHER = """import os, sys, time
+fd = int(sys.argv[1]); t0 = time.perf_counter(); pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, st, ru = os.wait4(pid, 0)
+os.write(fd, f"{time.perf_counter() - t0} {ru.ru_utime + ru.ru_stime} {ru.ru_maxrss} {os.waitstatus_to_exitcode(st)}".encode())
+"""
+
+
+@dataclasses.dataclass
+class ChildRun:
+    seconds: float   # wall, from the fork (the launcher's start-up excluded)
+    cpu: float       # user + sys of the command and the descendants it waited for
+    peak_rss: int    # bytes: the largest of the command and those descendants
+    code: int        # exit status
+    stderr: bytes    # with capture_stderr, else b""
+
+
+def run_child(cmd: list, cwd=None, env=None, quiet: bool = False, capture_stderr: bool = False) -> ChildRun:
+    """Run ``cmd`` as a fresh process and measure it.
+
+    Linux keeps a process's peak RSS across exec, and a forked child starts with its parent's
+    resident pages counted: a command forked from this (possibly large: generated models, loaded
+    outputs) process would report this process's peak as its own. So a small launcher forks the
+    command (its peak then starts at the launcher's ~10 MiB) and reports what wait4 says."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(w), *cmd], cwd=cwd, env=env, pass_fds=(w,),
+                                stdout=subprocess.DEVNULL if quiet else None,
+                                stderr=subprocess.PIPE if capture_stderr else None)
+        os.close(w)
+        w = -1
+        err = proc.stderr.read() if capture_stderr else b""  # drained while it runs: a full pipe would block it
+        proc.wait()
+        report = os.read(r, 256).decode().split()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    if proc.returncode != 0 or len(report) != 4:
+        raise RuntimeError(f"the launcher of {cmd[0]} failed (exit {proc.returncode}): {err[-500:]!r}")
+    secs, cpu, rss_kib, code = report
+    return ChildRun(float(secs), float(cpu), int(rss_kib) * 1024, int(code), err)
+
+
 def memcpy_bandwidth(nbytes: int, threads: int, repeat: int = 5) -> tuple:
     """(bytes/s, Timing) of copying nbytes between two preallocated buffers with torch's
     parallel copy on `threads` threads, counting bytes read + bytes written (2 x nbytes),
