@@ -11,7 +11,8 @@ bool simd_level_supported(SimdLevel level) {
 #if defined(AME_HAVE_X86)
     case SimdLevel::AVX2:
       __builtin_cpu_init();
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+             __builtin_cpu_supports("popcnt");
     case SimdLevel::AVX512:
       __builtin_cpu_init();
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

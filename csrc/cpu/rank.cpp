@@ -16,6 +16,31 @@
 
 namespace ame {
 namespace cpu {
+
+// The exact rank of entry c of a line: keys below keys[c], and equal ones before c.
+static int64_t exact_rank(const uint32_t* keys, int64_t cols, int64_t c) {
+  const int32_t k = static_cast<int32_t>(keys[c]);  // keys are below 2^31: signed compares vectorize
+  int64_t r = 0;
+  for (int64_t e = 0; e < c; ++e) r += static_cast<int32_t>(keys[e]) <= k;
+  for (int64_t e = c + 1; e < cols; ++e) r += static_cast<int32_t>(keys[e]) < k;
+  return r;
+}
+
+static void set_bit(uint64_t* w, int64_t c, bool v) {
+  const uint64_t m = uint64_t{1} << (c & 63);
+  w[c >> 6] = v ? (w[c >> 6] | m) : (w[c >> 6] & ~m);
+}
+
+int64_t resolve_open(const DecideArgs& d, int64_t nopen) {
+  if (nopen <= d.max_open) {
+    for (int64_t t = 0; t < nopen; ++t) {
+      const int64_t c = d.open[t];
+      set_bit(d.bits, c, d.u[c] < d.table[exact_rank(d.keys, d.cols, c)]);
+    }
+  }
+  return nopen;
+}
+
 namespace {
 
 // One line's sort keys keys[c] for c in [0, cols), and their LineStats. Plain reductions
@@ -258,15 +283,6 @@ struct MaskScratch {
   bool prefer_ties = false;      // a line of keys of few significant bits needed the tie pass
 };
 
-// The exact rank of entry c of a line: keys below keys[c], and equal ones before c.
-int64_t exact_rank(const uint32_t* keys, int64_t cols, int64_t c) {
-  const int32_t k = static_cast<int32_t>(keys[c]);  // keys are below 2^31: signed compares vectorize
-  int64_t r = 0;
-  for (int64_t e = 0; e < c; ++e) r += static_cast<int32_t>(keys[e]) <= k;
-  for (int64_t e = c + 1; e < cols; ++e) r += static_cast<int32_t>(keys[e]) < k;
-  return r;
-}
-
 // bits (ceil(cols / 64) words) = u[c] < p[c], a word at a time in a register (decide_scalar).
 void less_bits(const float* u, const float* p, int64_t cols, uint64_t* bits) {
   for (int64_t c0 = 0; c0 < cols; c0 += 64) {
@@ -275,22 +291,6 @@ void less_bits(const float* u, const float* p, int64_t cols, uint64_t* bits) {
     for (int64_t c = 0; c < n; ++c) word |= static_cast<uint64_t>(u[c0 + c] < p[c0 + c]) << c;
     bits[c0 >> 6] = word;
   }
-}
-
-AME_HD void set_bit(uint64_t* w, int64_t c, bool v) {
-  const uint64_t m = uint64_t{1} << (c & 63);
-  w[c >> 6] = v ? (w[c >> 6] | m) : (w[c >> 6] & ~m);
-}
-
-// The open entries' bits from their exact ranks (at most max_open of them); returns nopen.
-int64_t resolve_open(const DecideArgs& d, int64_t nopen) {
-  if (nopen <= d.max_open) {
-    for (int64_t t = 0; t < nopen; ++t) {
-      const int64_t c = d.open[t];
-      set_bit(d.bits, c, d.u[c] < d.table[exact_rank(d.keys, d.cols, c)]);
-    }
-  }
-  return nopen;
 }
 
 // The scalar decisions (DecideArgs' contract, cpu/rank.h), branch-free: both outcomes are data.
@@ -322,40 +322,6 @@ int64_t decide_scalar(const DecideArgs& d) {
   return resolve_open(d, nopen);
 }
 
-// The decisions of the entries avx2::count_classify listed (its bits hold the others'), after the
-// buckets' prefix sums: decide_scalar's for each, in index order, so the same bits and open list.
-int64_t decide_listed(const DecideArgs& d, int64_t nlisted) {
-  const ClassifyLists w = classify_lists(d);
-  int64_t nopen = 0, word = -1;
-  uint64_t keep = 0;
-  for (int64_t t = 0; t < nlisted; ++t) {
-    const uint32_t c = w.listed[t];
-    if (static_cast<int64_t>(c >> 6) != word) {  // the listed entries of a word, in a register
-      if (word >= 0) d.bits[word] = keep;
-      word = c >> 6;
-      keep = d.bits[word];
-    }
-    const uint32_t q = w.bucket[c];
-    float tl, th;
-    if (q == 0) {  // a zero's rank: the zeros before it
-      const uint64_t zw = static_cast<uint64_t>(w.zero_hi[word]) << 32 | w.zero_lo[word];
-      const uint64_t below = zw & ((uint64_t{1} << (c & 63)) - 1u);
-      tl = th = d.table[w.zeros_before[word] + static_cast<uint32_t>(__builtin_popcountll(below))];
-    } else {
-      tl = d.table[d.first[q]];
-      th = d.table[d.first[q + 1] - 1u];
-    }
-    const float uc = d.u[c];
-    const int in = uc < tl;
-    const int open = (in ^ 1) & static_cast<int>(uc < th);
-    keep |= static_cast<uint64_t>(in) << (c & 63);
-    d.open[std::min<int64_t>(nopen, d.max_open)] = c;  // the slot past the last: overflow
-    nopen += open;
-  }
-  if (word >= 0) d.bits[word] = keep;
-  return resolve_open(d, nopen);
-}
-
 // The tie pass, scalar (DecideArgs' contract, cpu/rank.h, with next). The lines with too many
 // open entries for the bucket bounds have ties: task vectors of bf16 / fp16 fine-tunes take a few hundred distinct
 // magnitudes per line, each many times, so a bucket holds one magnitude many times and its rank
@@ -363,9 +329,7 @@ int64_t decide_listed(const DecideArgs& d, int64_t nlisted) {
 // its bucket's smallest possible key: it ranks after the buckets below and the entries of that key
 // before it, and one pass in index order gives each such entry its exact rank (a counting sort's
 // placement without moving anything). The others (few in such lines) are decided by the bounds.
-// buckets: each entry's bucket where a counting pass left them (avx2::count_classify), else null.
-template <bool kBuckets>
-int64_t ties_scalar(const DecideArgs& d, const uint32_t* buckets) {
+int64_t ties_scalar(const DecideArgs& d) {
   const uint32_t low = (uint32_t{1} << d.shift) - 1u;
   int64_t nopen = 0;
   for (int64_t c0 = 0; c0 < d.cols; c0 += 64) {  // a word's bits in a register, as decide_scalar
@@ -373,7 +337,7 @@ int64_t ties_scalar(const DecideArgs& d, const uint32_t* buckets) {
     uint64_t word = 0;
     for (int64_t c = c0; c < c1; ++c) {
       const uint32_t k = d.keys[c];
-      const uint32_t q = kBuckets ? buckets[c] : bucket_of(k, d.lo, d.shift);
+      const uint32_t q = bucket_of(k, d.lo, d.shift);
       const float uc = d.u[c];
       int keep;
       if ((k & low) == 0 && (q != 1 || !d.floor_mixed)) {  // zeros too: bucket 0 holds only them
@@ -464,18 +428,23 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
         s.prefer_ties = s.prefer_ties || D > 0;
         ties = true;
       }
+    } else if (level == SimdLevel::AVX2) {  // della_line's passes at avx2: count and list, prefix sums, the listed
+      bool ties = D > 0 && (sh == D || s.prefer_ties);
+      for (;;) {
+        s.cnt.assign((ties ? 2 * nbk : nbk) + 8, 0u);
+        const int64_t listed = avx2::count_classify(d, s.cnt.data(), nbk, ties);
+        avx2::prefix(s.cnt.data(), nbk, first, ties);
+        if (avx2::decide_listed(d, listed, ties) <= kMaxOpen) return;
+        if (ties) break;
+        s.prefer_ties = s.prefer_ties || D > 0;
+        ties = true;
+      }
     } else
 #endif
     {
       s.cnt.assign(nbk, 0u);
       uint32_t* cnt = s.cnt.data();
-      int64_t listed = -1;  // avx2: the entries its counting pass left undecided
-#if defined(AME_HAVE_X86)
-      if (level == SimdLevel::AVX2)
-        listed = avx2::count_classify(d, cnt);
-      else
-#endif
-        for (int64_t c = 0; c < cols; ++c) ++cnt[bucket_of(keys[c], lo, sh)];
+      for (int64_t c = 0; c < cols; ++c) ++cnt[bucket_of(keys[c], lo, sh)];
       uint32_t below = 0;
       uint64_t pairs = 0;  // sum of n^2, then of n (n - 1) over the nonzero buckets
       for (uint32_t q = 0; q < nbk; ++q) {
@@ -490,12 +459,11 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
       // the tie pass ranks nearly every entry (one bucket per 2^D step) it pays from kTieOpen on
       const double spread = static_cast<double>(table[cols - 1]) - static_cast<double>(table[0]);
       const bool ties = static_cast<double>(pairs) * spread > (sh == D && D > 0 ? kTieOpen : kMaxOpen) * static_cast<double>(cols - 1);
-      if (!ties && (listed >= 0 ? decide_listed(d, listed) : decide_scalar(d)) <= kMaxOpen) return;
+      if (!ties && decide_scalar(d) <= kMaxOpen) return;
       if (s.next.size() < nbk) s.next.resize(nbk);
       d.next = s.next.data();
       std::copy(first, first + nbk, d.next);  // the entries in the buckets below each
-      if ((listed >= 0 ? ties_scalar<true>(d, classify_lists(d).bucket) : ties_scalar<false>(d, nullptr)) <= kMaxOpen)
-        return;
+      if (ties_scalar(d) <= kMaxOpen) return;
     }
   }
   float* p = s.p.data();  // clustered magnitudes (or a table that is not monotone): every rank
@@ -563,6 +531,10 @@ void add_l1(const uint32_t* keys, const uint64_t* bits, int64_t start, int64_t c
     if (level == SimdLevel::AVX512 && ((start + c) & 15) == 0 && (c & 15) == 0) {  // lanes and bit words align
       const int64_t n16 = (end - c) / 16;
       avx512::add_l1_lanes(keys, bits, c, n16, acc.all, acc.kept);
+      c += 16 * n16;
+    } else if (level == SimdLevel::AVX2 && ((start + c) & 15) == 0 && (c & 15) == 0) {
+      const int64_t n16 = (end - c) / 16;
+      avx2::add_l1_lanes(keys, bits, c, n16, acc.all, acc.kept);
       c += 16 * n16;
     }
 #else

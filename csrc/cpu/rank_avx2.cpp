@@ -89,14 +89,21 @@ LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t st
   return line_keys_of<Keys>(x, xd, b, bd, start, cols, keys);
 }
 
-int64_t count_classify(const DecideArgs& d, uint32_t* cnt) {
+namespace {
+
+template <bool Ties>
+int64_t classify_impl(const DecideArgs& d, uint32_t* cnt, uint32_t nbk) {
   const ClassifyLists w = classify_lists(d);
   const int64_t cols = d.cols;
   const float t0 = d.table[0], tn = d.table[cols - 1];
   const __m256 vt0 = _mm256_set1_ps(t0), vtn = _mm256_set1_ps(tn);
   const __m256i lo = _mm256_set1_epi32(static_cast<int>(d.lo)), one = _mm256_set1_epi32(1);
   const __m256i zero = _mm256_setzero_si256(), step = _mm256_set1_epi32(8);
+  const __m256i low = _mm256_set1_epi32(static_cast<int>((uint32_t{1} << d.shift) - 1u));
+  const __m256i spare = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(2 * nbk)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   const __m128i sh = _mm_cvtsi32_si128(d.shift);
+  const uint32_t lowbits = (uint32_t{1} << d.shift) - 1u;
+  alignas(32) uint32_t qs[8];
   __m256i base = zero;  // c in every lane
   int64_t n = 0;
   uint32_t zeros = 0;
@@ -107,10 +114,20 @@ int64_t count_classify(const DecideArgs& d, uint32_t* cnt) {
     for (; c + 8 <= c1; c += 8) {
       const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.keys + c));
       const __m256i isz = _mm256_cmpeq_epi32(k, zero);
-      const __m256i q = _mm256_andnot_si256(
+      __m256i q = _mm256_andnot_si256(
           isz, _mm256_add_epi32(_mm256_srl_epi32(_mm256_sub_epi32(_mm256_max_epu32(k, lo), lo), sh), one));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.bucket + c), q);
-      for (int l = 0; l < 8; ++l) ++cnt[w.bucket[c + l]];
+      if (Ties) {  // 2q + 1 unless at the bucket's smallest key (bucket 1 holds smaller ones when mixed)
+        __m256i off = _mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_and_si256(k, low), zero), one);
+        if (d.floor_mixed) off = _mm256_or_si256(off, _mm256_and_si256(_mm256_cmpeq_epi32(q, one), one));
+        q = _mm256_add_epi32(_mm256_slli_epi32(q, 1), off);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.bucket + c), q);
+        // the zeros apart, one counter per lane: a run of them chains no increments through one counter
+        _mm256_store_si256(reinterpret_cast<__m256i*>(qs), _mm256_blendv_epi8(q, spare, isz));
+        for (int l = 0; l < 8; ++l) w.occ[c + l] = cnt[qs[l]]++;
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w.bucket + c), q);
+        for (int l = 0; l < 8; ++l) ++cnt[w.bucket[c + l]];
+      }
       const __m256 u = _mm256_loadu_ps(d.u + c);
       const unsigned in = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(u, vt0, _CMP_LT_OQ)));
       const unsigned out = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(u, vtn, _CMP_GE_OQ)));
@@ -124,8 +141,15 @@ int64_t count_classify(const DecideArgs& d, uint32_t* cnt) {
     }
     for (; c < c1; ++c) {  // the line's last, partial group
       const uint32_t k = d.keys[c];
-      w.bucket[c] = bucket_of(k, d.lo, d.shift);
-      ++cnt[w.bucket[c]];
+      uint32_t q = bucket_of(k, d.lo, d.shift);
+      if (Ties) {
+        q = 2 * q + static_cast<uint32_t>((k & lowbits) != 0 || (d.floor_mixed && q == 1));
+        w.bucket[c] = q;
+        w.occ[c] = cnt[k ? q : 2 * nbk + static_cast<uint32_t>(c & 7)]++;
+      } else {
+        w.bucket[c] = q;
+        ++cnt[q];
+      }
       const float uc = d.u[c];
       keep |= static_cast<uint64_t>(uc < t0) << (c - c0);
       zw |= static_cast<uint64_t>(k == 0) << (c - c0);
@@ -138,7 +162,106 @@ int64_t count_classify(const DecideArgs& d, uint32_t* cnt) {
     w.zero_hi[c0 >> 6] = static_cast<uint32_t>(zw >> 32);
     zeros += static_cast<uint32_t>(__builtin_popcountll(zw));
   }
+  if (Ties) cnt[0] = zeros;  // bucket 0: the zeros (cnt[1] stays 0)
   return n;
+}
+
+// The decisions of the entries avx2::count_classify listed (its bits hold the others'), after
+// prefix: each entry's rank bounds are its bucket's, or one rank where it is known exactly (a
+// zero's: the zeros before it; with ties, an entry at its bucket's smallest key: first[q] + the
+// equal keys before it), as selects, not branches (which kind a listed entry is, is data).
+template <bool Ties>
+int64_t decide_listed_impl(const DecideArgs& d, int64_t nlisted) {
+  const ClassifyLists w = classify_lists(d);
+  int64_t nopen = 0, word = -1;
+  uint64_t keep = 0, zw = 0;
+  uint32_t zb = 0;
+  for (int64_t t = 0; t < nlisted; ++t) {
+    const uint32_t c = w.listed[t];
+    if (static_cast<int64_t>(c >> 6) != word) {  // the listed entries of a word, in a register
+      if (word >= 0) d.bits[word] = keep;
+      word = c >> 6;
+      keep = d.bits[word];
+      zw = static_cast<uint64_t>(w.zero_hi[word]) << 32 | w.zero_lo[word];
+      zb = w.zeros_before[word];
+    }
+    const uint32_t qi = w.bucket[c];
+    const uint32_t q = Ties ? qi >> 1 : qi;
+    const uint32_t zr = zb + static_cast<uint32_t>(__builtin_popcountll(zw & ((uint64_t{1} << (c & 63)) - 1u)));
+    const bool exact = q == 0 || (Ties && (qi & 1u) == 0);
+    const uint32_t at = q == 0 ? zr : d.first[q] + (Ties ? w.occ[c] : 0u);
+    const uint32_t rl = exact ? at : d.first[q];
+    const uint32_t rh = exact ? at : d.first[q + 1] - 1u;
+    const float uc = d.u[c];
+    const int in = uc < d.table[rl];
+    const int open = (in ^ 1) & static_cast<int>(uc < d.table[rh]);
+    keep |= static_cast<uint64_t>(in) << (c & 63);
+    d.open[std::min<int64_t>(nopen, d.max_open)] = c;  // the slot past the last: overflow
+    nopen += open;
+  }
+  if (word >= 0) d.bits[word] = keep;
+  return resolve_open(d, nopen);
+}
+
+}  // namespace
+
+int64_t decide_listed(const DecideArgs& d, int64_t nlisted, bool ties) {
+  return ties ? decide_listed_impl<true>(d, nlisted) : decide_listed_impl<false>(d, nlisted);
+}
+
+// Sixteen lanes as four vectors of four doubles; a keep bit widened to a lane mask by a table of nibbles.
+void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept) {
+  alignas(32) static constexpr uint64_t kNibble[16][4] = {
+#define AME_NIB(m) {(m) & 1 ? ~0ull : 0ull, (m) & 2 ? ~0ull : 0ull, (m) & 4 ? ~0ull : 0ull, (m) & 8 ? ~0ull : 0ull}
+      AME_NIB(0), AME_NIB(1), AME_NIB(2), AME_NIB(3), AME_NIB(4), AME_NIB(5), AME_NIB(6), AME_NIB(7),
+      AME_NIB(8), AME_NIB(9), AME_NIB(10), AME_NIB(11), AME_NIB(12), AME_NIB(13), AME_NIB(14), AME_NIB(15)};
+#undef AME_NIB
+  __m256d a[4], k[4];
+  for (int j = 0; j < 4; ++j) {
+    a[j] = _mm256_loadu_pd(all + 4 * j);
+    k[j] = _mm256_loadu_pd(kept + 4 * j);
+  }
+  const uint16_t* b16 = reinterpret_cast<const uint16_t*>(bits);  // little-endian: bit c of word c / 16
+  for (int64_t w = 0; w < n16; ++w) {
+    const int64_t c = c0 + 16 * w;
+    const unsigned kb = b16[c >> 4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256d v = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + c + 4 * j))));
+      const __m256d m = _mm256_load_pd(reinterpret_cast<const double*>(kNibble[(kb >> (4 * j)) & 15u]));
+      a[j] = _mm256_add_pd(a[j], v);
+      k[j] = _mm256_add_pd(k[j], _mm256_and_pd(v, m));
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_pd(all + 4 * j, a[j]);
+    _mm256_storeu_pd(kept + 4 * j, k[j]);
+  }
+}
+
+int64_t count_classify(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, bool ties) {
+  return ties ? classify_impl<true>(d, cnt, nbk) : classify_impl<false>(d, cnt, nbk);
+}
+
+void prefix(const uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties) {
+  const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(7);
+  __m256i below = zero;
+  for (uint32_t q = 0; q < nbk; q += 8) {
+    __m256i n;
+    if (ties) {  // cnt[2q] + cnt[2q + 1], eight q at a time: hadd's pairs, its 64-bit halves reordered
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + 2 * q));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + 2 * q + 8));
+      n = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xd8);
+    } else {
+      n = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + q));
+    }
+    __m256i x = _mm256_add_epi32(n, _mm256_slli_si256(n, 4));  // inclusive scan, each 128-bit half
+    x = _mm256_add_epi32(x, _mm256_slli_si256(x, 8));
+    const __m256i t = _mm256_shuffle_epi32(x, 0xff);             // each half's total in its lanes
+    x = _mm256_add_epi32(x, _mm256_permute2x128_si256(t, t, 0x08));  // the low half's total into the high
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(first + q), _mm256_add_epi32(below, _mm256_sub_epi32(x, n)));
+    below = _mm256_add_epi32(below, _mm256_permutevar8x32_epi32(x, top));
+  }
+  first[nbk] = static_cast<uint32_t>(_mm256_cvtsi256_si32(below));
 }
 
 }  // namespace avx2
