@@ -78,54 +78,72 @@ AME_HD float philox_u(uint64_t g, uint32_t i, uint32_t k0, uint32_t k1) {
 // itself. A vector of 2K 32-bit counters runs as two such halves (even and odd lanes).
 // IO: I, set1, xor_, xor3, mulhilo. c0: the first counter words (lane-varying); hi: word 1
 // (lane-invariant); i: word 2; word 3 is 0.
-template <class IO>
-AME_HD void philox4_vec(typename IO::I c0in, uint32_t hi, uint32_t i, uint32_t k0, uint32_t k1, typename IO::I* w) {
+template <class IO, int K>
+AME_HD void philox4_vec(const typename IO::I* c0in, uint32_t hi, uint32_t i, uint32_t k0, uint32_t k1,
+                        typename IO::I (*w)[4]) {
+  // K independent chains (counter vectors) step by step: their rounds interleave in the
+  // instruction stream, so one chain's multiply latency hides behind the others' work
   using I = typename IO::I;
   // round 0: the c2 product, so words 0 and 1 of the next state, are lane-invariant
   const uint64_t q1 = static_cast<uint64_t>(i) * kM1;
   const uint32_t s0 = static_cast<uint32_t>(q1 >> 32) ^ hi ^ k0;
   const uint32_t s1 = static_cast<uint32_t>(q1);
-  I h0, l0;
-  IO::mulhilo(c0in, kM0, h0, l0);
-  I c2 = IO::xor_(h0, IO::set1(k1));  // hi0 ^ c3 (= 0) ^ k1
-  I c3 = l0;
+  I c0[K], c1[K], c2[K], c3[K];
+  const I x1 = IO::set1(k1);
+  for (int k = 0; k < K; ++k) {
+    I h0, l0;
+    IO::mulhilo(c0in[k], kM0, h0, l0);
+    c2[k] = IO::xor_(h0, x1);  // hi0 ^ c3 (= 0) ^ k1
+    c3[k] = l0;
+  }
   // round 1: c0 = s0 and c1 = s1 are lane-invariant, c2 / c3 vary
   k0 += kW0;
   k1 += kW1;
   const uint64_t q0 = static_cast<uint64_t>(s0) * kM0;
-  I h1, l1;
-  IO::mulhilo(c2, kM1, h1, l1);
-  I c0 = IO::xor_(h1, IO::set1(s1 ^ k0));
-  I c1 = l1;
-  c2 = IO::xor_(c3, IO::set1(static_cast<uint32_t>(q0 >> 32) ^ k1));
-  c3 = IO::set1(static_cast<uint32_t>(q0));
+  const I y0 = IO::set1(s1 ^ k0), y2 = IO::set1(static_cast<uint32_t>(q0 >> 32) ^ k1);
+  const I y3 = IO::set1(static_cast<uint32_t>(q0));
+  for (int k = 0; k < K; ++k) {
+    I h1, l1;
+    IO::mulhilo(c2[k], kM1, h1, l1);
+    c0[k] = IO::xor_(h1, y0);
+    c1[k] = l1;
+    c2[k] = IO::xor_(c3[k], y2);
+    c3[k] = y3;
+  }
   // rounds 2..9
   for (int r = 2; r < 10; ++r) {
     k0 += kW0;
     k1 += kW1;
-    I a0, b0, a1, b1;
-    IO::mulhilo(c0, kM0, a0, b0);
-    IO::mulhilo(c2, kM1, a1, b1);
-    c0 = IO::xor3(a1, c1, IO::set1(k0));
-    c1 = b1;
-    c2 = IO::xor3(a0, c3, IO::set1(k1));
-    c3 = b0;
+    const I z0 = IO::set1(k0), z1 = IO::set1(k1);
+    for (int k = 0; k < K; ++k) {
+      I a0, b0, a1, b1;
+      IO::mulhilo(c0[k], kM0, a0, b0);
+      IO::mulhilo(c2[k], kM1, a1, b1);
+      c0[k] = IO::xor3(a1, c1[k], z0);
+      c1[k] = b1;
+      c2[k] = IO::xor3(a0, c3[k], z1);
+      c3[k] = b0;
+    }
   }
-  w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
+  for (int k = 0; k < K; ++k) w[k][0] = c0[k], w[k][1] = c1[k], w[k][2] = c2[k], w[k][3] = c3[k];
 }
 
 // The uniforms of one aligned block of 4 x 2H elements (2H counters q0 .. q0 + 2H - 1, q0 a
 // multiple of 2H: one value of q >> 32) into out: both halves of the vectorised generator
 // (even and odd counters, H = IO::kHalf 64-bit lanes each), element 4 (q - q0) + w taking
 // word w of counter q.
-template <class IO>
+// B consecutive such blocks (the counters from q0, one value of q >> 32) into out, out + 8H, ...:
+// 2B chains interleaved.
+template <class IO, int B = 1>
 inline void philox_block(uint64_t q0, uint32_t i, uint32_t k0, uint32_t k1, float* out) {
   using I = typename IO::I;
-  const I c0 = IO::ramp(static_cast<uint32_t>(q0));
-  I e[4], o[4];
-  philox4_vec<IO>(c0, static_cast<uint32_t>(q0 >> 32), i, k0, k1, e);
-  philox4_vec<IO>(IO::odd(c0), static_cast<uint32_t>(q0 >> 32), i, k0, k1, o);
-  IO::emit(e, o, out);
+  I c[2 * B], w[2 * B][4];
+  for (int b = 0; b < B; ++b) {
+    c[2 * b] = IO::ramp(static_cast<uint32_t>(q0) + static_cast<uint32_t>(2 * IO::kHalf * b));
+    c[2 * b + 1] = IO::odd(c[2 * b]);
+  }
+  philox4_vec<IO, 2 * B>(c, static_cast<uint32_t>(q0 >> 32), i, k0, k1, w);
+  for (int b = 0; b < B; ++b) IO::emit(w[2 * b], w[2 * b + 1], out + 8 * IO::kHalf * b);
 }
 
 // One ingredient's uniforms at a vector level, one per worker and call: a block of the
@@ -1050,6 +1068,33 @@ void kept_l1(const CombineArgs& a, double* out) { kept_l1_impl(a, out); }
 void uniforms(uint64_t g0, int64_t n, uint32_t i, uint32_t k0, uint32_t k1, float* out) {
   UStream s;  // the keep masks' own generator, so the values are theirs bit for bit
   int64_t j = 0;
+#if AME_W > 1
+  // the generator's whole blocks inside [g0, g0 + n) straight into out, two at a time (four
+  // chains interleaved), where a block does not cross a 2^32 boundary of the counters' q >> 32
+#if AME_W == 16
+  using IO = IOps16;
+#else
+  using IO = IOps8;
+#endif
+  constexpr int64_t kBlock = 8 * IO::kHalf;  // uniforms per block (2 kHalf counters)
+  const int64_t head = static_cast<int64_t>((kBlock - g0 % kBlock) % kBlock);
+  if (n >= head + 2 * kBlock) {
+    if (head) {  // the rest of g0's block: that block, through the stream
+      std::memcpy(out, uniform_window<IO>(s, static_cast<int64_t>(g0), static_cast<int>(head), i, k0, k1),
+                  sizeof(float) * static_cast<size_t>(head));
+      j = head;
+    }
+    for (; j + 2 * kBlock <= n; j += 2 * kBlock) {
+      const uint64_t q0 = (g0 + j) / 4;
+      if ((q0 >> 32) == ((q0 + kBlock / 2 - 1) >> 32)) {
+        philox_block<IO, 2>(q0, i, k0, k1, out + j);
+      } else {
+        philox_block<IO>(q0, i, k0, k1, out + j);
+        philox_block<IO>(q0 + kBlock / 4, i, k0, k1, out + j + kBlock);
+      }
+    }
+  }
+#endif
   for (; j + OpsV::W <= n; j += OpsV::W)
     OpsV::storef(out + j, OpsV::uniform(&s, static_cast<int64_t>(g0 + j), i, k0, k1));
   for (; j < n; ++j) out[j] = Ops1::uniform(&s, static_cast<int64_t>(g0 + j), i, k0, k1);

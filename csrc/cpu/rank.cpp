@@ -428,7 +428,7 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
         s.prefer_ties = s.prefer_ties || D > 0;
         ties = true;
       }
-    } else if (level == SimdLevel::AVX2) {  // della_line's passes at avx2: count and list, prefix sums, the listed
+    } else if (level == SimdLevel::AVX2) {  // the same, as three passes: count and list, prefix sums, decide the listed
       bool ties = D > 0 && (sh == D || s.prefer_ties);
       for (;;) {
         s.cnt.assign((ties ? 2 * nbk : nbk) + 8, 0u);

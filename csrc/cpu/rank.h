@@ -112,14 +112,14 @@ struct DecideArgs {
   int64_t max_open;
   uint32_t* next = nullptr;  // the scalar tie pass: [2^nb] per bucket q, the entries in the buckets below it
   bool floor_mixed = false;  // bucket 1 also holds every nonzero key below lo (not only [lo, lo + 2^shift))
-  uint32_t* work = nullptr;  // avx512::della_line: [decide_work(cols)] scratch
+  uint32_t* work = nullptr;  // avx512::della_line, avx2::count_classify: [decide_work(cols)] scratch
   // table[r] = ((float(r) / denom) * 2) * eps + low, each operation rounded (prob_table): the
   // avx512 decisions compute the bounds they need instead of looking them up
   float denom = 1.f, eps = 0.f, low = 0.f;
 };
 // The open entries' bits from their exact ranks (with at most d.max_open of them); returns nopen.
 int64_t resolve_open(const DecideArgs& d, int64_t nopen);
-// The scratch (32-bit words) avx512::della_line needs for a line of cols.
+// The scratch (32-bit words) avx512::della_line or the avx2 passes (ClassifyLists) need for a line of cols.
 constexpr int64_t decide_work(int64_t cols) { return 5 * (cols + 64); }
 // One contiguous line's keys (keys[c] = mag_key(x - b), b = 0 without a base) and LineStats.
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,

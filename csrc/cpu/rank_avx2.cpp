@@ -1,9 +1,13 @@
-// della_masks' counting pass at the avx2 level (cpu/rank.h): a line's bucket indices eight at a
-// time (the increments scalar), and the decisions its uniforms alone take: u < table[0] keeps an
-// entry and u >= table[cols - 1] drops it whatever its rank, so only the entries between (about
-// 2 epsilon of them) are listed, by a lookup-table compress of their lane indices, for the
-// bucket bounds (decide_listed, cpu/rank.cpp). Compares and integer operations only: the same
-// buckets and bits as the scalar loops. CMake compiles *_avx2.cpp with the ISA's flags.
+// della_masks' line passes at the avx2 level (cpu/rank.h), avx512::della_line's shape eight lanes
+// at a time: one counting pass (bucket indices eight at a time, the increments scalar; with ties,
+// the entries at their bucket's smallest key counted apart and each one's place among the equal
+// keys before it kept) that also takes the decisions the uniforms alone take (u < table[0] keeps
+// an entry and u >= table[cols - 1] drops it whatever its rank) and lists the others (about 2
+// epsilon of them) by a lookup-table compress of their lane indices; the buckets' prefix sums;
+// the listed entries' decisions from their bounds or exact ranks; the L1 sums' lanes. Compares,
+// integer operations and the scalar path's fp32 subtraction and float64 sums in its order: the
+// same keys, bits and sums as the scalar loops. CMake compiles *_avx2.cpp with the ISA's flags
+// (popcnt among them).
 #include <immintrin.h>
 
 #include <algorithm>
