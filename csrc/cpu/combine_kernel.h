@@ -75,14 +75,13 @@ AME_HD float philox_u(uint64_t g, uint32_t i, uint32_t k0, uint32_t k1) {
 // The vectorised generator over an integer vector type IO, on counters held one per
 // 64-bit lane (the low 32 bits; the high halves carry junk that nothing reads): then one
 // mul_epu32 is a whole 32x32 -> 64 product, hi = product >> 32 and lo = the product
-// itself. A vector of 2K 32-bit counters runs as two such halves (even and odd lanes).
-// IO: I, set1, xor_, xor3, mulhilo. c0: the first counter words (lane-varying); hi: word 1
-// (lane-invariant); i: word 2; word 3 is 0.
+// itself. A vector of 2H 32-bit counters runs as two such halves (even and odd lanes).
+// IO: I, set1, xor_, xor3, mulhilo. c0in[k]: chain k's first counter words (lane-varying); hi:
+// word 1 (lane-invariant); i: word 2; word 3 is 0; w[k]: chain k's four output words. The K
+// chains step round by round together, so one chain's multiply latency hides behind the others'.
 template <class IO, int K>
 AME_HD void philox4_vec(const typename IO::I* c0in, uint32_t hi, uint32_t i, uint32_t k0, uint32_t k1,
                         typename IO::I (*w)[4]) {
-  // K independent chains (counter vectors) step by step: their rounds interleave in the
-  // instruction stream, so one chain's multiply latency hides behind the others' work
   using I = typename IO::I;
   // round 0: the c2 product, so words 0 and 1 of the next state, are lane-invariant
   const uint64_t q1 = static_cast<uint64_t>(i) * kM1;
@@ -131,9 +130,8 @@ AME_HD void philox4_vec(const typename IO::I* c0in, uint32_t hi, uint32_t i, uin
 // The uniforms of one aligned block of 4 x 2H elements (2H counters q0 .. q0 + 2H - 1, q0 a
 // multiple of 2H: one value of q >> 32) into out: both halves of the vectorised generator
 // (even and odd counters, H = IO::kHalf 64-bit lanes each), element 4 (q - q0) + w taking
-// word w of counter q.
-// B consecutive such blocks (the counters from q0, one value of q >> 32) into out, out + 8H, ...:
-// 2B chains interleaved.
+// word w of counter q; with B > 1, B consecutive blocks (counters q0 .. q0 + 2HB - 1, still one
+// value of q >> 32) into out, out + 8H, ...: 2B chains in step.
 template <class IO, int B = 1>
 inline void philox_block(uint64_t q0, uint32_t i, uint32_t k0, uint32_t k1, float* out) {
   using I = typename IO::I;
