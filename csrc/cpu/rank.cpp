@@ -416,25 +416,17 @@ void mask_line(const uint32_t* keys, const LineStats& st, int64_t cols, const Pr
     d.low = pt.low;
 #if defined(AME_HAVE_X86)
     static const bool bmi2 = __builtin_cpu_supports("bmi2");
-    if (level == SimdLevel::AVX512 && bmi2) {
+    const bool v512 = level == SimdLevel::AVX512 && bmi2;
+    if (v512 || level == SimdLevel::AVX2) {
       // the exact ranks of the smallest keys where there may be ties: the tie pass's buckets, or
       // keys of few significant bits in a call whose lines have left too many entries open before;
       // the other lines try without them first
       bool ties = D > 0 && (sh == D || s.prefer_ties);
       for (;;) {
-        s.cnt.assign((ties ? 2 * nbk : nbk) + 16, 0u);
-        if (avx512::della_line(d, s.cnt.data(), nbk, ties) <= kMaxOpen) return;
-        if (ties) break;
-        s.prefer_ties = s.prefer_ties || D > 0;
-        ties = true;
-      }
-    } else if (level == SimdLevel::AVX2) {  // the same, as three passes: count and list, prefix sums, decide the listed
-      bool ties = D > 0 && (sh == D || s.prefer_ties);
-      for (;;) {
-        s.cnt.assign((ties ? 2 * nbk : nbk) + 8, 0u);
-        const int64_t listed = avx2::count_classify(d, s.cnt.data(), nbk, ties);
-        avx2::prefix(s.cnt.data(), nbk, first, ties);
-        if (avx2::decide_listed(d, listed, ties) <= kMaxOpen) return;
+        s.cnt.assign((ties ? 2 * nbk : nbk) + 16, 0u);  // 16 spare counters (avx2 uses 8)
+        const int64_t open = v512 ? avx512::della_line(d, s.cnt.data(), nbk, ties)
+                                  : avx2::della_line(d, s.cnt.data(), nbk, ties);
+        if (open <= kMaxOpen) return;
         if (ties) break;
         s.prefer_ties = s.prefer_ties || D > 0;
         ties = true;
@@ -528,13 +520,12 @@ void add_l1(const uint32_t* keys, const uint64_t* bits, int64_t start, int64_t c
     }
     const int64_t end = std::min(cols, (t + 1) * kStatsTask - start);
 #if defined(AME_HAVE_X86)
-    if (level == SimdLevel::AVX512 && ((start + c) & 15) == 0 && (c & 15) == 0) {  // lanes and bit words align
+    const auto lanes = level == SimdLevel::AVX512 ? avx512::add_l1_lanes
+                       : level == SimdLevel::AVX2  ? avx2::add_l1_lanes
+                                                   : nullptr;
+    if (lanes && ((start + c) & 15) == 0 && (c & 15) == 0) {  // lanes and bit words align
       const int64_t n16 = (end - c) / 16;
-      avx512::add_l1_lanes(keys, bits, c, n16, acc.all, acc.kept);
-      c += 16 * n16;
-    } else if (level == SimdLevel::AVX2 && ((start + c) & 15) == 0 && (c & 15) == 0) {
-      const int64_t n16 = (end - c) / 16;
-      avx2::add_l1_lanes(keys, bits, c, n16, acc.all, acc.kept);
+      lanes(keys, bits, c, n16, acc.all, acc.kept);
       c += 16 * n16;
     }
 #else

@@ -112,14 +112,14 @@ struct DecideArgs {
   int64_t max_open;
   uint32_t* next = nullptr;  // the scalar tie pass: [2^nb] per bucket q, the entries in the buckets below it
   bool floor_mixed = false;  // bucket 1 also holds every nonzero key below lo (not only [lo, lo + 2^shift))
-  uint32_t* work = nullptr;  // avx512::della_line, avx2::count_classify: [decide_work(cols)] scratch
+  uint32_t* work = nullptr;  // the vector levels' della_line: [decide_work(cols)] scratch
   // table[r] = ((float(r) / denom) * 2) * eps + low, each operation rounded (prob_table): the
   // avx512 decisions compute the bounds they need instead of looking them up
   float denom = 1.f, eps = 0.f, low = 0.f;
 };
 // The open entries' bits from their exact ranks (with at most d.max_open of them); returns nopen.
 int64_t resolve_open(const DecideArgs& d, int64_t nopen);
-// The scratch (32-bit words) avx512::della_line or the avx2 passes (ClassifyLists) need for a line of cols.
+// The scratch (32-bit words) the vector levels' della_line need for a line of cols.
 constexpr int64_t decide_work(int64_t cols) { return 5 * (cols + 64); }
 // One contiguous line's keys (keys[c] = mag_key(x - b), b = 0 without a base) and LineStats.
 LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys,
@@ -167,40 +167,11 @@ LineStats line_keys_of(const void* x, DType xd, const void* b, DType bd, int64_t
   }
 }
 
-// Where avx2::count_classify leaves its lists in DecideArgs::work (decide_work(cols) holds them):
-// the listed entries' indices (with room for a vector's store past the last), each entry's
-// bucket and (with ties) its count before its own increment, and per 64-entry word of the line
-// the zeros before it and its zero bits (two halves).
-struct ClassifyLists {
-  uint32_t* listed;
-  uint32_t* bucket;
-  uint32_t* occ;
-  uint32_t* zeros_before;
-  uint32_t* zero_lo;
-  uint32_t* zero_hi;
-};
-inline ClassifyLists classify_lists(const DecideArgs& d) {
-  const int64_t words = (d.cols + 63) / 64, span = d.cols + 64;
-  return ClassifyLists{d.work, d.work + span, d.work + 2 * span, d.work + 3 * span, d.work + 3 * span + words,
-                       d.work + 3 * span + 2 * words};
-}
 namespace avx2 {
-// One line's bucket counts and what the uniforms alone decide: every word of d.bits written with
-// u[c] < table[0], and the entries with table[0] <= u[c] < table[cols - 1] listed in index order
-// (ClassifyLists); returns how many are listed. nbk = 2^nb buckets. Without ties, cnt (zeroed,
-// [nbk]) gets the buckets of DecideArgs' contract and bucket[c] = q. With ties (lo a multiple of 2^shift), as
-// avx512::della_line's: cnt (zeroed, [2 nbk + 8]) counts apart the entries at their bucket's
-// smallest key (cnt[2q]) and the others (cnt[2q + 1]), bucket[c] = 2q + (not at it) and occ[c] =
-// the entry's count before its own increment, its place among the equal keys before it; the
-// zeros are counted in the 8 spare counters past the buckets', and cnt[0] is set to their total.
-// prefix then decide_listed (cpu/rank.cpp) finish the line.
-int64_t count_classify(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, bool ties);
-// first[q] = the entries of the buckets below q (ties: the pairs cnt[2q] + cnt[2q + 1]) for q <=
-// nbk (a power of two >= 8), eight at a time.
-void prefix(const uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties);
-// The decisions of the entries count_classify listed, after prefix; returns the open count as
-// DecideArgs' contract says (resolved where at most max_open).
-int64_t decide_listed(const DecideArgs& d, int64_t nlisted, bool ties);
+// avx512::della_line's contract (below) at the avx2 level, cnt zeroed [nbk + 8] (ties: [2 nbk +
+// 8]): the counting pass that also lists the entries their uniforms leave undecided, the
+// prefix sums, the listed entries' decisions (cpu/rank_avx2.cpp).
+int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, bool ties);
 // all[l] += |tau| and kept[l] += bit ? |tau| : 0 for the entries c0 + 16 w + l, w < n16, as
 // avx512::add_l1_lanes (the same sums in the same order).
 void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept);

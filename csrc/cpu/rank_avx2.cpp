@@ -87,16 +87,34 @@ struct Keys {  // line_keys_of's picks (cpu/rank.h)
   }
 };
 
-}  // namespace
-
-LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
-  return line_keys_of<Keys>(x, xd, b, bd, start, cols, keys);
+// Where classify leaves its lists in DecideArgs::work (decide_work(cols) holds them):
+// the listed entries' indices (with room for a vector's store past the last), each entry's
+// bucket and (with ties) its count before its own increment, and per 64-entry word of the line
+// the zeros before it and its zero bits (two halves).
+struct ClassifyLists {
+  uint32_t* listed;
+  uint32_t* bucket;
+  uint32_t* occ;
+  uint32_t* zeros_before;
+  uint32_t* zero_lo;
+  uint32_t* zero_hi;
+};
+ClassifyLists classify_lists(const DecideArgs& d) {
+  const int64_t words = (d.cols + 63) / 64, span = d.cols + 64;
+  return ClassifyLists{d.work, d.work + span, d.work + 2 * span, d.work + 3 * span, d.work + 3 * span + words,
+                       d.work + 3 * span + 2 * words};
 }
 
-namespace {
-
+// One line's bucket counts and what the uniforms alone decide: every word of d.bits written with
+// u[c] < table[0], and the entries with table[0] <= u[c] < table[cols - 1] listed in index order
+// (ClassifyLists); returns how many are listed. Without ties, cnt gets the buckets of DecideArgs'
+// contract and bucket[c] = q. With ties (lo a multiple of 2^shift), as avx512::della_line's: the
+// entries at their bucket's smallest key are counted apart (cnt[2q]) from the others
+// (cnt[2q + 1]), bucket[c] = 2q + (not at it) and occ[c] = the entry's count before its own
+// increment, its place among the equal keys before it; the zeros are counted in the 8 spare
+// counters past the buckets', and cnt[0] is set to their total.
 template <bool Ties>
-int64_t classify_impl(const DecideArgs& d, uint32_t* cnt, uint32_t nbk) {
+int64_t classify(const DecideArgs& d, uint32_t* cnt, uint32_t nbk) {
   const ClassifyLists w = classify_lists(d);
   const int64_t cols = d.cols;
   const float t0 = d.table[0], tn = d.table[cols - 1];
@@ -170,12 +188,12 @@ int64_t classify_impl(const DecideArgs& d, uint32_t* cnt, uint32_t nbk) {
   return n;
 }
 
-// The decisions of the entries avx2::count_classify listed (its bits hold the others'), after
+// The decisions of the entries classify listed (its bits hold the others'), after
 // prefix: each entry's rank bounds are its bucket's, or one rank where it is known exactly (a
 // zero's: the zeros before it; with ties, an entry at its bucket's smallest key: first[q] + the
 // equal keys before it), as selects, not branches (which kind a listed entry is, is data).
 template <bool Ties>
-int64_t decide_listed_impl(const DecideArgs& d, int64_t nlisted) {
+int64_t decide_listed(const DecideArgs& d, int64_t nlisted) {
   const ClassifyLists w = classify_lists(d);
   int64_t nopen = 0, word = -1;
   uint64_t keep = 0, zw = 0;
@@ -207,10 +225,46 @@ int64_t decide_listed_impl(const DecideArgs& d, int64_t nlisted) {
   return resolve_open(d, nopen);
 }
 
+// first[q] = the entries of the buckets below q (Ties: the pairs cnt[2q] + cnt[2q + 1]) for q <=
+// nbk (a power of two >= 8), eight at a time.
+template <bool Ties>
+void prefix(const uint32_t* cnt, uint32_t nbk, uint32_t* first) {
+  const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(7);
+  __m256i below = zero;
+  for (uint32_t q = 0; q < nbk; q += 8) {
+    __m256i n;
+    if (Ties) {  // cnt[2q] + cnt[2q + 1], eight q at a time: hadd's pairs, its 64-bit halves reordered
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + 2 * q));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + 2 * q + 8));
+      n = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xd8);
+    } else {
+      n = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + q));
+    }
+    __m256i x = _mm256_add_epi32(n, _mm256_slli_si256(n, 4));  // inclusive scan, each 128-bit half
+    x = _mm256_add_epi32(x, _mm256_slli_si256(x, 8));
+    const __m256i t = _mm256_shuffle_epi32(x, 0xff);             // each half's total in its lanes
+    x = _mm256_add_epi32(x, _mm256_permute2x128_si256(t, t, 0x08));  // the low half's total into the high
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(first + q), _mm256_add_epi32(below, _mm256_sub_epi32(x, n)));
+    below = _mm256_add_epi32(below, _mm256_permutevar8x32_epi32(x, top));
+  }
+  first[nbk] = static_cast<uint32_t>(_mm256_cvtsi256_si32(below));
+}
+
+template <bool Ties>
+int64_t line_impl(const DecideArgs& d, uint32_t* cnt, uint32_t nbk) {
+  const int64_t listed = classify<Ties>(d, cnt, nbk);
+  prefix<Ties>(cnt, nbk, d.first);
+  return decide_listed<Ties>(d, listed);
+}
+
 }  // namespace
 
-int64_t decide_listed(const DecideArgs& d, int64_t nlisted, bool ties) {
-  return ties ? decide_listed_impl<true>(d, nlisted) : decide_listed_impl<false>(d, nlisted);
+LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
+  return line_keys_of<Keys>(x, xd, b, bd, start, cols, keys);
+}
+
+int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, bool ties) {
+  return ties ? line_impl<true>(d, cnt, nbk) : line_impl<false>(d, cnt, nbk);
 }
 
 // Sixteen lanes as four vectors of four doubles; a keep bit widened to a lane mask by a table of nibbles.
@@ -240,32 +294,6 @@ void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_
     _mm256_storeu_pd(all + 4 * j, a[j]);
     _mm256_storeu_pd(kept + 4 * j, k[j]);
   }
-}
-
-int64_t count_classify(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, bool ties) {
-  return ties ? classify_impl<true>(d, cnt, nbk) : classify_impl<false>(d, cnt, nbk);
-}
-
-void prefix(const uint32_t* cnt, uint32_t nbk, uint32_t* first, bool ties) {
-  const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(7);
-  __m256i below = zero;
-  for (uint32_t q = 0; q < nbk; q += 8) {
-    __m256i n;
-    if (ties) {  // cnt[2q] + cnt[2q + 1], eight q at a time: hadd's pairs, its 64-bit halves reordered
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + 2 * q));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + 2 * q + 8));
-      n = _mm256_permute4x64_epi64(_mm256_hadd_epi32(a, b), 0xd8);
-    } else {
-      n = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + q));
-    }
-    __m256i x = _mm256_add_epi32(n, _mm256_slli_si256(n, 4));  // inclusive scan, each 128-bit half
-    x = _mm256_add_epi32(x, _mm256_slli_si256(x, 8));
-    const __m256i t = _mm256_shuffle_epi32(x, 0xff);             // each half's total in its lanes
-    x = _mm256_add_epi32(x, _mm256_permute2x128_si256(t, t, 0x08));  // the low half's total into the high
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(first + q), _mm256_add_epi32(below, _mm256_sub_epi32(x, n)));
-    below = _mm256_add_epi32(below, _mm256_permutevar8x32_epi32(x, top));
-  }
-  first[nbk] = static_cast<uint32_t>(_mm256_cvtsi256_si32(below));
 }
 
 }  // namespace avx2
