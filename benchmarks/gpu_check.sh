@@ -16,6 +16,8 @@
 #   bash benchmarks/gpu_check.sh build cuda
 #   bash benchmarks/gpu_check.sh build triton
 #   bash benchmarks/gpu_check.sh build bench report
+# Stages that only test (cuda, triton) may run at once in two invocations, their logs apart:
+#   bash benchmarks/gpu_check.sh build && { bash benchmarks/gpu_check.sh cuda & bash benchmarks/gpu_check.sh triton; wait; }
 # Exits non-zero if the build fails, the CUDA backend is not usable (every CUDA test would
 # skip and the run would look green), a test fails, or a stage times out; later stages still
 # run after a failed test stage.
@@ -47,7 +49,9 @@ run_stage() {  # name default-limit: stage_<name> in a child bash under `timeout
 
 pytest_stage() {  # log-name pytest-args...
   local name=$1; shift
-  $PY -m pytest -q -ra -p no:cacheprovider "$@" 2>&1 | tee "$LOGS/tests_$name.log" | tail -40
+  # AME_PYTEST_ARGS: extra pytest arguments, e.g. "-n 6" (pytest-xdist) to spread a stage's
+  # compiles and CPU-side references over the machine's cores.
+  $PY -m pytest -q -ra -p no:cacheprovider ${AME_PYTEST_ARGS:-} "$@" 2>&1 | tee "$LOGS/tests_$name.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
 
