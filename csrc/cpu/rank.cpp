@@ -26,20 +26,7 @@ static int64_t exact_rank(const uint32_t* keys, int64_t cols, int64_t c) {
   return r;
 }
 
-static void set_bit(uint64_t* w, int64_t c, bool v) {
-  const uint64_t m = uint64_t{1} << (c & 63);
-  w[c >> 6] = v ? (w[c >> 6] | m) : (w[c >> 6] & ~m);
-}
-
-int64_t resolve_open(const DecideArgs& d, int64_t nopen) {
-  if (nopen <= d.max_open) {
-    for (int64_t t = 0; t < nopen; ++t) {
-      const int64_t c = d.open[t];
-      set_bit(d.bits, c, d.u[c] < d.table[exact_rank(d.keys, d.cols, c)]);
-    }
-  }
-  return nopen;
-}
+int64_t resolve_open(const DecideArgs& d, int64_t nopen) { return resolve_open_by(d, nopen, exact_rank); }
 
 namespace {
 

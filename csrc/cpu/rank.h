@@ -117,7 +117,24 @@ struct DecideArgs {
   // avx512 decisions compute the bounds they need instead of looking them up
   float denom = 1.f, eps = 0.f, low = 0.f;
 };
-// The open entries' bits from their exact ranks (with at most d.max_open of them); returns nopen.
+// Bit c of a line's keep words set to v.
+inline void set_bit(uint64_t* w, int64_t c, bool v) {
+  const uint64_t m = uint64_t{1} << (c & 63);
+  w[c >> 6] = v ? (w[c >> 6] | m) : (w[c >> 6] & ~m);
+}
+// The open entries' bits from their exact ranks rank(keys, cols, c) (with at most d.max_open of
+// them); returns nopen. Each level passes its own exact_rank (the same counts).
+template <class Rank>
+int64_t resolve_open_by(const DecideArgs& d, int64_t nopen, Rank rank) {
+  if (nopen <= d.max_open) {
+    for (int64_t t = 0; t < nopen; ++t) {
+      const int64_t c = d.open[t];
+      set_bit(d.bits, c, d.u[c] < d.table[rank(d.keys, d.cols, c)]);
+    }
+  }
+  return nopen;
+}
+// resolve_open_by with the scalar exact_rank (rank.cpp).
 int64_t resolve_open(const DecideArgs& d, int64_t nopen);
 // The scratch (32-bit words) the vector levels' della_line need for a line of cols.
 constexpr int64_t decide_work(int64_t cols) { return 5 * (cols + 64); }

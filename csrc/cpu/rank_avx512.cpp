@@ -160,45 +160,8 @@ __m512i lanes_from(int64_t c) {
 int64_t finish_line(const DecideArgs& d, int64_t words16, int64_t nopen) {
   uint16_t* out = reinterpret_cast<uint16_t*>(d.bits);
   for (int64_t w = words16; w & 3; ++w) out[w] = 0;
-  if (nopen <= d.max_open) {
-    for (int64_t t = 0; t < nopen; ++t) {
-      const int64_t c = d.open[t];
-      const uint64_t m = uint64_t{1} << (c & 63);
-      const bool v = d.u[c] < d.table[exact_rank(d.keys, d.cols, c)];
-      d.bits[c >> 6] = v ? (d.bits[c >> 6] | m) : (d.bits[c >> 6] & ~m);
-    }
-  }
-  return nopen;
+  return resolve_open_by(d, nopen, exact_rank);
 }
-
-}  // namespace
-
-LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
-  return line_keys_of<Keys>(x, xd, b, bd, start, cols, keys);
-}
-
-void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept) {
-  __m512d a_lo = _mm512_loadu_pd(all), a_hi = _mm512_loadu_pd(all + 8);
-  __m512d k_lo = _mm512_loadu_pd(kept), k_hi = _mm512_loadu_pd(kept + 8);
-  const uint16_t* b16 = reinterpret_cast<const uint16_t*>(bits);  // little-endian: bit c of word c / 16
-  for (int64_t w = 0; w < n16; ++w) {
-    const int64_t c = c0 + 16 * w;
-    const __m512 v = _mm512_castsi512_ps(_mm512_loadu_si512(keys + c));
-    const __mmask16 kb = b16[c >> 4];
-    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    a_lo = _mm512_add_pd(a_lo, lo);
-    a_hi = _mm512_add_pd(a_hi, hi);
-    k_lo = _mm512_add_pd(k_lo, _mm512_maskz_mov_pd(static_cast<__mmask8>(kb), lo));
-    k_hi = _mm512_add_pd(k_hi, _mm512_maskz_mov_pd(static_cast<__mmask8>(kb >> 8), hi));
-  }
-  _mm512_storeu_pd(all, a_lo);
-  _mm512_storeu_pd(all + 8, a_hi);
-  _mm512_storeu_pd(kept, k_lo);
-  _mm512_storeu_pd(kept + 8, k_hi);
-}
-
-namespace {
 
 // della_line's passes (cpu/rank.h). Ties: the counts are kept apart for the entries at their
 // bucket's smallest key (cnt[2q]) and the others (cnt[2q + 1]), and each entry's count before
@@ -311,6 +274,31 @@ __attribute__((target("bmi2"))) int64_t line_impl(const DecideArgs& d, uint32_t*
 }
 
 }  // namespace
+
+LineStats line_keys(const void* x, DType xd, const void* b, DType bd, int64_t start, int64_t cols, uint32_t* keys) {
+  return line_keys_of<Keys>(x, xd, b, bd, start, cols, keys);
+}
+
+void add_l1_lanes(const uint32_t* keys, const uint64_t* bits, int64_t c0, int64_t n16, double* all, double* kept) {
+  __m512d a_lo = _mm512_loadu_pd(all), a_hi = _mm512_loadu_pd(all + 8);
+  __m512d k_lo = _mm512_loadu_pd(kept), k_hi = _mm512_loadu_pd(kept + 8);
+  const uint16_t* b16 = reinterpret_cast<const uint16_t*>(bits);  // little-endian: bit c of word c / 16
+  for (int64_t w = 0; w < n16; ++w) {
+    const int64_t c = c0 + 16 * w;
+    const __m512 v = _mm512_castsi512_ps(_mm512_loadu_si512(keys + c));
+    const __mmask16 kb = b16[c >> 4];
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    a_lo = _mm512_add_pd(a_lo, lo);
+    a_hi = _mm512_add_pd(a_hi, hi);
+    k_lo = _mm512_add_pd(k_lo, _mm512_maskz_mov_pd(static_cast<__mmask8>(kb), lo));
+    k_hi = _mm512_add_pd(k_hi, _mm512_maskz_mov_pd(static_cast<__mmask8>(kb >> 8), hi));
+  }
+  _mm512_storeu_pd(all, a_lo);
+  _mm512_storeu_pd(all + 8, a_hi);
+  _mm512_storeu_pd(kept, k_lo);
+  _mm512_storeu_pd(kept + 8, k_hi);
+}
 
 int64_t della_line(const DecideArgs& d, uint32_t* cnt, uint32_t nbk, bool ties) {
   return ties ? line_impl<true>(d, cnt, nbk) : line_impl<false>(d, cnt, nbk);
