@@ -32,10 +32,9 @@ from ame_kernels.backends.reference import ReferenceBackend
 from ame_kernels.errors import MergeError
 from ame_kernels.schedule import folded_weights, linear_coefficients, schedule
 from tolerances import assert_close
+from triton_interpreter import CUDA, INTERPRET, interpreted, rerun_in_child
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-CUDA = torch.cuda.is_available()
-INTERPRET = not CUDA
 DEVICE = "cuda" if CUDA else "cpu"
 C_CUDA = _native.load("_C_cuda")
 REF = ReferenceBackend()
@@ -157,17 +156,8 @@ def tw():
         pytest.skip("triton is not installed")
     if not _triton_usable_here():
         pytest.skip("the Triton kernels were imported without TRITON_INTERPRET; test_triton_in_subprocess runs them")
-    saved = os.environ.get("TRITON_INTERPRET")
-    if INTERPRET:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    with interpreted(INTERPRET):
         yield importlib.import_module("ame_kernels.backends.triton.whole_run")
-    finally:
-        if INTERPRET:
-            if saved is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
 
 
 @pytest.fixture
@@ -503,8 +493,4 @@ def test_triton_in_subprocess():
     """Runs this file's Triton tests in a child process with TRITON_INTERPRET=1 when they cannot run here."""
     if not HAS_TRITON or _triton_usable_here():
         pytest.skip("the Triton tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                           "triton and not in_subprocess", __file__], env=env, capture_output=True, text=True, cwd=root)
-    assert proc.returncode == 0, f"{__file__} -k triton under TRITON_INTERPRET=1 failed:\n{proc.stdout[-6000:]}"
+    rerun_in_child(__file__, "-k", "triton and not in_subprocess")

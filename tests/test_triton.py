@@ -29,65 +29,20 @@ from ame_kernels.errors import MergeError
 from ame_kernels.schedule import schedule, step_coeffs
 from backends import OPTIMIZER_VARIANTS
 from tolerances import assert_close
+from triton_interpreter import CUDA, DEVICE, import_kernels, module_fixtures, rerun_in_child, too_late
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRET = not CUDA
-_TOO_LATE = INTERPRET and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-KERNELS = {}
-
-
-def _import_kernels() -> None:
-    for name in ("rules", "whole_run", "step", "driver"):
-        KERNELS[name] = importlib.import_module(f"ame_kernels.backends.triton.{name}")
-
-
-def _set_interpret():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    return saved
-
-
-def _restore_interpret(saved) -> None:
-    if saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = saved
-
-
-if not _TOO_LATE:
-    _saved = _set_interpret() if INTERPRET else None
-    try:
-        _import_kernels()
-    finally:
-        if INTERPRET:
-            _restore_interpret(_saved)
+_TOO_LATE = too_late()
+KERNELS = import_kernels(("rules", "whole_run", "step", "driver"), _TOO_LATE)
+_interpreter, _in_process = module_fixtures(_TOO_LATE)
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI runs the kernels under TRITON_INTERPRET=1)")
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = [F32, BF16, F16]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter():
-    """TRITON_INTERPRET=1 while this module's tests run (CPU only), restored afterwards."""
-    saved = _set_interpret() if INTERPRET and not _TOO_LATE else None
-    try:
-        yield
-    finally:
-        if INTERPRET and not _TOO_LATE:
-            _restore_interpret(saved)
-
-
-@pytest.fixture(autouse=True)
-def _in_process(request):
-    if _TOO_LATE and request.node.originalname != "test_interpreter_in_subprocess":
-        pytest.skip("triton was imported before TRITON_INTERPRET could be set; test_interpreter_in_subprocess runs this file")
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +60,7 @@ def triton_backend():
 @pytest.mark.skipif(not _TOO_LATE, reason="the kernels run in this process")
 def test_interpreter_in_subprocess():
     """Fallback when triton was imported too early here: this file in a fresh interpreter process."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.returncode == 0, f"tests/test_triton.py under TRITON_INTERPRET=1 failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    rerun_in_child(__file__)
 
 
 REF = ReferenceBackend()

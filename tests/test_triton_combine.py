@@ -14,11 +14,7 @@ programs of the interpreter's BLOCK of 1024), N = 1..8 spread over the cases.
 GPU-only tests (large sizes) skip without CUDA.
 """
 
-import importlib
 import importlib.util
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,55 +23,16 @@ import torch
 from ame_kernels.errors import MergeError
 from ame_kernels.methods.combine import ELECT_COUNT, ELECT_NONE, ELECT_SUM, combine_torch
 from combine_cases import BF16, CASES, F16, F32, assert_bitwise, make_case
+from triton_interpreter import CUDA, DEVICE, import_kernels, module_fixtures, rerun_in_child, too_late
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRET = not CUDA
-_TOO_LATE = INTERPRET and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-KERNELS = {}
-
-
-def _set_interpret():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    return saved
-
-
-def _restore_interpret(saved) -> None:
-    if saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = saved
-
-
-if not _TOO_LATE:
-    _saved = _set_interpret() if INTERPRET else None
-    try:
-        KERNELS["combine"] = importlib.import_module("ame_kernels.backends.triton.combine")
-    finally:
-        if INTERPRET:
-            _restore_interpret(_saved)
+_TOO_LATE = too_late()
+KERNELS = import_kernels(("combine",), _TOO_LATE)
+_interpreter, _in_process = module_fixtures(_TOO_LATE)
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI runs the kernel under TRITON_INTERPRET=1)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter():
-    saved = _set_interpret() if INTERPRET and not _TOO_LATE else None
-    try:
-        yield
-    finally:
-        if INTERPRET and not _TOO_LATE:
-            _restore_interpret(saved)
-
-
-@pytest.fixture(autouse=True)
-def _in_process(request):
-    if _TOO_LATE and request.node.originalname != "test_interpreter_in_subprocess":
-        pytest.skip("triton was imported before TRITON_INTERPRET could be set; test_interpreter_in_subprocess runs this file")
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +44,7 @@ def triton_backend():
 
 @pytest.mark.skipif(not _TOO_LATE, reason="the kernel runs in this process")
 def test_interpreter_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert proc.returncode == 0, f"{__file__} under TRITON_INTERPRET=1 failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    rerun_in_child(__file__)
 
 
 # --------------------------------------------------------------------------- helpers
