@@ -22,12 +22,11 @@ from ame_kernels.backends import available
 from ame_kernels.config import AMEConfig
 from ame_kernels.errors import MergeError
 from ame_kernels.schedule import schedule
-from tolerances import TOL, assert_close
+from tolerances import TOL, assert_close, oracle64
 
 pytestmark = pytest.mark.skipif(not available()["cpu"][0], reason=f"cpu backend: {available()['cpu'][1]}")
 
 if available()["cpu"][0]:
-    from ame_kernels.backends import reference as R
     from ame_kernels.backends.cpu import CpuBackend, resolve_exact
     from ame_kernels.backends.reference import ReferenceBackend
 
@@ -56,25 +55,6 @@ def _inputs(n, c, seed=0):
     return [torch.randn(c, generator=g) + 0.2 * i for i in range(n)]
 
 
-def _oracle64(xs, plan, pivot, adaptive):
-    """The reference backend's loop (its helpers, torch.optim) in float64."""
-    w0 = torch.stack([x.double() for x in xs]).mean(0) if pivot is None else xs[pivot].double().clone()
-    w = w0.clone()
-    hyper = plan.hyper
-    opt = R._ManualEpsInside(w, hyper) if R._uses_manual(hyper) else R._make_optimizer(w, hyper)
-    for t in range(1, plan.steps + 1):
-        p = w if adaptive else w0
-        g = R._pseudogradient(p, [xs[i].double() for i in sorted(plan.batch(t))], float(plan.zeta[t - 1]) / plan.n)
-        lr = float(plan.lr[t - 1])
-        if isinstance(opt, R._ManualEpsInside):
-            opt.step(g, lr)
-        else:
-            w.grad = g
-            opt.param_groups[0]["lr"] = lr
-            opt.step()
-    return w
-
-
 @pytest.mark.parametrize("simd", [lvl for lvl in LEVELS if lvl != "scalar"] or ["scalar"])
 @pytest.mark.parametrize("sched", sorted(SCHEDULES))
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -84,7 +64,7 @@ def test_error_within_twice_the_references(config, sched, simd):
     adaptive = opts.pop("adaptive_pivot", True)
     xs = _inputs(n, c)
     plan = schedule(AMEConfig(**CONFIGS[config], **opts), n)
-    exact = _oracle64(xs, plan, None, adaptive)
+    exact = oracle64(xs, plan, None, adaptive)
     ref = torch.empty(c)
     ReferenceBackend().whole_run(xs, plan, None, adaptive, ref)
     ref_err = (ref.double() - exact).abs().max().item()
@@ -264,7 +244,7 @@ def test_register_forms_within_twice_the_references_error(config, sched, simd):
     adaptive = opts.pop("adaptive_pivot", True)
     xs = [(0.05 * x).to(torch.bfloat16) for x in _inputs(n, c, seed=7)]
     plan = schedule(AMEConfig(**REGISTER[config], **opts), n)
-    exact = _oracle64(xs, plan, None, adaptive)
+    exact = oracle64(xs, plan, None, adaptive)
     ref = torch.empty(c)
     ReferenceBackend().whole_run(xs, plan, None, adaptive, ref)
     ref_err = (ref.double() - exact).abs().max().item()

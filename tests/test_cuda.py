@@ -26,7 +26,7 @@ from ame_kernels.config import AMEConfig
 from ame_kernels.errors import MergeError
 from ame_kernels.schedule import schedule, step_coeffs
 from backends import OPTIMIZER_VARIANTS
-from tolerances import TOL, assert_close
+from tolerances import TOL, assert_close, oracle64
 
 NVCC = shutil.which("nvcc")
 CUDA_BUILD_WANTED = os.environ.get("AME_BUILD_CUDA", "auto").lower() not in ("0", "off")
@@ -234,7 +234,7 @@ def _check_emulated(xs, cfg, out_dtype, pivot=None, what=""):
     bad = _emulated_whole_run(xs, plan, pivot, cfg.adaptive_pivot, out, check_finite=True)
     expected, expected_bad = _reference(xs, plan, pivot, cfg.adaptive_pivot, out_dtype)
     assert bad == expected_bad
-    _assert_parity(out, expected, _reference64(xs, plan, pivot, cfg.adaptive_pivot), out_dtype, what=what)
+    _assert_parity(out, expected, oracle64(xs, plan, pivot, cfg.adaptive_pivot), out_dtype, what=what)
 
 
 @needs_module
@@ -374,34 +374,6 @@ def _reference(xs, plan, pivot, adaptive, out_dtype):
     return out, bad
 
 
-def _reference64(xs, plan, pivot, adaptive):
-    """The reference backend's own loop (its helpers, torch.optim) in float64: the exact answer
-    to compare fp32 errors against. Inputs are exact in float64."""
-    from ame_kernels.backends import reference as R
-
-    xs = [x.cpu() for x in xs]
-    if pivot is None:
-        w0 = torch.stack([x.double() for x in xs]).mean(0)
-    elif isinstance(pivot, int):
-        w0 = xs[pivot].double().clone()
-    else:
-        w0 = pivot.cpu().double().clone()
-    w = w0.clone()
-    hyper = plan.hyper
-    opt = R._ManualEpsInside(w, hyper) if R._uses_manual(hyper) else R._make_optimizer(w, hyper)
-    for t in range(1, plan.steps + 1):
-        p = w if adaptive else w0
-        g = R._pseudogradient(p, [xs[i].double() for i in sorted(plan.batch(t))], float(plan.zeta[t - 1]) / plan.n)
-        lr = float(plan.lr[t - 1])
-        if isinstance(opt, R._ManualEpsInside):
-            opt.step(g, lr)
-        else:
-            w.grad = g
-            opt.param_groups[0]["lr"] = lr
-            opt.step()
-    return w
-
-
 def _assert_parity(got, ref, exact, dtype, what=""):
     """Elementwise: within TOL[dtype] of the fp32 reference, or, where the fp32 reference is itself
     off the float64 answer (ill-conditioned elements: Adam near g = 0), within twice its error of it."""
@@ -423,7 +395,7 @@ def _check_whole_run(backend, xs, cfg, out_dtype, pivot=None, what=""):
     bad = backend.whole_run(xs, plan, pivot, cfg.adaptive_pivot, out, check_finite=True)
     expected, expected_bad = _reference(xs, plan, pivot, cfg.adaptive_pivot, out_dtype)
     assert bad == expected_bad
-    _assert_parity(out, expected, _reference64(xs, plan, pivot, cfg.adaptive_pivot), out_dtype, what=what)
+    _assert_parity(out, expected, oracle64(xs, plan, pivot, cfg.adaptive_pivot), out_dtype, what=what)
     return out
 
 

@@ -32,3 +32,33 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what:
         raise AssertionError(
             f"{what}: {int(bad.sum())}/{a.numel()} elements outside rtol={tol['rtol']:g} atol={tol['atol']:g}; first: {pairs}"
         )
+
+
+def oracle64(xs, plan, pivot, adaptive):
+    """The reference backend's own loop (its helpers, torch.optim) in float64: the exact answer
+    that the fp32 errors of a kernel and of the reference are measured against (the accuracy
+    criterion: a kernel's error at most twice the reference's). pivot: None (the soup), an
+    ingredient's index or a tensor; inputs are exact in float64."""
+    from ame_kernels.backends import reference as R
+
+    xs = [x.cpu() for x in xs]
+    if pivot is None:
+        w0 = torch.stack([x.double() for x in xs]).mean(0)
+    elif isinstance(pivot, int):
+        w0 = xs[pivot].double().clone()
+    else:
+        w0 = pivot.cpu().double().clone()
+    w = w0.clone()
+    hyper = plan.hyper
+    opt = R._ManualEpsInside(w, hyper) if R._uses_manual(hyper) else R._make_optimizer(w, hyper)
+    for t in range(1, plan.steps + 1):
+        p = w if adaptive else w0
+        g = R._pseudogradient(p, [xs[i].double() for i in sorted(plan.batch(t))], float(plan.zeta[t - 1]) / plan.n)
+        lr = float(plan.lr[t - 1])
+        if isinstance(opt, R._ManualEpsInside):
+            opt.step(g, lr)
+        else:
+            w.grad = g
+            opt.param_groups[0]["lr"] = lr
+            opt.step()
+    return w
