@@ -9,14 +9,13 @@ arrives as a string from a YAML 1.1 parser and is read as a float).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
-from .errors import MergeError
+from .errors import MergeError, suggest
 
 OPTIMIZERS = ("sgd", "adagrad", "adam", "adamw", "adadelta")
 LR_SCHEDULES = ("constant", "harmonic", "power")
@@ -33,10 +32,8 @@ ScheduleLike = Union[str, Sequence[float], Callable[[int], float]]
 ScalarSchedule = Union[float, Sequence[float], Callable[[int], float]]
 
 
-def _suggest(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"valid choices: {', '.join(map(repr, choices))}{hint}"
+def _valid_choices(value: str, choices: Sequence[str]) -> str:
+    return f"valid choices: {', '.join(map(repr, choices))}{suggest(value, choices)}"
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -91,7 +88,8 @@ def _as_int(name: str, value: Any) -> int:
     return int(f)
 
 
-def _as_bool(name: str, value: Any) -> bool:
+def as_bool(name: str, value: Any) -> bool:
+    """A boolean option as people write it (true/yes/on/1, false/no/off/0); a MergeError naming ``name`` otherwise."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
@@ -164,7 +162,7 @@ class AMEConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass normalisation)
         opt = str(self.optimizer).lower()
         if opt not in OPTIMIZERS:
-            raise MergeError(f"AMEConfig.optimizer: unknown optimizer {self.optimizer!r}; {_suggest(opt, OPTIMIZERS)}")
+            raise MergeError(f"AMEConfig.optimizer: unknown optimizer {self.optimizer!r}; {_valid_choices(opt, OPTIMIZERS)}")
         set_("optimizer", opt)
         if self.lr is not None:
             lr = _as_float("lr", self.lr)
@@ -175,7 +173,7 @@ class AMEConfig:
             kind = self.lr_schedule.lower()
             if kind not in LR_SCHEDULES:
                 raise MergeError(
-                    f"AMEConfig.lr_schedule: unknown schedule {self.lr_schedule!r}; {_suggest(kind, LR_SCHEDULES)}"
+                    f"AMEConfig.lr_schedule: unknown schedule {self.lr_schedule!r}; {_valid_choices(kind, LR_SCHEDULES)}"
                 )
             set_("lr_schedule", kind)
         elif _is_scalar(self.lr_schedule):
@@ -197,7 +195,7 @@ class AMEConfig:
         for name in ("lr_power", "weight_decay", "momentum", "dampening", "lr_decay", "initial_accumulator_value", "rho"):
             set_(name, _as_finite(name, getattr(self, name)))
         for name in ("nesterov", "shuffle", "adaptive_pivot", "descending", "eps_inside_sqrt", "amsgrad", "check_finite"):
-            set_(name, _as_bool(name, getattr(self, name)))
+            set_(name, as_bool(name, getattr(self, name)))
         for name in ("epochs", "batch_size", "seed"):
             set_(name, _as_int(name, getattr(self, name)))
         if not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:
@@ -240,12 +238,12 @@ class AMEConfig:
             od = str(self.out_dtype).replace("torch.", "")
             od = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(od, od)
             if od not in OUT_DTYPES:
-                raise MergeError(f"AMEConfig.out_dtype: unknown dtype {self.out_dtype!r}; {_suggest(od, OUT_DTYPES)}")
+                raise MergeError(f"AMEConfig.out_dtype: unknown dtype {self.out_dtype!r}; {_valid_choices(od, OUT_DTYPES)}")
             set_("out_dtype", od)
         if isinstance(self.backend, str):
             set_("backend", self.backend.lower())
         if self.backend not in BACKENDS:
-            raise MergeError(f"AMEConfig.backend: unknown backend {self.backend!r}; {_suggest(str(self.backend), BACKENDS)}")
+            raise MergeError(f"AMEConfig.backend: unknown backend {self.backend!r}; {_valid_choices(str(self.backend), BACKENDS)}")
         if self.threads is not None:
             threads = _as_int("threads", self.threads)
             if threads < 1:
@@ -298,7 +296,7 @@ def check_field_names(d: dict) -> dict:
     """Reject unknown keys, naming each and the closest valid field."""
     for key in d:
         if key not in FIELD_NAMES:
-            raise MergeError(f"AMEConfig: unknown option {key!r}; {_suggest(key, FIELD_NAMES)}")
+            raise MergeError(f"AMEConfig: unknown option {key!r}; {_valid_choices(key, FIELD_NAMES)}")
     return d
 
 

@@ -29,8 +29,6 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import math
 
-import torch
-
 from .checks import as_state_dicts, check_all_finite, check_structure, resolve_pivot
 from .config import AMEConfig, make_config
 from .errors import MergeError
@@ -51,7 +49,8 @@ class GreedyStep:
     step: int
 
 
-def _score(evaluate: Callable, model: Any, what: str) -> float:
+def score_of(evaluate: Callable, model: Any, what: str) -> float:
+    """evaluate(model) as a float; a MergeError naming ``what`` when it is not a number or is NaN."""
     try:
         s = float(evaluate(model))
     except (TypeError, ValueError) as e:
@@ -65,7 +64,7 @@ def ingredient_scores(ingredients: Sequence[Any], evaluate: Callable, scores: Op
     """The given scores (checked: one finite number per ingredient), or evaluate() of each ingredient."""
     n = len(ingredients)
     if scores is None:
-        return [_score(evaluate, x, what) for x in ingredients]
+        return [score_of(evaluate, x, what) for x in ingredients]
     try:
         out = [float(s) for s in scores]
     except (TypeError, ValueError):
@@ -132,13 +131,13 @@ def greedy_merge(
 
     # The start model is the start ingredient itself (bit for bit) when evaluate scored it already.
     same = scores is None and pivot is None and cfg.out_dtype is None
-    best = ranked[first] if same else _score(evaluate, stew.weights, "greedy_merge")
+    best = ranked[first] if same else score_of(evaluate, stew.weights, "greedy_merge")
     history: List[GreedyStep] = []
     for t in range(1, plan.steps + 1):
         members = plan.batch(t)
         snap = stew.snapshot()
         stew.add([as_input(dicts[i]) for i in sorted(members)])  # ascending: the batch mean's order
-        score = _score(evaluate, stew.weights, "greedy_merge")
+        score = score_of(evaluate, stew.weights, "greedy_merge")
         accepted = score > best
         if accepted:
             best = score

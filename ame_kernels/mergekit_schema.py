@@ -42,8 +42,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import MergeError
-from .methods.params import suggest as _suggest
+from .errors import MergeError, suggest
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "dtype", "out_dtype", "parameters",
             "tokenizer_source", "tokenizer", "chat_template", "random_seed")
@@ -198,7 +197,7 @@ def parse_setting(value: Any, what: str) -> Any:
                              f"got {r!r}")
             for k in r:
                 if k not in ("filter", "value"):
-                    raise _usage(f"{what}[{j}]: unknown key {k!r}{_suggest(k, ('filter', 'value'))}; "
+                    raise _usage(f"{what}[{j}]: unknown key {k!r}{suggest(k, ('filter', 'value'))}; "
                                  "a rule is {filter: NAME, value: ...}")
             if "value" not in r:
                 raise _usage(f"{what}[{j}]: missing 'value'")
@@ -225,7 +224,8 @@ def map_leaves(setting: Any, fn) -> Any:
     return fn(setting)
 
 
-def _rescale(v: Any) -> Any:
+def rescale_setting(v: Any) -> Any:
+    """mergekit's boolean ``rescale`` (true / false, or their strings) as this engine's l1 / none."""
     if isinstance(v, bool):
         return "l1" if v else "none"
     if isinstance(v, str) and v.lower() in ("true", "false"):
@@ -233,7 +233,8 @@ def _rescale(v: Any) -> Any:
     return v
 
 
-def _params_block(doc: Any, what: str) -> Dict[str, Any]:
+def params_block(doc: Any, what: str) -> Dict[str, Any]:
+    """A ``parameters:`` mapping of a mergekit config ({} when absent); a usage error naming ``what`` otherwise."""
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -251,12 +252,12 @@ def load_mergekit(doc: dict, path: str):
         if key in UNSUPPORTED_TOP:
             raise _mk_only(f"{path}: {key}: {UNSUPPORTED_TOP[key]}")
         if key not in TOP_KEYS:
-            raise _usage(f"{path}: unknown key {key!r} of mergekit's schema{_suggest(key, TOP_KEYS)} "
+            raise _usage(f"{path}: unknown key {key!r} of mergekit's schema{suggest(key, TOP_KEYS)} "
                          f"(a file with 'merge_method' is read as a mergekit config; its keys: {', '.join(TOP_KEYS)})")
     folder = os.path.dirname(os.path.abspath(path))
     method = doc.get("merge_method")
     if not isinstance(method, str) or method.lower() not in METHODS:
-        hint = _suggest(str(method).lower(), METHODS)
+        hint = suggest(str(method).lower(), METHODS)
         if isinstance(method, str) and method.lower() in OTHER_MK_METHODS:
             raise _mk_only(f"{path}: merge_method: mergekit's {method!r} is not supported here; supported: "
                          f"{', '.join(METHODS)}")
@@ -308,13 +309,13 @@ def load_mergekit(doc: dict, path: str):
             raise _usage(f"{path}: models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {m!r}")
         for key in m:
             if key not in MODEL_KEYS:
-                raise _usage(f"{path}: models[{i}]: unknown key {key!r}{_suggest(key, MODEL_KEYS)} "
+                raise _usage(f"{path}: models[{i}]: unknown key {key!r}{suggest(key, MODEL_KEYS)} "
                              f"(mergekit's model entry: model, parameters)")
         if "model" not in m:
             raise _usage(f"{path}: models[{i}]: missing 'model'")
         entries.append((resolve_model(m["model"], folder, f"{path}: models[{i}].model"),
-                        _params_block(m.get("parameters"), f"{path}: models[{i}].parameters")))
-    top = _params_block(doc.get("parameters"), f"{path}: parameters")
+                        params_block(m.get("parameters"), f"{path}: models[{i}].parameters")))
+    top = params_block(doc.get("parameters"), f"{path}: parameters")
     seed = doc.get("random_seed")
     spec.method = method
     spec.options = options
@@ -497,12 +498,12 @@ def _method(spec, method: str, entries, top: dict, base: Optional[str], seed, pa
     for key in top:
         if key not in allowed:
             raise _usage(f"{path}: parameters.{key}: mergekit's {method} has no parameter {key!r}"
-                         f"{_suggest(key, allowed)}; its parameters: {', '.join(allowed) or 'none'}")
+                         f"{suggest(key, allowed)}; its parameters: {', '.join(allowed) or 'none'}")
     for i, (_, params) in enumerate(entries):
         for key in params:
             if key not in allowed:
                 raise _usage(f"{path}: models[{i}].parameters.{key}: mergekit's {method} has no parameter {key!r}"
-                             f"{_suggest(key, allowed)}; its parameters: {', '.join(allowed) or 'none'}")
+                             f"{suggest(key, allowed)}; its parameters: {', '.join(allowed) or 'none'}")
             if allowed[key] == "shared":
                 raise _usage(f"{path}: models[{i}].parameters.{key}: {key!r} is a shared parameter of {method} "
                              "(mergekit reads it from the top-level 'parameters' only, so here it would be ignored); "
@@ -564,7 +565,7 @@ def _method(spec, method: str, entries, top: dict, base: Optional[str], seed, pa
             if key == "int8_mask":
                 continue  # no effect on the result (module docstring)
             s = parse_setting(top[key], f"{path}: parameters.{key}")
-            options[key] = map_leaves(s, _rescale) if key == "rescale" else s
+            options[key] = map_leaves(s, rescale_setting) if key == "rescale" else s
     if method == "task_arithmetic":
         for key in ("density", "rescale"):  # mergekit's task_arithmetic does not sparsify: no effect there
             if options.pop(key, None) is not None or any(m.pop(key, None) is not None for m in per_model):
@@ -581,7 +582,7 @@ def _ame(spec, entries, top: dict, base: Optional[str], path: str) -> None:
 
     for key, value in top.items():
         if key not in FIELD_NAMES and key != "transform":
-            raise _usage(f"{path}: parameters.{key}: not an option of merge_method ame{_suggest(key, FIELD_NAMES)}")
+            raise _usage(f"{path}: parameters.{key}: not an option of merge_method ame{suggest(key, FIELD_NAMES)}")
         if isinstance(value, (list, dict)) and key not in ("betas", "order", "scores", "lr_schedule"):
             raise _usage(f"{path}: parameters.{key}: AME options take one value (no gradients or filters)")
     scores = []

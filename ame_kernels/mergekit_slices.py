@@ -25,7 +25,7 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 from .methods.params import LAYER_RE, Chain, Param, Rule, evaluate, layer_index
-from .methods.params import suggest as _suggest
+from .errors import suggest
 
 SLICE_KEYS = ("sources", "base_model", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -79,7 +79,7 @@ def rename_layer(name: str, new: int) -> str:
 
 
 def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], options: dict):
-    from .mergekit_schema import GTA, _params_block, mk_params, parse_setting, resolve_model
+    from .mergekit_schema import GTA, params_block, mk_params, parse_setting, resolve_model
 
     folder = spec.folder
     raw = doc.get("slices")
@@ -88,7 +88,7 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
     allowed = mk_params(method) if method not in ("passthrough", "ame") else {}
     if method == "ame":
         raise _usage(f"{path}: slices: merge_method ame takes 'models', not slices")
-    top = _params_block(doc.get("parameters"), f"{path}: parameters")
+    top = params_block(doc.get("parameters"), f"{path}: parameters")
     if method == "passthrough" and top:
         make = _mk_only if "scale" in top else _usage
         raise make(f"{path}: parameters.{next(iter(top))}: passthrough takes no parameters here "
@@ -100,7 +100,7 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
             raise _usage(f"{at}: expected {{sources: [...]}}, got {sl!r}")
         for k in sl:
             if k not in SLICE_KEYS:
-                extra = " (not supported)" if k == "residual_weight" else _suggest(k, SLICE_KEYS)
+                extra = " (not supported)" if k == "residual_weight" else suggest(k, SLICE_KEYS)
                 make = _mk_only if k == "residual_weight" else _usage
                 raise make(f"{at}: unknown key {k!r}{extra}; a slice takes: {', '.join(SLICE_KEYS)}")
         srcs = sl.get("sources")
@@ -113,7 +113,7 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
                 raise _usage(f"{sat}: expected {{model: PATH, layer_range: [a, b]}}, got {src!r}")
             for k in src:
                 if k not in SOURCE_KEYS:
-                    raise _usage(f"{sat}: unknown key {k!r}{_suggest(k, SOURCE_KEYS)}; a source takes: "
+                    raise _usage(f"{sat}: unknown key {k!r}{suggest(k, SOURCE_KEYS)}; a source takes: "
                                  f"{', '.join(SOURCE_KEYS)}")
             if "model" not in src or "layer_range" not in src:
                 raise _usage(f"{sat}: needs 'model' and 'layer_range'")
@@ -121,7 +121,7 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
             if (not isinstance(lr, list) or len(lr) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in lr)
                     or not 0 <= lr[0] < lr[1]):
                 raise _usage(f"{sat}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
-            params = _params_block(src.get("parameters"), f"{sat}.parameters")
+            params = params_block(src.get("parameters"), f"{sat}.parameters")
             for k in params:
                 if method == "passthrough":
                     if k == "scale":
@@ -129,7 +129,7 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
                     raise _usage(f"{sat}.parameters.{k}: passthrough takes no parameters here")
                 if k not in allowed:
                     raise _usage(f"{sat}.parameters.{k}: mergekit's {method} has no parameter {k!r}"
-                                 f"{_suggest(k, allowed)}")
+                                 f"{suggest(k, allowed)}")
                 if allowed[k] == "shared":
                     raise _usage(f"{sat}.parameters.{k}: {k!r} is a shared parameter (give it in the slice's or "
                                  "the top-level parameters)")
@@ -140,17 +140,17 @@ def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], op
         if len(lens) != 1:
             raise _usage(f"{at}.sources: every source of a slice needs the same number of layers, got "
                          f"{[x['range'] for x in sources]}")
-        sparams = _params_block(sl.get("parameters"), f"{at}.parameters")
+        sparams = params_block(sl.get("parameters"), f"{at}.parameters")
         for k in sparams:
             if method == "passthrough" or k not in allowed:
-                raise _usage(f"{at}.parameters.{k}: mergekit's {method} has no parameter {k!r}{_suggest(k, allowed)}")
+                raise _usage(f"{at}.parameters.{k}: mergekit's {method} has no parameter {k!r}{suggest(k, allowed)}")
         sbase = resolve_model(sl["base_model"], folder, f"{at}.base_model") if sl.get("base_model") else base
         slices.append({"sources": sources, "params": {k: parse_setting(v, f"{at}.parameters.{k}")
                                                       for k, v in sparams.items()},
                        "base": sbase, "n": lens.pop(), "at": at})
     for k in top:
         if k not in allowed:
-            raise _usage(f"{path}: parameters.{k}: mergekit's {method} has no parameter {k!r}{_suggest(k, allowed)}")
+            raise _usage(f"{path}: parameters.{k}: mergekit's {method} has no parameter {k!r}{suggest(k, allowed)}")
     gtop = {k: parse_setting(v, f"{path}: parameters.{k}") for k, v in top.items() if k != "int8_mask"}
 
     # roles per slice: (base source or None, ingredient sources)
@@ -301,9 +301,9 @@ def _build(spec, state) -> list:
                     if chain:
                         tab[out] = (Chain(chain) if len(chain) > 1 else chain[0], x, out)
                 if tab:
-                    from .mergekit_schema import _rescale, map_leaves
+                    from .mergekit_schema import rescale_setting, map_leaves
 
-                    rule = PerTensor({o: (map_leaves(s, _rescale) if key == "rescale" else s, x, m)
+                    rule = PerTensor({o: (map_leaves(s, rescale_setting) if key == "rescale" else s, x, m)
                                       for o, (s, x, m) in tab.items()})
                     spec.options[key] = rule
         spec.config_updates = {"num_hidden_layers": out_layer}

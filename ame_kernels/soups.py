@@ -22,7 +22,7 @@ from .api import merge
 from .checks import as_state_dicts, check_all_finite, check_structure
 from .config import AMEConfig
 from .errors import MergeError
-from .greedy import GreedyStep, _score, ingredient_scores
+from .greedy import GreedyStep, score_of, ingredient_scores
 from .stew import Stew
 
 
@@ -97,12 +97,12 @@ def greedy_soup(ingredients, evaluate: Callable[[Any], float], scores: Optional[
     # server mode: gscale 1, lr_t = 1/t -> running mean; output in the first ingredient's dtypes, as merge
     stew = Stew(items[best_i], cfg, dtypes_like=items[0])
     stew.add(items[best_i])  # x_1 = the best ingredient exactly (g = 0)
-    best = _score(evaluate, stew.weights, "greedy_soup") if given else ranked[best_i]
+    best = score_of(evaluate, stew.weights, "greedy_soup") if given else ranked[best_i]
     history: List[GreedyStep] = []
     for i in order[1:]:
         snap = stew.snapshot()
         stew.add(items[i])
-        score = _score(evaluate, stew.weights, "greedy_soup")
+        score = score_of(evaluate, stew.weights, "greedy_soup")
         accepted = score > best
         if accepted:
             best = score

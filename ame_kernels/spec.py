@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .config import FIELD_NAMES, AMEConfig, read_yaml, resolve_config_path
-from .errors import MergeError
-from .methods.params import suggest as _suggest
+from .errors import MergeError, suggest
 
 ENGINE_KEYS = ("device", "chunk_mb", "shard_size")
 STRATEGIES = ("greedy", "stew", "greedy_soup", "uniform_soup", "weighted_soup")
@@ -139,7 +138,7 @@ def load_spec(path: str) -> MergeSpec:
             if key in MK_KEYS:  # a mergekit config that lost its merge_method line
                 raise UsageError(f"{path}: unknown key {key!r} (a key of mergekit's schema: a mergekit config "
                                  "needs 'merge_method:', e.g. merge_method: linear)")
-            raise UsageError(f"{path}: unknown key {key!r}{_suggest(key, top)}")
+            raise UsageError(f"{path}: unknown key {key!r}{suggest(key, top)}")
     for key, value in doc.items():
         if key != "models":
             check_finite_value(value, f"{path}: {key}")
@@ -149,7 +148,7 @@ def load_spec(path: str) -> MergeSpec:
     if strategy not in (None, "ame"):
         if strategy not in STRATEGIES:
             raise UsageError(f"{path}: strategy: expected one of {', '.join(STRATEGIES)} (or 'ame'), got {strategy!r}"
-                             f"{_suggest(strategy, STRATEGIES)}")
+                             f"{suggest(strategy, STRATEGIES)}")
         spec.strategy = strategy
     spec.strategy_keys = {k: doc[k] for k in STRATEGY_KEYS if k in doc and k != "strategy"}
     if spec.strategy_keys and spec.strategy not in ("greedy", "stew", "greedy_soup"):
@@ -171,7 +170,7 @@ def load_spec(path: str) -> MergeSpec:
             raise UsageError(f"{path}: models[{i}]: expected a mapping with 'path', got {m!r}")
         for key in m:
             if key not in model_keys:
-                raise UsageError(f"{path}: models[{i}]: unknown key {key!r}{_suggest(key, model_keys)}")
+                raise UsageError(f"{path}: models[{i}]: unknown key {key!r}{suggest(key, model_keys)}")
         if "path" not in m:
             raise UsageError(f"{path}: models[{i}]: missing 'path'")
         spec.models.append(_resolve(m["path"], folder, f"{path}: models[{i}].path"))

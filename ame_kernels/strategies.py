@@ -149,9 +149,9 @@ def run_strategy(strategy: str, state_dicts: Sequence[Dict[str, torch.Tensor]], 
         weights = entry["weights"]
         if not isinstance(weights, (list, tuple)):
             raise MergeError(f"strategy 'weighted_soup': weights must be a list, got {weights!r}")
-        from .config import _as_bool
+        from .config import as_bool
 
-        normalize = _as_bool("normalize", entry.get("normalize", True))
+        normalize = as_bool("normalize", entry.get("normalize", True))
         return weighted_soup(dicts, weights, normalize=normalize, **common)
     # stew: the schedule's batches (order, scores, batch_size, epochs, shuffle), one add() each.
     from .checks import check_structure

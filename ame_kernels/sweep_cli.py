@@ -47,14 +47,15 @@ def _numeric(v: Any) -> Any:
 
 def load_sweep_spec(path: str) -> dict:
     """The checked config: models (paths), evaluate (the spec string), grid (candidates), top, ..."""
-    from .sweeps import KNOWN_KEYS, _suggest, expand_grid
+    from .errors import suggest
+    from .sweeps import KNOWN_KEYS, expand_grid
 
     doc = read_yaml(path)
     if not isinstance(doc, dict):
         raise MergeError(f"{path}: expected a mapping with models:, evaluate: and grid:")
     for key in doc:
         if key not in KEYS and key not in KNOWN_KEYS:
-            raise MergeError(f"{path}: unknown key {key!r}{_suggest(key, KEYS + KNOWN_KEYS)}")
+            raise MergeError(f"{path}: unknown key {key!r}{suggest(key, KEYS + KNOWN_KEYS)}")
     base = os.path.dirname(os.path.abspath(path))
     models_raw = doc.get("models")
     if not isinstance(models_raw, list) or not models_raw:

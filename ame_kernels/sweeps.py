@@ -40,7 +40,6 @@ benchmark compares against, ``benchmarks/bench_sweep.py``).
 from __future__ import annotations
 
 import csv
-import difflib
 import itertools
 import json
 import math
@@ -57,7 +56,7 @@ from .api import merge
 from .checks import DTYPE_BY_NAME, FLOAT_DTYPES, as_state_dicts, check_all_finite, check_structure, copy_non_float, label, resolve_pivot
 from .backends import get_backend
 from .config import FIELD_NAMES, make_config
-from .errors import MergeError
+from .errors import MergeError, suggest
 from .schedule import linear_coefficients, schedule
 
 #: parameters of the merge methods (``ak.merge(method=...)``), accepted as grid keys; a candidate
@@ -78,17 +77,12 @@ DEFAULT_GROUP_SIZE = 8
 Grid = Union[Dict[str, Sequence[Any]], Sequence[Dict[str, Any]]]
 
 
-def _suggest(key: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(key), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _check_keys(keys, where: str) -> None:
     for key in keys:
         if not isinstance(key, str):
             raise MergeError(f"sweep: {where}: keys must be parameter names (strings), got {key!r}")
         if key not in KNOWN_KEYS:
-            raise MergeError(f"sweep: {where}: unknown key {key!r}{_suggest(key, KNOWN_KEYS)}; "
+            raise MergeError(f"sweep: {where}: unknown key {key!r}{suggest(key, KNOWN_KEYS)}; "
                              "valid keys are ak.merge's (AMEConfig fields, method parameters)")
 
 

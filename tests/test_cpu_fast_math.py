@@ -22,7 +22,7 @@ from ame_kernels.backends import available
 from ame_kernels.config import AMEConfig
 from ame_kernels.errors import MergeError
 from ame_kernels.schedule import schedule
-from tolerances import TOL, assert_close, oracle64
+from tolerances import assert_close, oracle64
 
 pytestmark = pytest.mark.skipif(not available()["cpu"][0], reason=f"cpu backend: {available()['cpu'][1]}")
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from ..errors import MergeError
+from ..errors import MergeError, suggest
 from .base import BASE_NEVER, BASE_REQUIRED, Method, TensorContext
 from .combine import CombinePlan
 from .interpolation import Linear, ModelStock, Slerp
-from .params import Params, RuleParams, canonical, resolve, suggest
+from .params import Params, RuleParams, canonical, resolve
 from .task_vectors import (Breadcrumbs, BreadcrumbsTies, DareLinear, DareTies, Della, DellaLinear, TaskArithmetic,
                            Ties)
 

@@ -8,13 +8,12 @@ raises a MergeError naming the key and value, with the closest valid name for a 
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import MergeError
+from ..errors import MergeError, suggest
 
 #: alternative spellings accepted everywhere (Python cannot take ``lambda=`` as a keyword)
 ALIASES = {"lambda_": "lambda", "weights": "weight", "densities": "density"}
@@ -107,11 +106,6 @@ class Params:
 
 def canonical(key: str) -> str:
     return ALIASES.get(key, key)
-
-
-def suggest(key: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(key), list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def resolve(method: str, params: Sequence[Param], n: int, given: Dict[str, Any],

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from ..errors import MergeError
-from .params import Params, resolve, suggest
+from ..errors import MergeError, suggest
+from .params import Params, resolve
 
 #: transform name -> the method whose sparsification it applies
 TRANSFORMS = {"ties": "ties", "dare": "dare_linear", "breadcrumbs": "breadcrumbs"}

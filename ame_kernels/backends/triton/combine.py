@@ -51,7 +51,7 @@ from ...methods.combine import MASK32, CombinePlan, combine_torch
 from ...methods.transforms import transform_torch
 from ..base import check_probs, check_transform_outs
 from . import rules
-from .whole_run import GPU_CONFIGS, _ready, _upload, aligned16, check_inputs, on_device, pointer_table
+from .whole_run import GPU_CONFIGS, wait_upload, upload_async, aligned16, check_inputs, on_device, pointer_table
 
 #: Passed to every launch of this kernel (and to the ahead-of-time compile in
 #: kernel_report): no FMA contraction, see the module docstring.
@@ -232,10 +232,10 @@ def _plan_params(plan: CombinePlan, modes: tuple, device: torch.device):
     key = (id(plan), str(device), modes)
     hit = _params_cache.get(key)
     if hit is not None and hit[0] is plan:
-        return _ready(hit[1:])
+        return wait_upload(hit[1:])
     f = np.concatenate([plan.weight, plan.scale, plan.top_mag, plan.end_mag, plan.density]).astype(np.float32)
     i = np.concatenate([plan.top_idx, plan.end_idx, np.asarray(modes, dtype=np.int64)]).astype(np.int64)
-    entry = _upload((torch.from_numpy(f), torch.from_numpy(i)), device)
+    entry = upload_async((torch.from_numpy(f), torch.from_numpy(i)), device)
     if len(_params_cache) >= _MAX_CACHED_PLANS:
         _params_cache.pop(next(iter(_params_cache)))
     _params_cache[key] = (plan,) + entry
@@ -246,12 +246,12 @@ def _address_table(ptrs: tuple, device: torch.device):
     key = (str(device), ptrs)
     hit = _address_cache.get(key)
     if hit is None:
-        hit = _upload((torch.tensor(ptrs, dtype=torch.int64),), device)
+        hit = upload_async((torch.tensor(ptrs, dtype=torch.int64),), device)
         if len(_address_cache) >= _MAX_CACHED_TABLES:
             _address_cache.pop(next(iter(_address_cache)))
         _address_cache[key] = hit
         return hit[0]
-    return _ready(hit)[0]
+    return wait_upload(hit)[0]
 
 
 def elect_none_divisor(weight: np.ndarray) -> float:

@@ -170,12 +170,12 @@ _MAX_CACHED_PLANS = 8
 _plan_cache: dict = {}  # (id(plan), device) -> (plan, coeffs, batch_ptr, batch_idx); tiny, bounded
 
 
-def _upload(host, device: torch.device) -> tuple:
+def upload_async(host, device: torch.device) -> tuple:
     """Copy small host tensors to ``device`` without blocking the host: (tensors..., ready event).
 
     The copy runs on the current stream from pinned memory (torch keeps the pinned block
     alive until the copy is done); cached uploads used later from another stream wait on
-    the event first (``_ready``).
+    the event first (``wait_upload``).
     """
     if device.type != "cuda":
         return tuple(h.clone() for h in host) + (None,)
@@ -185,7 +185,7 @@ def _upload(host, device: torch.device) -> tuple:
     return out + (event,)
 
 
-def _ready(entry: tuple) -> tuple:
+def wait_upload(entry: tuple) -> tuple:
     """The tensors of a cached upload, after making the current stream wait for its copy."""
     if entry[-1] is not None:
         stream = torch.cuda.current_stream(entry[0].device)
@@ -204,13 +204,13 @@ def _plan_tensors(plan: StepPlan, device: torch.device):
     key = (id(plan), str(device))
     hit = _plan_cache.get(key)
     if hit is not None and hit[0] is plan:
-        return _ready(hit[1:])
+        return wait_upload(hit[1:])
     host = (
         torch.as_tensor(np.ascontiguousarray(plan.coeffs, dtype=np.float32)),
         torch.as_tensor(np.ascontiguousarray(plan.batch_ptr, dtype=np.int32)),
         torch.as_tensor(plan.summation_idx()),  # each batch ascending: the batch mean's order
     )
-    entry = _upload(host, device)
+    entry = upload_async(host, device)
     if len(_plan_cache) >= _MAX_CACHED_PLANS:
         _plan_cache.pop(next(iter(_plan_cache)))
     _plan_cache[key] = (plan,) + entry
@@ -228,13 +228,13 @@ def _fold_weights(plan: StepPlan, adaptive_pivot: bool, mode: str, index: int, d
     hit = _weights_cache.get(key)
     if hit is None or hit[0] is not plan:
         w = folded_weights(plan, adaptive_pivot, mode, index)
-        entry = None if w is None else _upload((torch.from_numpy(w),), device)
+        entry = None if w is None else upload_async((torch.from_numpy(w),), device)
         if len(_weights_cache) >= _MAX_CACHED_PLANS:
             _weights_cache.pop(next(iter(_weights_cache)))
         hit = _weights_cache[key] = (plan, entry)
     if hit[1] is None:
         return None
-    return _ready(hit[1])[0]
+    return wait_upload(hit[1])[0]
 
 
 def check_inputs(fn: str, arg: str, tensors, numel: int, device: torch.device) -> list:
@@ -260,13 +260,13 @@ def pointer_table(fn: str, arg: str, tensors, numel: int, device: torch.device):
     key = (str(device), ptrs, tuple(kinds))
     hit = _table_cache.get(key)
     if hit is None:
-        hit = _upload((torch.tensor(ptrs, dtype=torch.int64), torch.tensor(kinds, dtype=torch.int32)), device)
+        hit = upload_async((torch.tensor(ptrs, dtype=torch.int64), torch.tensor(kinds, dtype=torch.int32)), device)
         if len(_table_cache) >= _MAX_CACHED_TABLES:
             _table_cache.pop(next(iter(_table_cache)))
         _table_cache[key] = hit
         table, codes = hit[:-1]
     else:
-        table, codes = _ready(hit)
+        table, codes = wait_upload(hit)
     in_kind = kinds[0] if len(set(kinds)) == 1 else 3
     return table, codes, in_kind
 
