@@ -79,7 +79,7 @@ def rename_layer(name: str, new: int) -> str:
 
 
 def load_slices(doc: dict, path: str, spec, method: str, base: Optional[str], options: dict):
-    from .mergekit_schema import GTA, params_block, mk_params, parse_setting, resolve_model
+    from .mergekit_schema import GTA, mk_params, params_block, parse_setting, resolve_model
 
     folder = spec.folder
     raw = doc.get("slices")
@@ -301,7 +301,7 @@ def _build(spec, state) -> list:
                     if chain:
                         tab[out] = (Chain(chain) if len(chain) > 1 else chain[0], x, out)
                 if tab:
-                    from .mergekit_schema import rescale_setting, map_leaves
+                    from .mergekit_schema import map_leaves, rescale_setting
 
                     rule = PerTensor({o: (map_leaves(s, rescale_setting) if key == "rescale" else s, x, m)
                                       for o, (s, x, m) in tab.items()})

@@ -22,7 +22,7 @@ from .api import merge
 from .checks import as_state_dicts, check_all_finite, check_structure
 from .config import AMEConfig
 from .errors import MergeError
-from .greedy import GreedyStep, score_of, ingredient_scores
+from .greedy import GreedyStep, ingredient_scores, score_of
 from .stew import Stew
 
 

@@ -17,14 +17,22 @@ TOL = {
 }
 
 
+def outside(actual: torch.Tensor, expected: torch.Tensor, dtype) -> torch.Tensor:
+    """The elements of ``actual`` beyond TOL[dtype] of ``expected`` (a bool mask; NaNs are not
+    compared here, assert_close checks that they match)."""
+    tol = TOL[dtype]
+    return (actual - expected).abs() > tol["atol"] + tol["rtol"] * expected.abs()
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what: str = "") -> None:
     """Like torch.testing.assert_close with TOL[dtype], but reports the mismatch count and first indices."""
-    tol = TOL[dtype or expected.dtype]
+    dtype = dtype or expected.dtype
+    tol = TOL[dtype]
     a = actual.detach().float().cpu().reshape(-1)
     e = expected.detach().float().cpu().reshape(-1)
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
     nan_mismatch = torch.isnan(a) != torch.isnan(e)
-    bad = (a - e).abs() > tol["atol"] + tol["rtol"] * e.abs()
+    bad = outside(a, e, dtype)
     bad = (bad & ~(torch.isnan(a) & torch.isnan(e))) | nan_mismatch
     if bad.any():
         idx = torch.nonzero(bad).reshape(-1)[:5].tolist()

@@ -51,7 +51,7 @@ from ...methods.combine import MASK32, CombinePlan, combine_torch
 from ...methods.transforms import transform_torch
 from ..base import check_probs, check_transform_outs
 from . import rules
-from .whole_run import GPU_CONFIGS, wait_upload, upload_async, aligned16, check_inputs, on_device, pointer_table
+from .whole_run import GPU_CONFIGS, aligned16, check_inputs, on_device, pointer_table, upload_async, wait_upload
 
 #: Passed to every launch of this kernel (and to the ahead-of-time compile in
 #: kernel_report): no FMA contraction, see the module docstring.
